@@ -1,0 +1,360 @@
+//! The atomic artifact protocol (the seeds' `core/artifacts.py`, made crash-safe).
+//!
+//! ```text
+//! <out>.tmp/            payload written here, then meta.json, everything fsynced
+//! <out>  -> <out>.old   only when an older artifact is there (kept until the new one is sealed)
+//! <out>.tmp -> <out>    atomic rename, parent fsynced
+//! <out>/COMPLETE        the seal; only now is <out> an artifact
+//! rm -r <out>.old       the old one goes
+//! pointers (latest)     move only after COMPLETE
+//! ```
+//!
+//! [`recover`] puts any crash state back to "the old artifact or the new one": a renamed
+//! but unsealed artifact whose payload matches its `meta.json` is sealed, anything else
+//! half-made is removed and `<out>.old` is restored.
+
+use crate::digest::{self, TreeDigest};
+use crate::error::IoContext;
+use crate::{Error, Result};
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// The seal marker's name.
+pub const COMPLETE: &str = "COMPLETE";
+/// The metadata file's name.
+pub const META: &str = "meta.json";
+/// Names inside an artifact that are not payload.
+pub const NOT_PAYLOAD: &[&str] = &[META, COMPLETE];
+
+/// One input recorded in `meta.json`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MetaInput {
+    /// The step's name for the input.
+    pub name: String,
+    /// Where it came from.
+    pub uri: String,
+    /// Its content digest.
+    pub digest: String,
+}
+
+/// `meta.json`, as the seeds define it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Meta {
+    /// What the artifact is (`dataset`, `checkpoint`, `eval_report`, `shard`, ...).
+    pub kind: String,
+    /// Canonical URI (`file://` + absolute path).
+    pub uri: String,
+    /// `blake3:<hex>` over the sorted payload tree.
+    pub hash: String,
+    /// Payload bytes.
+    pub bytes: u64,
+    /// RFC 3339 creation time (not part of any hash).
+    pub created_at: String,
+    /// Inputs with their digests.
+    pub inputs: Vec<MetaInput>,
+    /// Lineage labels: `run_id`, `step_id`, `cache_key`, `git_sha`, worker key, signature.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// `<out>.tmp`.
+pub fn tmp_path(out: &Path) -> PathBuf {
+    suffixed(out, ".tmp")
+}
+
+/// `<out>.old`.
+pub fn old_path(out: &Path) -> PathBuf {
+    suffixed(out, ".old")
+}
+
+fn suffixed(out: &Path, suffix: &str) -> PathBuf {
+    let mut s = out.as_os_str().to_os_string();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// True when `<out>/COMPLETE` exists.
+pub fn is_complete(out: &Path) -> bool {
+    out.join(COMPLETE).is_file()
+}
+
+/// Reads `<out>/meta.json`.
+pub fn read_meta(out: &Path) -> Result<Meta> {
+    let p = out.join(META);
+    let bytes = fs::read(&p).ctx("read", &p)?;
+    serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+        context: p.display().to_string(),
+        source,
+    })
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .ctx("fsync", dir)
+}
+
+fn fsync_tree(root: &Path) -> Result<()> {
+    for (_, path, _) in digest::list_files(root, &[])? {
+        fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .ctx("fsync", &path)?;
+    }
+    fsync_dirs(root)
+}
+
+fn fsync_dirs(dir: &Path) -> Result<()> {
+    for e in fs::read_dir(dir).ctx("read dir", dir)? {
+        let e = e.ctx("read dir", dir)?;
+        if e.file_type().ctx("stat", &e.path())?.is_dir() {
+            fsync_dirs(&e.path())?;
+        }
+    }
+    fsync_dir(dir)
+}
+
+/// What a seal needs besides the payload.
+#[derive(Debug, Clone)]
+pub struct SealRequest {
+    /// `kind` for meta.json.
+    pub kind: String,
+    /// Inputs for meta.json.
+    pub inputs: Vec<MetaInput>,
+    /// Labels for meta.json.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Seals the payload already written in `<out>.tmp` as the artifact at `out`.
+/// Returns the metadata and the hashed tree (for checking against a worker's report).
+pub fn seal(out: &Path, req: SealRequest) -> Result<(Meta, TreeDigest)> {
+    let tmp = tmp_path(out);
+    if !tmp.is_dir() {
+        return Err(Error::Artifact {
+            path: out.to_path_buf(),
+            reason: format!("nothing staged at {}", tmp.display()),
+        });
+    }
+    for name in NOT_PAYLOAD {
+        let p = tmp.join(name);
+        if p.exists() {
+            return Err(Error::Artifact {
+                path: out.to_path_buf(),
+                reason: format!("payload must not contain a file named {name}"),
+            });
+        }
+    }
+    let tree = digest::hash_tree(&tmp, NOT_PAYLOAD)?;
+    let abs = std::path::absolute(out).ctx("resolve", out)?;
+    let meta = Meta {
+        kind: req.kind,
+        uri: format!("file://{}", abs.display()),
+        hash: tree.digest.clone(),
+        bytes: tree.bytes,
+        created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        inputs: req.inputs,
+        labels: req.labels,
+    };
+    let meta_bytes = serde_json::to_vec_pretty(&meta).map_err(|source| Error::Json {
+        context: "meta.json".into(),
+        source,
+    })?;
+    let meta_path = tmp.join(META);
+    fs::write(&meta_path, meta_bytes).ctx("write", &meta_path)?;
+    make_read_only(&tmp)?;
+    fsync_tree(&tmp)?;
+    let parent = out.parent().unwrap_or(Path::new("."));
+    let old = old_path(out);
+    if out.exists() {
+        if old.exists() {
+            remove_tree(&old)?;
+        }
+        fs::rename(out, &old).ctx("rename", out)?;
+    }
+    fs::rename(&tmp, out).ctx("rename", &tmp)?;
+    fsync_dir(parent)?;
+    touch_complete(out)?;
+    if old.exists() {
+        remove_tree(&old)?;
+    }
+    Ok((meta, tree))
+}
+
+fn touch_complete(out: &Path) -> Result<()> {
+    let c = out.join(COMPLETE);
+    fs::File::create(&c)
+        .and_then(|f| f.sync_all())
+        .ctx("write", &c)?;
+    fsync_dir(out)
+}
+
+/// Marks the payload files read-only: a sealed artifact is immutable.
+fn make_read_only(root: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for (_, path, _) in digest::list_files(root, &[])? {
+        let mut perm = fs::metadata(&path).ctx("stat", &path)?.permissions();
+        perm.set_mode(perm.mode() & 0o555);
+        fs::set_permissions(&path, perm).ctx("chmod", &path)?;
+    }
+    Ok(())
+}
+
+/// Removes a directory tree (artifact payloads are read-only files in writable dirs).
+pub fn remove_tree(path: &Path) -> Result<()> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove", path, e)),
+    }
+}
+
+/// What [`recover`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// Nothing was out of place.
+    Clean,
+    /// A stale `<out>.tmp` was removed.
+    RemovedTmp,
+    /// A renamed but unsealed artifact verified and was sealed.
+    SealedNew,
+    /// A half artifact was removed and the old one restored.
+    RestoredOld,
+    /// A half artifact was removed; there was no old one.
+    RemovedHalf,
+}
+
+/// Brings `out` back to a clean state after a crash (see the module docs). Must not run
+/// while a seal of the same `out` is in progress.
+pub fn recover(out: &Path) -> Result<Recovery> {
+    let mut what = Recovery::Clean;
+    let tmp = tmp_path(out);
+    if tmp.exists() {
+        remove_tree(&tmp)?;
+        what = Recovery::RemovedTmp;
+    }
+    let old = old_path(out);
+    if out.exists() && !is_complete(out) {
+        let verified = read_meta(out).ok().and_then(|m| {
+            let t = digest::hash_tree(out, NOT_PAYLOAD).ok()?;
+            (t.digest == m.hash && t.bytes == m.bytes).then_some(())
+        });
+        if verified.is_some() {
+            touch_complete(out)?;
+            what = Recovery::SealedNew;
+        } else {
+            remove_tree(out)?;
+            what = Recovery::RemovedHalf;
+        }
+    }
+    if old.exists() {
+        if out.exists() {
+            remove_tree(&old)?;
+        } else {
+            fs::rename(&old, out).ctx("rename", &old)?;
+            what = Recovery::RestoredOld;
+        }
+    }
+    Ok(what)
+}
+
+/// Why a cached artifact cannot be reused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Miss {
+    /// No artifact or no `COMPLETE`.
+    Absent,
+    /// Sealed under another cache key.
+    KeyChanged,
+    /// Payload missing or not the recorded size.
+    PayloadChanged(String),
+    /// `--verify` re-hashed it and the hash differs.
+    HashMismatch,
+}
+
+/// Checks whether the artifact at `out` can be reused for `cache_key`: `COMPLETE`, same
+/// key, payload present with the recorded size, and (with `verify`) the same hash.
+pub fn check_cached(out: &Path, cache_key: &str, verify: bool) -> std::result::Result<Meta, Miss> {
+    if !is_complete(out) {
+        return Err(Miss::Absent);
+    }
+    let meta = read_meta(out).map_err(|_| Miss::Absent)?;
+    if meta.labels.get("cache_key").map(String::as_str) != Some(cache_key) {
+        return Err(Miss::KeyChanged);
+    }
+    if verify {
+        let t =
+            digest::hash_tree(out, NOT_PAYLOAD).map_err(|e| Miss::PayloadChanged(e.to_string()))?;
+        if t.digest != meta.hash {
+            return Err(Miss::HashMismatch);
+        }
+    } else {
+        let files = digest::list_files(out, NOT_PAYLOAD)
+            .map_err(|e| Miss::PayloadChanged(e.to_string()))?;
+        let size: u64 = files.iter().map(|f| f.2).sum();
+        if size != meta.bytes {
+            return Err(Miss::PayloadChanged(format!(
+                "payload is {size} bytes, meta.json says {}",
+                meta.bytes
+            )));
+        }
+    }
+    Ok(meta)
+}
+
+/// Re-hashes a sealed artifact and compares with its `meta.json`.
+pub fn verify(out: &Path) -> Result<Meta> {
+    if !is_complete(out) {
+        return Err(Error::Artifact {
+            path: out.to_path_buf(),
+            reason: "not sealed (no COMPLETE)".into(),
+        });
+    }
+    let meta = read_meta(out)?;
+    let t = digest::hash_tree(out, NOT_PAYLOAD)?;
+    if t.digest != meta.hash || t.bytes != meta.bytes {
+        return Err(Error::Artifact {
+            path: out.to_path_buf(),
+            reason: format!(
+                "payload hash {} does not match meta.json {}",
+                t.digest, meta.hash
+            ),
+        });
+    }
+    Ok(meta)
+}
+
+/// Points the symlink `link` at the sealed artifact `target`, atomically. Refuses a target
+/// without `COMPLETE`: pointers move only after the seal.
+pub fn set_pointer(link: &Path, target: &Path) -> Result<()> {
+    if !is_complete(target) {
+        return Err(Error::Artifact {
+            path: target.to_path_buf(),
+            reason: "a pointer may only name a sealed artifact".into(),
+        });
+    }
+    let dir = link.parent().unwrap_or(Path::new("."));
+    let rel = pathdiff(target, dir);
+    let staged = suffixed(link, ".ptr-tmp");
+    let _ = fs::remove_file(&staged);
+    std::os::unix::fs::symlink(&rel, &staged).ctx("symlink", &staged)?;
+    fs::rename(&staged, link).ctx("rename", &staged)?;
+    fsync_dir(dir)
+}
+
+fn pathdiff(target: &Path, base: &Path) -> PathBuf {
+    let (Ok(t), Ok(b)) = (std::path::absolute(target), std::path::absolute(base)) else {
+        return target.to_path_buf();
+    };
+    let tc: Vec<_> = t.components().collect();
+    let bc: Vec<_> = b.components().collect();
+    let common = tc.iter().zip(&bc).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..bc.len() {
+        out.push("..");
+    }
+    for c in &tc[common..] {
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

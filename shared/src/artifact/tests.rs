@@ -1,0 +1,131 @@
+use super::*;
+
+fn stage(out: &Path, files: &[(&str, &str)]) {
+    let tmp = tmp_path(out);
+    fs::create_dir_all(&tmp).expect("mkdir");
+    for (n, c) in files {
+        let p = tmp.join(n);
+        if let Some(d) = p.parent() {
+            fs::create_dir_all(d).expect("mkdir");
+        }
+        fs::write(p, c).expect("write");
+    }
+}
+
+fn req(key: &str) -> SealRequest {
+    SealRequest {
+        kind: "dataset".into(),
+        inputs: vec![],
+        labels: [("cache_key".to_string(), key.to_string())]
+            .into_iter()
+            .collect(),
+    }
+}
+
+#[test]
+fn seal_writes_meta_and_complete_and_replaces_old() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let out = d.path().join("art");
+    stage(&out, &[("a.txt", "one"), ("sub/b.txt", "two")]);
+    let (meta, tree) = seal(&out, req("k1")).expect("seal");
+    assert!(is_complete(&out));
+    assert!(!tmp_path(&out).exists());
+    assert_eq!(meta.bytes, 6);
+    assert_eq!(meta.hash, tree.digest);
+    assert!(meta.hash.starts_with("blake3:"));
+    assert_eq!(read_meta(&out).expect("meta"), meta);
+    assert!(check_cached(&out, "k1", true).is_ok());
+    assert_eq!(check_cached(&out, "k2", false), Err(Miss::KeyChanged));
+
+    stage(&out, &[("a.txt", "new")]);
+    let (m2, _) = seal(&out, req("k2")).expect("reseal");
+    assert_eq!(fs::read_to_string(out.join("a.txt")).expect("read"), "new");
+    assert!(!out.join("sub").exists());
+    assert!(!old_path(&out).exists());
+    assert_eq!(verify(&out).expect("verify").hash, m2.hash);
+}
+
+#[test]
+fn payload_changes_are_detected() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let out = d.path().join("art");
+    stage(&out, &[("a.txt", "one")]);
+    seal(&out, req("k")).expect("seal");
+    let p = out.join("a.txt");
+    let mut perm = fs::metadata(&p).expect("stat").permissions();
+    use std::os::unix::fs::PermissionsExt;
+    perm.set_mode(0o644);
+    fs::set_permissions(&p, perm).expect("chmod");
+    fs::write(&p, "onE").expect("write");
+    // Same size: only --verify sees it.
+    assert!(check_cached(&out, "k", false).is_ok());
+    assert_eq!(check_cached(&out, "k", true), Err(Miss::HashMismatch));
+    assert!(verify(&out).is_err());
+    fs::write(&p, "longer").expect("write");
+    assert!(matches!(
+        check_cached(&out, "k", false),
+        Err(Miss::PayloadChanged(_))
+    ));
+}
+
+#[test]
+fn recovery_from_every_crash_point_leaves_old_or_new() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let out = d.path().join("art");
+    stage(&out, &[("a.txt", "old")]);
+    seal(&out, req("old")).expect("seal");
+
+    // 1. Crash while writing the payload: a stale .tmp.
+    stage(&out, &[("a.txt", "half")]);
+    assert_eq!(recover(&out).expect("recover"), Recovery::RemovedTmp);
+    assert_eq!(read_meta(&out).expect("meta").labels["cache_key"], "old");
+
+    // 2. Crash after moving the old one aside, before the rename.
+    fs::rename(&out, old_path(&out)).expect("rename");
+    stage(&out, &[("a.txt", "new")]);
+    assert_eq!(recover(&out).expect("recover"), Recovery::RestoredOld);
+    assert!(is_complete(&out));
+    assert_eq!(fs::read_to_string(out.join("a.txt")).expect("read"), "old");
+
+    // 3. Crash after the rename, before COMPLETE: the new payload verifies, so it is sealed.
+    let scratch = d.path().join("scratch");
+    stage(&scratch, &[("a.txt", "new")]);
+    seal(&scratch, req("new")).expect("seal");
+    fs::remove_file(scratch.join(COMPLETE)).expect("unseal");
+    fs::rename(&out, old_path(&out)).expect("rename");
+    fs::rename(&scratch, &out).expect("rename");
+    assert_eq!(recover(&out).expect("recover"), Recovery::SealedNew);
+    assert_eq!(read_meta(&out).expect("meta").labels["cache_key"], "new");
+    assert!(!old_path(&out).exists());
+
+    // 4. A half artifact whose payload does not match its meta goes; the old one returns.
+    fs::rename(&out, old_path(&out)).expect("rename");
+    fs::create_dir_all(&out).expect("mkdir");
+    fs::write(out.join(META), "{not json").expect("write");
+    assert_eq!(recover(&out).expect("recover"), Recovery::RestoredOld);
+    assert_eq!(read_meta(&out).expect("meta").labels["cache_key"], "new");
+    assert_eq!(recover(&out).expect("recover"), Recovery::Clean);
+}
+
+#[test]
+fn pointers_move_only_to_sealed_artifacts() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let out = d.path().join("a/art");
+    let link = d.path().join("latest");
+    fs::create_dir_all(&out).expect("mkdir");
+    assert!(set_pointer(&link, &out).is_err());
+    fs::remove_dir(&out).expect("rmdir");
+    stage(&out, &[("x", "1")]);
+    seal(&out, req("k")).expect("seal");
+    set_pointer(&link, &out).expect("pointer");
+    assert_eq!(fs::read_link(&link).expect("link"), PathBuf::from("a/art"));
+    assert!(link.join(COMPLETE).is_file());
+}
+
+#[test]
+fn reserved_names_in_payload_are_refused() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let out = d.path().join("art");
+    stage(&out, &[("COMPLETE", "")]);
+    assert!(seal(&out, req("k")).is_err());
+}

@@ -1,0 +1,129 @@
+//! Jobs, leases and results: what the coordinator hands a worker and what comes back.
+//! The embedded engine passes these in process; the mesh carries them over gRPC.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// One input of a job, identified by content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobInput {
+    /// The step's name for it.
+    pub name: String,
+    /// `blake3:<hex>`.
+    pub digest: String,
+    /// Whether it is a directory tree.
+    pub is_dir: bool,
+    /// Where the coordinator holds it (the worker fetches by digest from here).
+    pub source: PathBuf,
+}
+
+/// What to run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSpec {
+    /// Unique id: `<run>/<step>` or `<run>/<step>/<shard>`.
+    pub job_id: String,
+    /// The run it belongs to.
+    pub run_id: String,
+    /// The step id.
+    pub step_id: String,
+    /// `(index, count)` for a shard.
+    pub shard: Option<(u32, u32)>,
+    /// Handler.
+    pub uses: String,
+    /// Handler params.
+    pub params: serde_json::Value,
+    /// Inputs.
+    pub inputs: Vec<JobInput>,
+    /// Output names (each becomes a directory the job writes into).
+    pub outputs: Vec<String>,
+    /// Per-attempt timeout.
+    pub timeout: Option<Duration>,
+}
+
+/// A job given to one worker, fenced by a generation number: a result carrying an older
+/// generation is refused.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lease {
+    /// The job.
+    pub job: JobSpec,
+    /// Fencing token, strictly increasing per job.
+    pub generation: u64,
+    /// 1-based attempt.
+    pub attempt: u32,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Exit status 0 and outputs hashed.
+    Succeeded,
+    /// Non-zero exit, a signal, or an error staging or hashing.
+    Failed,
+    /// Killed at its timeout.
+    TimedOut,
+    /// Killed because the run was cancelled.
+    Cancelled,
+}
+
+impl Outcome {
+    /// The stable name used in signed manifests.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::Failed => "failed",
+            Outcome::TimedOut => "timed_out",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// One output file as the worker hashed it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OutputFile {
+    /// The output name.
+    pub output: String,
+    /// Path inside the output, `/`-separated.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// `blake3:<hex>`.
+    pub digest: String,
+}
+
+/// What a worker reports for a lease.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobResult {
+    /// The job.
+    pub job_id: String,
+    /// The lease generation this answers.
+    pub generation: u64,
+    /// The attempt this answers.
+    pub attempt: u32,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Exit code, when the process exited.
+    pub exit_code: Option<i32>,
+    /// Output files, sorted by (output, path).
+    pub outputs: Vec<OutputFile>,
+    /// Start, ms since the epoch.
+    pub started_ms: u64,
+    /// End, ms since the epoch.
+    pub ended_ms: u64,
+    /// Why it failed (the tail of its log), empty on success.
+    pub error: String,
+    /// Where the outputs lie on a shared filesystem (embedded); `<dir>/<output>/<path>`.
+    pub staging: Option<PathBuf>,
+    /// The worker's Ed25519 public key.
+    pub worker_key: [u8; 32],
+    /// Ed25519 signature over [`crate::signing::result_message`].
+    pub signature: Vec<u8>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

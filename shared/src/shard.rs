@@ -1,0 +1,273 @@
+//! Fan-out: split one input into N parts by records.
+//!
+//! Formats, chosen by the input: a directory (its files, sorted, dealt in contiguous
+//! runs), CSV/TSV (`.csv`, `.tsv`: the header is repeated in every part), FASTA (`.fa`,
+//! `.fasta`, `.faa`, `.fna`: a record is a `>` header with its sequence lines), and
+//! anything else one record per line (plain text, JSONL). Parts are contiguous and as
+//! even as possible, so concatenating the parts' results in order gives the input order.
+//! Quoted CSV fields containing newlines are not supported.
+
+use crate::digest;
+use crate::error::IoContext;
+use crate::{Error, Result};
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+/// How an input is cut into records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// One record per line (text, JSONL).
+    Lines,
+    /// CSV or TSV with a header line.
+    Csv,
+    /// FASTA records.
+    Fasta,
+    /// A directory of files.
+    Dir,
+}
+
+impl Format {
+    /// Picks the format for `path`.
+    pub fn detect(path: &Path) -> Format {
+        if path.is_dir() {
+            return Format::Dir;
+        }
+        match path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            Some("csv" | "tsv") => Format::Csv,
+            Some("fa" | "fasta" | "faa" | "fna") => Format::Fasta,
+            _ => Format::Lines,
+        }
+    }
+}
+
+/// One part of a split input.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Part {
+    /// 0-based index.
+    pub index: u32,
+    /// The part's path (a file, or a directory for [`Format::Dir`]).
+    pub path: PathBuf,
+    /// Records (or files) in the part.
+    pub records: u64,
+    /// Content digest of the part.
+    pub digest: String,
+}
+
+/// The result of a split, recorded as `parts.json` in the split directory.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Split {
+    /// The format used.
+    pub format: Format,
+    /// The parts in order.
+    pub parts: Vec<Part>,
+}
+
+/// Sizes of `count` contiguous parts of `total` records, as even as possible.
+pub fn part_sizes(total: u64, count: u32) -> Vec<u64> {
+    let count = u64::from(count.max(1));
+    (0..count)
+        .map(|i| total / count + u64::from(i < total % count))
+        .collect()
+}
+
+/// Splits `input` into `count` parts under `dest` (created atomically; when `dest`
+/// already holds a finished split it is reused, since `dest` is named by content).
+pub fn split(input: &Path, count: u32, dest: &Path) -> Result<Split> {
+    let index = dest.join("parts.json");
+    if let Ok(bytes) = fs::read(&index)
+        && let Ok(s) = serde_json::from_slice::<Split>(&bytes)
+    {
+        return Ok(s);
+    }
+    let tmp = crate::artifact::tmp_path(dest);
+    crate::artifact::remove_tree(&tmp)?;
+    fs::create_dir_all(&tmp).ctx("create", &tmp)?;
+    let format = Format::detect(input);
+    let ext = input
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| format!(".{e}"))
+        .unwrap_or_default();
+    let mut parts = match format {
+        Format::Dir => split_dir(input, count, &tmp)?,
+        _ => split_records(input, format, count, &tmp, &ext)?,
+    };
+    for p in &mut parts {
+        let (d, _, _) = digest::hash_path(&p.path)?;
+        p.digest = d;
+        let name = p.path.file_name().map(PathBuf::from).unwrap_or_default();
+        p.path = dest.join(name);
+    }
+    let split = Split { format, parts };
+    let bytes = serde_json::to_vec_pretty(&split).map_err(|source| Error::Json {
+        context: "parts.json".into(),
+        source,
+    })?;
+    fs::write(tmp.join("parts.json"), bytes).ctx("write", &tmp)?;
+    crate::artifact::remove_tree(dest)?;
+    if let Some(parent) = dest.parent() {
+        fs::create_dir_all(parent).ctx("create", parent)?;
+    }
+    fs::rename(&tmp, dest).ctx("rename", &tmp)?;
+    Ok(split)
+}
+
+fn part_name(i: u32) -> String {
+    format!("part-{i:05}")
+}
+
+fn read_records(input: &Path, format: Format) -> Result<(Option<String>, Vec<String>)> {
+    let f = fs::File::open(input).ctx("open", input)?;
+    let mut header = None;
+    let mut records: Vec<String> = Vec::new();
+    for (n, line) in BufReader::new(f).lines().enumerate() {
+        let line = line.ctx("read", input)?;
+        match format {
+            Format::Csv if n == 0 => header = Some(line),
+            Format::Fasta => {
+                if line.starts_with('>') || records.is_empty() {
+                    records.push(line);
+                } else if let Some(last) = records.last_mut() {
+                    last.push('\n');
+                    last.push_str(&line);
+                }
+            }
+            _ => records.push(line),
+        }
+    }
+    if matches!(format, Format::Lines | Format::Csv) {
+        // A trailing empty line is not a record.
+        while records.last().is_some_and(|r| r.is_empty()) {
+            records.pop();
+        }
+    }
+    Ok((header, records))
+}
+
+fn split_records(
+    input: &Path,
+    format: Format,
+    count: u32,
+    tmp: &Path,
+    ext: &str,
+) -> Result<Vec<Part>> {
+    let (header, records) = read_records(input, format)?;
+    let sizes = part_sizes(records.len() as u64, count);
+    let mut it = records.into_iter();
+    let mut parts = Vec::new();
+    for (i, size) in sizes.into_iter().enumerate() {
+        let i = i as u32;
+        let path = tmp.join(format!("{}{ext}", part_name(i)));
+        let mut w = std::io::BufWriter::new(fs::File::create(&path).ctx("create", &path)?);
+        if let Some(h) = &header {
+            writeln!(w, "{h}").ctx("write", &path)?;
+        }
+        for r in it.by_ref().take(size as usize) {
+            writeln!(w, "{r}").ctx("write", &path)?;
+        }
+        w.flush().ctx("write", &path)?;
+        parts.push(Part {
+            index: i,
+            path,
+            records: size,
+            digest: String::new(),
+        });
+    }
+    Ok(parts)
+}
+
+fn split_dir(input: &Path, count: u32, tmp: &Path) -> Result<Vec<Part>> {
+    let files = digest::list_files(input, &[])?;
+    let sizes = part_sizes(files.len() as u64, count);
+    let mut it = files.into_iter();
+    let mut parts = Vec::new();
+    for (i, size) in sizes.into_iter().enumerate() {
+        let i = i as u32;
+        let dir = tmp.join(part_name(i));
+        fs::create_dir_all(&dir).ctx("create", &dir)?;
+        for (rel, src, _) in it.by_ref().take(size as usize) {
+            let to = dir.join(&rel);
+            if let Some(p) = to.parent() {
+                fs::create_dir_all(p).ctx("create", p)?;
+            }
+            fs::copy(&src, &to).ctx("copy", &src)?;
+        }
+        parts.push(Part {
+            index: i,
+            path: dir,
+            records: size,
+            digest: String::new(),
+        });
+    }
+    Ok(parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_even_and_complete() {
+        assert_eq!(part_sizes(10, 4), vec![3, 3, 2, 2]);
+        assert_eq!(part_sizes(2, 4), vec![1, 1, 0, 0]);
+        assert_eq!(part_sizes(0, 1), vec![0]);
+    }
+
+    #[test]
+    fn fasta_csv_and_lines_split_by_record() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let fa = d.path().join("x.fasta");
+        fs::write(&fa, ">a\nMK\nLL\n>b\nQQ\n>c\nWW\n").expect("write");
+        let s = split(&fa, 2, &d.path().join("s1")).expect("split");
+        assert_eq!(s.format, Format::Fasta);
+        assert_eq!(s.parts.len(), 2);
+        assert_eq!(
+            fs::read_to_string(&s.parts[0].path).expect("read"),
+            ">a\nMK\nLL\n>b\nQQ\n"
+        );
+        assert_eq!(
+            fs::read_to_string(&s.parts[1].path).expect("read"),
+            ">c\nWW\n"
+        );
+
+        let csv = d.path().join("t.csv");
+        fs::write(&csv, "h1,h2\n1,2\n3,4\n5,6\n").expect("write");
+        let s = split(&csv, 3, &d.path().join("s2")).expect("split");
+        assert_eq!(
+            fs::read_to_string(&s.parts[2].path).expect("read"),
+            "h1,h2\n5,6\n"
+        );
+
+        let jl = d.path().join("r.jsonl");
+        fs::write(&jl, "{}\n{}\n{}\n").expect("write");
+        let s = split(&jl, 2, &d.path().join("s3")).expect("split");
+        assert_eq!(
+            s.parts.iter().map(|p| p.records).collect::<Vec<_>>(),
+            vec![2, 1]
+        );
+        // A second call reuses the finished split.
+        let again = split(&jl, 2, &d.path().join("s3")).expect("split");
+        assert_eq!(again, s);
+    }
+
+    #[test]
+    fn directories_split_by_file() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let input = d.path().join("in");
+        fs::create_dir_all(&input).expect("mkdir");
+        for n in ["a", "b", "c"] {
+            fs::write(input.join(n), n).expect("write");
+        }
+        let s = split(&input, 2, &d.path().join("s")).expect("split");
+        assert_eq!(s.format, Format::Dir);
+        assert!(s.parts[0].path.join("a").is_file() && s.parts[0].path.join("b").is_file());
+        assert!(s.parts[1].path.join("c").is_file());
+    }
+}

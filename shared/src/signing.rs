@@ -1,0 +1,181 @@
+//! Ed25519 signatures over a domain-separated canonical byte string, never over a
+//! serialised map. A worker's key is its identity.
+
+use crate::error::IoContext;
+use crate::job::JobResult;
+use crate::{Error, Result};
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use std::path::Path;
+
+/// Domain separator of result manifests.
+pub const RESULT_DOMAIN: &[u8] = b"nexa/v1/result";
+
+fn field(buf: &mut Vec<u8>, bytes: &[u8]) {
+    buf.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+    buf.extend_from_slice(bytes);
+}
+
+/// The canonical bytes a worker signs for a result: the domain, then job id, generation,
+/// attempt, outcome, exit code, every output (name, path, size, digest) in order, start
+/// and end. Free-text error messages are not signed.
+pub fn result_message(r: &JobResult) -> Vec<u8> {
+    let mut b = Vec::with_capacity(128 + r.outputs.len() * 96);
+    field(&mut b, RESULT_DOMAIN);
+    field(&mut b, r.job_id.as_bytes());
+    b.extend_from_slice(&r.generation.to_le_bytes());
+    b.extend_from_slice(&r.attempt.to_le_bytes());
+    field(&mut b, r.outcome.as_str().as_bytes());
+    match r.exit_code {
+        Some(c) => {
+            b.push(1);
+            b.extend_from_slice(&c.to_le_bytes());
+        }
+        None => b.push(0),
+    }
+    b.extend_from_slice(&(r.outputs.len() as u64).to_le_bytes());
+    for o in &r.outputs {
+        field(&mut b, o.output.as_bytes());
+        field(&mut b, o.path.as_bytes());
+        b.extend_from_slice(&o.size.to_le_bytes());
+        field(&mut b, o.digest.as_bytes());
+    }
+    b.extend_from_slice(&r.started_ms.to_le_bytes());
+    b.extend_from_slice(&r.ended_ms.to_le_bytes());
+    b
+}
+
+/// A worker's signing identity.
+pub struct Identity {
+    key: SigningKey,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Identity({})", hex::encode(self.public_key()))
+    }
+}
+
+impl Identity {
+    /// A fresh random identity.
+    pub fn generate() -> Self {
+        Self {
+            key: SigningKey::generate(&mut rand_core::OsRng),
+        }
+    }
+
+    /// Loads the key at `path`, or creates it there with mode 0600.
+    pub fn load_or_create(path: &Path) -> Result<Self> {
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                let arr: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+                    Error::Signature(format!("{} is not a 32-byte Ed25519 key", path.display()))
+                })?;
+                Ok(Self {
+                    key: SigningKey::from_bytes(&arr),
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let id = Self::generate();
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).ctx("create", dir)?;
+                }
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)
+                    .ctx("create", path)?;
+                f.write_all(&id.key.to_bytes()).ctx("write", path)?;
+                f.sync_all().ctx("fsync", path)?;
+                Ok(id)
+            }
+            Err(e) => Err(Error::io("read", path, e)),
+        }
+    }
+
+    /// The public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.key.verifying_key().to_bytes()
+    }
+
+    /// Signs `result` in place (sets key and signature).
+    pub fn sign_result(&self, result: &mut JobResult) {
+        result.worker_key = self.public_key();
+        result.signature = self.key.sign(&result_message(result)).to_bytes().to_vec();
+    }
+}
+
+/// Verifies a result's signature against `enrolled`, the key the coordinator knows for
+/// this worker (never the key the result carries on its own).
+pub fn verify_result(enrolled: &[u8; 32], result: &JobResult) -> Result<()> {
+    if &result.worker_key != enrolled {
+        return Err(Error::Signature(
+            "result names a key that is not the worker's enrolled key".into(),
+        ));
+    }
+    let key = VerifyingKey::from_bytes(enrolled)
+        .map_err(|e| Error::Signature(format!("bad key: {e}")))?;
+    let sig = Signature::from_slice(&result.signature)
+        .map_err(|e| Error::Signature(format!("malformed signature: {e}")))?;
+    key.verify(&result_message(result), &sig)
+        .map_err(|_| Error::Signature("signature does not match the result".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{Outcome, OutputFile};
+
+    fn result() -> JobResult {
+        JobResult {
+            job_id: "r/s".into(),
+            generation: 3,
+            attempt: 1,
+            outcome: Outcome::Succeeded,
+            exit_code: Some(0),
+            outputs: vec![OutputFile {
+                output: "out".into(),
+                path: "a.txt".into(),
+                size: 3,
+                digest: "blake3:00".into(),
+            }],
+            started_ms: 1,
+            ended_ms: 2,
+            error: String::new(),
+            staging: None,
+            worker_key: [0; 32],
+            signature: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn signed_results_verify_and_tampering_is_caught() {
+        let id = Identity::generate();
+        let mut r = result();
+        id.sign_result(&mut r);
+        let key = id.public_key();
+        verify_result(&key, &r).expect("valid");
+        let mut t = r.clone();
+        t.outputs[0].digest = "blake3:01".into();
+        assert!(verify_result(&key, &t).is_err());
+        let mut t = r.clone();
+        t.generation = 4;
+        assert!(verify_result(&key, &t).is_err());
+        let other = Identity::generate();
+        assert!(verify_result(&other.public_key(), &r).is_err());
+    }
+
+    #[test]
+    fn key_file_is_private_and_reused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("k/worker.key");
+        let a = Identity::load_or_create(&p).expect("create");
+        let b = Identity::load_or_create(&p).expect("load");
+        assert_eq!(a.public_key(), b.public_key());
+        let mode = std::fs::metadata(&p).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

@@ -1,0 +1,921 @@
+//! Pipeline spec v2: parsing from YAML with positions, and validation that collects every
+//! problem as `file:line:col: message`.
+//!
+//! The seeds' fields: `pipeline.name`, `steps[]` with `id`, `uses`, `backend`, `scheduler`,
+//! `in`, `out`, `params`, `after`, `cache_hint`. Nexa's additions: `retries`, `timeout`,
+//! `resources`, `shards`.
+
+use crate::dag::Dag;
+use crate::diag::{Diagnostic, Diagnostics, Pos};
+use crate::handlers::{self, Availability};
+use crate::paths;
+use crate::units;
+use crate::yaml::{Node, NodeKind};
+use crate::{Error, Result};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A value with the position it was written at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spanned<T> {
+    /// The value.
+    pub value: T,
+    /// Where it was written.
+    pub pos: Pos,
+}
+
+/// A parsed, validated pipeline.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    /// `pipeline.name`.
+    pub name: String,
+    /// The steps in file order.
+    pub steps: Vec<Step>,
+    /// The file as the user named it (for messages).
+    pub file: String,
+}
+
+/// Where a step writes: nothing, one directory, or several named ones.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outputs {
+    /// No `out`.
+    None,
+    /// `out: path` — one artifact, named `out`.
+    Single(Spanned<String>),
+    /// `out: {name: path, ...}` — one artifact per name.
+    Named(BTreeMap<String, Spanned<String>>),
+}
+
+/// The name a single `out: path` is known by.
+pub const DEFAULT_OUTPUT: &str = "out";
+
+impl Outputs {
+    /// `(name, written path)` pairs, sorted by name.
+    pub fn entries(&self) -> Vec<(&str, &Spanned<String>)> {
+        match self {
+            Outputs::None => Vec::new(),
+            Outputs::Single(p) => vec![(DEFAULT_OUTPUT, p)],
+            Outputs::Named(m) => m.iter().map(|(k, v)| (k.as_str(), v)).collect(),
+        }
+    }
+}
+
+/// Retry policy: how many extra attempts, and the first backoff (doubling each time).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Retries {
+    /// Extra attempts after the first (0 = no retry).
+    pub count: u32,
+    /// Delay before the first retry; doubled for each further one, capped at 5 minutes.
+    pub backoff: Duration,
+}
+
+impl Default for Retries {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Retries {
+    /// The delay before retry number `n` (1-based).
+    pub fn delay(&self, n: u32) -> Duration {
+        let factor = 1u32.checked_shl(n.saturating_sub(1)).unwrap_or(u32::MAX);
+        self.backoff
+            .saturating_mul(factor)
+            .min(Duration::from_secs(300))
+    }
+}
+
+/// What a step needs from a worker (matched by the mesh scheduler).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Resources {
+    /// CPU slots.
+    pub cpus: Option<u32>,
+    /// Memory in bytes.
+    pub memory: Option<u64>,
+    /// Number of GPUs.
+    pub gpus: Option<u32>,
+    /// Memory per GPU in bytes.
+    pub gpu_memory: Option<u64>,
+    /// Minimum CUDA compute capability as (major, minor).
+    pub compute_capability: Option<(u32, u32)>,
+}
+
+/// Fan-out: split the input `over` into `count` parts, one job each.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shards {
+    /// The input name to split.
+    pub over: Spanned<String>,
+    /// How many parts.
+    pub count: u32,
+}
+
+/// One step of a pipeline.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// Unique id.
+    pub id: Spanned<String>,
+    /// Handler name.
+    pub uses: Spanned<String>,
+    /// Backend selection (handler-specific).
+    pub backend: Option<String>,
+    /// Scheduler selection (`local`, `slurm`, `k8s`); not part of the cache key.
+    pub scheduler: Option<String>,
+    /// Named inputs: paths to files, directories or other steps' outputs.
+    pub inputs: BTreeMap<String, Spanned<String>>,
+    /// Outputs.
+    pub outputs: Outputs,
+    /// Handler parameters, as JSON.
+    pub params: serde_json::Value,
+    /// Explicit dependencies; `None` means "the previous step".
+    pub after: Option<Vec<Spanned<String>>>,
+    /// Free text mixed into the cache key.
+    pub cache_hint: Option<String>,
+    /// Retry policy.
+    pub retries: Retries,
+    /// Per-attempt timeout.
+    pub timeout: Option<Duration>,
+    /// Hardware requirements.
+    pub resources: Resources,
+    /// Fan-out.
+    pub shards: Option<Shards>,
+    /// Where the step starts in the file.
+    pub pos: Pos,
+}
+
+/// The `exec` handler's parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExecCommand {
+    /// `cmd: [argv...]`.
+    Argv(Vec<String>),
+    /// `run: "shell script"`, run by `/bin/sh -c`.
+    Script(String),
+}
+
+/// Parsed `exec` params.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExecParams {
+    /// The artifact `kind` to record in meta.json (default `dataset`).
+    pub kind: Option<String>,
+    /// What to run.
+    pub command: ExecCommand,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+}
+
+impl ExecParams {
+    /// Reads exec params from the JSON form stored in a step or a job.
+    pub fn from_json(params: &serde_json::Value) -> std::result::Result<Self, String> {
+        let obj = params
+            .as_object()
+            .ok_or("exec needs params with 'cmd' (a list) or 'run' (a script)")?;
+        for key in obj.keys() {
+            if !matches!(key.as_str(), "cmd" | "run" | "env" | "kind") {
+                return Err(format!(
+                    "unknown field 'params.{key}' for exec (expected cmd, run, env, kind)"
+                ));
+            }
+        }
+        let command = match (obj.get("cmd"), obj.get("run")) {
+            (Some(_), Some(_)) => return Err("exec takes 'cmd' or 'run', not both".into()),
+            (None, None) => {
+                return Err("exec needs 'params.cmd' (a list) or 'params.run' (a script)".into());
+            }
+            (Some(cmd), None) => {
+                let list = cmd
+                    .as_array()
+                    .ok_or("'params.cmd' must be a list of strings")?;
+                if list.is_empty() {
+                    return Err("'params.cmd' must not be empty".into());
+                }
+                ExecCommand::Argv(
+                    list.iter()
+                        .map(scalar_string)
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or("'params.cmd' must be a list of strings")?,
+                )
+            }
+            (None, Some(run)) => ExecCommand::Script(
+                run.as_str()
+                    .ok_or("'params.run' must be a string")?
+                    .to_string(),
+            ),
+        };
+        let mut env = BTreeMap::new();
+        if let Some(e) = obj.get("env") {
+            let map = e.as_object().ok_or("'params.env' must be a mapping")?;
+            for (k, v) in map {
+                let v =
+                    scalar_string(v).ok_or_else(|| format!("'params.env.{k}' must be a scalar"))?;
+                env.insert(k.clone(), v);
+            }
+        }
+        let kind = obj.get("kind").and_then(|k| k.as_str()).map(str::to_string);
+        Ok(Self { kind, command, env })
+    }
+}
+
+fn scalar_string(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// A loaded pipeline with its DAG.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The pipeline.
+    pub pipeline: Pipeline,
+    /// Its dependency graph.
+    pub dag: Dag,
+}
+
+/// Reads, parses and validates a pipeline file. `root` is the project (artifact) root
+/// that relative paths are resolved against.
+pub fn load_file(path: &Path, root: &Path) -> Result<Loaded> {
+    let src = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
+    load_str(&path.display().to_string(), &src, root)
+}
+
+/// Parses and validates pipeline text; `file` names it in messages.
+pub fn load_str(file: &str, src: &str, root: &Path) -> Result<Loaded> {
+    let mut d = Diagnostics::new(file);
+    let pipeline = parse(file, src, &mut d);
+    let dag = pipeline.as_ref().map(|p| validate(p, root, &mut d));
+    match (pipeline, dag) {
+        (Some(pipeline), Some(dag)) if d.is_empty() => Ok(Loaded { pipeline, dag }),
+        _ => Err(Error::Invalid(d.into_sorted())),
+    }
+}
+
+/// The diagnostics of an invalid file, or an empty list when it is valid.
+pub fn check_str(file: &str, src: &str, root: &Path) -> Vec<Diagnostic> {
+    match load_str(file, src, root) {
+        Ok(_) => Vec::new(),
+        Err(Error::Invalid(d)) => d,
+        Err(e) => vec![Diagnostic {
+            file: file.into(),
+            pos: Pos::default(),
+            message: e.to_string(),
+        }],
+    }
+}
+
+const STEP_FIELDS: &[&str] = &[
+    "id",
+    "uses",
+    "backend",
+    "scheduler",
+    "in",
+    "out",
+    "params",
+    "after",
+    "cache_hint",
+    "retries",
+    "timeout",
+    "resources",
+    "shards",
+];
+
+fn map_entries<'a>(node: &'a Node, what: &str, d: &mut Diagnostics) -> Option<&'a [(Node, Node)]> {
+    match &node.kind {
+        NodeKind::Map(e) => Some(e),
+        _ => {
+            d.push(
+                node.pos,
+                format!("'{what}' must be a mapping, found {}", node.kind_name()),
+            );
+            None
+        }
+    }
+}
+
+fn string_of(node: &Node, what: &str, d: &mut Diagnostics) -> Option<Spanned<String>> {
+    match &node.kind {
+        NodeKind::Scalar { text, .. } if !node.is_null() => Some(Spanned {
+            value: text.clone(),
+            pos: node.pos,
+        }),
+        _ => {
+            d.push(
+                node.pos,
+                format!("'{what}' must be a string, found {}", node.kind_name()),
+            );
+            None
+        }
+    }
+}
+
+fn unknown_field(d: &mut Diagnostics, key: &Node, ctx: &str, allowed: &[&str]) {
+    d.push(
+        key.pos,
+        format!(
+            "unknown field '{}' in {ctx} (expected one of: {})",
+            key.as_str().unwrap_or("?"),
+            allowed.join(", ")
+        ),
+    );
+}
+
+fn check_duplicate_keys(entries: &[(Node, Node)], ctx: &str, d: &mut Diagnostics) {
+    let mut seen: HashMap<&str, Pos> = HashMap::new();
+    for (k, _) in entries {
+        if let Some(name) = k.as_str()
+            && let Some(first) = seen.insert(name, k.pos)
+        {
+            d.push(
+                k.pos,
+                format!(
+                    "duplicate key '{name}' in {ctx} (first at line {})",
+                    first.line
+                ),
+            );
+        }
+    }
+}
+
+/// Parses the positioned tree into a [`Pipeline`], recording shape errors.
+fn parse(file: &str, src: &str, d: &mut Diagnostics) -> Option<Pipeline> {
+    let root = match crate::yaml::parse(src) {
+        Ok(Some(n)) => n,
+        Ok(None) => {
+            d.push(
+                Pos { line: 1, col: 1 },
+                "empty file: expected 'pipeline:' with 'name' and 'steps'",
+            );
+            return None;
+        }
+        Err(e) => {
+            d.push(e.pos, format!("invalid YAML: {}", e.message));
+            return None;
+        }
+    };
+    let top = map_entries(&root, "the document", d)?;
+    check_duplicate_keys(top, "the document", d);
+    let mut pipeline_node = None;
+    for (k, v) in top {
+        match k.as_str() {
+            Some("pipeline") => pipeline_node = Some(v),
+            _ => unknown_field(d, k, "the document", &["pipeline"]),
+        }
+    }
+    let Some(pnode) = pipeline_node else {
+        d.push(root.pos, "missing field 'pipeline'");
+        return None;
+    };
+    let pentries = map_entries(pnode, "pipeline", d)?;
+    check_duplicate_keys(pentries, "pipeline", d);
+    let mut name = None;
+    let mut steps_node = None;
+    for (k, v) in pentries {
+        match k.as_str() {
+            Some("name") => name = string_of(v, "pipeline.name", d),
+            Some("steps") => steps_node = Some(v),
+            _ => unknown_field(d, k, "pipeline", &["name", "steps"]),
+        }
+    }
+    let name = match name {
+        Some(n) => {
+            if n.value.is_empty()
+                || !n
+                    .value
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+                || n.value.starts_with('.')
+            {
+                d.push(
+                    n.pos,
+                    format!(
+                        "'pipeline.name' {:?} must use only letters, digits, '_', '-', '.' and not start with '.' (it names a state directory)",
+                        n.value
+                    ),
+                );
+            }
+            n.value
+        }
+        None => {
+            if !pentries.iter().any(|(k, _)| k.as_str() == Some("name")) {
+                d.push(pnode.pos, "missing field 'pipeline.name'");
+            }
+            String::new()
+        }
+    };
+    let mut steps = Vec::new();
+    match steps_node {
+        None => d.push(pnode.pos, "missing field 'pipeline.steps'"),
+        Some(sn) => match &sn.kind {
+            NodeKind::Seq(items) => {
+                if items.is_empty() {
+                    d.push(sn.pos, "'pipeline.steps' is empty");
+                }
+                for (i, item) in items.iter().enumerate() {
+                    if let Some(step) = parse_step(item, i, d) {
+                        steps.push(step);
+                    }
+                }
+            }
+            _ => d.push(
+                sn.pos,
+                format!("'pipeline.steps' must be a list, found {}", sn.kind_name()),
+            ),
+        },
+    }
+    Some(Pipeline {
+        name,
+        steps,
+        file: file.to_string(),
+    })
+}
+
+fn parse_step(node: &Node, index: usize, d: &mut Diagnostics) -> Option<Step> {
+    let ctx = format!("steps[{index}]");
+    let entries = map_entries(node, &ctx, d)?;
+    check_duplicate_keys(entries, &ctx, d);
+    let get = |name: &str| {
+        entries
+            .iter()
+            .find(|(k, _)| k.as_str() == Some(name))
+            .map(|(_, v)| v)
+    };
+    for (k, _) in entries {
+        if !k.as_str().is_some_and(|n| STEP_FIELDS.contains(&n)) {
+            unknown_field(d, k, &format!("step {ctx}"), STEP_FIELDS);
+        }
+    }
+    let id = match get("id") {
+        Some(v) => string_of(v, "id", d),
+        None => {
+            d.push(node.pos, format!("{ctx}: missing field 'id'"));
+            None
+        }
+    };
+    if let Some(id) = &id
+        && !id
+            .value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    {
+        d.push(
+            id.pos,
+            format!(
+                "step id {:?} must use only letters, digits, '_', '-', '.'",
+                id.value
+            ),
+        );
+    }
+    let label = id
+        .as_ref()
+        .map(|i| format!("step '{}'", i.value))
+        .unwrap_or(ctx.clone());
+    let uses = match get("uses") {
+        Some(v) => string_of(v, "uses", d),
+        None => {
+            d.push(node.pos, format!("{label}: missing field 'uses'"));
+            None
+        }
+    };
+    if let Some(u) = &uses
+        && handlers::lookup(&u.value).is_none()
+    {
+        d.push(
+            u.pos,
+            format!(
+                "{label}: unknown handler 'uses: {}' (known: {})",
+                u.value,
+                handlers::known_names()
+            ),
+        );
+    }
+    let opt_string = |name: &str, d: &mut Diagnostics| {
+        get(name).and_then(|v| {
+            if v.is_null() {
+                None
+            } else {
+                string_of(v, name, d).map(|s| s.value)
+            }
+        })
+    };
+    let backend = opt_string("backend", d);
+    let scheduler = opt_string("scheduler", d);
+    if let (Some(s), Some(v)) = (&scheduler, get("scheduler"))
+        && !matches!(s.as_str(), "local" | "slurm" | "k8s" | "mesh")
+    {
+        d.push(
+            v.pos,
+            format!("{label}: unknown scheduler '{s}' (expected local, slurm, k8s or mesh)"),
+        );
+    }
+    let cache_hint = opt_string("cache_hint", d);
+
+    let mut inputs = BTreeMap::new();
+    if let Some(v) = get("in")
+        && !v.is_null()
+        && let Some(es) = map_entries(v, "in", d)
+    {
+        check_duplicate_keys(es, "in", d);
+        for (k, val) in es {
+            let Some(name) = k.as_str() else { continue };
+            if !valid_name(name) {
+                d.push(
+                    k.pos,
+                    format!("{label}: input name '{name}' must use only letters, digits and '_'"),
+                );
+            }
+            if let Some(p) = string_of(val, &format!("in.{name}"), d) {
+                inputs.insert(name.to_string(), p);
+            }
+        }
+    }
+
+    let outputs = match get("out") {
+        None => Outputs::None,
+        Some(v) if v.is_null() => Outputs::None,
+        Some(v) => match &v.kind {
+            NodeKind::Scalar { .. } => string_of(v, "out", d)
+                .map(Outputs::Single)
+                .unwrap_or(Outputs::None),
+            NodeKind::Map(es) => {
+                check_duplicate_keys(es, "out", d);
+                let mut m = BTreeMap::new();
+                for (k, val) in es {
+                    let Some(name) = k.as_str() else { continue };
+                    if !valid_name(name) {
+                        d.push(k.pos, format!("{label}: output name '{name}' must use only letters, digits and '_'"));
+                    }
+                    if let Some(p) = string_of(val, &format!("out.{name}"), d) {
+                        m.insert(name.to_string(), p);
+                    }
+                }
+                Outputs::Named(m)
+            }
+            NodeKind::Seq(_) => {
+                d.push(
+                    v.pos,
+                    format!(
+                        "{label}: 'out' must be a path or a mapping of name: path, found a list"
+                    ),
+                );
+                Outputs::None
+            }
+        },
+    };
+
+    let params = get("params")
+        .map(Node::to_json)
+        .unwrap_or(serde_json::Value::Null);
+
+    let after = match get("after") {
+        None => None,
+        Some(v) => match &v.kind {
+            NodeKind::Seq(items) => Some(
+                items
+                    .iter()
+                    .filter_map(|i| string_of(i, "after[]", d))
+                    .collect(),
+            ),
+            NodeKind::Scalar { .. } if !v.is_null() => string_of(v, "after", d).map(|s| vec![s]),
+            _ => {
+                d.push(
+                    v.pos,
+                    format!("{label}: 'after' must be a list of step ids"),
+                );
+                None
+            }
+        },
+    };
+
+    let retries = get("retries")
+        .map(|v| parse_retries(v, &label, d))
+        .unwrap_or_default();
+    let timeout = get("timeout").and_then(|v| {
+        let s = string_of(v, "timeout", d)?;
+        match units::parse_duration(&s.value) {
+            Ok(t) if t.is_zero() => {
+                d.push(v.pos, format!("{label}: 'timeout' must be more than zero"));
+                None
+            }
+            Ok(t) => Some(t),
+            Err(e) => {
+                d.push(v.pos, format!("{label}: 'timeout': {e}"));
+                None
+            }
+        }
+    });
+    let resources = get("resources")
+        .map(|v| parse_resources(v, &label, d))
+        .unwrap_or_default();
+    let shards = get("shards").and_then(|v| parse_shards(v, &label, d));
+
+    // Handler-specific params, checked where the positions are known.
+    if let Some(u) = &uses
+        && u.value == handlers::EXEC
+        && let Err(msg) = ExecParams::from_json(&params)
+    {
+        let pos = get("params").map(|p| p.pos).unwrap_or(node.pos);
+        d.push(pos, format!("{label}: {msg}"));
+    }
+
+    Some(Step {
+        id: id?,
+        uses: uses?,
+        backend,
+        scheduler,
+        inputs,
+        outputs,
+        params,
+        after,
+        cache_hint,
+        retries,
+        timeout,
+        resources,
+        shards,
+        pos: node.pos,
+    })
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn parse_u32(v: &Node, what: &str, label: &str, d: &mut Diagnostics) -> Option<u32> {
+    match v.as_str().map(str::parse::<u32>) {
+        Some(Ok(n)) => Some(n),
+        _ => {
+            d.push(
+                v.pos,
+                format!("{label}: '{what}' must be a non-negative integer"),
+            );
+            None
+        }
+    }
+}
+
+fn parse_retries(v: &Node, label: &str, d: &mut Diagnostics) -> Retries {
+    let mut r = Retries::default();
+    match &v.kind {
+        NodeKind::Scalar { .. } => {
+            if let Some(n) = parse_u32(v, "retries", label, d) {
+                r.count = n;
+            }
+        }
+        NodeKind::Map(es) => {
+            for (k, val) in es {
+                match k.as_str() {
+                    Some("count") => {
+                        if let Some(n) = parse_u32(val, "retries.count", label, d) {
+                            r.count = n;
+                        }
+                    }
+                    Some("backoff") => match val.as_str().map(units::parse_duration) {
+                        Some(Ok(b)) => r.backoff = b,
+                        Some(Err(e)) => d.push(val.pos, format!("{label}: 'retries.backoff': {e}")),
+                        None => d.push(
+                            val.pos,
+                            format!("{label}: 'retries.backoff' must be a duration"),
+                        ),
+                    },
+                    _ => unknown_field(d, k, "retries", &["count", "backoff"]),
+                }
+            }
+        }
+        NodeKind::Seq(_) => d.push(
+            v.pos,
+            format!("{label}: 'retries' must be a number or {{count, backoff}}"),
+        ),
+    }
+    r
+}
+
+fn parse_resources(v: &Node, label: &str, d: &mut Diagnostics) -> Resources {
+    const FIELDS: &[&str] = &["cpus", "memory", "gpus", "gpu_memory", "compute_capability"];
+    let mut r = Resources::default();
+    let Some(es) = map_entries(v, "resources", d) else {
+        return r;
+    };
+    check_duplicate_keys(es, "resources", d);
+    for (k, val) in es {
+        let size = |d: &mut Diagnostics, what: &str| match val.as_str().map(units::parse_size) {
+            Some(Ok(s)) => Some(s),
+            Some(Err(e)) => {
+                d.push(val.pos, format!("{label}: 'resources.{what}': {e}"));
+                None
+            }
+            None => {
+                d.push(
+                    val.pos,
+                    format!("{label}: 'resources.{what}' must be a size like 40GiB"),
+                );
+                None
+            }
+        };
+        match k.as_str() {
+            Some("cpus") => r.cpus = parse_u32(val, "resources.cpus", label, d),
+            Some("gpus") => r.gpus = parse_u32(val, "resources.gpus", label, d),
+            Some("memory") => r.memory = size(d, "memory"),
+            Some("gpu_memory") => r.gpu_memory = size(d, "gpu_memory"),
+            Some("compute_capability") => {
+                let parsed = val.as_str().and_then(|s| {
+                    let (a, b) = s.split_once('.').unwrap_or((s, "0"));
+                    Some((a.parse().ok()?, b.parse().ok()?))
+                });
+                match parsed {
+                    Some(cc) => r.compute_capability = Some(cc),
+                    None => d.push(
+                        val.pos,
+                        format!("{label}: 'resources.compute_capability' must look like 8.0"),
+                    ),
+                }
+            }
+            _ => unknown_field(d, k, "resources", FIELDS),
+        }
+    }
+    r
+}
+
+fn parse_shards(v: &Node, label: &str, d: &mut Diagnostics) -> Option<Shards> {
+    let es = map_entries(v, "shards", d)?;
+    check_duplicate_keys(es, "shards", d);
+    let mut over = None;
+    let mut count = None;
+    for (k, val) in es {
+        match k.as_str() {
+            Some("over") => over = string_of(val, "shards.over", d),
+            Some("count") => count = parse_u32(val, "shards.count", label, d),
+            _ => unknown_field(d, k, "shards", &["over", "count"]),
+        }
+    }
+    if over.is_none() && !es.iter().any(|(k, _)| k.as_str() == Some("over")) {
+        d.push(
+            v.pos,
+            format!("{label}: 'shards' needs 'over' (an input name)"),
+        );
+    }
+    if count.is_none() && !es.iter().any(|(k, _)| k.as_str() == Some("count")) {
+        d.push(v.pos, format!("{label}: 'shards' needs 'count'"));
+    }
+    if count == Some(0) || count.is_some_and(|c| c > 100_000) {
+        d.push(
+            v.pos,
+            format!("{label}: 'shards.count' must be between 1 and 100000"),
+        );
+        return None;
+    }
+    Some(Shards {
+        over: over?,
+        count: count?,
+    })
+}
+
+/// The project-relative path of every output of every step, resolved and contained.
+/// Steps whose paths are unsafe are left out (validation reports them).
+pub fn output_paths(p: &Pipeline, root: &Path) -> Vec<(usize, String, PathBuf)> {
+    let mut out = Vec::new();
+    for (i, s) in p.steps.iter().enumerate() {
+        for (name, path) in s.outputs.entries() {
+            if let Ok(rel) = paths::contained(root, &path.value) {
+                out.push((i, name.to_string(), rel));
+            }
+        }
+    }
+    out
+}
+
+/// Semantic checks across steps; returns the DAG (possibly partial when invalid).
+fn validate(p: &Pipeline, root: &Path, d: &mut Diagnostics) -> Dag {
+    // Duplicate ids.
+    let mut ids: HashMap<&str, &Step> = HashMap::new();
+    for s in &p.steps {
+        if let Some(first) = ids.get(s.id.value.as_str()) {
+            d.push(
+                s.id.pos,
+                format!(
+                    "duplicate step id '{}' (first defined at line {})",
+                    s.id.value, first.id.pos.line
+                ),
+            );
+        } else {
+            ids.insert(&s.id.value, s);
+        }
+    }
+    // Unknown `after` targets.
+    for s in &p.steps {
+        for a in s.after.iter().flatten() {
+            if a.value == s.id.value {
+                d.push(
+                    a.pos,
+                    format!("step '{}': 'after' names the step itself", s.id.value),
+                );
+            } else if !ids.contains_key(a.value.as_str()) {
+                d.push(
+                    a.pos,
+                    format!(
+                        "step '{}': 'after' names unknown step '{}'",
+                        s.id.value, a.value
+                    ),
+                );
+            }
+        }
+    }
+    // Output paths: contained, and no two steps writing the same place.
+    let mut outs: Vec<(usize, PathBuf, Pos)> = Vec::new();
+    for (i, s) in p.steps.iter().enumerate() {
+        for (name, path) in s.outputs.entries() {
+            match paths::contained(root, &path.value) {
+                Ok(rel) => {
+                    if rel.starts_with(".nexa_state") {
+                        d.push(
+                            path.pos,
+                            format!(
+                                "step '{}': 'out' must not write into .nexa_state",
+                                s.id.value
+                            ),
+                        );
+                    }
+                    outs.push((i, rel, path.pos));
+                }
+                Err(e) => d.push(
+                    path.pos,
+                    format!("step '{}': output '{name}' path {e}", s.id.value),
+                ),
+            }
+        }
+    }
+    for a in 0..outs.len() {
+        for b in (a + 1)..outs.len() {
+            let (ia, pa, _) = &outs[a];
+            let (ib, pb, posb) = &outs[b];
+            if pa == pb || pa.starts_with(pb) || pb.starts_with(pa) {
+                let what = if pa == pb {
+                    "the same"
+                } else {
+                    "an overlapping"
+                };
+                let msg = if ia == ib {
+                    format!(
+                        "step '{}' writes {what} 'out' path twice: {}",
+                        p.steps[*ib].id.value,
+                        pb.display()
+                    )
+                } else {
+                    format!(
+                        "steps '{}' and '{}' write {what} 'out' path: {}",
+                        p.steps[*ia].id.value,
+                        p.steps[*ib].id.value,
+                        pb.display()
+                    )
+                };
+                d.push(*posb, msg);
+            }
+        }
+    }
+    // Inputs: unsafe (empty) paths, shard `over` names.
+    for s in &p.steps {
+        if let Some(sh) = &s.shards {
+            if !s.inputs.contains_key(&sh.over.value) {
+                d.push(
+                    sh.over.pos,
+                    format!(
+                        "step '{}': 'shards.over' names '{}', which is not one of its inputs ({})",
+                        s.id.value,
+                        sh.over.value,
+                        s.inputs.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                );
+            }
+        }
+        if handlers::lookup(&s.uses.value) == Some(Availability::Available)
+            && s.shards.is_some()
+            && matches!(s.outputs, Outputs::None)
+        {
+            d.push(
+                s.pos,
+                format!("step '{}': a sharded step needs an 'out'", s.id.value),
+            );
+        }
+    }
+    let dag = Dag::build(p, root);
+    for (pos, msg) in &dag.self_reads {
+        d.push(*pos, msg.clone());
+    }
+    for cycle in dag.cycles() {
+        let names: Vec<&str> = cycle
+            .iter()
+            .map(|&i| p.steps[i].id.value.as_str())
+            .collect();
+        let first = cycle[0];
+        d.push(
+            p.steps[first].id.pos,
+            format!("dependency cycle: {}", names.join(" -> ")),
+        );
+    }
+    dag
+}
+
+#[cfg(test)]
+mod tests;

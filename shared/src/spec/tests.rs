@@ -1,0 +1,172 @@
+use super::*;
+
+fn diags(src: &str) -> Vec<String> {
+    check_str("p.yaml", src, Path::new("/proj"))
+        .into_iter()
+        .map(|d| d.to_string())
+        .collect()
+}
+
+fn has(all: &[String], needle: &str) -> bool {
+    all.iter().any(|d| d.contains(needle))
+}
+
+#[test]
+fn a_valid_pipeline_loads_with_implicit_and_input_edges() {
+    let src = r#"
+pipeline:
+  name: demo
+  steps:
+    - id: a
+      uses: exec
+      params: {cmd: [echo, hi]}
+      out: artifacts/a
+    - id: b
+      uses: exec
+      after: []
+      params: {run: "echo b"}
+      out: {x: artifacts/bx, y: artifacts/by}
+    - id: c
+      uses: exec
+      after: []
+      in: {first: artifacts/a, second: artifacts/by/file.txt}
+      shards: {over: first, count: 4}
+      retries: {count: 2, backoff: 10ms}
+      timeout: 1h30m
+      resources: {gpus: 1, gpu_memory: 40GiB, compute_capability: "8.0", memory: 512MiB}
+      params: {cmd: [cat], env: {K: 1}}
+      out: artifacts/c
+    - id: d
+      uses: runners.train
+      out: artifacts/d
+"#;
+    let l = load_str("p.yaml", src, Path::new("/proj")).expect("valid");
+    assert_eq!(l.pipeline.name, "demo");
+    assert_eq!(l.dag.deps, vec![vec![], vec![], vec![0, 1], vec![2]]);
+    let c = &l.pipeline.steps[2];
+    assert_eq!(c.retries.count, 2);
+    assert_eq!(c.timeout, Some(Duration::from_secs(5400)));
+    assert_eq!(c.resources.gpu_memory, Some(40 << 30));
+    assert_eq!(c.resources.compute_capability, Some((8, 0)));
+    assert_eq!(c.shards.as_ref().map(|s| s.count), Some(4));
+    let up = &l.dag.upstream[2]["second"];
+    assert_eq!((up.step, up.output.as_str()), (1, "y"));
+    assert_eq!(up.subpath.as_deref(), Some(Path::new("file.txt")));
+}
+
+#[test]
+fn every_error_is_collected_with_line_and_column() {
+    let src = r#"pipeline:
+  name: demo
+  colour: blue
+  steps:
+    - id: a
+      uses: exec
+      params: {cmd: [true]}
+      out: artifacts/a
+      tags: [x]
+    - id: a
+      uses: exec
+      params: {cmd: [true]}
+      out: artifacts/a2
+    - id: b
+      uses: runners.teleport
+      out: artifacts/b
+    - id: c
+      uses: exec
+      params: {cmd: [true]}
+      after: [ghost]
+      out: artifacts/a
+    - id: d
+      uses: exec
+      params: {cmd: [true]}
+      out: ../outside
+    - id: e
+      uses: exec
+      params: {cmd: [true]}
+      out: /etc/nexa
+    - id: f
+      uses: exec
+      params: {cmd: [true]}
+      after: [g]
+      out: artifacts/f
+    - id: g
+      uses: exec
+      params: {cmd: [true]}
+      after: [f]
+      out: artifacts/g
+    - id: h
+      uses: exec
+      params: {oops: 1}
+      timeout: soon
+      resources: {gpu_memory: 40 parsecs}
+      out: artifacts/h
+"#;
+    let d = diags(src);
+    let expect = [
+        "p.yaml:3:3: unknown field 'colour' in pipeline",
+        "p.yaml:9:7: unknown field 'tags' in step",
+        "p.yaml:10:11: duplicate step id 'a' (first defined at line 5)",
+        "p.yaml:15:13: step 'b': unknown handler 'uses: runners.teleport'",
+        "p.yaml:20:15: step 'c': 'after' names unknown step 'ghost'",
+        "p.yaml:21:12: steps 'a' and 'c' write the same 'out' path: artifacts/a",
+        "p.yaml:25:12: step 'd': output 'out' path unsafe path \"../outside\": escapes the project with '..'",
+        "p.yaml:29:12: step 'e': output 'out' path unsafe path \"/etc/nexa\": absolute path outside the artifact root",
+        "p.yaml:30:11: dependency cycle: f -> g -> f",
+        "p.yaml:42:15: step 'h': unknown field 'params.oops'",
+        "p.yaml:43:16: step 'h': 'timeout': invalid duration",
+        "p.yaml:44:31: step 'h': 'resources.gpu_memory': invalid size",
+    ];
+    for e in expect {
+        assert!(has(&d, e), "missing {e:?} in:\n{}", d.join("\n"));
+    }
+    assert_eq!(
+        d.len(),
+        expect.len(),
+        "unexpected extra diagnostics:\n{}",
+        d.join("\n")
+    );
+}
+
+#[test]
+fn syntax_errors_and_wrong_shapes_have_positions() {
+    let d = diags("pipeline:\n  name: x\n  steps: [\n");
+    assert!(
+        d[0].starts_with("p.yaml:") && d[0].contains("invalid YAML"),
+        "{d:?}"
+    );
+    let d = diags(
+        "pipeline:\n  name: x\n  steps:\n    - id: a\n      uses: exec\n      params: {cmd: [x]}\n      in: [a, b]\n",
+    );
+    assert!(
+        has(&d, "p.yaml:7:11: 'in' must be a mapping, found a list"),
+        "{d:?}"
+    );
+    let d = diags("pipeline:\n  steps: []\n");
+    assert!(has(&d, "missing field 'pipeline.name'"), "{d:?}");
+    assert!(has(&d, "'pipeline.steps' is empty"), "{d:?}");
+}
+
+#[test]
+fn shards_must_name_an_input_and_steps_may_not_read_their_own_output() {
+    let src = "pipeline:\n  name: x\n  steps:\n    - id: a\n      uses: exec\n      params: {cmd: [x]}\n      in: {d: data.txt, own: artifacts/a/f}\n      shards: {over: nope, count: 2}\n      out: artifacts/a\n";
+    let d = diags(src);
+    assert!(
+        has(&d, "p.yaml:8:22: step 'a': 'shards.over' names 'nope'"),
+        "{d:?}"
+    );
+    assert!(
+        has(
+            &d,
+            "p.yaml:7:30: step 'a': input 'own' reads the step's own output"
+        ),
+        "{d:?}"
+    );
+}
+
+#[test]
+fn implicit_order_and_empty_after() {
+    let src = "pipeline:\n  name: x\n  steps:\n    - {id: a, uses: exec, params: {cmd: [x]}}\n    - {id: b, uses: exec, params: {cmd: [x]}}\n    - {id: c, uses: exec, params: {cmd: [x]}, after: []}\n    - {id: d, uses: exec, params: {cmd: [x]}, after: [a, b]}\n";
+    let l = load_str("p.yaml", src, Path::new("/proj")).expect("valid");
+    assert_eq!(l.dag.deps, vec![vec![], vec![0], vec![], vec![0, 1]]);
+}
