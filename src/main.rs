@@ -1,1 +1,5 @@
-fn main() {}
+//! `nexa`: run, resume, inspect and visualise pipelines.
+
+fn main() -> std::process::ExitCode {
+    nexa::cli::main()
+}

@@ -1,1 +1,19 @@
-//! placeholder
+//! The Nexa coordinator: turns submitted pipelines into jobs, hands jobs to workers as
+//! fenced leases, verifies what comes back, seals artifacts and keeps run state.
+//!
+//! Architecture invariant: exactly one task (the loop in [`engine`]) owns the scheduler's
+//! state; everything else talks to it by [`engine::Event`] messages. Blocking work
+//! (hashing, splitting, sealing) runs on the blocking pool and reports back as events.
+
+pub mod engine;
+pub mod error;
+pub mod mirror;
+pub mod planner;
+pub mod sealer;
+pub mod state;
+pub mod store;
+
+pub use engine::{Coordinator, Progress, RunRequest, RunSummary};
+pub use error::{Error, Result};
+pub use state::StepStatus;
+pub use store::{MemStore, SledStore, Store};

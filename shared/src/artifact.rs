@@ -122,6 +122,9 @@ pub struct SealRequest {
     pub inputs: Vec<MetaInput>,
     /// Labels for meta.json.
     pub labels: BTreeMap<String, String>,
+    /// When given, the payload must be exactly these files (what a worker reported);
+    /// anything else refuses the seal and removes the staged payload.
+    pub expected: Option<Vec<digest::FileEntry>>,
 }
 
 /// Seals the payload already written in `<out>.tmp` as the artifact at `out`.
@@ -144,6 +147,17 @@ pub fn seal(out: &Path, req: SealRequest) -> Result<(Meta, TreeDigest)> {
         }
     }
     let tree = digest::hash_tree(&tmp, NOT_PAYLOAD)?;
+    if let Some(mut expected) = req.expected {
+        expected.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
+        if expected != tree.files {
+            let reason = describe_mismatch(&expected, &tree.files);
+            remove_tree(&tmp)?;
+            return Err(Error::Artifact {
+                path: out.to_path_buf(),
+                reason: format!("uploaded payload does not match the signed manifest: {reason}"),
+            });
+        }
+    }
     let abs = std::path::absolute(out).ctx("resolve", out)?;
     let meta = Meta {
         kind: req.kind,
@@ -177,6 +191,27 @@ pub fn seal(out: &Path, req: SealRequest) -> Result<(Meta, TreeDigest)> {
         remove_tree(&old)?;
     }
     Ok((meta, tree))
+}
+
+fn describe_mismatch(expected: &[digest::FileEntry], got: &[digest::FileEntry]) -> String {
+    for e in expected {
+        match got.iter().find(|g| g.path == e.path) {
+            None => return format!("{} is missing", e.path),
+            Some(g) if g != e => {
+                return format!(
+                    "{} is {} bytes {} but the manifest says {} bytes {}",
+                    e.path, g.size, g.digest, e.size, e.digest
+                );
+            }
+            Some(_) => {}
+        }
+    }
+    for g in got {
+        if !expected.iter().any(|e| e.path == g.path) {
+            return format!("{} is not in the manifest", g.path);
+        }
+    }
+    "file lists differ".into()
 }
 
 fn touch_complete(out: &Path) -> Result<()> {
@@ -254,6 +289,23 @@ pub fn recover(out: &Path) -> Result<Recovery> {
         }
     }
     Ok(what)
+}
+
+/// The content digest of an input path: a sealed artifact counts by its payload (without
+/// `meta.json` and `COMPLETE`, so it equals the artifact's `hash`), anything else by
+/// [`digest::hash_path`]. Returns `(digest, bytes, is_dir)`.
+pub fn input_digest(path: &Path) -> Result<(String, u64, bool)> {
+    if path.is_dir() && is_complete(path) {
+        let t = digest::hash_tree(path, NOT_PAYLOAD)?;
+        return Ok((t.digest, t.bytes, true));
+    }
+    digest::hash_path(path)
+}
+
+/// The files of an input directory that are its content (see [`input_digest`]).
+pub fn input_files(path: &Path) -> Result<Vec<(String, PathBuf, u64)>> {
+    let exclude: &[&str] = if is_complete(path) { NOT_PAYLOAD } else { &[] };
+    digest::list_files(path, exclude)
 }
 
 /// Why a cached artifact cannot be reused.

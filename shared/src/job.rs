@@ -114,6 +114,8 @@ pub struct JobResult {
     pub error: String,
     /// Where the outputs lie on a shared filesystem (embedded); `<dir>/<output>/<path>`.
     pub staging: Option<PathBuf>,
+    /// The job's combined stdout/stderr on a shared filesystem (embedded); not signed.
+    pub log: Option<PathBuf>,
     /// The worker's Ed25519 public key.
     pub worker_key: [u8; 32],
     /// Ed25519 signature over [`crate::signing::result_message`].

@@ -145,6 +145,7 @@ mod tests {
             ended_ms: 2,
             error: String::new(),
             staging: None,
+            log: None,
             worker_key: [0; 32],
             signature: Vec::new(),
         }

@@ -1,1 +1,82 @@
-//! placeholder
+//! The Nexa worker: asks its coordinator for leases, stages inputs by content digest into
+//! a local content-addressed cache, runs the job, hashes and signs its outputs, and
+//! reports. The same loop serves the embedded engine (in-process link) and the mesh.
+
+pub mod cas;
+pub mod error;
+pub mod exec;
+pub mod outputs;
+
+pub use error::{Error, Result};
+
+use nexa_shared::job::{JobInput, JobResult, Lease};
+use nexa_shared::signing::Identity;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// What a worker needs from its coordinator, whatever carries it.
+pub trait CoordinatorLink: Send + Sync + 'static {
+    /// Waits for the next lease; `None` when the coordinator is going away.
+    fn next_lease(&self) -> impl Future<Output = Option<Lease>> + Send;
+    /// Reports a finished job.
+    fn report(&self, result: JobResult) -> impl Future<Output = ()> + Send;
+    /// A signal that turns `true` when the run is cancelled.
+    fn cancellation(&self, run_id: &str) -> watch::Receiver<bool>;
+    /// Writes the content of `input` to `dest` (a file, or a directory tree).
+    fn fetch_input(
+        &self,
+        input: &JobInput,
+        dest: &Path,
+    ) -> impl Future<Output = std::result::Result<(), String>> + Send;
+}
+
+/// Worker settings.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The worker's name.
+    pub name: String,
+    /// Concurrent jobs.
+    pub slots: usize,
+    /// Where job directories and the input cache live.
+    pub work_dir: PathBuf,
+}
+
+/// Runs `cfg.slots` job loops until `shutdown` turns true or the link closes.
+pub async fn run<L: CoordinatorLink>(
+    link: Arc<L>,
+    cfg: WorkerConfig,
+    identity: Arc<Identity>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let cas = Arc::new(cas::Cas::new(cfg.work_dir.join("cas")));
+    let mut tasks = Vec::new();
+    for slot in 0..cfg.slots.max(1) {
+        let link = link.clone();
+        let cfg = cfg.clone();
+        let identity = identity.clone();
+        let cas = cas.clone();
+        let mut shutdown = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let lease = tokio::select! {
+                    l = link.next_lease() => l,
+                    _ = shutdown.wait_for(|s| *s) => None,
+                };
+                let Some(lease) = lease else { break };
+                tracing::debug!(worker = %cfg.name, slot, job = %lease.job.job_id, "running job");
+                let cancel = link.cancellation(&lease.job.run_id);
+                let mut result =
+                    exec::run_job(link.as_ref(), &cas, &cfg.work_dir, &lease, cancel).await;
+                identity.sign_result(&mut result);
+                link.report(result).await;
+            }
+        }));
+    }
+    for t in tasks {
+        if let Err(e) = t.await {
+            tracing::error!(error = %e, "worker slot panicked");
+        }
+    }
+}

@@ -129,3 +129,23 @@ fn reserved_names_in_payload_are_refused() {
     stage(&out, &[("COMPLETE", "")]);
     assert!(seal(&out, req("k")).is_err());
 }
+
+#[test]
+fn a_payload_that_differs_from_the_manifest_is_refused() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let out = d.path().join("art");
+    stage(&out, &[("a.txt", "one")]);
+    let mut r = req("k");
+    r.expected = Some(vec![digest::FileEntry {
+        path: "a.txt".into(),
+        size: 3,
+        digest: digest::format(&blake3::hash(b"two")),
+    }]);
+    let err = seal(&out, r).expect_err("tampered");
+    assert!(
+        err.to_string()
+            .contains("does not match the signed manifest"),
+        "{err}"
+    );
+    assert!(!out.exists() && !tmp_path(&out).exists());
+}

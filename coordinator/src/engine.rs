@@ -1,0 +1,1223 @@
+//! The scheduler loop: one task owns all run, step and job state and consumes a closed
+//! set of [`Event`]s. Handlers (the in-process worker link today, the gRPC edge with the
+//! mesh) talk to it only through [`Coordinator`].
+
+use crate::planner::{self, Plan, RunContext, StepPlan};
+use crate::sealer::{self, ShardSealed};
+use crate::state::{self, ArtifactInfo, RunRecord, ShardRecord, StepRecord, StepStatus};
+use crate::{Error, Result, Store, mirror};
+use nexa_shared::job::{JobInput, JobResult, JobSpec, Lease, Outcome};
+use nexa_shared::spec::Loaded;
+use nexa_shared::{paths, signing};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// What to run.
+#[derive(Debug)]
+pub struct RunRequest {
+    /// The validated pipeline and its graph.
+    pub loaded: Loaded,
+    /// The project (artifact) root; relative paths in the pipeline resolve against it.
+    pub project: PathBuf,
+    /// Re-hash cached artifacts before reusing them.
+    pub verify: bool,
+    /// `rerun --from STEP`: ignore the step-level cache of STEP and everything downstream.
+    pub from: Option<String>,
+    /// The project's git commit, recorded in artifact labels.
+    pub git_sha: Option<String>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunOutcome {
+    /// Every step COMPLETE or SKIPPED.
+    Succeeded,
+    /// At least one step FAILED.
+    Failed,
+    /// Cancelled by the user.
+    Cancelled,
+}
+
+/// The end of a run.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// Run id.
+    pub run_id: String,
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Outcome.
+    pub outcome: RunOutcome,
+    /// Final step records, in file order.
+    pub steps: Vec<StepRecord>,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// Progress of a run, streamed to whoever submitted it.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// A step changed status.
+    Step {
+        /// Step id.
+        step: String,
+        /// New status.
+        status: StepStatus,
+        /// A short note (cache key reuse, error, retry).
+        detail: Option<String>,
+    },
+    /// A fanned-out step was planned.
+    Shards {
+        /// Step id.
+        step: String,
+        /// Number of shards.
+        count: u32,
+        /// How many were reused from cache.
+        cached: u32,
+    },
+    /// A shard changed status.
+    Shard {
+        /// Step id.
+        step: String,
+        /// Shard index.
+        index: u32,
+        /// New status.
+        status: StepStatus,
+    },
+    /// A job is retried after a failure.
+    Retry {
+        /// Job id.
+        job: String,
+        /// The next attempt number.
+        attempt: u32,
+        /// Delay before it.
+        delay: Duration,
+        /// Why the last one failed.
+        error: String,
+    },
+    /// The run ended.
+    Finished(RunSummary),
+}
+
+/// A submitted run: its id and its progress stream.
+#[derive(Debug)]
+pub struct RunHandle {
+    /// Run id.
+    pub run_id: String,
+    /// Progress, ending with [`Progress::Finished`].
+    pub progress: mpsc::UnboundedReceiver<Progress>,
+}
+
+/// Counters of refused results, by reason.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Refusals {
+    /// Unknown job or stale generation.
+    pub stale: u64,
+    /// Signature did not verify against the enrolled key.
+    pub signature: u64,
+    /// Uploaded payload did not match the signed manifest.
+    pub digest: u64,
+}
+
+/// The closed set of messages the scheduler loop consumes.
+#[derive(Debug)]
+pub enum Event {
+    /// Start a run.
+    Submit(Box<RunRequest>, oneshot::Sender<Result<RunHandle>>),
+    /// A worker joined with its public key.
+    RegisterWorker(String, [u8; 32]),
+    /// A worker has a free slot and waits for a lease.
+    LeaseRequest(String, oneshot::Sender<Option<Lease>>),
+    /// A worker reports a job.
+    Report(String, Box<JobResult>),
+    /// Planning of a step finished.
+    Planned(String, usize, Plan),
+    /// Sealing of a job's outputs finished.
+    Sealed(String, std::result::Result<SealedJob, String>),
+    /// Assembly of a sharded step finished.
+    Assembled(
+        String,
+        usize,
+        std::result::Result<BTreeMap<String, ArtifactInfo>, String>,
+    ),
+    /// A job's backoff elapsed.
+    RetryDue(String),
+    /// Cancel a run.
+    Cancel(String),
+    /// Read the refusal counters.
+    Refusals(oneshot::Sender<Refusals>),
+    /// Stop the loop.
+    Shutdown,
+}
+
+/// What sealing produced.
+#[derive(Debug)]
+pub enum SealedJob {
+    /// An unsharded step's artifacts.
+    Step(BTreeMap<String, ArtifactInfo>),
+    /// One shard.
+    Shard(ShardSealed),
+}
+
+/// A handle to the coordinator loop; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Coordinator {
+    tx: mpsc::UnboundedSender<Event>,
+    cancels: Arc<Mutex<HashMap<String, watch::Sender<bool>>>>,
+}
+
+impl Coordinator {
+    /// Starts the loop on the current tokio runtime.
+    pub fn start(store: Arc<dyn Store>) -> (Coordinator, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let cancels = Arc::new(Mutex::new(HashMap::new()));
+        let engine = Engine {
+            store,
+            tx: tx.clone(),
+            rx,
+            cancels: cancels.clone(),
+            workers: HashMap::new(),
+            runs: HashMap::new(),
+            jobs: HashMap::new(),
+            queue: VecDeque::new(),
+            waiting: VecDeque::new(),
+            next_generation: 1,
+            refusals: Refusals::default(),
+        };
+        let handle = tokio::spawn(engine.run());
+        (Coordinator { tx, cancels }, handle)
+    }
+
+    fn send(&self, e: Event) -> Result<()> {
+        self.tx.send(e).map_err(|_| Error::ShutDown)
+    }
+
+    /// Submits a run; progress streams on the returned handle.
+    pub async fn submit(&self, req: RunRequest) -> Result<RunHandle> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::Submit(Box::new(req), tx))?;
+        rx.await.map_err(|_| Error::ShutDown)?
+    }
+
+    /// Records a worker's enrolled public key.
+    pub fn register_worker(&self, worker: &str, key: [u8; 32]) -> Result<()> {
+        self.send(Event::RegisterWorker(worker.to_string(), key))
+    }
+
+    /// Waits for a lease for `worker`; `None` when the coordinator shuts down.
+    pub async fn lease(&self, worker: &str) -> Option<Lease> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::LeaseRequest(worker.to_string(), tx))
+            .ok()?;
+        rx.await.ok().flatten()
+    }
+
+    /// Reports a job result.
+    pub fn report(&self, worker: &str, result: JobResult) -> Result<()> {
+        self.send(Event::Report(worker.to_string(), Box::new(result)))
+    }
+
+    /// Cancels a run: queued jobs are dropped, running ones killed, state saved.
+    pub fn cancel(&self, run_id: &str) -> Result<()> {
+        if let Some(tx) = self.lock_cancels().get(run_id) {
+            let _ = tx.send(true);
+        }
+        self.send(Event::Cancel(run_id.to_string()))
+    }
+
+    /// A signal that turns `true` when `run_id` is cancelled.
+    pub fn cancellation(&self, run_id: &str) -> watch::Receiver<bool> {
+        let mut g = self.lock_cancels();
+        g.entry(run_id.to_string())
+            .or_insert_with(|| watch::channel(false).0)
+            .subscribe()
+    }
+
+    /// Results refused so far, by reason.
+    pub async fn refusals(&self) -> Result<Refusals> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::Refusals(tx))?;
+        rx.await.map_err(|_| Error::ShutDown)
+    }
+
+    /// Stops the loop; waiting workers get `None`.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Event::Shutdown);
+    }
+
+    fn lock_cancels(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<bool>>> {
+        self.cancels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobState {
+    Queued,
+    Backoff,
+    Leased,
+    Sealing,
+}
+
+#[derive(Debug)]
+struct Job {
+    run_id: String,
+    step: usize,
+    shard: Option<usize>,
+    spec: JobSpec,
+    attempt: u32,
+    generation: u64,
+    worker: Option<String>,
+    state: JobState,
+    started: Option<Instant>,
+}
+
+struct Run {
+    ctx: Arc<RunContext>,
+    records: Vec<StepRecord>,
+    plans: Vec<Option<Arc<StepPlan>>>,
+    shard_results: Vec<BTreeMap<usize, ShardSealed>>,
+    busy: Vec<bool>,
+    progress: mpsc::UnboundedSender<Progress>,
+    cancelled: bool,
+    started: Instant,
+    started_at: String,
+    last_mirror: Option<Instant>,
+    in_flight: usize,
+}
+
+impl Run {
+    fn emit(&self, p: Progress) {
+        let _ = self.progress.send(p);
+    }
+
+    fn done_outputs(&self) -> BTreeMap<usize, BTreeMap<String, ArtifactInfo>> {
+        self.records
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.status.is_done())
+            .map(|(i, r)| (i, r.outputs.clone()))
+            .collect()
+    }
+}
+
+struct Engine {
+    store: Arc<dyn Store>,
+    tx: mpsc::UnboundedSender<Event>,
+    rx: mpsc::UnboundedReceiver<Event>,
+    cancels: Arc<Mutex<HashMap<String, watch::Sender<bool>>>>,
+    workers: HashMap<String, [u8; 32]>,
+    runs: HashMap<String, Run>,
+    jobs: HashMap<String, Job>,
+    queue: VecDeque<String>,
+    waiting: VecDeque<(String, oneshot::Sender<Option<Lease>>)>,
+    next_generation: u64,
+    refusals: Refusals,
+}
+
+fn new_run_id() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let stamp = humantime_stamp(now.as_secs());
+    format!(
+        "{stamp}-{:04x}",
+        (now.subsec_nanos() ^ std::process::id()) & 0xffff
+    )
+}
+
+fn humantime_stamp(secs: u64) -> String {
+    // YYYYMMDDTHHMMSS from the Unix time, UTC (civil-from-days, Howard Hinnant).
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn now_rfc3339() -> String {
+    nexa_shared_time()
+}
+
+fn nexa_shared_time() -> String {
+    // RFC 3339 seconds, via the artifact module's formatter.
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let s = humantime_stamp(secs);
+    format!(
+        "{}-{}-{}T{}:{}:{}Z",
+        &s[0..4],
+        &s[4..6],
+        &s[6..8],
+        &s[9..11],
+        &s[11..13],
+        &s[13..15]
+    )
+}
+
+fn tail(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut start = text.len() - max;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("…{}", &text[start..])
+}
+
+impl Engine {
+    async fn run(mut self) {
+        while let Some(ev) = self.rx.recv().await {
+            if matches!(ev, Event::Shutdown) {
+                break;
+            }
+            self.handle(ev);
+        }
+        for (_, w) in self.waiting.drain(..) {
+            let _ = w.send(None);
+        }
+        if let Err(e) = self.store.flush() {
+            tracing::error!(error = %format!("{e:#}"), "flushing the store at shutdown");
+        }
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Submit(req, reply) => {
+                let _ = reply.send(self.submit(*req));
+            }
+            Event::RegisterWorker(id, key) => {
+                self.workers.insert(id, key);
+            }
+            Event::LeaseRequest(worker, reply) => {
+                self.waiting.push_back((worker, reply));
+                self.dispatch();
+            }
+            Event::Report(worker, result) => self.on_report(&worker, *result),
+            Event::Planned(run, step, plan) => self.on_planned(&run, step, plan),
+            Event::Sealed(job, res) => self.on_sealed(&job, res),
+            Event::Assembled(run, step, res) => self.on_assembled(&run, step, res),
+            Event::RetryDue(job) => {
+                if let Some(j) = self.jobs.get_mut(&job)
+                    && j.state == JobState::Backoff
+                {
+                    j.state = JobState::Queued;
+                    self.queue.push_back(job);
+                    self.dispatch();
+                }
+            }
+            Event::Cancel(run) => self.on_cancel(&run),
+            Event::Refusals(reply) => {
+                let _ = reply.send(self.refusals);
+            }
+            Event::Shutdown => {}
+        }
+    }
+
+    fn submit(&mut self, req: RunRequest) -> Result<RunHandle> {
+        let run_id = new_run_id();
+        let p = &req.loaded.pipeline;
+        let n = p.steps.len();
+        let mut forced = vec![false; n];
+        if let Some(from) = &req.from {
+            let i = p
+                .steps
+                .iter()
+                .position(|s| &s.id.value == from)
+                .ok_or_else(|| {
+                    Error::NotFound(format!("no step '{from}' in pipeline '{}'", p.name))
+                })?;
+            for d in req.loaded.dag.downstream(i) {
+                forced[d] = true;
+            }
+        }
+        let project = std::path::absolute(&req.project)
+            .map_err(|e| Error::Domain(nexa_shared::Error::io("resolve", &req.project, e)))?;
+        let state_dir = project
+            .join(".nexa_state")
+            .join(paths::safe_component(&p.name));
+        let records: Vec<StepRecord> = p
+            .steps
+            .iter()
+            .map(|s| StepRecord::pending(&s.id.value, &run_id))
+            .collect();
+        let (ptx, prx) = mpsc::unbounded_channel();
+        let ctx = RunContext {
+            run_id: run_id.clone(),
+            pipeline: req.loaded.pipeline,
+            dag: req.loaded.dag,
+            project,
+            state_dir,
+            verify: req.verify,
+            forced,
+            git_sha: req.git_sha,
+        };
+        let refs: Vec<&StepRecord> = records.iter().collect();
+        state::save_steps(self.store.as_ref(), &ctx.pipeline.name, &refs)?;
+        let started_at = now_rfc3339();
+        state::save_run(
+            self.store.as_ref(),
+            &RunRecord {
+                run_id: run_id.clone(),
+                pipeline: ctx.pipeline.name.clone(),
+                started_at: started_at.clone(),
+                finished_at: None,
+                outcome: "running".into(),
+            },
+        )?;
+        self.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(run_id.clone())
+            .or_insert_with(|| watch::channel(false).0);
+        let run = Run {
+            ctx: Arc::new(ctx),
+            records,
+            plans: vec![None; n],
+            shard_results: vec![BTreeMap::new(); n],
+            busy: vec![false; n],
+            progress: ptx,
+            cancelled: false,
+            started: Instant::now(),
+            started_at,
+            last_mirror: None,
+            in_flight: 0,
+        };
+        tracing::info!(run = %run_id, pipeline = %run.ctx.pipeline.name, steps = n, "run submitted");
+        self.runs.insert(run_id.clone(), run);
+        self.schedule_ready(&run_id);
+        self.maybe_finish(&run_id);
+        Ok(RunHandle {
+            run_id,
+            progress: prx,
+        })
+    }
+
+    /// Plans every PENDING step whose dependencies are all done.
+    fn schedule_ready(&mut self, run_id: &str) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        if run.cancelled {
+            return;
+        }
+        let ready: Vec<usize> = (0..run.records.len())
+            .filter(|&i| {
+                run.records[i].status == StepStatus::Pending
+                    && !run.busy[i]
+                    && run.ctx.dag.deps[i]
+                        .iter()
+                        .all(|&d| run.records[d].status.is_done())
+            })
+            .collect();
+        for i in ready {
+            run.busy[i] = true;
+            run.in_flight += 1;
+            let ctx = run.ctx.clone();
+            let done = run.done_outputs();
+            let tx = self.tx.clone();
+            let rid = run_id.to_string();
+            tokio::task::spawn_blocking(move || {
+                let plan = planner::plan_step(&ctx, i, &done);
+                let _ = tx.send(Event::Planned(rid, i, plan));
+            });
+        }
+    }
+
+    fn set_status(&mut self, run_id: &str, i: usize, status: StepStatus, detail: Option<String>) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let rec = &mut run.records[i];
+        rec.status = status;
+        if matches!(
+            status,
+            StepStatus::Failed | StepStatus::Blocked | StepStatus::Cancelled
+        ) {
+            rec.error = detail.clone();
+        } else if status != StepStatus::Running {
+            rec.error = None;
+        }
+        let id = rec.id.clone();
+        run.emit(Progress::Step {
+            step: id,
+            status,
+            detail,
+        });
+        self.persist(run_id, i);
+    }
+
+    fn persist(&mut self, run_id: &str, i: usize) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        if let Err(e) = state::save_steps(
+            self.store.as_ref(),
+            &run.ctx.pipeline.name,
+            &[&run.records[i]],
+        ) {
+            tracing::error!(error = %format!("{e:#}"), run = %run_id, "saving step state");
+        }
+        let due = run
+            .last_mirror
+            .is_none_or(|t| t.elapsed() >= Duration::from_millis(250));
+        if due {
+            write_mirror(run);
+        }
+    }
+
+    fn on_planned(&mut self, run_id: &str, i: usize, plan: Plan) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        run.busy[i] = false;
+        run.in_flight -= 1;
+        if run.cancelled {
+            run.records[i].status = StepStatus::Cancelled;
+            self.persist(run_id, i);
+            self.maybe_finish(run_id);
+            return;
+        }
+        match plan {
+            Plan::Skipped { cache_key, outputs } => {
+                run.records[i].cache_key = Some(cache_key);
+                run.records[i].outputs = outputs;
+                run.records[i].shards.clear();
+                self.set_status(run_id, i, StepStatus::Skipped, Some("cache hit".into()));
+                self.step_done(run_id, i);
+            }
+            Plan::Failed { cache_key, error } => {
+                run.records[i].cache_key = cache_key;
+                self.step_failed(run_id, i, error);
+            }
+            Plan::Run(plan) => self.start_step(run_id, i, plan),
+        }
+        self.maybe_finish(run_id);
+    }
+
+    fn job_inputs(plan: &StepPlan, replace: Option<&planner::ResolvedInput>) -> Vec<JobInput> {
+        plan.inputs
+            .iter()
+            .map(|r| {
+                let r = match replace {
+                    Some(p) if p.name == r.name => p,
+                    _ => r,
+                };
+                JobInput {
+                    name: r.name.clone(),
+                    digest: r.digest.clone(),
+                    is_dir: r.is_dir,
+                    source: r.path.clone(),
+                }
+            })
+            .collect()
+    }
+
+    fn start_step(&mut self, run_id: &str, i: usize, plan: Arc<StepPlan>) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let step = &run.ctx.pipeline.steps[i];
+        let rec = &mut run.records[i];
+        rec.cache_key = Some(plan.cache_key.clone());
+        rec.outputs.clear();
+        rec.attempts = 0;
+        rec.worker = None;
+        rec.log = None;
+        let base = JobSpec {
+            job_id: String::new(),
+            run_id: run_id.to_string(),
+            step_id: step.id.value.clone(),
+            shard: None,
+            uses: step.uses.value.clone(),
+            params: step.params.clone(),
+            inputs: Vec::new(),
+            outputs: plan.outputs.keys().cloned().collect(),
+            timeout: step.timeout,
+        };
+        let mut new_jobs = Vec::new();
+        match &plan.shards {
+            None => {
+                rec.shards.clear();
+                let mut spec = base;
+                spec.job_id = format!("{run_id}/{}", step.id.value);
+                spec.inputs = Self::job_inputs(&plan, None);
+                new_jobs.push((None, spec));
+            }
+            Some(units) => {
+                let count = units.len() as u32;
+                let mut cached = 0;
+                rec.shards = units
+                    .iter()
+                    .map(|u| ShardRecord {
+                        index: u.index,
+                        status: if u.cached.is_some() {
+                            StepStatus::Skipped
+                        } else {
+                            StepStatus::Pending
+                        },
+                        cache_key: Some(u.cache_key.clone()),
+                        hash: u.cached.as_ref().map(|m| m.hash.clone()),
+                        worker: u
+                            .cached
+                            .as_ref()
+                            .and_then(|m| m.labels.get("worker").cloned()),
+                        attempts: 0,
+                        error: None,
+                    })
+                    .collect();
+                run.shard_results[i].clear();
+                for (k, u) in units.iter().enumerate() {
+                    if let Some(meta) = &u.cached {
+                        cached += 1;
+                        run.shard_results[i].insert(k, sealer::shard_from_meta(u, meta));
+                        continue;
+                    }
+                    let mut spec = base.clone();
+                    spec.job_id = format!("{run_id}/{}/{}", step.id.value, u.index);
+                    spec.shard = Some((u.index, count));
+                    spec.inputs = Self::job_inputs(&plan, Some(&u.part));
+                    new_jobs.push((Some(k), spec));
+                }
+                run.emit(Progress::Shards {
+                    step: step.id.value.clone(),
+                    count,
+                    cached,
+                });
+            }
+        }
+        run.plans[i] = Some(plan);
+        self.set_status(run_id, i, StepStatus::Running, None);
+        if new_jobs.is_empty() {
+            // Every shard came from cache: assemble straight away.
+            self.start_assembly(run_id, i);
+            return;
+        }
+        for (shard, spec) in new_jobs {
+            let id = spec.job_id.clone();
+            self.jobs.insert(
+                id.clone(),
+                Job {
+                    run_id: run_id.to_string(),
+                    step: i,
+                    shard,
+                    spec,
+                    attempt: 1,
+                    generation: 0,
+                    worker: None,
+                    state: JobState::Queued,
+                    started: None,
+                },
+            );
+            self.queue.push_back(id);
+        }
+        self.dispatch();
+    }
+
+    /// Hands queued jobs to waiting workers.
+    fn dispatch(&mut self) {
+        while !self.waiting.is_empty() {
+            let Some(job_id) = self.queue.pop_front() else {
+                return;
+            };
+            let Some(job) = self.jobs.get_mut(&job_id) else {
+                continue;
+            };
+            if job.state != JobState::Queued {
+                continue;
+            }
+            let Some((worker, reply)) = self.waiting.pop_front() else {
+                self.queue.push_front(job_id);
+                return;
+            };
+            if reply.is_closed() {
+                self.queue.push_front(job_id);
+                continue;
+            }
+            job.generation = self.next_generation;
+            self.next_generation += 1;
+            job.worker = Some(worker.clone());
+            job.state = JobState::Leased;
+            job.started = Some(Instant::now());
+            let lease = Lease {
+                job: job.spec.clone(),
+                generation: job.generation,
+                attempt: job.attempt,
+            };
+            let (run_id, step, shard, attempt) =
+                (job.run_id.clone(), job.step, job.shard, job.attempt);
+            if reply.send(Some(lease)).is_err() {
+                // The worker went away between asking and now: put the job back.
+                if let Some(j) = self.jobs.get_mut(&job_id) {
+                    j.state = JobState::Queued;
+                    j.worker = None;
+                }
+                self.queue.push_front(job_id);
+                continue;
+            }
+            tracing::debug!(job = %job_id, worker = %worker, attempt, "leased");
+            if let Some(run) = self.runs.get_mut(&run_id) {
+                match shard {
+                    None => run.records[step].attempts = attempt,
+                    Some(k) => {
+                        let s = &mut run.records[step].shards[k];
+                        s.attempts = attempt;
+                        s.status = StepStatus::Running;
+                        let index = s.index;
+                        let id = run.records[step].id.clone();
+                        run.emit(Progress::Shard {
+                            step: id,
+                            index,
+                            status: StepStatus::Running,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_report(&mut self, worker: &str, result: JobResult) {
+        let Some(job) = self.jobs.get_mut(&result.job_id) else {
+            self.refusals.stale += 1;
+            tracing::warn!(job = %result.job_id, worker, "refused result for an unknown or finished job");
+            return;
+        };
+        if job.state != JobState::Leased
+            || job.generation != result.generation
+            || job.worker.as_deref() != Some(worker)
+        {
+            self.refusals.stale += 1;
+            tracing::warn!(job = %result.job_id, worker, generation = result.generation, current = job.generation, "refused result from a stale lease generation");
+            return;
+        }
+        let enrolled = self.workers.get(worker).copied();
+        let verified = match enrolled {
+            None => Err("worker is not enrolled".to_string()),
+            Some(key) => signing::verify_result(&key, &result).map_err(|e| e.to_string()),
+        };
+        if let Err(e) = verified {
+            self.refusals.signature += 1;
+            tracing::warn!(job = %result.job_id, worker, error = %e, "refused result: bad signature");
+            self.job_failed(&result.job_id, format!("result refused: {e}"), true);
+            return;
+        }
+        if let Some(run) = self.runs.get_mut(&job.run_id) {
+            let rec = &mut run.records[job.step];
+            let duration = result.ended_ms.saturating_sub(result.started_ms);
+            let name = match job.shard {
+                None => format!("{}.log", rec.id),
+                Some(k) => format!("{}.shard-{k:05}.log", rec.id),
+            };
+            let dest = run
+                .ctx
+                .state_dir
+                .join("logs")
+                .join(paths::safe_component(&name));
+            match job.shard {
+                None => {
+                    rec.log = Some(run.ctx.rel(&dest));
+                    rec.duration_ms = Some(duration);
+                }
+                Some(k) => rec.shards[k].worker = Some(hex::encode(result.worker_key)),
+            }
+            if let Some(src) = result.log.clone() {
+                // Keep the job's log with the run state, off the scheduler task.
+                tokio::task::spawn_blocking(move || {
+                    if let Some(dir) = dest.parent() {
+                        let _ = std::fs::create_dir_all(dir);
+                    }
+                    if let Err(e) = std::fs::copy(&src, &dest) {
+                        tracing::warn!(error = %e, log = %src.display(), "keeping the job log");
+                    }
+                });
+            }
+        }
+        match result.outcome {
+            Outcome::Succeeded => {
+                job.state = JobState::Sealing;
+                let Some(run) = self.runs.get_mut(&job.run_id) else {
+                    return;
+                };
+                let Some(plan) = run.plans[job.step].clone() else {
+                    return;
+                };
+                run.in_flight += 1;
+                let ctx = run.ctx.clone();
+                let tx = self.tx.clone();
+                let shard = job.shard;
+                let job_id = result.job_id.clone();
+                tokio::task::spawn_blocking(move || {
+                    let res = match shard {
+                        None => sealer::seal_step(&ctx, &plan, &result).map(SealedJob::Step),
+                        Some(k) => match plan.shards.as_ref().and_then(|u| u.get(k)) {
+                            Some(unit) => {
+                                sealer::seal_shard(&ctx, &plan, unit, &result).map(SealedJob::Shard)
+                            }
+                            None => Err(format!("no shard {k} in plan")),
+                        },
+                    };
+                    if let Some(staging) = &result.staging {
+                        // Outputs were moved into the artifact; drop what is left.
+                        let _ = nexa_shared::artifact::remove_tree(staging);
+                    }
+                    let _ = tx.send(Event::Sealed(job_id, res));
+                });
+            }
+            Outcome::Cancelled => self.job_failed(&result.job_id, "cancelled".into(), false),
+            Outcome::TimedOut => {
+                let msg = format!("timed out; {}", tail(&result.error, 2000));
+                self.job_failed(&result.job_id, msg, true)
+            }
+            Outcome::Failed => {
+                let msg = match (result.exit_code, result.error.is_empty()) {
+                    (Some(c), true) => format!("exit status {c}"),
+                    (Some(c), false) => format!("exit status {c}: {}", tail(&result.error, 2000)),
+                    (None, true) => "killed by a signal".to_string(),
+                    (None, false) => tail(&result.error, 2000),
+                };
+                self.job_failed(&result.job_id, msg, true)
+            }
+        }
+    }
+
+    fn on_sealed(&mut self, job_id: &str, res: std::result::Result<SealedJob, String>) {
+        let Some(job) = self.jobs.get(job_id) else {
+            return;
+        };
+        let (run_id, i, shard) = (job.run_id.clone(), job.step, job.shard);
+        if let Some(run) = self.runs.get_mut(&run_id) {
+            run.in_flight -= 1;
+        }
+        match res {
+            Err(e) => {
+                if e.contains("does not match the signed manifest") {
+                    self.refusals.digest += 1;
+                }
+                tracing::warn!(job = %job_id, error = %e, "sealing failed");
+                self.job_failed(job_id, format!("sealing outputs: {e}"), true);
+            }
+            Ok(SealedJob::Step(outputs)) => {
+                let worker = self.jobs.remove(job_id).and_then(|j| j.worker);
+                let key = worker.and_then(|w| self.workers.get(&w).copied());
+                let Some(run) = self.runs.get_mut(&run_id) else {
+                    return;
+                };
+                run.records[i].outputs = outputs;
+                run.records[i].worker = key.map(hex::encode);
+                self.set_status(&run_id, i, StepStatus::Complete, None);
+                self.step_done(&run_id, i);
+            }
+            Ok(SealedJob::Shard(sealed)) => {
+                let worker = self.jobs.remove(job_id).and_then(|j| j.worker);
+                let Some(run) = self.runs.get_mut(&run_id) else {
+                    return;
+                };
+                let k = shard.unwrap_or(0);
+                let s = &mut run.records[i].shards[k];
+                s.status = StepStatus::Complete;
+                s.hash = Some(sealed.hash.clone());
+                s.error = None;
+                if s.worker.is_none() {
+                    s.worker = worker.and_then(|w| self.workers.get(&w).map(hex::encode));
+                }
+                run.emit(Progress::Shard {
+                    step: run.records[i].id.clone(),
+                    index: sealed.index,
+                    status: StepStatus::Complete,
+                });
+                run.shard_results[i].insert(k, sealed);
+                self.persist(&run_id, i);
+                self.shard_settled(&run_id, i);
+            }
+        }
+        self.maybe_finish(&run_id);
+    }
+
+    /// A shard reached a final state: when all have, fail the step or assemble it.
+    fn shard_settled(&mut self, run_id: &str, i: usize) {
+        let Some(run) = self.runs.get(run_id) else {
+            return;
+        };
+        let shards = &run.records[i].shards;
+        if !shards.iter().all(|s| s.status.is_final()) {
+            return;
+        }
+        let failed: Vec<String> = shards
+            .iter()
+            .filter(|s| s.status == StepStatus::Failed)
+            .map(|s| format!("shard {}: {}", s.index, s.error.clone().unwrap_or_default()))
+            .collect();
+        if run.cancelled || shards.iter().any(|s| s.status == StepStatus::Cancelled) {
+            self.set_status(
+                run_id,
+                i,
+                StepStatus::Cancelled,
+                Some("run cancelled".into()),
+            );
+        } else if !failed.is_empty() {
+            let total = shards.len();
+            let msg = format!(
+                "{} of {total} shards failed; {}",
+                failed.len(),
+                failed.join("; ")
+            );
+            self.step_failed(run_id, i, msg);
+        } else {
+            self.start_assembly(run_id, i);
+        }
+    }
+
+    fn start_assembly(&mut self, run_id: &str, i: usize) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let Some(plan) = run.plans[i].clone() else {
+            return;
+        };
+        let shards: Vec<ShardSealed> = run.shard_results[i].values().cloned().collect();
+        run.in_flight += 1;
+        let ctx = run.ctx.clone();
+        let tx = self.tx.clone();
+        let rid = run_id.to_string();
+        tokio::task::spawn_blocking(move || {
+            let res = sealer::assemble(&ctx, &plan, &shards);
+            let _ = tx.send(Event::Assembled(rid, i, res));
+        });
+    }
+
+    fn on_assembled(
+        &mut self,
+        run_id: &str,
+        i: usize,
+        res: std::result::Result<BTreeMap<String, ArtifactInfo>, String>,
+    ) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        run.in_flight -= 1;
+        match res {
+            Ok(outputs) => {
+                run.records[i].outputs = outputs;
+                self.set_status(run_id, i, StepStatus::Complete, None);
+                self.step_done(run_id, i);
+            }
+            Err(e) => self.step_failed(run_id, i, format!("assembling shards: {e}")),
+        }
+        self.maybe_finish(run_id);
+    }
+
+    fn job_failed(&mut self, job_id: &str, error: String, retryable: bool) {
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return;
+        };
+        let (run_id, i, shard) = (job.run_id.clone(), job.step, job.shard);
+        let Some(run) = self.runs.get_mut(&run_id) else {
+            return;
+        };
+        let retries = run.ctx.pipeline.steps[i].retries;
+        if retryable && !run.cancelled && job.attempt <= retries.count {
+            let delay = retries.delay(job.attempt);
+            job.attempt += 1;
+            job.state = JobState::Backoff;
+            job.worker = None;
+            run.emit(Progress::Retry {
+                job: job_id.to_string(),
+                attempt: job.attempt,
+                delay,
+                error: error.clone(),
+            });
+            tracing::info!(job = %job_id, attempt = job.attempt, delay_ms = delay.as_millis() as u64, error = %error, "retrying job");
+            let tx = self.tx.clone();
+            let id = job_id.to_string();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = tx.send(Event::RetryDue(id));
+            });
+            return;
+        }
+        self.jobs.remove(job_id);
+        let status = if run.cancelled {
+            StepStatus::Cancelled
+        } else {
+            StepStatus::Failed
+        };
+        match shard {
+            None => {
+                if status == StepStatus::Cancelled {
+                    self.set_status(&run_id, i, status, Some("run cancelled".into()));
+                } else {
+                    self.step_failed(&run_id, i, error);
+                }
+            }
+            Some(k) => {
+                let s = &mut run.records[i].shards[k];
+                s.status = status;
+                s.error = Some(error);
+                run.emit(Progress::Shard {
+                    step: run.records[i].id.clone(),
+                    index: run.records[i].shards[k].index,
+                    status,
+                });
+                self.persist(&run_id, i);
+                self.shard_settled(&run_id, i);
+            }
+        }
+        self.maybe_finish(&run_id);
+    }
+
+    fn step_done(&mut self, run_id: &str, _i: usize) {
+        self.schedule_ready(run_id);
+    }
+
+    fn step_failed(&mut self, run_id: &str, i: usize, error: String) {
+        tracing::info!(run = %run_id, step = i, error = %error, "step failed");
+        self.set_status(run_id, i, StepStatus::Failed, Some(error));
+        let Some(run) = self.runs.get(run_id) else {
+            return;
+        };
+        let failed_id = run.records[i].id.clone();
+        let blocked: Vec<usize> = run
+            .ctx
+            .dag
+            .downstream(i)
+            .into_iter()
+            .filter(|&d| d != i && run.records[d].status == StepStatus::Pending)
+            .collect();
+        for d in blocked {
+            self.set_status(
+                run_id,
+                d,
+                StepStatus::Blocked,
+                Some(format!("blocked by failed step '{failed_id}'")),
+            );
+        }
+    }
+
+    fn on_cancel(&mut self, run_id: &str) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        if run.cancelled {
+            return;
+        }
+        run.cancelled = true;
+        tracing::info!(run = %run_id, "cancelling run");
+        // Drop queued and backing-off jobs; leased ones are killed by their workers and
+        // report Cancelled.
+        let dropped: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| {
+                j.run_id == run_id && matches!(j.state, JobState::Queued | JobState::Backoff)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in dropped {
+            self.job_failed(&id, "cancelled".into(), false);
+        }
+        let Some(run) = self.runs.get(run_id) else {
+            return;
+        };
+        let pending: Vec<usize> = (0..run.records.len())
+            .filter(|&i| run.records[i].status == StepStatus::Pending && !run.busy[i])
+            .collect();
+        for i in pending {
+            self.set_status(
+                run_id,
+                i,
+                StepStatus::Cancelled,
+                Some("run cancelled".into()),
+            );
+        }
+        self.maybe_finish(run_id);
+    }
+
+    fn maybe_finish(&mut self, run_id: &str) {
+        let Some(run) = self.runs.get(run_id) else {
+            return;
+        };
+        if run.in_flight > 0 || !run.records.iter().all(|r| r.status.is_final()) {
+            return;
+        }
+        if self.jobs.values().any(|j| j.run_id == run_id) {
+            return;
+        }
+        let Some(mut run) = self.runs.remove(run_id) else {
+            return;
+        };
+        let outcome = if run.cancelled
+            || run
+                .records
+                .iter()
+                .any(|r| r.status == StepStatus::Cancelled)
+        {
+            RunOutcome::Cancelled
+        } else if run
+            .records
+            .iter()
+            .any(|r| r.status == StepStatus::Failed || r.status == StepStatus::Blocked)
+        {
+            RunOutcome::Failed
+        } else {
+            RunOutcome::Succeeded
+        };
+        let refs: Vec<&StepRecord> = run.records.iter().collect();
+        if let Err(e) = state::save_steps(self.store.as_ref(), &run.ctx.pipeline.name, &refs) {
+            tracing::error!(error = %format!("{e:#}"), "saving final step state");
+        }
+        let rec = RunRecord {
+            run_id: run_id.to_string(),
+            pipeline: run.ctx.pipeline.name.clone(),
+            started_at: run.started_at.clone(),
+            finished_at: Some(now_rfc3339()),
+            outcome: format!("{outcome:?}").to_lowercase(),
+        };
+        if let Err(e) = state::save_run(self.store.as_ref(), &rec).and_then(|_| self.store.flush())
+        {
+            tracing::error!(error = %format!("{e:#}"), "saving run record");
+        }
+        write_mirror(&mut run);
+        self.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(run_id);
+        tracing::info!(run = %run_id, ?outcome, elapsed_ms = run.started.elapsed().as_millis() as u64, "run finished");
+        run.emit(Progress::Finished(RunSummary {
+            run_id: run_id.to_string(),
+            pipeline: run.ctx.pipeline.name.clone(),
+            outcome,
+            steps: run.records.clone(),
+            elapsed: run.started.elapsed(),
+        }));
+    }
+}
+
+fn write_mirror(run: &mut Run) {
+    run.last_mirror = Some(Instant::now());
+    let m = mirror::Mirror {
+        pipeline: run.ctx.pipeline.name.clone(),
+        run_id: run.ctx.run_id.clone(),
+        updated_at: now_rfc3339(),
+        steps: run.records.clone(),
+    };
+    if let Err(e) = mirror::write(&run.ctx.state_dir, &m) {
+        tracing::warn!(error = %e, "writing pipeline_state.json");
+    }
+}

@@ -1,0 +1,45 @@
+//! The human-readable mirror of run state: `.nexa_state/<pipeline>/pipeline_state.json`,
+//! as the seeds describe. The store is the truth; the mirror is rewritten atomically and
+//! is what `nexa pipeline status` reads while a run holds the store.
+
+use crate::state::StepRecord;
+use std::path::{Path, PathBuf};
+
+/// The mirror's file name.
+pub const FILE: &str = "pipeline_state.json";
+
+/// The mirror document.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Mirror {
+    /// Pipeline name.
+    pub pipeline: String,
+    /// The last run.
+    pub run_id: String,
+    /// When this was written (RFC 3339).
+    pub updated_at: String,
+    /// Steps in file order.
+    pub steps: Vec<StepRecord>,
+}
+
+/// The mirror's path for a pipeline state directory.
+pub fn path(state_dir: &Path) -> PathBuf {
+    state_dir.join(FILE)
+}
+
+/// Writes the mirror atomically (temp file, fsync, rename).
+pub fn write(state_dir: &Path, mirror: &Mirror) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(state_dir)?;
+    let final_path = path(state_dir);
+    let tmp = state_dir.join(format!("{FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec_pretty(mirror).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, final_path)
+}
+
+/// Reads the mirror, if there is one.
+pub fn read(state_dir: &Path) -> Option<Mirror> {
+    let bytes = std::fs::read(path(state_dir)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}

@@ -1,0 +1,358 @@
+//! Planning a ready step: resolve its inputs to content digests, compute its cache key,
+//! reuse a sealed artifact when the key matches (SKIPPED), otherwise split its input into
+//! shards and decide which jobs must run. Runs on the blocking pool.
+
+use crate::state::ArtifactInfo;
+use nexa_shared::artifact::{self, Miss};
+use nexa_shared::cache::KeyMaterial;
+use nexa_shared::dag::Dag;
+use nexa_shared::handlers::{self, Availability};
+use nexa_shared::spec::{ExecParams, Pipeline, Step};
+use nexa_shared::{digest, paths, shard};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Everything about a run that planning and sealing need; shared read-only.
+#[derive(Debug)]
+pub struct RunContext {
+    /// Run id.
+    pub run_id: String,
+    /// The pipeline.
+    pub pipeline: Pipeline,
+    /// Its graph.
+    pub dag: Dag,
+    /// The project (artifact) root, absolute.
+    pub project: PathBuf,
+    /// `.nexa_state/<pipeline>`, absolute.
+    pub state_dir: PathBuf,
+    /// Re-hash cached artifacts before reusing them.
+    pub verify: bool,
+    /// Steps whose step-level cache is ignored (`rerun --from`).
+    pub forced: Vec<bool>,
+    /// The project's git commit, when it is a git checkout.
+    pub git_sha: Option<String>,
+}
+
+impl RunContext {
+    /// The labels every artifact of this run carries.
+    pub fn labels(&self, step: &Step, cache_key: &str) -> BTreeMap<String, String> {
+        let mut l = BTreeMap::new();
+        l.insert("pipeline".into(), self.pipeline.name.clone());
+        l.insert("run_id".into(), self.run_id.clone());
+        l.insert("step_id".into(), step.id.value.clone());
+        l.insert("cache_key".into(), cache_key.to_string());
+        if let Some(g) = &self.git_sha {
+            l.insert("git_sha".into(), g.clone());
+        }
+        l
+    }
+
+    /// The project-relative display form of an absolute path.
+    pub fn rel(&self, p: &Path) -> String {
+        p.strip_prefix(&self.project)
+            .unwrap_or(p)
+            .display()
+            .to_string()
+    }
+}
+
+/// An input resolved to content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedInput {
+    /// The step's name for it.
+    pub name: String,
+    /// As written in the pipeline.
+    pub uri: String,
+    /// `blake3:<hex>`.
+    pub digest: String,
+    /// Absolute path.
+    pub path: PathBuf,
+    /// Directory or file.
+    pub is_dir: bool,
+}
+
+/// One shard of a fanned-out step.
+#[derive(Debug, Clone)]
+pub struct ShardUnit {
+    /// 0-based index.
+    pub index: u32,
+    /// Its own cache key.
+    pub cache_key: String,
+    /// The part, standing in for the `over` input.
+    pub part: ResolvedInput,
+    /// Records in the part.
+    pub records: u64,
+    /// Where the shard's sealed result lives.
+    pub dir: PathBuf,
+    /// Its meta when already sealed under `cache_key`.
+    pub cached: Option<artifact::Meta>,
+}
+
+/// A step that must run.
+#[derive(Debug, Clone)]
+pub struct StepPlan {
+    /// Step index.
+    pub step: usize,
+    /// Step cache key.
+    pub cache_key: String,
+    /// Inputs, sorted by name.
+    pub inputs: Vec<ResolvedInput>,
+    /// Output name → absolute artifact path.
+    pub outputs: BTreeMap<String, PathBuf>,
+    /// Shards, for fanned-out steps.
+    pub shards: Option<Vec<ShardUnit>>,
+    /// `kind` for meta.json.
+    pub kind: String,
+}
+
+/// The planner's decision.
+#[derive(Debug)]
+pub enum Plan {
+    /// Reuse the sealed artifacts.
+    Skipped {
+        /// The key they were sealed under.
+        cache_key: String,
+        /// Output name → artifact.
+        outputs: BTreeMap<String, ArtifactInfo>,
+    },
+    /// Run jobs.
+    Run(Arc<StepPlan>),
+    /// Cannot run (missing input, handler not available, ...): not retryable.
+    Failed {
+        /// The key, when it got that far.
+        cache_key: Option<String>,
+        /// Why.
+        error: String,
+    },
+}
+
+fn fail(cache_key: Option<String>, error: String) -> Plan {
+    Plan::Failed { cache_key, error }
+}
+
+/// Plans step `i`. `done[j]` holds the sealed outputs of every finished step `j`.
+pub fn plan_step(
+    ctx: &RunContext,
+    i: usize,
+    done: &BTreeMap<usize, BTreeMap<String, ArtifactInfo>>,
+) -> Plan {
+    let step = &ctx.pipeline.steps[i];
+    let mut inputs = Vec::new();
+    for (name, written) in &step.inputs {
+        match resolve_input(ctx, i, name, &written.value, done) {
+            Ok(r) => inputs.push(r),
+            Err(e) => return fail(None, e),
+        }
+    }
+    let outputs: BTreeMap<String, PathBuf> = step
+        .outputs
+        .entries()
+        .into_iter()
+        .filter_map(|(n, p)| {
+            paths::contained(&ctx.project, &p.value)
+                .ok()
+                .map(|rel| (n.to_string(), ctx.project.join(rel)))
+        })
+        .collect();
+    let cache_key = key_for(step, &inputs, None, None);
+    if handlers::lookup(&step.uses.value) != Some(Availability::Available) {
+        return fail(
+            Some(cache_key),
+            handlers::not_available_message(&step.uses.value),
+        );
+    }
+    for out in outputs.values() {
+        if let Err(e) = artifact::recover(out) {
+            return fail(Some(cache_key), format!("recovering {}: {e}", ctx.rel(out)));
+        }
+    }
+    if !ctx.forced[i] && !outputs.is_empty() {
+        let mut reused = BTreeMap::new();
+        for (name, out) in &outputs {
+            match artifact::check_cached(out, &cache_key, ctx.verify) {
+                Ok(meta) => {
+                    reused.insert(
+                        name.clone(),
+                        ArtifactInfo {
+                            path: ctx.rel(out),
+                            hash: meta.hash,
+                            bytes: meta.bytes,
+                        },
+                    );
+                }
+                Err(Miss::HashMismatch) => {
+                    tracing::warn!(step = %step.id.value, artifact = %ctx.rel(out), "cached artifact failed --verify; re-running");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        if reused.len() == outputs.len() {
+            return Plan::Skipped {
+                cache_key,
+                outputs: reused,
+            };
+        }
+    }
+    let kind = ExecParams::from_json(&step.params)
+        .ok()
+        .and_then(|p| p.kind)
+        .unwrap_or_else(|| "dataset".to_string());
+    let shards = match &step.shards {
+        None => None,
+        Some(sh) => match plan_shards(ctx, step, &inputs, &sh.over.value, sh.count) {
+            Ok(units) => Some(units),
+            Err(e) => return fail(Some(cache_key), e),
+        },
+    };
+    Plan::Run(Arc::new(StepPlan {
+        step: i,
+        cache_key,
+        inputs,
+        outputs,
+        shards,
+        kind,
+    }))
+}
+
+fn key_for(
+    step: &Step,
+    inputs: &[ResolvedInput],
+    replace: Option<(&str, &str)>,
+    shard: Option<(u32, u32)>,
+) -> String {
+    let material = KeyMaterial {
+        uses: &step.uses.value,
+        backend: step.backend.as_deref(),
+        params: &step.params,
+        outputs: step.outputs.entries().into_iter().map(|(n, _)| n).collect(),
+        cache_hint: step.cache_hint.as_deref(),
+        inputs: inputs
+            .iter()
+            .map(|r| match replace {
+                Some((name, digest)) if name == r.name => (r.name.as_str(), digest),
+                _ => (r.name.as_str(), r.digest.as_str()),
+            })
+            .collect(),
+        shards: step
+            .shards
+            .as_ref()
+            .map(|s| (s.over.value.as_str(), s.count)),
+        shard,
+    };
+    material.key()
+}
+
+fn resolve_input(
+    ctx: &RunContext,
+    i: usize,
+    name: &str,
+    written: &str,
+    done: &BTreeMap<usize, BTreeMap<String, ArtifactInfo>>,
+) -> Result<ResolvedInput, String> {
+    if let Some(up) = ctx.dag.upstream[i].get(name) {
+        let producer = &ctx.pipeline.steps[up.step].id.value;
+        let art = done
+            .get(&up.step)
+            .and_then(|o| o.get(&up.output))
+            .ok_or_else(|| {
+                format!(
+                    "input '{name}': step '{producer}' has no sealed output '{}'",
+                    up.output
+                )
+            })?;
+        let base = ctx.project.join(&art.path);
+        return match &up.subpath {
+            None => Ok(ResolvedInput {
+                name: name.into(),
+                uri: written.into(),
+                digest: art.hash.clone(),
+                path: base,
+                is_dir: true,
+            }),
+            Some(sub) => {
+                let path = base.join(sub);
+                let (digest, _, is_dir) = artifact::input_digest(&path).map_err(|e| {
+                    format!(
+                        "input '{name}': {written} is not in the artifact of step '{producer}': {e}"
+                    )
+                })?;
+                Ok(ResolvedInput {
+                    name: name.into(),
+                    uri: written.into(),
+                    digest,
+                    path,
+                    is_dir,
+                })
+            }
+        };
+    }
+    let path = if Path::new(written).is_absolute() {
+        PathBuf::from(written)
+    } else {
+        ctx.project.join(written)
+    };
+    if !path.exists() {
+        return Err(format!("input '{name}': {written} does not exist"));
+    }
+    let (digest, _, is_dir) =
+        artifact::input_digest(&path).map_err(|e| format!("input '{name}': {e}"))?;
+    Ok(ResolvedInput {
+        name: name.into(),
+        uri: written.into(),
+        digest,
+        path,
+        is_dir,
+    })
+}
+
+fn plan_shards(
+    ctx: &RunContext,
+    step: &Step,
+    inputs: &[ResolvedInput],
+    over: &str,
+    count: u32,
+) -> Result<Vec<ShardUnit>, String> {
+    let input = inputs
+        .iter()
+        .find(|r| r.name == over)
+        .ok_or_else(|| format!("shards.over names unknown input '{over}'"))?;
+    let hex = input.digest.trim_start_matches(digest::PREFIX);
+    let dest = ctx
+        .state_dir
+        .join("splits")
+        .join(format!("{}-{count}", &hex[..hex.len().min(32)]));
+    let split = shard::split(&input.path, count, &dest)
+        .map_err(|e| format!("splitting input '{over}': {e}"))?;
+    let shard_root = ctx.state_dir.join("shards").join(&step.id.value);
+    let mut units = Vec::with_capacity(split.parts.len());
+    for part in split.parts {
+        let key = key_for(
+            step,
+            inputs,
+            Some((over, &part.digest)),
+            Some((part.index, count)),
+        );
+        let dir = shard_root.join(&key);
+        if let Err(e) = artifact::recover(&dir) {
+            return Err(format!("recovering shard {}: {e}", part.index));
+        }
+        let cached = artifact::check_cached(&dir, &key, ctx.verify).ok();
+        units.push(ShardUnit {
+            index: part.index,
+            cache_key: key,
+            part: ResolvedInput {
+                name: over.to_string(),
+                uri: format!("{}#part-{}", input.uri, part.index),
+                digest: part.digest,
+                is_dir: part.path.is_dir(),
+                path: part.path,
+            },
+            records: part.records,
+            dir,
+            cached,
+        });
+    }
+    Ok(units)
+}

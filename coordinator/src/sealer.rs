@@ -1,0 +1,289 @@
+//! Sealing what workers report: check the staged files against the signed manifest,
+//! then seal them with the artifact protocol. Sharded steps seal each shard on its own
+//! (so each is cached on its own) and then assemble the step's artifact from the parts
+//! plus a `manifest.json`. Runs on the blocking pool.
+
+use crate::planner::{RunContext, ShardUnit, StepPlan};
+use crate::state::ArtifactInfo;
+use nexa_shared::artifact::{self, MetaInput, SealRequest};
+use nexa_shared::digest::FileEntry;
+use nexa_shared::job::JobResult;
+use nexa_shared::paths;
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+
+/// A sealed shard, as the assembly needs it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ShardSealed {
+    /// 0-based index.
+    pub index: u32,
+    /// Its cache key.
+    pub cache_key: String,
+    /// Its payload hash.
+    pub hash: String,
+    /// Records in its input part.
+    pub records: u64,
+    /// Digest of its input part.
+    pub input_digest: String,
+    /// Producing worker's public key (hex).
+    pub worker: String,
+    /// The worker's signature (hex).
+    pub signature: String,
+}
+
+fn meta_inputs(plan: &StepPlan) -> Vec<MetaInput> {
+    plan.inputs
+        .iter()
+        .map(|r| MetaInput {
+            name: r.name.clone(),
+            uri: r.uri.clone(),
+            digest: r.digest.clone(),
+        })
+        .collect()
+}
+
+fn expected_files(
+    result: &JobResult,
+    output: &str,
+    prefix: &str,
+) -> Result<Vec<FileEntry>, String> {
+    result
+        .outputs
+        .iter()
+        .filter(|o| o.output == output)
+        .map(|o| {
+            paths::check_relative_name(&o.path).map_err(|e| format!("output '{output}': {e}"))?;
+            Ok(FileEntry {
+                path: format!("{prefix}{}", o.path),
+                size: o.size,
+                digest: o.digest.clone(),
+            })
+        })
+        .collect()
+}
+
+fn check_output_names(plan: &StepPlan, result: &JobResult) -> Result<(), String> {
+    for o in &result.outputs {
+        if !plan.outputs.contains_key(&o.output) {
+            return Err(format!("result names unknown output '{}'", o.output));
+        }
+    }
+    Ok(())
+}
+
+/// Moves a staged directory into place, copying when a rename cannot cross filesystems.
+fn move_dir(src: &Path, dst: &Path) -> Result<(), String> {
+    artifact::remove_tree(dst).map_err(|e| e.to_string())?;
+    if let Some(p) = dst.parent() {
+        fs::create_dir_all(p).map_err(|e| format!("create {}: {e}", p.display()))?;
+    }
+    if !src.exists() {
+        return fs::create_dir_all(dst).map_err(|e| format!("create {}: {e}", dst.display()));
+    }
+    match fs::rename(src, dst) {
+        Ok(()) => Ok(()),
+        Err(_) => copy_tree(src, dst, false),
+    }
+}
+
+/// Copies a tree, hard-linking files when `link` is set and the filesystem allows it.
+pub fn copy_tree(src: &Path, dst: &Path, link: bool) -> Result<(), String> {
+    fs::create_dir_all(dst).map_err(|e| format!("create {}: {e}", dst.display()))?;
+    let files = nexa_shared::digest::list_files(src, &[]).map_err(|e| e.to_string())?;
+    for (rel, path, _) in files {
+        let to = dst.join(&rel);
+        if let Some(p) = to.parent() {
+            fs::create_dir_all(p).map_err(|e| format!("create {}: {e}", p.display()))?;
+        }
+        let linked = link && fs::hard_link(&path, &to).is_ok();
+        if !linked {
+            fs::copy(&path, &to).map_err(|e| format!("copy {}: {e}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn worker_labels(labels: &mut BTreeMap<String, String>, result: &JobResult) {
+    labels.insert("worker".into(), hex::encode(result.worker_key));
+    labels.insert("signature".into(), hex::encode(&result.signature));
+    labels.insert("attempt".into(), result.attempt.to_string());
+}
+
+/// Seals every output of an unsharded step from the job's staging directory.
+pub fn seal_step(
+    ctx: &RunContext,
+    plan: &StepPlan,
+    result: &JobResult,
+) -> Result<BTreeMap<String, ArtifactInfo>, String> {
+    check_output_names(plan, result)?;
+    let staging = result
+        .staging
+        .as_deref()
+        .ok_or("result carries no staged outputs")?;
+    let step = &ctx.pipeline.steps[plan.step];
+    let mut sealed = BTreeMap::new();
+    for (name, out) in &plan.outputs {
+        let tmp = artifact::tmp_path(out);
+        move_dir(&staging.join(name), &tmp)?;
+        let mut labels = ctx.labels(step, &plan.cache_key);
+        worker_labels(&mut labels, result);
+        let (meta, _) = artifact::seal(
+            out,
+            SealRequest {
+                kind: plan.kind.clone(),
+                inputs: meta_inputs(plan),
+                labels,
+                expected: Some(expected_files(result, name, "")?),
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        sealed.insert(
+            name.clone(),
+            ArtifactInfo {
+                path: ctx.rel(out),
+                hash: meta.hash,
+                bytes: meta.bytes,
+            },
+        );
+    }
+    Ok(sealed)
+}
+
+/// Seals one shard's outputs (`<output>/<files>`) under the shard's cache directory.
+pub fn seal_shard(
+    ctx: &RunContext,
+    plan: &StepPlan,
+    unit: &ShardUnit,
+    result: &JobResult,
+) -> Result<ShardSealed, String> {
+    check_output_names(plan, result)?;
+    let staging = result
+        .staging
+        .as_deref()
+        .ok_or("result carries no staged outputs")?;
+    let step = &ctx.pipeline.steps[plan.step];
+    let tmp = artifact::tmp_path(&unit.dir);
+    artifact::remove_tree(&tmp).map_err(|e| e.to_string())?;
+    fs::create_dir_all(&tmp).map_err(|e| format!("create {}: {e}", tmp.display()))?;
+    let mut expected = Vec::new();
+    for name in plan.outputs.keys() {
+        move_dir(&staging.join(name), &tmp.join(name))?;
+        expected.extend(expected_files(result, name, &format!("{name}/"))?);
+    }
+    let mut labels = ctx.labels(step, &unit.cache_key);
+    worker_labels(&mut labels, result);
+    labels.insert(
+        "shard".into(),
+        format!(
+            "{}/{}",
+            unit.index,
+            plan.shards.as_ref().map_or(0, Vec::len)
+        ),
+    );
+    let mut inputs = meta_inputs(plan);
+    for i in &mut inputs {
+        if i.name == unit.part.name {
+            i.uri = unit.part.uri.clone();
+            i.digest = unit.part.digest.clone();
+        }
+    }
+    let (meta, _) = artifact::seal(
+        &unit.dir,
+        SealRequest {
+            kind: "shard".into(),
+            inputs,
+            labels,
+            expected: Some(expected),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(ShardSealed {
+        index: unit.index,
+        cache_key: unit.cache_key.clone(),
+        hash: meta.hash,
+        records: unit.records,
+        input_digest: unit.part.digest.clone(),
+        worker: hex::encode(result.worker_key),
+        signature: hex::encode(&result.signature),
+    })
+}
+
+/// What a sealed shard directory says about itself (for shards reused from cache).
+pub fn shard_from_meta(unit: &ShardUnit, meta: &artifact::Meta) -> ShardSealed {
+    ShardSealed {
+        index: unit.index,
+        cache_key: unit.cache_key.clone(),
+        hash: meta.hash.clone(),
+        records: unit.records,
+        input_digest: unit.part.digest.clone(),
+        worker: meta.labels.get("worker").cloned().unwrap_or_default(),
+        signature: meta.labels.get("signature").cloned().unwrap_or_default(),
+    }
+}
+
+/// Assembles a sharded step's artifacts: for each output, `shard-NNNNN/` per shard plus
+/// `manifest.json`, then seals. Stale shard results of the step are removed afterwards.
+pub fn assemble(
+    ctx: &RunContext,
+    plan: &StepPlan,
+    shards: &[ShardSealed],
+) -> Result<BTreeMap<String, ArtifactInfo>, String> {
+    let step = &ctx.pipeline.steps[plan.step];
+    let units = plan.shards.as_deref().unwrap_or_default();
+    let mut sealed = BTreeMap::new();
+    for (name, out) in &plan.outputs {
+        let tmp = artifact::tmp_path(out);
+        artifact::remove_tree(&tmp).map_err(|e| e.to_string())?;
+        fs::create_dir_all(&tmp).map_err(|e| format!("create {}: {e}", tmp.display()))?;
+        for unit in units {
+            let src = unit.dir.join(name);
+            let dst = tmp.join(format!("shard-{:05}", unit.index));
+            if src.exists() {
+                copy_tree(&src, &dst, true)?;
+            } else {
+                fs::create_dir_all(&dst).map_err(|e| format!("create {}: {e}", dst.display()))?;
+            }
+        }
+        let manifest = serde_json::json!({
+            "step": step.id.value,
+            "output": name,
+            "over": step.shards.as_ref().map(|s| s.over.value.clone()),
+            "count": units.len(),
+            "shards": shards,
+        });
+        let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| e.to_string())?;
+        fs::write(tmp.join("manifest.json"), bytes).map_err(|e| format!("write manifest: {e}"))?;
+        let mut labels = ctx.labels(step, &plan.cache_key);
+        labels.insert("shards".into(), units.len().to_string());
+        let (meta, _) = artifact::seal(
+            out,
+            SealRequest {
+                kind: plan.kind.clone(),
+                inputs: meta_inputs(plan),
+                labels,
+                expected: None,
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        sealed.insert(
+            name.clone(),
+            ArtifactInfo {
+                path: ctx.rel(out),
+                hash: meta.hash,
+                bytes: meta.bytes,
+            },
+        );
+    }
+    // Keep only the shard results this artifact was built from.
+    let root = ctx.state_dir.join("shards").join(&step.id.value);
+    if let Ok(entries) = fs::read_dir(&root) {
+        for e in entries.flatten() {
+            let keep = units.iter().any(|u| u.dir == e.path());
+            if !keep {
+                let _ = artifact::remove_tree(&e.path());
+            }
+        }
+    }
+    Ok(sealed)
+}

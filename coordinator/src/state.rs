@@ -1,0 +1,181 @@
+//! Run state: step statuses and their records, as kept in the store.
+
+use crate::{Result, Store};
+use std::collections::BTreeMap;
+
+/// A step's (or shard's) status, as the seeds name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum StepStatus {
+    /// Waiting for its dependencies.
+    Pending,
+    /// Jobs are queued or running.
+    Running,
+    /// Ran and sealed its artifact.
+    Complete,
+    /// Its artifact was already sealed under the same cache key.
+    Skipped,
+    /// Failed (after its retries).
+    Failed,
+    /// Not run because something upstream failed.
+    Blocked,
+    /// Stopped by the user.
+    Cancelled,
+}
+
+impl StepStatus {
+    /// The upper-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Pending => "PENDING",
+            StepStatus::Running => "RUNNING",
+            StepStatus::Complete => "COMPLETE",
+            StepStatus::Skipped => "SKIPPED",
+            StepStatus::Failed => "FAILED",
+            StepStatus::Blocked => "BLOCKED",
+            StepStatus::Cancelled => "CANCELLED",
+        }
+    }
+
+    /// True for COMPLETE and SKIPPED: the step's artifacts can be used.
+    pub fn is_done(self) -> bool {
+        matches!(self, StepStatus::Complete | StepStatus::Skipped)
+    }
+
+    /// True when the step will not change any more in this run.
+    pub fn is_final(self) -> bool {
+        !matches!(self, StepStatus::Pending | StepStatus::Running)
+    }
+}
+
+impl std::fmt::Display for StepStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One sealed output of a step.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ArtifactInfo {
+    /// The artifact directory, relative to the project.
+    pub path: String,
+    /// `blake3:<hex>`.
+    pub hash: String,
+    /// Payload bytes.
+    pub bytes: u64,
+}
+
+/// One shard's record.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ShardRecord {
+    /// 0-based index.
+    pub index: u32,
+    /// Its status.
+    pub status: StepStatus,
+    /// Its cache key.
+    pub cache_key: Option<String>,
+    /// Its payload hash once sealed.
+    pub hash: Option<String>,
+    /// The worker's public key (hex) that produced it.
+    pub worker: Option<String>,
+    /// Attempts made in the last run.
+    pub attempts: u32,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// A step's record, as stored and mirrored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StepRecord {
+    /// Step id.
+    pub id: String,
+    /// Status.
+    pub status: StepStatus,
+    /// Cache key, once computed.
+    pub cache_key: Option<String>,
+    /// Output name → sealed artifact.
+    pub outputs: BTreeMap<String, ArtifactInfo>,
+    /// The run that last touched it.
+    pub run_id: String,
+    /// Attempts made in that run (for unsharded steps).
+    pub attempts: u32,
+    /// Why it failed, was blocked or cancelled.
+    pub error: Option<String>,
+    /// The worker's public key (hex) that produced it (unsharded steps).
+    pub worker: Option<String>,
+    /// Where its log is, relative to the project.
+    pub log: Option<String>,
+    /// Shards, for fanned-out steps.
+    pub shards: Vec<ShardRecord>,
+    /// Wall time in ms of the last execution.
+    pub duration_ms: Option<u64>,
+}
+
+impl StepRecord {
+    /// A fresh PENDING record.
+    pub fn pending(id: &str, run_id: &str) -> Self {
+        Self {
+            id: id.to_string(),
+            status: StepStatus::Pending,
+            cache_key: None,
+            outputs: BTreeMap::new(),
+            run_id: run_id.to_string(),
+            attempts: 0,
+            error: None,
+            worker: None,
+            log: None,
+            shards: Vec::new(),
+            duration_ms: None,
+        }
+    }
+}
+
+/// The store tree holding step records, keyed `<pipeline>/<step>`.
+pub const STEPS_TREE: &str = "steps";
+/// The store tree holding run records, keyed `<pipeline>/<run_id>`.
+pub const RUNS_TREE: &str = "runs";
+
+/// A run's record.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RunRecord {
+    /// Run id.
+    pub run_id: String,
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Start (RFC 3339).
+    pub started_at: String,
+    /// End (RFC 3339), when finished.
+    pub finished_at: Option<String>,
+    /// `running`, `succeeded`, `failed`, `cancelled`.
+    pub outcome: String,
+}
+
+/// Writes step records in one batch.
+pub fn save_steps(store: &dyn Store, pipeline: &str, records: &[&StepRecord]) -> Result<()> {
+    let entries = records
+        .iter()
+        .map(|r| Ok((format!("{pipeline}/{}", r.id), serde_json::to_vec(r)?)))
+        .collect::<Result<Vec<_>>>()?;
+    store.put_batch(STEPS_TREE, &entries)
+}
+
+/// Reads every step record of a pipeline, by step id.
+pub fn load_steps(store: &dyn Store, pipeline: &str) -> Result<BTreeMap<String, StepRecord>> {
+    let mut out = BTreeMap::new();
+    for (_, v) in store.scan_prefix(STEPS_TREE, &format!("{pipeline}/"))? {
+        // A record that does not decode (an older format) reads as absent, never as an error.
+        if let Ok(r) = serde_json::from_slice::<StepRecord>(&v) {
+            out.insert(r.id.clone(), r);
+        }
+    }
+    Ok(out)
+}
+
+/// Writes a run record.
+pub fn save_run(store: &dyn Store, r: &RunRecord) -> Result<()> {
+    store.put(
+        RUNS_TREE,
+        &format!("{}/{}", r.pipeline, r.run_id),
+        &serde_json::to_vec(r)?,
+    )
+}

@@ -1,0 +1,222 @@
+//! The run-state store. sled is reached only through the [`Store`] trait, which has one
+//! conformance suite ([`conformance`]) that every implementation passes, so sled can be
+//! replaced.
+
+use crate::{Error, Result};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+/// A small ordered key-value store with named trees.
+pub trait Store: Send + Sync + 'static {
+    /// Reads one value.
+    fn get(&self, tree: &str, key: &str) -> Result<Option<Vec<u8>>>;
+    /// Writes several values to one tree atomically.
+    fn put_batch(&self, tree: &str, entries: &[(String, Vec<u8>)]) -> Result<()>;
+    /// Deletes one key.
+    fn remove(&self, tree: &str, key: &str) -> Result<()>;
+    /// Every `(key, value)` whose key starts with `prefix`, in key order.
+    fn scan_prefix(&self, tree: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>>;
+    /// Makes every write so far durable.
+    fn flush(&self) -> Result<()>;
+
+    /// Writes one value.
+    fn put(&self, tree: &str, key: &str, value: &[u8]) -> Result<()> {
+        self.put_batch(tree, &[(key.to_string(), value.to_vec())])
+    }
+}
+
+/// The sled implementation.
+pub struct SledStore {
+    db: sled::Db,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.raw_os_error() == Some(11) =>
+                {
+                    Error::StoreLocked(path.display().to_string())
+                }
+                sled::Error::Io(io) if io.to_string().contains("lock") => {
+                    Error::StoreLocked(path.display().to_string())
+                }
+                other => Error::Store(format!("open {}: {other}", path.display())),
+            })?;
+        Ok(Self { db })
+    }
+
+    /// Bytes on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+impl Store for SledStore {
+    fn get(&self, tree: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.open_tree(tree)?.get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn put_batch(&self, tree: &str, entries: &[(String, Vec<u8>)]) -> Result<()> {
+        let t = self.db.open_tree(tree)?;
+        let mut b = sled::Batch::default();
+        for (k, v) in entries {
+            b.insert(k.as_bytes(), v.as_slice());
+        }
+        t.apply_batch(b)?;
+        Ok(())
+    }
+
+    fn remove(&self, tree: &str, key: &str) -> Result<()> {
+        self.db.open_tree(tree)?.remove(key)?;
+        Ok(())
+    }
+
+    fn scan_prefix(&self, tree: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let t = self.db.open_tree(tree)?;
+        t.scan_prefix(prefix)
+            .map(|r| {
+                let (k, v) = r?;
+                Ok((String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
+            })
+            .collect()
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+/// An in-memory implementation, for tests and benchmarks that measure everything but
+/// the disk.
+#[derive(Default)]
+pub struct MemStore {
+    trees: Mutex<BTreeMap<String, BTreeMap<String, Vec<u8>>>>,
+}
+
+impl MemStore {
+    fn with<T>(&self, f: impl FnOnce(&mut BTreeMap<String, BTreeMap<String, Vec<u8>>>) -> T) -> T {
+        let mut g = self.trees.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g)
+    }
+}
+
+impl Store for MemStore {
+    fn get(&self, tree: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.with(|t| t.get(tree).and_then(|m| m.get(key)).cloned()))
+    }
+
+    fn put_batch(&self, tree: &str, entries: &[(String, Vec<u8>)]) -> Result<()> {
+        self.with(|t| {
+            let m = t.entry(tree.to_string()).or_default();
+            for (k, v) in entries {
+                m.insert(k.clone(), v.clone());
+            }
+        });
+        Ok(())
+    }
+
+    fn remove(&self, tree: &str, key: &str) -> Result<()> {
+        self.with(|t| t.get_mut(tree).map(|m| m.remove(key)));
+        Ok(())
+    }
+
+    fn scan_prefix(&self, tree: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        Ok(self.with(|t| {
+            t.get(tree)
+                .map(|m| {
+                    m.range(prefix.to_string()..)
+                        .take_while(|(k, _)| k.starts_with(prefix))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default()
+        }))
+    }
+
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The conformance suite every [`Store`] must pass.
+pub fn conformance(s: &dyn Store) -> Result<()> {
+    fn check(cond: bool, what: &str) -> Result<()> {
+        if cond {
+            Ok(())
+        } else {
+            Err(Error::Store(format!("conformance: {what}")))
+        }
+    }
+    check(
+        s.get("t", "missing")?.is_none(),
+        "missing key reads as None",
+    )?;
+    s.put("t", "a/1", b"one")?;
+    s.put_batch(
+        "t",
+        &[
+            ("a/2".into(), b"two".to_vec()),
+            ("b/1".into(), b"three".to_vec()),
+        ],
+    )?;
+    s.put("other", "a/1", b"elsewhere")?;
+    check(
+        s.get("t", "a/1")?.as_deref() == Some(b"one".as_slice()),
+        "put then get",
+    )?;
+    let scanned = s.scan_prefix("t", "a/")?;
+    check(
+        scanned
+            == vec![
+                ("a/1".to_string(), b"one".to_vec()),
+                ("a/2".to_string(), b"two".to_vec()),
+            ],
+        "scan_prefix returns only the prefix, in key order",
+    )?;
+    s.put("t", "a/1", b"uno")?;
+    check(
+        s.get("t", "a/1")?.as_deref() == Some(b"uno".as_slice()),
+        "overwrite",
+    )?;
+    s.remove("t", "a/1")?;
+    check(s.get("t", "a/1")?.is_none(), "remove")?;
+    check(
+        s.get("other", "a/1")?.as_deref() == Some(b"elsewhere".as_slice()),
+        "trees are separate",
+    )?;
+    s.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_store_conforms() {
+        conformance(&MemStore::default()).expect("conforms");
+    }
+
+    #[test]
+    fn sled_store_conforms_and_survives_reopen() {
+        let d = tempfile::tempdir().expect("tempdir");
+        {
+            let s = SledStore::open(&d.path().join("db")).expect("open");
+            conformance(&s).expect("conforms");
+        }
+        let s = SledStore::open(&d.path().join("db")).expect("reopen");
+        assert_eq!(
+            s.get("t", "a/2").expect("get").as_deref(),
+            Some(b"two".as_slice())
+        );
+    }
+}

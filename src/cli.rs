@@ -1,0 +1,390 @@
+//! `nexa` commands. Exit codes: 0 success, 1 the run failed (or an operational error),
+//! 2 invalid input (pipeline or arguments), 130 cancelled.
+
+use crate::embedded::{self, Embedded};
+use crate::render::Renderer;
+use crate::viz;
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use nexa_coordinator::engine::{RunOutcome, RunRequest};
+use nexa_coordinator::state::{StepRecord, StepStatus};
+use nexa_coordinator::{Progress, RunSummary, mirror};
+use nexa_shared::spec::{self, Loaded};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// Nexa: declarative pipelines on a compute mesh, or embedded on this machine.
+#[derive(Debug, Parser)]
+#[command(name = "nexa", version, about)]
+pub struct Cli {
+    /// The project (artifact) root that relative paths in pipelines resolve against.
+    #[arg(long, global = true, env = "NEXA_PROJECT_DIR", default_value = ".")]
+    pub project_dir: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run, resume, inspect and draw pipelines.
+    Pipeline {
+        /// The pipeline command.
+        #[command(subcommand)]
+        command: PipelineCommand,
+    },
+    /// Re-hash a sealed artifact and compare with its meta.json.
+    Verify {
+        /// The artifact directory.
+        artifact: PathBuf,
+    },
+}
+
+/// Options of every command that runs a pipeline.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The pipeline YAML file.
+    pub file: PathBuf,
+    /// Jobs run at once (default: the machine's cores).
+    #[arg(long)]
+    pub slots: Option<usize>,
+    /// Re-hash cached artifacts before reusing them (default: check COMPLETE, key and size).
+    #[arg(long)]
+    pub verify: bool,
+}
+
+/// `nexa pipeline ...`.
+#[derive(Debug, Subcommand)]
+pub enum PipelineCommand {
+    /// Run a pipeline; steps whose artifacts are sealed under the same cache key are SKIPPED,
+    /// so running again resumes.
+    Run(RunArgs),
+    /// Alias of `run`.
+    Resume(RunArgs),
+    /// Re-run STEP and everything downstream of it, ignoring their step caches.
+    Rerun {
+        /// Run options.
+        #[command(flatten)]
+        run: RunArgs,
+        /// The step to start from.
+        #[arg(long)]
+        from: String,
+    },
+    /// Show each step's status, cache key and artifact.
+    Status {
+        /// The pipeline YAML file.
+        file: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Draw the DAG.
+    Viz {
+        /// The pipeline YAML file.
+        file: PathBuf,
+        /// text, dot or mermaid.
+        #[arg(long, value_enum, default_value_t = viz::Format::Text)]
+        format: viz::Format,
+    },
+    /// Check a pipeline file and list every problem as file:line:col: message.
+    Validate {
+        /// The pipeline YAML file.
+        file: PathBuf,
+    },
+}
+
+/// Parses arguments, runs the command, returns the exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NEXA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let project = std::path::absolute(&cli.project_dir).context("resolving --project-dir")?;
+    match cli.command {
+        Command::Verify { artifact } => match nexa_shared::artifact::verify(&artifact) {
+            Ok(meta) => {
+                println!(
+                    "ok {} {} ({} bytes)",
+                    artifact.display(),
+                    meta.hash,
+                    meta.bytes
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("FAILED {e}");
+                Ok(ExitCode::from(1))
+            }
+        },
+        Command::Pipeline { command } => match command {
+            PipelineCommand::Run(a) | PipelineCommand::Resume(a) => run(&project, a, None),
+            PipelineCommand::Rerun { run: a, from } => run(&project, a, Some(from)),
+            PipelineCommand::Validate { file } => match load(&file, &project) {
+                Ok(l) => {
+                    println!("{}: ok ({} steps)", file.display(), l.pipeline.steps.len());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(code) => Ok(code),
+            },
+            PipelineCommand::Viz { file, format } => match load(&file, &project) {
+                Ok(l) => {
+                    print!("{}", viz::render(&l, format));
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(code) => Ok(code),
+            },
+            PipelineCommand::Status { file, json } => match load(&file, &project) {
+                Ok(l) => status(&project, &l, json),
+                Err(code) => Ok(code),
+            },
+        },
+    }
+}
+
+/// Loads and validates; on failure prints every diagnostic and returns exit code 2.
+fn load(file: &Path, project: &Path) -> Result<Loaded, ExitCode> {
+    match spec::load_file(file, project) {
+        Ok(l) => Ok(l),
+        Err(nexa_shared::Error::Invalid(diags)) => {
+            for d in &diags {
+                eprintln!("{d}");
+            }
+            eprintln!(
+                "{}: {} error{}",
+                file.display(),
+                diags.len(),
+                if diags.len() == 1 { "" } else { "s" }
+            );
+            Err(ExitCode::from(2))
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+fn run(project: &Path, args: RunArgs, from: Option<String>) -> anyhow::Result<ExitCode> {
+    let loaded = match load(&args.file, project) {
+        Ok(l) => l,
+        Err(code) => return Ok(code),
+    };
+    if let Some(f) = &from
+        && !loaded.pipeline.steps.iter().any(|s| &s.id.value == f)
+    {
+        eprintln!("error: --from {f}: no such step in {}", args.file.display());
+        return Ok(ExitCode::from(2));
+    }
+    let slots = args.slots.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let file_display = args.file.display().to_string();
+    rt.block_on(async move {
+        let name = loaded.pipeline.name.clone();
+        let state_dir = embedded::state_dir(project, &name);
+        let store = embedded::open_store(project, &name)?;
+        let work_dir = state_dir.join("worker");
+        // Nothing else uses this state now (the store is locked): old job dirs are stale.
+        let _ = std::fs::remove_dir_all(work_dir.join("jobs"));
+        let key = project.join(".nexa_state").join("worker.key");
+        let emb = Embedded::start(Arc::new(store), work_dir, &key, slots)?;
+        let n = loaded.pipeline.steps.len();
+        let order: Vec<usize> = loaded.dag.topo_order().unwrap_or_else(|| (0..n).collect());
+        let mut handle = emb
+            .submit(RunRequest {
+                loaded,
+                project: project.to_path_buf(),
+                verify: args.verify,
+                from,
+                git_sha: embedded::git_sha(project),
+            })
+            .await?;
+        let mut renderer = Renderer::new(n);
+        let mut cancelled = false;
+        let mut summary = None;
+        let ctrl_c = tokio::signal::ctrl_c();
+        tokio::pin!(ctrl_c);
+        loop {
+            tokio::select! {
+                p = handle.progress.recv() => match p {
+                    Some(Progress::Finished(s)) => {
+                        renderer.show(&Progress::Finished(s.clone()));
+                        summary = Some(s);
+                        break;
+                    }
+                    Some(p) => renderer.show(&p),
+                    None => break,
+                },
+                _ = &mut ctrl_c => {
+                    if cancelled {
+                        eprintln!("aborting");
+                        std::process::exit(130);
+                    }
+                    cancelled = true;
+                    eprintln!("cancelling: killing running jobs and saving state (Ctrl-C again to abort)");
+                    emb.coordinator.cancel(&handle.run_id)?;
+                    ctrl_c.set(tokio::signal::ctrl_c());
+                }
+            }
+        }
+        emb.stop().await;
+        let Some(summary) = summary else {
+            anyhow::bail!("the coordinator stopped before the run finished");
+        };
+        print_summary(&summary, &file_display, &order);
+        Ok(match summary.outcome {
+            RunOutcome::Succeeded => ExitCode::SUCCESS,
+            RunOutcome::Failed => ExitCode::from(1),
+            RunOutcome::Cancelled => ExitCode::from(130),
+        })
+    })
+}
+
+fn short(hash: &str) -> String {
+    let h = hash.trim_start_matches("blake3:");
+    format!("blake3:{}", &h[..h.len().min(12)])
+}
+
+fn primary(rec: &StepRecord) -> Option<(&str, &str)> {
+    rec.outputs
+        .get(nexa_shared::spec::DEFAULT_OUTPUT)
+        .or_else(|| rec.outputs.values().next())
+        .map(|a| (a.path.as_str(), a.hash.as_str()))
+}
+
+fn print_summary(s: &RunSummary, file: &str, order: &[usize]) {
+    let count = |st: StepStatus| s.steps.iter().filter(|r| r.status == st).count();
+    println!(
+        "pipeline {}: {} in {:.2}s (run {}): {} complete, {} skipped, {} failed, {} blocked, {} cancelled",
+        s.pipeline,
+        match s.outcome {
+            RunOutcome::Succeeded => "succeeded",
+            RunOutcome::Failed => "FAILED",
+            RunOutcome::Cancelled => "CANCELLED",
+        },
+        s.elapsed.as_secs_f64(),
+        s.run_id,
+        count(StepStatus::Complete),
+        count(StepStatus::Skipped),
+        count(StepStatus::Failed),
+        count(StepStatus::Blocked),
+        count(StepStatus::Cancelled),
+    );
+    if s.steps.len() <= 50 || s.outcome != RunOutcome::Succeeded {
+        for &i in order {
+            let r = &s.steps[i];
+            if s.steps.len() > 50 && r.status.is_done() {
+                continue;
+            }
+            let art = primary(r)
+                .map(|(p, h)| format!("{p}  {}", short(h)))
+                .unwrap_or_default();
+            println!("  {:<24} {:<9} {art}", r.id, r.status.as_str());
+        }
+    }
+    let failed: Vec<&StepRecord> = order
+        .iter()
+        .map(|&i| &s.steps[i])
+        .filter(|r| r.status == StepStatus::Failed)
+        .collect();
+    for r in &failed {
+        eprintln!("\nstep '{}' failed:", r.id);
+        for line in r.error.as_deref().unwrap_or("").lines() {
+            eprintln!("    {line}");
+        }
+        if let Some(log) = &r.log {
+            eprintln!("  log: {log}");
+        }
+    }
+    if let Some(first) = failed.first() {
+        eprintln!(
+            "\nfix the cause, then continue with:\n  nexa pipeline rerun {file} --from {}",
+            first.id
+        );
+    }
+    if s.outcome == RunOutcome::Cancelled {
+        eprintln!("\ncancelled; state saved. continue with:\n  nexa pipeline resume {file}");
+    }
+}
+
+fn status(project: &Path, l: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
+    let name = &l.pipeline.name;
+    let state_dir = embedded::state_dir(project, name);
+    // The store is the truth; while a run holds it, read the mirror it keeps.
+    let records: std::collections::BTreeMap<String, StepRecord> =
+        if !state_dir.join("store").exists() {
+            Default::default()
+        } else {
+            match embedded::open_store(project, name) {
+                Ok(store) => nexa_coordinator::state::load_steps(&store, name)?,
+                Err(nexa_coordinator::Error::StoreLocked(_)) => mirror::read(&state_dir)
+                    .map(|m| m.steps.into_iter().map(|r| (r.id.clone(), r)).collect())
+                    .unwrap_or_default(),
+                Err(e) => return Err(e.into()),
+            }
+        };
+    let steps: Vec<serde_json::Value> = l
+        .pipeline
+        .steps
+        .iter()
+        .map(|s| {
+            let r = records.get(&s.id.value);
+            let status = r.map_or(StepStatus::Pending, |r| r.status);
+            let (artifact, hash) = r.and_then(primary).map_or((None, None), |(p, h)| (Some(p), Some(h)));
+            serde_json::json!({
+                "id": s.id.value,
+                "status": status,
+                "cache_key": r.and_then(|r| r.cache_key.clone()),
+                "artifact": artifact,
+                "hash": hash,
+                "outputs": r.map(|r| &r.outputs),
+                "shards": r.map(|r| r.shards.iter().map(|sh| serde_json::json!({
+                    "index": sh.index, "status": sh.status, "cache_key": sh.cache_key, "hash": sh.hash,
+                })).collect::<Vec<_>>()),
+                "error": r.and_then(|r| r.error.clone()),
+                "run_id": r.map(|r| &r.run_id),
+            })
+        })
+        .collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"pipeline": name, "steps": steps}))?
+        );
+    } else {
+        println!("pipeline {name}");
+        for s in &steps {
+            let hash = s["hash"].as_str().map(short).unwrap_or_default();
+            println!(
+                "  {:<24} {:<9} {}  {}",
+                s["id"].as_str().unwrap_or(""),
+                s["status"].as_str().unwrap_or(""),
+                s["artifact"].as_str().unwrap_or("-"),
+                hash
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

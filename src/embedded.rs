@@ -1,0 +1,126 @@
+//! The embedded default: an in-process coordinator and an in-process worker, joined by a
+//! [`LocalLink`] that carries leases and results over the coordinator's own message
+//! interface, exactly as the gRPC edge will.
+
+use nexa_coordinator::engine::{RunHandle, RunRequest};
+use nexa_coordinator::{Coordinator, SledStore, Store};
+use nexa_shared::job::{JobInput, JobResult, Lease};
+use nexa_shared::signing::Identity;
+use nexa_worker::{CoordinatorLink, WorkerConfig};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// The in-process link between the embedded worker and coordinator.
+pub struct LocalLink {
+    coord: Coordinator,
+    worker: String,
+}
+
+impl CoordinatorLink for LocalLink {
+    async fn next_lease(&self) -> Option<Lease> {
+        self.coord.lease(&self.worker).await
+    }
+
+    async fn report(&self, result: JobResult) {
+        if let Err(e) = self.coord.report(&self.worker, result) {
+            tracing::warn!(error = %e, "reporting a result to the embedded coordinator");
+        }
+    }
+
+    fn cancellation(&self, run_id: &str) -> watch::Receiver<bool> {
+        self.coord.cancellation(run_id)
+    }
+
+    async fn fetch_input(&self, input: &JobInput, dest: &Path) -> Result<(), String> {
+        let (src, dest) = (input.source.clone(), dest.to_path_buf());
+        tokio::task::spawn_blocking(move || nexa_worker::cas::copy_local(&src, &dest))
+            .await
+            .map_err(|e| e.to_string())?
+    }
+}
+
+/// A running embedded engine.
+pub struct Embedded {
+    /// The coordinator handle.
+    pub coordinator: Coordinator,
+    shutdown: watch::Sender<bool>,
+    worker: tokio::task::JoinHandle<()>,
+    engine: tokio::task::JoinHandle<()>,
+}
+
+/// Where a pipeline's state lives in a project.
+pub fn state_dir(project: &Path, pipeline: &str) -> PathBuf {
+    project
+        .join(".nexa_state")
+        .join(nexa_shared::paths::safe_component(pipeline))
+}
+
+/// Opens the pipeline's sled store (`.nexa_state/<pipeline>/store`).
+pub fn open_store(project: &Path, pipeline: &str) -> nexa_coordinator::Result<SledStore> {
+    let dir = state_dir(project, pipeline);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| nexa_coordinator::Error::Domain(nexa_shared::Error::io("create", &dir, e)))?;
+    SledStore::open(&dir.join("store"))
+}
+
+impl Embedded {
+    /// Starts a coordinator on `store` and a worker with `slots` slots working in
+    /// `work_dir`, identified by the key at `key_path`.
+    pub fn start(
+        store: Arc<dyn Store>,
+        work_dir: PathBuf,
+        key_path: &Path,
+        slots: usize,
+    ) -> anyhow::Result<Self> {
+        let identity = Arc::new(Identity::load_or_create(key_path)?);
+        let (coordinator, engine) = Coordinator::start(store);
+        let name = "local".to_string();
+        coordinator.register_worker(&name, identity.public_key())?;
+        let link = Arc::new(LocalLink {
+            coord: coordinator.clone(),
+            worker: name.clone(),
+        });
+        let (shutdown, rx) = watch::channel(false);
+        let cfg = WorkerConfig {
+            name,
+            slots,
+            work_dir,
+        };
+        let worker = tokio::spawn(nexa_worker::run(link, cfg, identity, rx));
+        Ok(Self {
+            coordinator,
+            shutdown,
+            worker,
+            engine,
+        })
+    }
+
+    /// Submits a run.
+    pub async fn submit(&self, req: RunRequest) -> nexa_coordinator::Result<RunHandle> {
+        self.coordinator.submit(req).await
+    }
+
+    /// Stops the worker and the coordinator, flushing the store.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        self.coordinator.shutdown();
+        let _ = self.worker.await;
+        let _ = self.engine.await;
+    }
+}
+
+/// The project's git commit, when the project is a git checkout.
+pub fn git_sha(project: &Path) -> Option<String> {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(project)
+        .args(["rev-parse", "HEAD"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+}

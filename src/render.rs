@@ -1,0 +1,143 @@
+//! Showing a run's progress: indicatif bars on a terminal, plain lines otherwise.
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use nexa_coordinator::{Progress, StepStatus};
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::time::Instant;
+
+/// Renders [`Progress`] events.
+pub struct Renderer {
+    start: Instant,
+    bars: Option<Bars>,
+}
+
+struct Bars {
+    multi: MultiProgress,
+    steps: ProgressBar,
+    shards: HashMap<String, ProgressBar>,
+}
+
+impl Renderer {
+    /// Bars when stderr is a terminal, plain lines otherwise.
+    pub fn new(total_steps: usize) -> Self {
+        let bars = std::io::stderr().is_terminal().then(|| {
+            let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+            let steps = multi.add(ProgressBar::new(total_steps as u64));
+            steps.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} steps {bar:30} {pos}/{len} {elapsed} {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            steps.enable_steady_tick(std::time::Duration::from_millis(120));
+            Bars {
+                multi,
+                steps,
+                shards: HashMap::new(),
+            }
+        });
+        Self {
+            start: Instant::now(),
+            bars,
+        }
+    }
+
+    fn line(&self, text: String) {
+        match &self.bars {
+            Some(b) => {
+                let _ = b.multi.println(text);
+            }
+            None => eprintln!("[{:>7.2}s] {text}", self.start.elapsed().as_secs_f64()),
+        }
+    }
+
+    /// Shows one event.
+    pub fn show(&mut self, p: &Progress) {
+        match p {
+            Progress::Step {
+                step,
+                status,
+                detail,
+            } => {
+                let text = match detail {
+                    Some(d) if *status == StepStatus::Failed => {
+                        format!("{step:<20} {status}\n{}", indent(d))
+                    }
+                    Some(d) => format!("{step:<20} {status} ({d})"),
+                    None => format!("{step:<20} {status}"),
+                };
+                if status.is_final()
+                    && let Some(b) = &mut self.bars
+                {
+                    b.steps.inc(1);
+                    if let Some(sb) = b.shards.remove(step) {
+                        sb.finish_and_clear();
+                    }
+                }
+                if *status == StepStatus::Running
+                    && let Some(b) = &self.bars
+                {
+                    b.steps.set_message(step.clone());
+                }
+                self.line(text);
+            }
+            Progress::Shards {
+                step,
+                count,
+                cached,
+            } => {
+                if let Some(b) = &mut self.bars {
+                    let bar = b.multi.add(ProgressBar::new(u64::from(*count)));
+                    bar.set_style(
+                        ProgressStyle::with_template("  {prefix:<18} shards {bar:30} {pos}/{len}")
+                            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    );
+                    bar.set_prefix(step.clone());
+                    bar.set_position(u64::from(*cached));
+                    b.shards.insert(step.clone(), bar);
+                }
+                self.line(format!("{step:<20} {count} shards ({cached} from cache)"));
+            }
+            Progress::Shard {
+                step,
+                index,
+                status,
+            } => {
+                if let Some(b) = &self.bars {
+                    if status.is_final()
+                        && let Some(sb) = b.shards.get(step)
+                    {
+                        sb.inc(1);
+                    }
+                } else if status.is_final() {
+                    self.line(format!("{step:<20} shard {index} {status}"));
+                }
+            }
+            Progress::Retry {
+                job,
+                attempt,
+                delay,
+                error,
+            } => {
+                self.line(format!(
+                    "{job}: attempt {attempt} in {:.1}s after: {}",
+                    delay.as_secs_f64(),
+                    error.lines().last().unwrap_or("")
+                ));
+            }
+            Progress::Finished(_) => {
+                if let Some(b) = &self.bars {
+                    b.steps.finish_and_clear();
+                }
+            }
+        }
+    }
+}
+
+fn indent(text: &str) -> String {
+    text.lines()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}

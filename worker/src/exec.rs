@@ -1,0 +1,300 @@
+//! The `exec` handler: runs a command (`cmd: [argv]`) or a shell script (`run: ...`) in
+//! its own process group, with inputs staged read-only and named in `NEXA_IN_<NAME>`,
+//! outputs written under `NEXA_OUT`, stdout and stderr kept as the job's log. A timeout
+//! or a cancellation kills the whole process group.
+
+use crate::cas::Cas;
+use crate::{CoordinatorLink, outputs};
+use nexa_shared::handlers;
+use nexa_shared::job::{JobResult, Lease, Outcome, now_ms};
+use nexa_shared::paths;
+use nexa_shared::spec::{ExecCommand, ExecParams};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use tokio::sync::watch;
+
+/// How much of the log's end a failure carries.
+const LOG_TAIL: u64 = 4096;
+
+fn result(lease: &Lease, outcome: Outcome, started: u64) -> JobResult {
+    JobResult {
+        job_id: lease.job.job_id.clone(),
+        generation: lease.generation,
+        attempt: lease.attempt,
+        outcome,
+        exit_code: None,
+        outputs: Vec::new(),
+        started_ms: started,
+        ended_ms: now_ms(),
+        error: String::new(),
+        staging: None,
+        log: None,
+        worker_key: [0; 32],
+        signature: Vec::new(),
+    }
+}
+
+fn failed(lease: &Lease, started: u64, error: String) -> JobResult {
+    let mut r = result(lease, Outcome::Failed, started);
+    r.error = error;
+    r
+}
+
+/// The job's private directory: `<work>/jobs/<job id>-g<generation>`.
+pub fn job_dir(work_dir: &Path, lease: &Lease) -> PathBuf {
+    work_dir.join("jobs").join(format!(
+        "{}-g{}",
+        paths::safe_component(&lease.job.job_id.replace('/', "_")),
+        lease.generation
+    ))
+}
+
+fn read_tail(path: &Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).trim_end().to_string()
+}
+
+fn kill_group(pid: Option<u32>) {
+    use nix::sys::signal::{Signal, killpg};
+    use nix::unistd::Pid;
+    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+        // The child leads its own group; ESRCH (already gone) is fine.
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+/// Runs one leased job to a (not yet signed) result.
+pub async fn run_job<L: CoordinatorLink>(
+    link: &L,
+    cas: &Cas,
+    work_dir: &Path,
+    lease: &Lease,
+    mut cancel: watch::Receiver<bool>,
+) -> JobResult {
+    let started = now_ms();
+    let job = &lease.job;
+    if job.uses != handlers::EXEC {
+        return failed(lease, started, handlers::not_available_message(&job.uses));
+    }
+    let params = match ExecParams::from_json(&job.params) {
+        Ok(p) => p,
+        Err(e) => return failed(lease, started, e),
+    };
+    let dir = job_dir(work_dir, lease);
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    let out_root = dir.join("out");
+    let scratch = dir.join("work");
+    for d in [&out_root, &scratch] {
+        if let Err(e) = tokio::fs::create_dir_all(d).await {
+            return failed(lease, started, format!("creating {}: {e}", d.display()));
+        }
+    }
+    let mut env: Vec<(String, String)> = Vec::new();
+    for input in &job.inputs {
+        match cas.stage(link, input).await {
+            Ok(p) => env.push((
+                format!("NEXA_IN_{}", paths::env_name(&input.name)),
+                p.display().to_string(),
+            )),
+            Err(e) => return failed(lease, started, e.to_string()),
+        }
+    }
+    for name in &job.outputs {
+        let d = out_root.join(name);
+        if let Err(e) = tokio::fs::create_dir_all(&d).await {
+            return failed(lease, started, format!("creating {}: {e}", d.display()));
+        }
+        env.push((
+            format!("NEXA_OUT_{}", paths::env_name(name)),
+            d.display().to_string(),
+        ));
+    }
+    let nexa_out = match job.outputs.as_slice() {
+        [single] => out_root.join(single),
+        _ => out_root.clone(),
+    };
+    env.push(("NEXA_OUT".into(), nexa_out.display().to_string()));
+    env.push(("NEXA_TMP".into(), scratch.display().to_string()));
+    env.push(("NEXA_JOB_ID".into(), job.job_id.clone()));
+    env.push(("NEXA_RUN_ID".into(), job.run_id.clone()));
+    env.push(("NEXA_STEP_ID".into(), job.step_id.clone()));
+    env.push(("NEXA_ATTEMPT".into(), lease.attempt.to_string()));
+    env.push(("NEXA_PARAMS".into(), job.params.to_string()));
+    if let Some((i, n)) = job.shard {
+        env.push(("NEXA_SHARD_INDEX".into(), i.to_string()));
+        env.push(("NEXA_SHARD_COUNT".into(), n.to_string()));
+    }
+    let log_path = dir.join("log");
+    let log = match std::fs::File::create(&log_path) {
+        Ok(f) => f,
+        Err(e) => return failed(lease, started, format!("creating log: {e}")),
+    };
+    let (stdout, stderr) = match (log.try_clone(), log.try_clone()) {
+        (Ok(a), Ok(b)) => (a, b),
+        _ => return failed(lease, started, "duplicating the log handle".into()),
+    };
+    let lookup: std::collections::HashMap<&str, &str> = env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .chain(params.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .collect();
+    let mut cmd = match &params.command {
+        ExecCommand::Argv(argv) => {
+            let argv: Vec<String> = argv.iter().map(|a| expand(a, &lookup)).collect();
+            let mut c = tokio::process::Command::new(&argv[0]);
+            c.args(&argv[1..]);
+            c
+        }
+        ExecCommand::Script(script) => {
+            let mut c = tokio::process::Command::new("/bin/sh");
+            c.arg("-c").arg(script);
+            c
+        }
+    };
+    cmd.current_dir(&scratch)
+        .envs(env)
+        .envs(&params.env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::from(stderr))
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let what = match &params.command {
+                ExecCommand::Argv(a) => a[0].clone(),
+                ExecCommand::Script(_) => "/bin/sh".into(),
+            };
+            return failed(lease, started, format!("cannot start '{what}': {e}"));
+        }
+    };
+    let pid = child.id();
+    let timeout = async {
+        match job.timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    enum End {
+        Exited(std::io::Result<std::process::ExitStatus>),
+        TimedOut,
+        Cancelled,
+    }
+    let end = tokio::select! {
+        s = child.wait() => End::Exited(s),
+        _ = timeout => End::TimedOut,
+        _ = cancel.wait_for(|c| *c) => End::Cancelled,
+    };
+    // Whatever happened, nothing the job started outlives it.
+    kill_group(pid);
+    let mut r = match end {
+        End::TimedOut | End::Cancelled => {
+            let _ = child.wait().await;
+            let timed_out = matches!(end, End::TimedOut);
+            let mut r = result(
+                lease,
+                if timed_out {
+                    Outcome::TimedOut
+                } else {
+                    Outcome::Cancelled
+                },
+                started,
+            );
+            r.error = if timed_out {
+                format!(
+                    "killed after the step's timeout of {}; log tail:\n{}",
+                    humantime_secs(job.timeout),
+                    read_tail(&log_path)
+                )
+            } else {
+                "cancelled".into()
+            };
+            r
+        }
+        End::Exited(Err(e)) => failed(lease, started, format!("waiting for the job: {e}")),
+        End::Exited(Ok(status)) => {
+            let mut r = result(lease, Outcome::Succeeded, started);
+            r.exit_code = status.code();
+            if !status.success() {
+                r.outcome = Outcome::Failed;
+                r.error = read_tail(&log_path);
+            }
+            r
+        }
+    };
+    if r.outcome == Outcome::Succeeded {
+        let root = out_root.clone();
+        let names = job.outputs.clone();
+        let hashed = tokio::task::spawn_blocking(move || outputs::hash_outputs(&root, &names))
+            .await
+            .unwrap_or_else(|e| Err(format!("hashing task failed: {e}")));
+        match hashed {
+            Ok(files) => {
+                r.outputs = files;
+                r.staging = Some(out_root);
+            }
+            Err(e) => {
+                r.outcome = Outcome::Failed;
+                r.error = format!("hashing outputs: {e}");
+            }
+        }
+    }
+    r.log = Some(log_path);
+    r.ended_ms = now_ms();
+    r
+}
+
+/// Expands `${NAME}` in an argv element from the job's environment (the `NEXA_*`
+/// variables and `params.env`); unknown names are left as written.
+pub fn expand(arg: &str, env: &std::collections::HashMap<&str, &str>) -> String {
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        match after.find('}') {
+            Some(end) => {
+                let name = &after[..end];
+                match env.get(name) {
+                    Some(v) => out.push_str(v),
+                    None => out.push_str(&rest[start..start + 3 + end]),
+                }
+                rest = &after[end + 1..];
+            }
+            None => {
+                out.push_str(&rest[start..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argv_expansion() {
+        let env: std::collections::HashMap<&str, &str> =
+            [("NEXA_OUT", "/o"), ("K", "v")].into_iter().collect();
+        assert_eq!(expand("${NEXA_OUT}/x", &env), "/o/x");
+        assert_eq!(expand("a${K}b${K}", &env), "avbv");
+        assert_eq!(expand("${UNKNOWN}", &env), "${UNKNOWN}");
+        assert_eq!(expand("$HOME ${", &env), "$HOME ${");
+    }
+}
+
+fn humantime_secs(t: Option<std::time::Duration>) -> String {
+    t.map(|d| format!("{}s", d.as_secs_f64()))
+        .unwrap_or_default()
+}
