@@ -206,7 +206,9 @@ fn run(project: &Path, args: RunArgs, from: Option<String>) -> anyhow::Result<Ex
         let state_dir = embedded::state_dir(project, &name);
         let store = embedded::open_store(project, &name)?;
         let work_dir = state_dir.join("worker");
-        // Nothing else uses this state now (the store is locked): old job dirs are stale.
+        // Nothing else uses this state now (the store is locked): jobs of a killed run are
+        // stale. Kill what they left running, then drop their directories.
+        nexa_worker::exec::reap_orphans(&work_dir);
         let _ = std::fs::remove_dir_all(work_dir.join("jobs"));
         let key = project.join(".nexa_state").join("worker.key");
         let emb = Embedded::start(Arc::new(store), work_dir, &key, slots)?;

@@ -177,6 +177,10 @@ pub async fn run_job<L: CoordinatorLink>(
         }
     };
     let pid = child.id();
+    if let Some(pid) = pid {
+        // Lets a later start reap this job's process group if this process dies.
+        let _ = std::fs::write(dir.join("pgid"), format!("{pid}\n{}\n", job.job_id));
+    }
     let timeout = async {
         match job.timeout {
             Some(t) => tokio::time::sleep(t).await,
@@ -250,6 +254,35 @@ pub async fn run_job<L: CoordinatorLink>(
     r.log = Some(log_path);
     r.ended_ms = now_ms();
     r
+}
+
+/// Kills the process groups of jobs left running by a worker process that died
+/// (SIGKILL, power loss) in `work_dir`. A group is killed only when its leader still
+/// carries the job's `NEXA_JOB_ID`, so a reused pid is never hit. Returns how many.
+pub fn reap_orphans(work_dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(work_dir.join("jobs")) else {
+        return 0;
+    };
+    let mut killed = 0;
+    for e in entries.flatten() {
+        let Ok(text) = std::fs::read_to_string(e.path().join("pgid")) else {
+            continue;
+        };
+        let mut lines = text.lines();
+        let (Some(pid), Some(job)) = (lines.next().and_then(|p| p.parse::<u32>().ok()), lines.next()) else {
+            continue;
+        };
+        let marker = format!("NEXA_JOB_ID={job}");
+        let ours = std::fs::read(format!("/proc/{pid}/environ"))
+            .map(|env| env.split(|b| *b == 0).any(|kv| kv == marker.as_bytes()))
+            .unwrap_or(false);
+        if ours {
+            tracing::info!(pid, job, "killing a job left running by a previous worker");
+            kill_group(Some(pid));
+            killed += 1;
+        }
+    }
+    killed
 }
 
 /// Expands `${NAME}` in an argv element from the job's environment (the `NEXA_*`

@@ -1,0 +1,424 @@
+//! End-to-end tests of `nexa pipeline ...` through the real binary on temp projects.
+
+mod common;
+
+use common::{Project, half_artifacts, pairs, text};
+use std::time::{Duration, Instant};
+
+/// Three steps: `a` and `b` read separate inputs, `c` reads `a`'s output. Each execution
+/// appends its step id to executions.log (outside the artifacts).
+const ABC: &str = r#"
+pipeline:
+  name: abc
+  steps:
+    - id: a
+      uses: exec
+      in: {data: data/a.txt}
+      params: {run: 'echo a >> ../../../../../../executions.log; tr a-z A-Z < "$NEXA_IN_DATA" > "$NEXA_OUT/upper.txt"'}
+      out: artifacts/a
+    - id: b
+      uses: exec
+      after: []
+      in: {data: data/b.txt}
+      params: {run: 'echo b >> "$LOG"; wc -c < "$NEXA_IN_DATA" > "$NEXA_OUT/size.txt"', env: {LOG: "@LOG@"}}
+      out: artifacts/b
+    - id: c
+      uses: exec
+      after: [a]
+      in: {upper: artifacts/a/upper.txt}
+      params: {cmd: [sh, -c, 'echo c >> "$LOG"; rev "$NEXA_IN_UPPER" > "$NEXA_OUT/rev.txt"'], env: {LOG: "@LOG@"}}
+      out: artifacts/c
+"#;
+
+fn abc(p: &Project) -> &'static str {
+    let log = p.path().join("executions.log");
+    let yaml = ABC
+        .replace("@LOG@", &log.display().to_string())
+        .replace("../../../../../../executions.log", &log.display().to_string());
+    p.write("abc.yaml", &yaml);
+    p.write("data/a.txt", "hello\n");
+    p.write("data/b.txt", "world\n");
+    "abc.yaml"
+}
+
+#[test]
+fn second_run_is_all_skipped_and_status_json_has_the_contract_fields() {
+    let p = Project::new();
+    let f = abc(&p);
+    let out = p.nexa(&["pipeline", "run", f]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(p.read("artifacts/c/rev.txt"), "OLLEH\n");
+    assert_eq!(p.statuses(f), pairs(&[("a", "COMPLETE"), ("b", "COMPLETE"), ("c", "COMPLETE")]));
+    assert_eq!(p.executions().len(), 3);
+
+    let out = p.nexa(&["pipeline", "run", f]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(p.statuses(f), pairs(&[("a", "SKIPPED"), ("b", "SKIPPED"), ("c", "SKIPPED")]));
+    assert_eq!(p.executions().len(), 3, "nothing re-executed");
+
+    let v = p.status_json(f);
+    assert_eq!(v["pipeline"], "abc");
+    let c = &v["steps"][2];
+    assert_eq!(c["id"], "c");
+    assert_eq!(c["artifact"], "artifacts/c");
+    assert!(c["hash"].as_str().unwrap_or_default().starts_with("blake3:"));
+    assert_eq!(c["cache_key"].as_str().map(str::len), Some(64));
+    // The mirror the seeds describe exists beside the store.
+    let mirror: serde_json::Value =
+        serde_json::from_str(&p.read(".nexa_state/abc/pipeline_state.json")).expect("mirror json");
+    assert_eq!(mirror["steps"][2]["status"], "SKIPPED");
+    // meta.json per the artifact protocol.
+    let meta: serde_json::Value = serde_json::from_str(&p.read("artifacts/c/meta.json")).expect("meta");
+    for k in ["kind", "uri", "hash", "bytes", "created_at", "inputs", "labels"] {
+        assert!(meta.get(k).is_some(), "meta.json lacks {k}");
+    }
+    assert_eq!(meta["labels"]["step_id"], "c");
+    assert_eq!(meta["hash"], c["hash"]);
+    assert!(p.path().join("artifacts/c/COMPLETE").is_file());
+    // `nexa verify` re-checks it.
+    let out = p.nexa(&["verify", "artifacts/c"]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn one_changed_input_byte_reruns_exactly_its_downstream() {
+    let p = Project::new();
+    let f = abc(&p);
+    assert!(p.nexa(&["pipeline", "run", f]).status.success());
+    p.write("data/a.txt", "hellp\n");
+    let out = p.nexa(&["pipeline", "run", f]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(p.statuses(f), pairs(&[("a", "COMPLETE"), ("b", "SKIPPED"), ("c", "COMPLETE")]));
+    assert_eq!(p.executions()[3..], ["a", "c"]);
+    assert_eq!(p.read("artifacts/c/rev.txt"), "PLLEH\n");
+
+    // Same content at the same path: nothing runs (the key is over content, not mtime).
+    p.write("data/b.txt", "world\n");
+    assert!(p.nexa(&["pipeline", "run", f]).status.success());
+    assert_eq!(p.executions().len(), 5);
+
+    // A change upstream that leaves a's output byte-identical stops there: c is SKIPPED
+    // because its key is over the content it reads, not over a's inputs.
+    p.write("data/a.txt", "hellP\n");
+    assert!(p.nexa(&["pipeline", "run", f]).status.success());
+    assert_eq!(p.statuses(f), pairs(&[("a", "COMPLETE"), ("b", "SKIPPED"), ("c", "SKIPPED")]));
+    assert_eq!(p.executions()[5..], ["a"]);
+}
+
+#[test]
+fn verify_rehashes_and_reruns_a_tampered_artifact() {
+    let p = Project::new();
+    let f = abc(&p);
+    assert!(p.nexa(&["pipeline", "run", f]).status.success());
+    // Same size, different byte: only --verify notices.
+    let file = p.path().join("artifacts/b/size.txt");
+    let mut perm = std::fs::metadata(&file).expect("stat").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o644);
+    std::fs::set_permissions(&file, perm).expect("chmod");
+    let original = p.read("artifacts/b/size.txt");
+    p.write("artifacts/b/size.txt", &original.replace('6', "7"));
+    assert!(!p.nexa(&["verify", "artifacts/b"]).status.success());
+    assert!(p.nexa(&["pipeline", "run", f]).status.success());
+    assert_eq!(p.executions().len(), 3, "a size-preserving change is not seen without --verify");
+    let out = p.nexa(&["pipeline", "run", f, "--verify"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(p.statuses(f), pairs(&[("a", "SKIPPED"), ("b", "COMPLETE"), ("c", "SKIPPED")]));
+    assert_eq!(p.read("artifacts/b/size.txt"), original);
+}
+
+#[test]
+fn a_failing_step_blocks_downstream_and_rerun_from_finishes() {
+    let p = Project::new();
+    let flag = p.path().join("flag");
+    p.write(
+        "f.yaml",
+        &format!(
+            r#"
+pipeline:
+  name: failing
+  steps:
+    - id: first
+      uses: exec
+      params: {{run: 'echo ok > "$NEXA_OUT/x"'}}
+      out: artifacts/first
+    - id: flaky
+      uses: exec
+      params: {{run: 'echo checking; test -f {flag} || {{ echo "flag missing" >&2; exit 3; }}; echo fine > "$NEXA_OUT/y"'}}
+      out: artifacts/flaky
+    - id: after
+      uses: exec
+      params: {{run: 'echo done > "$NEXA_OUT/z"'}}
+      out: artifacts/after
+"#,
+            flag = flag.display()
+        ),
+    );
+    let out = p.nexa(&["pipeline", "run", "f.yaml"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nexa pipeline rerun f.yaml --from flaky"), "{err}");
+    assert!(err.contains("exit status 3") && err.contains("flag missing"), "{err}");
+    assert_eq!(p.statuses("f.yaml"), pairs(&[("first", "COMPLETE"), ("flaky", "FAILED"), ("after", "BLOCKED")]));
+    assert!(p.read(".nexa_state/failing/logs/flaky.log").contains("checking"));
+
+    std::fs::write(&flag, "").expect("flag");
+    let out = p.nexa(&["pipeline", "rerun", "f.yaml", "--from", "flaky"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(p.statuses("f.yaml"), pairs(&[("first", "SKIPPED"), ("flaky", "COMPLETE"), ("after", "COMPLETE")]));
+}
+
+#[test]
+fn one_failed_shard_reruns_alone_and_a_changed_record_reruns_its_shard_only() {
+    let p = Project::new();
+    let log = p.path().join("executions.log");
+    let flag = p.path().join("flag");
+    p.write("records.jsonl", &(0..8).map(|i| format!("{{\"n\": {i}}}\n")).collect::<String>());
+    p.write(
+        "s.yaml",
+        &format!(
+            r#"
+pipeline:
+  name: sharded
+  steps:
+    - id: count
+      uses: exec
+      in: {{records: records.jsonl}}
+      shards: {{over: records, count: 4}}
+      params:
+        run: |
+          echo "shard $NEXA_SHARD_INDEX" >> {log}
+          if [ "$NEXA_SHARD_INDEX" = 2 ] && [ ! -f {flag} ]; then echo "shard 2 broke" >&2; exit 1; fi
+          wc -l < "$NEXA_IN_RECORDS" > "$NEXA_OUT/lines.txt"
+      out: artifacts/count
+    - id: total
+      uses: exec
+      in: {{parts: artifacts/count}}
+      params: {{run: 'cat "$NEXA_IN_PARTS"/shard-*/lines.txt | paste -sd+ | bc > "$NEXA_OUT/total.txt" || cat "$NEXA_IN_PARTS"/shard-*/lines.txt > "$NEXA_OUT/total.txt"'}}
+      out: artifacts/total
+"#,
+            log = log.display(),
+            flag = flag.display()
+        ),
+    );
+    let out = p.nexa(&["pipeline", "run", "s.yaml", "--slots", "2"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 of 4 shards failed"), "{}", text(&out));
+    let v = p.status_json("s.yaml");
+    let shard_status: Vec<&str> = v["steps"][0]["shards"]
+        .as_array()
+        .expect("shards")
+        .iter()
+        .map(|s| s["status"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(shard_status, ["COMPLETE", "COMPLETE", "FAILED", "COMPLETE"]);
+    assert_eq!(p.executions().len(), 4);
+
+    std::fs::write(&flag, "").expect("flag");
+    let out = p.nexa(&["pipeline", "run", "s.yaml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(p.executions()[4..], ["shard 2"], "only the failed shard re-ran");
+    assert_eq!(p.statuses("s.yaml"), pairs(&[("count", "COMPLETE"), ("total", "COMPLETE")]));
+    let manifest: serde_json::Value = serde_json::from_str(&p.read("artifacts/count/manifest.json")).expect("manifest");
+    assert_eq!(manifest["shards"].as_array().map(Vec::len), Some(4));
+    assert_eq!(p.read("artifacts/count/shard-00002/lines.txt").trim(), "2");
+
+    // Change one record in the third part: only that shard runs again.
+    let mut records = p.read("records.jsonl");
+    records = records.replace("{\"n\": 5}", "{\"n\": 50}");
+    p.write("records.jsonl", &records);
+    let out = p.nexa(&["pipeline", "run", "s.yaml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(p.executions()[5..], ["shard 2"]);
+}
+
+#[test]
+fn sigkill_mid_run_then_resume_reruns_no_complete_step_and_leaves_no_half_artifact() {
+    let p = Project::new();
+    let log = p.path().join("executions.log");
+    let mut steps = String::new();
+    for i in 0..6 {
+        steps.push_str(&format!(
+            "    - id: s{i}\n      uses: exec\n      params: {{run: 'echo s{i} >> {log}; head -c 200000 /dev/zero > \"$NEXA_OUT/blob\"; sleep 0.4; echo {i} > \"$NEXA_OUT/n\"'}}\n      out: artifacts/s{i}\n",
+            log = log.display()
+        ));
+    }
+    p.write("k.yaml", &format!("pipeline:\n  name: killme\n  steps:\n{steps}"));
+    let mut child = p.cmd(&["pipeline", "run", "k.yaml"]).spawn().expect("spawn");
+    // Wait until s2 has started, then SIGKILL the whole nexa process.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !p.executions().contains(&"s2".to_string()) {
+        assert!(Instant::now() < deadline, "s2 never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL).expect("kill");
+    let _ = child.wait();
+    let before: Vec<String> = p.executions();
+    let complete_before: Vec<usize> = (0..6).filter(|i| p.path().join(format!("artifacts/s{i}/COMPLETE")).exists()).collect();
+    assert!(complete_before.contains(&0) && complete_before.contains(&1), "{complete_before:?}");
+
+    let out = p.nexa(&["pipeline", "resume", "k.yaml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let after = p.executions();
+    let rerun: Vec<&String> = after[before.len()..].iter().collect();
+    for i in &complete_before {
+        assert!(!rerun.contains(&&format!("s{i}")), "COMPLETE step s{i} re-ran: {rerun:?}");
+    }
+    for (i, (id, st)) in p.statuses("k.yaml").into_iter().enumerate() {
+        let expect = if complete_before.contains(&i) { "SKIPPED" } else { "COMPLETE" };
+        assert_eq!((id.as_str(), st.as_str()), (format!("s{i}").as_str(), expect));
+    }
+    assert!(half_artifacts(p.path()).is_empty(), "{:?}", half_artifacts(p.path()));
+    for i in 0..6 {
+        let out = p.nexa(&["verify", &format!("artifacts/s{i}")]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+}
+
+#[test]
+fn ctrl_c_cancels_cleanly_and_resume_finishes() {
+    let p = Project::new();
+    let log = p.path().join("executions.log");
+    p.write(
+        "c.yaml",
+        &format!(
+            "pipeline:\n  name: cancel\n  steps:\n    - id: long\n      uses: exec\n      params: {{run: 'echo long >> {log}; [ -f {log}.2 ] || {{ touch {log}.2; sleep 30; }}; echo x > \"$NEXA_OUT/x\"'}}\n      out: artifacts/long\n    - id: next\n      uses: exec\n      params: {{run: 'echo y > \"$NEXA_OUT/y\"'}}\n      out: artifacts/next\n",
+            log = log.display()
+        ),
+    );
+    let child = p.cmd(&["pipeline", "run", "c.yaml"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while p.executions().is_empty() {
+        assert!(Instant::now() < deadline, "step never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).expect("sigint");
+    let out = child.wait_with_output().expect("wait");
+    assert!(started.elapsed() < Duration::from_secs(10), "cancel took {:?}", started.elapsed());
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out));
+    assert_eq!(p.statuses("c.yaml"), pairs(&[("long", "CANCELLED"), ("next", "CANCELLED")]));
+    let out = p.nexa(&["pipeline", "resume", "c.yaml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(p.statuses("c.yaml"), pairs(&[("long", "COMPLETE"), ("next", "COMPLETE")]));
+}
+
+#[test]
+fn timeouts_kill_the_whole_process_group_and_retries_back_off() {
+    let p = Project::new();
+    let pidfile = p.path().join("bg.pid");
+    let counter = p.path().join("count");
+    p.write(
+        "t.yaml",
+        &format!(
+            r#"
+pipeline:
+  name: timing
+  steps:
+    - id: hang
+      uses: exec
+      timeout: 1s
+      params: {{run: 'sleep 60 & echo $! > {pidfile}; wait'}}
+      out: artifacts/hang
+    - id: retry
+      uses: exec
+      after: []
+      retries: {{count: 2, backoff: 100ms}}
+      params: {{run: 'echo x >> {counter}; [ $(wc -l < {counter}) -ge 2 ] || exit 1; echo ok > "$NEXA_OUT/ok"'}}
+      out: artifacts/retry
+"#,
+            pidfile = pidfile.display(),
+            counter = counter.display()
+        ),
+    );
+    let out = p.nexa(&["pipeline", "run", "t.yaml"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("timeout"), "{}", text(&out));
+    assert_eq!(p.statuses("t.yaml"), pairs(&[("hang", "FAILED"), ("retry", "COMPLETE")]));
+    assert_eq!(p.read("count").lines().count(), 2, "one retry");
+    let pid: i32 = p.read("bg.pid").trim().parse().expect("pid");
+    // The background sleep was in the job's process group: it is gone (or a zombie).
+    std::thread::sleep(Duration::from_millis(100));
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(state.is_empty() || state.contains(") Z"), "background process survived: {state}");
+}
+
+#[test]
+fn handlers_not_in_this_build_fail_clearly_and_never_complete() {
+    let p = Project::new();
+    p.write(
+        "t.yaml",
+        "pipeline:\n  name: later\n  steps:\n    - id: train\n      uses: runners.train\n      backend: hf\n      params: {model: distilbert-base-uncased}\n      out: artifacts/ckpt\n",
+    );
+    let out = p.nexa(&["pipeline", "run", "t.yaml"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("'runners.train' is not available yet in this build"), "{}", text(&out));
+    assert_eq!(p.statuses("t.yaml"), pairs(&[("train", "FAILED")]));
+    assert!(!p.path().join("artifacts/ckpt").exists());
+}
+
+#[test]
+fn validate_reports_every_error_with_line_and_column_and_exits_2() {
+    let p = Project::new();
+    p.write(
+        "bad.yaml",
+        "pipeline:\n  name: bad\n  steps:\n    - id: a\n      uses: exec\n      params: {cmd: [x]}\n      out: ../escape\n      colour: red\n    - id: b\n      uses: nope\n      after: [a, ghost]\n    - id: c\n      uses: exec\n      params: {cmd: [x]}\n      after: [d]\n    - id: d\n      uses: exec\n      params: {cmd: [x]}\n      after: [c]\n",
+    );
+    let out = p.nexa(&["pipeline", "validate", "bad.yaml"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "bad.yaml:7:12: step 'a': output 'out' path unsafe path \"../escape\"",
+        "bad.yaml:8:7: unknown field 'colour'",
+        "bad.yaml:10:13: step 'b': unknown handler 'uses: nope'",
+        "bad.yaml:11:18: step 'b': 'after' names unknown step 'ghost'",
+        "bad.yaml:12:11: dependency cycle: c -> d -> c",
+        "bad.yaml: 5 errors",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in\n{err}");
+    }
+    // run refuses it the same way, before touching anything.
+    let out = p.nexa(&["pipeline", "run", "bad.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!p.path().join(".nexa_state").exists());
+    let out = p.nexa(&["pipeline", "validate", "missing.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn viz_draws_text_dot_and_mermaid() {
+    let p = Project::new();
+    let f = abc(&p);
+    let t = String::from_utf8_lossy(&p.nexa(&["pipeline", "viz", f]).stdout).to_string();
+    assert!(t.contains("pipeline abc (3 steps)") && t.contains("c (exec)  <- a"), "{t}");
+    let d = String::from_utf8_lossy(&p.nexa(&["pipeline", "viz", f, "--format", "dot"]).stdout).to_string();
+    assert!(d.starts_with("digraph \"abc\"") && d.contains("\"a\" -> \"c\";"), "{d}");
+    let m = String::from_utf8_lossy(&p.nexa(&["pipeline", "viz", f, "--format", "mermaid"]).stdout).to_string();
+    assert!(m.starts_with("flowchart LR") && m.contains("s0 --> s2"), "{m}");
+}
+
+#[test]
+fn the_quickstart_runs_and_its_report_is_right() {
+    let p = Project::new();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for f in ["pipelines/quickstart.yaml", "pipelines/quickstart/protstats.py", "pipelines/quickstart/proteins.fasta"] {
+        p.write(f, &std::fs::read_to_string(root.join(f)).expect("read"));
+    }
+    let out = p.nexa(&["pipeline", "run", "pipelines/quickstart.yaml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let summary: serde_json::Value = serde_json::from_str(&p.read("artifacts/quickstart/report/summary.json")).expect("summary");
+    assert_eq!(summary["sequences"], 399);
+    assert_eq!(summary["dropped"], 1);
+    assert_eq!(summary["shards"], 4);
+    let residues: u64 = p
+        .read("pipelines/quickstart/proteins.fasta")
+        .lines()
+        .filter(|l| !l.starts_with('>'))
+        .map(|l| l.trim().len() as u64)
+        .sum();
+    assert!(summary["residues"].as_u64().is_some_and(|r| r < residues && r > residues * 9 / 10));
+    let out = p.nexa(&["pipeline", "run", "pipelines/quickstart.yaml"]);
+    assert!(out.status.success());
+    assert!(p.statuses("pipelines/quickstart.yaml").iter().all(|(_, s)| s == "SKIPPED"));
+}
