@@ -32,9 +32,10 @@ pipeline:
 
 fn abc(p: &Project) -> &'static str {
     let log = p.path().join("executions.log");
-    let yaml = ABC
-        .replace("@LOG@", &log.display().to_string())
-        .replace("../../../../../../executions.log", &log.display().to_string());
+    let yaml = ABC.replace("@LOG@", &log.display().to_string()).replace(
+        "../../../../../../executions.log",
+        &log.display().to_string(),
+    );
     p.write("abc.yaml", &yaml);
     p.write("data/a.txt", "hello\n");
     p.write("data/b.txt", "world\n");
@@ -48,12 +49,18 @@ fn second_run_is_all_skipped_and_status_json_has_the_contract_fields() {
     let out = p.nexa(&["pipeline", "run", f]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(p.read("artifacts/c/rev.txt"), "OLLEH\n");
-    assert_eq!(p.statuses(f), pairs(&[("a", "COMPLETE"), ("b", "COMPLETE"), ("c", "COMPLETE")]));
+    assert_eq!(
+        p.statuses(f),
+        pairs(&[("a", "COMPLETE"), ("b", "COMPLETE"), ("c", "COMPLETE")])
+    );
     assert_eq!(p.executions().len(), 3);
 
     let out = p.nexa(&["pipeline", "run", f]);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(p.statuses(f), pairs(&[("a", "SKIPPED"), ("b", "SKIPPED"), ("c", "SKIPPED")]));
+    assert_eq!(
+        p.statuses(f),
+        pairs(&[("a", "SKIPPED"), ("b", "SKIPPED"), ("c", "SKIPPED")])
+    );
     assert_eq!(p.executions().len(), 3, "nothing re-executed");
 
     let v = p.status_json(f);
@@ -61,15 +68,29 @@ fn second_run_is_all_skipped_and_status_json_has_the_contract_fields() {
     let c = &v["steps"][2];
     assert_eq!(c["id"], "c");
     assert_eq!(c["artifact"], "artifacts/c");
-    assert!(c["hash"].as_str().unwrap_or_default().starts_with("blake3:"));
+    assert!(
+        c["hash"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("blake3:")
+    );
     assert_eq!(c["cache_key"].as_str().map(str::len), Some(64));
     // The mirror the seeds describe exists beside the store.
     let mirror: serde_json::Value =
         serde_json::from_str(&p.read(".nexa_state/abc/pipeline_state.json")).expect("mirror json");
     assert_eq!(mirror["steps"][2]["status"], "SKIPPED");
     // meta.json per the artifact protocol.
-    let meta: serde_json::Value = serde_json::from_str(&p.read("artifacts/c/meta.json")).expect("meta");
-    for k in ["kind", "uri", "hash", "bytes", "created_at", "inputs", "labels"] {
+    let meta: serde_json::Value =
+        serde_json::from_str(&p.read("artifacts/c/meta.json")).expect("meta");
+    for k in [
+        "kind",
+        "uri",
+        "hash",
+        "bytes",
+        "created_at",
+        "inputs",
+        "labels",
+    ] {
         assert!(meta.get(k).is_some(), "meta.json lacks {k}");
     }
     assert_eq!(meta["labels"]["step_id"], "c");
@@ -88,7 +109,10 @@ fn one_changed_input_byte_reruns_exactly_its_downstream() {
     p.write("data/a.txt", "hellp\n");
     let out = p.nexa(&["pipeline", "run", f]);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(p.statuses(f), pairs(&[("a", "COMPLETE"), ("b", "SKIPPED"), ("c", "COMPLETE")]));
+    assert_eq!(
+        p.statuses(f),
+        pairs(&[("a", "COMPLETE"), ("b", "SKIPPED"), ("c", "COMPLETE")])
+    );
     assert_eq!(p.executions()[3..], ["a", "c"]);
     assert_eq!(p.read("artifacts/c/rev.txt"), "PLLEH\n");
 
@@ -101,7 +125,10 @@ fn one_changed_input_byte_reruns_exactly_its_downstream() {
     // because its key is over the content it reads, not over a's inputs.
     p.write("data/a.txt", "hellP\n");
     assert!(p.nexa(&["pipeline", "run", f]).status.success());
-    assert_eq!(p.statuses(f), pairs(&[("a", "COMPLETE"), ("b", "SKIPPED"), ("c", "SKIPPED")]));
+    assert_eq!(
+        p.statuses(f),
+        pairs(&[("a", "COMPLETE"), ("b", "SKIPPED"), ("c", "SKIPPED")])
+    );
     assert_eq!(p.executions()[5..], ["a"]);
 }
 
@@ -119,10 +146,17 @@ fn verify_rehashes_and_reruns_a_tampered_artifact() {
     p.write("artifacts/b/size.txt", &original.replace('6', "7"));
     assert!(!p.nexa(&["verify", "artifacts/b"]).status.success());
     assert!(p.nexa(&["pipeline", "run", f]).status.success());
-    assert_eq!(p.executions().len(), 3, "a size-preserving change is not seen without --verify");
+    assert_eq!(
+        p.executions().len(),
+        3,
+        "a size-preserving change is not seen without --verify"
+    );
     let out = p.nexa(&["pipeline", "run", f, "--verify"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(p.statuses(f), pairs(&[("a", "SKIPPED"), ("b", "COMPLETE"), ("c", "SKIPPED")]));
+    assert_eq!(
+        p.statuses(f),
+        pairs(&[("a", "SKIPPED"), ("b", "COMPLETE"), ("c", "SKIPPED")])
+    );
     assert_eq!(p.read("artifacts/b/size.txt"), original);
 }
 
@@ -156,15 +190,38 @@ pipeline:
     let out = p.nexa(&["pipeline", "run", "f.yaml"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("nexa pipeline rerun f.yaml --from flaky"), "{err}");
-    assert!(err.contains("exit status 3") && err.contains("flag missing"), "{err}");
-    assert_eq!(p.statuses("f.yaml"), pairs(&[("first", "COMPLETE"), ("flaky", "FAILED"), ("after", "BLOCKED")]));
-    assert!(p.read(".nexa_state/failing/logs/flaky.log").contains("checking"));
+    assert!(
+        err.contains("nexa pipeline rerun f.yaml --from flaky"),
+        "{err}"
+    );
+    assert!(
+        err.contains("exit status 3") && err.contains("flag missing"),
+        "{err}"
+    );
+    assert_eq!(
+        p.statuses("f.yaml"),
+        pairs(&[
+            ("first", "COMPLETE"),
+            ("flaky", "FAILED"),
+            ("after", "BLOCKED")
+        ])
+    );
+    assert!(
+        p.read(".nexa_state/failing/logs/flaky.log")
+            .contains("checking")
+    );
 
     std::fs::write(&flag, "").expect("flag");
     let out = p.nexa(&["pipeline", "rerun", "f.yaml", "--from", "flaky"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(p.statuses("f.yaml"), pairs(&[("first", "SKIPPED"), ("flaky", "COMPLETE"), ("after", "COMPLETE")]));
+    assert_eq!(
+        p.statuses("f.yaml"),
+        pairs(&[
+            ("first", "SKIPPED"),
+            ("flaky", "COMPLETE"),
+            ("after", "COMPLETE")
+        ])
+    );
 }
 
 #[test]
@@ -172,7 +229,12 @@ fn one_failed_shard_reruns_alone_and_a_changed_record_reruns_its_shard_only() {
     let p = Project::new();
     let log = p.path().join("executions.log");
     let flag = p.path().join("flag");
-    p.write("records.jsonl", &(0..8).map(|i| format!("{{\"n\": {i}}}\n")).collect::<String>());
+    p.write(
+        "records.jsonl",
+        &(0..8)
+            .map(|i| format!("{{\"n\": {i}}}\n"))
+            .collect::<String>(),
+    );
     p.write(
         "s.yaml",
         &format!(
@@ -202,7 +264,11 @@ pipeline:
     );
     let out = p.nexa(&["pipeline", "run", "s.yaml", "--slots", "2"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("1 of 4 shards failed"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("1 of 4 shards failed"),
+        "{}",
+        text(&out)
+    );
     let v = p.status_json("s.yaml");
     let shard_status: Vec<&str> = v["steps"][0]["shards"]
         .as_array()
@@ -216,9 +282,17 @@ pipeline:
     std::fs::write(&flag, "").expect("flag");
     let out = p.nexa(&["pipeline", "run", "s.yaml"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(p.executions()[4..], ["shard 2"], "only the failed shard re-ran");
-    assert_eq!(p.statuses("s.yaml"), pairs(&[("count", "COMPLETE"), ("total", "COMPLETE")]));
-    let manifest: serde_json::Value = serde_json::from_str(&p.read("artifacts/count/manifest.json")).expect("manifest");
+    assert_eq!(
+        p.executions()[4..],
+        ["shard 2"],
+        "only the failed shard re-ran"
+    );
+    assert_eq!(
+        p.statuses("s.yaml"),
+        pairs(&[("count", "COMPLETE"), ("total", "COMPLETE")])
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_str(&p.read("artifacts/count/manifest.json")).expect("manifest");
     assert_eq!(manifest["shards"].as_array().map(Vec::len), Some(4));
     assert_eq!(p.read("artifacts/count/shard-00002/lines.txt").trim(), "2");
 
@@ -242,8 +316,14 @@ fn sigkill_mid_run_then_resume_reruns_no_complete_step_and_leaves_no_half_artifa
             log = log.display()
         ));
     }
-    p.write("k.yaml", &format!("pipeline:\n  name: killme\n  steps:\n{steps}"));
-    let mut child = p.cmd(&["pipeline", "run", "k.yaml"]).spawn().expect("spawn");
+    p.write(
+        "k.yaml",
+        &format!("pipeline:\n  name: killme\n  steps:\n{steps}"),
+    );
+    let mut child = p
+        .cmd(&["pipeline", "run", "k.yaml"])
+        .spawn()
+        .expect("spawn");
     // Wait until s2 has started, then SIGKILL the whole nexa process.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !p.executions().contains(&"s2".to_string()) {
@@ -251,24 +331,47 @@ fn sigkill_mid_run_then_resume_reruns_no_complete_step_and_leaves_no_half_artifa
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(150));
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL).expect("kill");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
     let _ = child.wait();
     let before: Vec<String> = p.executions();
-    let complete_before: Vec<usize> = (0..6).filter(|i| p.path().join(format!("artifacts/s{i}/COMPLETE")).exists()).collect();
-    assert!(complete_before.contains(&0) && complete_before.contains(&1), "{complete_before:?}");
+    let complete_before: Vec<usize> = (0..6)
+        .filter(|i| p.path().join(format!("artifacts/s{i}/COMPLETE")).exists())
+        .collect();
+    assert!(
+        complete_before.contains(&0) && complete_before.contains(&1),
+        "{complete_before:?}"
+    );
 
     let out = p.nexa(&["pipeline", "resume", "k.yaml"]);
     assert!(out.status.success(), "{}", text(&out));
     let after = p.executions();
     let rerun: Vec<&String> = after[before.len()..].iter().collect();
     for i in &complete_before {
-        assert!(!rerun.contains(&&format!("s{i}")), "COMPLETE step s{i} re-ran: {rerun:?}");
+        assert!(
+            !rerun.contains(&&format!("s{i}")),
+            "COMPLETE step s{i} re-ran: {rerun:?}"
+        );
     }
     for (i, (id, st)) in p.statuses("k.yaml").into_iter().enumerate() {
-        let expect = if complete_before.contains(&i) { "SKIPPED" } else { "COMPLETE" };
-        assert_eq!((id.as_str(), st.as_str()), (format!("s{i}").as_str(), expect));
+        let expect = if complete_before.contains(&i) {
+            "SKIPPED"
+        } else {
+            "COMPLETE"
+        };
+        assert_eq!(
+            (id.as_str(), st.as_str()),
+            (format!("s{i}").as_str(), expect)
+        );
     }
-    assert!(half_artifacts(p.path()).is_empty(), "{:?}", half_artifacts(p.path()));
+    assert!(
+        half_artifacts(p.path()).is_empty(),
+        "{:?}",
+        half_artifacts(p.path())
+    );
     for i in 0..6 {
         let out = p.nexa(&["verify", &format!("artifacts/s{i}")]);
         assert!(out.status.success(), "{}", text(&out));
@@ -286,7 +389,12 @@ fn ctrl_c_cancels_cleanly_and_resume_finishes() {
             log = log.display()
         ),
     );
-    let child = p.cmd(&["pipeline", "run", "c.yaml"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("spawn");
+    let child = p
+        .cmd(&["pipeline", "run", "c.yaml"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
     let deadline = Instant::now() + Duration::from_secs(20);
     while p.executions().is_empty() {
         assert!(Instant::now() < deadline, "step never started");
@@ -294,14 +402,28 @@ fn ctrl_c_cancels_cleanly_and_resume_finishes() {
     }
     std::thread::sleep(Duration::from_millis(200));
     let started = Instant::now();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).expect("sigint");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("sigint");
     let out = child.wait_with_output().expect("wait");
-    assert!(started.elapsed() < Duration::from_secs(10), "cancel took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "cancel took {:?}",
+        started.elapsed()
+    );
     assert_eq!(out.status.code(), Some(130), "{}", text(&out));
-    assert_eq!(p.statuses("c.yaml"), pairs(&[("long", "CANCELLED"), ("next", "CANCELLED")]));
+    assert_eq!(
+        p.statuses("c.yaml"),
+        pairs(&[("long", "CANCELLED"), ("next", "CANCELLED")])
+    );
     let out = p.nexa(&["pipeline", "resume", "c.yaml"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(p.statuses("c.yaml"), pairs(&[("long", "COMPLETE"), ("next", "COMPLETE")]));
+    assert_eq!(
+        p.statuses("c.yaml"),
+        pairs(&[("long", "COMPLETE"), ("next", "COMPLETE")])
+    );
 }
 
 #[test]
@@ -334,14 +456,24 @@ pipeline:
     );
     let out = p.nexa(&["pipeline", "run", "t.yaml"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("timeout"), "{}", text(&out));
-    assert_eq!(p.statuses("t.yaml"), pairs(&[("hang", "FAILED"), ("retry", "COMPLETE")]));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("timeout"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        p.statuses("t.yaml"),
+        pairs(&[("hang", "FAILED"), ("retry", "COMPLETE")])
+    );
     assert_eq!(p.read("count").lines().count(), 2, "one retry");
     let pid: i32 = p.read("bg.pid").trim().parse().expect("pid");
     // The background sleep was in the job's process group: it is gone (or a zombie).
     std::thread::sleep(Duration::from_millis(100));
     let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    assert!(state.is_empty() || state.contains(") Z"), "background process survived: {state}");
+    assert!(
+        state.is_empty() || state.contains(") Z"),
+        "background process survived: {state}"
+    );
 }
 
 #[test]
@@ -353,7 +485,12 @@ fn handlers_not_in_this_build_fail_clearly_and_never_complete() {
     );
     let out = p.nexa(&["pipeline", "run", "t.yaml"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("'runners.train' is not available yet in this build"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("'runners.train' is not available yet in this build"),
+        "{}",
+        text(&out)
+    );
     assert_eq!(p.statuses("t.yaml"), pairs(&[("train", "FAILED")]));
     assert!(!p.path().join("artifacts/ckpt").exists());
 }
@@ -391,23 +528,42 @@ fn viz_draws_text_dot_and_mermaid() {
     let p = Project::new();
     let f = abc(&p);
     let t = String::from_utf8_lossy(&p.nexa(&["pipeline", "viz", f]).stdout).to_string();
-    assert!(t.contains("pipeline abc (3 steps)") && t.contains("c (exec)  <- a"), "{t}");
-    let d = String::from_utf8_lossy(&p.nexa(&["pipeline", "viz", f, "--format", "dot"]).stdout).to_string();
-    assert!(d.starts_with("digraph \"abc\"") && d.contains("\"a\" -> \"c\";"), "{d}");
-    let m = String::from_utf8_lossy(&p.nexa(&["pipeline", "viz", f, "--format", "mermaid"]).stdout).to_string();
-    assert!(m.starts_with("flowchart LR") && m.contains("s0 --> s2"), "{m}");
+    assert!(
+        t.contains("pipeline abc (3 steps)") && t.contains("c (exec)  <- a"),
+        "{t}"
+    );
+    let d = String::from_utf8_lossy(&p.nexa(&["pipeline", "viz", f, "--format", "dot"]).stdout)
+        .to_string();
+    assert!(
+        d.starts_with("digraph \"abc\"") && d.contains("\"a\" -> \"c\";"),
+        "{d}"
+    );
+    let m = String::from_utf8_lossy(
+        &p.nexa(&["pipeline", "viz", f, "--format", "mermaid"])
+            .stdout,
+    )
+    .to_string();
+    assert!(
+        m.starts_with("flowchart LR") && m.contains("s0 --> s2"),
+        "{m}"
+    );
 }
 
 #[test]
 fn the_quickstart_runs_and_its_report_is_right() {
     let p = Project::new();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    for f in ["pipelines/quickstart.yaml", "pipelines/quickstart/protstats.py", "pipelines/quickstart/proteins.fasta"] {
+    for f in [
+        "pipelines/quickstart.yaml",
+        "pipelines/quickstart/protstats.py",
+        "pipelines/quickstart/proteins.fasta",
+    ] {
         p.write(f, &std::fs::read_to_string(root.join(f)).expect("read"));
     }
     let out = p.nexa(&["pipeline", "run", "pipelines/quickstart.yaml"]);
     assert!(out.status.success(), "{}", text(&out));
-    let summary: serde_json::Value = serde_json::from_str(&p.read("artifacts/quickstart/report/summary.json")).expect("summary");
+    let summary: serde_json::Value =
+        serde_json::from_str(&p.read("artifacts/quickstart/report/summary.json")).expect("summary");
     assert_eq!(summary["sequences"], 399);
     assert_eq!(summary["dropped"], 1);
     assert_eq!(summary["shards"], 4);
@@ -417,8 +573,16 @@ fn the_quickstart_runs_and_its_report_is_right() {
         .filter(|l| !l.starts_with('>'))
         .map(|l| l.trim().len() as u64)
         .sum();
-    assert!(summary["residues"].as_u64().is_some_and(|r| r < residues && r > residues * 9 / 10));
+    assert!(
+        summary["residues"]
+            .as_u64()
+            .is_some_and(|r| r < residues && r > residues * 9 / 10)
+    );
     let out = p.nexa(&["pipeline", "run", "pipelines/quickstart.yaml"]);
     assert!(out.status.success());
-    assert!(p.statuses("pipelines/quickstart.yaml").iter().all(|(_, s)| s == "SKIPPED"));
+    assert!(
+        p.statuses("pipelines/quickstart.yaml")
+            .iter()
+            .all(|(_, s)| s == "SKIPPED")
+    );
 }

@@ -135,6 +135,8 @@ pub enum Event {
     Report(String, Box<JobResult>),
     /// Planning of a step finished.
     Planned(String, usize, Plan),
+    /// The first planning pass over a run finished.
+    PlannedBatch(String, Vec<(usize, Plan)>),
     /// Sealing of a job's outputs finished.
     Sealed(String, std::result::Result<SealedJob, String>),
     /// Assembly of a sharded step finished.
@@ -293,12 +295,12 @@ impl Run {
         let _ = self.progress.send(p);
     }
 
-    fn done_outputs(&self) -> BTreeMap<usize, BTreeMap<String, ArtifactInfo>> {
-        self.records
+    /// The sealed outputs of step `i`'s dependencies (all the planner may read).
+    fn upstream_outputs(&self, i: usize) -> BTreeMap<usize, BTreeMap<String, ArtifactInfo>> {
+        self.ctx.dag.deps[i]
             .iter()
-            .enumerate()
-            .filter(|(_, r)| r.status.is_done())
-            .map(|(i, r)| (i, r.outputs.clone()))
+            .filter(|&&d| self.records[d].status.is_done())
+            .map(|&d| (d, self.records[d].outputs.clone()))
             .collect()
     }
 }
@@ -412,6 +414,7 @@ impl Engine {
             }
             Event::Report(worker, result) => self.on_report(&worker, *result),
             Event::Planned(run, step, plan) => self.on_planned(&run, step, plan),
+            Event::PlannedBatch(run, plans) => self.on_planned_batch(&run, plans),
             Event::Sealed(job, res) => self.on_sealed(&job, res),
             Event::Assembled(run, step, res) => self.on_assembled(&run, step, res),
             Event::RetryDue(job) => {
@@ -502,8 +505,7 @@ impl Engine {
         };
         tracing::info!(run = %run_id, pipeline = %run.ctx.pipeline.name, steps = n, "run submitted");
         self.runs.insert(run_id.clone(), run);
-        self.schedule_ready(&run_id);
-        self.maybe_finish(&run_id);
+        self.plan_prefix(&run_id);
         Ok(RunHandle {
             run_id,
             progress: prx,
@@ -511,14 +513,24 @@ impl Engine {
     }
 
     /// Plans every PENDING step whose dependencies are all done.
-    fn schedule_ready(&mut self, run_id: &str) {
+    fn schedule_ready(&mut self, run_id: &str, candidates: Option<&[usize]>) {
         let Some(run) = self.runs.get_mut(run_id) else {
             return;
         };
         if run.cancelled {
             return;
         }
-        let ready: Vec<usize> = (0..run.records.len())
+        let all: Vec<usize>;
+        let candidates = match candidates {
+            Some(c) => c,
+            None => {
+                all = (0..run.records.len()).collect();
+                &all
+            }
+        };
+        let ready: Vec<usize> = candidates
+            .iter()
+            .copied()
             .filter(|&i| {
                 run.records[i].status == StepStatus::Pending
                     && !run.busy[i]
@@ -531,7 +543,7 @@ impl Engine {
             run.busy[i] = true;
             run.in_flight += 1;
             let ctx = run.ctx.clone();
-            let done = run.done_outputs();
+            let done = run.upstream_outputs(i);
             let tx = self.tx.clone();
             let rid = run_id.to_string();
             tokio::task::spawn_blocking(move || {
@@ -589,10 +601,86 @@ impl Engine {
         };
         run.busy[i] = false;
         run.in_flight -= 1;
+        self.apply_plan(run_id, i, plan);
+        self.maybe_finish(run_id);
+    }
+
+    /// Plans, in one blocking task, every step reachable from the roots through steps
+    /// that turn out SKIPPED: a fully cached pipeline is decided in one pass instead of
+    /// one round trip per step. Steps it does not reach are planned as they get ready.
+    fn plan_prefix(&mut self, run_id: &str) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        run.busy.iter_mut().for_each(|b| *b = true);
+        run.in_flight += 1;
+        let ctx = run.ctx.clone();
+        let tx = self.tx.clone();
+        let rid = run_id.to_string();
+        tokio::task::spawn_blocking(move || {
+            let order = ctx.dag.topo_order().unwrap_or_default();
+            let mut done: BTreeMap<usize, BTreeMap<String, ArtifactInfo>> = BTreeMap::new();
+            let mut plans = Vec::new();
+            for i in order {
+                let deps = &ctx.dag.deps[i];
+                if !deps.iter().all(|d| done.contains_key(d)) {
+                    continue;
+                }
+                let upstream = deps
+                    .iter()
+                    .filter_map(|d| done.get(d).map(|o| (*d, o.clone())))
+                    .collect();
+                let plan = planner::plan_step(&ctx, i, &upstream);
+                if let Plan::Skipped { outputs, .. } = &plan {
+                    done.insert(i, outputs.clone());
+                }
+                plans.push((i, plan));
+            }
+            let _ = tx.send(Event::PlannedBatch(rid, plans));
+        });
+    }
+
+    fn on_planned_batch(&mut self, run_id: &str, plans: Vec<(usize, Plan)>) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        run.in_flight -= 1;
+        // Every step stays busy while the batch is applied, so nothing is planned twice.
+        for (i, plan) in plans {
+            self.apply_plan(run_id, i, plan);
+        }
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        run.busy.iter_mut().for_each(|b| *b = false);
         if run.cancelled {
-            run.records[i].status = StepStatus::Cancelled;
-            self.persist(run_id, i);
-            self.maybe_finish(run_id);
+            let pending: Vec<usize> = (0..run.records.len())
+                .filter(|&i| run.records[i].status == StepStatus::Pending)
+                .collect();
+            for i in pending {
+                self.set_status(
+                    run_id,
+                    i,
+                    StepStatus::Cancelled,
+                    Some("run cancelled".into()),
+                );
+            }
+        }
+        self.schedule_ready(run_id, None);
+        self.maybe_finish(run_id);
+    }
+
+    fn apply_plan(&mut self, run_id: &str, i: usize, plan: Plan) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        if run.cancelled {
+            self.set_status(
+                run_id,
+                i,
+                StepStatus::Cancelled,
+                Some("run cancelled".into()),
+            );
             return;
         }
         match plan {
@@ -609,7 +697,6 @@ impl Engine {
             }
             Plan::Run(plan) => self.start_step(run_id, i, plan),
         }
-        self.maybe_finish(run_id);
     }
 
     fn job_inputs(plan: &StepPlan, replace: Option<&planner::ResolvedInput>) -> Vec<JobInput> {
@@ -1082,8 +1169,12 @@ impl Engine {
         self.maybe_finish(&run_id);
     }
 
-    fn step_done(&mut self, run_id: &str, _i: usize) {
-        self.schedule_ready(run_id);
+    fn step_done(&mut self, run_id: &str, i: usize) {
+        let Some(run) = self.runs.get(run_id) else {
+            return;
+        };
+        let next = run.ctx.dag.dependents[i].clone();
+        self.schedule_ready(run_id, Some(&next));
     }
 
     fn step_failed(&mut self, run_id: &str, i: usize, error: String) {

@@ -53,7 +53,10 @@ impl Dag {
             .map(|(i, s)| (s.id.value.as_str(), i))
             .rev()
             .collect();
-        let outputs = crate::spec::output_paths(p, root);
+        let outputs: HashMap<PathBuf, (usize, String)> = crate::spec::output_paths(p, root)
+            .into_iter()
+            .map(|(i, name, path)| (path, (i, name)))
+            .collect();
         let mut deps: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); n];
         let mut upstream = vec![HashMap::new(); n];
         let mut self_reads = Vec::new();
@@ -77,12 +80,13 @@ impl Dag {
                 let Some(rel) = project_relative(root, &path.value) else {
                     continue;
                 };
-                // The longest output path that contains the input wins.
-                let producer = outputs
-                    .iter()
-                    .filter(|(_, _, out)| rel.starts_with(out))
-                    .max_by_key(|(_, _, out)| out.components().count());
+                // The longest output path that contains the input wins: walk up from it.
+                let producer = rel
+                    .ancestors()
+                    .filter(|a| !a.as_os_str().is_empty())
+                    .find_map(|a| outputs.get(a).map(|(j, n)| (j, n, a.to_path_buf())));
                 if let Some((j, out_name, out)) = producer {
+                    let out = &out;
                     if *j == i {
                         self_reads.push((
                             path.pos,

@@ -846,32 +846,42 @@ fn validate(p: &Pipeline, root: &Path, d: &mut Diagnostics) -> Dag {
             }
         }
     }
-    for a in 0..outs.len() {
-        for b in (a + 1)..outs.len() {
+    // Sorted component-wise, every path that lies inside another follows it directly.
+    let mut sorted: Vec<usize> = (0..outs.len()).collect();
+    sorted.sort_by(|&x, &y| outs[x].1.cmp(&outs[y].1).then(outs[x].2.cmp(&outs[y].2)));
+    for (k, &x) in sorted.iter().enumerate() {
+        for &y in &sorted[k + 1..] {
+            if !outs[y].1.starts_with(&outs[x].1) {
+                break;
+            }
+            // Report at whichever was written later in the file.
+            let (a, b) = if outs[x].2 <= outs[y].2 {
+                (x, y)
+            } else {
+                (y, x)
+            };
             let (ia, pa, _) = &outs[a];
             let (ib, pb, posb) = &outs[b];
-            if pa == pb || pa.starts_with(pb) || pb.starts_with(pa) {
-                let what = if pa == pb {
-                    "the same"
-                } else {
-                    "an overlapping"
-                };
-                let msg = if ia == ib {
-                    format!(
-                        "step '{}' writes {what} 'out' path twice: {}",
-                        p.steps[*ib].id.value,
-                        pb.display()
-                    )
-                } else {
-                    format!(
-                        "steps '{}' and '{}' write {what} 'out' path: {}",
-                        p.steps[*ia].id.value,
-                        p.steps[*ib].id.value,
-                        pb.display()
-                    )
-                };
-                d.push(*posb, msg);
-            }
+            let what = if pa == pb {
+                "the same"
+            } else {
+                "an overlapping"
+            };
+            let msg = if ia == ib {
+                format!(
+                    "step '{}' writes {what} 'out' path twice: {}",
+                    p.steps[*ib].id.value,
+                    pb.display()
+                )
+            } else {
+                format!(
+                    "steps '{}' and '{}' write {what} 'out' path: {}",
+                    p.steps[*ia].id.value,
+                    p.steps[*ib].id.value,
+                    pb.display()
+                )
+            };
+            d.push(*posb, msg);
         }
     }
     // Inputs: unsafe (empty) paths, shard `over` names.

@@ -35,7 +35,9 @@ impl Project {
 
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_nexa"));
-        c.current_dir(self.path()).args(args).env("NEXA_LOG", "warn");
+        c.current_dir(self.path())
+            .args(args)
+            .env("NEXA_LOG", "warn");
         c
     }
 
@@ -84,7 +86,9 @@ pub fn text(o: &Output) -> String {
 }
 
 pub fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
-    v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    v.iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
 }
 
 /// Every directory under `root` whose name ends in `.tmp` or `.old`, and every artifact
@@ -93,7 +97,9 @@ pub fn half_artifacts(root: &Path) -> Vec<PathBuf> {
     let mut bad = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let p = e.path();
             if p.is_dir() {

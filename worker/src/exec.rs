@@ -269,7 +269,10 @@ pub fn reap_orphans(work_dir: &Path) -> usize {
             continue;
         };
         let mut lines = text.lines();
-        let (Some(pid), Some(job)) = (lines.next().and_then(|p| p.parse::<u32>().ok()), lines.next()) else {
+        let (Some(pid), Some(job)) = (
+            lines.next().and_then(|p| p.parse::<u32>().ok()),
+            lines.next(),
+        ) else {
             continue;
         };
         let marker = format!("NEXA_JOB_ID={job}");

@@ -19,6 +19,7 @@ fn req(key: &str) -> SealRequest {
         labels: [("cache_key".to_string(), key.to_string())]
             .into_iter()
             .collect(),
+        expected: None,
     }
 }
 
