@@ -288,6 +288,8 @@ struct Run {
     started_at: String,
     last_mirror: Option<Instant>,
     in_flight: usize,
+    /// While set, step writes are collected here and stored in one batch.
+    deferred: Option<Vec<usize>>,
 }
 
 impl Run {
@@ -502,6 +504,7 @@ impl Engine {
             started_at,
             last_mirror: None,
             in_flight: 0,
+            deferred: None,
         };
         tracing::info!(run = %run_id, pipeline = %run.ctx.pipeline.name, steps = n, "run submitted");
         self.runs.insert(run_id.clone(), run);
@@ -580,6 +583,10 @@ impl Engine {
         let Some(run) = self.runs.get_mut(run_id) else {
             return;
         };
+        if let Some(dirty) = &mut run.deferred {
+            dirty.push(i);
+            return;
+        }
         if let Err(e) = state::save_steps(
             self.store.as_ref(),
             &run.ctx.pipeline.name,
@@ -645,6 +652,7 @@ impl Engine {
             return;
         };
         run.in_flight -= 1;
+        run.deferred = Some(Vec::new());
         // Every step stays busy while the batch is applied, so nothing is planned twice.
         for (i, plan) in plans {
             self.apply_plan(run_id, i, plan);
@@ -652,6 +660,15 @@ impl Engine {
         let Some(run) = self.runs.get_mut(run_id) else {
             return;
         };
+        if let Some(mut dirty) = run.deferred.take() {
+            dirty.sort_unstable();
+            dirty.dedup();
+            let recs: Vec<&StepRecord> = dirty.iter().map(|&i| &run.records[i]).collect();
+            if let Err(e) = state::save_steps(self.store.as_ref(), &run.ctx.pipeline.name, &recs) {
+                tracing::error!(error = %format!("{e:#}"), run = %run_id, "saving step state");
+            }
+            write_mirror(run);
+        }
         run.busy.iter_mut().for_each(|b| *b = false);
         if run.cancelled {
             let pending: Vec<usize> = (0..run.records.len())

@@ -64,7 +64,7 @@ impl Diagnostics {
 
     /// The diagnostics, sorted by position.
     pub fn into_sorted(mut self) -> Vec<Diagnostic> {
-        self.items.sort_by(|a, b| a.pos.cmp(&b.pos));
+        self.items.sort_by_key(|d| d.pos);
         self.items.dedup();
         self.items
     }

@@ -884,20 +884,20 @@ fn validate(p: &Pipeline, root: &Path, d: &mut Diagnostics) -> Dag {
             d.push(*posb, msg);
         }
     }
-    // Inputs: unsafe (empty) paths, shard `over` names.
+    // Shards must split one of the step's inputs, into an output.
     for s in &p.steps {
-        if let Some(sh) = &s.shards {
-            if !s.inputs.contains_key(&sh.over.value) {
-                d.push(
-                    sh.over.pos,
-                    format!(
-                        "step '{}': 'shards.over' names '{}', which is not one of its inputs ({})",
-                        s.id.value,
-                        sh.over.value,
-                        s.inputs.keys().cloned().collect::<Vec<_>>().join(", ")
-                    ),
-                );
-            }
+        if let Some(sh) = &s.shards
+            && !s.inputs.contains_key(&sh.over.value)
+        {
+            d.push(
+                sh.over.pos,
+                format!(
+                    "step '{}': 'shards.over' names '{}', which is not one of its inputs ({})",
+                    s.id.value,
+                    sh.over.value,
+                    s.inputs.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            );
         }
         if handlers::lookup(&s.uses.value) == Some(Availability::Available)
             && s.shards.is_some()

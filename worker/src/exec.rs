@@ -315,6 +315,11 @@ pub fn expand(arg: &str, env: &std::collections::HashMap<&str, &str>) -> String 
     out
 }
 
+fn humantime_secs(t: Option<std::time::Duration>) -> String {
+    t.map(|d| format!("{}s", d.as_secs_f64()))
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,9 +333,4 @@ mod tests {
         assert_eq!(expand("${UNKNOWN}", &env), "${UNKNOWN}");
         assert_eq!(expand("$HOME ${", &env), "$HOME ${");
     }
-}
-
-fn humantime_secs(t: Option<std::time::Duration>) -> String {
-    t.map(|d| format!("{}s", d.as_secs_f64()))
-        .unwrap_or_default()
 }

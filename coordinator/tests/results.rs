@@ -1,0 +1,147 @@
+//! The coordinator refuses results it cannot trust: forged signatures, stale lease
+//! generations, replays, and uploads that do not match the signed manifest. A real
+//! coordinator loop on a real sled store; the test plays the worker.
+
+use nexa_coordinator::engine::{Progress, RunOutcome, RunRequest};
+use nexa_coordinator::{Coordinator, SledStore};
+use nexa_shared::digest;
+use nexa_shared::job::{JobResult, Lease, Outcome, OutputFile};
+use nexa_shared::signing::{self, Identity};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn result_for(lease: &Lease, staging: &Path, content: &[u8]) -> JobResult {
+    let dir = staging.join("out");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("x.txt"), content).expect("write");
+    JobResult {
+        job_id: lease.job.job_id.clone(),
+        generation: lease.generation,
+        attempt: lease.attempt,
+        outcome: Outcome::Succeeded,
+        exit_code: Some(0),
+        outputs: vec![OutputFile {
+            output: "out".into(),
+            path: "x.txt".into(),
+            size: content.len() as u64,
+            digest: digest::format(&blake3::hash(content)),
+        }],
+        started_ms: 1,
+        ended_ms: 2,
+        error: String::new(),
+        staging: Some(staging.to_path_buf()),
+        log: None,
+        worker_key: [0; 32],
+        signature: Vec::new(),
+    }
+}
+
+async fn lease(c: &Coordinator) -> Lease {
+    tokio::time::timeout(Duration::from_secs(10), c.lease("w1"))
+        .await
+        .expect("a lease in time")
+        .expect("a lease")
+}
+
+async fn wait_refusals(
+    c: &Coordinator,
+    f: impl Fn(nexa_coordinator::engine::Refusals) -> bool,
+) -> nexa_coordinator::engine::Refusals {
+    for _ in 0..200 {
+        let r = c.refusals().await.expect("refusals");
+        if f(r) {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    c.refusals().await.expect("refusals")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_results_are_refused_and_counted() {
+    let project = tempfile::tempdir().expect("tempdir");
+    let yaml = "pipeline:\n  name: trust\n  steps:\n    - id: a\n      uses: exec\n      retries: {count: 5, backoff: 10ms}\n      params: {cmd: [\"true\"]}\n      out: artifacts/a\n";
+    let loaded = nexa_shared::spec::load_str("t.yaml", yaml, project.path()).expect("valid");
+    let store = Arc::new(SledStore::open(&project.path().join("store")).expect("store"));
+    let (coord, _task) = Coordinator::start(store);
+    let honest = Identity::generate();
+    let forger = Identity::generate();
+    coord
+        .register_worker("w1", honest.public_key())
+        .expect("register");
+    let mut run = coord
+        .submit(RunRequest {
+            loaded,
+            project: project.path().to_path_buf(),
+            verify: false,
+            from: None,
+            git_sha: None,
+        })
+        .await
+        .expect("submit");
+    let staging_root = project.path().join("staging");
+
+    // 1. A forged signature: signed by a key that is not the worker's enrolled key.
+    let l1 = lease(&coord).await;
+    let mut forged = result_for(&l1, &staging_root.join("1"), b"hello");
+    forger.sign_result(&mut forged);
+    coord.report("w1", forged.clone()).expect("report");
+    // A result claiming the enrolled key but signed by another is refused too.
+    forged.worker_key = honest.public_key();
+    assert!(signing::verify_result(&honest.public_key(), &forged).is_err());
+    let r = wait_refusals(&coord, |r| r.signature >= 1).await;
+    assert_eq!(r.signature, 1);
+
+    // The job is retried under a new, higher generation.
+    let l2 = lease(&coord).await;
+    assert!(l2.generation > l1.generation);
+    assert_eq!(l2.attempt, 2);
+
+    // 2. A result for the old generation (a late or replayed answer) is refused.
+    let mut stale = result_for(&l1, &staging_root.join("2"), b"hello");
+    honest.sign_result(&mut stale);
+    coord.report("w1", stale).expect("report");
+    let r = wait_refusals(&coord, |r| r.stale >= 1).await;
+    assert_eq!(r.stale, 1);
+
+    // 3. A correctly signed manifest whose uploaded bytes were tampered with.
+    let mut tampered = result_for(&l2, &staging_root.join("3"), b"hello");
+    honest.sign_result(&mut tampered);
+    std::fs::write(staging_root.join("3/out/x.txt"), b"HELLO").expect("tamper");
+    coord.report("w1", tampered).expect("report");
+    let r = wait_refusals(&coord, |r| r.digest >= 1).await;
+    assert_eq!(r.digest, 1);
+    assert!(
+        !project.path().join("artifacts/a").exists(),
+        "nothing sealed from a tampered upload"
+    );
+
+    // 4. The honest answer is accepted and sealed with the worker's key and signature.
+    let l3 = lease(&coord).await;
+    let mut good = result_for(&l3, &staging_root.join("4"), b"hello");
+    honest.sign_result(&mut good);
+    coord.report("w1", good.clone()).expect("report");
+    let summary = loop {
+        match tokio::time::timeout(Duration::from_secs(10), run.progress.recv()).await {
+            Ok(Some(Progress::Finished(s))) => break s,
+            Ok(Some(_)) => continue,
+            other => panic!("run did not finish: {other:?}"),
+        }
+    };
+    assert_eq!(summary.outcome, RunOutcome::Succeeded);
+    let meta = nexa_shared::artifact::verify(&project.path().join("artifacts/a"))
+        .expect("sealed and verified");
+    assert_eq!(meta.labels["worker"], hex_of(&honest.public_key()));
+    assert_eq!(meta.labels["signature"], hex_of(&good.signature));
+
+    // 5. Replaying the accepted result is refused: the job is finished.
+    coord.report("w1", good).expect("report");
+    let r = wait_refusals(&coord, |r| r.stale >= 2).await;
+    assert_eq!(r.stale, 2);
+    coord.shutdown();
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
