@@ -586,3 +586,90 @@ fn the_quickstart_runs_and_its_report_is_right() {
             .all(|(_, s)| s == "SKIPPED")
     );
 }
+
+#[test]
+fn named_outputs_are_separate_artifacts_and_csv_shards_keep_their_header() {
+    let p = Project::new();
+    p.write("table.csv", "name,score\na,1\nb,2\nc,3\n");
+    p.write(
+        "n.yaml",
+        r#"
+pipeline:
+  name: named
+  steps:
+    - id: split
+      uses: exec
+      in: {table: table.csv}
+      shards: {over: table, count: 2}
+      params: {run: 'head -1 "$NEXA_IN_TABLE" > "$NEXA_OUT_HEADER/h.txt"; tail -n +2 "$NEXA_IN_TABLE" | wc -l > "$NEXA_OUT_ROWS/n.txt"'}
+      out: {header: artifacts/header, rows: artifacts/rows}
+    - id: use_rows
+      uses: exec
+      in: {rows: artifacts/rows}
+      params: {cmd: [sh, -c, 'cat "${NEXA_IN_ROWS}"/shard-*/n.txt > "${NEXA_OUT}/all.txt"']}
+      out: artifacts/use_rows
+"#,
+    );
+    let out = p.nexa(&["pipeline", "run", "n.yaml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(p.read("artifacts/header/shard-00000/h.txt"), "name,score\n");
+    assert_eq!(p.read("artifacts/header/shard-00001/h.txt"), "name,score\n");
+    assert_eq!(
+        p.read("artifacts/use_rows/all.txt")
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["2", "1"]
+    );
+    let v = p.status_json("n.yaml");
+    let outs = v["steps"][0]["outputs"].as_object().expect("outputs");
+    assert_eq!(outs.len(), 2);
+    assert!(
+        p.path().join("artifacts/rows/COMPLETE").is_file()
+            && p.path().join("artifacts/header/COMPLETE").is_file()
+    );
+}
+
+#[test]
+fn jobs_left_running_by_a_killed_nexa_are_reaped_on_the_next_start() {
+    let p = Project::new();
+    let pidfile = p.path().join("job.pid");
+    let flag = p.path().join("flag");
+    p.write(
+        "o.yaml",
+        &format!(
+            "pipeline:\n  name: orphan\n  steps:\n    - id: slow\n      uses: exec\n      params: {{run: 'echo $$ > {pid}; [ -f {flag} ] || sleep 60; echo done > \"$NEXA_OUT/x\"'}}\n      out: artifacts/slow\n",
+            pid = pidfile.display(),
+            flag = flag.display()
+        ),
+    );
+    let mut child = p
+        .cmd(&["pipeline", "run", "o.yaml"])
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while p.read("job.pid").trim().is_empty() {
+        assert!(Instant::now() < deadline, "job never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid: i32 = p.read("job.pid").trim().parse().expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    let _ = child.wait();
+    let alive = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z"))
+            .unwrap_or(false)
+    };
+    assert!(
+        alive(pid),
+        "the orphaned job should still be running before the next start"
+    );
+    std::fs::write(&flag, "").expect("flag");
+    let out = p.nexa(&["pipeline", "resume", "o.yaml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!alive(pid), "the orphaned job survived the next start");
+}

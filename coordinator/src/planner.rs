@@ -162,6 +162,18 @@ pub fn plan_step(
             handlers::not_available_message(&step.uses.value),
         );
     }
+    if let Some(sched) = step.scheduler.as_deref()
+        && sched != "local"
+    {
+        // Running a step meant for Slurm or Kubernetes here instead would surprise its
+        // owner (wrong hardware, wrong accounting): refuse until those schedulers land.
+        return fail(
+            Some(cache_key),
+            format!(
+                "scheduler '{sched}' is not available yet in this build (use 'local' or leave it out)"
+            ),
+        );
+    }
     for out in outputs.values() {
         if let Err(e) = artifact::recover(out) {
             return fail(Some(cache_key), format!("recovering {}: {e}", ctx.rel(out)));

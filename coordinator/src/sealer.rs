@@ -245,17 +245,39 @@ pub fn assemble(
                 fs::create_dir_all(&dst).map_err(|e| format!("create {}: {e}", dst.display()))?;
             }
         }
+        // Only content goes into the payload, so the same inputs give the same hash on
+        // any machine; who ran each shard (and their signatures) goes into meta.json.
+        let parts: Vec<serde_json::Value> = shards
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "index": s.index,
+                    "records": s.records,
+                    "input_digest": s.input_digest,
+                    "cache_key": s.cache_key,
+                    "hash": s.hash,
+                })
+            })
+            .collect();
         let manifest = serde_json::json!({
             "step": step.id.value,
             "output": name,
             "over": step.shards.as_ref().map(|s| s.over.value.clone()),
             "count": units.len(),
-            "shards": shards,
+            "shards": parts,
         });
         let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| e.to_string())?;
         fs::write(tmp.join("manifest.json"), bytes).map_err(|e| format!("write manifest: {e}"))?;
         let mut labels = ctx.labels(step, &plan.cache_key);
         labels.insert("shards".into(), units.len().to_string());
+        let provenance: Vec<serde_json::Value> = shards
+            .iter()
+            .map(|s| serde_json::json!({"index": s.index, "worker": s.worker, "signature": s.signature}))
+            .collect();
+        labels.insert(
+            "shard_provenance".into(),
+            serde_json::Value::Array(provenance).to_string(),
+        );
         let (meta, _) = artifact::seal(
             out,
             SealRequest {
