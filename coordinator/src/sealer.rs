@@ -104,6 +104,16 @@ pub fn copy_tree(src: &Path, dst: &Path, link: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// Seals the payload staged at `<out>.tmp` and describes the artifact.
+fn seal_output(ctx: &RunContext, out: &Path, req: SealRequest) -> Result<ArtifactInfo, String> {
+    let (meta, _) = artifact::seal(out, req).map_err(|e| e.to_string())?;
+    Ok(ArtifactInfo {
+        path: ctx.rel(out),
+        hash: meta.hash,
+        bytes: meta.bytes,
+    })
+}
+
 fn worker_labels(labels: &mut BTreeMap<String, String>, result: &JobResult) {
     labels.insert("worker".into(), hex::encode(result.worker_key));
     labels.insert("signature".into(), hex::encode(&result.signature));
@@ -128,24 +138,13 @@ pub fn seal_step(
         move_dir(&staging.join(name), &tmp)?;
         let mut labels = ctx.labels(step, &plan.cache_key);
         worker_labels(&mut labels, result);
-        let (meta, _) = artifact::seal(
-            out,
-            SealRequest {
-                kind: plan.kind.clone(),
-                inputs: meta_inputs(plan),
-                labels,
-                expected: Some(expected_files(result, name, "")?),
-            },
-        )
-        .map_err(|e| e.to_string())?;
-        sealed.insert(
-            name.clone(),
-            ArtifactInfo {
-                path: ctx.rel(out),
-                hash: meta.hash,
-                bytes: meta.bytes,
-            },
-        );
+        let req = SealRequest {
+            kind: plan.kind.clone(),
+            inputs: meta_inputs(plan),
+            labels,
+            expected: Some(expected_files(result, name, "")?),
+        };
+        sealed.insert(name.clone(), seal_output(ctx, out, req)?);
     }
     Ok(sealed)
 }
@@ -278,24 +277,13 @@ pub fn assemble(
             "shard_provenance".into(),
             serde_json::Value::Array(provenance).to_string(),
         );
-        let (meta, _) = artifact::seal(
-            out,
-            SealRequest {
-                kind: plan.kind.clone(),
-                inputs: meta_inputs(plan),
-                labels,
-                expected: None,
-            },
-        )
-        .map_err(|e| e.to_string())?;
-        sealed.insert(
-            name.clone(),
-            ArtifactInfo {
-                path: ctx.rel(out),
-                hash: meta.hash,
-                bytes: meta.bytes,
-            },
-        );
+        let req = SealRequest {
+            kind: plan.kind.clone(),
+            inputs: meta_inputs(plan),
+            labels,
+            expected: None,
+        };
+        sealed.insert(name.clone(), seal_output(ctx, out, req)?);
     }
     // Keep only the shard results this artifact was built from.
     let root = ctx.state_dir.join("shards").join(&step.id.value);
