@@ -76,7 +76,9 @@ impl Embedded {
         let identity = Arc::new(Identity::load_or_create(key_path)?);
         let (coordinator, engine) = Coordinator::start(store);
         let name = "local".to_string();
-        coordinator.register_worker(&name, identity.public_key())?;
+        std::fs::create_dir_all(&work_dir)?;
+        let profile = nexa_worker::profile::profile(&work_dir, false);
+        coordinator.register_worker(&name, identity.public_key(), profile.clone(), slots as u32)?;
         let link = Arc::new(LocalLink {
             coord: coordinator.clone(),
             worker: name.clone(),
@@ -86,6 +88,7 @@ impl Embedded {
             name,
             slots,
             work_dir,
+            profile,
         };
         let worker = tokio::spawn(nexa_worker::run(link, cfg, identity, rx));
         Ok(Self {

@@ -673,3 +673,91 @@ fn jobs_left_running_by_a_killed_nexa_are_reaped_on_the_next_start() {
     std::thread::sleep(Duration::from_millis(100));
     assert!(!alive(pid), "the orphaned job survived the next start");
 }
+
+#[test]
+fn gpu_steps_get_exactly_their_gpus_and_impossible_ones_fail_fast_saying_why() {
+    let p = Project::new();
+    p.write(
+        "g.yaml",
+        r#"
+pipeline:
+  name: gpus
+  steps:
+    - id: small
+      uses: exec
+      resources: {gpus: 1, gpu_memory: 20GiB}
+      params: {run: 'echo "$CUDA_VISIBLE_DEVICES" > "$NEXA_OUT/gpus"'}
+      out: artifacts/small
+    - id: hopper
+      uses: exec
+      after: []
+      resources: {gpus: 1, compute_capability: "9.0"}
+      params: {run: 'echo "$CUDA_VISIBLE_DEVICES" > "$NEXA_OUT/gpus"'}
+      out: artifacts/hopper
+    - id: cpu
+      uses: exec
+      after: []
+      params: {run: 'echo "[$CUDA_VISIBLE_DEVICES]" > "$NEXA_OUT/gpus"'}
+      out: artifacts/cpu
+    - id: huge
+      uses: exec
+      after: []
+      resources: {gpus: 1, gpu_memory: 100GiB}
+      params: {run: 'true'}
+      out: artifacts/huge
+"#,
+    );
+    let gib = 1u64 << 30;
+    let fake = serde_json::json!([
+        {"index": 0, "uuid": "GPU-fake-80", "name": "Fake H100", "memory_total": 80 * gib, "memory_free": 80 * gib, "compute_capability": [9, 0], "mig_enabled": false},
+        {"index": 1, "uuid": "GPU-fake-24", "name": "Fake L4", "memory_total": 24 * gib, "memory_free": 24 * gib, "compute_capability": [8, 9], "mig_enabled": false},
+    ]);
+    let out = p
+        .cmd(&["pipeline", "run", "g.yaml"])
+        .env("NEXA_FAKE_GPUS", fake.to_string())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(
+        p.read("artifacts/small/gpus").trim(),
+        "GPU-fake-24",
+        "best fit: the smaller GPU"
+    );
+    assert_eq!(p.read("artifacts/hopper/gpus").trim(), "GPU-fake-80");
+    assert_eq!(
+        p.read("artifacts/cpu/gpus").trim(),
+        "[]",
+        "a CPU step sees no GPU"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("needs ≥ 100.0 GiB GPU memory; largest enrolled is 80.0 GiB"),
+        "{err}"
+    );
+    assert_eq!(
+        p.statuses("g.yaml"),
+        pairs(&[
+            ("small", "COMPLETE"),
+            ("hopper", "COMPLETE"),
+            ("cpu", "COMPLETE"),
+            ("huge", "FAILED")
+        ])
+    );
+
+    // Without GPUs (no NVML here, no fake), a GPU step fails at once and says why.
+    let q = Project::new();
+    q.write("g.yaml", &p.read("g.yaml"));
+    let out = q
+        .cmd(&["pipeline", "run", "g.yaml"])
+        .env_remove("NEXA_FAKE_GPUS")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    if !err.contains("GPU-") {
+        assert!(
+            err.contains("needs 1 GPU; the most any worker has is 0"),
+            "{err}"
+        );
+    }
+}

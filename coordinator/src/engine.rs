@@ -6,6 +6,7 @@ use crate::planner::{self, Plan, RunContext, StepPlan};
 use crate::sealer::{self, ShardSealed};
 use crate::state::{self, ArtifactInfo, RunRecord, ShardRecord, StepRecord, StepStatus};
 use crate::{Error, Result, Store, mirror};
+use nexa_shared::hardware::{self, Profile, Requirements};
 use nexa_shared::job::{JobInput, JobResult, JobSpec, Lease, Outcome};
 use nexa_shared::spec::Loaded;
 use nexa_shared::{paths, signing};
@@ -127,8 +128,8 @@ pub struct Refusals {
 pub enum Event {
     /// Start a run.
     Submit(Box<RunRequest>, oneshot::Sender<Result<RunHandle>>),
-    /// A worker joined with its public key.
-    RegisterWorker(String, [u8; 32]),
+    /// A worker joined with its public key, hardware profile and slots.
+    RegisterWorker(String, Box<WorkerInfo>),
     /// A worker has a free slot and waits for a lease.
     LeaseRequest(String, oneshot::Sender<Option<Lease>>),
     /// A worker reports a job.
@@ -153,6 +154,17 @@ pub enum Event {
     Refusals(oneshot::Sender<Refusals>),
     /// Stop the loop.
     Shutdown,
+}
+
+/// What the coordinator knows of an enrolled worker.
+#[derive(Debug, Clone)]
+pub struct WorkerInfo {
+    /// Its Ed25519 public key (its identity).
+    pub key: [u8; 32],
+    /// Its hardware.
+    pub profile: Profile,
+    /// Jobs it runs at once.
+    pub slots: u32,
 }
 
 /// What sealing produced.
@@ -204,9 +216,22 @@ impl Coordinator {
         rx.await.map_err(|_| Error::ShutDown)?
     }
 
-    /// Records a worker's enrolled public key.
-    pub fn register_worker(&self, worker: &str, key: [u8; 32]) -> Result<()> {
-        self.send(Event::RegisterWorker(worker.to_string(), key))
+    /// Enrols a worker: its public key, hardware profile and slots.
+    pub fn register_worker(
+        &self,
+        worker: &str,
+        key: [u8; 32],
+        profile: Profile,
+        slots: u32,
+    ) -> Result<()> {
+        self.send(Event::RegisterWorker(
+            worker.to_string(),
+            Box::new(WorkerInfo {
+                key,
+                profile,
+                slots,
+            }),
+        ))
     }
 
     /// Waits for a lease for `worker`; `None` when the coordinator shuts down.
@@ -224,9 +249,8 @@ impl Coordinator {
 
     /// Cancels a run: queued jobs are dropped, running ones killed, state saved.
     pub fn cancel(&self, run_id: &str) -> Result<()> {
-        if let Some(tx) = self.lock_cancels().get(run_id) {
-            let _ = tx.send(true);
-        }
+        // The loop marks the run cancelled before it signals workers, so a job's
+        // "cancelled" report always finds the run already cancelled.
         self.send(Event::Cancel(run_id.to_string()))
     }
 
@@ -312,7 +336,7 @@ struct Engine {
     tx: mpsc::UnboundedSender<Event>,
     rx: mpsc::UnboundedReceiver<Event>,
     cancels: Arc<Mutex<HashMap<String, watch::Sender<bool>>>>,
-    workers: HashMap<String, [u8; 32]>,
+    workers: HashMap<String, WorkerInfo>,
     runs: HashMap<String, Run>,
     jobs: HashMap<String, Job>,
     queue: VecDeque<String>,
@@ -407,8 +431,9 @@ impl Engine {
             Event::Submit(req, reply) => {
                 let _ = reply.send(self.submit(*req));
             }
-            Event::RegisterWorker(id, key) => {
-                self.workers.insert(id, key);
+            Event::RegisterWorker(id, info) => {
+                tracing::info!(worker = %id, gpus = info.profile.gpus.len(), slots = info.slots, "worker enrolled");
+                self.workers.insert(id, *info);
             }
             Event::LeaseRequest(worker, reply) => {
                 self.waiting.push_back((worker, reply));
@@ -738,6 +763,21 @@ impl Engine {
         let Some(run) = self.runs.get_mut(run_id) else {
             return;
         };
+        let requirements = Requirements::from(&run.ctx.pipeline.steps[i].resources);
+        // A job no enrolled worker could ever run fails now, saying why, instead of
+        // waiting forever.
+        if let Some(why) = hardware::why_unfit(
+            &requirements,
+            self.workers.values().map(|w| (&w.profile, w.slots)),
+        ) {
+            run.records[i].cache_key = Some(plan.cache_key.clone());
+            self.step_failed(
+                run_id,
+                i,
+                format!("no enrolled worker can run this step: {why}"),
+            );
+            return;
+        }
         let step = &run.ctx.pipeline.steps[i];
         let rec = &mut run.records[i];
         rec.cache_key = Some(plan.cache_key.clone());
@@ -755,6 +795,7 @@ impl Engine {
             inputs: Vec::new(),
             outputs: plan.outputs.keys().cloned().collect(),
             timeout: step.timeout,
+            requirements,
         };
         let mut new_jobs = Vec::new();
         match &plan.shards {
@@ -911,7 +952,7 @@ impl Engine {
             tracing::warn!(job = %result.job_id, worker, generation = result.generation, current = job.generation, "refused result from a stale lease generation");
             return;
         }
-        let enrolled = self.workers.get(worker).copied();
+        let enrolled = self.workers.get(worker).map(|w| w.key);
         let verified = match enrolled {
             None => Err("worker is not enrolled".to_string()),
             Some(key) => signing::verify_result(&key, &result).map_err(|e| e.to_string()),
@@ -1019,7 +1060,7 @@ impl Engine {
             }
             Ok(SealedJob::Step(outputs)) => {
                 let worker = self.jobs.remove(job_id).and_then(|j| j.worker);
-                let key = worker.and_then(|w| self.workers.get(&w).copied());
+                let key = worker.and_then(|w| self.workers.get(&w).map(|i| i.key));
                 let Some(run) = self.runs.get_mut(&run_id) else {
                     return;
                 };
@@ -1039,7 +1080,8 @@ impl Engine {
                 s.hash = Some(sealed.hash.clone());
                 s.error = None;
                 if s.worker.is_none() {
-                    s.worker = worker.and_then(|w| self.workers.get(&w).map(hex::encode));
+                    s.worker =
+                        worker.and_then(|w| self.workers.get(&w).map(|i| hex::encode(i.key)));
                 }
                 run.emit(Progress::Shard {
                     step: run.records[i].id.clone(),
@@ -1227,6 +1269,14 @@ impl Engine {
         }
         run.cancelled = true;
         tracing::info!(run = %run_id, "cancelling run");
+        if let Some(tx) = self
+            .cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(run_id)
+        {
+            let _ = tx.send(true);
+        }
         // Drop queued and backing-off jobs; leased ones are killed by their workers and
         // report Cancelled.
         let dropped: Vec<String> = self

@@ -67,8 +67,13 @@ async fn untrusted_results_are_refused_and_counted() {
     let (coord, _task) = Coordinator::start(store);
     let honest = Identity::generate();
     let forger = Identity::generate();
+    let profile = nexa_shared::hardware::Profile {
+        cores: 2,
+        memory_total: 1 << 30,
+        ..Default::default()
+    };
     coord
-        .register_worker("w1", honest.public_key())
+        .register_worker("w1", honest.public_key(), profile, 2)
         .expect("register");
     let mut run = coord
         .submit(RunRequest {

@@ -38,6 +38,8 @@ pub struct JobSpec {
     pub outputs: Vec<String>,
     /// Per-attempt timeout.
     pub timeout: Option<Duration>,
+    /// What the job needs from a worker.
+    pub requirements: crate::hardware::Requirements,
 }
 
 /// A job given to one worker, fenced by a generation number: a result carrying an older

@@ -12,6 +12,7 @@ pub mod diag;
 pub mod digest;
 pub mod error;
 pub mod handlers;
+pub mod hardware;
 pub mod job;
 pub mod paths;
 pub mod shard;

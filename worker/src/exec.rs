@@ -4,6 +4,7 @@
 //! or a cancellation kills the whole process group.
 
 use crate::cas::Cas;
+use crate::gpus::GpuPool;
 use crate::{CoordinatorLink, outputs};
 use nexa_shared::handlers;
 use nexa_shared::job::{JobResult, Lease, Outcome, now_ms};
@@ -74,6 +75,7 @@ fn kill_group(pid: Option<u32>) {
 pub async fn run_job<L: CoordinatorLink>(
     link: &L,
     cas: &Cas,
+    gpus: &GpuPool,
     work_dir: &Path,
     lease: &Lease,
     mut cancel: watch::Receiver<bool>,
@@ -131,6 +133,21 @@ pub async fn run_job<L: CoordinatorLink>(
         env.push(("NEXA_SHARD_INDEX".into(), i.to_string()));
         env.push(("NEXA_SHARD_COUNT".into(), n.to_string()));
     }
+    // The job sees exactly the GPUs it asked for (none when it asked for none).
+    let gpu_lease = tokio::select! {
+        l = gpus.acquire(&job.requirements) => match l {
+            Ok(l) => l,
+            Err(e) => return failed(lease, started, e),
+        },
+        _ = cancel.wait_for(|c| *c) => {
+            let mut r = result(lease, Outcome::Cancelled, started);
+            r.error = "cancelled while waiting for a GPU".into();
+            return r;
+        }
+    };
+    let visible = gpu_lease.cuda_visible_devices();
+    env.push(("CUDA_VISIBLE_DEVICES".into(), visible.clone()));
+    env.push(("NEXA_GPUS".into(), visible));
     let log_path = dir.join("log");
     let log = match std::fs::File::create(&log_path) {
         Ok(f) => f,
@@ -199,6 +216,7 @@ pub async fn run_job<L: CoordinatorLink>(
     };
     // Whatever happened, nothing the job started outlives it.
     kill_group(pid);
+    drop(gpu_lease);
     let mut r = match end {
         End::TimedOut | End::Cancelled => {
             let _ = child.wait().await;

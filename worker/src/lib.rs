@@ -5,7 +5,9 @@
 pub mod cas;
 pub mod error;
 pub mod exec;
+pub mod gpus;
 pub mod outputs;
+pub mod profile;
 
 pub use error::{Error, Result};
 
@@ -41,6 +43,8 @@ pub struct WorkerConfig {
     pub slots: usize,
     /// Where job directories and the input cache live.
     pub work_dir: PathBuf,
+    /// What this worker has (its GPUs are handed to jobs).
+    pub profile: nexa_shared::hardware::Profile,
 }
 
 /// Runs `cfg.slots` job loops until `shutdown` turns true or the link closes.
@@ -51,12 +55,14 @@ pub async fn run<L: CoordinatorLink>(
     shutdown: watch::Receiver<bool>,
 ) {
     let cas = Arc::new(cas::Cas::new(cfg.work_dir.join("cas")));
+    let gpus = Arc::new(gpus::GpuPool::new(cfg.profile.clone()));
     let mut tasks = Vec::new();
     for slot in 0..cfg.slots.max(1) {
         let link = link.clone();
         let cfg = cfg.clone();
         let identity = identity.clone();
         let cas = cas.clone();
+        let gpus = gpus.clone();
         let mut shutdown = shutdown.clone();
         tasks.push(tokio::spawn(async move {
             loop {
@@ -68,7 +74,7 @@ pub async fn run<L: CoordinatorLink>(
                 tracing::debug!(worker = %cfg.name, slot, job = %lease.job.job_id, "running job");
                 let cancel = link.cancellation(&lease.job.run_id);
                 let mut result =
-                    exec::run_job(link.as_ref(), &cas, &cfg.work_dir, &lease, cancel).await;
+                    exec::run_job(link.as_ref(), &cas, &gpus, &cfg.work_dir, &lease, cancel).await;
                 identity.sign_result(&mut result);
                 link.report(result).await;
             }

@@ -1,0 +1,407 @@
+//! Hardware profiles, job requirements, and matching.
+//!
+//! Matching is a pure function: [`assign`] picks, for one job, a worker and the GPUs it
+//! gets, by best fit (the smallest GPU that satisfies the job, so big GPUs stay free for
+//! the jobs that need them). [`why_unfit`] explains why no worker could ever run a job.
+
+use crate::spec::Resources;
+use crate::units::format_size;
+use std::collections::BTreeMap;
+
+/// One GPU as NVML reported it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Gpu {
+    /// NVML index.
+    pub index: u32,
+    /// `GPU-…` UUID (what `CUDA_VISIBLE_DEVICES` takes).
+    pub uuid: String,
+    /// Product name.
+    pub name: String,
+    /// Total memory in bytes.
+    pub memory_total: u64,
+    /// Free memory in bytes at profiling time.
+    pub memory_free: u64,
+    /// CUDA compute capability (major, minor).
+    pub compute_capability: (u32, u32),
+    /// Whether MIG mode is on.
+    pub mig_enabled: bool,
+}
+
+/// What a worker has.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Profile {
+    /// Host name.
+    pub hostname: String,
+    /// Operating system and version.
+    pub os: String,
+    /// CPU architecture.
+    pub arch: String,
+    /// CPU model.
+    pub cpu_model: String,
+    /// Logical cores.
+    pub cores: u32,
+    /// Total memory in bytes.
+    pub memory_total: u64,
+    /// Available memory in bytes.
+    pub memory_available: u64,
+    /// Free disk under the work directory in bytes.
+    pub disk_free: u64,
+    /// GPUs NVML confirmed; never anything else.
+    pub gpus: Vec<Gpu>,
+    /// NVIDIA driver version, when NVML is there.
+    pub driver_version: Option<String>,
+    /// CUDA driver API version (e.g. `13.0`), when NVML is there.
+    pub cuda_version: Option<String>,
+    /// Why there are no GPUs, when there are none.
+    pub gpu_note: Option<String>,
+    /// Labels: runtimes found (`python3`, `torch`, `docker`) and the operator's own.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What a job needs (from `resources` in the pipeline).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Requirements {
+    /// CPU slots.
+    pub cpus: u32,
+    /// Memory in bytes.
+    pub memory: u64,
+    /// GPUs.
+    pub gpus: u32,
+    /// Memory per GPU in bytes.
+    pub gpu_memory: u64,
+    /// Minimum compute capability.
+    pub compute_capability: Option<(u32, u32)>,
+    /// Labels the worker must carry with these values.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl From<&Resources> for Requirements {
+    fn from(r: &Resources) -> Self {
+        Self {
+            cpus: r.cpus.unwrap_or(1),
+            memory: r.memory.unwrap_or(0),
+            gpus: r.gpus.unwrap_or(0),
+            gpu_memory: r.gpu_memory.unwrap_or(0),
+            compute_capability: r.compute_capability,
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
+impl Requirements {
+    /// True when this GPU can serve the job.
+    pub fn gpu_ok(&self, g: &Gpu) -> bool {
+        g.memory_total >= self.gpu_memory
+            && self
+                .compute_capability
+                .is_none_or(|cc| g.compute_capability >= cc)
+    }
+}
+
+/// A worker's capacity right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Free<'a> {
+    /// The worker's id.
+    pub worker: &'a str,
+    /// Its profile.
+    pub profile: &'a Profile,
+    /// Free CPU slots.
+    pub slots: u32,
+    /// Free memory in bytes.
+    pub memory: u64,
+    /// Indices (into `profile.gpus`) of the GPUs not in use.
+    pub free_gpus: Vec<usize>,
+}
+
+/// Where a job goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    /// Index into the `free` slice given to [`assign`].
+    pub worker: usize,
+    /// Indices into that worker's `profile.gpus`.
+    pub gpus: Vec<usize>,
+}
+
+fn labels_ok(req: &Requirements, p: &Profile) -> bool {
+    req.labels.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+}
+
+/// Picks a worker and GPUs for `req` among `free`, best fit: the assignment whose GPUs
+/// have the least total memory, then the worker with the fewest free slots left.
+/// `None` when nothing fits now.
+pub fn assign(req: &Requirements, free: &[Free<'_>]) -> Option<Assignment> {
+    let mut best: Option<(u64, u32, Assignment)> = None;
+    for (w, f) in free.iter().enumerate() {
+        if f.slots < req.cpus.max(1) || f.memory < req.memory || !labels_ok(req, f.profile) {
+            continue;
+        }
+        let mut usable: Vec<usize> = f
+            .free_gpus
+            .iter()
+            .copied()
+            .filter(|&g| f.profile.gpus.get(g).is_some_and(|gpu| req.gpu_ok(gpu)))
+            .collect();
+        if usable.len() < req.gpus as usize {
+            continue;
+        }
+        usable.sort_by_key(|&g| (f.profile.gpus[g].memory_total, g));
+        usable.truncate(req.gpus as usize);
+        let mem: u64 = usable.iter().map(|&g| f.profile.gpus[g].memory_total).sum();
+        let left = f.slots - req.cpus.max(1);
+        let better = best
+            .as_ref()
+            .is_none_or(|(bm, bl, _)| (mem, left) < (*bm, *bl));
+        if better {
+            best = Some((
+                mem,
+                left,
+                Assignment {
+                    worker: w,
+                    gpus: usable,
+                },
+            ));
+        }
+    }
+    best.map(|(_, _, a)| a)
+}
+
+/// Why no worker in `profiles` could ever run `req` (with all its capacity free), or
+/// `None` when one could.
+pub fn why_unfit<'a>(
+    req: &Requirements,
+    profiles: impl IntoIterator<Item = (&'a Profile, u32)>,
+) -> Option<String> {
+    let profiles: Vec<(&Profile, u32)> = profiles.into_iter().collect();
+    if profiles.is_empty() {
+        return Some("no worker is enrolled".into());
+    }
+    let can = |p: &Profile, slots: u32| {
+        slots >= req.cpus.max(1)
+            && p.memory_total >= req.memory
+            && labels_ok(req, p)
+            && p.gpus.iter().filter(|g| req.gpu_ok(g)).count() >= req.gpus as usize
+    };
+    if profiles.iter().any(|(p, s)| can(p, *s)) {
+        return None;
+    }
+    let mut why = Vec::new();
+    let max_slots = profiles.iter().map(|(_, s)| *s).max().unwrap_or(0);
+    if req.cpus > max_slots {
+        why.push(format!(
+            "needs {} CPU slots; the most any worker has is {max_slots}",
+            req.cpus
+        ));
+    }
+    let max_mem = profiles
+        .iter()
+        .map(|(p, _)| p.memory_total)
+        .max()
+        .unwrap_or(0);
+    if req.memory > max_mem {
+        why.push(format!(
+            "needs {} memory; the largest worker has {}",
+            format_size(req.memory),
+            format_size(max_mem)
+        ));
+    }
+    if req.gpus > 0 {
+        let max_gpus = profiles
+            .iter()
+            .map(|(p, _)| p.gpus.len())
+            .max()
+            .unwrap_or(0);
+        let largest = profiles
+            .iter()
+            .flat_map(|(p, _)| p.gpus.iter().map(|g| g.memory_total))
+            .max();
+        let best_cc = profiles
+            .iter()
+            .flat_map(|(p, _)| p.gpus.iter().map(|g| g.compute_capability))
+            .max();
+        if req.gpus as usize > max_gpus {
+            let note = profiles.iter().find_map(|(p, _)| p.gpu_note.clone());
+            why.push(format!(
+                "needs {} GPU{}; the most any worker has is {max_gpus}{}",
+                req.gpus,
+                if req.gpus == 1 { "" } else { "s" },
+                note.map(|n| format!(" ({n})")).unwrap_or_default()
+            ));
+        }
+        if req.gpu_memory > 0 && largest.is_some_and(|l| l < req.gpu_memory) {
+            why.push(format!(
+                "needs ≥ {} GPU memory; largest enrolled is {}",
+                format_size(req.gpu_memory),
+                format_size(largest.unwrap_or(0))
+            ));
+        }
+        if let (Some(cc), Some(best)) = (req.compute_capability, best_cc)
+            && best < cc
+        {
+            why.push(format!(
+                "needs compute capability ≥ {}.{}; the best enrolled is {}.{}",
+                cc.0, cc.1, best.0, best.1
+            ));
+        }
+    }
+    for (k, v) in &req.labels {
+        if !profiles.iter().any(|(p, _)| p.labels.get(k) == Some(v)) {
+            why.push(format!("needs label {k}={v}; no worker has it"));
+        }
+    }
+    if why.is_empty() {
+        why.push("no single worker has all of it at once".into());
+    }
+    Some(why.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn gpu(i: u32, mem_gib: u64, cc: (u32, u32)) -> Gpu {
+        Gpu {
+            index: i,
+            uuid: format!("GPU-{i}"),
+            name: "test".into(),
+            memory_total: mem_gib * GIB,
+            memory_free: mem_gib * GIB,
+            compute_capability: cc,
+            mig_enabled: false,
+        }
+    }
+
+    fn profile(gpus: Vec<Gpu>) -> Profile {
+        Profile {
+            cores: 8,
+            memory_total: 64 * GIB,
+            gpus,
+            ..Profile::default()
+        }
+    }
+
+    #[test]
+    fn best_fit_takes_the_smallest_gpu_that_fits() {
+        let big = profile(vec![gpu(0, 80, (9, 0))]);
+        let small = profile(vec![gpu(0, 24, (8, 6)), gpu(1, 16, (7, 5))]);
+        let free = |p| Free {
+            worker: "w",
+            profile: p,
+            slots: 4,
+            memory: 64 * GIB,
+            free_gpus: (0..p.gpus.len()).collect(),
+        };
+        let workers = [free(&big), free(&small)];
+        let req = Requirements {
+            gpus: 1,
+            gpu_memory: 20 * GIB,
+            ..Requirements::from(&Resources::default())
+        };
+        assert_eq!(
+            assign(&req, &workers),
+            Some(Assignment {
+                worker: 1,
+                gpus: vec![0]
+            })
+        );
+        let req40 = Requirements {
+            gpu_memory: 40 * GIB,
+            ..req.clone()
+        };
+        assert_eq!(
+            assign(&req40, &workers),
+            Some(Assignment {
+                worker: 0,
+                gpus: vec![0]
+            })
+        );
+        let cc = Requirements {
+            compute_capability: Some((9, 0)),
+            ..req.clone()
+        };
+        assert_eq!(assign(&cc, &workers).map(|a| a.worker), Some(0));
+        let cpu_only = Requirements::from(&Resources::default());
+        assert_eq!(assign(&cpu_only, &workers).map(|a| a.gpus), Some(vec![]));
+    }
+
+    #[test]
+    fn unfit_jobs_say_why() {
+        let p = profile(vec![gpu(0, 24, (8, 6))]);
+        let req = Requirements {
+            gpus: 1,
+            gpu_memory: 40 * GIB,
+            ..Requirements::from(&Resources::default())
+        };
+        let why = why_unfit(&req, [(&p, 4)]).expect("unfit");
+        assert!(
+            why.contains("needs ≥ 40.0 GiB GPU memory; largest enrolled is 24.0 GiB"),
+            "{why}"
+        );
+        let mut none = profile(vec![]);
+        none.gpu_note = Some("NVML not found".into());
+        let why = why_unfit(
+            &Requirements {
+                gpu_memory: 0,
+                ..req.clone()
+            },
+            [(&none, 4)],
+        )
+        .expect("unfit");
+        assert!(
+            why.contains("needs 1 GPU; the most any worker has is 0 (NVML not found)"),
+            "{why}"
+        );
+        assert!(
+            why_unfit(
+                &Requirements {
+                    gpu_memory: GIB,
+                    ..req
+                },
+                [(&p, 4)]
+            )
+            .is_none()
+        );
+    }
+
+    fn arb_gpu() -> impl Strategy<Value = Gpu> {
+        (0u32..8, 1u64..100, 5u32..10, 0u32..10).prop_map(|(i, m, a, b)| gpu(i, m, (a, b)))
+    }
+
+    proptest! {
+        #[test]
+        fn assignments_satisfy_the_requirements_and_are_minimal(
+            workers in proptest::collection::vec((proptest::collection::vec(arb_gpu(), 0..5), 0u32..6, 0u64..64), 1..6),
+            gpus in 0u32..4, gpu_mem in 0u64..100, cpus in 0u32..4, cc in proptest::option::of((5u32..10, 0u32..10)),
+        ) {
+            let profiles: Vec<Profile> = workers.iter().map(|(g, _, _)| profile(g.clone())).collect();
+            let free: Vec<Free> = workers.iter().zip(&profiles).map(|((g, slots, mem), p)| Free {
+                worker: "w", profile: p, slots: *slots, memory: mem * GIB, free_gpus: (0..g.len()).collect(),
+            }).collect();
+            let req = Requirements { cpus, memory: 0, gpus, gpu_memory: gpu_mem * GIB, compute_capability: cc, labels: BTreeMap::new() };
+            let feasible: Vec<usize> = (0..free.len()).filter(|&w| {
+                free[w].slots >= cpus.max(1) && free[w].profile.gpus.iter().filter(|g| req.gpu_ok(g)).count() >= gpus as usize
+            }).collect();
+            match assign(&req, &free) {
+                None => prop_assert!(feasible.is_empty(), "a feasible worker was missed"),
+                Some(a) => {
+                    prop_assert!(feasible.contains(&a.worker));
+                    prop_assert_eq!(a.gpus.len(), gpus as usize);
+                    let mut seen = a.gpus.clone(); seen.sort(); seen.dedup();
+                    prop_assert_eq!(seen.len(), a.gpus.len(), "a GPU assigned twice");
+                    let p = free[a.worker].profile;
+                    for &g in &a.gpus { prop_assert!(req.gpu_ok(&p.gpus[g])); }
+                    // Best fit: no feasible worker offers less total GPU memory.
+                    let mem = |w: usize| -> u64 {
+                        let mut m: Vec<u64> = free[w].profile.gpus.iter().filter(|g| req.gpu_ok(g)).map(|g| g.memory_total).collect();
+                        m.sort(); m.into_iter().take(gpus as usize).sum()
+                    };
+                    let chosen: u64 = a.gpus.iter().map(|&g| p.gpus[g].memory_total).sum();
+                    for &w in &feasible { prop_assert!(chosen <= mem(w)); }
+                    prop_assert!(why_unfit(&req, profiles.iter().zip(workers.iter().map(|w| w.1))).is_none());
+                }
+            }
+        }
+    }
+}
