@@ -150,28 +150,31 @@ fn runs(cmd: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// One python3 run that reports its version and, when they import, torch (with its
+/// CUDA build) and transformers: importing torch takes seconds, so it is done once.
+const PY_PROBE: &str = r#"
+import json, sys
+out = {"python3": "%d.%d" % sys.version_info[:2]}
+try:
+    import torch
+    out["torch"] = torch.__version__
+    if torch.version.cuda:
+        out["torch_cuda"] = torch.version.cuda
+except Exception:
+    pass
+try:
+    import transformers
+    out["transformers"] = transformers.__version__
+except Exception:
+    pass
+print(json.dumps(out))
+"#;
+
 /// Runtimes this worker can offer jobs, as labels.
 fn probe_runtimes() -> BTreeMap<String, String> {
-    let mut l = BTreeMap::new();
-    if let Some(v) = runs(
-        "python3",
-        &["-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-    ) {
-        l.insert("python3".into(), v);
-        for module in ["torch", "transformers"] {
-            let code = format!("import {module}; print({module}.__version__)");
-            if let Some(v) = runs("python3", &["-c", &code]) {
-                l.insert(module.into(), v);
-            }
-        }
-        if let Some(v) = runs(
-            "python3",
-            &["-c", "import torch; print(torch.version.cuda or '')"],
-        ) && !v.is_empty()
-        {
-            l.insert("torch_cuda".into(), v);
-        }
-    }
+    let mut l: BTreeMap<String, String> = runs("python3", &["-c", PY_PROBE])
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default();
     if let Some(v) = runs("docker", &["version", "--format", "{{.Server.Version}}"]) {
         l.insert("docker".into(), v);
     }
