@@ -74,7 +74,8 @@ impl Embedded {
         slots: usize,
     ) -> anyhow::Result<Self> {
         let identity = Arc::new(Identity::load_or_create(key_path)?);
-        let (coordinator, engine) = Coordinator::start(store);
+        let (coordinator, engine) =
+            Coordinator::start(store, nexa_coordinator::engine::EngineConfig::embedded());
         let name = "local".to_string();
         std::fs::create_dir_all(&work_dir)?;
         let profile = nexa_worker::profile::profile(&work_dir, false);

@@ -121,6 +121,8 @@ pub struct Refusals {
     pub signature: u64,
     /// Uploaded payload did not match the signed manifest.
     pub digest: u64,
+    /// Leases that expired (worker lost, partitioned or too slow).
+    pub lease_expiries: u64,
 }
 
 /// The closed set of messages the scheduler loop consumes.
@@ -132,6 +134,15 @@ pub enum Event {
     RegisterWorker(String, Box<WorkerInfo>),
     /// A worker has a free slot and waits for a lease.
     LeaseRequest(String, oneshot::Sender<Option<Lease>>),
+    /// A worker is alive and runs these `(job, generation)`; the reply lists jobs it must kill.
+    Heartbeat(
+        String,
+        Vec<(String, u64)>,
+        Option<Box<Profile>>,
+        oneshot::Sender<Vec<String>>,
+    ),
+    /// Time passed: expire leases whose deadline is gone.
+    Tick,
     /// A worker reports a job.
     Report(String, Box<JobResult>),
     /// Planning of a step finished.
@@ -154,6 +165,27 @@ pub enum Event {
     Refusals(oneshot::Sender<Refusals>),
     /// Stop the loop.
     Shutdown,
+}
+
+/// Timing of leases and of giving up on unrunnable jobs.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    /// How long a lease lives without a heartbeat; `None`: forever (the embedded worker
+    /// lives in the same process).
+    pub lease_ttl: Option<Duration>,
+    /// How long a job that no enrolled worker could run waits for one to join before it
+    /// fails, saying why.
+    pub unfit_grace: Duration,
+}
+
+impl EngineConfig {
+    /// The embedded engine: no lease expiry, unrunnable jobs fail at once.
+    pub fn embedded() -> Self {
+        Self {
+            lease_ttl: None,
+            unfit_grace: Duration::ZERO,
+        }
+    }
 }
 
 /// What the coordinator knows of an enrolled worker.
@@ -185,10 +217,32 @@ pub struct Coordinator {
 
 impl Coordinator {
     /// Starts the loop on the current tokio runtime.
-    pub fn start(store: Arc<dyn Store>) -> (Coordinator, tokio::task::JoinHandle<()>) {
+    pub fn start(
+        store: Arc<dyn Store>,
+        config: EngineConfig,
+    ) -> (Coordinator, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let cancels = Arc::new(Mutex::new(HashMap::new()));
+        if config.lease_ttl.is_some() {
+            let tick = tx.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_millis(250));
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    if tick.send(Event::Tick).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        // Generations only grow, across restarts too: they start at the boot time.
+        let boot = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let engine = Engine {
+            config,
             store,
             tx: tx.clone(),
             rx,
@@ -198,7 +252,7 @@ impl Coordinator {
             jobs: HashMap::new(),
             queue: VecDeque::new(),
             waiting: VecDeque::new(),
-            next_generation: 1,
+            next_generation: boot << 20,
             refusals: Refusals::default(),
         };
         let handle = tokio::spawn(engine.run());
@@ -298,6 +352,45 @@ struct Job {
     worker: Option<String>,
     state: JobState,
     started: Option<Instant>,
+    deadline: Option<Instant>,
+}
+
+/// What one leased job holds on its worker.
+#[derive(Debug, Clone, Default)]
+struct Alloc {
+    cpus: u32,
+    memory: u64,
+    gpus: Vec<usize>,
+}
+
+#[derive(Debug)]
+struct WorkerState {
+    info: WorkerInfo,
+    alloc: HashMap<String, Alloc>,
+    last_seen: Instant,
+    lost: bool,
+}
+
+impl WorkerState {
+    fn free(&self, id: &str) -> hardware::Free<'_> {
+        let used_cpus: u32 = self.alloc.values().map(|a| a.cpus).sum();
+        let used_mem: u64 = self.alloc.values().map(|a| a.memory).sum();
+        let busy: Vec<usize> = self
+            .alloc
+            .values()
+            .flat_map(|a| a.gpus.iter().copied())
+            .collect();
+        let _ = id;
+        hardware::Free {
+            worker: "",
+            profile: &self.info.profile,
+            slots: self.info.slots.saturating_sub(used_cpus),
+            memory: self.info.profile.memory_total.saturating_sub(used_mem),
+            free_gpus: (0..self.info.profile.gpus.len())
+                .filter(|g| !busy.contains(g))
+                .collect(),
+        }
+    }
 }
 
 struct Run {
@@ -336,7 +429,8 @@ struct Engine {
     tx: mpsc::UnboundedSender<Event>,
     rx: mpsc::UnboundedReceiver<Event>,
     cancels: Arc<Mutex<HashMap<String, watch::Sender<bool>>>>,
-    workers: HashMap<String, WorkerInfo>,
+    workers: HashMap<String, WorkerState>,
+    config: EngineConfig,
     runs: HashMap<String, Run>,
     jobs: HashMap<String, Job>,
     queue: VecDeque<String>,
@@ -433,8 +527,26 @@ impl Engine {
             }
             Event::RegisterWorker(id, info) => {
                 tracing::info!(worker = %id, gpus = info.profile.gpus.len(), slots = info.slots, "worker enrolled");
-                self.workers.insert(id, *info);
+                let alloc = self
+                    .workers
+                    .remove(&id)
+                    .map(|w| w.alloc)
+                    .unwrap_or_default();
+                self.workers.insert(
+                    id,
+                    WorkerState {
+                        info: *info,
+                        alloc,
+                        last_seen: Instant::now(),
+                        lost: false,
+                    },
+                );
+                self.dispatch();
             }
+            Event::Heartbeat(worker, running, profile, reply) => {
+                let _ = reply.send(self.on_heartbeat(&worker, &running, profile));
+            }
+            Event::Tick => self.on_tick(),
             Event::LeaseRequest(worker, reply) => {
                 self.waiting.push_back((worker, reply));
                 self.dispatch();
@@ -768,7 +880,10 @@ impl Engine {
         // waiting forever.
         if let Some(why) = hardware::why_unfit(
             &requirements,
-            self.workers.values().map(|w| (&w.profile, w.slots)),
+            self.workers
+                .values()
+                .filter(|w| !w.lost)
+                .map(|w| (&w.info.profile, w.info.slots)),
         ) {
             run.records[i].cache_key = Some(plan.cache_key.clone());
             self.step_failed(
@@ -869,6 +984,7 @@ impl Engine {
                     worker: None,
                     state: JobState::Queued,
                     started: None,
+                    deadline: None,
                 },
             );
             self.queue.push_back(id);
@@ -876,43 +992,98 @@ impl Engine {
         self.dispatch();
     }
 
-    /// Hands queued jobs to waiting workers.
+    /// The first queued job (in order) that fits `worker`'s free capacity, with the
+    /// GPUs it gets. Drops stale queue entries it passes.
+    fn pick_job(&mut self, worker: &str) -> Option<(String, Vec<usize>)> {
+        let w = self.workers.get(worker)?;
+        let free = w.free(worker);
+        let mut found = None;
+        let mut stale = Vec::new();
+        for (pos, job_id) in self.queue.iter().enumerate() {
+            let Some(job) = self
+                .jobs
+                .get(job_id)
+                .filter(|j| j.state == JobState::Queued)
+            else {
+                stale.push(pos);
+                continue;
+            };
+            if let Some(a) = hardware::assign(&job.spec.requirements, std::slice::from_ref(&free)) {
+                found = Some((pos, job_id.clone(), a.gpus));
+                break;
+            }
+        }
+        let (pos, job_id, gpus) = found?;
+        for p in stale.into_iter().rev() {
+            if p < pos {
+                self.queue.remove(p);
+            }
+        }
+        let idx = self.queue.iter().position(|j| j == &job_id)?;
+        self.queue.remove(idx);
+        Some((job_id, gpus))
+    }
+
+    /// Hands queued jobs to waiting workers, each job to a worker it fits.
     fn dispatch(&mut self) {
-        while !self.waiting.is_empty() {
-            let Some(job_id) = self.queue.pop_front() else {
-                return;
+        let mut still_waiting = VecDeque::new();
+        while let Some((worker, reply)) = self.waiting.pop_front() {
+            if reply.is_closed() {
+                continue;
+            }
+            if self.queue.is_empty() {
+                still_waiting.push_back((worker, reply));
+                continue;
+            }
+            let Some((job_id, gpu_idx)) = self.pick_job(&worker) else {
+                still_waiting.push_back((worker, reply));
+                continue;
             };
             let Some(job) = self.jobs.get_mut(&job_id) else {
+                still_waiting.push_back((worker, reply));
                 continue;
             };
-            if job.state != JobState::Queued {
-                continue;
-            }
-            let Some((worker, reply)) = self.waiting.pop_front() else {
-                self.queue.push_front(job_id);
-                return;
-            };
-            if reply.is_closed() {
-                self.queue.push_front(job_id);
-                continue;
-            }
             job.generation = self.next_generation;
             self.next_generation += 1;
             job.worker = Some(worker.clone());
             job.state = JobState::Leased;
             job.started = Some(Instant::now());
+            job.deadline = self.config.lease_ttl.map(|t| Instant::now() + t);
+            let w = self.workers.get_mut(&worker);
+            let gpus: Vec<String> = w
+                .as_ref()
+                .map(|w| {
+                    gpu_idx
+                        .iter()
+                        .filter_map(|&g| w.info.profile.gpus.get(g).map(|x| x.uuid.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
             let lease = Lease {
                 job: job.spec.clone(),
                 generation: job.generation,
                 attempt: job.attempt,
+                gpus,
             };
+            if let Some(w) = w {
+                w.alloc.insert(
+                    job_id.clone(),
+                    Alloc {
+                        cpus: job.spec.requirements.cpus.max(1),
+                        memory: job.spec.requirements.memory,
+                        gpus: gpu_idx,
+                    },
+                );
+            }
             let (run_id, step, shard, attempt) =
                 (job.run_id.clone(), job.step, job.shard, job.attempt);
             if reply.send(Some(lease)).is_err() {
                 // The worker went away between asking and now: put the job back.
+                self.release(&job_id);
                 if let Some(j) = self.jobs.get_mut(&job_id) {
                     j.state = JobState::Queued;
                     j.worker = None;
+                    j.deadline = None;
                 }
                 self.queue.push_front(job_id);
                 continue;
@@ -936,6 +1107,100 @@ impl Engine {
                 }
             }
         }
+        self.waiting = still_waiting;
+    }
+
+    /// Frees what a job held on its worker.
+    fn release(&mut self, job_id: &str) {
+        let Some(worker) = self.jobs.get(job_id).and_then(|j| j.worker.clone()) else {
+            return;
+        };
+        if let Some(w) = self.workers.get_mut(&worker)
+            && w.alloc.remove(job_id).is_some()
+        {
+            // Capacity came back: someone waiting may fit now.
+            self.dispatch();
+        }
+    }
+
+    fn on_heartbeat(
+        &mut self,
+        worker: &str,
+        running: &[(String, u64)],
+        profile: Option<Box<Profile>>,
+    ) -> Vec<String> {
+        let ttl = self.config.lease_ttl;
+        let Some(w) = self.workers.get_mut(worker) else {
+            return running.iter().map(|(j, _)| j.clone()).collect();
+        };
+        w.last_seen = Instant::now();
+        if w.lost {
+            tracing::info!(worker, "worker is back");
+            w.lost = false;
+        }
+        if let Some(p) = profile {
+            w.info.profile = *p;
+        }
+        let mut cancel = Vec::new();
+        for (job_id, generation) in running {
+            match self.jobs.get_mut(job_id) {
+                Some(j)
+                    if j.state == JobState::Leased
+                        && j.generation == *generation
+                        && j.worker.as_deref() == Some(worker) =>
+                {
+                    j.deadline = ttl.map(|t| Instant::now() + t);
+                    let cancelled = self.runs.get(&j.run_id).is_some_and(|r| r.cancelled);
+                    if cancelled {
+                        cancel.push(job_id.clone());
+                    }
+                }
+                // Not this worker's any more (expired, finished, reassigned): stop it.
+                _ => cancel.push(job_id.clone()),
+            }
+        }
+        cancel
+    }
+
+    fn on_tick(&mut self) {
+        let Some(ttl) = self.config.lease_ttl else {
+            return;
+        };
+        let now = Instant::now();
+        for (id, w) in &mut self.workers {
+            if !w.lost && now.duration_since(w.last_seen) > ttl {
+                w.lost = true;
+                tracing::warn!(worker = %id, "worker lost: no heartbeat within the lease ttl");
+            }
+        }
+        let expired: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.state == JobState::Leased && j.deadline.is_some_and(|d| d < now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for job_id in expired {
+            self.release(&job_id);
+            let Some(j) = self.jobs.get_mut(&job_id) else {
+                continue;
+            };
+            self.refusals.lease_expiries += 1;
+            tracing::warn!(job = %job_id, worker = ?j.worker, generation = j.generation, "lease expired; requeueing");
+            j.attempt += 1;
+            j.state = JobState::Queued;
+            j.worker = None;
+            j.deadline = None;
+            if let Some(run) = self.runs.get(&j.run_id) {
+                run.emit(Progress::Retry {
+                    job: job_id.clone(),
+                    attempt: j.attempt,
+                    delay: Duration::ZERO,
+                    error: "lease expired (worker lost or unreachable)".into(),
+                });
+            }
+            self.queue.push_back(job_id);
+        }
+        self.dispatch();
     }
 
     fn on_report(&mut self, worker: &str, result: JobResult) {
@@ -952,7 +1217,12 @@ impl Engine {
             tracing::warn!(job = %result.job_id, worker, generation = result.generation, current = job.generation, "refused result from a stale lease generation");
             return;
         }
-        let enrolled = self.workers.get(worker).map(|w| w.key);
+        // The job no longer runs on the worker, whatever the result says.
+        self.release(&result.job_id);
+        let Some(job) = self.jobs.get_mut(&result.job_id) else {
+            return;
+        };
+        let enrolled = self.workers.get(worker).map(|w| w.info.key);
         let verified = match enrolled {
             None => Err("worker is not enrolled".to_string()),
             Some(key) => signing::verify_result(&key, &result).map_err(|e| e.to_string()),
@@ -1060,7 +1330,7 @@ impl Engine {
             }
             Ok(SealedJob::Step(outputs)) => {
                 let worker = self.jobs.remove(job_id).and_then(|j| j.worker);
-                let key = worker.and_then(|w| self.workers.get(&w).map(|i| i.key));
+                let key = worker.and_then(|w| self.workers.get(&w).map(|i| i.info.key));
                 let Some(run) = self.runs.get_mut(&run_id) else {
                     return;
                 };
@@ -1081,7 +1351,7 @@ impl Engine {
                 s.error = None;
                 if s.worker.is_none() {
                     s.worker =
-                        worker.and_then(|w| self.workers.get(&w).map(|i| hex::encode(i.key)));
+                        worker.and_then(|w| self.workers.get(&w).map(|i| hex::encode(i.info.key)));
                 }
                 run.emit(Progress::Shard {
                     step: run.records[i].id.clone(),

@@ -64,7 +64,8 @@ async fn untrusted_results_are_refused_and_counted() {
     let yaml = "pipeline:\n  name: trust\n  steps:\n    - id: a\n      uses: exec\n      retries: {count: 5, backoff: 10ms}\n      params: {cmd: [\"true\"]}\n      out: artifacts/a\n";
     let loaded = nexa_shared::spec::load_str("t.yaml", yaml, project.path()).expect("valid");
     let store = Arc::new(SledStore::open(&project.path().join("store")).expect("store"));
-    let (coord, _task) = Coordinator::start(store);
+    let (coord, _task) =
+        Coordinator::start(store, nexa_coordinator::engine::EngineConfig::embedded());
     let honest = Identity::generate();
     let forger = Identity::generate();
     let profile = nexa_shared::hardware::Profile {

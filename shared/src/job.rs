@@ -52,6 +52,8 @@ pub struct Lease {
     pub generation: u64,
     /// 1-based attempt.
     pub attempt: u32,
+    /// UUIDs of the GPUs the coordinator reserved for the job (its `CUDA_VISIBLE_DEVICES`).
+    pub gpus: Vec<String>,
 }
 
 /// How a job ended.

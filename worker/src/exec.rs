@@ -133,9 +133,14 @@ pub async fn run_job<L: CoordinatorLink>(
         env.push(("NEXA_SHARD_INDEX".into(), i.to_string()));
         env.push(("NEXA_SHARD_COUNT".into(), n.to_string()));
     }
-    // The job sees exactly the GPUs it asked for (none when it asked for none).
+    // The job sees exactly the GPUs it asked for (none when it asked for none): the ones
+    // the coordinator reserved, or, when it named none, ones from this worker's pool.
     let gpu_lease = tokio::select! {
-        l = gpus.acquire(&job.requirements) => match l {
+        l = gpus.acquire_named(&lease.gpus), if !lease.gpus.is_empty() => match l {
+            Ok(l) => l,
+            Err(e) => return failed(lease, started, e),
+        },
+        l = gpus.acquire(&job.requirements), if lease.gpus.is_empty() => match l {
             Ok(l) => l,
             Err(e) => return failed(lease, started, e),
         },

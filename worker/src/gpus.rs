@@ -89,6 +89,38 @@ impl GpuPool {
         Some(a.gpus)
     }
 
+    /// Takes the GPUs the coordinator reserved, by UUID. A UUID this worker does not have
+    /// is an error (the coordinator's view of the worker is wrong).
+    pub async fn acquire_named(&self, uuids: &[String]) -> Result<GpuLease<'_>, String> {
+        let mut indices = Vec::new();
+        for u in uuids {
+            match self.profile.gpus.iter().position(|g| &g.uuid == u) {
+                Some(i) => indices.push(i),
+                None => {
+                    return Err(format!(
+                        "the coordinator reserved GPU {u}, which this worker does not have"
+                    ));
+                }
+            }
+        }
+        loop {
+            let notified = self.freed.notified();
+            {
+                let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+                if indices.iter().all(|&i| !busy[i]) {
+                    for &i in &indices {
+                        busy[i] = true;
+                    }
+                    return Ok(GpuLease {
+                        pool: self,
+                        indices,
+                    });
+                }
+            }
+            notified.await;
+        }
+    }
+
     /// Waits until GPUs for `req` are free and takes them. Fails at once when this worker
     /// could never satisfy `req`.
     pub async fn acquire(&self, req: &Requirements) -> Result<GpuLease<'_>, String> {
