@@ -28,8 +28,8 @@ impl CoordinatorLink for LocalLink {
         }
     }
 
-    fn cancellation(&self, run_id: &str) -> watch::Receiver<bool> {
-        self.coord.cancellation(run_id)
+    fn cancellation(&self, lease: &Lease) -> watch::Receiver<bool> {
+        self.coord.cancellation(&lease.job.run_id)
     }
 
     async fn fetch_input(&self, input: &JobInput, dest: &Path) -> Result<(), String> {

@@ -296,6 +296,13 @@ impl Coordinator {
         rx.await.ok().flatten()
     }
 
+    /// A worker's heartbeat: it runs these `(job, generation)`; returns the jobs it must kill.
+    pub async fn heartbeat(&self, worker: &str, running: Vec<(String, u64)>, profile: Option<Profile>) -> Result<Vec<String>> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::Heartbeat(worker.to_string(), running, profile.map(Box::new), tx))?;
+        rx.await.map_err(|_| Error::ShutDown)
+    }
+
     /// Reports a job result.
     pub fn report(&self, worker: &str, result: JobResult) -> Result<()> {
         self.send(Event::Report(worker.to_string(), Box::new(result)))
@@ -372,7 +379,7 @@ struct WorkerState {
 }
 
 impl WorkerState {
-    fn free(&self, id: &str) -> hardware::Free<'_> {
+    fn free(&self) -> hardware::Free<'_> {
         let used_cpus: u32 = self.alloc.values().map(|a| a.cpus).sum();
         let used_mem: u64 = self.alloc.values().map(|a| a.memory).sum();
         let busy: Vec<usize> = self
@@ -380,7 +387,6 @@ impl WorkerState {
             .values()
             .flat_map(|a| a.gpus.iter().copied())
             .collect();
-        let _ = id;
         hardware::Free {
             worker: "",
             profile: &self.info.profile,
@@ -996,7 +1002,7 @@ impl Engine {
     /// GPUs it gets. Drops stale queue entries it passes.
     fn pick_job(&mut self, worker: &str) -> Option<(String, Vec<usize>)> {
         let w = self.workers.get(worker)?;
-        let free = w.free(worker);
+        let free = w.free();
         let mut found = None;
         let mut stale = Vec::new();
         for (pos, job_id) in self.queue.iter().enumerate() {

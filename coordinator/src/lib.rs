@@ -7,6 +7,7 @@
 
 pub mod engine;
 pub mod error;
+pub mod mesh;
 pub mod mirror;
 pub mod planner;
 pub mod sealer;

@@ -8,7 +8,9 @@
 /// Protocol version checked at enrolment.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// Generated messages of `nexa.v1`.
+pub mod convert;
+
+/// Generated messages and services of `nexa.v1`.
 pub mod v1 {
     tonic::include_proto!("nexa.v1");
 }

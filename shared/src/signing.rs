@@ -107,6 +107,35 @@ impl Identity {
     }
 }
 
+/// Domain separator of enrolment challenges.
+pub const ENROL_DOMAIN: &[u8] = b"nexa/v1/enrol";
+
+fn enrol_message(nonce: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(64);
+    field(&mut b, ENROL_DOMAIN);
+    field(&mut b, nonce);
+    b
+}
+
+impl Identity {
+    /// Signs a coordinator's enrolment challenge, proving possession of the key.
+    pub fn sign_enrolment(&self, nonce: &[u8]) -> Vec<u8> {
+        self.key.sign(&enrol_message(nonce)).to_bytes().to_vec()
+    }
+}
+
+/// Checks that `signature` over the challenge `nonce` was made with `public_key`.
+pub fn verify_enrolment(public_key: &[u8], nonce: &[u8], signature: &[u8]) -> Result<[u8; 32]> {
+    let key: [u8; 32] = public_key
+        .try_into()
+        .map_err(|_| Error::Signature("a public key is 32 bytes".into()))?;
+    let vk = VerifyingKey::from_bytes(&key).map_err(|e| Error::Signature(format!("bad key: {e}")))?;
+    let sig = Signature::from_slice(signature).map_err(|e| Error::Signature(format!("malformed signature: {e}")))?;
+    vk.verify(&enrol_message(nonce), &sig)
+        .map_err(|_| Error::Signature("the challenge was not signed with this key".into()))?;
+    Ok(key)
+}
+
 /// Verifies a result's signature against `enrolled`, the key the coordinator knows for
 /// this worker (never the key the result carries on its own).
 pub fn verify_result(enrolled: &[u8; 32], result: &JobResult) -> Result<()> {

@@ -8,6 +8,7 @@ pub mod exec;
 pub mod gpus;
 pub mod outputs;
 pub mod profile;
+pub mod remote;
 
 pub use error::{Error, Result};
 
@@ -24,8 +25,9 @@ pub trait CoordinatorLink: Send + Sync + 'static {
     fn next_lease(&self) -> impl Future<Output = Option<Lease>> + Send;
     /// Reports a finished job.
     fn report(&self, result: JobResult) -> impl Future<Output = ()> + Send;
-    /// A signal that turns `true` when the run is cancelled.
-    fn cancellation(&self, run_id: &str) -> watch::Receiver<bool>;
+    /// A signal that turns `true` when the leased job must be killed (its run was
+    /// cancelled, or the lease was lost).
+    fn cancellation(&self, lease: &Lease) -> watch::Receiver<bool>;
     /// Writes the content of `input` to `dest` (a file, or a directory tree).
     fn fetch_input(
         &self,
@@ -72,7 +74,7 @@ pub async fn run<L: CoordinatorLink>(
                 };
                 let Some(lease) = lease else { break };
                 tracing::debug!(worker = %cfg.name, slot, job = %lease.job.job_id, "running job");
-                let cancel = link.cancellation(&lease.job.run_id);
+                let cancel = link.cancellation(&lease);
                 let mut result =
                     exec::run_job(link.as_ref(), &cas, &gpus, &cfg.work_dir, &lease, cancel).await;
                 identity.sign_result(&mut result);

@@ -1,0 +1,49 @@
+//! The gRPC edge of the coordinator: the worker service (enrolment by challenge, leases,
+//! heartbeats, uploads, results, input downloads) over tonic. Handlers translate wire
+//! messages with `nexa_proto::convert` and talk to the engine through [`Coordinator`].
+
+mod worker_service;
+
+pub use worker_service::WorkerApi;
+
+use crate::Coordinator;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Settings of the mesh edge.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    /// Where uploads are staged (`<data>/staging`).
+    pub data_dir: PathBuf,
+    /// The token workers must present to enrol; `None` opens enrolment to anyone.
+    pub enrol_token: Option<String>,
+    /// How often workers send heartbeats.
+    pub heartbeat_interval: Duration,
+    /// How long a lease lives without a heartbeat.
+    pub lease_ttl: Duration,
+    /// The largest output file a worker may upload.
+    pub max_upload_file: u64,
+    /// How long one lease call may wait for work.
+    pub max_lease_wait: Duration,
+}
+
+impl MeshConfig {
+    /// Defaults for a data directory: heartbeats every 2 s, leases live 3 heartbeats
+    /// (so one late heartbeat never costs a lease), uploads up to 64 GiB per file.
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            enrol_token: None,
+            heartbeat_interval: Duration::from_secs(2),
+            lease_ttl: Duration::from_secs(6),
+            max_upload_file: 64 << 30,
+            max_lease_wait: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Builds the tonic service for workers.
+pub fn worker_service(coord: Coordinator, config: MeshConfig) -> nexa_proto::v1::worker_service_server::WorkerServiceServer<WorkerApi> {
+    nexa_proto::v1::worker_service_server::WorkerServiceServer::new(WorkerApi::new(coord, config))
+        .max_decoding_message_size(8 << 20)
+}

@@ -1,0 +1,370 @@
+//! The worker's side of the mesh: a [`CoordinatorLink`] over gRPC. It enrols by signing
+//! the coordinator's challenge, long-polls for leases, sends heartbeats that keep its
+//! leases alive (and carry cancellations back), streams inputs in by digest and outputs
+//! out in chunks, and re-enrols or backs off and retries whenever the coordinator is
+//! away, forever.
+
+use crate::CoordinatorLink;
+use nexa_proto::convert;
+use nexa_proto::v1;
+use nexa_proto::v1::worker_service_client::WorkerServiceClient;
+use nexa_shared::hardware::Profile;
+use nexa_shared::job::{JobInput, JobResult, Lease};
+use nexa_shared::signing::Identity;
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+/// Size of the pieces outputs are uploaded in.
+const CHUNK: usize = 1 << 20;
+
+/// Who this worker is, for (re-)enrolment.
+#[derive(Debug, Clone)]
+pub struct Enrolment {
+    /// Display name.
+    pub name: String,
+    /// Jobs at once.
+    pub slots: u32,
+    /// Hardware.
+    pub profile: Profile,
+    /// The operator's enrolment token, when enrolment is not open.
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Session {
+    token: String,
+    worker_id: String,
+    heartbeat: Duration,
+}
+
+/// A coordinator reached over gRPC.
+pub struct GrpcLink {
+    client: WorkerServiceClient<Channel>,
+    identity: Arc<Identity>,
+    enrolment: Mutex<Enrolment>,
+    session: Mutex<Session>,
+    running: Mutex<HashMap<String, (u64, watch::Sender<bool>)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Exponential backoff from 100 ms to 10 s.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << attempt.min(7))).min(Duration::from_secs(10))
+}
+
+impl GrpcLink {
+    /// A link to `url` (`http://host:port`); connects lazily and reconnects on its own.
+    pub fn new(url: &str, identity: Arc<Identity>, enrolment: Enrolment) -> Result<Arc<Self>, String> {
+        let endpoint = Channel::from_shared(url.to_string())
+            .map_err(|e| format!("coordinator address {url:?}: {e}"))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_keepalive(Some(Duration::from_secs(10)));
+        let client = WorkerServiceClient::new(endpoint.connect_lazy()).max_decoding_message_size(8 << 20);
+        Ok(Arc::new(Self {
+            client,
+            identity,
+            enrolment: Mutex::new(enrolment),
+            session: Mutex::new(Session::default()),
+            running: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The id the coordinator gave this worker (empty before enrolment).
+    pub fn worker_id(&self) -> String {
+        lock(&self.session).worker_id.clone()
+    }
+
+    fn authed<T>(&self, msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
+        let token = lock(&self.session).token.clone();
+        if let Ok(v) = format!("Bearer {token}").parse() {
+            r.metadata_mut().insert("authorization", v);
+        }
+        r
+    }
+
+    /// Enrols: asks for a challenge, signs it, presents profile and token.
+    pub async fn enrol(&self) -> Result<(), Status> {
+        let mut client = self.client.clone();
+        let key = self.identity.public_key().to_vec();
+        let nonce = client
+            .challenge(v1::ChallengeRequest {
+                protocol_version: nexa_proto::PROTOCOL_VERSION,
+                public_key: key.clone(),
+            })
+            .await?
+            .into_inner()
+            .nonce;
+        let e = lock(&self.enrolment).clone();
+        let resp = client
+            .enrol(v1::EnrolRequest {
+                protocol_version: nexa_proto::PROTOCOL_VERSION,
+                public_key: key,
+                signature: self.identity.sign_enrolment(&nonce),
+                nonce,
+                name: e.name.clone(),
+                slots: e.slots,
+                profile: Some(v1::HardwareProfile::from(&e.profile)),
+                enrol_token: e.token.clone().unwrap_or_default(),
+            })
+            .await?
+            .into_inner();
+        tracing::info!(worker = %resp.worker_id, name = %e.name, "enrolled");
+        *lock(&self.session) = Session {
+            token: resp.session_token,
+            worker_id: resp.worker_id,
+            heartbeat: Duration::from_millis(resp.heartbeat_interval_ms.max(100)),
+        };
+        Ok(())
+    }
+
+    /// Enrols, retrying with backoff until it works. Errors that retrying cannot fix
+    /// (a refused token, a protocol mismatch) are returned.
+    pub async fn enrol_until_done(&self) -> Result<(), Status> {
+        let mut attempt = 0;
+        loop {
+            match self.enrol().await {
+                Ok(()) => return Ok(()),
+                Err(s) if matches!(s.code(), Code::Unauthenticated | Code::FailedPrecondition | Code::InvalidArgument) => return Err(s),
+                Err(s) => {
+                    tracing::warn!(error = %s.message(), "coordinator unreachable; retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// Runs `call` with the session; on an unknown session (the coordinator restarted)
+    /// enrols again; on other errors backs off and retries, up to `tries` times.
+    async fn retrying<T, F, Fut>(&self, tries: u32, mut call: F) -> Result<T, Status>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match call().await {
+                Ok(v) => return Ok(v),
+                Err(s) if attempt + 1 >= tries => return Err(s),
+                Err(s) if s.code() == Code::Unauthenticated => {
+                    tracing::info!("session unknown to the coordinator; enrolling again");
+                    if let Err(e) = self.enrol().await {
+                        tracing::warn!(error = %e.message(), "re-enrolment failed");
+                        tokio::time::sleep(backoff(attempt)).await;
+                    }
+                }
+                Err(s) if matches!(s.code(), Code::InvalidArgument | Code::NotFound | Code::DataLoss | Code::ResourceExhausted | Code::PermissionDenied) => {
+                    return Err(s);
+                }
+                Err(s) => {
+                    tracing::debug!(error = %s.message(), "call failed; retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+            }
+            attempt += 1;
+        }
+    }
+
+    /// Sends heartbeats until the process ends: they keep leases alive, refresh the
+    /// profile now and then, and deliver cancellations.
+    pub fn spawn_heartbeats(self: &Arc<Self>) {
+        let link = self.clone();
+        tokio::spawn(async move {
+            let mut n: u64 = 0;
+            loop {
+                let every = lock(&link.session).heartbeat.max(Duration::from_millis(100));
+                tokio::time::sleep(every).await;
+                n += 1;
+                let running: Vec<v1::RunningJob> = lock(&link.running)
+                    .iter()
+                    .map(|(j, (g, _))| v1::RunningJob {
+                        job_id: j.clone(),
+                        generation: *g,
+                    })
+                    .collect();
+                let profile = (n % 15 == 0).then(|| v1::HardwareProfile::from(&lock(&link.enrolment).profile));
+                let mut client = link.client.clone();
+                let req = link.authed(v1::HeartbeatRequest { running, profile });
+                match client.heartbeat(req).await {
+                    Ok(resp) => {
+                        let running = lock(&link.running);
+                        for job in resp.into_inner().cancel {
+                            if let Some((_, tx)) = running.get(&job) {
+                                tracing::info!(job = %job, "coordinator cancelled the job");
+                                let _ = tx.send(true);
+                            }
+                        }
+                    }
+                    Err(s) if s.code() == Code::Unauthenticated => {
+                        if let Err(e) = link.enrol().await {
+                            tracing::warn!(error = %e.message(), "re-enrolment failed");
+                        }
+                    }
+                    Err(s) => tracing::debug!(error = %s.message(), "heartbeat failed"),
+                }
+            }
+        });
+    }
+
+    async fn upload(&self, result: &JobResult) -> Result<(), Status> {
+        let Some(staging) = result.staging.clone() else {
+            return Ok(());
+        };
+        if result.outputs.is_empty() {
+            return Ok(());
+        }
+        let files = result.outputs.clone();
+        let (job_id, generation) = (result.job_id.clone(), result.generation);
+        let (tx, rx) = tokio::sync::mpsc::channel::<v1::UploadChunk>(4);
+        let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            for o in files {
+                let path = staging.join(&o.output).join(&o.path);
+                let mut f = std::fs::File::open(&path).map_err(|e| format!("open {}: {e}", path.display()))?;
+                let mut buf = vec![0u8; CHUNK];
+                let mut offset = 0u64;
+                loop {
+                    let n = f.read(&mut buf).map_err(|e| format!("read {}: {e}", path.display()))?;
+                    if n == 0 && offset > 0 {
+                        break;
+                    }
+                    let chunk = v1::UploadChunk {
+                        job_id: job_id.clone(),
+                        generation,
+                        output: o.output.clone(),
+                        path: o.path.clone(),
+                        offset,
+                        data: buf[..n].to_vec(),
+                        size: o.size,
+                        digest: o.digest.clone(),
+                    };
+                    if tx.blocking_send(chunk).is_err() {
+                        return Err("upload stream closed".into());
+                    }
+                    if n == 0 {
+                        break;
+                    }
+                    offset += n as u64;
+                }
+            }
+            Ok(())
+        });
+        let mut client = self.client.clone();
+        let sent = client
+            .upload(self.authed(tokio_stream::wrappers::ReceiverStream::new(rx)))
+            .await;
+        let read = reader.await.map_err(|e| Status::internal(e.to_string()))?;
+        sent?;
+        read.map_err(Status::internal)
+    }
+}
+
+impl CoordinatorLink for GrpcLink {
+    async fn next_lease(&self) -> Option<Lease> {
+        let mut attempt = 0;
+        loop {
+            let mut client = self.client.clone();
+            match client.lease(self.authed(v1::LeaseRequest { wait_ms: 15_000 })).await {
+                Ok(resp) => {
+                    attempt = 0;
+                    let r = resp.into_inner();
+                    let Some(wire) = r.lease else { continue };
+                    match convert::lease_from_wire(wire, r.gpu_uuids) {
+                        Ok(l) => return Some(l),
+                        Err(e) => {
+                            tracing::error!(error = %e, "the coordinator sent a lease this worker cannot read");
+                            tokio::time::sleep(backoff(5)).await;
+                        }
+                    }
+                }
+                Err(s) if s.code() == Code::Unauthenticated => {
+                    if let Err(e) = self.enrol().await {
+                        tracing::warn!(error = %e.message(), "re-enrolment failed");
+                        tokio::time::sleep(backoff(attempt)).await;
+                        attempt += 1;
+                    }
+                }
+                Err(s) => {
+                    tracing::debug!(error = %s.message(), "lease call failed; retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    async fn report(&self, result: JobResult) {
+        let job_dir = result.staging.as_ref().and_then(|s| s.parent().map(Path::to_path_buf));
+        let outcome = self
+            .retrying(8, || async {
+                self.upload(&result).await?;
+                let mut client = self.client.clone();
+                client.report(self.authed(v1::JobResult::from(&result))).await
+            })
+            .await;
+        if let Err(s) = outcome {
+            tracing::warn!(job = %result.job_id, error = %s.message(), "could not deliver the result; the lease will expire and the job move");
+        }
+        lock(&self.running).remove(&result.job_id);
+        if let Some(d) = job_dir {
+            let _ = tokio::fs::remove_dir_all(d).await;
+        }
+    }
+
+    fn cancellation(&self, lease: &Lease) -> watch::Receiver<bool> {
+        let (tx, rx) = watch::channel(false);
+        lock(&self.running).insert(lease.job.job_id.clone(), (lease.generation, tx));
+        rx
+    }
+
+    async fn fetch_input(&self, input: &JobInput, dest: &Path) -> Result<(), String> {
+        let mut client = self.client.clone();
+        let mut stream = self
+            .retrying(5, || {
+                let mut c = client.clone();
+                let req = self.authed(v1::FetchRequest {
+                    digest: input.digest.clone(),
+                });
+                async move { c.fetch(req).await }
+            })
+            .await
+            .map_err(|s| format!("fetching {}: {}", input.digest, s.message()))?
+            .into_inner();
+        let _ = &mut client;
+        let mut open: Option<(String, std::fs::File)> = None;
+        while let Some(chunk) = stream.next().await {
+            let c = chunk.map_err(|s| format!("fetching {}: {}", input.digest, s.message()))?;
+            let target = if c.is_dir {
+                let rel = nexa_shared::paths::check_relative_name(&c.path).map_err(|e| e.to_string())?;
+                dest.join(rel)
+            } else {
+                dest.to_path_buf()
+            };
+            if open.as_ref().is_none_or(|(p, _)| p != &c.path) {
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| format!("create {}: {e}", parent.display()))?;
+                }
+                let f = std::fs::File::create(&target).map_err(|e| format!("create {}: {e}", target.display()))?;
+                open = Some((c.path.clone(), f));
+            }
+            if let Some((_, f)) = open.as_mut() {
+                use std::io::Write;
+                f.write_all(&c.data).map_err(|e| format!("write {}: {e}", target.display()))?;
+            }
+        }
+        if input.is_dir && !dest.exists() {
+            std::fs::create_dir_all(dest).map_err(|e| format!("create {}: {e}", dest.display()))?;
+        }
+        Ok(())
+    }
+}
