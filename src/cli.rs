@@ -221,6 +221,7 @@ fn run(project: &Path, args: RunArgs, from: Option<String>) -> anyhow::Result<Ex
                 verify: args.verify,
                 from,
                 git_sha: embedded::git_sha(project),
+                run_id: None,
             })
             .await?;
         let mut renderer = Renderer::new(n);

@@ -29,6 +29,8 @@ pub struct RunRequest {
     pub from: Option<String>,
     /// The project's git commit, recorded in artifact labels.
     pub git_sha: Option<String>,
+    /// Reuse this run id (a run resumed after a coordinator restart keeps its id).
+    pub run_id: Option<String>,
 }
 
 /// How a run ended.
@@ -123,6 +125,8 @@ pub struct Refusals {
     pub digest: u64,
     /// Leases that expired (worker lost, partitioned or too slow).
     pub lease_expiries: u64,
+    /// Results from banned workers.
+    pub banned: u64,
 }
 
 /// The closed set of messages the scheduler loop consumes.
@@ -163,6 +167,10 @@ pub enum Event {
     Cancel(String),
     /// Read the refusal counters.
     Refusals(oneshot::Sender<Refusals>),
+    /// List workers.
+    ListWorkers(oneshot::Sender<Vec<WorkerView>>),
+    /// Drain, ban or re-activate a worker.
+    SetWorkerState(String, AdminState, oneshot::Sender<bool>),
     /// Stop the loop.
     Shutdown,
 }
@@ -176,6 +184,9 @@ pub struct EngineConfig {
     /// How long a job that no enrolled worker could run waits for one to join before it
     /// fails, saying why.
     pub unfit_grace: Duration,
+    /// Throttle and quarantine workers whose jobs keep failing (off for the embedded
+    /// engine, whose one worker is the user's own machine).
+    pub throttle_failing_workers: bool,
 }
 
 impl EngineConfig {
@@ -184,6 +195,7 @@ impl EngineConfig {
         Self {
             lease_ttl: None,
             unfit_grace: Duration::ZERO,
+            throttle_failing_workers: false,
         }
     }
 }
@@ -198,6 +210,47 @@ pub struct WorkerInfo {
     /// Jobs it runs at once.
     pub slots: u32,
 }
+
+/// An operator's say over a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminState {
+    /// Gets work.
+    Active,
+    /// Finishes what it runs, gets nothing new.
+    Drain,
+    /// Gets nothing; its results are refused.
+    Ban,
+}
+
+/// A worker as `nexa workers` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WorkerView {
+    /// Id (from its key).
+    pub id: String,
+    /// `active`, `lost`, `draining`, `banned`, `throttled`, `quarantined`.
+    pub state: String,
+    /// Hardware.
+    pub profile: Profile,
+    /// Slots.
+    pub slots: u32,
+    /// Jobs leased to it now.
+    pub running: u32,
+    /// Results accepted.
+    pub succeeded: u64,
+    /// Failed or refused results.
+    pub failed: u64,
+    /// Public key.
+    pub key: [u8; 32],
+}
+
+/// Failures in a row after which a worker is throttled.
+const THROTTLE_AFTER: u32 = 3;
+/// Failures among its last [`RECENT`] results after which a worker gets no more work
+/// until an operator re-activates it.
+const QUARANTINE_AFTER: usize = 10;
+/// How many recent results count.
+const RECENT: usize = 12;
 
 /// What sealing produced.
 #[derive(Debug)]
@@ -330,6 +383,20 @@ impl Coordinator {
         rx.await.map_err(|_| Error::ShutDown)
     }
 
+    /// Every enrolled worker.
+    pub async fn list_workers(&self) -> Result<Vec<WorkerView>> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::ListWorkers(tx))?;
+        rx.await.map_err(|_| Error::ShutDown)
+    }
+
+    /// Drains, bans or re-activates a worker; false when there is no such worker.
+    pub async fn set_worker_state(&self, worker: &str, state: AdminState) -> Result<bool> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::SetWorkerState(worker.to_string(), state, tx))?;
+        rx.await.map_err(|_| Error::ShutDown)
+    }
+
     /// Stops the loop; waiting workers get `None`.
     pub fn shutdown(&self) {
         let _ = self.tx.send(Event::Shutdown);
@@ -376,9 +443,79 @@ struct WorkerState {
     alloc: HashMap<String, Alloc>,
     last_seen: Instant,
     lost: bool,
+    admin: AdminState,
+    succeeded: u64,
+    failed: u64,
+    consecutive_failures: u32,
+    recent: VecDeque<bool>,
+    throttled_until: Option<Instant>,
 }
 
 impl WorkerState {
+    fn new(info: WorkerInfo) -> Self {
+        Self {
+            info,
+            alloc: HashMap::new(),
+            last_seen: Instant::now(),
+            lost: false,
+            admin: AdminState::Active,
+            succeeded: 0,
+            failed: 0,
+            consecutive_failures: 0,
+            recent: VecDeque::new(),
+            throttled_until: None,
+        }
+    }
+
+    fn quarantined(&self) -> bool {
+        self.recent.iter().filter(|ok| !**ok).count() >= QUARANTINE_AFTER
+    }
+
+    /// Whether it may get a new lease now.
+    fn eligible(&self, now: Instant) -> bool {
+        self.admin == AdminState::Active
+            && !self.lost
+            && !self.quarantined()
+            && self.throttled_until.is_none_or(|t| t <= now)
+    }
+
+    fn state_name(&self, now: Instant) -> &'static str {
+        match self.admin {
+            AdminState::Ban => "banned",
+            AdminState::Drain => "draining",
+            AdminState::Active if self.lost => "lost",
+            AdminState::Active if self.quarantined() => "quarantined",
+            AdminState::Active if self.throttled_until.is_some_and(|t| t > now) => "throttled",
+            AdminState::Active => "active",
+        }
+    }
+
+    /// Records a result: a run of failures throttles the worker (doubling each time),
+    /// too many among its recent results stop it getting work (BOINC#3061).
+    fn record(&mut self, ok: bool, id: &str) {
+        self.recent.push_back(ok);
+        while self.recent.len() > RECENT {
+            self.recent.pop_front();
+        }
+        if ok {
+            self.succeeded += 1;
+            self.consecutive_failures = 0;
+            self.throttled_until = None;
+            return;
+        }
+        self.failed += 1;
+        self.consecutive_failures += 1;
+        if self.consecutive_failures >= THROTTLE_AFTER {
+            let exp = (self.consecutive_failures - THROTTLE_AFTER).min(8);
+            let pause = Duration::from_secs(1 << exp).min(Duration::from_secs(300));
+            self.throttled_until = Some(Instant::now() + pause);
+            tracing::warn!(worker = %id, failures = self.consecutive_failures, pause_s = pause.as_secs(), "worker throttled after failures in a row");
+        }
+        if self.quarantined() {
+            tracing::warn!(worker = %id, "worker quarantined: too many recent failures; an operator must re-activate it");
+        }
+    }
+
     fn free(&self) -> hardware::Free<'_> {
         let used_cpus: u32 = self.alloc.values().map(|a| a.cpus).sum();
         let used_mem: u64 = self.alloc.values().map(|a| a.memory).sum();
@@ -533,20 +670,17 @@ impl Engine {
             }
             Event::RegisterWorker(id, info) => {
                 tracing::info!(worker = %id, gpus = info.profile.gpus.len(), slots = info.slots, "worker enrolled");
-                let alloc = self
-                    .workers
-                    .remove(&id)
-                    .map(|w| w.alloc)
-                    .unwrap_or_default();
-                self.workers.insert(
-                    id,
-                    WorkerState {
-                        info: *info,
-                        alloc,
-                        last_seen: Instant::now(),
-                        lost: false,
-                    },
-                );
+                // Re-enrolment keeps the worker's record (its admin state, error history).
+                match self.workers.get_mut(&id) {
+                    Some(w) => {
+                        w.info = *info;
+                        w.last_seen = Instant::now();
+                        w.lost = false;
+                    }
+                    None => {
+                        self.workers.insert(id, WorkerState::new(*info));
+                    }
+                }
                 self.dispatch();
             }
             Event::Heartbeat(worker, running, profile, reply) => {
@@ -575,12 +709,51 @@ impl Engine {
             Event::Refusals(reply) => {
                 let _ = reply.send(self.refusals);
             }
+            Event::ListWorkers(reply) => {
+                let now = Instant::now();
+                let mut v: Vec<WorkerView> = self
+                    .workers
+                    .iter()
+                    .map(|(id, w)| WorkerView {
+                        id: id.clone(),
+                        state: w.state_name(now).to_string(),
+                        profile: w.info.profile.clone(),
+                        slots: w.info.slots,
+                        running: w.alloc.len() as u32,
+                        succeeded: w.succeeded,
+                        failed: w.failed,
+                        key: w.info.key,
+                    })
+                    .collect();
+                v.sort_by(|a, b| a.id.cmp(&b.id));
+                let _ = reply.send(v);
+            }
+            Event::SetWorkerState(id, state, reply) => {
+                let found = match self.workers.get_mut(&id) {
+                    Some(w) => {
+                        w.admin = state;
+                        if state == AdminState::Active {
+                            w.recent.clear();
+                            w.consecutive_failures = 0;
+                            w.throttled_until = None;
+                        }
+                        tracing::info!(worker = %id, ?state, "operator set worker state");
+                        true
+                    }
+                    None => false,
+                };
+                let _ = reply.send(found);
+                self.dispatch();
+            }
             Event::Shutdown => {}
         }
     }
 
     fn submit(&mut self, req: RunRequest) -> Result<RunHandle> {
-        let run_id = new_run_id();
+        let run_id = req.run_id.clone().unwrap_or_else(new_run_id);
+        if self.runs.contains_key(&run_id) {
+            return Err(Error::NotFound(format!("run {run_id} is already active")));
+        }
         let p = &req.loaded.pipeline;
         let n = p.steps.len();
         let mut forced = vec![false; n];
@@ -1002,6 +1175,9 @@ impl Engine {
     /// GPUs it gets. Drops stale queue entries it passes.
     fn pick_job(&mut self, worker: &str) -> Option<(String, Vec<usize>)> {
         let w = self.workers.get(worker)?;
+        if !w.eligible(Instant::now()) {
+            return None;
+        }
         let free = w.free();
         let mut found = None;
         let mut stale = Vec::new();
@@ -1116,6 +1292,15 @@ impl Engine {
         self.waiting = still_waiting;
     }
 
+    fn record_outcome(&mut self, worker: &str, ok: bool) {
+        if !self.config.throttle_failing_workers {
+            return;
+        }
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.record(ok, worker);
+        }
+    }
+
     /// Frees what a job held on its worker.
     fn release(&mut self, job_id: &str) {
         let Some(worker) = self.jobs.get(job_id).and_then(|j| j.worker.clone()) else {
@@ -1225,20 +1410,30 @@ impl Engine {
         }
         // The job no longer runs on the worker, whatever the result says.
         self.release(&result.job_id);
-        let Some(job) = self.jobs.get_mut(&result.job_id) else {
-            return;
-        };
-        let enrolled = self.workers.get(worker).map(|w| w.info.key);
+        let enrolled = self.workers.get(worker).map(|w| (w.info.key, w.admin));
         let verified = match enrolled {
             None => Err("worker is not enrolled".to_string()),
-            Some(key) => signing::verify_result(&key, &result).map_err(|e| e.to_string()),
+            Some((_, AdminState::Ban)) => {
+                self.refusals.banned += 1;
+                tracing::warn!(job = %result.job_id, worker, "refused result from a banned worker");
+                self.job_failed(&result.job_id, "result refused: the worker is banned".into(), true);
+                return;
+            }
+            Some((key, _)) => signing::verify_result(&key, &result).map_err(|e| e.to_string()),
         };
         if let Err(e) = verified {
             self.refusals.signature += 1;
             tracing::warn!(job = %result.job_id, worker, error = %e, "refused result: bad signature");
+            self.record_outcome(worker, false);
             self.job_failed(&result.job_id, format!("result refused: {e}"), true);
             return;
         }
+        if matches!(result.outcome, Outcome::Failed | Outcome::TimedOut) {
+            self.record_outcome(worker, false);
+        }
+        let Some(job) = self.jobs.get_mut(&result.job_id) else {
+            return;
+        };
         if let Some(run) = self.runs.get_mut(&job.run_id) {
             let rec = &mut run.records[job.step];
             let duration = result.ended_ms.saturating_sub(result.started_ms);
@@ -1325,6 +1520,9 @@ impl Engine {
         let (run_id, i, shard) = (job.run_id.clone(), job.step, job.shard);
         if let Some(run) = self.runs.get_mut(&run_id) {
             run.in_flight -= 1;
+        }
+        if let Some(w) = job.worker.clone() {
+            self.record_outcome(&w, res.is_ok());
         }
         match res {
             Err(e) => {

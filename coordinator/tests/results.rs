@@ -83,6 +83,7 @@ async fn untrusted_results_are_refused_and_counted() {
             verify: false,
             from: None,
             git_sha: None,
+            run_id: None,
         })
         .await
         .expect("submit");
