@@ -147,6 +147,8 @@ pub enum Event {
     ),
     /// Time passed: expire leases whose deadline is gone.
     Tick,
+    /// The grace period of a step no worker could run is over.
+    UnfitCheck(String, usize),
     /// A worker reports a job.
     Report(String, Box<JobResult>),
     /// Planning of a step finished.
@@ -687,6 +689,7 @@ impl Engine {
                 let _ = reply.send(self.on_heartbeat(&worker, &running, profile));
             }
             Event::Tick => self.on_tick(),
+            Event::UnfitCheck(run, step) => self.fail_unfit(&run, step),
             Event::LeaseRequest(worker, reply) => {
                 self.waiting.push_back((worker, reply));
                 self.dispatch();
@@ -1055,22 +1058,25 @@ impl Engine {
             return;
         };
         let requirements = Requirements::from(&run.ctx.pipeline.steps[i].resources);
-        // A job no enrolled worker could ever run fails now, saying why, instead of
-        // waiting forever.
-        if let Some(why) = hardware::why_unfit(
+        // A job no enrolled worker could ever run fails, saying why, instead of waiting
+        // forever: at once embedded, after a grace period for workers to join on a mesh.
+        if hardware::why_unfit(
             &requirements,
-            self.workers
-                .values()
-                .filter(|w| !w.lost)
-                .map(|w| (&w.info.profile, w.info.slots)),
-        ) {
-            run.records[i].cache_key = Some(plan.cache_key.clone());
-            self.step_failed(
-                run_id,
-                i,
-                format!("no enrolled worker can run this step: {why}"),
-            );
-            return;
+            self.workers.values().filter(|w| !w.lost).map(|w| (&w.info.profile, w.info.slots)),
+        )
+        .is_some()
+        {
+            if self.config.unfit_grace.is_zero() {
+                run.records[i].cache_key = Some(plan.cache_key.clone());
+                self.fail_unfit(run_id, i);
+                return;
+            }
+            let tx = self.tx.clone();
+            let (rid, grace) = (run_id.to_string(), self.config.unfit_grace);
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                let _ = tx.send(Event::UnfitCheck(rid, i));
+            });
         }
         let step = &run.ctx.pipeline.steps[i];
         let rec = &mut run.records[i];
@@ -1290,6 +1296,41 @@ impl Engine {
             }
         }
         self.waiting = still_waiting;
+    }
+
+    /// Fails step `i` of a run when no enrolled worker could ever run it and none of its
+    /// jobs has started, dropping its queued jobs.
+    fn fail_unfit(&mut self, run_id: &str, i: usize) {
+        let Some(run) = self.runs.get(run_id) else {
+            return;
+        };
+        if run.records[i].status.is_final() {
+            return;
+        }
+        let requirements = Requirements::from(&run.ctx.pipeline.steps[i].resources);
+        let Some(why) = hardware::why_unfit(
+            &requirements,
+            self.workers.values().filter(|w| !w.lost).map(|w| (&w.info.profile, w.info.slots)),
+        ) else {
+            return;
+        };
+        let mine: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.run_id == run_id && j.step == i)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let started = mine
+            .iter()
+            .any(|id| self.jobs.get(id).is_some_and(|j| !matches!(j.state, JobState::Queued | JobState::Backoff)));
+        if started {
+            return;
+        }
+        for id in mine {
+            self.jobs.remove(&id);
+        }
+        self.step_failed(run_id, i, format!("no enrolled worker can run this step: {why}"));
+        self.maybe_finish(run_id);
     }
 
     fn record_outcome(&mut self, worker: &str, ok: bool) {
