@@ -5,8 +5,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: the build script is single threaded; nothing else reads the environment
     // concurrently.
     unsafe { std::env::set_var("PROTOC", protoc) };
-    tonic_prost_build::configure()
-        .compile_protos(&["nexa/v1/job.proto", "nexa/v1/mesh.proto", "nexa/v1/control.proto"], &["."])?;
+    tonic_prost_build::configure().compile_protos(
+        &[
+            "nexa/v1/job.proto",
+            "nexa/v1/mesh.proto",
+            "nexa/v1/control.proto",
+        ],
+        &["."],
+    )?;
     println!("cargo:rerun-if-changed=nexa/v1");
     Ok(())
 }

@@ -21,6 +21,16 @@ pub struct Cli {
     /// The project (artifact) root that relative paths in pipelines resolve against.
     #[arg(long, global = true, env = "NEXA_PROJECT_DIR", default_value = ".")]
     pub project_dir: PathBuf,
+    /// A remote coordinator (http://host:port, or https:// with --ca); absent: run
+    /// embedded on this machine.
+    #[arg(long, global = true, env = "NEXA_COORDINATOR")]
+    pub coordinator: Option<String>,
+    /// The operator token for --coordinator.
+    #[arg(long, global = true, env = "NEXA_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate to trust for an https:// coordinator.
+    #[arg(long, global = true, env = "NEXA_CA")]
+    pub ca: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -39,6 +49,42 @@ pub enum Command {
     Verify {
         /// The artifact directory.
         artifact: PathBuf,
+    },
+    /// List the coordinator's workers, or drain / ban / re-activate one.
+    Workers {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Let this worker finish its jobs and give it no more.
+        #[arg(long, value_name = "WORKER")]
+        drain: Option<String>,
+        /// Give this worker no more work and refuse its results.
+        #[arg(long, value_name = "WORKER")]
+        ban: Option<String>,
+        /// Let this worker get work again (clears throttling and quarantine).
+        #[arg(long, value_name = "WORKER")]
+        activate: Option<String>,
+    },
+    /// Artifacts on a coordinator.
+    Artifacts {
+        /// The artifacts command.
+        #[command(subcommand)]
+        command: ArtifactsCommand,
+    },
+}
+
+/// `nexa artifacts ...`.
+#[derive(Debug, Subcommand)]
+pub enum ArtifactsCommand {
+    /// Download a sealed artifact from the coordinator and verify it.
+    Pull {
+        /// The pipeline name.
+        pipeline: String,
+        /// The artifact path as the pipeline's `out` names it.
+        path: String,
+        /// Where to put it [default: the same path here].
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -114,9 +160,60 @@ pub fn main() -> ExitCode {
     }
 }
 
+fn remote_of(cli: &Cli) -> anyhow::Result<Option<crate::remote::Remote>> {
+    let Some(url) = cli.coordinator.clone() else {
+        return Ok(None);
+    };
+    let token = cli
+        .token
+        .clone()
+        .context("--coordinator needs --token (or NEXA_TOKEN): the operator token")?;
+    Ok(Some(crate::remote::Remote {
+        url,
+        token,
+        ca: cli.ca.clone(),
+    }))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+}
+
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let project = std::path::absolute(&cli.project_dir).context("resolving --project-dir")?;
+    let remote = remote_of(&cli)?;
     match cli.command {
+        Command::Workers {
+            json,
+            drain,
+            ban,
+            activate,
+        } => {
+            let r = remote.context("nexa workers needs --coordinator and --token")?;
+            runtime()?.block_on(workers(&r, json, drain, ban, activate))
+        }
+        Command::Artifacts {
+            command:
+                ArtifactsCommand::Pull {
+                    pipeline,
+                    path,
+                    out,
+                },
+        } => {
+            let r = remote.context("nexa artifacts pull needs --coordinator and --token")?;
+            let dest = project.join(out.unwrap_or_else(|| PathBuf::from(&path)));
+            let meta = runtime()?.block_on(crate::remote::pull(&r, &pipeline, &path, &dest))?;
+            println!(
+                "pulled {} ({} bytes, {}), verified",
+                dest.display(),
+                meta.bytes,
+                meta.hash
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Verify { artifact } => match nexa_shared::artifact::verify(&artifact) {
             Ok(meta) => {
                 println!(
@@ -133,8 +230,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         },
         Command::Pipeline { command } => match command {
-            PipelineCommand::Run(a) | PipelineCommand::Resume(a) => run(&project, a, None),
-            PipelineCommand::Rerun { run: a, from } => run(&project, a, Some(from)),
+            PipelineCommand::Run(a) | PipelineCommand::Resume(a) => match &remote {
+                Some(r) => run_remote(r, &project, a, None),
+                None => run(&project, a, None),
+            },
+            PipelineCommand::Rerun { run: a, from } => match &remote {
+                Some(r) => run_remote(r, &project, a, Some(from)),
+                None => run(&project, a, Some(from)),
+            },
             PipelineCommand::Validate { file } => match load(&file, &project) {
                 Ok(l) => {
                     println!("{}: ok ({} steps)", file.display(), l.pipeline.steps.len());
@@ -150,7 +253,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 Err(code) => Ok(code),
             },
             PipelineCommand::Status { file, json } => match load(&file, &project) {
-                Ok(l) => status(&project, &l, json),
+                Ok(l) => match &remote {
+                    Some(r) => {
+                        let records =
+                            runtime()?.block_on(crate::remote::status(r, &l.pipeline.name))?;
+                        let map = records.into_iter().map(|r| (r.id.clone(), r)).collect();
+                        print_status(&l, &map, json)
+                    }
+                    None => status(&project, &l, json),
+                },
                 Err(code) => Ok(code),
             },
         },
@@ -348,6 +459,15 @@ fn status(project: &Path, l: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
                 Err(e) => return Err(e.into()),
             }
         };
+    print_status(l, &records, json)
+}
+
+fn print_status(
+    l: &Loaded,
+    records: &std::collections::BTreeMap<String, StepRecord>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let name = &l.pipeline.name;
     let steps: Vec<serde_json::Value> = l
         .pipeline
         .steps
@@ -364,10 +484,11 @@ fn status(project: &Path, l: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
                 "hash": hash,
                 "outputs": r.map(|r| &r.outputs),
                 "shards": r.map(|r| r.shards.iter().map(|sh| serde_json::json!({
-                    "index": sh.index, "status": sh.status, "cache_key": sh.cache_key, "hash": sh.hash,
+                    "index": sh.index, "status": sh.status, "cache_key": sh.cache_key, "hash": sh.hash, "worker": sh.worker,
                 })).collect::<Vec<_>>()),
                 "error": r.and_then(|r| r.error.clone()),
                 "run_id": r.map(|r| &r.run_id),
+                "worker": r.and_then(|r| r.worker.clone()),
             })
         })
         .collect();
@@ -388,6 +509,118 @@ fn status(project: &Path, l: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
                 hash
             );
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_remote(
+    r: &crate::remote::Remote,
+    project: &Path,
+    args: RunArgs,
+    from: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let loaded = match load(&args.file, project) {
+        Ok(l) => l,
+        Err(code) => return Ok(code),
+    };
+    let n = loaded.pipeline.steps.len();
+    let order: Vec<usize> = loaded.dag.topo_order().unwrap_or_else(|| (0..n).collect());
+    let summary = runtime()?.block_on(crate::remote::run(
+        r,
+        &args.file,
+        project,
+        &loaded,
+        args.verify,
+        from,
+    ))?;
+    print_summary(&summary, &args.file.display().to_string(), &order);
+    Ok(match summary.outcome {
+        RunOutcome::Succeeded => ExitCode::SUCCESS,
+        RunOutcome::Failed => ExitCode::from(1),
+        RunOutcome::Cancelled => ExitCode::from(130),
+    })
+}
+
+async fn workers(
+    r: &crate::remote::Remote,
+    json: bool,
+    drain: Option<String>,
+    ban: Option<String>,
+    activate: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    use nexa_proto::v1::WorkerAdminState as S;
+    for (id, state) in [(drain, S::Drain), (ban, S::Ban), (activate, S::Active)] {
+        if let Some(id) = id {
+            crate::remote::set_worker_state(r, &id, state).await?;
+            println!(
+                "worker {id}: {}",
+                state
+                    .as_str_name()
+                    .trim_start_matches("WORKER_ADMIN_STATE_")
+                    .to_lowercase()
+            );
+        }
+    }
+    let ws = crate::remote::workers(r).await?;
+    if json {
+        let v: Vec<serde_json::Value> = ws
+            .iter()
+            .map(|w| {
+                let p = w.profile.clone().map(nexa_shared::hardware::Profile::from).unwrap_or_default();
+                let total = w.succeeded + w.failed;
+                serde_json::json!({
+                    "id": w.worker_id, "name": w.name, "state": w.state, "slots": w.slots, "running": w.running,
+                    "succeeded": w.succeeded, "failed": w.failed,
+                    "error_rate": if total == 0 { 0.0 } else { w.failed as f64 / total as f64 },
+                    "public_key": w.public_key.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                    "profile": p,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<18} {:<16} {:<11} {:>5} {:>7} {:>9}  gpus",
+        "worker", "name", "state", "slots", "running", "err rate"
+    );
+    for w in &ws {
+        let p = w
+            .profile
+            .clone()
+            .map(nexa_shared::hardware::Profile::from)
+            .unwrap_or_default();
+        let total = w.succeeded + w.failed;
+        let rate = if total == 0 {
+            "-".to_string()
+        } else {
+            format!("{:.0}%", 100.0 * w.failed as f64 / total as f64)
+        };
+        let gpus: Vec<String> = p
+            .gpus
+            .iter()
+            .map(|g| {
+                format!(
+                    "{} ({})",
+                    g.name,
+                    nexa_shared::units::format_size(g.memory_total)
+                )
+            })
+            .collect();
+        println!(
+            "{:<18} {:<16} {:<11} {:>5} {:>7} {:>9}  {}",
+            w.worker_id,
+            w.name,
+            w.state,
+            w.slots,
+            w.running,
+            rate,
+            if gpus.is_empty() {
+                "-".to_string()
+            } else {
+                gpus.join(", ")
+            }
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

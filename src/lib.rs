@@ -4,5 +4,6 @@
 
 pub mod cli;
 pub mod embedded;
+pub mod remote;
 pub mod render;
 pub mod viz;

@@ -352,9 +352,19 @@ impl Coordinator {
     }
 
     /// A worker's heartbeat: it runs these `(job, generation)`; returns the jobs it must kill.
-    pub async fn heartbeat(&self, worker: &str, running: Vec<(String, u64)>, profile: Option<Profile>) -> Result<Vec<String>> {
+    pub async fn heartbeat(
+        &self,
+        worker: &str,
+        running: Vec<(String, u64)>,
+        profile: Option<Profile>,
+    ) -> Result<Vec<String>> {
         let (tx, rx) = oneshot::channel();
-        self.send(Event::Heartbeat(worker.to_string(), running, profile.map(Box::new), tx))?;
+        self.send(Event::Heartbeat(
+            worker.to_string(),
+            running,
+            profile.map(Box::new),
+            tx,
+        ))?;
         rx.await.map_err(|_| Error::ShutDown)
     }
 
@@ -1062,7 +1072,10 @@ impl Engine {
         // forever: at once embedded, after a grace period for workers to join on a mesh.
         if hardware::why_unfit(
             &requirements,
-            self.workers.values().filter(|w| !w.lost).map(|w| (&w.info.profile, w.info.slots)),
+            self.workers
+                .values()
+                .filter(|w| !w.lost)
+                .map(|w| (&w.info.profile, w.info.slots)),
         )
         .is_some()
         {
@@ -1310,7 +1323,10 @@ impl Engine {
         let requirements = Requirements::from(&run.ctx.pipeline.steps[i].resources);
         let Some(why) = hardware::why_unfit(
             &requirements,
-            self.workers.values().filter(|w| !w.lost).map(|w| (&w.info.profile, w.info.slots)),
+            self.workers
+                .values()
+                .filter(|w| !w.lost)
+                .map(|w| (&w.info.profile, w.info.slots)),
         ) else {
             return;
         };
@@ -1320,16 +1336,22 @@ impl Engine {
             .filter(|(_, j)| j.run_id == run_id && j.step == i)
             .map(|(id, _)| id.clone())
             .collect();
-        let started = mine
-            .iter()
-            .any(|id| self.jobs.get(id).is_some_and(|j| !matches!(j.state, JobState::Queued | JobState::Backoff)));
+        let started = mine.iter().any(|id| {
+            self.jobs
+                .get(id)
+                .is_some_and(|j| !matches!(j.state, JobState::Queued | JobState::Backoff))
+        });
         if started {
             return;
         }
         for id in mine {
             self.jobs.remove(&id);
         }
-        self.step_failed(run_id, i, format!("no enrolled worker can run this step: {why}"));
+        self.step_failed(
+            run_id,
+            i,
+            format!("no enrolled worker can run this step: {why}"),
+        );
         self.maybe_finish(run_id);
     }
 
@@ -1457,7 +1479,11 @@ impl Engine {
             Some((_, AdminState::Ban)) => {
                 self.refusals.banned += 1;
                 tracing::warn!(job = %result.job_id, worker, "refused result from a banned worker");
-                self.job_failed(&result.job_id, "result refused: the worker is banned".into(), true);
+                self.job_failed(
+                    &result.job_id,
+                    "result refused: the worker is banned".into(),
+                    true,
+                );
                 return;
             }
             Some((key, _)) => signing::verify_result(&key, &result).map_err(|e| e.to_string()),
@@ -1475,6 +1501,7 @@ impl Engine {
         let Some(job) = self.jobs.get_mut(&result.job_id) else {
             return;
         };
+        let mut log_copy = None;
         if let Some(run) = self.runs.get_mut(&job.run_id) {
             let rec = &mut run.records[job.step];
             let duration = result.ended_ms.saturating_sub(result.started_ms);
@@ -1494,17 +1521,7 @@ impl Engine {
                 }
                 Some(k) => rec.shards[k].worker = Some(hex::encode(result.worker_key)),
             }
-            if let Some(src) = result.log.clone() {
-                // Keep the job's log with the run state, off the scheduler task.
-                tokio::task::spawn_blocking(move || {
-                    if let Some(dir) = dest.parent() {
-                        let _ = std::fs::create_dir_all(dir);
-                    }
-                    if let Err(e) = std::fs::copy(&src, &dest) {
-                        tracing::warn!(error = %e, log = %src.display(), "keeping the job log");
-                    }
-                });
-            }
+            log_copy = result.log.clone().map(|src| (src, dest));
         }
         match result.outcome {
             Outcome::Succeeded => {
@@ -1521,6 +1538,7 @@ impl Engine {
                 let shard = job.shard;
                 let job_id = result.job_id.clone();
                 tokio::task::spawn_blocking(move || {
+                    keep_log(log_copy);
                     let res = match shard {
                         None => sealer::seal_step(&ctx, &plan, &result).map(SealedJob::Step),
                         Some(k) => match plan.shards.as_ref().and_then(|u| u.get(k)) {
@@ -1537,12 +1555,17 @@ impl Engine {
                     let _ = tx.send(Event::Sealed(job_id, res));
                 });
             }
-            Outcome::Cancelled => self.job_failed(&result.job_id, "cancelled".into(), false),
+            Outcome::Cancelled => {
+                cleanup_failed(log_copy, result.staging.clone());
+                self.job_failed(&result.job_id, "cancelled".into(), false)
+            }
             Outcome::TimedOut => {
+                cleanup_failed(log_copy, result.staging.clone());
                 let msg = format!("timed out; {}", tail(&result.error, 2000));
                 self.job_failed(&result.job_id, msg, true)
             }
             Outcome::Failed => {
+                cleanup_failed(log_copy, result.staging.clone());
                 let msg = match (result.exit_code, result.error.is_empty()) {
                     (Some(c), true) => format!("exit status {c}"),
                     (Some(c), false) => format!("exit status {c}: {}", tail(&result.error, 2000)),
@@ -1880,6 +1903,29 @@ impl Engine {
             elapsed: run.started.elapsed(),
         }));
     }
+}
+
+/// Keeps a job's log with the run state (`.nexa_state/<pipeline>/logs`).
+fn keep_log(copy: Option<(PathBuf, PathBuf)>) {
+    let Some((src, dest)) = copy else {
+        return;
+    };
+    if let Some(dir) = dest.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if let Err(e) = std::fs::copy(&src, &dest) {
+        tracing::warn!(error = %e, log = %src.display(), "keeping the job log");
+    }
+}
+
+/// After a failed job: keep its log, drop what it staged (off the scheduler task).
+fn cleanup_failed(log: Option<(PathBuf, PathBuf)>, staging: Option<PathBuf>) {
+    tokio::task::spawn_blocking(move || {
+        keep_log(log);
+        if let Some(s) = staging {
+            let _ = nexa_shared::artifact::remove_tree(&s);
+        }
+    });
 }
 
 fn write_mirror(run: &mut Run) {

@@ -21,6 +21,9 @@ pub enum Error {
     /// A request named something the coordinator does not know.
     #[error("{0}")]
     NotFound(String),
+    /// The gRPC server failed.
+    #[error("server: {0}")]
+    Server(String),
     /// JSON encoding or decoding failed.
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),

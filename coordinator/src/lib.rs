@@ -5,6 +5,7 @@
 //! state; everything else talks to it by [`engine::Event`] messages. Blocking work
 //! (hashing, splitting, sealing) runs on the blocking pool and reports back as events.
 
+pub mod certs;
 pub mod engine;
 pub mod error;
 pub mod mesh;

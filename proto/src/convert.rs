@@ -167,11 +167,13 @@ impl TryFrom<v1::JobSpec> for JobSpec {
         if j.job_id.is_empty() {
             return Err(err(M, "job_id", "is empty"));
         }
-        let params = serde_json::from_str(&j.params_json).map_err(|e| err(M, "params_json", e.to_string()))?;
+        let params = serde_json::from_str(&j.params_json)
+            .map_err(|e| err(M, "params_json", e.to_string()))?;
         let shard = (j.shard_count > 0).then_some((j.shard_index, j.shard_count));
         let mut inputs = Vec::with_capacity(j.inputs.len());
         for i in j.inputs {
-            nexa_shared::digest::parse(&i.digest).map_err(|e| err(M, "inputs.digest", e.to_string()))?;
+            nexa_shared::digest::parse(&i.digest)
+                .map_err(|e| err(M, "inputs.digest", e.to_string()))?;
             let file_name = nexa_shared::paths::safe_component(&i.file_name);
             inputs.push(JobInput {
                 name: i.name,
@@ -263,7 +265,13 @@ impl TryFrom<v1::JobResult> for JobResult {
             Ok(v1::JobOutcome::Failed) => Outcome::Failed,
             Ok(v1::JobOutcome::TimedOut) => Outcome::TimedOut,
             Ok(v1::JobOutcome::Cancelled) => Outcome::Cancelled,
-            _ => return Err(err(M, "outcome", format!("{} is not a known outcome", r.outcome))),
+            _ => {
+                return Err(err(
+                    M,
+                    "outcome",
+                    format!("{} is not a known outcome", r.outcome),
+                ));
+            }
         };
         let worker_key: [u8; 32] = r
             .worker_public_key
@@ -334,7 +342,10 @@ mod tests {
         assert_eq!(e.field, "worker_public_key");
         let mut wire = v1::JobResult::from(&r);
         wire.outcome = 0;
-        assert_eq!(JobResult::try_from(wire).expect_err("unspecified").field, "outcome");
+        assert_eq!(
+            JobResult::try_from(wire).expect_err("unspecified").field,
+            "outcome"
+        );
     }
 
     #[test]
@@ -360,7 +371,10 @@ mod tests {
                 ..Requirements::default()
             },
         };
-        assert_eq!(JobSpec::try_from(v1::JobSpec::from(&spec)).expect("spec"), spec);
+        assert_eq!(
+            JobSpec::try_from(v1::JobSpec::from(&spec)).expect("spec"),
+            spec
+        );
         let p = Profile {
             hostname: "h".into(),
             gpus: vec![Gpu {

@@ -129,8 +129,10 @@ pub fn verify_enrolment(public_key: &[u8], nonce: &[u8], signature: &[u8]) -> Re
     let key: [u8; 32] = public_key
         .try_into()
         .map_err(|_| Error::Signature("a public key is 32 bytes".into()))?;
-    let vk = VerifyingKey::from_bytes(&key).map_err(|e| Error::Signature(format!("bad key: {e}")))?;
-    let sig = Signature::from_slice(signature).map_err(|e| Error::Signature(format!("malformed signature: {e}")))?;
+    let vk =
+        VerifyingKey::from_bytes(&key).map_err(|e| Error::Signature(format!("bad key: {e}")))?;
+    let sig = Signature::from_slice(signature)
+        .map_err(|e| Error::Signature(format!("malformed signature: {e}")))?;
     vk.verify(&enrol_message(nonce), &sig)
         .map_err(|_| Error::Signature("the challenge was not signed with this key".into()))?;
     Ok(key)

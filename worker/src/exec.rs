@@ -275,6 +275,10 @@ pub async fn run_job<L: CoordinatorLink>(
         }
     }
     r.log = Some(log_path);
+    // Set for failures too, so a remote link can send the log from the job directory.
+    if r.staging.is_none() {
+        r.staging = Some(dir.join("out"));
+    }
     r.ended_ms = now_ms();
     r
 }

@@ -21,6 +21,9 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
+/// The upload name of a job's log (not an output: never sealed).
+pub const LOG_OUTPUT: &str = ".log";
+
 /// Size of the pieces outputs are uploaded in.
 const CHUNK: usize = 1 << 20;
 
@@ -57,19 +60,43 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// An endpoint for `url`, with TLS trusting `ca_pem` when given.
+pub fn channel_endpoint(
+    url: &str,
+    ca_pem: Option<Vec<u8>>,
+) -> Result<tonic::transport::Endpoint, String> {
+    let mut endpoint = Channel::from_shared(url.to_string())
+        .map_err(|e| format!("coordinator address {url:?}: {e}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_keepalive(Some(Duration::from_secs(10)))
+        .tcp_nodelay(true);
+    if let Some(ca) = ca_pem {
+        let host = endpoint.uri().host().unwrap_or("localhost").to_string();
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            .domain_name(host);
+        endpoint = endpoint.tls_config(tls).map_err(|e| format!("tls: {e}"))?;
+    }
+    Ok(endpoint)
+}
+
 /// Exponential backoff from 100 ms to 10 s.
 fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(100u64.saturating_mul(1 << attempt.min(7))).min(Duration::from_secs(10))
 }
 
 impl GrpcLink {
-    /// A link to `url` (`http://host:port`); connects lazily and reconnects on its own.
-    pub fn new(url: &str, identity: Arc<Identity>, enrolment: Enrolment) -> Result<Arc<Self>, String> {
-        let endpoint = Channel::from_shared(url.to_string())
-            .map_err(|e| format!("coordinator address {url:?}: {e}"))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_keepalive(Some(Duration::from_secs(10)));
-        let client = WorkerServiceClient::new(endpoint.connect_lazy()).max_decoding_message_size(8 << 20);
+    /// A link to `url` (`http://host:port`, or `https://` with `ca_pem` the CA to
+    /// trust); connects lazily and reconnects on its own.
+    pub fn new(
+        url: &str,
+        identity: Arc<Identity>,
+        enrolment: Enrolment,
+        ca_pem: Option<Vec<u8>>,
+    ) -> Result<Arc<Self>, String> {
+        let endpoint = channel_endpoint(url, ca_pem)?;
+        let client =
+            WorkerServiceClient::new(endpoint.connect_lazy()).max_decoding_message_size(8 << 20);
         Ok(Arc::new(Self {
             client,
             identity,
@@ -135,7 +162,14 @@ impl GrpcLink {
         loop {
             match self.enrol().await {
                 Ok(()) => return Ok(()),
-                Err(s) if matches!(s.code(), Code::Unauthenticated | Code::FailedPrecondition | Code::InvalidArgument) => return Err(s),
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        Code::Unauthenticated | Code::FailedPrecondition | Code::InvalidArgument
+                    ) =>
+                {
+                    return Err(s);
+                }
                 Err(s) => {
                     tracing::warn!(error = %s.message(), "coordinator unreachable; retrying");
                     tokio::time::sleep(backoff(attempt)).await;
@@ -164,7 +198,16 @@ impl GrpcLink {
                         tokio::time::sleep(backoff(attempt)).await;
                     }
                 }
-                Err(s) if matches!(s.code(), Code::InvalidArgument | Code::NotFound | Code::DataLoss | Code::ResourceExhausted | Code::PermissionDenied) => {
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        Code::InvalidArgument
+                            | Code::NotFound
+                            | Code::DataLoss
+                            | Code::ResourceExhausted
+                            | Code::PermissionDenied
+                    ) =>
+                {
                     return Err(s);
                 }
                 Err(s) => {
@@ -183,7 +226,9 @@ impl GrpcLink {
         tokio::spawn(async move {
             let mut n: u64 = 0;
             loop {
-                let every = lock(&link.session).heartbeat.max(Duration::from_millis(100));
+                let every = lock(&link.session)
+                    .heartbeat
+                    .max(Duration::from_millis(100));
                 tokio::time::sleep(every).await;
                 n += 1;
                 let running: Vec<v1::RunningJob> = lock(&link.running)
@@ -193,7 +238,9 @@ impl GrpcLink {
                         generation: *g,
                     })
                     .collect();
-                let profile = (n % 15 == 0).then(|| v1::HardwareProfile::from(&lock(&link.enrolment).profile));
+                let profile = n
+                    .is_multiple_of(15)
+                    .then(|| v1::HardwareProfile::from(&lock(&link.enrolment).profile));
                 let mut client = link.client.clone();
                 let req = link.authed(v1::HeartbeatRequest { running, profile });
                 match client.heartbeat(req).await {
@@ -221,20 +268,37 @@ impl GrpcLink {
         let Some(staging) = result.staging.clone() else {
             return Ok(());
         };
-        if result.outputs.is_empty() {
-            return Ok(());
+        let mut files = result.outputs.clone();
+        // The job's log travels too, as the pseudo-output `.log`, so the operator sees it.
+        if let Some(log) = &result.log
+            && let Ok(meta) = std::fs::metadata(log)
+            && let Ok((h, _)) = nexa_shared::digest::hash_file(log)
+        {
+            let dest = staging.join(LOG_OUTPUT);
+            if std::fs::create_dir_all(&dest).is_ok()
+                && std::fs::copy(log, dest.join("log")).is_ok()
+            {
+                files.push(nexa_shared::job::OutputFile {
+                    output: LOG_OUTPUT.into(),
+                    path: "log".into(),
+                    size: meta.len(),
+                    digest: nexa_shared::digest::format(&h),
+                });
+            }
         }
-        let files = result.outputs.clone();
         let (job_id, generation) = (result.job_id.clone(), result.generation);
         let (tx, rx) = tokio::sync::mpsc::channel::<v1::UploadChunk>(4);
         let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
             for o in files {
                 let path = staging.join(&o.output).join(&o.path);
-                let mut f = std::fs::File::open(&path).map_err(|e| format!("open {}: {e}", path.display()))?;
+                let mut f = std::fs::File::open(&path)
+                    .map_err(|e| format!("open {}: {e}", path.display()))?;
                 let mut buf = vec![0u8; CHUNK];
                 let mut offset = 0u64;
                 loop {
-                    let n = f.read(&mut buf).map_err(|e| format!("read {}: {e}", path.display()))?;
+                    let n = f
+                        .read(&mut buf)
+                        .map_err(|e| format!("read {}: {e}", path.display()))?;
                     if n == 0 && offset > 0 {
                         break;
                     }
@@ -274,7 +338,10 @@ impl CoordinatorLink for GrpcLink {
         let mut attempt = 0;
         loop {
             let mut client = self.client.clone();
-            match client.lease(self.authed(v1::LeaseRequest { wait_ms: 15_000 })).await {
+            match client
+                .lease(self.authed(v1::LeaseRequest { wait_ms: 15_000 }))
+                .await
+            {
                 Ok(resp) => {
                     attempt = 0;
                     let r = resp.into_inner();
@@ -304,12 +371,17 @@ impl CoordinatorLink for GrpcLink {
     }
 
     async fn report(&self, result: JobResult) {
-        let job_dir = result.staging.as_ref().and_then(|s| s.parent().map(Path::to_path_buf));
+        let job_dir = result
+            .staging
+            .as_ref()
+            .and_then(|s| s.parent().map(Path::to_path_buf));
         let outcome = self
             .retrying(8, || async {
                 self.upload(&result).await?;
                 let mut client = self.client.clone();
-                client.report(self.authed(v1::JobResult::from(&result))).await
+                client
+                    .report(self.authed(v1::JobResult::from(&result)))
+                    .await
             })
             .await;
         if let Err(s) = outcome {
@@ -345,21 +417,25 @@ impl CoordinatorLink for GrpcLink {
         while let Some(chunk) = stream.next().await {
             let c = chunk.map_err(|s| format!("fetching {}: {}", input.digest, s.message()))?;
             let target = if c.is_dir {
-                let rel = nexa_shared::paths::check_relative_name(&c.path).map_err(|e| e.to_string())?;
+                let rel =
+                    nexa_shared::paths::check_relative_name(&c.path).map_err(|e| e.to_string())?;
                 dest.join(rel)
             } else {
                 dest.to_path_buf()
             };
             if open.as_ref().is_none_or(|(p, _)| p != &c.path) {
                 if let Some(parent) = target.parent() {
-                    std::fs::create_dir_all(parent).map_err(|e| format!("create {}: {e}", parent.display()))?;
+                    std::fs::create_dir_all(parent)
+                        .map_err(|e| format!("create {}: {e}", parent.display()))?;
                 }
-                let f = std::fs::File::create(&target).map_err(|e| format!("create {}: {e}", target.display()))?;
+                let f = std::fs::File::create(&target)
+                    .map_err(|e| format!("create {}: {e}", target.display()))?;
                 open = Some((c.path.clone(), f));
             }
             if let Some((_, f)) = open.as_mut() {
                 use std::io::Write;
-                f.write_all(&c.data).map_err(|e| format!("write {}: {e}", target.display()))?;
+                f.write_all(&c.data)
+                    .map_err(|e| format!("write {}: {e}", target.display()))?;
             }
         }
         if input.is_dir && !dest.exists() {

@@ -2,8 +2,12 @@
 //! heartbeats, uploads, results, input downloads) over tonic. Handlers translate wire
 //! messages with `nexa_proto::convert` and talk to the engine through [`Coordinator`].
 
+mod control_service;
+mod server;
 mod worker_service;
 
+pub use control_service::{ControlApi, SUBMISSIONS_TREE, Submission};
+pub use server::{ServeConfig, serve};
 pub use worker_service::WorkerApi;
 
 use crate::Coordinator;
@@ -43,7 +47,10 @@ impl MeshConfig {
 }
 
 /// Builds the tonic service for workers.
-pub fn worker_service(coord: Coordinator, config: MeshConfig) -> nexa_proto::v1::worker_service_server::WorkerServiceServer<WorkerApi> {
+pub fn worker_service(
+    coord: Coordinator,
+    config: MeshConfig,
+) -> nexa_proto::v1::worker_service_server::WorkerServiceServer<WorkerApi> {
     nexa_proto::v1::worker_service_server::WorkerServiceServer::new(WorkerApi::new(coord, config))
         .max_decoding_message_size(8 << 20)
 }

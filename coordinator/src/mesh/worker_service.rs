@@ -21,12 +21,15 @@ const CHALLENGE_TTL: Duration = Duration::from_secs(60);
 /// Size of the pieces inputs are streamed in.
 const CHUNK: usize = 1 << 20;
 
+/// A challenge nonce and when it was issued.
+type IssuedChallenge = ([u8; 32], Instant);
+
 /// The worker service's state.
 #[derive(Debug)]
 pub struct WorkerApi {
     coord: Coordinator,
     cfg: MeshConfig,
-    nonces: Mutex<HashMap<[u8; 32], ([u8; 32], Instant)>>,
+    nonces: Mutex<HashMap<[u8; 32], IssuedChallenge>>,
     sessions: Mutex<HashMap<String, String>>,
     served: Mutex<HashMap<String, (PathBuf, bool)>>,
 }
@@ -72,7 +75,10 @@ impl WorkerApi {
             .data_dir
             .join("staging")
             .join(paths::safe_component(worker))
-            .join(format!("{}-g{generation}", paths::safe_component(&job_id.replace('/', "_"))))
+            .join(format!(
+                "{}-g{generation}",
+                paths::safe_component(&job_id.replace('/', "_"))
+            ))
     }
 }
 
@@ -121,11 +127,15 @@ impl Incoming {
     }
 }
 
-type FetchStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::FetchChunk, Status>> + Send>>;
+type FetchStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::FetchChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl WorkerService for WorkerApi {
-    async fn challenge(&self, req: Request<v1::ChallengeRequest>) -> Result<Response<v1::ChallengeResponse>, Status> {
+    async fn challenge(
+        &self,
+        req: Request<v1::ChallengeRequest>,
+    ) -> Result<Response<v1::ChallengeResponse>, Status> {
         let r = req.into_inner();
         check_version(r.protocol_version)?;
         let key: [u8; 32] = r
@@ -137,16 +147,23 @@ impl WorkerService for WorkerApi {
         let mut nonces = lock(&self.nonces);
         nonces.retain(|_, (_, at)| at.elapsed() < CHALLENGE_TTL);
         nonces.insert(key, (nonce, Instant::now()));
-        Ok(Response::new(v1::ChallengeResponse { nonce: nonce.to_vec() }))
+        Ok(Response::new(v1::ChallengeResponse {
+            nonce: nonce.to_vec(),
+        }))
     }
 
-    async fn enrol(&self, req: Request<v1::EnrolRequest>) -> Result<Response<v1::EnrolResponse>, Status> {
+    async fn enrol(
+        &self,
+        req: Request<v1::EnrolRequest>,
+    ) -> Result<Response<v1::EnrolResponse>, Status> {
         let r = req.into_inner();
         check_version(r.protocol_version)?;
         if let Some(expected) = &self.cfg.enrol_token
             && &r.enrol_token != expected
         {
-            return Err(Status::unauthenticated("enrolment needs the operator's enrolment token"));
+            return Err(Status::unauthenticated(
+                "enrolment needs the operator's enrolment token",
+            ));
         }
         let key: [u8; 32] = r
             .public_key
@@ -156,10 +173,16 @@ impl WorkerService for WorkerApi {
         // The nonce is single-use and must be the one this coordinator issued for this key.
         let issued = lock(&self.nonces).remove(&key);
         match issued {
-            Some((nonce, at)) if at.elapsed() < CHALLENGE_TTL && nonce.as_slice() == r.nonce.as_slice() => {}
-            _ => return Err(Status::permission_denied("unknown or expired challenge: ask for a new one")),
+            Some((nonce, at))
+                if at.elapsed() < CHALLENGE_TTL && nonce.as_slice() == r.nonce.as_slice() => {}
+            _ => {
+                return Err(Status::permission_denied(
+                    "unknown or expired challenge: ask for a new one",
+                ));
+            }
         }
-        signing::verify_enrolment(&key, &r.nonce, &r.signature).map_err(|e| Status::permission_denied(e.to_string()))?;
+        signing::verify_enrolment(&key, &r.nonce, &r.signature)
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
         let profile = Profile::from(r.profile.unwrap_or_default());
         let worker_id = hex::encode(&key[..8]);
         let slots = r.slots.clamp(1, 4096);
@@ -177,7 +200,10 @@ impl WorkerService for WorkerApi {
         }))
     }
 
-    async fn lease(&self, req: Request<v1::LeaseRequest>) -> Result<Response<v1::LeaseResponse>, Status> {
+    async fn lease(
+        &self,
+        req: Request<v1::LeaseRequest>,
+    ) -> Result<Response<v1::LeaseResponse>, Status> {
         let worker = self.worker(&req)?;
         let wait = Duration::from_millis(req.get_ref().wait_ms).min(self.cfg.max_lease_wait);
         let lease = match tokio::time::timeout(wait, self.coord.lease(&worker)).await {
@@ -197,10 +223,17 @@ impl WorkerService for WorkerApi {
         }))
     }
 
-    async fn heartbeat(&self, req: Request<v1::HeartbeatRequest>) -> Result<Response<v1::HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::HeartbeatResponse>, Status> {
         let worker = self.worker(&req)?;
         let r = req.into_inner();
-        let running = r.running.into_iter().map(|j| (j.job_id, j.generation)).collect();
+        let running = r
+            .running
+            .into_iter()
+            .map(|j| (j.job_id, j.generation))
+            .collect();
         let cancel = self
             .coord
             .heartbeat(&worker, running, r.profile.map(Profile::from))
@@ -209,7 +242,10 @@ impl WorkerService for WorkerApi {
         Ok(Response::new(v1::HeartbeatResponse { cancel }))
     }
 
-    async fn upload(&self, req: Request<Streaming<v1::UploadChunk>>) -> Result<Response<v1::UploadResponse>, Status> {
+    async fn upload(
+        &self,
+        req: Request<Streaming<v1::UploadChunk>>,
+    ) -> Result<Response<v1::UploadResponse>, Status> {
         let worker = self.worker(&req)?;
         let mut stream = req.into_inner();
         let mut current: Option<Incoming> = None;
@@ -225,20 +261,29 @@ impl WorkerService for WorkerApi {
                     files += 1;
                 }
                 if c.output.is_empty() || paths::safe_component(&c.output) != c.output {
-                    return Err(Status::invalid_argument(format!("output name {:?} is not allowed", c.output)));
+                    return Err(Status::invalid_argument(format!(
+                        "output name {:?} is not allowed",
+                        c.output
+                    )));
                 }
-                let rel = paths::check_relative_name(&c.path).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                let rel = paths::check_relative_name(&c.path)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
                 if c.size > self.cfg.max_upload_file {
                     return Err(Status::resource_exhausted(format!(
                         "{} is {} bytes; the limit is {}",
                         c.path, c.size, self.cfg.max_upload_file
                     )));
                 }
-                let path = self.staging(&worker, &c.job_id, c.generation).join(&c.output).join(rel);
+                let path = self
+                    .staging(&worker, &c.job_id, c.generation)
+                    .join(&c.output)
+                    .join(rel);
                 if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).map_err(|e| Status::internal(format!("staging: {e}")))?;
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| Status::internal(format!("staging: {e}")))?;
                 }
-                let file = std::fs::File::create(&path).map_err(|e| Status::internal(format!("staging: {e}")))?;
+                let file = std::fs::File::create(&path)
+                    .map_err(|e| Status::internal(format!("staging: {e}")))?;
                 current = Some(Incoming {
                     path,
                     name: format!("{}/{}", c.output, c.path),
@@ -251,13 +296,21 @@ impl WorkerService for WorkerApi {
             }
             let Some(f) = current.as_mut() else { continue };
             if c.offset != f.written {
-                return Err(Status::invalid_argument(format!("{}: chunk at {} but {} bytes written", f.name, c.offset, f.written)));
+                return Err(Status::invalid_argument(format!(
+                    "{}: chunk at {} but {} bytes written",
+                    f.name, c.offset, f.written
+                )));
             }
             if f.written + c.data.len() as u64 > f.size {
-                return Err(Status::resource_exhausted(format!("{}: more bytes than declared", f.name)));
+                return Err(Status::resource_exhausted(format!(
+                    "{}: more bytes than declared",
+                    f.name
+                )));
             }
             f.hasher.update(&c.data);
-            f.file.write_all(&c.data).map_err(|e| Status::internal(format!("staging: {e}")))?;
+            f.file
+                .write_all(&c.data)
+                .map_err(|e| Status::internal(format!("staging: {e}")))?;
             f.written += c.data.len() as u64;
         }
         if let Some(f) = current.take() {
@@ -267,11 +320,17 @@ impl WorkerService for WorkerApi {
         Ok(Response::new(v1::UploadResponse { files, bytes }))
     }
 
-    async fn report(&self, req: Request<v1::JobResult>) -> Result<Response<v1::ReportResponse>, Status> {
+    async fn report(
+        &self,
+        req: Request<v1::JobResult>,
+    ) -> Result<Response<v1::ReportResponse>, Status> {
         let worker = self.worker(&req)?;
-        let mut result = JobResult::try_from(req.into_inner()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut result = JobResult::try_from(req.into_inner())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let staging = self.staging(&worker, &result.job_id, result.generation);
         std::fs::create_dir_all(&staging).map_err(|e| Status::internal(format!("staging: {e}")))?;
+        let log = staging.join(".log").join("log");
+        result.log = log.is_file().then_some(log);
         result.staging = Some(staging);
         self.coord
             .report(&worker, result)
@@ -284,7 +343,10 @@ impl WorkerService for WorkerApi {
 
     type FetchStream = FetchStream;
 
-    async fn fetch(&self, req: Request<v1::FetchRequest>) -> Result<Response<Self::FetchStream>, Status> {
+    async fn fetch(
+        &self,
+        req: Request<v1::FetchRequest>,
+    ) -> Result<Response<Self::FetchStream>, Status> {
         self.worker(&req)?;
         let digest = req.into_inner().digest;
         let (path, is_dir) = lock(&self.served)
@@ -311,21 +373,34 @@ impl WorkerService for WorkerApi {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
-fn stream_file(rel: &str, p: &Path, is_dir: bool, send: &dyn Fn(Result<v1::FetchChunk, Status>) -> bool) -> bool {
+fn stream_file(
+    rel: &str,
+    p: &Path,
+    is_dir: bool,
+    send: &dyn Fn(Result<v1::FetchChunk, Status>) -> bool,
+) -> bool {
     let mut f = match std::fs::File::open(p) {
         Ok(f) => f,
-        Err(e) => return send(Err(Status::internal(format!("open {}: {e}", p.display())))) && false,
+        Err(e) => {
+            send(Err(Status::internal(format!("open {}: {e}", p.display()))));
+            return false;
+        }
     };
     let mut buf = vec![0u8; CHUNK];
     let mut offset = 0u64;
     loop {
         let n = match f.read(&mut buf) {
             Ok(n) => n,
-            Err(e) => return send(Err(Status::internal(format!("read {}: {e}", p.display())))) && false,
+            Err(e) => {
+                send(Err(Status::internal(format!("read {}: {e}", p.display()))));
+                return false;
+            }
         };
         // Every file sends at least one chunk, so empty files arrive too.
         if n == 0 && offset > 0 {

@@ -1,0 +1,203 @@
+//! `nexa-coordinator`: serve the mesh, or write development TLS certificates.
+//!
+//! Settings are layered: defaults, then a TOML file (`--config`), then `NEXA_*`
+//! environment variables, then flags.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use nexa_coordinator::mesh::{MeshConfig, ServeConfig};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "nexa-coordinator", version, about = "The Nexa coordinator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve workers and operators.
+    Serve(ServeArgs),
+    /// Write a development CA and a server certificate for TLS.
+    Certs {
+        /// Where to write ca.pem, server.pem and server.key.
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// Names the server certificate is valid for.
+        #[arg(long = "host", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        hosts: Vec<String>,
+    },
+}
+
+#[derive(clap::Args, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ServeArgs {
+    /// A TOML file with any of these settings (keys as the flags, without dashes in front).
+    #[arg(long, env = "NEXA_CONFIG")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:7070].
+    #[arg(long, env = "NEXA_LISTEN")]
+    listen: Option<String>,
+    /// Where the store, blobs, projects and tokens live [default: ./nexa-data].
+    #[arg(long, env = "NEXA_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address for /metrics (served from the operators' view release on).
+    #[arg(long, env = "NEXA_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    /// The operator token; generated, stored in the data dir and printed once when absent.
+    #[arg(long, env = "NEXA_OPERATOR_TOKEN")]
+    operator_token: Option<String>,
+    /// The token workers enrol with; generated like the operator token when absent.
+    #[arg(long, env = "NEXA_ENROL_TOKEN")]
+    enrol_token: Option<String>,
+    /// Let any worker enrol without a token.
+    #[arg(long, env = "NEXA_OPEN_ENROLMENT", num_args = 0..=1, default_missing_value = "true")]
+    open_enrolment: Option<bool>,
+    /// TLS certificate chain (PEM).
+    #[arg(long, env = "NEXA_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "NEXA_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Heartbeat interval in ms [default: 2000]; leases live three of them.
+    #[arg(long, env = "NEXA_HEARTBEAT_MS")]
+    heartbeat_ms: Option<u64>,
+    /// Seconds a job no worker can run waits for one to join [default: 30].
+    #[arg(long, env = "NEXA_UNFIT_GRACE_S")]
+    unfit_grace_s: Option<u64>,
+}
+
+impl ServeArgs {
+    /// Flags and environment win over the file; the file over defaults.
+    fn layered(mut self) -> anyhow::Result<Self> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let file: ServeArgs =
+            toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        macro_rules! fill {
+            ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f; } )* };
+        }
+        fill!(
+            listen,
+            data_dir,
+            metrics_listen,
+            operator_token,
+            enrol_token,
+            open_enrolment,
+            tls_cert,
+            tls_key,
+            heartbeat_ms,
+            unfit_grace_s
+        );
+        Ok(self)
+    }
+}
+
+/// Reads a token stored in the data dir, or makes, stores (0600) and announces one.
+fn stored_token(data_dir: &Path, name: &str, what: &str) -> anyhow::Result<String> {
+    let path = data_dir.join(name);
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        return Ok(t.trim().to_string());
+    }
+    let mut b = [0u8; 24];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
+    let token = hex::encode(b);
+    nexa_coordinator::certs::write_private(&path, token.as_bytes())?;
+    eprintln!(
+        "{what}: {token}\n  (generated and stored in {}; it is not printed again)",
+        path.display()
+    );
+    Ok(token)
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NEXA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Cmd::Certs { out, hosts } => {
+            let c = nexa_coordinator::certs::write_dev_certs(&out, &hosts)?;
+            println!(
+                "wrote {} (trust this), {} and {} for {}",
+                c.ca.display(),
+                c.cert.display(),
+                c.key.display(),
+                hosts.join(", ")
+            );
+            Ok(())
+        }
+        Cmd::Serve(args) => serve(args.layered()?),
+    }
+}
+
+fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let data_dir = a.data_dir.unwrap_or_else(|| PathBuf::from("nexa-data"));
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let operator_token = match a.operator_token {
+        Some(t) => t,
+        None => stored_token(&data_dir, "operator.token", "operator token")?,
+    };
+    let enrol_token = if a.open_enrolment.unwrap_or(false) {
+        None
+    } else {
+        Some(match a.enrol_token {
+            Some(t) => t,
+            None => stored_token(&data_dir, "enrol.token", "worker enrolment token")?,
+        })
+    };
+    let tls = match (a.tls_cert, a.tls_key) {
+        (Some(c), Some(k)) => Some((
+            std::fs::read(&c).with_context(|| format!("reading {}", c.display()))?,
+            std::fs::read(&k).with_context(|| format!("reading {}", k.display()))?,
+        )),
+        (None, None) => None,
+        _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+    };
+    if a.metrics_listen.is_some() {
+        tracing::warn!("--metrics-listen is accepted but metrics are not served by this build yet");
+    }
+    let mut mesh = MeshConfig::new(data_dir);
+    mesh.enrol_token = enrol_token;
+    if let Some(ms) = a.heartbeat_ms {
+        mesh.heartbeat_interval = Duration::from_millis(ms.max(50));
+        mesh.lease_ttl = mesh.heartbeat_interval * 3;
+    }
+    let cfg = ServeConfig {
+        mesh,
+        operator_token,
+        unfit_grace: Duration::from_secs(a.unfit_grace_s.unwrap_or(30)),
+        tls,
+    };
+    let listen = a.listen.unwrap_or_else(|| "127.0.0.1:7070".into());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&listen)
+            .await
+            .with_context(|| format!("listening on {listen}"))?;
+        // Scripts and tests read the bound address (the port may be 0) from this line.
+        println!("listening on {}", listener.local_addr()?);
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+            tracing::info!("shutting down");
+        };
+        nexa_coordinator::mesh::serve(listener, cfg, shutdown).await?;
+        Ok(())
+    })
+}

@@ -1,0 +1,585 @@
+//! `nexa.v1.ControlService`: what operators call, with the operator token. Pipelines
+//! arrive as YAML plus the project files they read, sent by content (only the blobs the
+//! coordinator lacks travel); each submitted run is recorded so that a restarted
+//! coordinator resumes it under the same id.
+
+use super::MeshConfig;
+use crate::engine::{AdminState, Progress, RunOutcome, RunRequest};
+use crate::state::{self, StepRecord};
+use crate::{Coordinator, Store};
+use nexa_proto::v1;
+use nexa_proto::v1::control_service_server::ControlService;
+use nexa_shared::{artifact, digest, paths, spec};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tokio::sync::broadcast;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+/// The store tree of submitted runs, keyed by run id.
+pub const SUBMISSIONS_TREE: &str = "submissions";
+
+/// A submitted run, as recorded for resumption.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Submission {
+    /// Run id.
+    pub run_id: String,
+    /// Pipeline name.
+    pub pipeline: String,
+    /// The YAML.
+    pub yaml: String,
+    /// File name for messages.
+    pub file_name: String,
+    /// `--verify`.
+    pub verify: bool,
+    /// `rerun --from`.
+    pub from: Option<String>,
+    /// Whether it ended.
+    pub finished: bool,
+}
+
+#[derive(Debug)]
+struct RunFeed {
+    history: Vec<v1::RunEvent>,
+    live: broadcast::Sender<v1::RunEvent>,
+}
+
+/// The control service's state.
+pub struct ControlApi {
+    coord: Coordinator,
+    store: Arc<dyn Store>,
+    cfg: MeshConfig,
+    operator_token: String,
+    feeds: Arc<Mutex<HashMap<String, RunFeed>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn to_event(p: &Progress) -> v1::RunEvent {
+    use v1::RunEventKind as K;
+    let mut e = v1::RunEvent::default();
+    match p {
+        Progress::Step {
+            step,
+            status,
+            detail,
+        } => {
+            e.kind = K::Step as i32;
+            e.step = step.clone();
+            e.status = status.as_str().into();
+            e.detail = detail.clone().unwrap_or_default();
+        }
+        Progress::Shards {
+            step,
+            count,
+            cached,
+        } => {
+            e.kind = K::Shards as i32;
+            e.step = step.clone();
+            e.count = *count;
+            e.cached = *cached;
+        }
+        Progress::Shard {
+            step,
+            index,
+            status,
+        } => {
+            e.kind = K::Shard as i32;
+            e.step = step.clone();
+            e.shard_index = *index;
+            e.status = status.as_str().into();
+        }
+        Progress::Retry {
+            job,
+            attempt,
+            delay,
+            error,
+        } => {
+            e.kind = K::Retry as i32;
+            e.step = job.clone();
+            e.count = *attempt;
+            e.detail = format!("in {:.1}s after: {error}", delay.as_secs_f64());
+        }
+        Progress::Finished(s) => {
+            e.kind = K::Finished as i32;
+            e.outcome = match s.outcome {
+                RunOutcome::Succeeded => "succeeded",
+                RunOutcome::Failed => "failed",
+                RunOutcome::Cancelled => "cancelled",
+            }
+            .into();
+            e.steps_json = serde_json::to_string(&s.steps).unwrap_or_default();
+            e.elapsed_s = s.elapsed.as_secs_f64();
+            e.step = s.run_id.clone();
+        }
+    }
+    e
+}
+
+impl ControlApi {
+    /// A control service over `coord`, keeping its records in `store`.
+    pub fn new(
+        coord: Coordinator,
+        store: Arc<dyn Store>,
+        cfg: MeshConfig,
+        operator_token: String,
+    ) -> Self {
+        Self {
+            coord,
+            store,
+            cfg,
+            operator_token,
+            feeds: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let token = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match token {
+            Some(t) if constant_time_eq(t.as_bytes(), self.operator_token.as_bytes()) => Ok(()),
+            Some(_) => Err(Status::unauthenticated("wrong operator token")),
+            None => Err(Status::unauthenticated(
+                "this call needs the operator token (authorization: Bearer <token>)",
+            )),
+        }
+    }
+
+    fn blob_path(&self, d: &str) -> Result<PathBuf, Status> {
+        let h = digest::parse(d).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(self.cfg.data_dir.join("blobs").join(h.to_hex().as_str()))
+    }
+
+    /// The coordinator-side project of a pipeline.
+    pub fn project_dir(data_dir: &Path, pipeline: &str) -> PathBuf {
+        data_dir
+            .join("projects")
+            .join(paths::safe_component(pipeline))
+    }
+
+    fn save_submission(&self, s: &Submission) -> Result<(), Status> {
+        let bytes = serde_json::to_vec(s).map_err(|e| Status::internal(e.to_string()))?;
+        self.store
+            .put(SUBMISSIONS_TREE, &s.run_id, &bytes)
+            .and_then(|_| self.store.flush())
+            .map_err(|e| Status::internal(e.to_string()))
+    }
+
+    /// Starts a run and relays its progress to watchers; records it for resumption.
+    async fn start(&self, sub: Submission) -> Result<String, Status> {
+        let project = Self::project_dir(&self.cfg.data_dir, &sub.pipeline);
+        let loaded = spec::load_str(&sub.file_name, &sub.yaml, &project)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let handle = self
+            .coord
+            .submit(RunRequest {
+                loaded,
+                project,
+                verify: sub.verify,
+                from: sub.from.clone(),
+                git_sha: None,
+                run_id: (!sub.run_id.is_empty()).then(|| sub.run_id.clone()),
+            })
+            .await
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let run_id = handle.run_id.clone();
+        let mut sub = sub;
+        sub.run_id = run_id.clone();
+        self.save_submission(&sub)?;
+        let (live, _) = broadcast::channel(1024);
+        lock(&self.feeds).insert(
+            run_id.clone(),
+            RunFeed {
+                history: Vec::new(),
+                live,
+            },
+        );
+        let feeds = self.feeds.clone();
+        let store = self.store.clone();
+        let mut progress = handle.progress;
+        tokio::spawn(async move {
+            while let Some(p) = progress.recv().await {
+                let finished = matches!(p, Progress::Finished(_));
+                let e = to_event(&p);
+                {
+                    let mut f = lock(&feeds);
+                    if let Some(feed) = f.get_mut(&sub.run_id) {
+                        feed.history.push(e.clone());
+                        let _ = feed.live.send(e);
+                    }
+                }
+                if finished {
+                    sub.finished = true;
+                    if let Ok(bytes) = serde_json::to_vec(&sub)
+                        && let Err(e) = store
+                            .put(SUBMISSIONS_TREE, &sub.run_id, &bytes)
+                            .and_then(|_| store.flush())
+                    {
+                        tracing::error!(error = %format!("{e:#}"), "recording a finished run");
+                    }
+                    break;
+                }
+            }
+        });
+        Ok(run_id)
+    }
+
+    /// Resumes every run that was submitted but had not finished when the coordinator
+    /// stopped, under its old id. Returns how many.
+    pub async fn resume_unfinished(&self) -> usize {
+        let subs = match self.store.scan_prefix(SUBMISSIONS_TREE, "") {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "reading submitted runs");
+                return 0;
+            }
+        };
+        let mut n = 0;
+        for (_, v) in subs {
+            let Ok(sub) = serde_json::from_slice::<Submission>(&v) else {
+                continue;
+            };
+            if sub.finished {
+                continue;
+            }
+            let id = sub.run_id.clone();
+            match self.start(sub).await {
+                Ok(_) => {
+                    tracing::info!(run = %id, "resumed a run the coordinator was running when it stopped");
+                    n += 1;
+                }
+                Err(e) => tracing::error!(run = %id, error = %e.message(), "could not resume run"),
+            }
+        }
+        n
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+type EventStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::RunEvent, Status>> + Send>>;
+type PullStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::FetchChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ControlService for ControlApi {
+    async fn missing_blobs(
+        &self,
+        req: Request<v1::MissingBlobsRequest>,
+    ) -> Result<Response<v1::MissingBlobsResponse>, Status> {
+        self.check(&req)?;
+        let mut missing = Vec::new();
+        for d in req.into_inner().digests {
+            if !self.blob_path(&d)?.is_file() {
+                missing.push(d);
+            }
+        }
+        Ok(Response::new(v1::MissingBlobsResponse { missing }))
+    }
+
+    async fn put_blob(
+        &self,
+        req: Request<Streaming<v1::BlobChunk>>,
+    ) -> Result<Response<v1::PutBlobResponse>, Status> {
+        self.check(&req)?;
+        let dir = self.cfg.data_dir.join("blobs");
+        std::fs::create_dir_all(&dir).map_err(|e| Status::internal(e.to_string()))?;
+        let mut stream = req.into_inner();
+        let (mut blobs, mut total) = (0u64, 0u64);
+        let mut cur: Option<(String, PathBuf, std::fs::File, blake3::Hasher, u64, u64)> = None;
+        let finish = |c: (String, PathBuf, std::fs::File, blake3::Hasher, u64, u64),
+                      dir: &Path|
+         -> Result<u64, Status> {
+            let (d, tmp, f, h, written, size) = c;
+            let got = digest::format(&h.finalize());
+            if got != d || written != size {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(Status::data_loss(format!(
+                    "blob {d}: received {written} bytes hashing to {got}"
+                )));
+            }
+            f.sync_all().map_err(|e| Status::internal(e.to_string()))?;
+            let hex = d.trim_start_matches(digest::PREFIX);
+            std::fs::rename(&tmp, dir.join(hex)).map_err(|e| Status::internal(e.to_string()))?;
+            Ok(written)
+        };
+        while let Some(chunk) = stream.next().await {
+            let c = chunk?;
+            if cur.as_ref().is_none_or(|x| x.0 != c.digest) {
+                if let Some(done) = cur.take() {
+                    total += finish(done, &dir)?;
+                    blobs += 1;
+                }
+                self.blob_path(&c.digest)?;
+                let tmp = dir.join(format!(
+                    ".tmp-{}-{}",
+                    std::process::id(),
+                    nexa_shared::job::now_ms() ^ c.size
+                ));
+                let f = std::fs::File::create(&tmp).map_err(|e| Status::internal(e.to_string()))?;
+                cur = Some((c.digest.clone(), tmp, f, blake3::Hasher::new(), 0, c.size));
+            }
+            if let Some((_, _, f, h, written, size)) = cur.as_mut() {
+                if c.offset != *written || *written + c.data.len() as u64 > *size {
+                    return Err(Status::invalid_argument(
+                        "blob chunks out of order or larger than declared",
+                    ));
+                }
+                h.update(&c.data);
+                f.write_all(&c.data)
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                *written += c.data.len() as u64;
+            }
+        }
+        if let Some(done) = cur.take() {
+            total += finish(done, &dir)?;
+            blobs += 1;
+        }
+        Ok(Response::new(v1::PutBlobResponse {
+            blobs,
+            bytes: total,
+        }))
+    }
+
+    async fn submit(
+        &self,
+        req: Request<v1::SubmitRequest>,
+    ) -> Result<Response<v1::SubmitResponse>, Status> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        // Validate first, against a scratch root, so a bad file is refused before any copy.
+        let scratch = self.cfg.data_dir.join("projects").join("_validate");
+        let loaded = spec::load_str(&r.file_name, &r.pipeline_yaml, &scratch)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let pipeline = loaded.pipeline.name.clone();
+        let project = Self::project_dir(&self.cfg.data_dir, &pipeline);
+        for f in &r.files {
+            let rel = paths::contained(&project, &f.path)
+                .map_err(|e| Status::invalid_argument(format!("file {:?}: {e}", f.path)))?;
+            let blob = self.blob_path(&f.digest)?;
+            if !blob.is_file() {
+                return Err(Status::failed_precondition(format!(
+                    "blob {} for {} was not uploaded",
+                    f.digest, f.path
+                )));
+            }
+            let dest = project.join(rel);
+            let same = digest::hash_file(&dest).is_ok_and(|(h, _)| digest::format(&h) == f.digest);
+            if !same {
+                if let Some(d) = dest.parent() {
+                    std::fs::create_dir_all(d).map_err(|e| Status::internal(e.to_string()))?;
+                }
+                let _ = std::fs::remove_file(&dest);
+                if std::fs::hard_link(&blob, &dest).is_err() {
+                    std::fs::copy(&blob, &dest).map_err(|e| Status::internal(e.to_string()))?;
+                }
+            }
+        }
+        let run_id = self
+            .start(Submission {
+                run_id: String::new(),
+                pipeline: pipeline.clone(),
+                yaml: r.pipeline_yaml,
+                file_name: r.file_name,
+                verify: r.verify,
+                from: (!r.from.is_empty()).then_some(r.from),
+                finished: false,
+            })
+            .await?;
+        Ok(Response::new(v1::SubmitResponse { run_id, pipeline }))
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(
+        &self,
+        req: Request<v1::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        self.check(&req)?;
+        let run_id = req.into_inner().run_id;
+        let (history, mut live) = {
+            let feeds = lock(&self.feeds);
+            let feed = feeds
+                .get(&run_id)
+                .ok_or_else(|| Status::not_found(format!("no run {run_id} on this coordinator")))?;
+            (feed.history.clone(), feed.live.subscribe())
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            let mut done = false;
+            for e in history {
+                done |= e.kind == v1::RunEventKind::Finished as i32;
+                if tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
+            while !done {
+                match live.recv().await {
+                    Ok(e) => {
+                        done = e.kind == v1::RunEventKind::Finished as i32;
+                        if tx.send(Ok(e)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(skipped = n, "a watcher fell behind");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn cancel(
+        &self,
+        req: Request<v1::CancelRequest>,
+    ) -> Result<Response<v1::CancelResponse>, Status> {
+        self.check(&req)?;
+        self.coord
+            .cancel(&req.into_inner().run_id)
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(v1::CancelResponse {}))
+    }
+
+    async fn list_workers(
+        &self,
+        req: Request<v1::ListWorkersRequest>,
+    ) -> Result<Response<v1::ListWorkersResponse>, Status> {
+        self.check(&req)?;
+        let workers = self
+            .coord
+            .list_workers()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .into_iter()
+            .map(|w| v1::WorkerStatus {
+                worker_id: w.id,
+                name: w.profile.hostname.clone(),
+                state: w.state,
+                profile: Some(v1::HardwareProfile::from(&w.profile)),
+                slots: w.slots,
+                running: w.running,
+                succeeded: w.succeeded,
+                failed: w.failed,
+                public_key: w.key.to_vec(),
+            })
+            .collect();
+        Ok(Response::new(v1::ListWorkersResponse { workers }))
+    }
+
+    async fn set_worker_state(
+        &self,
+        req: Request<v1::SetWorkerStateRequest>,
+    ) -> Result<Response<v1::SetWorkerStateResponse>, Status> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let state = match v1::WorkerAdminState::try_from(r.state) {
+            Ok(v1::WorkerAdminState::Active) => AdminState::Active,
+            Ok(v1::WorkerAdminState::Drain) => AdminState::Drain,
+            Ok(v1::WorkerAdminState::Ban) => AdminState::Ban,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "state must be ACTIVE, DRAIN or BAN",
+                ));
+            }
+        };
+        let found = self
+            .coord
+            .set_worker_state(&r.worker_id, state)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        if !found {
+            return Err(Status::not_found(format!("no worker {}", r.worker_id)));
+        }
+        Ok(Response::new(v1::SetWorkerStateResponse {}))
+    }
+
+    async fn status(
+        &self,
+        req: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusResponse>, Status> {
+        self.check(&req)?;
+        let pipeline = req.into_inner().pipeline;
+        let records: Vec<StepRecord> = state::load_steps(self.store.as_ref(), &pipeline)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .into_values()
+            .collect();
+        Ok(Response::new(v1::StatusResponse {
+            steps_json: serde_json::to_string(&records)
+                .map_err(|e| Status::internal(e.to_string()))?,
+        }))
+    }
+
+    type PullStream = PullStream;
+
+    async fn pull(
+        &self,
+        req: Request<v1::PullRequest>,
+    ) -> Result<Response<Self::PullStream>, Status> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let project = Self::project_dir(&self.cfg.data_dir, &r.pipeline);
+        let rel = paths::contained(&project, &r.path)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let dir = project.join(rel);
+        if !artifact::is_complete(&dir) {
+            return Err(Status::not_found(format!(
+                "{} is not a sealed artifact of pipeline {}",
+                r.path, r.pipeline
+            )));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tokio::task::spawn_blocking(move || {
+            let files = match digest::list_files(&dir, &[]) {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(Status::internal(e.to_string())));
+                    return;
+                }
+            };
+            for (rel, p, _) in files {
+                let Ok(mut f) = std::fs::File::open(&p) else {
+                    let _ = tx.blocking_send(Err(Status::internal(format!("open {rel}"))));
+                    return;
+                };
+                let mut buf = vec![0u8; 1 << 20];
+                let mut offset = 0u64;
+                loop {
+                    let n = f.read(&mut buf).unwrap_or(0);
+                    if n == 0 && offset > 0 {
+                        break;
+                    }
+                    let chunk = v1::FetchChunk {
+                        path: rel.clone(),
+                        offset,
+                        data: buf[..n].to_vec(),
+                        is_dir: true,
+                    };
+                    if tx.blocking_send(Ok(chunk)).is_err() {
+                        return;
+                    }
+                    if n == 0 {
+                        break;
+                    }
+                    offset += n as u64;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}

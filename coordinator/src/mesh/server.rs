@@ -1,0 +1,79 @@
+//! Running the coordinator as a server: one sled store in the data directory, the engine
+//! with leases that expire, the worker and control services over tonic (TLS with rustls
+//! when given a certificate), resumption of unfinished runs, graceful shutdown.
+
+use super::{ControlApi, MeshConfig, worker_service};
+use crate::engine::EngineConfig;
+use crate::{Coordinator, Result, SledStore, Store};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Everything `serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The worker-facing settings (data dir, enrolment token, heartbeats, limits).
+    pub mesh: MeshConfig,
+    /// The token operators present.
+    pub operator_token: String,
+    /// How long a job no worker can run waits for one before it fails.
+    pub unfit_grace: Duration,
+    /// PEM certificate chain and key for TLS; plain HTTP/2 when absent.
+    pub tls: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Serves on `listener` until `shutdown` resolves, then stops taking calls, stops the
+/// engine and flushes the store.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    cfg: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    std::fs::create_dir_all(&cfg.mesh.data_dir).map_err(|e| {
+        crate::Error::Domain(nexa_shared::Error::io("create", &cfg.mesh.data_dir, e))
+    })?;
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&cfg.mesh.data_dir.join("store"))?);
+    let (coord, engine) = Coordinator::start(
+        store.clone(),
+        EngineConfig {
+            lease_ttl: Some(cfg.mesh.lease_ttl),
+            unfit_grace: cfg.unfit_grace,
+            throttle_failing_workers: true,
+        },
+    );
+    let control = ControlApi::new(
+        coord.clone(),
+        store,
+        cfg.mesh.clone(),
+        cfg.operator_token.clone(),
+    );
+    let resumed = control.resume_unfinished().await;
+    if resumed > 0 {
+        tracing::info!(runs = resumed, "resumed unfinished runs");
+    }
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .tcp_nodelay(true);
+    if let Some((cert, key)) = &cfg.tls {
+        let identity = tonic::transport::Identity::from_pem(cert, key);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| crate::Error::Server(format!("tls: {e}")))?;
+    }
+    let addr = listener.local_addr().ok();
+    tracing::info!(?addr, tls = cfg.tls.is_some(), "coordinator serving");
+    let result = builder
+        .add_service(worker_service(coord.clone(), cfg.mesh.clone()))
+        .add_service(
+            nexa_proto::v1::control_service_server::ControlServiceServer::new(control)
+                .max_decoding_message_size(16 << 20),
+        )
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await;
+    coord.shutdown();
+    let _ = engine.await;
+    result.map_err(|e| crate::Error::Server(e.to_string()))
+}

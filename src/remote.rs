@@ -1,0 +1,376 @@
+//! Talking to a remote coordinator: submitting a pipeline with the project files it
+//! reads (by content; only what the coordinator lacks is sent), streaming its progress,
+//! listing workers, and pulling artifacts back.
+
+use crate::render::Renderer;
+use anyhow::Context;
+use nexa_coordinator::Progress;
+use nexa_coordinator::engine::{RunOutcome, RunSummary};
+use nexa_coordinator::state::{StepRecord, StepStatus};
+use nexa_proto::v1;
+use nexa_proto::v1::control_service_client::ControlServiceClient;
+use nexa_shared::spec::Loaded;
+use nexa_shared::{dag, digest, paths};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+/// How to reach a coordinator.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    /// `http://host:port` or `https://…`.
+    pub url: String,
+    /// The operator token.
+    pub token: String,
+    /// A CA certificate to trust for https.
+    pub ca: Option<PathBuf>,
+}
+
+/// A connected control client that sends the operator token.
+pub struct Control {
+    client: ControlServiceClient<Channel>,
+    token: String,
+}
+
+impl Control {
+    /// Connects.
+    pub async fn connect(r: &Remote) -> anyhow::Result<Self> {
+        let ca =
+            r.ca.as_ref()
+                .map(std::fs::read)
+                .transpose()
+                .context("reading --ca")?;
+        let endpoint =
+            nexa_worker::remote::channel_endpoint(&r.url, ca).map_err(anyhow::Error::msg)?;
+        let channel = endpoint
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {}", r.url))?;
+        Ok(Self {
+            client: ControlServiceClient::new(channel)
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+            token: r.token.clone(),
+        })
+    }
+
+    fn req<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        if let Ok(v) = format!("Bearer {}", self.token).parse() {
+            r.metadata_mut().insert("authorization", v);
+        }
+        r
+    }
+}
+
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
+/// The project files a pipeline reads that no step produces: `(project path, file)`.
+fn project_files(l: &Loaded, project: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    for (i, s) in l.pipeline.steps.iter().enumerate() {
+        for (name, written) in &s.inputs {
+            if l.dag.upstream[i].contains_key(name) {
+                continue;
+            }
+            let rel = dag::project_relative(project, &written.value).with_context(|| {
+                format!(
+                    "step '{}': input '{name}' ({}) is outside the project; a remote run can only send files inside it",
+                    s.id.value, written.value
+                )
+            })?;
+            let full = project.join(&rel);
+            if full.is_dir() {
+                for (sub, p, _) in digest::list_files(&full, &[])? {
+                    out.push((format!("{}/{sub}", rel.display()), p));
+                }
+            } else if full.is_file() {
+                out.push((rel.display().to_string(), full));
+            } else {
+                anyhow::bail!(
+                    "step '{}': input '{name}': {} does not exist",
+                    s.id.value,
+                    written.value
+                );
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// Submits the pipeline at `file`, sending the files it reads, and follows the run until
+/// it ends. Returns the summary.
+pub async fn run(
+    remote: &Remote,
+    file: &Path,
+    project: &Path,
+    l: &Loaded,
+    verify: bool,
+    from: Option<String>,
+) -> anyhow::Result<RunSummary> {
+    let mut c = Control::connect(remote).await?;
+    let files = project_files(l, project)?;
+    let mut hashed = Vec::with_capacity(files.len());
+    for (rel, p) in &files {
+        let (h, size) = digest::hash_file(p)?;
+        hashed.push((rel.clone(), p.clone(), digest::format(&h), size));
+    }
+    let missing = c
+        .client
+        .missing_blobs(c.req(v1::MissingBlobsRequest {
+            digests: hashed.iter().map(|h| h.2.clone()).collect(),
+        }))
+        .await
+        .map_err(status_err)?
+        .into_inner()
+        .missing;
+    let to_send: Vec<(PathBuf, String, u64)> = hashed
+        .iter()
+        .filter(|h| missing.contains(&h.2))
+        .map(|h| (h.1.clone(), h.2.clone(), h.3))
+        .collect();
+    if !to_send.is_empty() {
+        let bytes: u64 = to_send.iter().map(|t| t.2).sum();
+        eprintln!(
+            "sending {} file(s), {} (the coordinator has the rest)",
+            to_send.len(),
+            nexa_shared::units::format_size(bytes)
+        );
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let reader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            for (p, d, size) in to_send {
+                let mut f = std::fs::File::open(&p)?;
+                let mut buf = vec![0u8; 1 << 20];
+                let mut offset = 0u64;
+                loop {
+                    let n = f.read(&mut buf)?;
+                    if n == 0 && offset > 0 {
+                        break;
+                    }
+                    let chunk = v1::BlobChunk {
+                        digest: d.clone(),
+                        offset,
+                        data: buf[..n].to_vec(),
+                        size,
+                    };
+                    if tx.blocking_send(chunk).is_err() {
+                        anyhow::bail!("upload closed");
+                    }
+                    if n == 0 {
+                        break;
+                    }
+                    offset += n as u64;
+                }
+            }
+            Ok(())
+        });
+        let sent = c
+            .client
+            .put_blob(c.req(tokio_stream::wrappers::ReceiverStream::new(rx)))
+            .await;
+        reader.await??;
+        sent.map_err(status_err)?;
+    }
+    let yaml = std::fs::read_to_string(file)?;
+    let resp = c
+        .client
+        .submit(
+            c.req(v1::SubmitRequest {
+                pipeline_yaml: yaml,
+                file_name: file.display().to_string(),
+                files: hashed
+                    .iter()
+                    .map(|h| v1::ProjectFile {
+                        path: h.0.clone(),
+                        digest: h.2.clone(),
+                    })
+                    .collect(),
+                verify,
+                from: from.unwrap_or_default(),
+            }),
+        )
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    eprintln!(
+        "submitted run {} of {} to {}",
+        resp.run_id, resp.pipeline, remote.url
+    );
+    follow(&mut c, &resp.run_id, &resp.pipeline, l.pipeline.steps.len()).await
+}
+
+fn status_of(s: &str) -> StepStatus {
+    serde_json::from_value(serde_json::Value::String(s.to_string())).unwrap_or(StepStatus::Pending)
+}
+
+/// Streams a run's progress until it finishes; Ctrl-C cancels it on the coordinator.
+async fn follow(
+    c: &mut Control,
+    run_id: &str,
+    pipeline: &str,
+    steps: usize,
+) -> anyhow::Result<RunSummary> {
+    use v1::RunEventKind as K;
+    let mut renderer = Renderer::new(steps);
+    let mut stream = c
+        .client
+        .watch(c.req(v1::WatchRequest {
+            run_id: run_id.into(),
+        }))
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut cancelled = false;
+    loop {
+        let e = tokio::select! {
+            e = stream.next() => e,
+            _ = &mut ctrl_c, if !cancelled => {
+                cancelled = true;
+                eprintln!("cancelling run {run_id} on the coordinator");
+                c.client.cancel(c.req(v1::CancelRequest { run_id: run_id.into() })).await.map_err(status_err)?;
+                continue;
+            }
+        };
+        let Some(e) = e else {
+            anyhow::bail!("the coordinator closed the progress stream before the run finished");
+        };
+        let e = e.map_err(status_err)?;
+        let p = match K::try_from(e.kind) {
+            Ok(K::Step) => Progress::Step {
+                step: e.step,
+                status: status_of(&e.status),
+                detail: (!e.detail.is_empty()).then_some(e.detail),
+            },
+            Ok(K::Shards) => Progress::Shards {
+                step: e.step,
+                count: e.count,
+                cached: e.cached,
+            },
+            Ok(K::Shard) => Progress::Shard {
+                step: e.step,
+                index: e.shard_index,
+                status: status_of(&e.status),
+            },
+            Ok(K::Retry) => Progress::Retry {
+                job: e.step,
+                attempt: e.count,
+                delay: Duration::ZERO,
+                error: e.detail,
+            },
+            Ok(K::Finished) => {
+                let steps: Vec<StepRecord> = serde_json::from_str(&e.steps_json)?;
+                let outcome = match e.outcome.as_str() {
+                    "succeeded" => RunOutcome::Succeeded,
+                    "cancelled" => RunOutcome::Cancelled,
+                    _ => RunOutcome::Failed,
+                };
+                let s = RunSummary {
+                    run_id: run_id.into(),
+                    pipeline: pipeline.into(),
+                    outcome,
+                    steps,
+                    elapsed: Duration::from_secs_f64(e.elapsed_s.max(0.0)),
+                };
+                renderer.show(&Progress::Finished(s.clone()));
+                return Ok(s);
+            }
+            _ => continue,
+        };
+        renderer.show(&p);
+    }
+}
+
+/// `nexa workers`: every enrolled worker.
+pub async fn workers(remote: &Remote) -> anyhow::Result<Vec<v1::WorkerStatus>> {
+    let mut c = Control::connect(remote).await?;
+    Ok(c.client
+        .list_workers(c.req(v1::ListWorkersRequest {}))
+        .await
+        .map_err(status_err)?
+        .into_inner()
+        .workers)
+}
+
+/// Drains, bans or re-activates a worker.
+pub async fn set_worker_state(
+    remote: &Remote,
+    worker: &str,
+    state: v1::WorkerAdminState,
+) -> anyhow::Result<()> {
+    let mut c = Control::connect(remote).await?;
+    c.client
+        .set_worker_state(c.req(v1::SetWorkerStateRequest {
+            worker_id: worker.into(),
+            state: state as i32,
+        }))
+        .await
+        .map_err(status_err)?;
+    Ok(())
+}
+
+/// The step records of a pipeline on the coordinator.
+pub async fn status(remote: &Remote, pipeline: &str) -> anyhow::Result<Vec<StepRecord>> {
+    let mut c = Control::connect(remote).await?;
+    let r = c
+        .client
+        .status(c.req(v1::StatusRequest {
+            pipeline: pipeline.into(),
+        }))
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    Ok(serde_json::from_str(&r.steps_json)?)
+}
+
+/// Downloads the sealed artifact `path` of `pipeline` into `dest` and verifies it.
+pub async fn pull(
+    remote: &Remote,
+    pipeline: &str,
+    path: &str,
+    dest: &Path,
+) -> anyhow::Result<nexa_shared::artifact::Meta> {
+    let mut c = Control::connect(remote).await?;
+    let mut stream = c
+        .client
+        .pull(c.req(v1::PullRequest {
+            pipeline: pipeline.into(),
+            path: path.into(),
+        }))
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let tmp = nexa_shared::artifact::tmp_path(dest);
+    nexa_shared::artifact::remove_tree(&tmp)?;
+    std::fs::create_dir_all(&tmp)?;
+    let mut open: Option<(String, std::fs::File)> = None;
+    while let Some(chunk) = stream.next().await {
+        let ch = chunk.map_err(status_err)?;
+        let rel = paths::check_relative_name(&ch.path)?;
+        if open.as_ref().is_none_or(|(p, _)| p != &ch.path) {
+            let target = tmp.join(&rel);
+            if let Some(d) = target.parent() {
+                std::fs::create_dir_all(d)?;
+            }
+            open = Some((ch.path.clone(), std::fs::File::create(&target)?));
+        }
+        if let Some((_, f)) = open.as_mut() {
+            use std::io::Write;
+            f.write_all(&ch.data)?;
+        }
+    }
+    drop(open);
+    nexa_shared::artifact::remove_tree(dest)?;
+    if let Some(d) = dest.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::rename(&tmp, dest)?;
+    Ok(nexa_shared::artifact::verify(dest)?)
+}
