@@ -1,0 +1,189 @@
+//! A coordinator and workers as real processes on 127.0.0.1.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A binary built beside `nexa` (the workspace's `nexa-coordinator`, `nexa-worker`).
+pub fn bin(name: &str) -> PathBuf {
+    let nexa = PathBuf::from(env!("CARGO_BIN_EXE_nexa"));
+    let p = nexa.with_file_name(name);
+    assert!(
+        p.exists(),
+        "{} is not built: run the tests with --workspace (cargo nextest run --workspace)",
+        p.display()
+    );
+    p
+}
+
+pub struct Coord {
+    pub child: Child,
+    pub addr: String,
+    pub data: PathBuf,
+}
+
+impl Coord {
+    /// Starts `nexa-coordinator serve` on `listen` (use 127.0.0.1:0 for any port).
+    pub fn start(data: &Path, listen: &str, extra: &[&str]) -> Coord {
+        let mut child = Command::new(bin("nexa-coordinator"))
+            .args(["serve", "--listen", listen, "--data-dir"])
+            .arg(data)
+            .args([
+                "--operator-token",
+                "op-token",
+                "--heartbeat-ms",
+                "300",
+                "--unfit-grace-s",
+                "2",
+            ])
+            .args(extra)
+            .env("NEXA_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(data.with_extension("log"))
+                    .expect("coordinator log"),
+            ))
+            .spawn()
+            .expect("start coordinator");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("listening line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Coord {
+            child,
+            addr,
+            data: data.to_path_buf(),
+        }
+    }
+
+    pub fn url(&self, scheme: &str) -> String {
+        format!("{scheme}://{}", self.addr)
+    }
+
+    pub fn sigkill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Coord {
+    fn drop(&mut self) {
+        self.sigkill();
+    }
+}
+
+pub struct Worker {
+    pub child: Child,
+    pub dir: PathBuf,
+}
+
+impl Worker {
+    /// Starts `nexa-worker join` with its own key and work dir under `dir`; `fake_gpus`
+    /// is a JSON list for NEXA_FAKE_GPUS (test builds only).
+    pub fn start(
+        url: &str,
+        dir: &Path,
+        slots: u32,
+        fake_gpus: Option<&str>,
+        extra: &[&str],
+    ) -> Worker {
+        std::fs::create_dir_all(dir).expect("worker dir");
+        let mut c = Command::new(bin("nexa-worker"));
+        c.arg("join")
+            .arg(url)
+            .arg("--work-dir")
+            .arg(dir.join("work"))
+            .arg("--key")
+            .arg(dir.join("worker.key"))
+            .args(["--slots", &slots.to_string()])
+            .args(extra)
+            .env("NEXA_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.join("worker.log")).expect("worker log"),
+            ));
+        match fake_gpus {
+            Some(g) => c.env("NEXA_FAKE_GPUS", g),
+            None => c.env_remove("NEXA_FAKE_GPUS"),
+        };
+        Worker {
+            child: c.spawn().expect("start worker"),
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn public_key(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(b) = std::fs::read(self.dir.join("worker.key"))
+                && b.len() == 32
+            {
+                let arr: [u8; 32] = b.try_into().expect("32 bytes");
+                let vk = ed25519_dalek::SigningKey::from_bytes(&arr).verifying_key();
+                return vk.to_bytes().iter().map(|x| format!("{x:02x}")).collect();
+            }
+            assert!(Instant::now() < deadline, "worker key never appeared");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("worker.log")).unwrap_or_default()
+    }
+
+    /// Whether this worker has a job directory right now.
+    pub fn running_job(&self) -> bool {
+        std::fs::read_dir(self.dir.join("work/jobs"))
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false)
+    }
+
+    pub fn sigkill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.sigkill();
+    }
+}
+
+pub fn gib(n: u64) -> u64 {
+    n << 30
+}
+
+pub fn fake_gpu(
+    index: u32,
+    uuid: &str,
+    name: &str,
+    mem_gib: u64,
+    cc: (u32, u32),
+) -> serde_json::Value {
+    serde_json::json!({
+        "index": index, "uuid": uuid, "name": name, "memory_total": gib(mem_gib),
+        "memory_free": gib(mem_gib), "compute_capability": [cc.0, cc.1], "mig_enabled": false
+    })
+}
+
+/// Waits until `f` holds, or panics with `what`.
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}

@@ -1,0 +1,519 @@
+//! End-to-end tests of the mesh: a real `nexa-coordinator serve` and real
+//! `nexa-worker join` processes on 127.0.0.1, driven by the real `nexa` CLI.
+
+mod common;
+
+use common::mesh::{Coord, Worker, bin, fake_gpu, wait_for};
+use common::{Project, text};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const TOKEN: &str = "op-token";
+
+fn remote<'a>(p: &Project, coord: &Coord, args: &[&'a str]) -> Command {
+    let url = coord.url("http");
+    let mut all: Vec<String> = vec!["--coordinator".into(), url, "--token".into(), TOKEN.into()];
+    all.extend(args.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    p.cmd(&refs)
+}
+
+fn workers_json(p: &Project, coord: &Coord) -> Vec<serde_json::Value> {
+    let out = remote(p, coord, &["workers", "--json"])
+        .output()
+        .expect("workers");
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).expect("json")
+}
+
+fn wait_workers(p: &Project, coord: &Coord, n: usize) {
+    wait_for("workers to enrol", Duration::from_secs(20), || {
+        workers_json(p, coord)
+            .iter()
+            .filter(|w| w["state"] == "active")
+            .count()
+            >= n
+    });
+}
+
+fn step<'a>(status: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    status["steps"]
+        .as_array()
+        .and_then(|s| s.iter().find(|x| x["id"] == id))
+        .unwrap_or_else(|| panic!("no step {id} in {status}"))
+}
+
+fn remote_status(p: &Project, coord: &Coord, file: &str) -> serde_json::Value {
+    let out = remote(p, coord, &["pipeline", "status", file, "--json"])
+        .output()
+        .expect("status");
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).expect("status json")
+}
+
+#[test]
+fn gpu_steps_land_only_on_workers_that_can_run_them() {
+    let p = Project::new();
+    let coord = Coord::start(
+        &p.path().join("coord"),
+        "127.0.0.1:0",
+        &["--open-enrolment"],
+    );
+    let url = coord.url("http");
+    let cpu = Worker::start(&url, &p.path().join("cpu"), 2, None, &[]);
+    let l4 = Worker::start(
+        &url,
+        &p.path().join("l4"),
+        2,
+        Some(&serde_json::json!([fake_gpu(0, "GPU-l4", "Fake L4", 24, (8, 9))]).to_string()),
+        &[],
+    );
+    let h100 = Worker::start(
+        &url,
+        &p.path().join("h100"),
+        2,
+        Some(&serde_json::json!([fake_gpu(0, "GPU-h100", "Fake H100", 80, (9, 0))]).to_string()),
+        &[],
+    );
+    wait_workers(&p, &coord, 3);
+    p.write(
+        "g.yaml",
+        r#"
+pipeline:
+  name: gpus
+  steps:
+    - id: big
+      uses: exec
+      resources: {gpus: 1, gpu_memory: 40GiB}
+      params: {run: 'echo "$CUDA_VISIBLE_DEVICES" > "$NEXA_OUT/gpus"'}
+      out: artifacts/big
+    - id: small
+      uses: exec
+      after: []
+      resources: {gpus: 1, gpu_memory: 16GiB}
+      params: {run: 'echo "$CUDA_VISIBLE_DEVICES" > "$NEXA_OUT/gpus"'}
+      out: artifacts/small
+    - id: cpu
+      uses: exec
+      after: []
+      params: {run: 'echo "[$CUDA_VISIBLE_DEVICES]" > "$NEXA_OUT/gpus"'}
+      out: artifacts/cpu
+    - id: impossible
+      uses: exec
+      after: []
+      resources: {gpus: 2}
+      params: {run: 'true'}
+      out: artifacts/impossible
+"#,
+    );
+    let out = remote(&p, &coord, &["pipeline", "run", "g.yaml"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs 2 GPUs; the most any worker has is 1"),
+        "{}",
+        text(&out)
+    );
+    let st = remote_status(&p, &coord, "g.yaml");
+    assert_eq!(
+        step(&st, "big")["worker"],
+        h100.public_key(),
+        "40 GiB fits only the H100"
+    );
+    assert_eq!(
+        step(&st, "small")["worker"],
+        l4.public_key(),
+        "best fit: the smaller GPU"
+    );
+    assert_eq!(step(&st, "impossible")["status"], "FAILED");
+    let art = coord.data.join("projects/gpus/artifacts");
+    assert_eq!(
+        std::fs::read_to_string(art.join("big/gpus"))
+            .unwrap_or_default()
+            .trim(),
+        "GPU-h100"
+    );
+    assert_eq!(
+        std::fs::read_to_string(art.join("small/gpus"))
+            .unwrap_or_default()
+            .trim(),
+        "GPU-l4"
+    );
+    assert_eq!(
+        std::fs::read_to_string(art.join("cpu/gpus"))
+            .unwrap_or_default()
+            .trim(),
+        "[]"
+    );
+    drop(cpu);
+}
+
+#[test]
+fn a_worker_killed_mid_job_loses_its_lease_and_the_job_completes_on_another() {
+    let p = Project::new();
+    let coord = Coord::start(
+        &p.path().join("coord"),
+        "127.0.0.1:0",
+        &["--open-enrolment"],
+    );
+    let url = coord.url("http");
+    let mut a = Worker::start(&url, &p.path().join("a"), 1, None, &[]);
+    let mut b = Worker::start(&url, &p.path().join("b"), 1, None, &[]);
+    wait_workers(&p, &coord, 2);
+    let log = p.path().join("attempts.log");
+    p.write(
+        "k.yaml",
+        &format!(
+            "pipeline:\n  name: lose\n  steps:\n    - id: slow\n      uses: exec\n      params: {{run: 'echo $NEXA_ATTEMPT >> {log}; [ \"$NEXA_ATTEMPT\" = 1 ] && sleep 30; echo ok > \"$NEXA_OUT/x\"'}}\n      out: artifacts/slow\n",
+            log = log.display()
+        ),
+    );
+    let client = remote(&p, &coord, &["pipeline", "run", "k.yaml"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("client");
+    wait_for("the first attempt", Duration::from_secs(20), || {
+        p.read("attempts.log").contains('1')
+    });
+    let (victim, survivor) = if a.running_job() {
+        (&mut a, &b)
+    } else {
+        (&mut b, &a)
+    };
+    // Kill the worker and what it left running, as a power cut would.
+    let pgids: Vec<i32> = std::fs::read_dir(victim.dir.join("work/jobs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("pgid")).ok())
+        .filter_map(|t| t.lines().next().and_then(|l| l.parse().ok()))
+        .collect();
+    victim.sigkill();
+    for g in pgids {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(g),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let out = client.wait_with_output().expect("client");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        p.read("attempts.log").lines().collect::<Vec<_>>(),
+        ["1", "2"]
+    );
+    let st = remote_status(&p, &coord, "k.yaml");
+    assert_eq!(step(&st, "slow")["status"], "COMPLETE");
+    assert_eq!(step(&st, "slow")["worker"], survivor.public_key());
+    let ws = workers_json(&p, &coord);
+    assert!(ws.iter().any(|w| w["state"] == "lost"), "{ws:?}");
+}
+
+#[test]
+fn the_coordinator_killed_mid_run_resumes_it_and_nothing_is_lost_or_doubled() {
+    let p = Project::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let data = p.path().join("coord");
+    let mut coord = Coord::start(&data, &listen, &["--open-enrolment"]);
+    let url = coord.url("http");
+    let _a = Worker::start(&url, &p.path().join("a"), 1, None, &[]);
+    let _b = Worker::start(&url, &p.path().join("b"), 1, None, &[]);
+    wait_workers(&p, &coord, 2);
+    let log = p.path().join("executions.log");
+    let mut steps = String::new();
+    for i in 0..6 {
+        steps.push_str(&format!(
+            "    - id: s{i}\n      uses: exec\n      params: {{run: 'echo s{i} >> {log}; sleep 0.4; echo {i} > \"$NEXA_OUT/n\"'}}\n      out: artifacts/s{i}\n",
+            log = log.display()
+        ));
+    }
+    p.write(
+        "r.yaml",
+        &format!("pipeline:\n  name: restart\n  steps:\n{steps}"),
+    );
+    let client = remote(&p, &coord, &["pipeline", "run", "r.yaml"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("client");
+    wait_for("s2 to start", Duration::from_secs(30), || {
+        p.executions().contains(&"s2".to_string())
+    });
+    coord.sigkill();
+    let art = data.join("projects/restart/artifacts");
+    let complete_before: Vec<usize> = (0..6)
+        .filter(|i| art.join(format!("s{i}/COMPLETE")).exists())
+        .collect();
+    assert!(
+        complete_before.contains(&0) && complete_before.contains(&1),
+        "{complete_before:?}"
+    );
+    let mut client = client;
+    let _ = client.wait();
+
+    // Restart on the same data dir and port: the run resumes; workers re-enrol by themselves.
+    let coord = Coord::start(&data, &listen, &["--open-enrolment"]);
+    wait_for("the resumed run to finish", Duration::from_secs(60), || {
+        let st = remote_status(&p, &coord, "r.yaml");
+        st["steps"].as_array().is_some_and(|s| {
+            s.len() == 6
+                && s.iter()
+                    .all(|x| x["status"] == "COMPLETE" || x["status"] == "SKIPPED")
+        })
+    });
+    let runs = p.executions();
+    for i in 0..6 {
+        let n = runs.iter().filter(|r| **r == format!("s{i}")).count();
+        if complete_before.contains(&i) {
+            assert_eq!(
+                n, 1,
+                "s{i} was COMPLETE before the crash and ran again: {runs:?}"
+            );
+        } else {
+            assert!((1..=2).contains(&n), "s{i} ran {n} times: {runs:?}");
+        }
+        let out = p.nexa(&["verify", &art.join(format!("s{i}")).display().to_string()]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+}
+
+#[test]
+fn unauthenticated_calls_and_bad_enrolments_are_refused() {
+    let p = Project::new();
+    let coord = Coord::start(
+        &p.path().join("coord"),
+        "127.0.0.1:0",
+        &["--enrol-token", "join-me"],
+    );
+    let url = coord.url("http");
+    // Control calls need the operator token.
+    let out = p
+        .cmd(&["--coordinator", &url, "--token", "wrong", "workers"])
+        .output()
+        .expect("workers");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("wrong operator token"),
+        "{}",
+        text(&out)
+    );
+    let out = p
+        .cmd(&["--coordinator", &url, "workers"])
+        .env_remove("NEXA_TOKEN")
+        .output()
+        .expect("workers");
+    assert!(!out.status.success());
+    // A worker with the wrong enrolment token is refused and says so.
+    let mut bad = Worker::start(&url, &p.path().join("bad"), 1, None, &["--token", "guess"]);
+    let status = bad.child.wait().expect("wait");
+    assert_eq!(status.code(), Some(1));
+    assert!(bad.log().contains("enrolment refused"), "{}", bad.log());
+    // With the right token it joins.
+    let _good = Worker::start(
+        &url,
+        &p.path().join("good"),
+        1,
+        None,
+        &["--token", "join-me"],
+    );
+    wait_workers(&p, &coord, 1);
+}
+
+#[test]
+fn wire_level_forgeries_are_refused() {
+    use nexa_proto::v1;
+    use nexa_proto::v1::worker_service_client::WorkerServiceClient;
+    let p = Project::new();
+    let coord = Coord::start(
+        &p.path().join("coord"),
+        "127.0.0.1:0",
+        &["--open-enrolment"],
+    );
+    let url = coord.url("http");
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    rt.block_on(async {
+        let mut c = WorkerServiceClient::connect(url.clone())
+            .await
+            .expect("connect");
+        // An old protocol version is refused with FAILED_PRECONDITION.
+        let e = c
+            .challenge(v1::ChallengeRequest {
+                protocol_version: 99,
+                public_key: vec![0; 32],
+            })
+            .await
+            .expect_err("old protocol");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        // A key sent in the request is not trusted: the challenge must be signed with it.
+        let id = nexa_shared::signing::Identity::generate();
+        let other = nexa_shared::signing::Identity::generate();
+        let nonce = c
+            .challenge(v1::ChallengeRequest {
+                protocol_version: nexa_proto::PROTOCOL_VERSION,
+                public_key: id.public_key().to_vec(),
+            })
+            .await
+            .expect("challenge")
+            .into_inner()
+            .nonce;
+        let e = c
+            .enrol(v1::EnrolRequest {
+                protocol_version: nexa_proto::PROTOCOL_VERSION,
+                public_key: id.public_key().to_vec(),
+                signature: other.sign_enrolment(&nonce),
+                nonce: nonce.clone(),
+                name: "forger".into(),
+                slots: 1,
+                profile: None,
+                enrol_token: String::new(),
+            })
+            .await
+            .expect_err("forged");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        // A replayed nonce is refused too (it is single-use).
+        let e = c
+            .enrol(v1::EnrolRequest {
+                protocol_version: nexa_proto::PROTOCOL_VERSION,
+                public_key: id.public_key().to_vec(),
+                signature: id.sign_enrolment(&nonce),
+                nonce,
+                name: "replay".into(),
+                slots: 1,
+                profile: None,
+                enrol_token: String::new(),
+            })
+            .await
+            .expect_err("replayed nonce");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        // Enrol properly, then try to upload outside the staging directory.
+        let nonce = c
+            .challenge(v1::ChallengeRequest {
+                protocol_version: nexa_proto::PROTOCOL_VERSION,
+                public_key: id.public_key().to_vec(),
+            })
+            .await
+            .expect("challenge")
+            .into_inner()
+            .nonce;
+        let session = c
+            .enrol(v1::EnrolRequest {
+                protocol_version: nexa_proto::PROTOCOL_VERSION,
+                public_key: id.public_key().to_vec(),
+                signature: id.sign_enrolment(&nonce),
+                nonce,
+                name: "honest".into(),
+                slots: 1,
+                profile: None,
+                enrol_token: String::new(),
+            })
+            .await
+            .expect("enrol")
+            .into_inner()
+            .session_token;
+        let upload = |output: &str, path: &str, data: &[u8], digest: String| {
+            let chunk = v1::UploadChunk {
+                job_id: "j".into(),
+                generation: 1,
+                output: output.into(),
+                path: path.into(),
+                offset: 0,
+                data: data.to_vec(),
+                size: data.len() as u64,
+                digest,
+            };
+            let mut req = tonic::Request::new(tokio_stream::iter(vec![chunk]));
+            req.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {session}").parse().expect("header"),
+            );
+            req
+        };
+        let d = nexa_shared::digest::format(&blake3::hash(b"x"));
+        let e = c
+            .upload(upload("out", "../../evil", b"x", d.clone()))
+            .await
+            .expect_err("traversal");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        let e = c
+            .upload(upload("..", "f", b"x", d.clone()))
+            .await
+            .expect_err("bad output name");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        let e = c
+            .upload(upload("out", "f", b"y", d.clone()))
+            .await
+            .expect_err("tampered");
+        assert_eq!(e.code(), tonic::Code::DataLoss, "{e:?}");
+        c.upload(upload("out", "f", b"x", d))
+            .await
+            .expect("an honest upload");
+        // Calls without a session are refused.
+        let e = c
+            .lease(v1::LeaseRequest { wait_ms: 10 })
+            .await
+            .expect_err("no session");
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    });
+    assert!(!p.path().join("evil").exists() && !coord.data.join("evil").exists());
+}
+
+#[test]
+fn tls_works_with_the_generated_certificates() {
+    let p = Project::new();
+    let certs = p.path().join("certs");
+    let out = Command::new(bin("nexa-coordinator"))
+        .args(["certs", "--out"])
+        .arg(&certs)
+        .output()
+        .expect("certs");
+    assert!(out.status.success(), "{}", text(&out));
+    let cert = certs.join("server.pem").display().to_string();
+    let key = certs.join("server.key").display().to_string();
+    let coord = Coord::start(
+        &p.path().join("coord"),
+        "127.0.0.1:0",
+        &["--open-enrolment", "--tls-cert", &cert, "--tls-key", &key],
+    );
+    let url = coord.url("https");
+    let ca = certs.join("ca.pem").display().to_string();
+    let _w = Worker::start(&url, &p.path().join("w"), 1, None, &["--ca", &ca]);
+    p.write("t.yaml", "pipeline:\n  name: tls\n  steps:\n    - id: a\n      uses: exec\n      params: {run: 'echo secure > \"$NEXA_OUT/x\"'}\n      out: artifacts/a\n");
+    let out = p
+        .cmd(&[
+            "--coordinator",
+            &url,
+            "--token",
+            TOKEN,
+            "--ca",
+            &ca,
+            "pipeline",
+            "run",
+            "t.yaml",
+        ])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", text(&out));
+    // Without trusting the CA, the client refuses the connection.
+    let out = p
+        .cmd(&["--coordinator", &url, "--token", TOKEN, "workers"])
+        .output()
+        .expect("workers");
+    assert!(!out.status.success());
+    // And plain HTTP/2 to the TLS port does not get through either.
+    let out = p
+        .cmd(&[
+            "--coordinator",
+            &coord.url("http"),
+            "--token",
+            TOKEN,
+            "workers",
+        ])
+        .output()
+        .expect("workers");
+    assert!(!out.status.success());
+}
