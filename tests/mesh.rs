@@ -10,7 +10,7 @@ use std::time::Duration;
 
 const TOKEN: &str = "op-token";
 
-fn remote<'a>(p: &Project, coord: &Coord, args: &[&'a str]) -> Command {
+fn remote(p: &Project, coord: &Coord, args: &[&str]) -> Command {
     let url = coord.url("http");
     let mut all: Vec<String> = vec!["--coordinator".into(), url, "--token".into(), TOKEN.into()];
     all.extend(args.iter().map(|s| s.to_string()));
