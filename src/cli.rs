@@ -45,7 +45,7 @@ pub enum Command {
         #[command(subcommand)]
         command: PipelineCommand,
     },
-    /// Re-hash a sealed artifact and compare with its meta.json.
+    /// Re-hash a sealed artifact against its meta.json and check the workers' signatures.
     Verify {
         /// The artifact directory.
         artifact: PathBuf,
@@ -214,13 +214,18 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Verify { artifact } => match nexa_shared::artifact::verify(&artifact) {
-            Ok(meta) => {
+        Command::Verify { artifact } => match nexa_shared::provenance::verify_artifact(&artifact) {
+            Ok(v) => {
+                let who = if v.workers.is_empty() {
+                    "none recorded".to_string()
+                } else {
+                    v.workers.join(", ")
+                };
                 println!(
-                    "ok {} {} ({} bytes)",
+                    "ok {} {} ({} bytes); signatures verified: {who}",
                     artifact.display(),
-                    meta.hash,
-                    meta.bytes
+                    v.meta.hash,
+                    v.meta.bytes
                 );
                 Ok(ExitCode::SUCCESS)
             }

@@ -761,3 +761,47 @@ pipeline:
         );
     }
 }
+
+#[test]
+fn verify_checks_hashes_and_the_workers_signatures_offline() {
+    let p = Project::new();
+    let f = abc(&p);
+    assert!(p.nexa(&["pipeline", "run", f]).status.success());
+    p.write("rows.jsonl", "1\n2\n3\n4\n5\n");
+    p.write(
+        "s.yaml",
+        "pipeline:\n  name: sv\n  steps:\n    - id: sh\n      uses: exec\n      in: {rows: rows.jsonl}\n      shards: {over: rows, count: 3}\n      params: {run: 'wc -l < \"$NEXA_IN_ROWS\" > \"$NEXA_OUT/n\"'}\n      out: artifacts/sh\n",
+    );
+    assert!(p.nexa(&["pipeline", "run", "s.yaml"]).status.success());
+    for art in ["artifacts/c", "artifacts/sh"] {
+        let out = p.nexa(&["verify", art]);
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("none recorded"),
+            "{}",
+            text(&out)
+        );
+    }
+    // A forged signature in meta.json is caught, though the payload hash still matches.
+    let meta_path = p.path().join("artifacts/c/meta.json");
+    let mut perm = std::fs::metadata(&meta_path).expect("stat").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o644);
+    std::fs::set_permissions(&meta_path, perm).expect("chmod");
+    let mut meta: serde_json::Value =
+        serde_json::from_str(&p.read("artifacts/c/meta.json")).expect("meta");
+    let signed: String = meta["labels"]["signed"]
+        .as_str()
+        .expect("signed label")
+        .to_string();
+    let mut s: serde_json::Value = serde_json::from_str(&signed).expect("signed json");
+    s["generation"] = serde_json::json!(s["generation"].as_u64().unwrap_or(0) + 1);
+    meta["labels"]["signed"] = serde_json::Value::String(s.to_string());
+    std::fs::write(&meta_path, serde_json::to_vec_pretty(&meta).expect("json")).expect("write");
+    let out = p.nexa(&["verify", "artifacts/c"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("signature"),
+        "{}",
+        text(&out)
+    );
+}

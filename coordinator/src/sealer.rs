@@ -8,7 +8,7 @@ use crate::state::ArtifactInfo;
 use nexa_shared::artifact::{self, MetaInput, SealRequest};
 use nexa_shared::digest::FileEntry;
 use nexa_shared::job::JobResult;
-use nexa_shared::paths;
+use nexa_shared::{paths, provenance};
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
@@ -30,6 +30,8 @@ pub struct ShardSealed {
     pub worker: String,
     /// The worker's signature (hex).
     pub signature: String,
+    /// Everything the signature covers, for offline verification.
+    pub signed: Option<provenance::Signed>,
 }
 
 fn meta_inputs(plan: &StepPlan) -> Vec<MetaInput> {
@@ -114,9 +116,8 @@ fn seal_output(ctx: &RunContext, out: &Path, req: SealRequest) -> Result<Artifac
     })
 }
 
-fn worker_labels(labels: &mut BTreeMap<String, String>, result: &JobResult) {
-    labels.insert("worker".into(), hex::encode(result.worker_key));
-    labels.insert("signature".into(), hex::encode(&result.signature));
+fn worker_labels(labels: &mut BTreeMap<String, String>, result: &JobResult, output: &str) {
+    labels.extend(provenance::labels_for(result, output));
     labels.insert("attempt".into(), result.attempt.to_string());
 }
 
@@ -137,7 +138,7 @@ pub fn seal_step(
         let tmp = artifact::tmp_path(out);
         move_dir(&staging.join(name), &tmp)?;
         let mut labels = ctx.labels(step, &plan.cache_key);
-        worker_labels(&mut labels, result);
+        worker_labels(&mut labels, result, name);
         let req = SealRequest {
             kind: plan.kind.clone(),
             inputs: meta_inputs(plan),
@@ -171,7 +172,7 @@ pub fn seal_shard(
         expected.extend(expected_files(result, name, &format!("{name}/"))?);
     }
     let mut labels = ctx.labels(step, &unit.cache_key);
-    worker_labels(&mut labels, result);
+    worker_labels(&mut labels, result, "");
     labels.insert(
         "shard".into(),
         format!(
@@ -205,6 +206,7 @@ pub fn seal_shard(
         input_digest: unit.part.digest.clone(),
         worker: hex::encode(result.worker_key),
         signature: hex::encode(&result.signature),
+        signed: Some(provenance::Signed::of(result)),
     })
 }
 
@@ -218,6 +220,10 @@ pub fn shard_from_meta(unit: &ShardUnit, meta: &artifact::Meta) -> ShardSealed {
         input_digest: unit.part.digest.clone(),
         worker: meta.labels.get("worker").cloned().unwrap_or_default(),
         signature: meta.labels.get("signature").cloned().unwrap_or_default(),
+        signed: meta
+            .labels
+            .get(provenance::SIGNED_LABEL)
+            .and_then(|t| serde_json::from_str(t).ok()),
     }
 }
 
@@ -269,14 +275,15 @@ pub fn assemble(
         fs::write(tmp.join("manifest.json"), bytes).map_err(|e| format!("write manifest: {e}"))?;
         let mut labels = ctx.labels(step, &plan.cache_key);
         labels.insert("shards".into(), units.len().to_string());
-        let provenance: Vec<serde_json::Value> = shards
+        let signed: Vec<(u32, &provenance::Signed)> = shards
             .iter()
-            .map(|s| serde_json::json!({"index": s.index, "worker": s.worker, "signature": s.signature}))
+            .filter_map(|s| s.signed.as_ref().map(|x| (s.index, x)))
             .collect();
         labels.insert(
-            "shard_provenance".into(),
-            serde_json::Value::Array(provenance).to_string(),
+            provenance::SHARDS_LABEL.into(),
+            serde_json::to_string(&signed).map_err(|e| e.to_string())?,
         );
+        labels.insert(provenance::OUTPUT_LABEL.into(), name.clone());
         let req = SealRequest {
             kind: plan.kind.clone(),
             inputs: meta_inputs(plan),

@@ -15,6 +15,7 @@ pub mod handlers;
 pub mod hardware;
 pub mod job;
 pub mod paths;
+pub mod provenance;
 pub mod shard;
 pub mod signing;
 pub mod spec;
