@@ -260,7 +260,7 @@ pub enum SealedJob {
     /// An unsharded step's artifacts.
     Step(BTreeMap<String, ArtifactInfo>),
     /// One shard.
-    Shard(ShardSealed),
+    Shard(Box<ShardSealed>),
 }
 
 /// A handle to the coordinator loop; cheap to clone.
@@ -1542,9 +1542,8 @@ impl Engine {
                     let res = match shard {
                         None => sealer::seal_step(&ctx, &plan, &result).map(SealedJob::Step),
                         Some(k) => match plan.shards.as_ref().and_then(|u| u.get(k)) {
-                            Some(unit) => {
-                                sealer::seal_shard(&ctx, &plan, unit, &result).map(SealedJob::Shard)
-                            }
+                            Some(unit) => sealer::seal_shard(&ctx, &plan, unit, &result)
+                                .map(|x| SealedJob::Shard(Box::new(x))),
                             None => Err(format!("no shard {k} in plan")),
                         },
                     };
@@ -1626,7 +1625,7 @@ impl Engine {
                     index: sealed.index,
                     status: StepStatus::Complete,
                 });
-                run.shard_results[i].insert(k, sealed);
+                run.shard_results[i].insert(k, *sealed);
                 self.persist(&run_id, i);
                 self.shard_settled(&run_id, i);
             }
