@@ -517,3 +517,53 @@ fn tls_works_with_the_generated_certificates() {
         .expect("workers");
     assert!(!out.status.success());
 }
+
+#[test]
+fn runs_share_the_workers_fairly() {
+    let p = Project::new();
+    let coord = Coord::start(
+        &p.path().join("coord"),
+        "127.0.0.1:0",
+        &["--open-enrolment"],
+    );
+    let url = coord.url("http");
+    let _w = Worker::start(&url, &p.path().join("w"), 1, None, &[]);
+    wait_workers(&p, &coord, 1);
+    let log = p.path().join("executions.log");
+    for name in ["first", "second"] {
+        let mut steps = String::new();
+        for i in 0..4 {
+            steps.push_str(&format!(
+                "    - id: s{i}\n      uses: exec\n      after: []\n      params: {{run: 'echo {name} >> {log}; sleep 0.3; echo {i} > \"$NEXA_OUT/n\"'}}\n      out: artifacts/s{i}\n",
+                log = log.display()
+            ));
+        }
+        p.write(
+            &format!("{name}.yaml"),
+            &format!("pipeline:\n  name: {name}\n  steps:\n{steps}"),
+        );
+    }
+    let a = remote(&p, &coord, &["pipeline", "run", "first.yaml"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("a");
+    wait_for("the first run to start", Duration::from_secs(20), || {
+        !p.executions().is_empty()
+    });
+    let b = remote(&p, &coord, &["pipeline", "run", "second.yaml"])
+        .output()
+        .expect("b");
+    assert!(b.status.success(), "{}", text(&b));
+    assert!(a.wait_with_output().expect("a").status.success());
+    let order = p.executions();
+    let last_first = order.iter().rposition(|x| x == "first").expect("first ran");
+    let first_second = order
+        .iter()
+        .position(|x| x == "second")
+        .expect("second ran");
+    assert!(
+        first_second < last_first,
+        "the second run waited for the whole first run: {order:?}"
+    );
+}

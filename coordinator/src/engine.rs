@@ -246,6 +246,9 @@ pub struct WorkerView {
     pub key: [u8; 32],
 }
 
+/// How far into the queue fair share looks for other runs' jobs.
+const FAIR_SCAN: usize = 4096;
+
 /// Failures in a row after which a worker is throttled.
 const THROTTLE_AFTER: u32 = 3;
 /// Failures among its last [`RECENT`] results after which a worker gets no more work
@@ -298,6 +301,7 @@ impl Coordinator {
             .unwrap_or(0);
         let engine = Engine {
             config,
+            granted: HashMap::new(),
             store,
             tx: tx.clone(),
             rx,
@@ -586,6 +590,8 @@ struct Engine {
     cancels: Arc<Mutex<HashMap<String, watch::Sender<bool>>>>,
     workers: HashMap<String, WorkerState>,
     config: EngineConfig,
+    /// Leases granted per active run (fair share).
+    granted: HashMap<String, u64>,
     runs: HashMap<String, Run>,
     jobs: HashMap<String, Job>,
     queue: VecDeque<String>,
@@ -1198,9 +1204,24 @@ impl Engine {
             return None;
         }
         let free = w.free();
-        let mut found = None;
+        // Fair share: among the first fitting job of each run (looking at most
+        // FAIR_SCAN entries into the queue), take the one whose run holds the fewest
+        // leases now, then the one that was granted the fewest so far, so one big run
+        // cannot starve the others.
+        let mut leased: HashMap<&str, usize> = HashMap::new();
+        for ws in self.workers.values() {
+            for job_id in ws.alloc.keys() {
+                if let Some(j) = self.jobs.get(job_id) {
+                    *leased.entry(j.run_id.as_str()).or_default() += 1;
+                }
+            }
+        }
+        let mut candidates: Vec<(usize, &str, Vec<usize>)> = Vec::new();
         let mut stale = Vec::new();
         for (pos, job_id) in self.queue.iter().enumerate() {
+            if pos >= FAIR_SCAN && !candidates.is_empty() {
+                break;
+            }
             let Some(job) = self
                 .jobs
                 .get(job_id)
@@ -1209,12 +1230,22 @@ impl Engine {
                 stale.push(pos);
                 continue;
             };
+            if candidates.iter().any(|(_, r, _)| *r == job.run_id) {
+                continue;
+            }
             if let Some(a) = hardware::assign(&job.spec.requirements, std::slice::from_ref(&free)) {
-                found = Some((pos, job_id.clone(), a.gpus));
-                break;
+                candidates.push((pos, job.run_id.as_str(), a.gpus));
             }
         }
-        let (pos, job_id, gpus) = found?;
+        let granted = &self.granted;
+        let (pos, _, gpus) = candidates.into_iter().min_by_key(|(pos, run, _)| {
+            (
+                leased.get(run).copied().unwrap_or(0),
+                granted.get(*run).copied().unwrap_or(0),
+                *pos,
+            )
+        })?;
+        let job_id = self.queue.get(pos)?.clone();
         for p in stale.into_iter().rev() {
             if p < pos {
                 self.queue.remove(p);
@@ -1246,6 +1277,7 @@ impl Engine {
             };
             job.generation = self.next_generation;
             self.next_generation += 1;
+            *self.granted.entry(job.run_id.clone()).or_default() += 1;
             job.worker = Some(worker.clone());
             job.state = JobState::Leased;
             job.started = Some(Instant::now());
@@ -1857,6 +1889,7 @@ impl Engine {
         let Some(mut run) = self.runs.remove(run_id) else {
             return;
         };
+        self.granted.remove(run_id);
         let outcome = if run.cancelled
             || run
                 .records
