@@ -567,3 +567,28 @@ fn runs_share_the_workers_fairly() {
         "the second run waited for the whole first run: {order:?}"
     );
 }
+
+#[test]
+fn the_real_worker_never_honours_fake_gpus() {
+    let fake = serde_json::json!([fake_gpu(0, "GPU-fake", "Fake", 80, (9, 0))]).to_string();
+    let profile = |name: &str| -> serde_json::Value {
+        let out = Command::new(bin(name))
+            .args(["profile", "--json"])
+            .env("NEXA_FAKE_GPUS", &fake)
+            .output()
+            .expect("profile");
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    let real = profile("nexa-worker");
+    assert!(
+        !real["gpus"]
+            .as_array()
+            .expect("gpus")
+            .iter()
+            .any(|g| g["uuid"] == "GPU-fake"),
+        "{real}"
+    );
+    let test = profile("nexa-worker-test");
+    assert_eq!(test["gpus"][0]["uuid"], "GPU-fake");
+}

@@ -100,7 +100,8 @@ impl Worker {
         extra: &[&str],
     ) -> Worker {
         std::fs::create_dir_all(dir).expect("worker dir");
-        let mut c = Command::new(bin("nexa-worker"));
+        // The test-only build, which honours NEXA_FAKE_GPUS; the real one never does.
+        let mut c = Command::new(bin("nexa-worker-test"));
         c.arg("join")
             .arg(url)
             .arg("--work-dir")

@@ -3,6 +3,7 @@
 //! reports. The same loop serves the embedded engine (in-process link) and the mesh.
 
 pub mod cas;
+pub mod cli;
 pub mod error;
 pub mod exec;
 pub mod gpus;

@@ -11,6 +11,12 @@ use std::process::{Command, Stdio};
 /// probes python3 (and whether it imports torch / transformers) and docker, which takes
 /// a few hundred milliseconds.
 pub fn profile(work_dir: &Path, runtimes: bool) -> Profile {
+    profile_with(work_dir, runtimes, cfg!(feature = "fake-gpus"))
+}
+
+/// [`profile`], saying whether `NEXA_FAKE_GPUS` may replace NVML's answer (only in
+/// builds with the test-only `fake-gpus` feature, and only when the caller allows it).
+pub fn profile_with(work_dir: &Path, runtimes: bool, allow_fake_gpus: bool) -> Profile {
     let mut p = Profile::default();
     match sysinfo::System::new() {
         Ok(mut sys) => {
@@ -38,7 +44,11 @@ pub fn profile(work_dir: &Path, runtimes: bool) -> Profile {
     p.disk_free = disk_free(work_dir);
     gpus(&mut p);
     #[cfg(feature = "fake-gpus")]
-    fake_gpus(&mut p);
+    if allow_fake_gpus {
+        fake_gpus(&mut p);
+    }
+    #[cfg(not(feature = "fake-gpus"))]
+    let _ = allow_fake_gpus;
     if runtimes {
         p.labels = probe_runtimes();
     }

@@ -1,0 +1,229 @@
+//! The `nexa-worker` command line: `join` and `profile`.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// A Nexa worker.
+/// The worker's arguments.
+#[derive(Parser)]
+#[command(name = "nexa-worker", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Join a coordinator and run its jobs, reconnecting forever.
+    Join(JoinArgs),
+    /// Print what this machine offers: CPU, memory, disk, GPUs (NVML), runtimes.
+    Profile {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Where free disk is measured (the worker's work directory).
+        #[arg(long, default_value = ".")]
+        work_dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct JoinArgs {
+    /// The coordinator, e.g. http://coord:7070 (https:// with --ca).
+    url: String,
+    /// The enrolment token the operator gave you.
+    #[arg(long, env = "NEXA_ENROL_TOKEN")]
+    token: Option<String>,
+    /// A name shown to the operator [default: the host name].
+    #[arg(long)]
+    name: Option<String>,
+    /// Jobs at once [default: the machine's cores].
+    #[arg(long)]
+    slots: Option<u32>,
+    /// GPUs to offer: all, none, or indices like 0,2.
+    #[arg(long, default_value = "all")]
+    gpus: String,
+    /// Extra labels jobs can ask for, k=v (repeatable).
+    #[arg(long = "labels", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Where job directories and the input cache live.
+    #[arg(long, env = "NEXA_WORK_DIR", default_value = "nexa-worker")]
+    work_dir: PathBuf,
+    /// The identity key [default: $XDG_CONFIG_HOME/nexa/worker.key, else ~/.config/nexa/worker.key].
+    #[arg(long, env = "NEXA_WORKER_KEY")]
+    key: Option<PathBuf>,
+    /// CA certificate to trust for https:// coordinators.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("label {s:?} must look like key=value"))
+}
+
+fn default_key_path() -> PathBuf {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("nexa").join("worker.key")
+}
+
+fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
+    use crate::remote::{Enrolment, GrpcLink};
+    use std::sync::Arc;
+    std::fs::create_dir_all(&a.work_dir)?;
+    let work_dir = std::path::absolute(&a.work_dir)?;
+    let key_path = a.key.unwrap_or_else(default_key_path);
+    let identity = Arc::new(nexa_shared::signing::Identity::load_or_create(&key_path)?);
+    let mut profile = crate::profile::profile_with(&work_dir, true, allow_fake_gpus);
+    match a.gpus.as_str() {
+        "all" => {}
+        "none" => {
+            profile.gpus.clear();
+            profile.gpu_note = Some("GPUs withheld by --gpus none".into());
+        }
+        list => {
+            let keep: Vec<u32> = list
+                .split(',')
+                .map(|x| x.trim().parse::<u32>())
+                .collect::<Result<_, _>>()
+                .map_err(|_| anyhow::anyhow!("--gpus takes all, none or indices like 0,2"))?;
+            profile.gpus.retain(|g| keep.contains(&g.index));
+        }
+    }
+    profile.labels.extend(a.labels);
+    let slots = a.slots.unwrap_or(profile.cores.max(1));
+    let name = a.name.unwrap_or_else(|| profile.hostname.clone());
+    let ca = a.ca.map(std::fs::read).transpose()?;
+    eprintln!(
+        "nexa-worker {name}: {} slots, {} GPU(s), key {} ({})",
+        slots,
+        profile.gpus.len(),
+        hex_prefix(&identity.public_key()),
+        key_path.display()
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let link = GrpcLink::new(
+            &a.url,
+            identity.clone(),
+            Enrolment {
+                name: name.clone(),
+                slots,
+                profile: profile.clone(),
+                token: a.token,
+            },
+            ca,
+        )
+        .map_err(anyhow::Error::msg)?;
+        if let Err(s) = link.enrol_until_done().await {
+            anyhow::bail!("enrolment refused: {}", s.message());
+        }
+        eprintln!("joined {} as {}", a.url, link.worker_id());
+        link.spawn_heartbeats();
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+            let _ = tx.send(true);
+        });
+        let cfg = crate::WorkerConfig {
+            name,
+            slots: slots as usize,
+            work_dir,
+            profile,
+        };
+        crate::run(link, cfg, identity, rx).await;
+        Ok(())
+    })
+}
+
+fn hex_prefix(k: &[u8; 32]) -> String {
+    k[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs the CLI. `allow_fake_gpus` is true only in the test-only `nexa-worker-test`
+/// binary (built only with the `fake-gpus` feature); `nexa-worker` passes false, so a
+/// production worker never honours `NEXA_FAKE_GPUS`.
+pub fn main(allow_fake_gpus: bool) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NEXA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Cmd::Join(a) => match join(a, allow_fake_gpus) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+        Cmd::Profile { json, work_dir } => {
+            let started = std::time::Instant::now();
+            let p = crate::profile::profile_with(&work_dir, true, allow_fake_gpus);
+            if json {
+                match serde_json::to_string_pretty(&p) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(1);
+                    }
+                }
+            } else {
+                use nexa_shared::units::format_size;
+                println!("{} ({}, {})", p.hostname, p.os, p.arch);
+                println!("  cpu     {} x {}", p.cores, p.cpu_model);
+                println!(
+                    "  memory  {} total, {} available",
+                    format_size(p.memory_total),
+                    format_size(p.memory_available)
+                );
+                println!(
+                    "  disk    {} free under {}",
+                    format_size(p.disk_free),
+                    work_dir.display()
+                );
+                for g in &p.gpus {
+                    println!(
+                        "  gpu {}   {} {} ({} total, {} free, compute {}.{}{})",
+                        g.index,
+                        g.name,
+                        g.uuid,
+                        format_size(g.memory_total),
+                        format_size(g.memory_free),
+                        g.compute_capability.0,
+                        g.compute_capability.1,
+                        if g.mig_enabled { ", MIG" } else { "" }
+                    );
+                }
+                if let Some(d) = &p.driver_version {
+                    println!(
+                        "  driver  {d}, CUDA {}",
+                        p.cuda_version.as_deref().unwrap_or("?")
+                    );
+                }
+                if let Some(n) = &p.gpu_note {
+                    println!("  {n}");
+                }
+                let labels: Vec<String> =
+                    p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!("  labels  {}", labels.join(" "));
+                println!("  (profiled in {} ms)", started.elapsed().as_millis());
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
