@@ -79,7 +79,15 @@ impl Embedded {
         let name = "local".to_string();
         std::fs::create_dir_all(&work_dir)?;
         let profile = nexa_worker::profile::profile(&work_dir, false);
-        coordinator.register_worker(&name, identity.public_key(), profile.clone(), slots as u32)?;
+        coordinator.register_worker(
+            &name,
+            nexa_coordinator::engine::WorkerInfo {
+                name: name.clone(),
+                key: identity.public_key(),
+                profile: profile.clone(),
+                slots: slots as u32,
+            },
+        )?;
         let link = Arc::new(LocalLink {
             coord: coordinator.clone(),
             worker: name.clone(),

@@ -205,6 +205,8 @@ impl EngineConfig {
 /// What the coordinator knows of an enrolled worker.
 #[derive(Debug, Clone)]
 pub struct WorkerInfo {
+    /// The name it gave (for people; the key is its identity).
+    pub name: String,
     /// Its Ed25519 public key (its identity).
     pub key: [u8; 32],
     /// Its hardware.
@@ -230,6 +232,8 @@ pub enum AdminState {
 pub struct WorkerView {
     /// Id (from its key).
     pub id: String,
+    /// The name it gave.
+    pub name: String,
     /// `active`, `lost`, `draining`, `banned`, `throttled`, `quarantined`.
     pub state: String,
     /// Hardware.
@@ -329,22 +333,9 @@ impl Coordinator {
         rx.await.map_err(|_| Error::ShutDown)?
     }
 
-    /// Enrols a worker: its public key, hardware profile and slots.
-    pub fn register_worker(
-        &self,
-        worker: &str,
-        key: [u8; 32],
-        profile: Profile,
-        slots: u32,
-    ) -> Result<()> {
-        self.send(Event::RegisterWorker(
-            worker.to_string(),
-            Box::new(WorkerInfo {
-                key,
-                profile,
-                slots,
-            }),
-        ))
+    /// Enrols a worker under `id`.
+    pub fn register_worker(&self, id: &str, info: WorkerInfo) -> Result<()> {
+        self.send(Event::RegisterWorker(id.to_string(), Box::new(info)))
     }
 
     /// Waits for a lease for `worker`; `None` when the coordinator shuts down.
@@ -735,6 +726,7 @@ impl Engine {
                     .iter()
                     .map(|(id, w)| WorkerView {
                         id: id.clone(),
+                        name: w.info.name.clone(),
                         state: w.state_name(now).to_string(),
                         profile: w.info.profile.clone(),
                         slots: w.info.slots,

@@ -74,7 +74,15 @@ async fn untrusted_results_are_refused_and_counted() {
         ..Default::default()
     };
     coord
-        .register_worker("w1", honest.public_key(), profile, 2)
+        .register_worker(
+            "w1",
+            nexa_coordinator::engine::WorkerInfo {
+                name: "w1".into(),
+                key: honest.public_key(),
+                profile,
+                slots: 2,
+            },
+        )
         .expect("register");
     let mut run = coord
         .submit(RunRequest {

@@ -467,7 +467,7 @@ impl ControlService for ControlApi {
             .into_iter()
             .map(|w| v1::WorkerStatus {
                 worker_id: w.id,
-                name: w.profile.hostname.clone(),
+                name: w.name.clone(),
                 state: w.state,
                 profile: Some(v1::HardwareProfile::from(&w.profile)),
                 slots: w.slots,

@@ -188,7 +188,15 @@ impl WorkerService for WorkerApi {
         let slots = r.slots.clamp(1, 4096);
         tracing::info!(worker = %worker_id, name = %r.name, gpus = profile.gpus.len(), slots, "worker enrolled over gRPC");
         self.coord
-            .register_worker(&worker_id, key, profile, slots)
+            .register_worker(
+                &worker_id,
+                crate::engine::WorkerInfo {
+                    name: r.name.clone(),
+                    key,
+                    profile,
+                    slots,
+                },
+            )
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let token = hex::encode(random32());
         lock(&self.sessions).insert(token.clone(), worker_id.clone());
