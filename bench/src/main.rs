@@ -5,6 +5,8 @@
 //! - `hash`: artifact hashing throughput on one file and on a tree, against `b3sum` and
 //!   `sha256sum` on the same bytes, in one run.
 
+mod mesh;
+
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use sha2::Digest as _;
@@ -37,6 +39,19 @@ enum Cmd {
         #[arg(long)]
         nexa: Option<PathBuf>,
     },
+    /// No-op jobs through the whole mesh path: gRPC, enrolment, leases, signing,
+    /// verification, sealing, sled; simulated workers in this process.
+    Mesh {
+        /// Simulated workers.
+        #[arg(long, default_value_t = 64)]
+        workers: usize,
+        /// Slots per worker.
+        #[arg(long, default_value_t = 1)]
+        slots: usize,
+        /// Jobs (independent steps of one pipeline).
+        #[arg(long, default_value_t = 20000)]
+        jobs: usize,
+    },
     /// Hashing throughput.
     Hash {
         /// Bytes to hash (e.g. 1GiB).
@@ -53,6 +68,11 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Cached { steps, runs, nexa } => cached(steps, runs, nexa, cli.json),
         Cmd::Hash { size, reps } => hash(&size, reps, cli.json),
+        Cmd::Mesh {
+            workers,
+            slots,
+            jobs,
+        } => mesh::run(workers, slots, jobs, cli.json),
     }
 }
 

@@ -921,9 +921,10 @@ impl Engine {
         ) {
             tracing::error!(error = %format!("{e:#}"), run = %run_id, "saving step state");
         }
-        let due = run
-            .last_mirror
-            .is_none_or(|t| t.elapsed() >= Duration::from_millis(250));
+        // The mirror is rewritten whole: space the writes out as the pipeline grows
+        // (every 250 ms up to 1,000 steps, proportionally longer beyond).
+        let every = Duration::from_millis(250) * (run.records.len() / 1000).max(1) as u32;
+        let due = run.last_mirror.is_none_or(|t| t.elapsed() >= every);
         if due {
             write_mirror(run);
         }

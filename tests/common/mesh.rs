@@ -7,15 +7,52 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A binary built beside `nexa` (the workspace's `nexa-coordinator`, `nexa-worker`).
+/// A binary of the workspace, built beside `nexa` (same target dir and profile).
+/// `cargo test` only builds the binaries of the package under test, and never builds
+/// `nexa-worker-test` (it needs the test-only `fake-gpus` feature), so the first call
+/// in each test process asks cargo to bring them up to date: a no-op when they are.
 pub fn bin(name: &str) -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
     let nexa = PathBuf::from(env!("CARGO_BIN_EXE_nexa"));
+    BUILT.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let release = nexa.components().any(|c| c.as_os_str() == "release");
+        let build = |args: &[&str]| {
+            let mut c = Command::new(&cargo);
+            c.current_dir(env!("CARGO_MANIFEST_DIR"))
+                .arg("build")
+                .args(args);
+            if release {
+                c.arg("--release");
+            }
+            let out = c.output().expect("run cargo build");
+            assert!(
+                out.status.success(),
+                "building {args:?} failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        build(&[
+            "-p",
+            "nexa-coordinator",
+            "--bin",
+            "nexa-coordinator",
+            "-p",
+            "nexa-worker",
+            "--bin",
+            "nexa-worker",
+        ]);
+        build(&[
+            "-p",
+            "nexa-worker",
+            "--bin",
+            "nexa-worker-test",
+            "--features",
+            "fake-gpus",
+        ]);
+    });
     let p = nexa.with_file_name(name);
-    assert!(
-        p.exists(),
-        "{} is not built: run the tests with --workspace (cargo nextest run --workspace)",
-        p.display()
-    );
+    assert!(p.exists(), "{} is missing after building it", p.display());
     p
 }
 
