@@ -557,6 +557,8 @@ struct Run {
     in_flight: usize,
     /// While set, step writes are collected here and stored in one batch.
     deferred: Option<Vec<usize>>,
+    /// Steps not yet in a final state (kept by `set_status`, so finishing is O(1)).
+    unfinished: usize,
 }
 
 impl Run {
@@ -832,6 +834,7 @@ impl Engine {
             last_mirror: None,
             in_flight: 0,
             deferred: None,
+            unfinished: n,
         };
         tracing::info!(run = %run_id, pipeline = %run.ctx.pipeline.name, steps = n, "run submitted");
         self.runs.insert(run_id.clone(), run);
@@ -888,6 +891,11 @@ impl Engine {
             return;
         };
         let rec = &mut run.records[i];
+        match (rec.status.is_final(), status.is_final()) {
+            (false, true) => run.unfinished -= 1,
+            (true, false) => run.unfinished += 1,
+            _ => {}
+        }
         rec.status = status;
         if matches!(
             status,
@@ -1211,8 +1219,10 @@ impl Engine {
         }
         let mut candidates: Vec<(usize, &str, Vec<usize>)> = Vec::new();
         let mut stale = Vec::new();
+        let active_runs = self.runs.len();
         for (pos, job_id) in self.queue.iter().enumerate() {
-            if pos >= FAIR_SCAN && !candidates.is_empty() {
+            // Enough: one candidate from every run, or far enough into the queue.
+            if candidates.len() >= active_runs || (pos >= FAIR_SCAN && !candidates.is_empty()) {
                 break;
             }
             let Some(job) = self
@@ -1873,9 +1883,10 @@ impl Engine {
         let Some(run) = self.runs.get(run_id) else {
             return;
         };
-        if run.in_flight > 0 || !run.records.iter().all(|r| r.status.is_final()) {
+        if run.in_flight > 0 || run.unfinished > 0 {
             return;
         }
+        debug_assert!(run.records.iter().all(|r| r.status.is_final()));
         if self.jobs.values().any(|j| j.run_id == run_id) {
             return;
         }
