@@ -592,3 +592,71 @@ fn the_real_worker_never_honours_fake_gpus() {
     let test = profile("nexa-worker-test");
     assert_eq!(test["gpus"][0]["uuid"], "GPU-fake");
 }
+
+#[test]
+fn banned_and_drained_workers_get_no_new_work() {
+    let p = Project::new();
+    let coord = Coord::start(
+        &p.path().join("coord"),
+        "127.0.0.1:0",
+        &["--open-enrolment"],
+    );
+    let url = coord.url("http");
+    let a = Worker::start(&url, &p.path().join("a"), 2, None, &[]);
+    let b = Worker::start(&url, &p.path().join("b"), 2, None, &[]);
+    wait_workers(&p, &coord, 2);
+    let id_of = |w: &Worker| -> String {
+        let key = w.public_key();
+        workers_json(&p, &coord)
+            .into_iter()
+            .find(|x| x["public_key"] == key)
+            .and_then(|x| x["id"].as_str().map(str::to_string))
+            .expect("worker listed")
+    };
+    let out = remote(&p, &coord, &["workers", "--ban", &id_of(&a)])
+        .output()
+        .expect("ban");
+    assert!(out.status.success(), "{}", text(&out));
+    let mut steps = String::new();
+    for i in 0..4 {
+        steps.push_str(&format!(
+            "    - id: s{i}\n      uses: exec\n      after: []\n      params: {{run: 'echo {i} > \"$NEXA_OUT/n\"'}}\n      out: artifacts/s{i}\n"
+        ));
+    }
+    p.write(
+        "b.yaml",
+        &format!("pipeline:\n  name: banned\n  steps:\n{steps}"),
+    );
+    let out = remote(&p, &coord, &["pipeline", "run", "b.yaml"])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", text(&out));
+    let st = remote_status(&p, &coord, "b.yaml");
+    for i in 0..4 {
+        assert_eq!(
+            step(&st, &format!("s{i}"))["worker"],
+            b.public_key(),
+            "s{i} ran on the banned worker"
+        );
+    }
+    let ws = workers_json(&p, &coord);
+    assert!(ws.iter().any(|w| w["state"] == "banned"), "{ws:?}");
+    // Drain the other and re-activate the banned one: new work goes to the latter.
+    let out = remote(
+        &p,
+        &coord,
+        &["workers", "--drain", &id_of(&b), "--activate", &id_of(&a)],
+    )
+    .output()
+    .expect("drain");
+    assert!(out.status.success(), "{}", text(&out));
+    p.write("c.yaml", "pipeline:\n  name: drained\n  steps:\n    - id: x\n      uses: exec\n      params: {run: 'echo x > \"$NEXA_OUT/x\"'}\n      out: artifacts/x\n");
+    let out = remote(&p, &coord, &["pipeline", "run", "c.yaml"])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        step(&remote_status(&p, &coord, "c.yaml"), "x")["worker"],
+        a.public_key()
+    );
+}

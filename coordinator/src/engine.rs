@@ -1976,3 +1976,66 @@ fn write_mirror(run: &mut Run) {
         tracing::warn!(error = %e, "writing pipeline_state.json");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker() -> WorkerState {
+        WorkerState::new(WorkerInfo {
+            name: "w".into(),
+            key: [0; 32],
+            profile: Profile::default(),
+            slots: 1,
+        })
+    }
+
+    #[test]
+    fn failing_workers_are_throttled_then_quarantined_and_recover_on_success() {
+        let mut w = worker();
+        let now = Instant::now();
+        assert!(w.eligible(now));
+        for _ in 0..THROTTLE_AFTER - 1 {
+            w.record(false, "w");
+        }
+        assert!(
+            w.eligible(Instant::now()),
+            "a couple of failures do not throttle"
+        );
+        w.record(false, "w");
+        assert!(!w.eligible(Instant::now()), "failures in a row throttle");
+        assert_eq!(w.state_name(Instant::now()), "throttled");
+        w.record(true, "w");
+        assert!(w.eligible(Instant::now()), "a success lifts the throttle");
+        for _ in 0..QUARANTINE_AFTER {
+            w.record(false, "w");
+        }
+        w.throttled_until = None;
+        assert!(w.quarantined());
+        assert!(
+            !w.eligible(Instant::now()),
+            "quarantined workers get no work"
+        );
+        assert_eq!(w.state_name(Instant::now()), "quarantined");
+        assert_eq!(
+            (w.succeeded, w.failed),
+            (1, u64::from(THROTTLE_AFTER) + QUARANTINE_AFTER as u64)
+        );
+    }
+
+    #[test]
+    fn drained_banned_and_lost_workers_get_no_work() {
+        let now = Instant::now();
+        for (admin, lost, name) in [
+            (AdminState::Drain, false, "draining"),
+            (AdminState::Ban, false, "banned"),
+            (AdminState::Active, true, "lost"),
+        ] {
+            let mut w = worker();
+            w.admin = admin;
+            w.lost = lost;
+            assert!(!w.eligible(now));
+            assert_eq!(w.state_name(now), name);
+        }
+    }
+}

@@ -201,3 +201,54 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_and_env_win_over_the_file_and_the_file_over_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("nexa.toml");
+        std::fs::write(
+            &file,
+            "listen = \"0.0.0.0:9000\"\nheartbeat-ms = 700\nopen-enrolment = true\n",
+        )
+        .expect("write");
+        let cli = Cli::parse_from([
+            "nexa-coordinator",
+            "serve",
+            "--config",
+            file.to_str().expect("utf8"),
+            "--heartbeat-ms",
+            "300",
+        ]);
+        let Cmd::Serve(args) = cli.command else {
+            panic!("serve expected")
+        };
+        let a = args.layered().expect("layered");
+        assert_eq!(a.listen.as_deref(), Some("0.0.0.0:9000"), "from the file");
+        assert_eq!(a.heartbeat_ms, Some(300), "the flag wins");
+        assert_eq!(a.open_enrolment, Some(true));
+        assert_eq!(a.data_dir, None, "left to the default");
+        std::fs::write(&file, "colour = \"red\"\n").expect("write");
+        let cli = Cli::parse_from([
+            "nexa-coordinator",
+            "serve",
+            "--config",
+            file.to_str().expect("utf8"),
+        ]);
+        let Cmd::Serve(args) = cli.command else {
+            panic!("serve expected")
+        };
+        let err = args
+            .layered()
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(
+            err.contains("colour"),
+            "unknown keys are refused by name: {err}"
+        );
+    }
+}
