@@ -32,8 +32,22 @@ pub struct SledStore {
 }
 
 impl SledStore {
-    /// Opens (or creates) the store at `path`.
+    /// Opens (or creates) the store at `path`. A lock held by a store that is still
+    /// closing (sled's flusher outlives the handle briefly) is waited for up to 1 s.
     pub fn open(path: &Path) -> Result<Self> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        loop {
+            match Self::open_once(path) {
+                Err(Error::StoreLocked(p)) if std::time::Instant::now() < deadline => {
+                    let _ = p;
+                    std::thread::sleep(std::time::Duration::from_millis(25));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn open_once(path: &Path) -> Result<Self> {
         let db = sled::Config::new()
             .path(path)
             .mode(sled::Mode::HighThroughput)

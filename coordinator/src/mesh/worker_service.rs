@@ -335,8 +335,9 @@ impl WorkerService for WorkerApi {
         let worker = self.worker(&req)?;
         let mut result = JobResult::try_from(req.into_inner())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Uploads created the staging directory; a job with no files and no log has none
+        // (the sealer then seals an empty payload).
         let staging = self.staging(&worker, &result.job_id, result.generation);
-        std::fs::create_dir_all(&staging).map_err(|e| Status::internal(format!("staging: {e}")))?;
         let log = staging.join(".log").join("log");
         result.log = log.is_file().then_some(log);
         result.staging = Some(staging);
