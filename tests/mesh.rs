@@ -352,65 +352,47 @@ fn wire_level_forgeries_are_refused() {
         // A key sent in the request is not trusted: the challenge must be signed with it.
         let id = nexa_shared::signing::Identity::generate();
         let other = nexa_shared::signing::Identity::generate();
+        let key = id.public_key().to_vec();
+        let enrol = |nonce: Vec<u8>, signature: Vec<u8>| v1::EnrolRequest {
+            protocol_version: nexa_proto::PROTOCOL_VERSION,
+            public_key: key.clone(),
+            signature,
+            nonce,
+            name: "w".into(),
+            slots: 1,
+            profile: None,
+            enrol_token: String::new(),
+        };
+        let challenge = v1::ChallengeRequest {
+            protocol_version: nexa_proto::PROTOCOL_VERSION,
+            public_key: key.clone(),
+        };
         let nonce = c
-            .challenge(v1::ChallengeRequest {
-                protocol_version: nexa_proto::PROTOCOL_VERSION,
-                public_key: id.public_key().to_vec(),
-            })
+            .challenge(challenge.clone())
             .await
             .expect("challenge")
             .into_inner()
             .nonce;
         let e = c
-            .enrol(v1::EnrolRequest {
-                protocol_version: nexa_proto::PROTOCOL_VERSION,
-                public_key: id.public_key().to_vec(),
-                signature: other.sign_enrolment(&nonce),
-                nonce: nonce.clone(),
-                name: "forger".into(),
-                slots: 1,
-                profile: None,
-                enrol_token: String::new(),
-            })
+            .enrol(enrol(nonce.clone(), other.sign_enrolment(&nonce)))
             .await
             .expect_err("forged");
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         // A replayed nonce is refused too (it is single-use).
         let e = c
-            .enrol(v1::EnrolRequest {
-                protocol_version: nexa_proto::PROTOCOL_VERSION,
-                public_key: id.public_key().to_vec(),
-                signature: id.sign_enrolment(&nonce),
-                nonce,
-                name: "replay".into(),
-                slots: 1,
-                profile: None,
-                enrol_token: String::new(),
-            })
+            .enrol(enrol(nonce.clone(), id.sign_enrolment(&nonce)))
             .await
             .expect_err("replayed nonce");
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         // Enrol properly, then try to upload outside the staging directory.
         let nonce = c
-            .challenge(v1::ChallengeRequest {
-                protocol_version: nexa_proto::PROTOCOL_VERSION,
-                public_key: id.public_key().to_vec(),
-            })
+            .challenge(challenge)
             .await
             .expect("challenge")
             .into_inner()
             .nonce;
         let session = c
-            .enrol(v1::EnrolRequest {
-                protocol_version: nexa_proto::PROTOCOL_VERSION,
-                public_key: id.public_key().to_vec(),
-                signature: id.sign_enrolment(&nonce),
-                nonce,
-                name: "honest".into(),
-                slots: 1,
-                profile: None,
-                enrol_token: String::new(),
-            })
+            .enrol(enrol(nonce.clone(), id.sign_enrolment(&nonce)))
             .await
             .expect("enrol")
             .into_inner()

@@ -38,8 +38,7 @@ impl SledStore {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
         loop {
             match Self::open_once(path) {
-                Err(Error::StoreLocked(p)) if std::time::Instant::now() < deadline => {
-                    let _ = p;
+                Err(Error::StoreLocked(_)) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(25));
                 }
                 other => return other,

@@ -11,7 +11,7 @@ use nexa_proto::v1;
 use nexa_proto::v1::control_service_server::ControlService;
 use nexa_shared::{artifact, digest, paths, spec};
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
@@ -550,31 +550,10 @@ impl ControlService for ControlApi {
                     return;
                 }
             };
+            let send = |c: Result<v1::FetchChunk, Status>| tx.blocking_send(c).is_ok();
             for (rel, p, _) in files {
-                let Ok(mut f) = std::fs::File::open(&p) else {
-                    let _ = tx.blocking_send(Err(Status::internal(format!("open {rel}"))));
+                if !super::worker_service::stream_file(&rel, &p, true, &send) {
                     return;
-                };
-                let mut buf = vec![0u8; 1 << 20];
-                let mut offset = 0u64;
-                loop {
-                    let n = f.read(&mut buf).unwrap_or(0);
-                    if n == 0 && offset > 0 {
-                        break;
-                    }
-                    let chunk = v1::FetchChunk {
-                        path: rel.clone(),
-                        offset,
-                        data: buf[..n].to_vec(),
-                        is_dir: true,
-                    };
-                    if tx.blocking_send(Ok(chunk)).is_err() {
-                        return;
-                    }
-                    if n == 0 {
-                        break;
-                    }
-                    offset += n as u64;
                 }
             }
         });

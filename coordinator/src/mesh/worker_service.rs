@@ -388,7 +388,9 @@ impl WorkerService for WorkerApi {
     }
 }
 
-fn stream_file(
+/// Streams one file as `FetchChunk`s (at least one, so empty files arrive too); false
+/// when the receiver went away or reading failed (the error was sent).
+pub(super) fn stream_file(
     rel: &str,
     p: &Path,
     is_dir: bool,
