@@ -627,5 +627,8 @@ async fn workers(
             }
         );
     }
+    let refused = crate::remote::refusals(r).await?;
+    let line: Vec<String> = refused.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("refused or expired: {}", line.join(" "));
     Ok(ExitCode::SUCCESS)
 }

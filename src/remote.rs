@@ -299,6 +299,22 @@ pub async fn workers(remote: &Remote) -> anyhow::Result<Vec<v1::WorkerStatus>> {
         .workers)
 }
 
+/// Refusals and lease expiries so far, by reason.
+pub async fn refusals(remote: &Remote) -> anyhow::Result<Vec<(String, u64)>> {
+    let mut c = Control::connect(remote).await?;
+    let mut v: Vec<(String, u64)> = c
+        .client
+        .refusals(c.req(v1::RefusalsRequest {}))
+        .await
+        .map_err(status_err)?
+        .into_inner()
+        .counts
+        .into_iter()
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
 /// Drains, bans or re-activates a worker.
 pub async fn set_worker_state(
     remote: &Remote,

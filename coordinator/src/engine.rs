@@ -127,6 +127,34 @@ pub struct Refusals {
     pub lease_expiries: u64,
     /// Results from banned workers.
     pub banned: u64,
+    /// Uploads whose output or file name would leave the staging directory.
+    pub unsafe_name: u64,
+    /// Uploads whose bytes did not hash to their declared digest or size.
+    pub upload_digest: u64,
+}
+
+impl Refusals {
+    /// The counters by name.
+    pub fn counts(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("stale_generation", self.stale),
+            ("bad_signature", self.signature),
+            ("payload_mismatch", self.digest),
+            ("lease_expired", self.lease_expiries),
+            ("banned_worker", self.banned),
+            ("unsafe_name", self.unsafe_name),
+            ("upload_digest", self.upload_digest),
+        ]
+    }
+}
+
+/// A refusal the gRPC edge made on its own (before a result reached the engine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EdgeRefusal {
+    /// A name would leave the staging directory.
+    UnsafeName,
+    /// Uploaded bytes did not match their declared digest or size.
+    UploadDigest,
 }
 
 /// The closed set of messages the scheduler loop consumes.
@@ -169,6 +197,8 @@ pub enum Event {
     Cancel(String),
     /// Read the refusal counters.
     Refusals(oneshot::Sender<Refusals>),
+    /// Count a refusal made at the gRPC edge.
+    Refused(EdgeRefusal),
     /// List workers.
     ListWorkers(oneshot::Sender<Vec<WorkerView>>),
     /// Drain, ban or re-activate a worker.
@@ -381,6 +411,11 @@ impl Coordinator {
         g.entry(run_id.to_string())
             .or_insert_with(|| watch::channel(false).0)
             .subscribe()
+    }
+
+    /// Counts a refusal the gRPC edge made itself.
+    pub fn count_refusal(&self, kind: EdgeRefusal) {
+        let _ = self.tx.send(Event::Refused(kind));
     }
 
     /// Results refused so far, by reason.
@@ -718,6 +753,10 @@ impl Engine {
                 }
             }
             Event::Cancel(run) => self.on_cancel(&run),
+            Event::Refused(kind) => match kind {
+                EdgeRefusal::UnsafeName => self.refusals.unsafe_name += 1,
+                EdgeRefusal::UploadDigest => self.refusals.upload_digest += 1,
+            },
             Event::Refusals(reply) => {
                 let _ = reply.send(self.refusals);
             }

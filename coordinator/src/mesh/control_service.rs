@@ -523,6 +523,25 @@ impl ControlService for ControlApi {
         }))
     }
 
+    async fn refusals(
+        &self,
+        req: Request<v1::RefusalsRequest>,
+    ) -> Result<Response<v1::RefusalsResponse>, Status> {
+        self.check(&req)?;
+        let r = self
+            .coord
+            .refusals()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(v1::RefusalsResponse {
+            counts: r
+                .counts()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        }))
+    }
+
     type PullStream = PullStream;
 
     async fn pull(

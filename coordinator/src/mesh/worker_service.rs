@@ -2,6 +2,7 @@
 
 use super::MeshConfig;
 use crate::Coordinator;
+use crate::engine::EdgeRefusal;
 use nexa_proto::v1;
 use nexa_proto::v1::worker_service_server::WorkerService;
 use nexa_shared::hardware::Profile;
@@ -68,6 +69,15 @@ impl WorkerApi {
             .get(token)
             .cloned()
             .ok_or_else(|| Status::unauthenticated("unknown session: enrol again"))
+    }
+
+    /// Completes one received file, counting a digest or size mismatch as a refusal.
+    fn finish(&self, f: Incoming) -> Result<u64, Status> {
+        f.finish().inspect_err(|s| {
+            if s.code() == tonic::Code::DataLoss {
+                self.coord.count_refusal(EdgeRefusal::UploadDigest);
+            }
+        })
     }
 
     fn staging(&self, worker: &str, job_id: &str, generation: u64) -> PathBuf {
@@ -265,17 +275,20 @@ impl WorkerService for WorkerApi {
                 .is_some_and(|f| f.name == format!("{}/{}", c.output, c.path));
             if !same {
                 if let Some(f) = current.take() {
-                    bytes += f.finish()?;
+                    bytes += self.finish(f)?;
                     files += 1;
                 }
                 if c.output.is_empty() || paths::safe_component(&c.output) != c.output {
+                    self.coord.count_refusal(EdgeRefusal::UnsafeName);
                     return Err(Status::invalid_argument(format!(
                         "output name {:?} is not allowed",
                         c.output
                     )));
                 }
-                let rel = paths::check_relative_name(&c.path)
-                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                let rel = paths::check_relative_name(&c.path).map_err(|e| {
+                    self.coord.count_refusal(EdgeRefusal::UnsafeName);
+                    Status::invalid_argument(e.to_string())
+                })?;
                 if c.size > self.cfg.max_upload_file {
                     return Err(Status::resource_exhausted(format!(
                         "{} is {} bytes; the limit is {}",
@@ -322,7 +335,7 @@ impl WorkerService for WorkerApi {
             f.written += c.data.len() as u64;
         }
         if let Some(f) = current.take() {
-            bytes += f.finish()?;
+            bytes += self.finish(f)?;
             files += 1;
         }
         Ok(Response::new(v1::UploadResponse { files, bytes }))
