@@ -81,21 +81,8 @@ fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
     let key_path = a.key.unwrap_or_else(default_key_path);
     let identity = Arc::new(nexa_shared::signing::Identity::load_or_create(&key_path)?);
     let mut profile = crate::profile::profile_with(&work_dir, true, allow_fake_gpus);
-    match a.gpus.as_str() {
-        "all" => {}
-        "none" => {
-            profile.gpus.clear();
-            profile.gpu_note = Some("GPUs withheld by --gpus none".into());
-        }
-        list => {
-            let keep: Vec<u32> = list
-                .split(',')
-                .map(|x| x.trim().parse::<u32>())
-                .collect::<Result<_, _>>()
-                .map_err(|_| anyhow::anyhow!("--gpus takes all, none or indices like 0,2"))?;
-            profile.gpus.retain(|g| keep.contains(&g.index));
-        }
-    }
+    let gpus_filter = parse_gpu_filter(&a.gpus)?;
+    apply_gpu_filter(&mut profile, &gpus_filter);
     profile.labels.extend(a.labels);
     let slots = a.slots.unwrap_or(profile.cores.max(1));
     let name = a.name.unwrap_or_else(|| profile.hostname.clone());
@@ -127,6 +114,14 @@ fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
             anyhow::bail!("enrolment refused: {}", s.message());
         }
         eprintln!("joined {} as {}", a.url, link.worker_id());
+        {
+            let (dir, gpus_arg) = (work_dir.clone(), gpus_filter.clone());
+            link.set_profiler(Arc::new(move || {
+                let mut p = crate::profile::profile_with(&dir, false, allow_fake_gpus);
+                apply_gpu_filter(&mut p, &gpus_arg);
+                p
+            }));
+        }
         link.spawn_heartbeats();
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
@@ -146,6 +141,29 @@ fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
         crate::run(link, cfg, identity, rx).await;
         Ok(())
     })
+}
+
+/// `--gpus`: `None` for all, else the indices to offer.
+fn parse_gpu_filter(arg: &str) -> anyhow::Result<Option<Vec<u32>>> {
+    match arg {
+        "all" => Ok(None),
+        "none" => Ok(Some(Vec::new())),
+        list => list
+            .split(',')
+            .map(|x| x.trim().parse::<u32>())
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+            .map_err(|_| anyhow::anyhow!("--gpus takes all, none or indices like 0,2")),
+    }
+}
+
+fn apply_gpu_filter(p: &mut nexa_shared::hardware::Profile, keep: &Option<Vec<u32>>) {
+    if let Some(keep) = keep {
+        p.gpus.retain(|g| keep.contains(&g.index));
+        if p.gpus.is_empty() && keep.is_empty() {
+            p.gpu_note = Some("GPUs withheld by --gpus none".into());
+        }
+    }
 }
 
 fn hex_prefix(k: &[u8; 32]) -> String {
@@ -225,5 +243,40 @@ pub fn main(allow_fake_gpus: bool) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nexa_shared::hardware::{Gpu, Profile};
+
+    fn gpu(i: u32) -> Gpu {
+        Gpu {
+            index: i,
+            uuid: format!("GPU-{i}"),
+            name: "g".into(),
+            memory_total: 1,
+            memory_free: 1,
+            compute_capability: (9, 0),
+            mig_enabled: false,
+        }
+    }
+
+    #[test]
+    fn gpus_flag_offers_all_none_or_the_listed_indices() {
+        let p = Profile {
+            gpus: vec![gpu(0), gpu(1), gpu(2)],
+            ..Profile::default()
+        };
+        let offered = |arg: &str| {
+            let mut q = p.clone();
+            apply_gpu_filter(&mut q, &parse_gpu_filter(arg).expect("valid"));
+            q.gpus.iter().map(|g| g.index).collect::<Vec<_>>()
+        };
+        assert_eq!(offered("all"), [0, 1, 2]);
+        assert_eq!(offered("none"), Vec::<u32>::new());
+        assert_eq!(offered("0,2"), [0, 2]);
+        assert!(parse_gpu_filter("first").is_err());
     }
 }

@@ -48,7 +48,12 @@ struct Session {
 }
 
 /// A coordinator reached over gRPC.
+/// Produces a fresh hardware profile (free memory, free GPU memory).
+pub type Profiler = Arc<dyn Fn() -> Profile + Send + Sync>;
+
+/// A coordinator reached over gRPC.
 pub struct GrpcLink {
+    profiler: Mutex<Option<Profiler>>,
     client: WorkerServiceClient<Channel>,
     identity: Arc<Identity>,
     enrolment: Mutex<Enrolment>,
@@ -98,12 +103,18 @@ impl GrpcLink {
         let client =
             WorkerServiceClient::new(endpoint.connect_lazy()).max_decoding_message_size(8 << 20);
         Ok(Arc::new(Self {
+            profiler: Mutex::new(None),
             client,
             identity,
             enrolment: Mutex::new(enrolment),
             session: Mutex::new(Session::default()),
             running: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// Sets how heartbeats refresh the profile (every 15th carries a fresh one).
+    pub fn set_profiler(&self, p: Profiler) {
+        *lock(&self.profiler) = Some(p);
     }
 
     /// The id the coordinator gave this worker (empty before enrolment).
@@ -238,9 +249,21 @@ impl GrpcLink {
                         generation: *g,
                     })
                     .collect();
-                let profile = n
-                    .is_multiple_of(15)
-                    .then(|| v1::HardwareProfile::from(&lock(&link.enrolment).profile));
+                let profile = if n.is_multiple_of(15) {
+                    // Re-read the hardware so the coordinator sees current free memory;
+                    // keep the labels found at start (probing runtimes is slow).
+                    let profiler = lock(&link.profiler).clone();
+                    if let Some(p) = profiler
+                        && let Ok(mut fresh) = tokio::task::spawn_blocking(move || p()).await
+                    {
+                        let mut e = lock(&link.enrolment);
+                        fresh.labels = e.profile.labels.clone();
+                        e.profile = fresh;
+                    }
+                    Some(v1::HardwareProfile::from(&lock(&link.enrolment).profile))
+                } else {
+                    None
+                };
                 let mut client = link.client.clone();
                 let req = link.authed(v1::HeartbeatRequest { running, profile });
                 match client.heartbeat(req).await {
