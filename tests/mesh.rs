@@ -4,7 +4,7 @@
 mod common;
 
 use common::mesh::{Coord, Worker, bin, fake_gpu, wait_for};
-use common::{Project, text};
+use common::{Project, numbered_pipeline, text};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -54,11 +54,7 @@ fn remote_status(p: &Project, coord: &Coord, file: &str) -> serde_json::Value {
 #[test]
 fn gpu_steps_land_only_on_workers_that_can_run_them() {
     let p = Project::new();
-    let coord = Coord::start(
-        &p.path().join("coord"),
-        "127.0.0.1:0",
-        &["--open-enrolment"],
-    );
+    let coord = Coord::open(&p.path().join("coord"));
     let url = coord.url("http");
     let cpu = Worker::start(&url, &p.path().join("cpu"), 2, None, &[]);
     let l4 = Worker::start(
@@ -152,11 +148,7 @@ pipeline:
 #[test]
 fn a_worker_killed_mid_job_loses_its_lease_and_the_job_completes_on_another() {
     let p = Project::new();
-    let coord = Coord::start(
-        &p.path().join("coord"),
-        "127.0.0.1:0",
-        &["--open-enrolment"],
-    );
+    let coord = Coord::open(&p.path().join("coord"));
     let url = coord.url("http");
     let mut a = Worker::start(&url, &p.path().join("a"), 1, None, &[]);
     let mut b = Worker::start(&url, &p.path().join("b"), 1, None, &[]);
@@ -225,17 +217,13 @@ fn the_coordinator_killed_mid_run_resumes_it_and_nothing_is_lost_or_doubled() {
     let _b = Worker::start(&url, &p.path().join("b"), 1, None, &[]);
     wait_workers(&p, &coord, 2);
     let log = p.path().join("executions.log");
-    let mut steps = String::new();
-    for i in 0..6 {
-        steps.push_str(&format!(
-            "    - id: s{i}\n      uses: exec\n      params: {{run: 'echo s{i} >> {log}; sleep 0.4; echo {i} > \"$NEXA_OUT/n\"'}}\n      out: artifacts/s{i}\n",
-            log = log.display()
-        ));
-    }
-    p.write(
-        "r.yaml",
-        &format!("pipeline:\n  name: restart\n  steps:\n{steps}"),
-    );
+    let yaml = numbered_pipeline("restart", 6, false, |i| {
+        format!(
+            "echo s{i} >> {}; sleep 0.4; echo {i} > \"$NEXA_OUT/n\"",
+            log.display()
+        )
+    });
+    p.write("r.yaml", &yaml);
     let client = remote(&p, &coord, &["pipeline", "run", "r.yaml"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -329,11 +317,7 @@ fn wire_level_forgeries_are_refused() {
     use nexa_proto::v1;
     use nexa_proto::v1::worker_service_client::WorkerServiceClient;
     let p = Project::new();
-    let coord = Coord::start(
-        &p.path().join("coord"),
-        "127.0.0.1:0",
-        &["--open-enrolment"],
-    );
+    let coord = Coord::open(&p.path().join("coord"));
     let url = coord.url("http");
     let rt = tokio::runtime::Runtime::new().expect("rt");
     rt.block_on(async {
@@ -503,27 +487,19 @@ fn tls_works_with_the_generated_certificates() {
 #[test]
 fn runs_share_the_workers_fairly() {
     let p = Project::new();
-    let coord = Coord::start(
-        &p.path().join("coord"),
-        "127.0.0.1:0",
-        &["--open-enrolment"],
-    );
+    let coord = Coord::open(&p.path().join("coord"));
     let url = coord.url("http");
     let _w = Worker::start(&url, &p.path().join("w"), 1, None, &[]);
     wait_workers(&p, &coord, 1);
     let log = p.path().join("executions.log");
     for name in ["first", "second"] {
-        let mut steps = String::new();
-        for i in 0..4 {
-            steps.push_str(&format!(
-                "    - id: s{i}\n      uses: exec\n      after: []\n      params: {{run: 'echo {name} >> {log}; sleep 0.3; echo {i} > \"$NEXA_OUT/n\"'}}\n      out: artifacts/s{i}\n",
-                log = log.display()
-            ));
-        }
-        p.write(
-            &format!("{name}.yaml"),
-            &format!("pipeline:\n  name: {name}\n  steps:\n{steps}"),
-        );
+        let yaml = numbered_pipeline(name, 4, true, |i| {
+            format!(
+                "echo {name} >> {}; sleep 0.3; echo {i} > \"$NEXA_OUT/n\"",
+                log.display()
+            )
+        });
+        p.write(&format!("{name}.yaml"), &yaml);
     }
     let a = remote(&p, &coord, &["pipeline", "run", "first.yaml"])
         .stdout(Stdio::null())
@@ -578,11 +554,7 @@ fn the_real_worker_never_honours_fake_gpus() {
 #[test]
 fn banned_and_drained_workers_get_no_new_work() {
     let p = Project::new();
-    let coord = Coord::start(
-        &p.path().join("coord"),
-        "127.0.0.1:0",
-        &["--open-enrolment"],
-    );
+    let coord = Coord::open(&p.path().join("coord"));
     let url = coord.url("http");
     let a = Worker::start(&url, &p.path().join("a"), 2, None, &[]);
     let b = Worker::start(&url, &p.path().join("b"), 2, None, &[]);
@@ -599,15 +571,9 @@ fn banned_and_drained_workers_get_no_new_work() {
         .output()
         .expect("ban");
     assert!(out.status.success(), "{}", text(&out));
-    let mut steps = String::new();
-    for i in 0..4 {
-        steps.push_str(&format!(
-            "    - id: s{i}\n      uses: exec\n      after: []\n      params: {{run: 'echo {i} > \"$NEXA_OUT/n\"'}}\n      out: artifacts/s{i}\n"
-        ));
-    }
     p.write(
         "b.yaml",
-        &format!("pipeline:\n  name: banned\n  steps:\n{steps}"),
+        &numbered_pipeline("banned", 4, true, |i| format!("echo {i} > \"$NEXA_OUT/n\"")),
     );
     let out = remote(&p, &coord, &["pipeline", "run", "b.yaml"])
         .output()

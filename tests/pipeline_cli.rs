@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Project, half_artifacts, pairs, text};
+use common::{Project, half_artifacts, numbered_pipeline, pairs, text};
 use std::time::{Duration, Instant};
 
 /// Three steps: `a` and `b` read separate inputs, `c` reads `a`'s output. Each execution
@@ -309,17 +309,13 @@ pipeline:
 fn sigkill_mid_run_then_resume_reruns_no_complete_step_and_leaves_no_half_artifact() {
     let p = Project::new();
     let log = p.path().join("executions.log");
-    let mut steps = String::new();
-    for i in 0..6 {
-        steps.push_str(&format!(
-            "    - id: s{i}\n      uses: exec\n      params: {{run: 'echo s{i} >> {log}; head -c 200000 /dev/zero > \"$NEXA_OUT/blob\"; sleep 0.4; echo {i} > \"$NEXA_OUT/n\"'}}\n      out: artifacts/s{i}\n",
-            log = log.display()
-        ));
-    }
-    p.write(
-        "k.yaml",
-        &format!("pipeline:\n  name: killme\n  steps:\n{steps}"),
-    );
+    let yaml = numbered_pipeline("killme", 6, false, |i| {
+        format!(
+            "echo s{i} >> {}; head -c 200000 /dev/zero > \"$NEXA_OUT/blob\"; sleep 0.4; echo {i} > \"$NEXA_OUT/n\"",
+            log.display()
+        )
+    });
+    p.write("k.yaml", &yaml);
     let mut child = p
         .cmd(&["pipeline", "run", "k.yaml"])
         .spawn()

@@ -105,6 +105,11 @@ impl Coord {
         }
     }
 
+    /// A coordinator on any free port that lets any worker enrol.
+    pub fn open(data: &Path) -> Coord {
+        Coord::start(data, "127.0.0.1:0", &["--open-enrolment"])
+    }
+
     pub fn url(&self, scheme: &str) -> String {
         format!("{scheme}://{}", self.addr)
     }

@@ -78,6 +78,25 @@ impl Project {
     }
 }
 
+/// A pipeline `name` of steps `s0..s{n-1}`, each running the shell script `run(i)` and
+/// writing `artifacts/s{i}`; `independent` gives every step `after: []`.
+pub fn numbered_pipeline(
+    name: &str,
+    n: usize,
+    independent: bool,
+    run: impl Fn(usize) -> String,
+) -> String {
+    let after = if independent { "      after: []\n" } else { "" };
+    let mut y = format!("pipeline:\n  name: {name}\n  steps:\n");
+    for i in 0..n {
+        y.push_str(&format!(
+            "    - id: s{i}\n      uses: exec\n{after}      params: {{run: '{}'}}\n      out: artifacts/s{i}\n",
+            run(i)
+        ));
+    }
+    y
+}
+
 pub fn text(o: &Output) -> String {
     format!(
         "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
