@@ -628,58 +628,23 @@ struct Engine {
     refusals: Refusals,
 }
 
+/// `YYYYMMDDTHHMMSS-xxxx` (UTC): sortable by start time, unique enough per process.
 fn new_run_id() -> String {
-    let now = std::time::SystemTime::now()
+    let now = std::time::SystemTime::now();
+    let nanos = now
         .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let stamp = humantime_stamp(now.as_secs());
-    format!(
-        "{stamp}-{:04x}",
-        (now.subsec_nanos() ^ std::process::id()) & 0xffff
-    )
-}
-
-fn humantime_stamp(secs: u64) -> String {
-    // YYYYMMDDTHHMMSS from the Unix time, UTC (civil-from-days, Howard Hinnant).
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-fn now_rfc3339() -> String {
-    nexa_shared_time()
-}
-
-fn nexa_shared_time() -> String {
-    // RFC 3339 seconds, via the artifact module's formatter.
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    let s = humantime_stamp(secs);
-    format!(
-        "{}-{}-{}T{}:{}:{}Z",
-        &s[0..4],
-        &s[4..6],
-        &s[6..8],
-        &s[9..11],
-        &s[11..13],
-        &s[13..15]
-    )
+    let stamp: String = now_rfc3339()
+        .chars()
+        .filter(|c| !matches!(c, '-' | ':' | 'Z'))
+        .collect();
+    format!("{stamp}-{:04x}", (nanos ^ std::process::id()) & 0xffff)
+}
+
+/// RFC 3339 with seconds, UTC.
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
 fn tail(text: &str, max: usize) -> String {
