@@ -51,6 +51,10 @@ enum Cmd {
         /// Jobs (independent steps of one pipeline).
         #[arg(long, default_value_t = 20000)]
         jobs: usize,
+        /// Where the coordinator's scratch data dir is made (default: the cargo
+        /// `target/` directory this binary was built in, else the system temp dir).
+        #[arg(long)]
+        scratch: Option<PathBuf>,
     },
     /// Hashing throughput.
     Hash {
@@ -72,7 +76,8 @@ fn main() -> anyhow::Result<()> {
             workers,
             slots,
             jobs,
-        } => mesh::run(workers, slots, jobs, cli.json),
+            scratch,
+        } => mesh::run(workers, slots, jobs, scratch, cli.json),
     }
 }
 

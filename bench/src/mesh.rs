@@ -9,6 +9,7 @@ use nexa_shared::job::{JobResult, Outcome, now_ms};
 use nexa_shared::signing::Identity;
 use nexa_worker::CoordinatorLink;
 use nexa_worker::remote::{Enrolment, GrpcLink};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_stream::StreamExt;
@@ -34,18 +35,41 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Runs the benchmark and prints its figures.
-pub fn run(workers: usize, slots: usize, jobs: usize, json: bool) -> anyhow::Result<()> {
+pub fn run(
+    workers: usize,
+    slots: usize,
+    jobs: usize,
+    scratch: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<()> {
+    // The data dir sits in the build's target/ by default: on a machine whose /tmp has
+    // just had many files deleted, ext4 without a journal scans those inodes on every
+    // create, and the bench would measure that instead of the coordinator.
+    let scratch = scratch
+        .or_else(|| {
+            let exe = std::env::current_exe().ok()?;
+            exe.parent()?.parent().map(Path::to_path_buf)
+        })
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = tempfile::Builder::new()
+        .prefix("nexa-bench-mesh-")
+        .tempdir_in(&scratch)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(bench(workers, slots, jobs, json))
+    rt.block_on(bench(workers, slots, jobs, dir.path(), json))
 }
 
-async fn bench(workers: usize, slots: usize, jobs: usize, json: bool) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
+async fn bench(
+    workers: usize,
+    slots: usize,
+    jobs: usize,
+    dir: &Path,
+    json: bool,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
-    let mut mesh = MeshConfig::new(dir.path().join("data"));
+    let mut mesh = MeshConfig::new(dir.join("data"));
     mesh.enrol_token = None;
     let cfg = ServeConfig {
         mesh,

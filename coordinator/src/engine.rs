@@ -3,6 +3,7 @@
 //! mesh) talk to it only through [`Coordinator`].
 
 use crate::planner::{self, Plan, RunContext, StepPlan};
+use crate::seal_queue::{SealQueue, SealTask, keep_log};
 use crate::sealer::{self, ShardSealed};
 use crate::state::{self, ArtifactInfo, RunRecord, ShardRecord, StepRecord, StepStatus};
 use crate::{Error, Result, Store, mirror};
@@ -291,6 +292,9 @@ const QUARANTINE_AFTER: usize = 10;
 /// How many recent results count.
 const RECENT: usize = 12;
 
+/// The most events handled between two write-behind rounds.
+const BURST: usize = 512;
+
 /// What sealing produced.
 #[derive(Debug)]
 pub enum SealedJob {
@@ -333,8 +337,14 @@ impl Coordinator {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
+        let seal_tx = tx.clone();
+        let sealer = SealQueue::start(Box::new(move |job, res| {
+            let _ = seal_tx.send(Event::Sealed(job, res));
+        }));
         let engine = Engine {
+            dirty_runs: Vec::new(),
             config,
+            sealer,
             granted: HashMap::new(),
             store,
             tx: tx.clone(),
@@ -590,8 +600,8 @@ struct Run {
     started_at: String,
     last_mirror: Option<Instant>,
     in_flight: usize,
-    /// While set, step writes are collected here and stored in one batch.
-    deferred: Option<Vec<usize>>,
+    /// Steps changed since the last write-behind round (see `Engine::flush_dirty`).
+    dirty: Vec<usize>,
     /// Steps not yet in a final state (kept by `set_status`, so finishing is O(1)).
     unfinished: usize,
 }
@@ -613,6 +623,9 @@ impl Run {
 
 struct Engine {
     store: Arc<dyn Store>,
+    /// Runs with step records waiting for the write-behind round.
+    dirty_runs: Vec<String>,
+    sealer: SealQueue,
     tx: mpsc::UnboundedSender<Event>,
     rx: mpsc::UnboundedReceiver<Event>,
     cancels: Arc<Mutex<HashMap<String, watch::Sender<bool>>>>,
@@ -660,11 +673,23 @@ fn tail(text: &str, max: usize) -> String {
 
 impl Engine {
     async fn run(mut self) {
-        while let Some(ev) = self.rx.recv().await {
+        'events: while let Some(ev) = self.rx.recv().await {
             if matches!(ev, Event::Shutdown) {
                 break;
             }
             self.handle(ev);
+            // Handle what else has queued, then write what changed once.
+            for _ in 0..BURST {
+                match self.rx.try_recv() {
+                    Ok(Event::Shutdown) => {
+                        self.flush_dirty();
+                        break 'events;
+                    }
+                    Ok(ev) => self.handle(ev),
+                    Err(_) => break,
+                }
+            }
+            self.flush_dirty();
         }
         for (_, w) in self.waiting.drain(..) {
             let _ = w.send(None);
@@ -837,7 +862,7 @@ impl Engine {
             started_at,
             last_mirror: None,
             in_flight: 0,
-            deferred: None,
+            dirty: Vec::new(),
             unfinished: n,
         };
         tracing::info!(run = %run_id, pipeline = %run.ctx.pipeline.name, steps = n, "run submitted");
@@ -918,27 +943,38 @@ impl Engine {
         self.persist(run_id, i);
     }
 
+    /// Marks a step record for the next write-behind round.
     fn persist(&mut self, run_id: &str, i: usize) {
         let Some(run) = self.runs.get_mut(run_id) else {
             return;
         };
-        if let Some(dirty) = &mut run.deferred {
-            dirty.push(i);
-            return;
+        if run.dirty.is_empty() {
+            self.dirty_runs.push(run_id.to_string());
         }
-        if let Err(e) = state::save_steps(
-            self.store.as_ref(),
-            &run.ctx.pipeline.name,
-            &[&run.records[i]],
-        ) {
-            tracing::error!(error = %format!("{e:#}"), run = %run_id, "saving step state");
-        }
-        // The mirror is rewritten whole: space the writes out as the pipeline grows
-        // (every 250 ms up to 1,000 steps, proportionally longer beyond).
-        let every = Duration::from_millis(250) * (run.records.len() / 1000).max(1) as u32;
-        let due = run.last_mirror.is_none_or(|t| t.elapsed() >= every);
-        if due {
-            write_mirror(run);
+        run.dirty.push(i);
+    }
+
+    /// Writes every step record changed since the last round, one batch per run, and
+    /// rewrites the mirrors that are due. Runs after each burst of events, so a busy
+    /// coordinator writes once per burst rather than once per change.
+    fn flush_dirty(&mut self) {
+        for run_id in std::mem::take(&mut self.dirty_runs) {
+            let Some(run) = self.runs.get_mut(&run_id) else {
+                continue;
+            };
+            let mut dirty = std::mem::take(&mut run.dirty);
+            dirty.sort_unstable();
+            dirty.dedup();
+            let recs: Vec<&StepRecord> = dirty.iter().map(|&i| &run.records[i]).collect();
+            if let Err(e) = state::save_steps(self.store.as_ref(), &run.ctx.pipeline.name, &recs) {
+                tracing::error!(error = %format!("{e:#}"), run = %run_id, "saving step state");
+            }
+            // The mirror is rewritten whole: space the writes out as the pipeline grows
+            // (every 250 ms up to 1,000 steps, proportionally longer beyond).
+            let every = Duration::from_millis(250) * (run.records.len() / 1000).max(1) as u32;
+            if run.last_mirror.is_none_or(|t| t.elapsed() >= every) {
+                write_mirror(run);
+            }
         }
     }
 
@@ -992,7 +1028,6 @@ impl Engine {
             return;
         };
         run.in_flight -= 1;
-        run.deferred = Some(Vec::new());
         // Every step stays busy while the batch is applied, so nothing is planned twice.
         for (i, plan) in plans {
             self.apply_plan(run_id, i, plan);
@@ -1000,15 +1035,8 @@ impl Engine {
         let Some(run) = self.runs.get_mut(run_id) else {
             return;
         };
-        if let Some(mut dirty) = run.deferred.take() {
-            dirty.sort_unstable();
-            dirty.dedup();
-            let recs: Vec<&StepRecord> = dirty.iter().map(|&i| &run.records[i]).collect();
-            if let Err(e) = state::save_steps(self.store.as_ref(), &run.ctx.pipeline.name, &recs) {
-                tracing::error!(error = %format!("{e:#}"), run = %run_id, "saving step state");
-            }
-            write_mirror(run);
-        }
+        // The whole prefix shows in the mirror at the next write-behind round.
+        run.last_mirror = None;
         run.busy.iter_mut().for_each(|b| *b = false);
         if run.cancelled {
             let pending: Vec<usize> = (0..run.records.len())
@@ -1572,26 +1600,17 @@ impl Engine {
                     return;
                 };
                 run.in_flight += 1;
-                let ctx = run.ctx.clone();
-                let tx = self.tx.clone();
-                let shard = job.shard;
-                let job_id = result.job_id.clone();
-                tokio::task::spawn_blocking(move || {
-                    keep_log(log_copy);
-                    let res = match shard {
-                        None => sealer::seal_step(&ctx, &plan, &result).map(SealedJob::Step),
-                        Some(k) => match plan.shards.as_ref().and_then(|u| u.get(k)) {
-                            Some(unit) => sealer::seal_shard(&ctx, &plan, unit, &result)
-                                .map(|x| SealedJob::Shard(Box::new(x))),
-                            None => Err(format!("no shard {k} in plan")),
-                        },
-                    };
-                    if let Some(staging) = &result.staging {
-                        // Outputs were moved into the artifact; drop what is left.
-                        let _ = nexa_shared::artifact::remove_tree(staging);
-                    }
-                    let _ = tx.send(Event::Sealed(job_id, res));
-                });
+                let task = SealTask {
+                    job_id: result.job_id.clone(),
+                    ctx: run.ctx.clone(),
+                    plan,
+                    shard: job.shard,
+                    result,
+                    log_copy,
+                };
+                if !self.sealer.push(task) {
+                    tracing::error!("the sealing thread is gone");
+                }
             }
             Outcome::Cancelled => {
                 cleanup_failed(log_copy, result.staging.clone());
@@ -1946,18 +1965,6 @@ impl Engine {
 }
 
 /// Keeps a job's log with the run state (`.nexa_state/<pipeline>/logs`).
-fn keep_log(copy: Option<(PathBuf, PathBuf)>) {
-    let Some((src, dest)) = copy else {
-        return;
-    };
-    if let Some(dir) = dest.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    if let Err(e) = std::fs::copy(&src, &dest) {
-        tracing::warn!(error = %e, log = %src.display(), "keeping the job log");
-    }
-}
-
 /// After a failed job: keep its log, drop what it staged (off the scheduler task).
 fn cleanup_failed(log: Option<(PathBuf, PathBuf)>, staging: Option<PathBuf>) {
     tokio::task::spawn_blocking(move || {

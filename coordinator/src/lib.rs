@@ -3,7 +3,8 @@
 //!
 //! Architecture invariant: exactly one task (the loop in [`engine`]) owns the scheduler's
 //! state; everything else talks to it by [`engine::Event`] messages. Blocking work
-//! (hashing, splitting, sealing) runs on the blocking pool and reports back as events.
+//! (hashing, splitting) runs on the blocking pool, sealing on one group-sealing thread
+//! ([`seal_queue`]); both report back as events.
 
 pub mod certs;
 pub mod engine;
@@ -11,6 +12,7 @@ pub mod error;
 pub mod mesh;
 pub mod mirror;
 pub mod planner;
+pub mod seal_queue;
 pub mod sealer;
 pub mod state;
 pub mod store;

@@ -121,42 +121,57 @@ fn worker_labels(labels: &mut BTreeMap<String, String>, result: &JobResult, outp
     labels.insert("attempt".into(), result.attempt.to_string());
 }
 
-/// Seals every output of an unsharded step from the job's staging directory.
-pub fn seal_step(
+/// One artifact staged at `<out>.tmp`, ready to seal.
+#[derive(Debug)]
+pub struct Staged {
+    /// The step's output name (empty for a shard).
+    pub output: String,
+    /// Where the artifact goes.
+    pub out: std::path::PathBuf,
+    /// Its meta.json contents and expected payload.
+    pub req: SealRequest,
+}
+
+/// Moves an unsharded step's outputs from the job's staging directory to `<out>.tmp`,
+/// one [`Staged`] per output.
+pub fn stage_step(
     ctx: &RunContext,
     plan: &StepPlan,
     result: &JobResult,
-) -> Result<BTreeMap<String, ArtifactInfo>, String> {
+) -> Result<Vec<Staged>, String> {
     check_output_names(plan, result)?;
     let staging = result
         .staging
         .as_deref()
         .ok_or("result carries no staged outputs")?;
     let step = &ctx.pipeline.steps[plan.step];
-    let mut sealed = BTreeMap::new();
+    let mut staged = Vec::new();
     for (name, out) in &plan.outputs {
         let tmp = artifact::tmp_path(out);
         move_dir(&staging.join(name), &tmp)?;
         let mut labels = ctx.labels(step, &plan.cache_key);
         worker_labels(&mut labels, result, name);
-        let req = SealRequest {
-            kind: plan.kind.clone(),
-            inputs: meta_inputs(plan),
-            labels,
-            expected: Some(expected_files(result, name, "")?),
-        };
-        sealed.insert(name.clone(), seal_output(ctx, out, req)?);
+        staged.push(Staged {
+            output: name.clone(),
+            out: out.clone(),
+            req: SealRequest {
+                kind: plan.kind.clone(),
+                inputs: meta_inputs(plan),
+                labels,
+                expected: Some(expected_files(result, name, "")?),
+            },
+        });
     }
-    Ok(sealed)
+    Ok(staged)
 }
 
-/// Seals one shard's outputs (`<output>/<files>`) under the shard's cache directory.
-pub fn seal_shard(
+/// Moves one shard's outputs (`<output>/<files>`) to `<shard dir>.tmp`.
+pub fn stage_shard(
     ctx: &RunContext,
     plan: &StepPlan,
     unit: &ShardUnit,
     result: &JobResult,
-) -> Result<ShardSealed, String> {
+) -> Result<Staged, String> {
     check_output_names(plan, result)?;
     let staging = result
         .staging
@@ -188,26 +203,30 @@ pub fn seal_shard(
             i.digest = unit.part.digest.clone();
         }
     }
-    let (meta, _) = artifact::seal(
-        &unit.dir,
-        SealRequest {
+    Ok(Staged {
+        output: String::new(),
+        out: unit.dir.clone(),
+        req: SealRequest {
             kind: "shard".into(),
             inputs,
             labels,
             expected: Some(expected),
         },
-    )
-    .map_err(|e| e.to_string())?;
-    Ok(ShardSealed {
+    })
+}
+
+/// What a sealed shard records, once its artifact is sealed.
+pub fn shard_sealed(unit: &ShardUnit, meta: &artifact::Meta, result: &JobResult) -> ShardSealed {
+    ShardSealed {
         index: unit.index,
         cache_key: unit.cache_key.clone(),
-        hash: meta.hash,
+        hash: meta.hash.clone(),
         records: unit.records,
         input_digest: unit.part.digest.clone(),
         worker: hex::encode(result.worker_key),
         signature: hex::encode(&result.signature),
         signed: Some(provenance::Signed::of(result)),
-    })
+    }
 }
 
 /// What a sealed shard directory says about itself (for shards reused from cache).

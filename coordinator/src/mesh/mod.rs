@@ -29,6 +29,9 @@ pub struct MeshConfig {
     pub max_upload_file: u64,
     /// How long one lease call may wait for work.
     pub max_lease_wait: Duration,
+    /// The largest control message (a submission: pipeline YAML plus the project files
+    /// sent inline). 64 MiB holds a 200,000-step pipeline.
+    pub max_submit_bytes: usize,
 }
 
 impl MeshConfig {
@@ -42,6 +45,7 @@ impl MeshConfig {
             lease_ttl: Duration::from_secs(6),
             max_upload_file: 64 << 30,
             max_lease_wait: Duration::from_secs(20),
+            max_submit_bytes: 64 << 20,
         }
     }
 }

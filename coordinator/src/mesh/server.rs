@@ -66,7 +66,7 @@ pub async fn serve(
         .add_service(worker_service(coord.clone(), cfg.mesh.clone()))
         .add_service(
             nexa_proto::v1::control_service_server::ControlServiceServer::new(control)
-                .max_decoding_message_size(16 << 20),
+                .max_decoding_message_size(cfg.mesh.max_submit_bytes),
         )
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),

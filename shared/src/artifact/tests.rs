@@ -150,3 +150,41 @@ fn a_payload_that_differs_from_the_manifest_is_refused() {
     );
     assert!(!out.exists() && !tmp_path(&out).exists());
 }
+
+#[test]
+fn a_group_seals_each_artifact_and_one_failure_spares_the_others() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let outs: Vec<PathBuf> = (0..5).map(|i| d.path().join(format!("a{i}"))).collect();
+    // a1 already holds an artifact that the group replaces.
+    stage(&outs[1], &[("x", "before")]);
+    seal(&outs[1], req("old")).expect("seal");
+    for (i, out) in outs.iter().enumerate() {
+        stage(out, &[("x", &format!("payload {i}"))]);
+    }
+    let mut reqs: Vec<(PathBuf, SealRequest)> =
+        outs.iter().map(|o| (o.clone(), req("k"))).collect();
+    // a3 claims a file it did not upload.
+    reqs[3].1.expected = Some(vec![digest::FileEntry {
+        path: "y".into(),
+        size: 1,
+        digest: digest::format(&blake3::hash(b"y")),
+    }]);
+    let results = seal_group(reqs);
+    assert_eq!(results.len(), 5);
+    for (i, (r, out)) in results.iter().zip(&outs).enumerate() {
+        if i == 3 {
+            let e = r.as_ref().expect_err("a3 is refused");
+            assert!(e.to_string().contains("signed manifest"), "{e}");
+            assert!(!out.exists() && !tmp_path(out).exists());
+            continue;
+        }
+        let (meta, _) = r.as_ref().expect("sealed");
+        assert!(is_complete(out));
+        assert_eq!(verify(out).expect("verify").hash, meta.hash);
+        assert_eq!(
+            fs::read_to_string(out.join("x")).expect("read"),
+            format!("payload {i}")
+        );
+        assert!(!tmp_path(out).exists() && !old_path(out).exists());
+    }
+}

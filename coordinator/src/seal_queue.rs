@@ -1,0 +1,206 @@
+//! Group sealing. Verified results queue here and one thread seals whatever has queued
+//! since its last round as a group ([`artifact::seal_group`]): the artifact protocol's
+//! three durability points (payload, rename, `COMPLETE`) are then flushed once per group
+//! instead of once per artifact. An idle coordinator seals a lone result at once, with
+//! targeted fsyncs; a busy one makes larger groups on its own.
+
+use crate::engine::SealedJob;
+use crate::planner::{RunContext, StepPlan};
+use crate::sealer::{self, Staged};
+use crate::state::ArtifactInfo;
+use nexa_shared::artifact;
+use nexa_shared::job::JobResult;
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc;
+
+/// The most results sealed in one group.
+const MAX_GROUP: usize = 1024;
+
+/// One verified result to seal.
+#[derive(Debug)]
+pub struct SealTask {
+    /// The job it answers.
+    pub job_id: String,
+    /// Its run.
+    pub ctx: Arc<RunContext>,
+    /// Its step's plan.
+    pub plan: Arc<StepPlan>,
+    /// The shard, for a sharded step.
+    pub shard: Option<usize>,
+    /// The verified result, with its staging directory.
+    pub result: JobResult,
+    /// The job log to keep: (staged log, destination).
+    pub log_copy: Option<(PathBuf, PathBuf)>,
+}
+
+impl SealTask {
+    /// The artifact directories this task will write.
+    fn outs(&self) -> Vec<PathBuf> {
+        match self.shard {
+            None => self.plan.outputs.values().cloned().collect(),
+            Some(k) => self
+                .plan
+                .shards
+                .as_ref()
+                .and_then(|u| u.get(k))
+                .map(|u| vec![u.dir.clone()])
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Called with each task's outcome, in the order the tasks were sealed.
+pub type Done = Box<dyn Fn(String, Result<SealedJob, String>) + Send>;
+
+/// The queue in front of the sealing thread; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct SealQueue {
+    tx: mpsc::Sender<SealTask>,
+}
+
+impl SealQueue {
+    /// Starts the sealing thread; it ends when every handle is dropped. Like
+    /// `std::thread::spawn`, panics only when the OS cannot start a thread.
+    pub fn start(done: Done) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("nexa-sealer".into())
+            .spawn(move || run(&rx, &done));
+        if let Err(e) = spawned {
+            panic!("starting the sealing thread: {e}");
+        }
+        Self { tx }
+    }
+
+    /// Queues a task; false when the sealing thread is gone.
+    pub fn push(&self, task: SealTask) -> bool {
+        self.tx.send(task).is_ok()
+    }
+}
+
+fn run(rx: &mpsc::Receiver<SealTask>, done: &Done) {
+    let mut deferred: VecDeque<SealTask> = VecDeque::new();
+    loop {
+        let first = match deferred.pop_front() {
+            Some(t) => t,
+            None => match rx.recv() {
+                Ok(t) => t,
+                Err(_) => return,
+            },
+        };
+        let mut taken: HashSet<PathBuf> = first.outs().into_iter().collect();
+        let mut group = vec![first];
+        let mut later = VecDeque::new();
+        while group.len() < MAX_GROUP {
+            let Some(t) = deferred.pop_front().or_else(|| rx.try_recv().ok()) else {
+                break;
+            };
+            // Two results for one artifact directory never share a group.
+            let outs = t.outs();
+            if outs.iter().any(|o| taken.contains(o)) {
+                later.push_back(t);
+            } else {
+                taken.extend(outs);
+                group.push(t);
+            }
+        }
+        later.extend(deferred.drain(..));
+        deferred = later;
+        seal_tasks(group, done);
+    }
+}
+
+/// Stages every task, seals all their artifacts as one group, reports each task.
+fn seal_tasks(group: Vec<SealTask>, done: &Done) {
+    let mut staged: Vec<Result<Vec<Staged>, String>> = Vec::with_capacity(group.len());
+    let mut requests = Vec::new();
+    for t in &group {
+        keep_log(t.log_copy.clone());
+        let s = match t.shard {
+            None => sealer::stage_step(&t.ctx, &t.plan, &t.result),
+            Some(k) => match t.plan.shards.as_ref().and_then(|u| u.get(k)) {
+                Some(unit) => {
+                    sealer::stage_shard(&t.ctx, &t.plan, unit, &t.result).map(|s| vec![s])
+                }
+                None => Err(format!("no shard {k} in plan")),
+            },
+        };
+        if let Ok(list) = &s {
+            requests.extend(list.iter().map(|x| (x.out.clone(), x.req.clone())));
+        }
+        staged.push(s);
+    }
+    let mut sealed = artifact::seal_group(requests).into_iter();
+    for (t, s) in group.into_iter().zip(staged) {
+        let res = s.and_then(|list| {
+            let mut metas = Vec::with_capacity(list.len());
+            let mut first_err = None;
+            for x in list {
+                match sealed.next() {
+                    Some(Ok((meta, _))) => metas.push((x, meta)),
+                    Some(Err(e)) => {
+                        first_err.get_or_insert(e.to_string());
+                    }
+                    None => {
+                        first_err.get_or_insert("the group lost a result".to_string());
+                    }
+                }
+            }
+            if let Some(e) = first_err {
+                return Err(e);
+            }
+            finish(&t, metas)
+        });
+        if let Some(staging) = &t.result.staging {
+            // Outputs were moved into the artifact; drop what is left.
+            let _ = artifact::remove_tree(staging);
+        }
+        done(t.job_id, res);
+    }
+}
+
+/// What the engine records for a sealed task.
+fn finish(t: &SealTask, metas: Vec<(Staged, artifact::Meta)>) -> Result<SealedJob, String> {
+    match t.shard {
+        None => Ok(SealedJob::Step(
+            metas
+                .into_iter()
+                .map(|(x, meta)| {
+                    let info = ArtifactInfo {
+                        path: t.ctx.rel(&x.out),
+                        hash: meta.hash,
+                        bytes: meta.bytes,
+                    };
+                    (x.output, info)
+                })
+                .collect::<BTreeMap<_, _>>(),
+        )),
+        Some(k) => {
+            let unit = t
+                .plan
+                .shards
+                .as_ref()
+                .and_then(|u| u.get(k))
+                .ok_or_else(|| format!("no shard {k} in plan"))?;
+            let (_, meta) = metas.first().ok_or("the shard sealed nothing")?;
+            Ok(SealedJob::Shard(Box::new(sealer::shard_sealed(
+                unit, meta, &t.result,
+            ))))
+        }
+    }
+}
+
+/// Copies a job's log next to the run's state.
+pub fn keep_log(copy: Option<(PathBuf, PathBuf)>) {
+    let Some((src, dest)) = copy else {
+        return;
+    };
+    if let Some(dir) = dest.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if let Err(e) = std::fs::copy(&src, &dest) {
+        tracing::warn!(error = %e, log = %src.display(), "keeping the job log");
+    }
+}
