@@ -179,7 +179,9 @@ pub enum Event {
     /// The grace period of a step no worker could run is over.
     UnfitCheck(String, usize),
     /// A worker reports a job.
-    Report(String, Box<JobResult>),
+    /// A result and the verdict on its signature against the worker's enrolled key,
+    /// checked by the caller so that the loop never spends time on curve arithmetic.
+    Report(String, Box<JobResult>, std::result::Result<(), String>),
     /// Planning of a step finished.
     Planned(String, usize, Plan),
     /// The first planning pass over a run finished.
@@ -309,6 +311,8 @@ pub enum SealedJob {
 pub struct Coordinator {
     tx: mpsc::UnboundedSender<Event>,
     cancels: Arc<Mutex<HashMap<String, watch::Sender<bool>>>>,
+    /// Enrolled workers' public keys, for checking result signatures off the loop.
+    keys: Arc<std::sync::RwLock<HashMap<String, [u8; 32]>>>,
 }
 
 impl Coordinator {
@@ -359,7 +363,8 @@ impl Coordinator {
             refusals: Refusals::default(),
         };
         let handle = tokio::spawn(engine.run());
-        (Coordinator { tx, cancels }, handle)
+        let keys = Arc::new(std::sync::RwLock::new(HashMap::new()));
+        (Coordinator { tx, cancels, keys }, handle)
     }
 
     fn send(&self, e: Event) -> Result<()> {
@@ -375,6 +380,10 @@ impl Coordinator {
 
     /// Enrols a worker under `id`.
     pub fn register_worker(&self, id: &str, info: WorkerInfo) -> Result<()> {
+        self.keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), info.key);
         self.send(Event::RegisterWorker(id.to_string(), Box::new(info)))
     }
 
@@ -403,9 +412,20 @@ impl Coordinator {
         rx.await.map_err(|_| Error::ShutDown)
     }
 
-    /// Reports a job result.
+    /// Reports a job result. The signature is checked here, on the caller's thread,
+    /// against the key the worker enrolled with; the loop acts on the verdict.
     pub fn report(&self, worker: &str, result: JobResult) -> Result<()> {
-        self.send(Event::Report(worker.to_string(), Box::new(result)))
+        let key = self
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(worker)
+            .copied();
+        let verdict = match key {
+            None => Err("worker is not enrolled".to_string()),
+            Some(key) => signing::verify_result(&key, &result).map_err(|e| e.to_string()),
+        };
+        self.send(Event::Report(worker.to_string(), Box::new(result), verdict))
     }
 
     /// Cancels a run: queued jobs are dropped, running ones killed, state saved.
@@ -728,7 +748,7 @@ impl Engine {
                 self.waiting.push_back((worker, reply));
                 self.dispatch();
             }
-            Event::Report(worker, result) => self.on_report(&worker, *result),
+            Event::Report(worker, result, verdict) => self.on_report(&worker, *result, verdict),
             Event::Planned(run, step, plan) => self.on_planned(&run, step, plan),
             Event::PlannedBatch(run, plans) => self.on_planned_batch(&run, plans),
             Event::Sealed(job, res) => self.on_sealed(&job, res),
@@ -1524,7 +1544,12 @@ impl Engine {
         self.dispatch();
     }
 
-    fn on_report(&mut self, worker: &str, result: JobResult) {
+    fn on_report(
+        &mut self,
+        worker: &str,
+        result: JobResult,
+        verdict: std::result::Result<(), String>,
+    ) {
         let Some(job) = self.jobs.get_mut(&result.job_id) else {
             self.refusals.stale += 1;
             tracing::warn!(job = %result.job_id, worker, "refused result for an unknown or finished job");
@@ -1543,6 +1568,11 @@ impl Engine {
         let enrolled = self.workers.get(worker).map(|w| (w.info.key, w.admin));
         let verified = match enrolled {
             None => Err("worker is not enrolled".to_string()),
+            // The verdict was reached against the enrolled key (see `Coordinator::report`);
+            // a worker that re-enrolled with another key since has another id.
+            Some((key, _)) if key != result.worker_key => {
+                Err("result was not signed with the enrolled key".to_string())
+            }
             Some((_, AdminState::Ban)) => {
                 self.refusals.banned += 1;
                 tracing::warn!(job = %result.job_id, worker, "refused result from a banned worker");
@@ -1553,7 +1583,7 @@ impl Engine {
                 );
                 return;
             }
-            Some((key, _)) => signing::verify_result(&key, &result).map_err(|e| e.to_string()),
+            Some(_) => verdict,
         };
         if let Err(e) = verified {
             self.refusals.signature += 1;
