@@ -606,9 +606,10 @@ async fn workers(
             .iter()
             .map(|g| {
                 format!(
-                    "{} ({})",
+                    "{} ({}, {} free)",
                     g.name,
-                    nexa_shared::units::format_size(g.memory_total)
+                    nexa_shared::units::format_size(g.memory_total),
+                    nexa_shared::units::format_size(g.memory_free)
                 )
             })
             .collect();

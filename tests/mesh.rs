@@ -608,3 +608,138 @@ fn banned_and_drained_workers_get_no_new_work() {
         a.public_key()
     );
 }
+
+#[test]
+fn a_worker_that_stalls_briefly_keeps_its_lease_and_one_that_stalls_too_long_loses_it() {
+    let p = Project::new();
+    // Heartbeats every 300 ms; a lease lives three of them (900 ms).
+    let coord = Coord::open(&p.path().join("coord"));
+    let url = coord.url("http");
+    let w = Worker::start(&url, &p.path().join("w"), 1, None, &[]);
+    wait_workers(&p, &coord, 1);
+    let pipeline = |name: &str, first_sleep: u32| {
+        let log = p.path().join(format!("{name}.log"));
+        p.write(
+            &format!("{name}.yaml"),
+            &format!(
+                "pipeline:\n  name: {name}\n  steps:\n    - id: s\n      uses: exec\n      params: {{run: 'echo $NEXA_ATTEMPT >> {log}; [ \"$NEXA_ATTEMPT\" = 1 ] && sleep {first_sleep}; echo ok > \"$NEXA_OUT/x\"'}}\n      out: artifacts/s\n",
+                log = log.display()
+            ),
+        );
+    };
+
+    // One late heartbeat (the process frozen for 550 ms, under the 900 ms ttl): the
+    // worker is not declared dead and the job completes on its first attempt.
+    pipeline("brief", 3);
+    let client = remote(&p, &coord, &["pipeline", "run", "brief.yaml"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("client");
+    wait_for("the first attempt", Duration::from_secs(20), || {
+        p.read("brief.log").contains('1')
+    });
+    w.freeze(Duration::from_millis(550));
+    let out = client.wait_with_output().expect("client");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(p.read("brief.log").lines().collect::<Vec<_>>(), ["1"]);
+    assert_eq!(coord.refusals(&p).get("lease_expired"), Some(&0));
+    assert!(coord.workers(&p).iter().all(|w| w["state"] == "active"));
+
+    // Frozen for 2.5 s, well past the ttl: the lease expires and the job is requeued
+    // (here to the same worker, the only one, once it is back). The stalled attempt's
+    // late result is refused as coming from an old generation, and counted.
+    pipeline("long", 6);
+    let client = remote(&p, &coord, &["pipeline", "run", "long.yaml"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("client");
+    wait_for("the first attempt", Duration::from_secs(20), || {
+        p.read("long.log").contains('1')
+    });
+    w.freeze(Duration::from_millis(2500));
+    let out = client.wait_with_output().expect("client");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(p.read("long.log").lines().collect::<Vec<_>>(), ["1", "2"]);
+    let refused = coord.refusals(&p);
+    assert_eq!(refused.get("lease_expired"), Some(&1), "{refused:?}");
+    wait_for(
+        "the stale result to be refused",
+        Duration::from_secs(10),
+        || {
+            coord
+                .refusals(&p)
+                .get("stale_generation")
+                .copied()
+                .unwrap_or(0)
+                >= 1
+        },
+    );
+    let st = remote_status(&p, &coord, "long.yaml");
+    assert_eq!(step(&st, "s")["status"], "COMPLETE");
+}
+
+#[test]
+fn refreshed_profiles_keep_free_gpu_memory_current_for_scheduling() {
+    let p = Project::new();
+    // Heartbeats every 100 ms; the worker re-reads its hardware every 15th (1.5 s).
+    let coord = Coord::start(
+        &p.path().join("coord"),
+        "127.0.0.1:0",
+        &["--open-enrolment", "--heartbeat-ms", "100"],
+    );
+    let url = coord.url("http");
+    let gpus_file = p.path().join("gpus.json");
+    let write_gpus = |free_gib: u64| {
+        let mut g = fake_gpu(0, "GPU-l4", "Fake L4", 24, (8, 9));
+        g["memory_free"] = serde_json::json!(free_gib << 30);
+        std::fs::write(&gpus_file, serde_json::json!([g]).to_string()).expect("gpus file");
+    };
+    write_gpus(24);
+    let _w = Worker::start(
+        &url,
+        &p.path().join("w"),
+        1,
+        Some(&format!("@{}", gpus_file.display())),
+        &[],
+    );
+    wait_workers(&p, &coord, 1);
+    let free_gib = || {
+        coord.workers(&p)[0]["profile"]["gpus"][0]["memory_free"]
+            .as_u64()
+            .unwrap_or(0)
+            >> 30
+    };
+    assert_eq!(free_gib(), 24);
+    // Someone else's process takes 22 GiB of the GPU: the next refresh shows it.
+    write_gpus(2);
+    wait_for("the refreshed profile", Duration::from_secs(10), || {
+        free_gib() == 2
+    });
+    p.write(
+        "g.yaml",
+        "pipeline:\n  name: fresh\n  steps:\n    - id: g\n      uses: exec\n      resources: {gpus: 1, gpu_memory: 8GiB}\n      params: {run: 'echo \"$CUDA_VISIBLE_DEVICES\" > \"$NEXA_OUT/gpu\"'}\n      out: artifacts/g\n",
+    );
+    let client = remote(&p, &coord, &["pipeline", "run", "g.yaml"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("client");
+    // The step could run on this GPU (24 GiB), so it waits instead of failing, but it
+    // is not given a GPU with 2 GiB free.
+    std::thread::sleep(Duration::from_secs(4));
+    let st = remote_status(&p, &coord, "g.yaml");
+    assert_ne!(step(&st, "g")["status"], "COMPLETE", "{st}");
+    assert_ne!(step(&st, "g")["status"], "FAILED", "{st}");
+    // The other process ends: the next refresh frees the GPU and the step runs.
+    write_gpus(24);
+    let out = client.wait_with_output().expect("client");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        std::fs::read_to_string(coord.data.join("projects/fresh/artifacts/g/gpu"))
+            .unwrap_or_default()
+            .trim(),
+        "GPU-l4"
+    );
+}

@@ -513,6 +513,9 @@ struct Alloc {
 struct WorkerState {
     info: WorkerInfo,
     alloc: HashMap<String, Alloc>,
+    /// GPUs handed to jobs since the last profile refresh: their reported free memory
+    /// may show our own job, which the exclusive reservation already accounts for.
+    touched_gpus: std::collections::BTreeSet<usize>,
     last_seen: Instant,
     lost: bool,
     admin: AdminState,
@@ -528,6 +531,7 @@ impl WorkerState {
         Self {
             info,
             alloc: HashMap::new(),
+            touched_gpus: Default::default(),
             last_seen: Instant::now(),
             lost: false,
             admin: AdminState::Active,
@@ -537,6 +541,24 @@ impl WorkerState {
             recent: VecDeque::new(),
             throttled_until: None,
         }
+    }
+
+    /// Takes a freshly read profile. Free GPU memory is trusted only for GPUs no job of
+    /// ours held since the last refresh; ours count as wholly free (they are reserved
+    /// whole, and the reading may include our own job's use).
+    fn refresh_profile(&mut self, mut p: Profile) {
+        let ours: std::collections::BTreeSet<usize> = self
+            .alloc
+            .values()
+            .flat_map(|a| a.gpus.iter().copied())
+            .collect();
+        for &g in self.touched_gpus.iter().chain(&ours) {
+            if let Some(gpu) = p.gpus.get_mut(g) {
+                gpu.memory_free = gpu.memory_total;
+            }
+        }
+        self.touched_gpus = ours;
+        self.info.profile = p;
     }
 
     fn quarantined(&self) -> bool {
@@ -1354,6 +1376,7 @@ impl Engine {
                 gpus,
             };
             if let Some(w) = w {
+                w.touched_gpus.extend(gpu_idx.iter().copied());
                 w.alloc.insert(
                     job_id.clone(),
                     Alloc {
@@ -1480,7 +1503,7 @@ impl Engine {
             w.lost = false;
         }
         if let Some(p) = profile {
-            w.info.profile = *p;
+            w.refresh_profile(*p);
         }
         let mut cancel = Vec::new();
         for (job_id, generation) in running {
@@ -2029,6 +2052,54 @@ mod tests {
             profile: Profile::default(),
             slots: 1,
         })
+    }
+
+    #[test]
+    fn refreshed_free_gpu_memory_is_trusted_only_for_gpus_we_did_not_hold() {
+        const GIB: u64 = 1 << 30;
+        let gpu = |i: u32, free: u64| nexa_shared::hardware::Gpu {
+            index: i,
+            uuid: format!("GPU-{i}"),
+            name: "g".into(),
+            memory_total: 24 * GIB,
+            memory_free: free * GIB,
+            compute_capability: (8, 9),
+            mig_enabled: false,
+        };
+        let reading = |a: u64, b: u64| Profile {
+            gpus: vec![gpu(0, a), gpu(1, b)],
+            ..Profile::default()
+        };
+        let mut w = worker();
+        w.refresh_profile(reading(24, 24));
+        // Our job holds GPU 0; the reading shows its memory in use, and GPU 1 held by
+        // someone else.
+        w.touched_gpus.insert(0);
+        w.alloc.insert(
+            "j".into(),
+            Alloc {
+                cpus: 1,
+                memory: 0,
+                gpus: vec![0],
+            },
+        );
+        w.refresh_profile(reading(1, 3));
+        let free = |w: &WorkerState| {
+            w.info
+                .profile
+                .gpus
+                .iter()
+                .map(|g| g.memory_free / GIB)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(free(&w), [24, 3]);
+        // The job ended just before the next reading, which may still show its memory.
+        w.alloc.clear();
+        w.refresh_profile(reading(1, 3));
+        assert_eq!(free(&w), [24, 3]);
+        // From then on the reading is trusted for GPU 0 as well.
+        w.refresh_profile(reading(5, 24));
+        assert_eq!(free(&w), [5, 24]);
     }
 
     #[test]

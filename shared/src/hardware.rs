@@ -89,7 +89,13 @@ impl From<&Resources> for Requirements {
 }
 
 impl Requirements {
-    /// True when this GPU can serve the job.
+    /// True when this GPU can serve the job now: it fits ([`Requirements::gpu_ok`]) and
+    /// its last reported free memory holds the job's need.
+    pub fn gpu_usable_now(&self, g: &Gpu) -> bool {
+        self.gpu_ok(g) && g.memory_free >= self.gpu_memory
+    }
+
+    /// True when this GPU could ever serve the job (by its total memory).
     pub fn gpu_ok(&self, g: &Gpu) -> bool {
         g.memory_total >= self.gpu_memory
             && self
@@ -135,11 +141,18 @@ pub fn assign(req: &Requirements, free: &[Free<'_>]) -> Option<Assignment> {
         if f.slots < req.cpus.max(1) || f.memory < req.memory || !labels_ok(req, f.profile) {
             continue;
         }
+        // A GPU that fits must also have the memory free now: someone else's process
+        // may be holding it (the profile's free memory is refreshed on the session).
         let mut usable: Vec<usize> = f
             .free_gpus
             .iter()
             .copied()
-            .filter(|&g| f.profile.gpus.get(g).is_some_and(|gpu| req.gpu_ok(gpu)))
+            .filter(|&g| {
+                f.profile
+                    .gpus
+                    .get(g)
+                    .is_some_and(|gpu| req.gpu_usable_now(gpu))
+            })
             .collect();
         if usable.len() < req.gpus as usize {
             continue;
@@ -366,7 +379,14 @@ mod tests {
     }
 
     fn arb_gpu() -> impl Strategy<Value = Gpu> {
-        (0u32..8, 1u64..100, 5u32..10, 0u32..10).prop_map(|(i, m, a, b)| gpu(i, m, (a, b)))
+        (0u32..8, 1u64..100, 5u32..10, 0u32..10, 0u64..=100).prop_map(|(i, m, a, b, pct)| {
+            let mut g = gpu(i, m, (a, b));
+            // Often all free, sometimes partly held by another process.
+            if pct < 60 {
+                g.memory_free = g.memory_total / 100 * pct;
+            }
+            g
+        })
     }
 
     proptest! {
@@ -381,7 +401,7 @@ mod tests {
             }).collect();
             let req = Requirements { cpus, memory: 0, gpus, gpu_memory: gpu_mem * GIB, compute_capability: cc, labels: BTreeMap::new() };
             let feasible: Vec<usize> = (0..free.len()).filter(|&w| {
-                free[w].slots >= cpus.max(1) && free[w].profile.gpus.iter().filter(|g| req.gpu_ok(g)).count() >= gpus as usize
+                free[w].slots >= cpus.max(1) && free[w].profile.gpus.iter().filter(|g| req.gpu_usable_now(g)).count() >= gpus as usize
             }).collect();
             match assign(&req, &free) {
                 None => prop_assert!(feasible.is_empty(), "a feasible worker was missed"),
@@ -391,10 +411,10 @@ mod tests {
                     let mut seen = a.gpus.clone(); seen.sort(); seen.dedup();
                     prop_assert_eq!(seen.len(), a.gpus.len(), "a GPU assigned twice");
                     let p = free[a.worker].profile;
-                    for &g in &a.gpus { prop_assert!(req.gpu_ok(&p.gpus[g])); }
+                    for &g in &a.gpus { prop_assert!(req.gpu_usable_now(&p.gpus[g])); }
                     // Best fit: no feasible worker offers less total GPU memory.
                     let mem = |w: usize| -> u64 {
-                        let mut m: Vec<u64> = free[w].profile.gpus.iter().filter(|g| req.gpu_ok(g)).map(|g| g.memory_total).collect();
+                        let mut m: Vec<u64> = free[w].profile.gpus.iter().filter(|g| req.gpu_usable_now(g)).map(|g| g.memory_total).collect();
                         m.sort(); m.into_iter().take(gpus as usize).sum()
                     };
                     let chosen: u64 = a.gpus.iter().map(|&g| p.gpus[g].memory_total).sum();

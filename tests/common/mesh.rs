@@ -68,14 +68,12 @@ impl Coord {
         let mut child = Command::new(bin("nexa-coordinator"))
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data)
-            .args([
-                "--operator-token",
-                "op-token",
-                "--heartbeat-ms",
-                "300",
-                "--unfit-grace-s",
-                "2",
-            ])
+            .args(["--operator-token", "op-token", "--unfit-grace-s", "2"])
+            .args(if extra.contains(&"--heartbeat-ms") {
+                &[][..]
+            } else {
+                &["--heartbeat-ms", "300"][..]
+            })
             .args(extra)
             .env("NEXA_LOG", "info")
             .stdout(Stdio::piped())
@@ -103,6 +101,44 @@ impl Coord {
             addr,
             data: data.to_path_buf(),
         }
+    }
+
+    /// The operator's view of the workers (`nexa workers --json`).
+    pub fn workers(&self, p: &super::Project) -> Vec<serde_json::Value> {
+        let url = self.url("http");
+        let out = p
+            .cmd(&[
+                "--coordinator",
+                &url,
+                "--token",
+                "op-token",
+                "workers",
+                "--json",
+            ])
+            .output()
+            .expect("nexa workers");
+        assert!(out.status.success(), "{}", super::text(&out));
+        serde_json::from_slice(&out.stdout).expect("workers json")
+    }
+
+    /// The refusal counters `nexa workers` prints (`refused or expired: stale=1 ...`).
+    pub fn refusals(&self, p: &super::Project) -> std::collections::BTreeMap<String, u64> {
+        let url = self.url("http");
+        let out = p
+            .cmd(&["--coordinator", &url, "--token", "op-token", "workers"])
+            .output()
+            .expect("nexa workers");
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("refused or expired: "))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect()
     }
 
     /// A coordinator on any free port that lets any worker enrol.
@@ -196,6 +232,15 @@ impl Worker {
     pub fn sigkill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Freezes the worker process (not its jobs, which run in their own process groups)
+    /// for `d`, as a stalled event loop or a laptop lid would.
+    pub fn freeze(&self, d: Duration) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+        std::thread::sleep(d);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
     }
 }
 

@@ -128,14 +128,24 @@ fn gpus(p: &mut Profile) {
     }
 }
 
-/// Test builds only: `NEXA_FAKE_GPUS` (a JSON list of GPUs) replaces what NVML found,
-/// so the scheduler can be tested on machines without GPUs. The `fake-gpus` feature is
-/// enabled only by this workspace's dev-dependencies; release builds cannot switch it on.
+/// Test builds only: `NEXA_FAKE_GPUS` (a JSON list of GPUs, or `@FILE` holding one, read
+/// again on every profile refresh) replaces what NVML found, so the scheduler can be
+/// tested on machines without GPUs. The `fake-gpus` feature is enabled only by this
+/// workspace's dev-dependencies; release builds cannot switch it on.
 #[cfg(feature = "fake-gpus")]
 fn fake_gpus(p: &mut Profile) {
-    let Ok(text) = std::env::var("NEXA_FAKE_GPUS") else {
+    let Ok(mut text) = std::env::var("NEXA_FAKE_GPUS") else {
         return;
     };
+    if let Some(file) = text.strip_prefix('@') {
+        match std::fs::read_to_string(file) {
+            Ok(t) => text = t,
+            Err(e) => {
+                tracing::error!(error = %e, file, "reading NEXA_FAKE_GPUS");
+                return;
+            }
+        }
+    }
     match serde_json::from_str::<Vec<Gpu>>(&text) {
         Ok(gpus) => {
             p.gpu_note = Some(format!(

@@ -32,8 +32,21 @@ pub struct WorkerApi {
     cfg: MeshConfig,
     nonces: Mutex<HashMap<[u8; 32], IssuedChallenge>>,
     sessions: Mutex<HashMap<String, String>>,
-    served: Mutex<HashMap<String, (PathBuf, bool)>>,
+    served: Mutex<HashMap<String, Served>>,
 }
+
+/// An input a lease named, so that its worker may fetch it by digest.
+#[derive(Debug, Clone)]
+struct Served {
+    path: PathBuf,
+    is_dir: bool,
+    /// When a lease last named it.
+    at: Instant,
+}
+
+/// How many inputs are kept fetchable before the least recently leased are forgotten
+/// (a forgotten input is fetchable again as soon as another lease names it).
+const MAX_SERVED: usize = 65_536;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -89,6 +102,15 @@ impl WorkerApi {
                 "{}-g{generation}",
                 paths::safe_component(&job_id.replace('/', "_"))
             ))
+    }
+}
+
+/// Keeps the `keep` most recently leased inputs.
+fn forget_oldest(served: &mut HashMap<String, Served>, keep: usize) {
+    let mut ages: Vec<Instant> = served.values().map(|s| s.at).collect();
+    ages.sort_unstable_by(|a, b| b.cmp(a));
+    if let Some(&cutoff) = ages.get(keep) {
+        served.retain(|_, s| s.at > cutoff);
     }
 }
 
@@ -231,8 +253,19 @@ impl WorkerService for WorkerApi {
         };
         {
             let mut served = lock(&self.served);
+            let now = Instant::now();
             for i in &lease.job.inputs {
-                served.insert(i.digest.clone(), (i.source.clone(), i.is_dir));
+                served.insert(
+                    i.digest.clone(),
+                    Served {
+                        path: i.source.clone(),
+                        is_dir: i.is_dir,
+                        at: now,
+                    },
+                );
+            }
+            if served.len() > MAX_SERVED {
+                forget_oldest(&mut served, MAX_SERVED / 2);
             }
         }
         Ok(Response::new(v1::LeaseResponse {
@@ -371,7 +404,7 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<Self::FetchStream>, Status> {
         self.worker(&req)?;
         let digest = req.into_inner().digest;
-        let (path, is_dir) = lock(&self.served)
+        let Served { path, is_dir, .. } = lock(&self.served)
             .get(&digest)
             .cloned()
             .ok_or_else(|| Status::not_found(format!("no input {digest} is being served")))?;
@@ -443,5 +476,30 @@ pub(super) fn stream_file(
             return true;
         }
         offset += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_served_inputs_stay_bounded_and_keep_the_most_recent() {
+        let mut served = HashMap::new();
+        let t0 = Instant::now();
+        for i in 0..10u64 {
+            served.insert(
+                format!("d{i}"),
+                Served {
+                    path: PathBuf::from(format!("/in/{i}")),
+                    is_dir: false,
+                    at: t0 + Duration::from_millis(i),
+                },
+            );
+        }
+        forget_oldest(&mut served, 4);
+        let mut left: Vec<&String> = served.keys().collect();
+        left.sort();
+        assert_eq!(left, ["d6", "d7", "d8", "d9"]);
     }
 }
