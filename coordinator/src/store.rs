@@ -50,6 +50,9 @@ impl SledStore {
         let db = sled::Config::new()
             .path(path)
             .mode(sled::Mode::HighThroughput)
+            // sled's default page cache is 1 GiB; step records are small and read back
+            // only on resume.
+            .cache_capacity(64 << 20)
             .open()
             .map_err(|e| match e {
                 sled::Error::Io(io)
