@@ -554,23 +554,46 @@ fn the_real_worker_never_honours_fake_gpus() {
 #[test]
 fn banned_and_drained_workers_get_no_new_work() {
     let p = Project::new();
-    let coord = Coord::open(&p.path().join("coord"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let data = p.path().join("coord");
+    let mut coord = Coord::start(&data, &listen, &["--open-enrolment"]);
     let url = coord.url("http");
     let a = Worker::start(&url, &p.path().join("a"), 2, None, &[]);
     let b = Worker::start(&url, &p.path().join("b"), 2, None, &[]);
     wait_workers(&p, &coord, 2);
-    let id_of = |w: &Worker| -> String {
+    let id_of = |coord: &Coord, w: &Worker| -> String {
         let key = w.public_key();
-        workers_json(&p, &coord)
+        workers_json(&p, coord)
             .into_iter()
             .find(|x| x["public_key"] == key)
             .and_then(|x| x["id"].as_str().map(str::to_string))
             .expect("worker listed")
     };
-    let out = remote(&p, &coord, &["workers", "--ban", &id_of(&a)])
+    let out = remote(&p, &coord, &["workers", "--ban", &id_of(&coord, &a)])
         .output()
         .expect("ban");
     assert!(out.status.success(), "{}", text(&out));
+    // The ban is stored: it survives a coordinator SIGKILL and the worker's re-enrolment.
+    coord.sigkill();
+    let coord = Coord::start(&data, &listen, &["--open-enrolment"]);
+    let enrolments = |w: &Worker| w.log().matches("enrolled").count();
+    wait_for(
+        "both workers to enrol again",
+        Duration::from_secs(30),
+        || enrolments(&a) >= 2 && enrolments(&b) >= 2,
+    );
+    let ws = workers_json(&p, &coord);
+    let state_of = |key: &str| {
+        ws.iter()
+            .find(|x| x["public_key"] == key)
+            .map(|x| x["state"].clone())
+    };
+    assert_eq!(state_of(&a.public_key()), Some("banned".into()), "{ws:?}");
+    assert_eq!(state_of(&b.public_key()), Some("active".into()), "{ws:?}");
     p.write(
         "b.yaml",
         &numbered_pipeline("banned", 4, true, |i| format!("echo {i} > \"$NEXA_OUT/n\"")),
@@ -593,7 +616,13 @@ fn banned_and_drained_workers_get_no_new_work() {
     let out = remote(
         &p,
         &coord,
-        &["workers", "--drain", &id_of(&b), "--activate", &id_of(&a)],
+        &[
+            "workers",
+            "--drain",
+            &id_of(&coord, &b),
+            "--activate",
+            &id_of(&coord, &a),
+        ],
     )
     .output()
     .expect("drain");

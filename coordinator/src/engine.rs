@@ -345,8 +345,24 @@ impl Coordinator {
         let sealer = SealQueue::start(Box::new(move |job, res| {
             let _ = seal_tx.send(Event::Sealed(job, res));
         }));
+        // Workers known before a restart come back offline, with their admin state and
+        // record, until they enrol again.
+        let workers: HashMap<String, WorkerState> = match state::load_workers(store.as_ref()) {
+            Ok(records) => records
+                .into_iter()
+                .filter_map(|r| {
+                    let id = r.id.clone();
+                    WorkerState::from_record(r).map(|w| (id, w))
+                })
+                .collect(),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "loading worker records");
+                HashMap::new()
+            }
+        };
         let engine = Engine {
             dirty_runs: Vec::new(),
+            dirty_workers: Default::default(),
             config,
             sealer,
             granted: HashMap::new(),
@@ -354,7 +370,7 @@ impl Coordinator {
             tx: tx.clone(),
             rx,
             cancels: cancels.clone(),
-            workers: HashMap::new(),
+            workers,
             runs: HashMap::new(),
             jobs: HashMap::new(),
             queue: VecDeque::new(),
@@ -527,6 +543,47 @@ struct WorkerState {
 }
 
 impl WorkerState {
+    /// The part of the state that is stored.
+    fn record_of(&self, id: &str) -> state::WorkerRecord {
+        state::WorkerRecord {
+            id: id.to_string(),
+            name: self.info.name.clone(),
+            public_key: hex::encode(self.info.key),
+            slots: self.info.slots,
+            profile: self.info.profile.clone(),
+            admin: match self.admin {
+                AdminState::Active => "active",
+                AdminState::Drain => "drain",
+                AdminState::Ban => "ban",
+            }
+            .to_string(),
+            succeeded: self.succeeded,
+            failed: self.failed,
+            recent: self.recent.iter().copied().collect(),
+        }
+    }
+
+    /// A worker known from before a restart: offline until it enrols again.
+    fn from_record(r: state::WorkerRecord) -> Option<Self> {
+        let key: [u8; 32] = hex::decode(&r.public_key).ok()?.try_into().ok()?;
+        let mut w = Self::new(WorkerInfo {
+            name: r.name,
+            key,
+            profile: r.profile,
+            slots: r.slots,
+        });
+        w.admin = match r.admin.as_str() {
+            "drain" => AdminState::Drain,
+            "ban" => AdminState::Ban,
+            _ => AdminState::Active,
+        };
+        w.succeeded = r.succeeded;
+        w.failed = r.failed;
+        w.recent = r.recent.into_iter().collect();
+        w.lost = true;
+        Some(w)
+    }
+
     fn new(info: WorkerInfo) -> Self {
         Self {
             info,
@@ -667,6 +724,8 @@ struct Engine {
     store: Arc<dyn Store>,
     /// Runs with step records waiting for the write-behind round.
     dirty_runs: Vec<String>,
+    /// Workers whose records changed since the last round.
+    dirty_workers: std::collections::BTreeSet<String>,
     sealer: SealQueue,
     tx: mpsc::UnboundedSender<Event>,
     rx: mpsc::UnboundedReceiver<Event>,
@@ -756,9 +815,10 @@ impl Engine {
                         w.lost = false;
                     }
                     None => {
-                        self.workers.insert(id, WorkerState::new(*info));
+                        self.workers.insert(id.clone(), WorkerState::new(*info));
                     }
                 }
+                self.dirty_workers.insert(id);
                 self.dispatch();
             }
             Event::Heartbeat(worker, running, profile, reply) => {
@@ -826,6 +886,15 @@ impl Engine {
                     }
                     None => false,
                 };
+                // An operator's decision is durable before it is acknowledged.
+                if let Some(w) = self.workers.get(&id) {
+                    let rec = w.record_of(&id);
+                    if let Err(e) = state::save_workers(self.store.as_ref(), &[rec])
+                        .and_then(|_| self.store.flush())
+                    {
+                        tracing::error!(error = %format!("{e:#}"), worker = %id, "saving the worker's state");
+                    }
+                }
                 let _ = reply.send(found);
                 self.dispatch();
             }
@@ -1000,6 +1069,15 @@ impl Engine {
     /// rewrites the mirrors that are due. Runs after each burst of events, so a busy
     /// coordinator writes once per burst rather than once per change.
     fn flush_dirty(&mut self) {
+        if !self.dirty_workers.is_empty() {
+            let recs: Vec<state::WorkerRecord> = std::mem::take(&mut self.dirty_workers)
+                .iter()
+                .filter_map(|id| self.workers.get(id).map(|w| w.record_of(id)))
+                .collect();
+            if let Err(e) = state::save_workers(self.store.as_ref(), &recs) {
+                tracing::error!(error = %format!("{e:#}"), "saving worker records");
+            }
+        }
         for run_id in std::mem::take(&mut self.dirty_runs) {
             let Some(run) = self.runs.get_mut(&run_id) else {
                 continue;
@@ -1471,6 +1549,7 @@ impl Engine {
         }
         if let Some(w) = self.workers.get_mut(worker) {
             w.record(ok, worker);
+            self.dirty_workers.insert(worker.to_string());
         }
     }
 

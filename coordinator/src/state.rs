@@ -179,3 +179,49 @@ pub fn save_run(store: &dyn Store, r: &RunRecord) -> Result<()> {
         &serde_json::to_vec(r)?,
     )
 }
+
+/// The store tree holding worker records, keyed by worker id.
+pub const WORKERS_TREE: &str = "workers";
+
+/// What survives a coordinator restart about a worker: who it is, what the operator
+/// decided about it, and its record. A worker that re-enrols with the same key gets
+/// all of it back (a banned worker stays banned).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WorkerRecord {
+    /// Worker id (the first 8 bytes of its key, hex).
+    pub id: String,
+    /// The name it gave.
+    pub name: String,
+    /// Its Ed25519 public key, hex.
+    pub public_key: String,
+    /// Jobs it runs at once.
+    pub slots: u32,
+    /// Its last known hardware.
+    pub profile: nexa_shared::hardware::Profile,
+    /// `active`, `drain` or `ban`.
+    pub admin: String,
+    /// Results that sealed.
+    pub succeeded: u64,
+    /// Results that failed or were refused.
+    pub failed: u64,
+    /// Its most recent outcomes, oldest first (quarantine is decided on them).
+    pub recent: Vec<bool>,
+}
+
+/// Writes worker records in one batch.
+pub fn save_workers(store: &dyn Store, records: &[WorkerRecord]) -> Result<()> {
+    let entries = records
+        .iter()
+        .map(|r| Ok((r.id.clone(), serde_json::to_vec(r)?)))
+        .collect::<Result<Vec<_>>>()?;
+    store.put_batch(WORKERS_TREE, &entries)
+}
+
+/// Reads every worker record; one that does not decode is skipped.
+pub fn load_workers(store: &dyn Store) -> Result<Vec<WorkerRecord>> {
+    Ok(store
+        .scan_prefix(WORKERS_TREE, "")?
+        .into_iter()
+        .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+        .collect())
+}
