@@ -24,6 +24,10 @@ pub enum Error {
     /// The gRPC server failed.
     #[error("server: {0}")]
     Server(String),
+    /// A registry operation was refused (bad name, unknown version, unsealed or
+    /// tampered artifact, a tag that would point at a deleted version).
+    #[error("registry: {0}")]
+    Registry(String),
     /// JSON encoding or decoding failed.
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),

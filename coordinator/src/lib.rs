@@ -12,6 +12,7 @@ pub mod error;
 pub mod mesh;
 pub mod mirror;
 pub mod planner;
+pub mod registry;
 pub mod seal_queue;
 pub mod sealer;
 pub mod state;

@@ -19,6 +19,16 @@ pub trait Store: Send + Sync + 'static {
     fn scan_prefix(&self, tree: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>>;
     /// Makes every write so far durable.
     fn flush(&self) -> Result<()>;
+    /// Atomically replaces `key`'s value with `new` (`None` removes it) only if it is
+    /// `old` now (`None`: absent). True when it swapped; false when another writer got
+    /// there first (read again and retry).
+    fn compare_and_swap(
+        &self,
+        tree: &str,
+        key: &str,
+        old: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<bool>;
 
     /// Writes one value.
     fn put(&self, tree: &str, key: &str, value: &[u8]) -> Result<()> {
@@ -114,6 +124,17 @@ impl Store for SledStore {
         self.db.flush()?;
         Ok(())
     }
+
+    fn compare_and_swap(
+        &self,
+        tree: &str,
+        key: &str,
+        old: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<bool> {
+        let t = self.db.open_tree(tree)?;
+        Ok(t.compare_and_swap(key.as_bytes(), old, new)?.is_ok())
+    }
 }
 
 /// An in-memory implementation, for tests and benchmarks that measure everything but
@@ -166,6 +187,26 @@ impl Store for MemStore {
     fn flush(&self) -> Result<()> {
         Ok(())
     }
+
+    fn compare_and_swap(
+        &self,
+        tree: &str,
+        key: &str,
+        old: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<bool> {
+        Ok(self.with(|t| {
+            let m = t.entry(tree.to_string()).or_default();
+            if m.get(key).map(Vec::as_slice) != old {
+                return false;
+            }
+            match new {
+                Some(v) => m.insert(key.to_string(), v.to_vec()),
+                None => m.remove(key),
+            };
+            true
+        }))
+    }
 }
 
 /// The conformance suite every [`Store`] must pass.
@@ -213,6 +254,27 @@ pub fn conformance(s: &dyn Store) -> Result<()> {
     check(
         s.get("other", "a/1")?.as_deref() == Some(b"elsewhere".as_slice()),
         "trees are separate",
+    )?;
+    check(
+        s.compare_and_swap("cas", "k", None, Some(b"1"))?,
+        "compare_and_swap creates an absent key",
+    )?;
+    check(
+        !s.compare_and_swap("cas", "k", None, Some(b"2"))?,
+        "compare_and_swap refuses when the key exists but None was expected",
+    )?;
+    check(
+        !s.compare_and_swap("cas", "k", Some(b"0"), Some(b"2"))?,
+        "compare_and_swap refuses a stale expected value",
+    )?;
+    check(
+        s.compare_and_swap("cas", "k", Some(b"1"), Some(b"2"))?
+            && s.get("cas", "k")?.as_deref() == Some(b"2".as_slice()),
+        "compare_and_swap swaps the expected value",
+    )?;
+    check(
+        s.compare_and_swap("cas", "k", Some(b"2"), None)? && s.get("cas", "k")?.is_none(),
+        "compare_and_swap to None removes",
     )?;
     s.flush()?;
     Ok(())
