@@ -65,6 +65,12 @@ pub enum Command {
         #[arg(long, value_name = "WORKER")]
         activate: Option<String>,
     },
+    /// The model registry: register, resolve, promote, list, show, history.
+    Models {
+        /// The models command.
+        #[command(subcommand)]
+        command: crate::models::ModelsCommand,
+    },
     /// Artifacts on a coordinator.
     Artifacts {
         /// The artifacts command.
@@ -213,6 +219,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 meta.hash
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Models { command } => {
+            if remote.is_some() {
+                anyhow::bail!(
+                    "nexa models works on this project's registry (.nexa_state/registry); the coordinator's registry is not reachable over the control API yet"
+                );
+            }
+            crate::models::run(&project, command)
         }
         Command::Verify { artifact } => match nexa_shared::provenance::verify_artifact(&artifact) {
             Ok(v) => {
