@@ -49,6 +49,27 @@ pub enum Command {
     Verify {
         /// The artifact directory.
         artifact: PathBuf,
+        /// The whole ancestry too: every artifact it was made from, re-hashed and
+        /// signature-checked, and every input's digest as it was used.
+        #[arg(long)]
+        deep: bool,
+    },
+    /// What produced an artifact (--up, the default) or what was made from it (--down).
+    Lineage {
+        /// The artifact directory.
+        artifact: PathBuf,
+        /// Walk to the producers (the default).
+        #[arg(long, conflicts_with = "down")]
+        up: bool,
+        /// Walk to the artifacts made from it.
+        #[arg(long)]
+        down: bool,
+        /// How many levels.
+        #[arg(long, default_value_t = usize::MAX, hide_default_value = true)]
+        depth: usize,
+        /// text, json or dot.
+        #[arg(long, value_enum, default_value_t = crate::lineage_cmd::Format::Text)]
+        format: crate::lineage_cmd::Format,
     },
     /// List the coordinator's workers, or drain / ban / re-activate one.
     Workers {
@@ -228,7 +249,21 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             crate::models::run(&project, command)
         }
-        Command::Verify { artifact } => match nexa_shared::provenance::verify_artifact(&artifact) {
+        Command::Lineage {
+            artifact,
+            up: _,
+            down,
+            depth,
+            format,
+        } => crate::lineage_cmd::lineage(&project, &artifact, down, depth, format),
+        Command::Verify {
+            artifact,
+            deep: true,
+        } => crate::lineage_cmd::verify_deep(&project, &artifact),
+        Command::Verify {
+            artifact,
+            deep: false,
+        } => match nexa_shared::provenance::verify_artifact(&artifact) {
             Ok(v) => {
                 let who = if v.workers.is_empty() {
                     "none recorded".to_string()

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod embedded;
+pub mod lineage_cmd;
 pub mod models;
 pub mod remote;
 pub mod render;

@@ -342,9 +342,12 @@ impl Coordinator {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let seal_tx = tx.clone();
-        let sealer = SealQueue::start(Box::new(move |job, res| {
-            let _ = seal_tx.send(Event::Sealed(job, res));
-        }));
+        let sealer = SealQueue::start(
+            store.clone(),
+            Box::new(move |job, res| {
+                let _ = seal_tx.send(Event::Sealed(job, res));
+            }),
+        );
         // Workers known before a restart come back offline, with their admin state and
         // record, until they enrol again.
         let workers: HashMap<String, WorkerState> = match state::load_workers(store.as_ref()) {
@@ -1869,8 +1872,20 @@ impl Engine {
         let ctx = run.ctx.clone();
         let tx = self.tx.clone();
         let rid = run_id.to_string();
+        let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
             let res = sealer::assemble(&ctx, &plan, &shards);
+            if let Ok(outputs) = &res {
+                let nodes: Vec<_> = outputs
+                    .values()
+                    .filter_map(|a| {
+                        crate::lineage::node_from_disk(&ctx.project, &ctx.project.join(&a.path))
+                    })
+                    .collect();
+                if let Err(e) = crate::lineage::record(store.as_ref(), &nodes) {
+                    tracing::error!(error = %format!("{e:#}"), "recording lineage");
+                }
+            }
             let _ = tx.send(Event::Assembled(rid, i, res));
         });
     }

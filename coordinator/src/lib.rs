@@ -9,6 +9,7 @@
 pub mod certs;
 pub mod engine;
 pub mod error;
+pub mod lineage;
 pub mod mesh;
 pub mod mirror;
 pub mod planner;

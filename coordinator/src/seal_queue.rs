@@ -5,6 +5,7 @@
 //! targeted fsyncs; a busy one makes larger groups on its own.
 
 use crate::engine::SealedJob;
+use crate::lineage;
 use crate::planner::{RunContext, StepPlan};
 use crate::sealer::{self, Staged};
 use crate::state::ArtifactInfo;
@@ -60,14 +61,17 @@ pub struct SealQueue {
     tx: mpsc::Sender<SealTask>,
 }
 
+/// Where sealed steps' lineage is recorded, before the engine hears of them.
+pub type LineageStore = Arc<dyn crate::Store>;
+
 impl SealQueue {
     /// Starts the sealing thread; it ends when every handle is dropped. Like
     /// `std::thread::spawn`, panics only when the OS cannot start a thread.
-    pub fn start(done: Done) -> Self {
+    pub fn start(store: LineageStore, done: Done) -> Self {
         let (tx, rx) = mpsc::channel();
         let spawned = std::thread::Builder::new()
             .name("nexa-sealer".into())
-            .spawn(move || run(&rx, &done));
+            .spawn(move || run(&rx, store.as_ref(), &done));
         if let Err(e) = spawned {
             panic!("starting the sealing thread: {e}");
         }
@@ -80,7 +84,7 @@ impl SealQueue {
     }
 }
 
-fn run(rx: &mpsc::Receiver<SealTask>, done: &Done) {
+fn run(rx: &mpsc::Receiver<SealTask>, store: &dyn crate::Store, done: &Done) {
     let mut deferred: VecDeque<SealTask> = VecDeque::new();
     loop {
         let first = match deferred.pop_front() {
@@ -108,12 +112,13 @@ fn run(rx: &mpsc::Receiver<SealTask>, done: &Done) {
         }
         later.extend(deferred.drain(..));
         deferred = later;
-        seal_tasks(group, done);
+        seal_tasks(group, store, done);
     }
 }
 
-/// Stages every task, seals all their artifacts as one group, reports each task.
-fn seal_tasks(group: Vec<SealTask>, done: &Done) {
+/// Stages every task, seals all their artifacts as one group, records the sealed steps'
+/// lineage, then reports each task.
+fn seal_tasks(group: Vec<SealTask>, store: &dyn crate::Store, done: &Done) {
     let mut staged: Vec<Result<Vec<Staged>, String>> = Vec::with_capacity(group.len());
     let mut requests = Vec::new();
     for t in &group {
@@ -133,6 +138,8 @@ fn seal_tasks(group: Vec<SealTask>, done: &Done) {
         staged.push(s);
     }
     let mut sealed = artifact::seal_group(requests).into_iter();
+    let mut nodes = Vec::new();
+    let mut outcomes = Vec::with_capacity(group.len());
     for (t, s) in group.into_iter().zip(staged) {
         let res = s.and_then(|list| {
             let mut metas = Vec::with_capacity(list.len());
@@ -151,13 +158,28 @@ fn seal_tasks(group: Vec<SealTask>, done: &Done) {
             if let Some(e) = first_err {
                 return Err(e);
             }
+            if t.shard.is_none() {
+                nodes.extend(
+                    metas
+                        .iter()
+                        .map(|(x, meta)| lineage::node_of(&t.ctx.project, &x.out, meta)),
+                );
+            }
             finish(&t, metas)
         });
         if let Some(staging) = &t.result.staging {
             // Outputs were moved into the artifact; drop what is left.
             let _ = artifact::remove_tree(staging);
         }
-        done(t.job_id, res);
+        outcomes.push((t.job_id, res));
+    }
+    if !nodes.is_empty()
+        && let Err(e) = lineage::record(store, &nodes)
+    {
+        tracing::error!(error = %format!("{e:#}"), "recording lineage");
+    }
+    for (job_id, res) in outcomes {
+        done(job_id, res);
     }
 }
 
