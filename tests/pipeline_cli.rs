@@ -574,6 +574,19 @@ fn the_quickstart_runs_and_its_report_is_right() {
             .as_u64()
             .is_some_and(|r| r < residues && r > residues * 9 / 10)
     );
+    // The report was registered and promoted by the pipeline's registry steps.
+    let models = |args: &[&str]| {
+        let mut all = vec!["models"];
+        all.extend_from_slice(args);
+        let out = p.nexa(&all);
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert!(
+        models(&["resolve", "protein-report:prod"])
+            .trim()
+            .ends_with("artifacts/quickstart/report")
+    );
     let out = p.nexa(&["pipeline", "run", "pipelines/quickstart.yaml"]);
     assert!(out.status.success());
     assert!(
@@ -581,6 +594,32 @@ fn the_quickstart_runs_and_its_report_is_right() {
             .iter()
             .all(|(_, s)| s == "SKIPPED")
     );
+    // A changed script re-runs everything but makes the same report: no new version.
+    let script = p.read("pipelines/quickstart/protstats.py");
+    p.write(
+        "pipelines/quickstart/protstats.py",
+        &format!("{script}\n# v2\n"),
+    );
+    let out = p.nexa(&["pipeline", "run", "pipelines/quickstart.yaml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(models(&["show", "protein-report"]).contains("1 version(s)"));
+    // New data makes a new report: a new version, promoted in its turn.
+    let fasta = p.read("pipelines/quickstart/proteins.fasta");
+    p.write(
+        "pipelines/quickstart/proteins.fasta",
+        &format!(
+            "{fasta}>extra\nMKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQ\n"
+        ),
+    );
+    let out = p.nexa(&["pipeline", "run", "pipelines/quickstart.yaml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let history: Vec<serde_json::Value> =
+        serde_json::from_str(&models(&["history", "protein-report", "--json"])).expect("json");
+    let held: Vec<(&str, bool)> = history
+        .iter()
+        .map(|h| (h["version"].as_str().unwrap_or_default(), h["to"].is_null()))
+        .collect();
+    assert_eq!(held, [("0.1.0", false), ("0.1.1", true)]);
 }
 
 #[test]

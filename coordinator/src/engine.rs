@@ -188,6 +188,9 @@ pub enum Event {
     PlannedBatch(String, Vec<(usize, Plan)>),
     /// Sealing of a job's outputs finished.
     Sealed(String, std::result::Result<SealedJob, String>),
+    /// A step the coordinator ran itself (`core.registry.*`) finished: what it did, or why
+    /// it failed.
+    CoordinatorStepDone(String, usize, std::result::Result<(String, bool), String>),
     /// Assembly of a sharded step finished.
     Assembled(
         String,
@@ -211,7 +214,7 @@ pub enum Event {
 }
 
 /// Timing of leases and of giving up on unrunnable jobs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct EngineConfig {
     /// How long a lease lives without a heartbeat; `None`: forever (the embedded worker
     /// lives in the same process).
@@ -222,6 +225,23 @@ pub struct EngineConfig {
     /// Throttle and quarantine workers whose jobs keep failing (off for the embedded
     /// engine, whose one worker is the user's own machine).
     pub throttle_failing_workers: bool,
+    /// The store `core.registry.*` steps act on; `None`: the project's own
+    /// `.nexa_state/registry` (embedded), opened for each step.
+    pub registry: Option<Arc<dyn Store>>,
+}
+
+impl std::fmt::Debug for EngineConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineConfig")
+            .field("lease_ttl", &self.lease_ttl)
+            .field("unfit_grace", &self.unfit_grace)
+            .field("throttle_failing_workers", &self.throttle_failing_workers)
+            .field(
+                "registry",
+                &self.registry.as_ref().map(|_| "coordinator store"),
+            )
+            .finish()
+    }
 }
 
 impl EngineConfig {
@@ -231,6 +251,7 @@ impl EngineConfig {
             lease_ttl: None,
             unfit_grace: Duration::ZERO,
             throttle_failing_workers: false,
+            registry: None,
         }
     }
 }
@@ -838,6 +859,9 @@ impl Engine {
             Event::PlannedBatch(run, plans) => self.on_planned_batch(&run, plans),
             Event::Sealed(job, res) => self.on_sealed(&job, res),
             Event::Assembled(run, step, res) => self.on_assembled(&run, step, res),
+            Event::CoordinatorStepDone(run, step, res) => {
+                self.on_coordinator_step_done(&run, step, res)
+            }
             Event::RetryDue(job) => {
                 if let Some(j) = self.jobs.get_mut(&job)
                     && j.state == JobState::Backoff
@@ -1229,6 +1253,10 @@ impl Engine {
         let Some(run) = self.runs.get_mut(run_id) else {
             return;
         };
+        if nexa_shared::handlers::runs_on_coordinator(&run.ctx.pipeline.steps[i].uses.value) {
+            self.run_on_coordinator(run_id, i, plan);
+            return;
+        }
         let requirements = Requirements::from(&run.ctx.pipeline.steps[i].resources);
         // A job no enrolled worker could ever run fails, saying why, instead of waiting
         // forever: at once embedded, after a grace period for workers to join on a mesh.
@@ -1888,6 +1916,72 @@ impl Engine {
             }
             let _ = tx.send(Event::Assembled(rid, i, res));
         });
+    }
+
+    /// Runs a `core.registry.*` step here, on the blocking pool: it acts on the
+    /// coordinator's registry, so it never goes to a worker.
+    fn run_on_coordinator(&mut self, run_id: &str, i: usize, plan: Arc<StepPlan>) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let step = &run.ctx.pipeline.steps[i];
+        let params =
+            nexa_shared::handlers::RegistryParams::from_json(&step.uses.value, &step.params);
+        let inputs: Vec<(String, String, PathBuf)> = plan
+            .inputs
+            .iter()
+            .map(|r| (r.name.clone(), r.uri.clone(), r.path.clone()))
+            .collect();
+        let rec = &mut run.records[i];
+        rec.cache_key = Some(plan.cache_key.clone());
+        rec.outputs.clear();
+        run.in_flight += 1;
+        let project = run.ctx.project.clone();
+        let registry = self.config.registry.clone();
+        let tx = self.tx.clone();
+        let rid = run_id.to_string();
+        self.set_status(run_id, i, StepStatus::Running, None);
+        tokio::task::spawn_blocking(move || {
+            let res = params.and_then(|p| {
+                let store: Arc<dyn Store> = match registry {
+                    Some(s) => s,
+                    None => Arc::new(
+                        crate::SledStore::open(&project.join(".nexa_state").join("registry"))
+                            .map_err(|e| e.to_string())?,
+                    ),
+                };
+                crate::registry::run_step(store.as_ref(), &project, &p, &inputs)
+                    .map_err(|e| e.to_string())
+            });
+            let _ = tx.send(Event::CoordinatorStepDone(rid, i, res));
+        });
+    }
+
+    fn on_coordinator_step_done(
+        &mut self,
+        run_id: &str,
+        i: usize,
+        res: std::result::Result<(String, bool), String>,
+    ) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        run.in_flight -= 1;
+        match res {
+            Ok((what, changed)) => {
+                tracing::info!(run = %run_id, step = %run.records[i].id, "{what}");
+                // Finding the work already done is a cache hit, as for any other step.
+                let status = if changed {
+                    StepStatus::Complete
+                } else {
+                    StepStatus::Skipped
+                };
+                self.set_status(run_id, i, status, Some(what));
+                self.step_done(run_id, i);
+            }
+            Err(e) => self.step_failed(run_id, i, e),
+        }
+        self.maybe_finish(run_id);
     }
 
     fn on_assembled(

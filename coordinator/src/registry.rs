@@ -223,6 +223,29 @@ impl<'a> Registry<'a> {
         })
     }
 
+    /// [`Registry::register`], except that an artifact that already is the latest
+    /// version (same URI and hash) is not registered again: pipelines that re-run keep
+    /// one version per distinct artifact.
+    pub fn register_once(
+        &self,
+        name: &str,
+        uri: &str,
+        meta: serde_json::Value,
+        bump: Bump,
+    ) -> Result<(Version, bool)> {
+        check_name("model name", name)?;
+        let (canon, hash) = canonical_artifact(uri)?;
+        if let (Some(_), m) = self.load(name)?
+            && let Some(latest) = m.latest()
+            && latest.uri == canon
+            && hash.is_some()
+            && latest.hash == hash
+        {
+            return Ok((latest.clone(), false));
+        }
+        Ok((self.register(name, uri, meta, bump)?, true))
+    }
+
     /// Resolves `name`, `name:latest`, `name:1.2.0` or `name:TAG` to a live version.
     pub fn resolve(&self, reference: &str) -> Result<Version> {
         let (name, which) = reference.split_once(':').unwrap_or((reference, "latest"));
@@ -282,6 +305,16 @@ impl<'a> Registry<'a> {
                         target.version
                     )));
                 }
+            }
+            // Promoting the current holder again changes nothing.
+            if m.tags.get(tag).is_some_and(|t| t.version == target.version)
+                && let Some(open) = m
+                    .history
+                    .iter()
+                    .rev()
+                    .find(|p| p.tag == tag && p.to.is_none())
+            {
+                return Ok(open.clone());
             }
             let at = now();
             for p in m.history.iter_mut() {
@@ -411,3 +444,63 @@ fn check_sealed_and_signed(path: &Path) -> std::result::Result<(), String> {
 
 #[cfg(test)]
 mod tests;
+
+/// Runs a `core.registry.*` pipeline step against `store`. `inputs` are the step's
+/// resolved inputs as (name, path as written, path on disk). Returns what it did, and
+/// whether that changed the registry (a re-run that finds its work done changes nothing).
+pub fn run_step(
+    store: &dyn Store,
+    project: &Path,
+    params: &nexa_shared::handlers::RegistryParams,
+    inputs: &[(String, String, PathBuf)],
+) -> Result<(String, bool)> {
+    use nexa_shared::handlers::RegistryParams;
+    let r = Registry::new(store);
+    match params {
+        RegistryParams::Register {
+            name,
+            uri,
+            meta,
+            bump,
+        } => {
+            let input = match uri {
+                None => inputs.first(),
+                Some(u) => inputs.iter().find(|(n, w, _)| n == u || w == u),
+            }
+            .ok_or_else(|| Error::Registry("the input to register is missing".into()))?;
+            // A file inside an artifact registers the artifact that holds it.
+            let dir = crate::lineage::producer_of(&input.2).ok_or_else(|| {
+                Error::Registry(format!("{} is not in a sealed artifact", input.1))
+            })?;
+            let meta = match meta {
+                None => serde_json::Value::Null,
+                Some(serde_json::Value::String(file)) => {
+                    let p = crate::lineage::input_path(project, file);
+                    let text = std::fs::read_to_string(&p).map_err(|e| {
+                        Error::Registry(format!("reading meta {}: {e}", p.display()))
+                    })?;
+                    serde_json::from_str(&text).map_err(|e| {
+                        Error::Registry(format!("meta {} is not JSON: {e}", p.display()))
+                    })?
+                }
+                Some(inline) => inline.clone(),
+            };
+            let (v, new) =
+                r.register_once(name, &dir.display().to_string(), meta, bump.parse()?)?;
+            Ok(if new {
+                (format!("registered {}:{}", v.name, v.version), true)
+            } else {
+                (
+                    format!("{}:{} is already this artifact", v.name, v.version),
+                    false,
+                )
+            })
+        }
+        RegistryParams::Promote { name, version, tag } => {
+            let before = r.show(name).ok().and_then(|m| m.tags.get(tag).cloned());
+            let p = r.promote(name, version, tag)?;
+            let changed = before.is_none_or(|t| t.version != p.version);
+            Ok((format!("{name}:{} is {tag}", p.version), changed))
+        }
+    }
+}

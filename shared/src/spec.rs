@@ -621,6 +621,50 @@ fn parse_step(node: &Node, index: usize, d: &mut Diagnostics) -> Option<Step> {
         d.push(pos, format!("{label}: {msg}"));
     }
 
+    if let Some(u) = &uses
+        && handlers::runs_on_coordinator(&u.value)
+    {
+        let pos = get("params").map(|p| p.pos).unwrap_or(node.pos);
+        match handlers::RegistryParams::from_json(&u.value, &params) {
+            Err(msg) => d.push(pos, format!("{label}: {msg}")),
+            Ok(handlers::RegistryParams::Register { uri, .. }) => {
+                let named = uri.as_deref().is_none_or(|u| {
+                    inputs.contains_key(u) || inputs.values().any(|w| w.value == u)
+                });
+                if uri.is_none() && inputs.len() != 1 {
+                    d.push(
+                        pos,
+                        format!(
+                            "{label}: '{}' registers one of its inputs: give it exactly one 'in', or name one in 'params.uri'",
+                            u.value
+                        ),
+                    );
+                } else if !named {
+                    d.push(
+                        pos,
+                        format!(
+                            "{label}: 'params.uri' must name one of the step's inputs (by name or path), so that the registered artifact is ordered and hashed like any input"
+                        ),
+                    );
+                }
+            }
+            Ok(_) => {}
+        }
+        if !matches!(outputs, Outputs::None) {
+            let pos = get("out").map(|p| p.pos).unwrap_or(node.pos);
+            d.push(
+                pos,
+                format!(
+                    "{label}: '{}' writes to the registry, not to an artifact: remove 'out'",
+                    u.value
+                ),
+            );
+        }
+        if let Some(sh) = get("shards") {
+            d.push(sh.pos, format!("{label}: '{}' cannot be sharded", u.value));
+        }
+    }
+
     Some(Step {
         id: id?,
         uses: uses?,

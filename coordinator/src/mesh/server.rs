@@ -39,6 +39,7 @@ pub async fn serve(
             lease_ttl: Some(cfg.mesh.lease_ttl),
             unfit_grace: cfg.unfit_grace,
             throttle_failing_workers: true,
+            registry: Some(store.clone()),
         },
     );
     let control = ControlApi::new(

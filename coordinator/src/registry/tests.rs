@@ -207,7 +207,16 @@ fn concurrent_registrations_and_promotions_keep_one_consistent_record() {
     let r = Registry::new(store.as_ref());
     let m = r.show("m").expect("show");
     let prod: Vec<&Promotion> = m.history.iter().filter(|p| p.tag == "prod").collect();
-    assert_eq!(prod.len(), threads * 5, "every promotion is in the history");
+    // Every swap that changed the holder is in the history (promoting the holder again
+    // is a no-op), and every version held the tag at some point.
+    assert!(
+        prod.len() >= threads && prod.len() <= threads * 5,
+        "{}",
+        prod.len()
+    );
+    for v in &versions {
+        assert!(prod.iter().any(|p| &p.version == v), "{v} never held prod");
+    }
     let open: Vec<&&Promotion> = prod.iter().filter(|p| p.to.is_none()).collect();
     assert_eq!(open.len(), 1, "exactly one holder at the end");
     assert_eq!(m.tags["prod"].version, open[0].version);

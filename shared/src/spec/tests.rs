@@ -170,3 +170,65 @@ fn implicit_order_and_empty_after() {
     let l = load_str("p.yaml", src, Path::new("/proj")).expect("valid");
     assert_eq!(l.dag.deps, vec![vec![], vec![0], vec![], vec![0, 1]]);
 }
+
+#[test]
+fn registry_steps_check_their_params_and_take_no_out() {
+    let src = r#"pipeline:
+  name: x
+  steps:
+    - id: ok
+      uses: core.registry.register
+      in: {m: artifacts/m}
+      params: {name: clf, meta: {a: 1}, bump: minor}
+    - id: two_inputs
+      uses: core.registry.register
+      in: {m: artifacts/m, n: artifacts/n}
+      params: {name: clf}
+    - id: stray_uri
+      uses: core.registry.register
+      in: {m: artifacts/m}
+      params: {name: clf, uri: artifacts/other}
+    - id: bad_bump
+      uses: core.registry.register
+      in: {m: artifacts/m}
+      params: {name: clf, bump: huge}
+    - id: with_out
+      uses: core.registry.promote
+      params: {name: clf, version: latest, tag: prod}
+      out: artifacts/p
+    - id: no_tag
+      uses: core.registry.promote
+      params: {name: clf, version: latest, colour: red}
+"#;
+    let d = diags(src);
+    assert!(!has(&d, "step 'ok'"), "{d:?}");
+    assert!(
+        has(
+            &d,
+            "p.yaml:11:15: step 'two_inputs': 'core.registry.register' registers one of its inputs"
+        ),
+        "{d:?}"
+    );
+    assert!(
+        has(
+            &d,
+            "p.yaml:15:15: step 'stray_uri': 'params.uri' must name one of the step's inputs"
+        ),
+        "{d:?}"
+    );
+    assert!(
+        has(
+            &d,
+            "step 'bad_bump': 'params.bump' must be patch, minor or major, not 'huge'"
+        ),
+        "{d:?}"
+    );
+    assert!(
+        has(
+            &d,
+            "p.yaml:23:12: step 'with_out': 'core.registry.promote' writes to the registry"
+        ),
+        "{d:?}"
+    );
+    assert!(has(&d, "step 'no_tag': unknown param 'colour'"), "{d:?}");
+}
