@@ -13,6 +13,7 @@ pub mod lineage;
 pub mod mesh;
 pub mod mirror;
 pub mod planner;
+pub mod quorum;
 pub mod registry;
 pub mod seal_queue;
 pub mod sealer;

@@ -113,6 +113,30 @@ pub struct Shards {
     pub count: u32,
 }
 
+/// How results from untrusted workers are compared.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Compare {
+    /// Identical output files (by the signed digests).
+    Exact,
+    /// Numbers in JSON or text outputs may differ by this relative amount; everything
+    /// else must be identical.
+    Tolerance(f64),
+}
+
+/// Replication and quorum for a step's jobs (BOINC-style validation).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Validation {
+    /// Replicas of each job, on distinct workers.
+    pub replicas: u32,
+    /// How many must agree for a result to become the artifact.
+    pub quorum: u32,
+    /// How results are compared.
+    pub compare: Compare,
+    /// Replicas only on workers of the same hardware class (GPU architecture and driver
+    /// major, or CPU architecture and OS).
+    pub homogeneous: bool,
+}
+
 /// One step of a pipeline.
 #[derive(Debug, Clone)]
 pub struct Step {
@@ -142,6 +166,8 @@ pub struct Step {
     pub resources: Resources,
     /// Fan-out.
     pub shards: Option<Shards>,
+    /// Replication and quorum.
+    pub validation: Option<Validation>,
     /// Where the step starts in the file.
     pub pos: Pos,
 }
@@ -281,6 +307,7 @@ const STEP_FIELDS: &[&str] = &[
     "timeout",
     "resources",
     "shards",
+    "validation",
 ];
 
 fn map_entries<'a>(node: &'a Node, what: &str, d: &mut Diagnostics) -> Option<&'a [(Node, Node)]> {
@@ -611,6 +638,7 @@ fn parse_step(node: &Node, index: usize, d: &mut Diagnostics) -> Option<Step> {
         .map(|v| parse_resources(v, &label, d))
         .unwrap_or_default();
     let shards = get("shards").and_then(|v| parse_shards(v, &label, d));
+    let validation = get("validation").and_then(|v| parse_validation(v, &label, d));
 
     // Handler-specific params, checked where the positions are known.
     if let Some(u) = &uses
@@ -679,6 +707,7 @@ fn parse_step(node: &Node, index: usize, d: &mut Diagnostics) -> Option<Step> {
         timeout,
         resources,
         shards,
+        validation,
         pos: node.pos,
     })
 }
@@ -813,6 +842,76 @@ fn parse_shards(v: &Node, label: &str, d: &mut Diagnostics) -> Option<Shards> {
     Some(Shards {
         over: over?,
         count: count?,
+    })
+}
+
+fn parse_validation(v: &Node, label: &str, d: &mut Diagnostics) -> Option<Validation> {
+    let es = map_entries(v, "validation", d)?;
+    check_duplicate_keys(es, "validation", d);
+    let mut replicas = None;
+    let mut quorum = None;
+    let mut compare = Compare::Exact;
+    let mut homogeneous = false;
+    for (k, val) in es {
+        match k.as_str() {
+            Some("replicas") => replicas = parse_u32(val, "validation.replicas", label, d),
+            Some("quorum") => quorum = parse_u32(val, "validation.quorum", label, d),
+            Some("homogeneous") => match val.as_str() {
+                Some("true") => homogeneous = true,
+                Some("false") => homogeneous = false,
+                _ => d.push(
+                    val.pos,
+                    format!("{label}: 'validation.homogeneous' must be true or false"),
+                ),
+            },
+            Some("compare") => {
+                match (val.as_str(), &val.kind) {
+                    (Some("exact"), _) => compare = Compare::Exact,
+                    (_, NodeKind::Map(m))
+                        if m.len() == 1 && m[0].0.as_str() == Some("tolerance") =>
+                    {
+                        match m[0].1.as_str().map(str::parse::<f64>) {
+                        Some(Ok(t)) if t.is_finite() && t >= 0.0 => compare = Compare::Tolerance(t),
+                        _ => d.push(
+                            m[0].1.pos,
+                            format!(
+                                "{label}: 'validation.compare.tolerance' must be a relative amount such as 0.001"
+                            ),
+                        ),
+                    }
+                    }
+                    _ => d.push(
+                        val.pos,
+                        format!(
+                            "{label}: 'validation.compare' must be exact or {{tolerance: <rel>}}"
+                        ),
+                    ),
+                }
+            }
+            _ => unknown_field(
+                d,
+                k,
+                "validation",
+                &["replicas", "quorum", "compare", "homogeneous"],
+            ),
+        }
+    }
+    let replicas = replicas.unwrap_or(2);
+    let quorum = quorum.unwrap_or(replicas / 2 + 1);
+    if !(1..=16).contains(&replicas) || quorum == 0 || quorum > replicas {
+        d.push(
+            v.pos,
+            format!(
+                "{label}: 'validation' needs 1 <= quorum <= replicas <= 16 (got replicas {replicas}, quorum {quorum})"
+            ),
+        );
+        return None;
+    }
+    Some(Validation {
+        replicas,
+        quorum,
+        compare,
+        homogeneous,
     })
 }
 
