@@ -4,6 +4,8 @@
 
 use crate::planner::{self, Plan, RunContext, StepPlan};
 use crate::seal_queue::{SealQueue, SealTask, keep_log};
+
+mod replication;
 use crate::sealer::{self, ShardSealed};
 use crate::state::{self, ArtifactInfo, RunRecord, ShardRecord, StepRecord, StepStatus};
 use crate::{Error, Result, Store, mirror};
@@ -132,6 +134,8 @@ pub struct Refusals {
     pub unsafe_name: u64,
     /// Uploads whose bytes did not hash to their declared digest or size.
     pub upload_digest: u64,
+    /// Replica results a quorum disagreed with.
+    pub outvoted: u64,
 }
 
 impl Refusals {
@@ -145,6 +149,7 @@ impl Refusals {
             ("banned_worker", self.banned),
             ("unsafe_name", self.unsafe_name),
             ("upload_digest", self.upload_digest),
+            ("outvoted", self.outvoted),
         ]
     }
 }
@@ -302,6 +307,21 @@ pub struct WorkerView {
     pub failed: u64,
     /// Public key.
     pub key: [u8; 32],
+    /// Its record per kind of job (`uses`).
+    pub trust: BTreeMap<String, crate::quorum::Trust>,
+    /// Credit for accepted work.
+    pub credit: Credit,
+}
+
+/// Credit for accepted work: CPU-seconds (duration × CPU slots) and GPU-seconds
+/// (duration × GPUs), counted only for results that were accepted, and validated where
+/// the step asks for validation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Credit {
+    /// CPU-seconds.
+    pub cpu_seconds: f64,
+    /// GPU-seconds.
+    pub gpu_seconds: f64,
 }
 
 /// How far into the queue fair share looks for other runs' jobs.
@@ -387,6 +407,12 @@ impl Coordinator {
         let engine = Engine {
             dirty_runs: Vec::new(),
             dirty_workers: Default::default(),
+            votes: HashMap::new(),
+            replication: Default::default(),
+            rng: {
+                use rand_core::RngCore;
+                rand_core::OsRng.next_u64() | 1
+            },
             config,
             sealer,
             granted: HashMap::new(),
@@ -539,6 +565,10 @@ struct Job {
     state: JobState,
     started: Option<Instant>,
     deadline: Option<Instant>,
+    /// For a replica: the unit (step or shard job id) it votes on.
+    unit: Option<String>,
+    /// Credit the worker earns once the result is sealed.
+    pending_credit: Option<Credit>,
 }
 
 /// What one leased job holds on its worker.
@@ -556,6 +586,10 @@ struct WorkerState {
     /// GPUs handed to jobs since the last profile refresh: their reported free memory
     /// may show our own job, which the exclusive reservation already accounts for.
     touched_gpus: std::collections::BTreeSet<usize>,
+    /// Its record per kind of job.
+    trust: BTreeMap<String, crate::quorum::Trust>,
+    /// Credit for accepted work.
+    credit: Credit,
     last_seen: Instant,
     lost: bool,
     admin: AdminState,
@@ -584,6 +618,9 @@ impl WorkerState {
             succeeded: self.succeeded,
             failed: self.failed,
             recent: self.recent.iter().copied().collect(),
+            trust: self.trust.clone(),
+            cpu_seconds: self.credit.cpu_seconds,
+            gpu_seconds: self.credit.gpu_seconds,
         }
     }
 
@@ -604,6 +641,11 @@ impl WorkerState {
         w.succeeded = r.succeeded;
         w.failed = r.failed;
         w.recent = r.recent.into_iter().collect();
+        w.trust = r.trust;
+        w.credit = Credit {
+            cpu_seconds: r.cpu_seconds,
+            gpu_seconds: r.gpu_seconds,
+        };
         w.lost = true;
         Some(w)
     }
@@ -613,6 +655,8 @@ impl WorkerState {
             info,
             alloc: HashMap::new(),
             touched_gpus: Default::default(),
+            trust: BTreeMap::new(),
+            credit: Credit::default(),
             last_seen: Instant::now(),
             lost: false,
             admin: AdminState::Active,
@@ -750,6 +794,12 @@ struct Engine {
     dirty_runs: Vec<String>,
     /// Workers whose records changed since the last round.
     dirty_workers: std::collections::BTreeSet<String>,
+    /// Replicated units waiting for their quorum, by unit id.
+    votes: HashMap<String, replication::Vote>,
+    /// Replication figures: units validated and replica jobs made for them.
+    replication: replication::Counters,
+    /// State of the spot-check random generator (xorshift, seeded at start).
+    rng: u64,
     sealer: SealQueue,
     tx: mpsc::UnboundedSender<Event>,
     rx: mpsc::UnboundedReceiver<Event>,
@@ -894,6 +944,8 @@ impl Engine {
                         succeeded: w.succeeded,
                         failed: w.failed,
                         key: w.info.key,
+                        trust: w.trust.clone(),
+                        credit: w.credit,
                     })
                     .collect();
                 v.sort_by(|a, b| a.id.cmp(&b.id));
@@ -1358,7 +1410,22 @@ impl Engine {
             self.start_assembly(run_id, i);
             return;
         }
-        for (shard, spec) in new_jobs {
+        let validation = self
+            .runs
+            .get(run_id)
+            .and_then(|r| r.ctx.pipeline.steps[i].validation);
+        for (shard, mut spec) in new_jobs {
+            let unit = validation.map(|v| {
+                // Replicas are jobs `<unit>~r<k>`; the first is made now, the others
+                // when the first is leased to a worker that is not trusted.
+                let unit = spec.job_id.clone();
+                spec.job_id = format!("{unit}~r0");
+                self.votes
+                    .insert(unit.clone(), replication::Vote::new(v, spec.uses.clone()));
+                self.replication.units += 1;
+                self.replication.replicas += 1;
+                unit
+            });
             let id = spec.job_id.clone();
             self.jobs.insert(
                 id.clone(),
@@ -1373,6 +1440,8 @@ impl Engine {
                     state: JobState::Queued,
                     started: None,
                     deadline: None,
+                    unit,
+                    pending_credit: None,
                 },
             );
             self.queue.push_back(id);
@@ -1417,6 +1486,11 @@ impl Engine {
                 continue;
             };
             if candidates.iter().any(|(_, r, _)| *r == job.run_id) {
+                continue;
+            }
+            if let Some(u) = &job.unit
+                && !self.replica_ok(u, worker)
+            {
                 continue;
             }
             if let Some(a) = hardware::assign(&job.spec.requirements, std::slice::from_ref(&free)) {
@@ -1509,6 +1583,9 @@ impl Engine {
                 continue;
             }
             tracing::debug!(job = %job_id, worker = %worker, attempt, "leased");
+            if let Some(unit) = self.jobs.get(&job_id).and_then(|j| j.unit.clone()) {
+                self.on_replica_leased(&unit, &worker);
+            }
             if let Some(run) = self.runs.get_mut(&run_id) {
                 match shard {
                     None => run.records[step].attempts = attempt,
@@ -1731,6 +1808,14 @@ impl Engine {
         let Some(job) = self.jobs.get_mut(&result.job_id) else {
             return;
         };
+        if job.unit.is_some() && result.outcome == Outcome::Succeeded {
+            // A replica: its result waits for the quorum before anything is sealed.
+            job.state = JobState::Sealing;
+            let job_id = result.job_id.clone();
+            self.on_replica_result(&job_id, worker, result);
+            return;
+        }
+        job.pending_credit = Some(replication::credit_of(&job.spec, &result));
         let mut log_copy = None;
         if let Some(run) = self.runs.get_mut(&job.run_id) {
             let rec = &mut run.records[job.step];
@@ -1755,25 +1840,8 @@ impl Engine {
         }
         match result.outcome {
             Outcome::Succeeded => {
-                job.state = JobState::Sealing;
-                let Some(run) = self.runs.get_mut(&job.run_id) else {
-                    return;
-                };
-                let Some(plan) = run.plans[job.step].clone() else {
-                    return;
-                };
-                run.in_flight += 1;
-                let task = SealTask {
-                    job_id: result.job_id.clone(),
-                    ctx: run.ctx.clone(),
-                    plan,
-                    shard: job.shard,
-                    result,
-                    log_copy,
-                };
-                if !self.sealer.push(task) {
-                    tracing::error!("the sealing thread is gone");
-                }
+                let job_id = result.job_id.clone();
+                self.start_sealing(&job_id, result, log_copy);
             }
             Outcome::Cancelled => {
                 cleanup_failed(log_copy, result.staging.clone());
@@ -1797,6 +1865,37 @@ impl Engine {
         }
     }
 
+    /// Hands an accepted result to the sealing thread.
+    fn start_sealing(
+        &mut self,
+        job_id: &str,
+        result: JobResult,
+        log_copy: Option<(PathBuf, PathBuf)>,
+    ) {
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return;
+        };
+        job.state = JobState::Sealing;
+        let Some(run) = self.runs.get_mut(&job.run_id) else {
+            return;
+        };
+        let Some(plan) = run.plans[job.step].clone() else {
+            return;
+        };
+        run.in_flight += 1;
+        let task = SealTask {
+            job_id: job_id.to_string(),
+            ctx: run.ctx.clone(),
+            plan,
+            shard: job.shard,
+            result,
+            log_copy,
+        };
+        if !self.sealer.push(task) {
+            tracing::error!("the sealing thread is gone");
+        }
+    }
+
     fn on_sealed(&mut self, job_id: &str, res: std::result::Result<SealedJob, String>) {
         let Some(job) = self.jobs.get(job_id) else {
             return;
@@ -1805,8 +1904,17 @@ impl Engine {
         if let Some(run) = self.runs.get_mut(&run_id) {
             run.in_flight -= 1;
         }
+        let pending_credit = job.pending_credit;
         if let Some(w) = job.worker.clone() {
             self.record_outcome(&w, res.is_ok());
+            if res.is_ok()
+                && let Some(c) = pending_credit
+                && let Some(ws) = self.workers.get_mut(&w)
+            {
+                ws.credit.cpu_seconds += c.cpu_seconds;
+                ws.credit.gpu_seconds += c.gpu_seconds;
+                self.dirty_workers.insert(w.clone());
+            }
         }
         match res {
             Err(e) => {

@@ -186,7 +186,7 @@ pub const WORKERS_TREE: &str = "workers";
 /// What survives a coordinator restart about a worker: who it is, what the operator
 /// decided about it, and its record. A worker that re-enrols with the same key gets
 /// all of it back (a banned worker stays banned).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WorkerRecord {
     /// Worker id (the first 8 bytes of its key, hex).
     pub id: String,
@@ -206,6 +206,15 @@ pub struct WorkerRecord {
     pub failed: u64,
     /// Its most recent outcomes, oldest first (quarantine is decided on them).
     pub recent: Vec<bool>,
+    /// Its record per kind of job.
+    #[serde(default)]
+    pub trust: BTreeMap<String, crate::quorum::Trust>,
+    /// Credit: CPU-seconds.
+    #[serde(default)]
+    pub cpu_seconds: f64,
+    /// Credit: GPU-seconds.
+    #[serde(default)]
+    pub gpu_seconds: f64,
 }
 
 /// Writes worker records in one batch.

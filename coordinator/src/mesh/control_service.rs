@@ -475,6 +475,16 @@ impl ControlService for ControlApi {
                 succeeded: w.succeeded,
                 failed: w.failed,
                 public_key: w.key.to_vec(),
+                valid: w.trust.values().map(|t| t.valid).sum(),
+                invalid: w.trust.values().map(|t| t.invalid).sum(),
+                trusted_for: w
+                    .trust
+                    .iter()
+                    .filter(|(_, t)| t.trusted())
+                    .map(|(k, _)| k.clone())
+                    .collect(),
+                cpu_seconds: w.credit.cpu_seconds,
+                gpu_seconds: w.credit.gpu_seconds,
             })
             .collect();
         Ok(Response::new(v1::ListWorkersResponse { workers }))

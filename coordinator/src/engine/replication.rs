@@ -1,0 +1,318 @@
+//! Replication and quorum in the scheduler: a step with `validation` runs each of its
+//! jobs (a "unit") as replicas on distinct workers; the result that a quorum agrees on
+//! is sealed, the others are refused and their workers lose trust. Adaptive: a worker
+//! trusted for a kind of job gets it alone, spot-checked with a probability that falls
+//! as its record grows (BOINC's adaptive replication).
+
+use super::{Credit, Engine, Job, JobState};
+use crate::quorum::{self, Trust};
+use nexa_shared::hardware::Profile;
+use nexa_shared::job::{JobResult, JobSpec};
+use nexa_shared::spec::Validation;
+use std::collections::BTreeSet;
+
+/// A unit waiting for its quorum.
+#[derive(Debug)]
+pub(super) struct Vote {
+    validation: Validation,
+    /// The kind of job (its `uses`), which trust is kept per.
+    kind: String,
+    /// With `homogeneous`: the hardware class of the first replica's worker.
+    class: Option<String>,
+    /// Workers that were given a replica (no worker gets two).
+    workers: BTreeSet<String>,
+    /// Replica jobs made so far.
+    made: u32,
+    /// Decided when the first replica is leased: `true` when its worker is trusted and
+    /// the job was not picked for a spot check (its result is accepted alone).
+    single: Option<bool>,
+    /// Results in: (worker, result, replica job id).
+    results: Vec<(String, JobResult, String)>,
+}
+
+impl Vote {
+    pub(super) fn new(validation: Validation, kind: String) -> Self {
+        Self {
+            validation,
+            kind,
+            class: None,
+            workers: BTreeSet::new(),
+            made: 1,
+            single: None,
+            results: Vec::new(),
+        }
+    }
+}
+
+/// Replication figures since the coordinator started.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Counters {
+    /// Units run under validation.
+    pub units: u64,
+    /// Replica jobs made for them (`replicas / units - 1` is the extra work).
+    pub replicas: u64,
+}
+
+/// The credit a result earns: its duration times the CPU slots and GPUs it held.
+pub(super) fn credit_of(spec: &JobSpec, r: &JobResult) -> Credit {
+    let secs = r.ended_ms.saturating_sub(r.started_ms) as f64 / 1000.0;
+    Credit {
+        cpu_seconds: secs * f64::from(spec.requirements.cpus.max(1)),
+        gpu_seconds: secs * f64::from(spec.requirements.gpus),
+    }
+}
+
+/// A worker's hardware class for homogeneous redundancy: GPU architecture and driver
+/// major for GPU jobs, CPU architecture and OS otherwise.
+fn class_of(p: &Profile, gpu_job: bool) -> String {
+    if gpu_job {
+        let cc = p.gpus.first().map(|g| g.compute_capability.0).unwrap_or(0);
+        let driver = p
+            .driver_version
+            .as_deref()
+            .and_then(|d| d.split('.').next())
+            .unwrap_or("?");
+        format!("gpu sm{cc} driver {driver}")
+    } else {
+        format!("cpu {} {}", p.arch, p.os)
+    }
+}
+
+impl Engine {
+    fn next_random(&mut self) -> f64 {
+        // xorshift64*: enough for spot checks.
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Whether `worker` may take a replica of `unit`: never two of one unit, and with
+    /// homogeneous redundancy only workers of the first one's class.
+    pub(super) fn replica_ok(&self, unit: &str, worker: &str) -> bool {
+        let Some(v) = self.votes.get(unit) else {
+            return true;
+        };
+        if v.workers.contains(worker) {
+            return false;
+        }
+        match (&v.class, self.workers.get(worker)) {
+            (Some(class), Some(w)) if v.validation.homogeneous => {
+                let gpu_job = self
+                    .jobs
+                    .get(&format!("{unit}~r0"))
+                    .is_some_and(|j| j.spec.requirements.gpus > 0);
+                &class_of(&w.info.profile, gpu_job) == class
+            }
+            _ => true,
+        }
+    }
+
+    /// A replica was leased: remember the worker; on the first, decide between a
+    /// trusted single result and full replication.
+    pub(super) fn on_replica_leased(&mut self, unit: &str, worker: &str) {
+        let gpu_job = self
+            .jobs
+            .get(&format!("{unit}~r0"))
+            .is_some_and(|j| j.spec.requirements.gpus > 0);
+        let profile_class = self
+            .workers
+            .get(worker)
+            .map(|w| class_of(&w.info.profile, gpu_job));
+        let trust = {
+            let Some(v) = self.votes.get(unit) else {
+                return;
+            };
+            self.workers
+                .get(worker)
+                .and_then(|w| w.trust.get(&v.kind).cloned())
+                .unwrap_or_default()
+        };
+        let roll = self.next_random();
+        let Some(v) = self.votes.get_mut(unit) else {
+            return;
+        };
+        v.workers.insert(worker.to_string());
+        if v.validation.homogeneous && v.class.is_none() {
+            v.class = profile_class;
+        }
+        if v.single.is_some() {
+            return;
+        }
+        let single = trust.trusted() && roll >= trust.spot_check_probability();
+        v.single = Some(single);
+        if !single {
+            let more = v.validation.replicas.saturating_sub(1);
+            for _ in 0..more {
+                self.add_replica(unit);
+            }
+        }
+    }
+
+    /// Queues one more replica of `unit`.
+    fn add_replica(&mut self, unit: &str) {
+        let Some(v) = self.votes.get_mut(unit) else {
+            return;
+        };
+        let k = v.made;
+        v.made += 1;
+        self.replication.replicas += 1;
+        let Some(first) = self.jobs.get(&format!("{unit}~r0")) else {
+            return;
+        };
+        let mut spec = first.spec.clone();
+        spec.job_id = format!("{unit}~r{k}");
+        let job = Job {
+            run_id: first.run_id.clone(),
+            step: first.step,
+            shard: first.shard,
+            spec,
+            attempt: 1,
+            generation: 0,
+            worker: None,
+            state: JobState::Queued,
+            started: None,
+            deadline: None,
+            unit: Some(unit.to_string()),
+            pending_credit: None,
+        };
+        let id = job.spec.job_id.clone();
+        self.jobs.insert(id.clone(), job);
+        self.queue.push_back(id);
+    }
+
+    /// The replica jobs of `unit` not yet reported (queued, leased or backing off).
+    fn outstanding(&self, unit: &str) -> Vec<String> {
+        self.jobs
+            .iter()
+            .filter(|(_, j)| {
+                j.unit.as_deref() == Some(unit)
+                    && matches!(
+                        j.state,
+                        JobState::Queued | JobState::Leased | JobState::Backoff
+                    )
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// A replica's verified result: count it, and decide when a quorum agrees.
+    pub(super) fn on_replica_result(&mut self, job_id: &str, worker: &str, result: JobResult) {
+        let Some(unit) = self.jobs.get(job_id).and_then(|j| j.unit.clone()) else {
+            return;
+        };
+        let Some(v) = self.votes.get_mut(&unit) else {
+            // The unit was decided already: this replica came too late.
+            if let Some(s) = &result.staging {
+                let _ = nexa_shared::artifact::remove_tree(s);
+            }
+            self.jobs.remove(job_id);
+            return;
+        };
+        v.results
+            .push((worker.to_string(), result, job_id.to_string()));
+        let needed = if v.single == Some(true) {
+            1
+        } else {
+            v.validation.quorum as usize
+        };
+        let refs: Vec<&JobResult> = v.results.iter().map(|r| &r.1).collect();
+        let group = quorum::largest_agreeing(&refs, v.validation.compare);
+        if group.len() >= needed {
+            self.decide(&unit, &group);
+            return;
+        }
+        if !self.outstanding(&unit).is_empty() {
+            return;
+        }
+        // Every replica is in and no quorum: ask more workers, up to twice the replicas.
+        let (made, limit, got, largest) = {
+            let Some(v) = self.votes.get(&unit) else {
+                return;
+            };
+            (
+                v.made,
+                v.validation.replicas * 2,
+                v.results.len(),
+                group.len(),
+            )
+        };
+        if made < limit {
+            self.add_replica(&unit);
+            self.dispatch();
+            return;
+        }
+        tracing::warn!(unit = %unit, results = got, largest, needed, "no quorum");
+        if let Some(v) = self.votes.remove(&unit) {
+            for (_, r, id) in &v.results {
+                if let Some(s) = &r.staging {
+                    let _ = nexa_shared::artifact::remove_tree(s);
+                }
+                if id != job_id {
+                    self.jobs.remove(id);
+                }
+            }
+        }
+        if let Some(j) = self.jobs.get_mut(job_id) {
+            j.state = JobState::Leased;
+        }
+        self.job_failed(
+            job_id,
+            format!(
+                "no quorum: {got} results, the largest agreeing group has {largest}, {needed} needed"
+            ),
+            false,
+        );
+    }
+
+    /// A quorum agreed: seal the first agreeing result; the agreeing workers earn trust
+    /// and credit, the others lose trust; unfinished replicas are dropped.
+    fn decide(&mut self, unit: &str, group: &[usize]) {
+        let Some(v) = self.votes.remove(unit) else {
+            return;
+        };
+        let single = v.single == Some(true);
+        let mut winner = None;
+        for (i, (worker, result, id)) in v.results.into_iter().enumerate() {
+            let agreed = group.contains(&i);
+            let credit = self.jobs.get(&id).map(|j| credit_of(&j.spec, &result));
+            if let Some(w) = self.workers.get_mut(&worker) {
+                let t: &mut Trust = w.trust.entry(v.kind.clone()).or_default();
+                match (agreed, single) {
+                    (true, true) => t.accepted_alone(),
+                    (true, false) => t.validated(),
+                    (false, _) => t.invalidated(),
+                }
+                if agreed && let Some(c) = credit {
+                    w.credit.cpu_seconds += c.cpu_seconds;
+                    w.credit.gpu_seconds += c.gpu_seconds;
+                }
+                self.dirty_workers.insert(worker.clone());
+            }
+            if !agreed {
+                self.refusals.outvoted += 1;
+                tracing::warn!(unit, worker = %worker, "result outvoted by the quorum");
+                self.record_outcome(&worker, false);
+            }
+            if winner.is_none() && agreed {
+                winner = Some((id, result));
+            } else {
+                if let Some(s) = &result.staging {
+                    let _ = nexa_shared::artifact::remove_tree(s);
+                }
+                self.jobs.remove(&id);
+            }
+        }
+        // Replicas still queued or running are not needed any more; a running one is
+        // told to stop at its worker's next heartbeat (its job is unknown then).
+        for id in self.outstanding(unit) {
+            self.release(&id);
+            self.jobs.remove(&id);
+        }
+        if let Some((id, result)) = winner {
+            self.start_sealing(&id, result, None);
+        }
+    }
+}
