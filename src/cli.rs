@@ -85,6 +85,9 @@ pub enum Command {
         /// Let this worker get work again (clears throttling and quarantine).
         #[arg(long, value_name = "WORKER")]
         activate: Option<String>,
+        /// A leaderboard by credit: verified GPU-seconds, then CPU-seconds.
+        #[arg(long)]
+        credit: bool,
     },
     /// The model registry: register, resolve, promote, list, show, history.
     Models {
@@ -218,8 +221,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             drain,
             ban,
             activate,
+            credit,
         } => {
             let r = remote.context("nexa workers needs --coordinator and --token")?;
+            if credit {
+                return runtime()?.block_on(leaderboard(&r, json));
+            }
             runtime()?.block_on(workers(&r, json, drain, ban, activate))
         }
         Command::Artifacts {
@@ -595,6 +602,46 @@ fn run_remote(
     })
 }
 
+/// `nexa workers --credit`: who did the most verified work.
+async fn leaderboard(r: &crate::remote::Remote, json: bool) -> anyhow::Result<ExitCode> {
+    let mut ws = crate::remote::workers(r).await?;
+    ws.sort_by(|a, b| {
+        (b.gpu_seconds, b.cpu_seconds)
+            .partial_cmp(&(a.gpu_seconds, a.cpu_seconds))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    if json {
+        let v: Vec<serde_json::Value> = ws
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                serde_json::json!({"rank": i + 1, "id": w.worker_id, "name": w.name,
+                    "gpu_seconds": w.gpu_seconds, "cpu_seconds": w.cpu_seconds,
+                    "valid": w.valid, "invalid": w.invalid})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:>4}  {:<18} {:<16} {:>12} {:>12} {:>7} {:>7}",
+        "rank", "worker", "name", "GPU-s", "CPU-s", "valid", "invalid"
+    );
+    for (i, w) in ws.iter().enumerate() {
+        println!(
+            "{:>4}  {:<18} {:<16} {:>12.1} {:>12.1} {:>7} {:>7}",
+            i + 1,
+            w.worker_id,
+            w.name,
+            w.gpu_seconds,
+            w.cpu_seconds,
+            w.valid,
+            w.invalid
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn workers(
     r: &crate::remote::Remote,
     json: bool,
@@ -626,6 +673,8 @@ async fn workers(
                     "id": w.worker_id, "name": w.name, "state": w.state, "slots": w.slots, "running": w.running,
                     "succeeded": w.succeeded, "failed": w.failed,
                     "error_rate": if total == 0 { 0.0 } else { w.failed as f64 / total as f64 },
+                    "valid": w.valid, "invalid": w.invalid, "trusted_for": w.trusted_for,
+                    "credit": {"cpu_seconds": w.cpu_seconds, "gpu_seconds": w.gpu_seconds},
                     "public_key": w.public_key.iter().map(|b| format!("{b:02x}")).collect::<String>(),
                     "profile": p,
                 })
@@ -635,8 +684,8 @@ async fn workers(
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<18} {:<16} {:<11} {:>5} {:>7} {:>9}  gpus",
-        "worker", "name", "state", "slots", "running", "err rate"
+        "{:<18} {:<16} {:<11} {:>5} {:>7} {:>9} {:>13}  gpus",
+        "worker", "name", "state", "slots", "running", "err rate", "valid/invalid"
     );
     for w in &ws {
         let p = w
@@ -662,14 +711,20 @@ async fn workers(
                 )
             })
             .collect();
+        let trust = if w.trusted_for.is_empty() {
+            format!("{}/{}", w.valid, w.invalid)
+        } else {
+            format!("{}/{} T", w.valid, w.invalid)
+        };
         println!(
-            "{:<18} {:<16} {:<11} {:>5} {:>7} {:>9}  {}",
+            "{:<18} {:<16} {:<11} {:>5} {:>7} {:>9} {:>13}  {}",
             w.worker_id,
             w.name,
             w.state,
             w.slots,
             w.running,
             rate,
+            trust,
             if gpus.is_empty() {
                 "-".to_string()
             } else {

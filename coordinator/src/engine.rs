@@ -193,6 +193,8 @@ pub enum Event {
     PlannedBatch(String, Vec<(usize, Plan)>),
     /// Sealing of a job's outputs finished.
     Sealed(String, std::result::Result<SealedJob, String>),
+    /// Replication figures: (units validated, replica jobs made).
+    Replication(oneshot::Sender<(u64, u64)>),
     /// A step the coordinator ran itself (`core.registry.*`) finished: what it did, or why
     /// it failed.
     CoordinatorStepDone(String, usize, std::result::Result<(String, bool), String>),
@@ -408,6 +410,7 @@ impl Coordinator {
             dirty_runs: Vec::new(),
             dirty_workers: Default::default(),
             votes: HashMap::new(),
+            decided: HashMap::new(),
             replication: Default::default(),
             rng: {
                 use rand_core::RngCore;
@@ -518,6 +521,14 @@ impl Coordinator {
     pub async fn refusals(&self) -> Result<Refusals> {
         let (tx, rx) = oneshot::channel();
         self.send(Event::Refusals(tx))?;
+        rx.await.map_err(|_| Error::ShutDown)
+    }
+
+    /// Replication so far: (units run under validation, replica jobs made for them).
+    /// `replicas / units - 1` is the extra work validation cost.
+    pub async fn replication(&self) -> Result<(u64, u64)> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::Replication(tx))?;
         rx.await.map_err(|_| Error::ShutDown)
     }
 
@@ -796,6 +807,8 @@ struct Engine {
     dirty_workers: std::collections::BTreeSet<String>,
     /// Replicated units waiting for their quorum, by unit id.
     votes: HashMap<String, replication::Vote>,
+    /// Decided units with replicas still running, by unit id.
+    decided: HashMap<String, replication::Decided>,
     /// Replication figures: units validated and replica jobs made for them.
     replication: replication::Counters,
     /// State of the spot-check random generator (xorshift, seeded at start).
@@ -909,6 +922,9 @@ impl Engine {
             Event::PlannedBatch(run, plans) => self.on_planned_batch(&run, plans),
             Event::Sealed(job, res) => self.on_sealed(&job, res),
             Event::Assembled(run, step, res) => self.on_assembled(&run, step, res),
+            Event::Replication(reply) => {
+                let _ = reply.send((self.replication.units, self.replication.replicas));
+            }
             Event::CoordinatorStepDone(run, step, res) => {
                 self.on_coordinator_step_done(&run, step, res)
             }
@@ -1731,6 +1747,10 @@ impl Engine {
             .map(|(id, _)| id.clone())
             .collect();
         for job_id in expired {
+            if self.drop_late_replica(&job_id) {
+                self.refusals.lease_expiries += 1;
+                continue;
+            }
             self.release(&job_id);
             let Some(j) = self.jobs.get_mut(&job_id) else {
                 continue;
@@ -1804,6 +1824,16 @@ impl Engine {
         }
         if matches!(result.outcome, Outcome::Failed | Outcome::TimedOut) {
             self.record_outcome(worker, false);
+        }
+        let Some(job) = self.jobs.get_mut(&result.job_id) else {
+            return;
+        };
+        if job.unit.is_some() && result.outcome != Outcome::Succeeded {
+            let job_id = result.job_id.clone();
+            if self.drop_late_replica(&job_id) {
+                cleanup_failed(None, result.staging.clone());
+                return;
+            }
         }
         let Some(job) = self.jobs.get_mut(&result.job_id) else {
             return;

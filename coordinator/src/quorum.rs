@@ -216,7 +216,7 @@ mod tests {
         t.validated();
         assert!(t.trusted());
         let p = t.spot_check_probability();
-        assert!(p < 0.1 && p >= MIN_SPOT_CHECK, "{p}");
+        assert!((MIN_SPOT_CHECK..0.1).contains(&p), "{p}");
         for _ in 0..1000 {
             t.accepted_alone();
         }

@@ -44,6 +44,16 @@ impl Vote {
     }
 }
 
+/// A decided unit whose leased replicas are still running: their results are judged
+/// against the sealed one when they come (a slow liar is caught all the same).
+#[derive(Debug)]
+pub(super) struct Decided {
+    canonical: JobResult,
+    kind: String,
+    compare: nexa_shared::spec::Compare,
+    pending: usize,
+}
+
 /// Replication figures since the coordinator started.
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Counters {
@@ -204,11 +214,9 @@ impl Engine {
             return;
         };
         let Some(v) = self.votes.get_mut(&unit) else {
-            // The unit was decided already: this replica came too late.
-            if let Some(s) = &result.staging {
-                let _ = nexa_shared::artifact::remove_tree(s);
-            }
-            self.jobs.remove(job_id);
+            // The unit was decided while this replica ran: judge it against the result
+            // that was sealed.
+            self.judge_late(&unit, job_id, worker, result);
             return;
         };
         v.results
@@ -239,7 +247,16 @@ impl Engine {
                 group.len(),
             )
         };
-        if made < limit {
+        // Only a worker that has not had a replica of this unit can break the tie.
+        let fresh = {
+            let Some(v) = self.votes.get(&unit) else {
+                return;
+            };
+            self.workers
+                .iter()
+                .any(|(id, w)| !w.lost && !v.workers.contains(id))
+        };
+        if made < limit && fresh {
             self.add_replica(&unit);
             self.dispatch();
             return;
@@ -265,6 +282,94 @@ impl Engine {
             ),
             false,
         );
+    }
+
+    /// A replica that reported after its unit was decided: agreeing earns trust and
+    /// credit, disagreeing loses trust, as if it had been in time.
+    fn judge_late(&mut self, unit: &str, job_id: &str, worker: &str, result: JobResult) {
+        let job = self.jobs.remove(job_id);
+        let run_id = job.as_ref().map(|j| j.run_id.clone());
+        let spec = job.map(|j| j.spec);
+        self.judge_late_result(unit, worker, spec, result);
+        if let Some(r) = run_id {
+            self.maybe_finish(&r);
+        }
+    }
+
+    /// A replica of a decided unit that will not report (it failed, or its lease
+    /// expired): forget it.
+    pub(super) fn drop_late_replica(&mut self, job_id: &str) -> bool {
+        let Some(unit) = self.jobs.get(job_id).and_then(|j| j.unit.clone()) else {
+            return false;
+        };
+        if self.votes.contains_key(&unit) {
+            return false;
+        }
+        self.release(job_id);
+        let run_id = self.jobs.remove(job_id).map(|j| j.run_id);
+        if let Some(d) = self.decided.get_mut(&unit) {
+            d.pending = d.pending.saturating_sub(1);
+            if d.pending == 0 {
+                self.decided.remove(&unit);
+            }
+        }
+        if let Some(r) = run_id {
+            self.maybe_finish(&r);
+        }
+        true
+    }
+
+    fn judge_late_result(
+        &mut self,
+        unit: &str,
+        worker: &str,
+        spec: Option<JobSpec>,
+        result: JobResult,
+    ) {
+        let Some(d) = self.decided.get_mut(unit) else {
+            if let Some(s) = &result.staging {
+                let _ = nexa_shared::artifact::remove_tree(s);
+            }
+            return;
+        };
+        // The winner's files are sealed by now: compare manifests (with a tolerance,
+        // a late result whose bytes differ is neither credited nor held against it).
+        let same = result.outputs == d.canonical.outputs;
+        let verdict = match (same, d.compare) {
+            (true, _) => Some(true),
+            (false, nexa_shared::spec::Compare::Exact) => Some(false),
+            (false, nexa_shared::spec::Compare::Tolerance(_)) => None,
+        };
+        let kind = d.kind.clone();
+        d.pending = d.pending.saturating_sub(1);
+        if d.pending == 0 {
+            self.decided.remove(unit);
+        }
+        if let Some(s) = &result.staging {
+            let _ = nexa_shared::artifact::remove_tree(s);
+        }
+        let Some(agreed) = verdict else {
+            return;
+        };
+        if let Some(w) = self.workers.get_mut(worker) {
+            let t = w.trust.entry(kind).or_default();
+            if agreed {
+                t.validated();
+                if let Some(spec) = &spec {
+                    let c = credit_of(spec, &result);
+                    w.credit.cpu_seconds += c.cpu_seconds;
+                    w.credit.gpu_seconds += c.gpu_seconds;
+                }
+            } else {
+                t.invalidated();
+            }
+            self.dirty_workers.insert(worker.to_string());
+        }
+        if !agreed {
+            self.refusals.outvoted += 1;
+            tracing::warn!(unit, worker, "late result outvoted by the quorum");
+            self.record_outcome(worker, false);
+        }
     }
 
     /// A quorum agreed: seal the first agreeing result; the agreeing workers earn trust
@@ -305,13 +410,34 @@ impl Engine {
                 self.jobs.remove(&id);
             }
         }
-        // Replicas still queued or running are not needed any more; a running one is
-        // told to stop at its worker's next heartbeat (its job is unknown then).
+        // Replicas still queued are not needed any more; running ones finish and are
+        // judged against the winner when they report.
+        let mut running = 0;
         for id in self.outstanding(unit) {
-            self.release(&id);
-            self.jobs.remove(&id);
+            if self
+                .jobs
+                .get(&id)
+                .is_some_and(|j| j.state == JobState::Leased)
+            {
+                running += 1;
+            } else {
+                self.jobs.remove(&id);
+            }
         }
         if let Some((id, result)) = winner {
+            if running > 0 {
+                let mut canonical = result.clone();
+                canonical.staging = None;
+                self.decided.insert(
+                    unit.to_string(),
+                    Decided {
+                        canonical,
+                        kind: v.kind.clone(),
+                        compare: v.validation.compare,
+                        pending: running,
+                    },
+                );
+            }
             self.start_sealing(&id, result, None);
         }
     }
