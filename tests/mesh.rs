@@ -772,3 +772,69 @@ fn refreshed_profiles_keep_free_gpu_memory_current_for_scheduling() {
         "GPU-l4"
     );
 }
+
+#[test]
+fn a_lying_worker_is_outvoted_over_the_mesh_and_credit_goes_to_the_honest() {
+    let p = Project::new();
+    let coord = Coord::open(&p.path().join("coord"));
+    let url = coord.url("http");
+    let h1 = Worker::start(&url, &p.path().join("honest-1"), 1, None, &[]);
+    let h2 = Worker::start(&url, &p.path().join("honest-2"), 1, None, &[]);
+    // A host that computes wrong answers (here: anything run under its work dir).
+    let liar = Worker::start(&url, &p.path().join("w-liar-7"), 1, None, &[]);
+    wait_workers(&p, &coord, 3);
+    let mut y = String::from("pipeline:\n  name: vote\n  steps:\n");
+    for i in 0..3 {
+        y.push_str(&format!(
+            "    - id: s{i}\n      uses: exec\n      validation: {{replicas: 3, quorum: 2}}\n      params: {{run: 'sleep 0.2; case \"$PWD\" in *w-liar-7*) echo 41;; *) echo 42;; esac > \"$NEXA_OUT/answer\"'}}\n      out: artifacts/s{i}\n"
+        ));
+    }
+    p.write("v.yaml", &y);
+    let out = remote(&p, &coord, &["pipeline", "run", "v.yaml"])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", text(&out));
+    let st = remote_status(&p, &coord, "v.yaml");
+    let art = coord.data.join("projects/vote/artifacts");
+    for i in 0..3 {
+        assert_eq!(
+            std::fs::read_to_string(art.join(format!("s{i}/answer")))
+                .unwrap_or_default()
+                .trim(),
+            "42"
+        );
+        assert_ne!(step(&st, &format!("s{i}"))["worker"], liar.public_key());
+    }
+    let ws = workers_json(&p, &coord);
+    let of = |w: &Worker| {
+        let key = w.public_key();
+        ws.iter()
+            .find(|x| x["public_key"] == key)
+            .cloned()
+            .expect("listed")
+    };
+    assert_eq!(of(&liar)["invalid"], 3, "{ws:?}");
+    assert_eq!(of(&liar)["valid"], 0);
+    for h in [&h1, &h2] {
+        assert_eq!(of(h)["valid"], 3, "{ws:?}");
+        assert_eq!(of(h)["invalid"], 0);
+    }
+    assert_eq!(coord.refusals(&p).get("outvoted"), Some(&3));
+    // The credit leaderboard: the honest workers first, the liar last with nothing.
+    let out = remote(&p, &coord, &["workers", "--credit", "--json"])
+        .output()
+        .expect("credit");
+    assert!(out.status.success(), "{}", text(&out));
+    let board: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(board.len(), 3);
+    assert_eq!(board[2]["id"], of(&liar)["id"]);
+    assert_eq!(board[2]["cpu_seconds"], 0.0);
+    assert!(
+        board[0]["cpu_seconds"].as_f64().is_some_and(|c| c >= 0.6),
+        "{board:?}"
+    );
+    let text_board = remote(&p, &coord, &["workers", "--credit"])
+        .output()
+        .expect("credit");
+    assert!(String::from_utf8_lossy(&text_board.stdout).contains("GPU-s"));
+}
