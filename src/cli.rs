@@ -70,6 +70,9 @@ pub enum Command {
         /// text, json or dot.
         #[arg(long, value_enum, default_value_t = crate::lineage_cmd::Format::Text)]
         format: crate::lineage_cmd::Format,
+        /// With --coordinator: the pipeline whose artifact this is.
+        #[arg(long)]
+        pipeline: Option<String>,
     },
     /// List the coordinator's workers, or drain / ban / re-activate one.
     Workers {
@@ -248,21 +251,28 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Models { command } => {
-            if remote.is_some() {
-                anyhow::bail!(
-                    "nexa models works on this project's registry (.nexa_state/registry); the coordinator's registry is not reachable over the control API yet"
-                );
-            }
-            crate::models::run(&project, command)
-        }
+        Command::Models { command } => match &remote {
+            Some(r) => runtime()?.block_on(crate::models::run_remote(r, command)),
+            None => crate::models::run(&project, command),
+        },
         Command::Lineage {
             artifact,
             up: _,
             down,
             depth,
             format,
-        } => crate::lineage_cmd::lineage(&project, &artifact, down, depth, format),
+            pipeline,
+        } => match &remote {
+            Some(r) => {
+                let pipeline = pipeline.context(
+                    "nexa lineage --coordinator needs --pipeline (the artifact's pipeline)",
+                )?;
+                runtime()?.block_on(crate::lineage_cmd::lineage_remote(
+                    r, &pipeline, &artifact, down, depth, format,
+                ))
+            }
+            None => crate::lineage_cmd::lineage(&project, &artifact, down, depth, format),
+        },
         Command::Verify {
             artifact,
             deep: true,

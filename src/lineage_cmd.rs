@@ -165,12 +165,39 @@ pub fn lineage(
 ) -> anyhow::Result<ExitCode> {
     let root = root_uri(&project.join(artifact))?;
     let g = project_index(project).walk(&root, !down, depth);
+    render(project, &g, !down, format)
+}
+
+fn render(project: &Path, g: &Graph, up: bool, format: Format) -> anyhow::Result<ExitCode> {
     match format {
-        Format::Text => print!("{}", text(project, &g, !down)),
-        Format::Json => println!("{}", serde_json::to_string_pretty(&g)?),
-        Format::Dot => print!("{}", dot(project, &g)),
+        Format::Text => print!("{}", text(project, g, up)),
+        Format::Json => println!("{}", serde_json::to_string_pretty(g)?),
+        Format::Dot => print!("{}", dot(project, g)),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `nexa lineage ARTIFACT --pipeline P --coordinator URL`: the coordinator's lineage of
+/// one of a pipeline's artifacts.
+pub async fn lineage_remote(
+    remote: &crate::remote::Remote,
+    pipeline: &str,
+    artifact: &Path,
+    down: bool,
+    depth: usize,
+    format: Format,
+) -> anyhow::Result<ExitCode> {
+    let depth = u32::try_from(depth).unwrap_or(0);
+    let (json, project) = crate::remote::lineage(
+        remote,
+        pipeline,
+        &artifact.display().to_string(),
+        down,
+        depth,
+    )
+    .await?;
+    let g: Graph = serde_json::from_str(&json)?;
+    render(Path::new(&project), &g, !down, format)
 }
 
 /// `nexa verify ARTIFACT --deep`: the artifact and its whole ancestry. Every artifact is

@@ -147,14 +147,7 @@ pub fn run(project: &Path, command: ModelsCommand) -> anyhow::Result<ExitCode> {
                 println!("registered {}:{} -> {}", v.name, v.version, v.uri);
             }
         }
-        ModelsCommand::Resolve { reference, json } => {
-            let v = r.resolve(&reference)?;
-            if json {
-                print_json(&v)?;
-            } else {
-                println!("{}", v.uri);
-            }
-        }
+        ModelsCommand::Resolve { reference, json } => print_version(&r.resolve(&reference)?, json)?,
         ModelsCommand::Promote { name, version, tag } => {
             let p = r.promote(&name, &version, &tag)?;
             println!("promoted {name}:{} to {tag} (verified)", p.version);
@@ -163,18 +156,73 @@ pub fn run(project: &Path, command: ModelsCommand) -> anyhow::Result<ExitCode> {
             r.delete(&name, &version)?;
             println!("deleted {name}:{version}");
         }
-        ModelsCommand::List { json } => {
-            let models = r.list()?;
-            if json {
-                print_json(&models)?;
-            } else {
-                for m in &models {
-                    println!("{}", summary(m));
-                }
-            }
+        ModelsCommand::List { json } => print_list(&r.list()?, json)?,
+        ModelsCommand::Show { name, json } => print_model(&r.show(&name)?, json)?,
+        ModelsCommand::History { name, tag, json } => print_history(&r.show(&name)?, tag, json)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs a `nexa models` command against a coordinator's registry (what pipelines on
+/// it registered). Registering and deleting are done by pipelines' registry steps.
+pub async fn run_remote(
+    remote: &crate::remote::Remote,
+    command: ModelsCommand,
+) -> anyhow::Result<ExitCode> {
+    use crate::remote::models;
+    match command {
+        ModelsCommand::Register { .. } | ModelsCommand::Delete { .. } => anyhow::bail!(
+            "on a coordinator, models are registered by pipelines' core.registry.register steps; register and delete work on this project's registry (without --coordinator)"
+        ),
+        ModelsCommand::Resolve { reference, json } => {
+            let v = serde_json::from_str(&models(remote, "resolve", &reference, "", "").await?)?;
+            print_version(&v, json)?;
         }
-        ModelsCommand::Show { name, json } => {
-            let m = r.show(&name)?;
+        ModelsCommand::Promote { name, version, tag } => {
+            let p: nexa_coordinator::registry::Promotion =
+                serde_json::from_str(&models(remote, "promote", &name, &version, &tag).await?)?;
+            println!("promoted {name}:{} to {tag} (verified)", p.version);
+        }
+        ModelsCommand::List { json } => {
+            let list: Vec<Model> =
+                serde_json::from_str(&models(remote, "list", "", "", "").await?)?;
+            print_list(&list, json)?
+        }
+        ModelsCommand::Show { name, json } => print_model(
+            &serde_json::from_str(&models(remote, "show", &name, "", "").await?)?,
+            json,
+        )?,
+        ModelsCommand::History { name, tag, json } => print_history(
+            &serde_json::from_str(&models(remote, "show", &name, "", "").await?)?,
+            tag,
+            json,
+        )?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_version(v: &nexa_coordinator::registry::Version, json: bool) -> anyhow::Result<()> {
+    if json {
+        print_json(v)
+    } else {
+        println!("{}", v.uri);
+        Ok(())
+    }
+}
+
+fn print_list(models: &[Model], json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(&models);
+    }
+    for m in models {
+        println!("{}", summary(m));
+    }
+    Ok(())
+}
+
+fn print_model(m: &Model, json: bool) -> anyhow::Result<()> {
+    {
+        {
             if json {
                 print_json(&m)?;
             } else {
@@ -206,8 +254,13 @@ pub fn run(project: &Path, command: ModelsCommand) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        ModelsCommand::History { name, tag, json } => {
-            let m = r.show(&name)?;
+    }
+    Ok(())
+}
+
+fn print_history(m: &Model, tag: Option<String>, json: bool) -> anyhow::Result<()> {
+    {
+        {
             let h: Vec<_> = m
                 .history
                 .iter()
@@ -228,5 +281,5 @@ pub fn run(project: &Path, command: ModelsCommand) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }

@@ -315,6 +315,51 @@ pub async fn refusals(remote: &Remote) -> anyhow::Result<Vec<(String, u64)>> {
     Ok(v)
 }
 
+/// A registry call on the coordinator; the answer as JSON.
+pub async fn models(
+    remote: &Remote,
+    op: &str,
+    name: &str,
+    version: &str,
+    tag: &str,
+) -> anyhow::Result<String> {
+    let mut c = Control::connect(remote).await?;
+    Ok(c.client
+        .models(c.req(v1::ModelsRequest {
+            op: op.into(),
+            name: name.into(),
+            version: version.into(),
+            tag: tag.into(),
+        }))
+        .await
+        .map_err(status_err)?
+        .into_inner()
+        .json)
+}
+
+/// Lineage of a pipeline's artifact on the coordinator: (graph as JSON, project dir).
+pub async fn lineage(
+    remote: &Remote,
+    pipeline: &str,
+    path: &str,
+    down: bool,
+    depth: u32,
+) -> anyhow::Result<(String, String)> {
+    let mut c = Control::connect(remote).await?;
+    let r = c
+        .client
+        .lineage(c.req(v1::LineageRequest {
+            pipeline: pipeline.into(),
+            path: path.into(),
+            down,
+            depth,
+        }))
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    Ok((r.graph_json, r.project))
+}
+
 /// Drains, bans or re-activates a worker.
 pub async fn set_worker_state(
     remote: &Remote,

@@ -838,3 +838,93 @@ fn a_lying_worker_is_outvoted_over_the_mesh_and_credit_goes_to_the_honest() {
         .expect("credit");
     assert!(String::from_utf8_lossy(&text_board.stdout).contains("GPU-s"));
 }
+
+#[test]
+fn registry_and_lineage_survive_a_coordinator_sigkill() {
+    let p = Project::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let data = p.path().join("coord");
+    let mut coord = Coord::start(&data, &listen, &["--open-enrolment"]);
+    let url = coord.url("http");
+    let _w = Worker::start(&url, &p.path().join("w"), 1, None, &[]);
+    wait_workers(&p, &coord, 1);
+    p.write(
+        "r.yaml",
+        r#"pipeline:
+  name: reg
+  steps:
+    - id: a
+      uses: exec
+      params: {run: 'echo weights > "$NEXA_OUT/model.bin"'}
+      out: artifacts/a
+    - id: b
+      uses: exec
+      in: {m: artifacts/a/model.bin}
+      params: {run: 'wc -c < "$NEXA_IN_M" > "$NEXA_OUT/size"'}
+      out: artifacts/b
+    - id: register
+      uses: core.registry.register
+      in: {model: artifacts/a}
+      params: {name: clf, meta: {accuracy: 0.9}}
+    - id: promote
+      uses: core.registry.promote
+      after: [register]
+      params: {name: clf, version: latest, tag: prod}
+"#,
+    );
+    let out = remote(&p, &coord, &["pipeline", "run", "r.yaml"])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", text(&out));
+    coord.sigkill();
+    let coord = Coord::start(&data, &listen, &["--open-enrolment"]);
+    let ok = |args: &[&str]| {
+        let out = remote(&p, &coord, args).output().expect("nexa");
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let history: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(&["models", "history", "clf", "--json"])).expect("json");
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!(history[0]["version"], "0.1.0");
+    assert!(history[0]["to"].is_null());
+    let uri = ok(&["models", "resolve", "clf:prod"]);
+    assert!(uri.trim().ends_with("projects/reg/artifacts/a"), "{uri}");
+    let up: serde_json::Value = serde_json::from_str(&ok(&[
+        "lineage",
+        "artifacts/b",
+        "--pipeline",
+        "reg",
+        "--format",
+        "json",
+    ]))
+    .expect("json");
+    let steps: Vec<&str> = up["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["step"].as_str())
+        .collect();
+    assert_eq!(steps, ["b", "a"], "{up}");
+    assert!(
+        up["nodes"][0]["worker"]
+            .as_str()
+            .is_some_and(|w| w.len() == 64),
+        "the signing worker is recorded: {up}"
+    );
+    let down = ok(&["lineage", "artifacts/a", "--pipeline", "reg", "--down"]);
+    assert!(down.contains("→ m: artifacts/b"), "{down}");
+    // Running it again finds everything done, the registry steps included.
+    let out = remote(&p, &coord, &["pipeline", "run", "r.yaml"])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", text(&out));
+    let st = remote_status(&p, &coord, "r.yaml");
+    for s in ["a", "b", "register", "promote"] {
+        assert_eq!(step(&st, s)["status"], "SKIPPED", "{st}");
+    }
+}

@@ -258,7 +258,7 @@ impl Index {
 }
 
 /// An edge: `to` was made from `from` (its input `input`).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Edge {
     /// The input artifact.
     pub from: String,
@@ -269,7 +269,7 @@ pub struct Edge {
 }
 
 /// An input that no artifact produced (a file of the project).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct External {
     /// The artifact that read it.
     pub consumer: String,
@@ -282,7 +282,7 @@ pub struct External {
 }
 
 /// The result of a walk.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Graph {
     /// Where the walk started.
     pub root: String,

@@ -533,6 +533,78 @@ impl ControlService for ControlApi {
         }))
     }
 
+    async fn models(
+        &self,
+        req: Request<v1::ModelsRequest>,
+    ) -> Result<Response<v1::ModelsResponse>, Status> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let store = self.store.clone();
+        let json = tokio::task::spawn_blocking(move || {
+            let reg = crate::registry::Registry::new(store.as_ref());
+            match r.op.as_str() {
+                "list" => serde_json::to_string(&reg.list()?).map_err(Into::into),
+                "show" => serde_json::to_string(&reg.show(&r.name)?).map_err(Into::into),
+                "resolve" => serde_json::to_string(&reg.resolve(&r.name)?).map_err(Into::into),
+                "promote" => serde_json::to_string(&reg.promote(&r.name, &r.version, &r.tag)?)
+                    .map_err(Into::into),
+                other => Err(crate::Error::Registry(format!(
+                    "unknown registry operation '{other}'"
+                ))),
+            }
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e: crate::Error| match e {
+            crate::Error::NotFound(m) => Status::not_found(m),
+            crate::Error::Registry(m) => Status::failed_precondition(m),
+            other => Status::internal(other.to_string()),
+        })?;
+        Ok(Response::new(v1::ModelsResponse { json }))
+    }
+
+    async fn lineage(
+        &self,
+        req: Request<v1::LineageRequest>,
+    ) -> Result<Response<v1::LineageResponse>, Status> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let project = Self::project_dir(&self.cfg.data_dir, &r.pipeline);
+        let rel = paths::contained(&project, &r.path)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let out =
+            std::path::absolute(project.join(rel)).map_err(|e| Status::internal(e.to_string()))?;
+        if !out.join(nexa_shared::artifact::META).is_file() {
+            return Err(Status::not_found(format!(
+                "{} of pipeline {} is not an artifact",
+                r.path, r.pipeline
+            )));
+        }
+        let store = self.store.clone();
+        let proj = project.clone();
+        let graph = tokio::task::spawn_blocking(move || -> crate::Result<String> {
+            let mut idx = crate::lineage::Index::new(&proj);
+            idx.add(crate::lineage::dump(store.as_ref())?);
+            let depth = if r.depth == 0 {
+                usize::MAX
+            } else {
+                r.depth as usize
+            };
+            let root = format!("file://{}", out.display());
+            Ok(serde_json::to_string(&idx.walk(&root, !r.down, depth))?)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(v1::LineageResponse {
+            graph_json: graph,
+            project: std::path::absolute(&project)
+                .unwrap_or(project)
+                .display()
+                .to_string(),
+        }))
+    }
+
     async fn refusals(
         &self,
         req: Request<v1::RefusalsRequest>,
