@@ -221,65 +221,55 @@ fn print_list(models: &[Model], json: bool) -> anyhow::Result<()> {
 }
 
 fn print_model(m: &Model, json: bool) -> anyhow::Result<()> {
-    {
-        {
-            if json {
-                print_json(&m)?;
-            } else {
-                println!("{}", summary(&m));
-                for v in m.versions.values() {
-                    let tags: Vec<&str> = m
-                        .tags
-                        .iter()
-                        .filter(|(_, t)| t.version == v.version)
-                        .map(|(k, _)| k.as_str())
-                        .collect();
-                    println!(
-                        "  {:<10} {}  {}  {}{}{}",
-                        v.version,
-                        v.registered_at,
-                        v.hash.as_deref().unwrap_or("-"),
-                        v.uri,
-                        if tags.is_empty() {
-                            String::new()
-                        } else {
-                            format!("  [{}]", tags.join(", "))
-                        },
-                        if v.deleted_at.is_some() {
-                            "  (deleted)"
-                        } else {
-                            ""
-                        }
-                    );
-                }
-            }
-        }
+    if json {
+        return print_json(m);
+    }
+    println!("{}", summary(m));
+    for v in m.versions.values() {
+        let tags: Vec<&str> = m
+            .tags
+            .iter()
+            .filter(|(_, t)| t.version == v.version)
+            .map(|(k, _)| k.as_str())
+            .collect();
+        let tags = if tags.is_empty() {
+            String::new()
+        } else {
+            format!("  [{}]", tags.join(", "))
+        };
+        let deleted = if v.deleted_at.is_some() {
+            "  (deleted)"
+        } else {
+            ""
+        };
+        println!(
+            "  {:<10} {}  {}  {}{tags}{deleted}",
+            v.version,
+            v.registered_at,
+            v.hash.as_deref().unwrap_or("-"),
+            v.uri,
+        );
     }
     Ok(())
 }
 
 fn print_history(m: &Model, tag: Option<String>, json: bool) -> anyhow::Result<()> {
-    {
-        {
-            let h: Vec<_> = m
-                .history
-                .iter()
-                .filter(|p| tag.as_ref().is_none_or(|t| &p.tag == t))
-                .collect();
-            if json {
-                print_json(&h)?;
-            } else {
-                for p in h {
-                    println!(
-                        "{:<10} {:<10} {} -> {}",
-                        p.tag,
-                        p.version,
-                        p.from,
-                        p.to.as_deref().unwrap_or("now")
-                    );
-                }
-            }
-        }
+    let h: Vec<_> = m
+        .history
+        .iter()
+        .filter(|p| tag.as_ref().is_none_or(|t| &p.tag == t))
+        .collect();
+    if json {
+        return print_json(&h);
+    }
+    for p in h {
+        println!(
+            "{:<10} {:<10} {} -> {}",
+            p.tag,
+            p.version,
+            p.from,
+            p.to.as_deref().unwrap_or("now")
+        );
     }
     Ok(())
 }
