@@ -694,8 +694,16 @@ async fn workers(
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<18} {:<16} {:<11} {:>5} {:>7} {:>9} {:>13}  gpus",
-        "worker", "name", "state", "slots", "running", "err rate", "valid/invalid"
+        "{:<18} {:<16} {:<11} {:>5} {:>7} {:>9} {:>13} {:>9} {:>9}  gpus",
+        "worker",
+        "name",
+        "state",
+        "slots",
+        "running",
+        "err rate",
+        "valid/invalid",
+        "CPU-s",
+        "GPU-s"
     );
     for w in &ws {
         let p = w
@@ -727,7 +735,7 @@ async fn workers(
             format!("{}/{} T", w.valid, w.invalid)
         };
         println!(
-            "{:<18} {:<16} {:<11} {:>5} {:>7} {:>9} {:>13}  {}",
+            "{:<18} {:<16} {:<11} {:>5} {:>7} {:>9} {:>13} {:>9.1} {:>9.1}  {}",
             w.worker_id,
             w.name,
             w.state,
@@ -735,6 +743,8 @@ async fn workers(
             w.running,
             rate,
             trust,
+            w.cpu_seconds,
+            w.gpu_seconds,
             if gpus.is_empty() {
                 "-".to_string()
             } else {

@@ -75,6 +75,7 @@ async fn bench(
         mesh,
         operator_token: "bench".into(),
         unfit_grace: Duration::from_secs(30),
+        default_validation: None,
         tls: None,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -235,6 +235,9 @@ pub struct EngineConfig {
     /// The store `core.registry.*` steps act on; `None`: the project's own
     /// `.nexa_state/registry` (embedded), opened for each step.
     pub registry: Option<Arc<dyn Store>>,
+    /// Validation for every step that does not ask for its own (a pool of untrusted
+    /// workers); `None`: only steps with `validation` are replicated.
+    pub default_validation: Option<nexa_shared::spec::Validation>,
 }
 
 impl std::fmt::Debug for EngineConfig {
@@ -247,6 +250,7 @@ impl std::fmt::Debug for EngineConfig {
                 "registry",
                 &self.registry.as_ref().map(|_| "coordinator store"),
             )
+            .field("default_validation", &self.default_validation)
             .finish()
     }
 }
@@ -259,6 +263,7 @@ impl EngineConfig {
             unfit_grace: Duration::ZERO,
             throttle_failing_workers: false,
             registry: None,
+            default_validation: None,
         }
     }
 }
@@ -1429,7 +1434,8 @@ impl Engine {
         let validation = self
             .runs
             .get(run_id)
-            .and_then(|r| r.ctx.pipeline.steps[i].validation);
+            .and_then(|r| r.ctx.pipeline.steps[i].validation)
+            .or(self.config.default_validation);
         for (shard, mut spec) in new_jobs {
             let unit = validation.map(|v| {
                 // Replicas are jobs `<unit>~r<k>`; the first is made now, the others

@@ -74,6 +74,10 @@ struct ServeArgs {
     /// Seconds a job no worker can run waits for one to join [default: 30].
     #[arg(long, env = "NEXA_UNFIT_GRACE_S")]
     unfit_grace_s: Option<u64>,
+    /// Replicate every step that has no `validation` of its own, for a pool of untrusted
+    /// workers: `replicas=N,quorum=K[,tolerance=R][,homogeneous]`.
+    #[arg(long, env = "NEXA_VALIDATE")]
+    validate: Option<String>,
 }
 
 impl ServeArgs {
@@ -99,7 +103,8 @@ impl ServeArgs {
             tls_cert,
             tls_key,
             heartbeat_ms,
-            unfit_grace_s
+            unfit_grace_s,
+            validate
         );
         Ok(self)
     }
@@ -183,6 +188,12 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         mesh,
         operator_token,
         unfit_grace: Duration::from_secs(a.unfit_grace_s.unwrap_or(30)),
+        default_validation: a
+            .validate
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(|e: String| anyhow::anyhow!("--validate: {e}"))?,
         tls,
     };
     let listen = a.listen.unwrap_or_else(|| "127.0.0.1:7070".into());

@@ -211,3 +211,26 @@ async fn trusted_workers_are_spot_checked_and_the_extra_work_stays_small() {
     assert!(extra <= 0.10, "extra work {:.1}% > 10%", extra * 100.0);
     assert!(extra > 0.0, "trusted workers are still spot-checked");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_wide_default_replicates_steps_that_ask_for_nothing() {
+    let project = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(SledStore::open(&project.path().join("store")).expect("store"));
+    let config = EngineConfig {
+        default_validation: Some("replicas=2,quorum=2".parse().expect("valid")),
+        ..EngineConfig::embedded()
+    };
+    let (coord, _task) = Coordinator::start(store, config);
+    let leases = Arc::new(AtomicU64::new(0));
+    let scratch = project.path().join("workers");
+    spawn_worker(coord.clone(), "h1", &scratch, honest, leases.clone());
+    spawn_worker(coord.clone(), "h2", &scratch, honest, leases.clone());
+    let mut y = String::from("pipeline:\n  name: plain\n  steps:\n");
+    for i in 0..5 {
+        y.push_str(&format!(
+            "    - {{id: s{i}, uses: exec, after: [], params: {{cmd: [\"true\"]}}, out: artifacts/plain/s{i}}}\n"
+        ));
+    }
+    assert_eq!(run(&coord, project.path(), &y).await, RunOutcome::Succeeded);
+    assert_eq!(coord.replication().await.expect("figures"), (5, 10));
+}

@@ -845,6 +845,54 @@ fn parse_shards(v: &Node, label: &str, d: &mut Diagnostics) -> Option<Shards> {
     })
 }
 
+impl std::str::FromStr for Validation {
+    type Err = String;
+
+    /// `replicas=N,quorum=K[,tolerance=R][,homogeneous]`, as an operator gives a
+    /// coordinator-wide default (`nexa-coordinator serve --validate ...`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut replicas = None;
+        let mut quorum = None;
+        let mut compare = Compare::Exact;
+        let mut homogeneous = false;
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part.split_once('=').unwrap_or((part, ""));
+            let num = |v: &str| {
+                v.parse::<u32>()
+                    .map_err(|_| format!("'{k}' needs a whole number, not '{v}'"))
+            };
+            match k {
+                "replicas" => replicas = Some(num(v)?),
+                "quorum" => quorum = Some(num(v)?),
+                "tolerance" => match v.parse::<f64>() {
+                    Ok(t) if t.is_finite() && t >= 0.0 => compare = Compare::Tolerance(t),
+                    _ => return Err(format!("'tolerance' needs a relative amount, not '{v}'")),
+                },
+                "exact" => compare = Compare::Exact,
+                "homogeneous" => homogeneous = true,
+                other => {
+                    return Err(format!(
+                        "unknown validation setting '{other}' (replicas, quorum, tolerance, exact, homogeneous)"
+                    ));
+                }
+            }
+        }
+        let replicas = replicas.unwrap_or(2);
+        let quorum = quorum.unwrap_or(replicas / 2 + 1);
+        if !(1..=16).contains(&replicas) || quorum == 0 || quorum > replicas {
+            return Err(format!(
+                "validation needs 1 <= quorum <= replicas <= 16 (got replicas {replicas}, quorum {quorum})"
+            ));
+        }
+        Ok(Validation {
+            replicas,
+            quorum,
+            compare,
+            homogeneous,
+        })
+    }
+}
+
 fn parse_validation(v: &Node, label: &str, d: &mut Diagnostics) -> Option<Validation> {
     let es = map_entries(v, "validation", d)?;
     check_duplicate_keys(es, "validation", d);

@@ -18,6 +18,8 @@ pub struct ServeConfig {
     pub operator_token: String,
     /// How long a job no worker can run waits for one before it fails.
     pub unfit_grace: Duration,
+    /// Validation for steps that ask for none (`--validate`).
+    pub default_validation: Option<nexa_shared::spec::Validation>,
     /// PEM certificate chain and key for TLS; plain HTTP/2 when absent.
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
 }
@@ -40,6 +42,7 @@ pub async fn serve(
             unfit_grace: cfg.unfit_grace,
             throttle_failing_workers: true,
             registry: Some(store.clone()),
+            default_validation: cfg.default_validation,
         },
     );
     let control = ControlApi::new(

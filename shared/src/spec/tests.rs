@@ -232,3 +232,38 @@ fn registry_steps_check_their_params_and_take_no_out() {
     );
     assert!(has(&d, "step 'no_tag': unknown param 'colour'"), "{d:?}");
 }
+
+#[test]
+fn a_pool_wide_validation_parses_from_a_flag() {
+    let v: Validation = "replicas=3,quorum=2,tolerance=0.01,homogeneous"
+        .parse()
+        .expect("valid");
+    assert_eq!(
+        v,
+        Validation {
+            replicas: 3,
+            quorum: 2,
+            compare: Compare::Tolerance(0.01),
+            homogeneous: true
+        }
+    );
+    let v: Validation = "replicas=2".parse().expect("valid");
+    assert_eq!((v.replicas, v.quorum, v.compare), (2, 2, Compare::Exact));
+    assert!("replicas=2,quorum=3".parse::<Validation>().is_err());
+    assert!("copies=2".parse::<Validation>().is_err());
+}
+
+#[test]
+fn step_validation_is_read_and_checked() {
+    let src = "pipeline:\n  name: x\n  steps:\n    - id: a\n      uses: exec\n      params: {cmd: [x]}\n      validation: {replicas: 3, quorum: 2, compare: {tolerance: 0.001}, homogeneous: true}\n    - id: b\n      uses: exec\n      params: {cmd: [x]}\n      validation: {replicas: 2, quorum: 5, colour: red}\n";
+    let d = diags(src);
+    assert!(
+        has(
+            &d,
+            "step 'b': 'validation' needs 1 <= quorum <= replicas <= 16"
+        ),
+        "{d:?}"
+    );
+    assert!(has(&d, "unknown field 'colour'"), "{d:?}");
+    assert!(!has(&d, "step 'a'"), "{d:?}");
+}
