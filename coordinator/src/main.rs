@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve workers and operators.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Write a development CA and a server certificate for TLS.
     Certs {
         /// Where to write ca.pem, server.pem and server.key.
