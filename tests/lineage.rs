@@ -82,6 +82,10 @@ fn lineage_answers_both_ways_across_pipelines_and_verify_deep_finds_the_broken_l
         .and_then(|n| n.iter().find(|n| n["step"] == "d"))
         .expect("d");
     assert_eq!(node_d["pipeline"], "chain");
+    assert!(
+        node_d["job"].as_str().is_some_and(|j| j.ends_with("/d")),
+        "the producing job is in the lineage: {node_d}"
+    );
     assert!(node_d["run_id"].as_str().is_some_and(|r| !r.is_empty()));
     assert_eq!(
         node_d["worker"].as_str().map(str::len),

@@ -37,6 +37,10 @@ pub struct Node {
     pub run_id: String,
     /// The step's cache key.
     pub cache_key: String,
+    /// The producing job (from the signed manifest; `None` for an assembled sharded
+    /// step, whose shards each had their own job).
+    #[serde(default)]
+    pub job: Option<String>,
     /// The producing worker's public key (hex), when a worker signed it.
     pub worker: Option<String>,
     /// The worker's signature (hex).
@@ -117,6 +121,11 @@ pub fn node_of(project: &Path, out: &Path, meta: &Meta) -> Node {
         step: label("step_id"),
         run_id: label("run_id"),
         cache_key: label("cache_key"),
+        job: meta
+            .labels
+            .get(nexa_shared::provenance::SIGNED_LABEL)
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok())
+            .and_then(|v| v["job_id"].as_str().map(str::to_string)),
         worker: meta.labels.get("worker").cloned(),
         signature: meta.labels.get("signature").cloned(),
         inputs,
@@ -310,6 +319,7 @@ mod tests {
             step: uri.rsplit('/').next().unwrap_or_default().into(),
             run_id: "r".into(),
             cache_key: "k".into(),
+            job: None,
             worker: None,
             signature: None,
             inputs: inputs

@@ -24,6 +24,9 @@ fn pipeline(name: &str, steps: usize, replicas: u32, quorum: u32, chain: bool) -
     y
 }
 
+/// Who took which job: (job id, worker).
+type Taken = Arc<std::sync::Mutex<Vec<(String, String)>>>;
+
 /// A simulated worker: leases forever, answers `content(lease)`, signs, reports.
 fn spawn_worker(
     coord: Coordinator,
@@ -31,6 +34,19 @@ fn spawn_worker(
     root: &Path,
     content: fn(&Lease) -> Vec<u8>,
     leases: Arc<AtomicU64>,
+) -> [u8; 32] {
+    spawn_worker_on(coord, id, root, content, leases, "x86_64", None)
+}
+
+/// [`spawn_worker`] on a given CPU architecture, noting the jobs it takes in `taken`.
+fn spawn_worker_on(
+    coord: Coordinator,
+    id: &'static str,
+    root: &Path,
+    content: fn(&Lease) -> Vec<u8>,
+    leases: Arc<AtomicU64>,
+    arch: &str,
+    taken: Option<Taken>,
 ) -> [u8; 32] {
     let identity = Arc::new(Identity::generate());
     coord
@@ -42,6 +58,8 @@ fn spawn_worker(
                 profile: nexa_shared::hardware::Profile {
                     cores: 1,
                     memory_total: 1 << 30,
+                    arch: arch.into(),
+                    os: "linux".into(),
                     ..Default::default()
                 },
                 slots: 1,
@@ -54,6 +72,11 @@ fn spawn_worker(
         let mut n = 0u64;
         while let Some(lease) = coord.lease(id).await {
             leases.fetch_add(1, Ordering::Relaxed);
+            if let Some(t) = &taken {
+                t.lock()
+                    .expect("lock")
+                    .push((lease.job.job_id.clone(), id.to_string()));
+            }
             n += 1;
             let staging = root.join(n.to_string());
             let body = content(&lease);
@@ -233,4 +256,46 @@ async fn a_pool_wide_default_replicates_steps_that_ask_for_nothing() {
     }
     assert_eq!(run(&coord, project.path(), &y).await, RunOutcome::Succeeded);
     assert_eq!(coord.replication().await.expect("figures"), (5, 10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn homogeneous_replicas_stay_within_one_hardware_class() {
+    let project = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(SledStore::open(&project.path().join("store")).expect("store"));
+    let (coord, _task) = Coordinator::start(store, EngineConfig::embedded());
+    let leases = Arc::new(AtomicU64::new(0));
+    let taken: Taken = Default::default();
+    let scratch = project.path().join("workers");
+    for (id, arch) in [("x1", "x86_64"), ("x2", "x86_64"), ("arm", "aarch64")] {
+        spawn_worker_on(
+            coord.clone(),
+            id,
+            &scratch,
+            honest,
+            leases.clone(),
+            arch,
+            Some(taken.clone()),
+        );
+    }
+    let mut y = String::from("pipeline:\n  name: homo\n  steps:\n");
+    for i in 0..12 {
+        y.push_str(&format!(
+            "    - {{id: s{i}, uses: exec, after: [], validation: {{replicas: 2, quorum: 2, homogeneous: true}}, params: {{cmd: [\"true\"]}}, out: artifacts/homo/s{i}}}\n"
+        ));
+    }
+    assert_eq!(run(&coord, project.path(), &y).await, RunOutcome::Succeeded);
+    let taken = taken.lock().expect("lock").clone();
+    // The lone aarch64 worker can never make a quorum of its class: it gets nothing;
+    // every unit ran on the two x86_64 workers.
+    assert!(taken.iter().all(|(_, w)| w != "arm"), "{taken:?}");
+    for i in 0..12 {
+        let unit = format!("s{i}~");
+        let mut on: Vec<&str> = taken
+            .iter()
+            .filter(|(j, _)| j.contains(&format!("/{unit}")))
+            .map(|(_, w)| w.as_str())
+            .collect();
+        on.sort();
+        assert_eq!(on, ["x1", "x2"], "unit s{i}: {taken:?}");
+    }
 }

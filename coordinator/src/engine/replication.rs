@@ -108,15 +108,33 @@ impl Engine {
         if v.workers.contains(worker) {
             return false;
         }
-        match (&v.class, self.workers.get(worker)) {
-            (Some(class), Some(w)) if v.validation.homogeneous => {
-                let gpu_job = self
-                    .jobs
-                    .get(&format!("{unit}~r0"))
-                    .is_some_and(|j| j.spec.requirements.gpus > 0);
-                &class_of(&w.info.profile, gpu_job) == class
+        if !v.validation.homogeneous {
+            return true;
+        }
+        let Some(w) = self.workers.get(worker) else {
+            return false;
+        };
+        let gpu_job = self
+            .jobs
+            .get(&format!("{unit}~r0"))
+            .is_some_and(|j| j.spec.requirements.gpus > 0);
+        let mine = class_of(&w.info.profile, gpu_job);
+        match &v.class {
+            Some(class) => &mine == class,
+            // The first replica only goes to a class with enough workers for a quorum,
+            // or the unit could never be decided.
+            None => {
+                let peers = self
+                    .workers
+                    .values()
+                    .filter(|o| {
+                        !o.lost
+                            && o.admin == super::AdminState::Active
+                            && class_of(&o.info.profile, gpu_job) == mine
+                    })
+                    .count();
+                peers >= v.validation.quorum as usize
             }
-            _ => true,
         }
     }
 
