@@ -657,20 +657,26 @@ fn a_worker_that_stalls_briefly_keeps_its_lease_and_one_that_stalls_too_long_los
         );
     };
 
+    // Runs pipeline `name`, freezes the worker for `stall` once the first attempt has
+    // started, and waits for the run to succeed.
+    let run_with_stall = |name: &str, stall: Duration| {
+        let client = remote(&p, &coord, &["pipeline", "run", &format!("{name}.yaml")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("client");
+        wait_for("the first attempt", Duration::from_secs(20), || {
+            p.read(&format!("{name}.log")).contains('1')
+        });
+        w.freeze(stall);
+        let out = client.wait_with_output().expect("client");
+        assert!(out.status.success(), "{}", text(&out));
+    };
+
     // One late heartbeat (the process frozen for 550 ms, under the 900 ms ttl): the
     // worker is not declared dead and the job completes on its first attempt.
     pipeline("brief", 3);
-    let client = remote(&p, &coord, &["pipeline", "run", "brief.yaml"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("client");
-    wait_for("the first attempt", Duration::from_secs(20), || {
-        p.read("brief.log").contains('1')
-    });
-    w.freeze(Duration::from_millis(550));
-    let out = client.wait_with_output().expect("client");
-    assert!(out.status.success(), "{}", text(&out));
+    run_with_stall("brief", Duration::from_millis(550));
     assert_eq!(p.read("brief.log").lines().collect::<Vec<_>>(), ["1"]);
     assert_eq!(coord.refusals(&p).get("lease_expired"), Some(&0));
     assert!(coord.workers(&p).iter().all(|w| w["state"] == "active"));
@@ -679,17 +685,7 @@ fn a_worker_that_stalls_briefly_keeps_its_lease_and_one_that_stalls_too_long_los
     // (here to the same worker, the only one, once it is back). The stalled attempt's
     // late result is refused as coming from an old generation, and counted.
     pipeline("long", 6);
-    let client = remote(&p, &coord, &["pipeline", "run", "long.yaml"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("client");
-    wait_for("the first attempt", Duration::from_secs(20), || {
-        p.read("long.log").contains('1')
-    });
-    w.freeze(Duration::from_millis(2500));
-    let out = client.wait_with_output().expect("client");
-    assert!(out.status.success(), "{}", text(&out));
+    run_with_stall("long", Duration::from_millis(2500));
     assert_eq!(p.read("long.log").lines().collect::<Vec<_>>(), ["1", "2"]);
     let refused = coord.refusals(&p);
     assert_eq!(refused.get("lease_expired"), Some(&1), "{refused:?}");

@@ -587,6 +587,32 @@ struct Job {
     pending_credit: Option<Credit>,
 }
 
+impl Job {
+    /// A job waiting in the queue for its first attempt.
+    fn queued(
+        run_id: &str,
+        step: usize,
+        shard: Option<usize>,
+        spec: JobSpec,
+        unit: Option<String>,
+    ) -> Self {
+        Self {
+            run_id: run_id.to_string(),
+            step,
+            shard,
+            spec,
+            attempt: 1,
+            generation: 0,
+            worker: None,
+            state: JobState::Queued,
+            started: None,
+            deadline: None,
+            unit,
+            pending_credit: None,
+        }
+    }
+}
+
 /// What one leased job holds on its worker.
 #[derive(Debug, Clone, Default)]
 struct Alloc {
@@ -1449,23 +1475,8 @@ impl Engine {
                 unit
             });
             let id = spec.job_id.clone();
-            self.jobs.insert(
-                id.clone(),
-                Job {
-                    run_id: run_id.to_string(),
-                    step: i,
-                    shard,
-                    spec,
-                    attempt: 1,
-                    generation: 0,
-                    worker: None,
-                    state: JobState::Queued,
-                    started: None,
-                    deadline: None,
-                    unit,
-                    pending_credit: None,
-                },
-            );
+            self.jobs
+                .insert(id.clone(), Job::queued(run_id, i, shard, spec, unit));
             self.queue.push_back(id);
         }
         self.dispatch();

@@ -192,20 +192,13 @@ impl Engine {
         };
         let mut spec = first.spec.clone();
         spec.job_id = format!("{unit}~r{k}");
-        let job = Job {
-            run_id: first.run_id.clone(),
-            step: first.step,
-            shard: first.shard,
+        let job = Job::queued(
+            &first.run_id,
+            first.step,
+            first.shard,
             spec,
-            attempt: 1,
-            generation: 0,
-            worker: None,
-            state: JobState::Queued,
-            started: None,
-            deadline: None,
-            unit: Some(unit.to_string()),
-            pending_credit: None,
-        };
+            Some(unit.to_string()),
+        );
         let id = job.spec.job_id.clone();
         self.jobs.insert(id.clone(), job);
         self.queue.push_back(id);
