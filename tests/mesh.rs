@@ -925,3 +925,74 @@ fn registry_and_lineage_survive_a_coordinator_sigkill() {
         assert_eq!(step(&st, s)["status"], "SKIPPED", "{st}");
     }
 }
+
+#[test]
+fn the_metrics_port_serves_prometheus_text_health_and_readiness() {
+    let p = Project::new();
+    let coord = Coord::start(
+        &p.path().join("coord"),
+        "127.0.0.1:0",
+        &["--open-enrolment", "--metrics-listen", "127.0.0.1:0"],
+    );
+    let url = coord.url("http");
+    let _cpu = Worker::start(&url, &p.path().join("cpu"), 2, None, &[]);
+    let _gpu = Worker::start(
+        &url,
+        &p.path().join("gpu"),
+        1,
+        Some(&serde_json::json!([fake_gpu(0, "GPU-l4", "Fake L4", 24, (8, 9))]).to_string()),
+        &[],
+    );
+    wait_workers(&p, &coord, 2);
+    assert_eq!(coord.http_get("/healthz"), (200, "ok\n".into()));
+    assert_eq!(coord.http_get("/readyz").0, 200);
+    p.write(
+        "m.yaml",
+        &numbered_pipeline("metered", 4, true, |i| {
+            format!("echo {i} > \"$NEXA_OUT/n\"")
+        }),
+    );
+    let out = remote(&p, &coord, &["pipeline", "run", "m.yaml"])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", text(&out));
+    let (code, body) = coord.http_get("/metrics");
+    assert_eq!(code, 200);
+    let value = |series: &str| -> f64 {
+        body.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{body}"))
+    };
+    assert_eq!(value("nexa_workers{state=\"active\"}"), 2.0);
+    assert_eq!(value("nexa_workers_by_gpu_model{model=\"Fake L4\"}"), 1.0);
+    assert_eq!(value("nexa_gpus_available"), 1.0);
+    assert_eq!(
+        value("nexa_gpu_memory_available_bytes"),
+        (24u64 << 30) as f64
+    );
+    assert_eq!(
+        value("nexa_jobs_finished_total{outcome=\"succeeded\"}"),
+        4.0
+    );
+    assert_eq!(value("nexa_dispatch_latency_seconds_count"), 4.0);
+    assert_eq!(value("nexa_job_duration_seconds_count"), 4.0);
+    assert_eq!(value("nexa_queue_depth"), 0.0);
+    assert_eq!(
+        value("nexa_results_refused_total{reason=\"lease_expired\"}"),
+        0.0
+    );
+    assert!(value("nexa_store_size_bytes") > 0.0);
+    // Low cardinality: no run, job or worker id ever becomes a label.
+    let st = remote_status(&p, &coord, "m.yaml");
+    let run_id = step(&st, "s0")["run_id"]
+        .as_str()
+        .unwrap_or("?")
+        .to_string();
+    assert!(!body.contains(&run_id), "a run id leaked into the metrics");
+    assert!(
+        !body.contains("worker=\""),
+        "a worker label leaked into the metrics"
+    );
+}

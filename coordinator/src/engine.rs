@@ -195,6 +195,8 @@ pub enum Event {
     Sealed(String, std::result::Result<SealedJob, String>),
     /// Replication figures: (units validated, replica jobs made).
     Replication(oneshot::Sender<(u64, u64)>),
+    /// Gauges for the metrics endpoint.
+    Snapshot(oneshot::Sender<crate::metrics::Snapshot>),
     /// A step the coordinator ran itself (`core.registry.*`) finished: what it did, or why
     /// it failed.
     CoordinatorStepDone(String, usize, std::result::Result<(String, bool), String>),
@@ -238,6 +240,8 @@ pub struct EngineConfig {
     /// Validation for every step that does not ask for its own (a pool of untrusted
     /// workers); `None`: only steps with `validation` are replicated.
     pub default_validation: Option<nexa_shared::spec::Validation>,
+    /// Where dispatch latency and job durations are observed.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl std::fmt::Debug for EngineConfig {
@@ -264,6 +268,7 @@ impl EngineConfig {
             throttle_failing_workers: false,
             registry: None,
             default_validation: None,
+            metrics: None,
         }
     }
 }
@@ -537,6 +542,13 @@ impl Coordinator {
         rx.await.map_err(|_| Error::ShutDown)
     }
 
+    /// Gauges for the metrics endpoint; an answer also shows the loop is alive.
+    pub async fn snapshot(&self) -> Result<crate::metrics::Snapshot> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::Snapshot(tx))?;
+        rx.await.map_err(|_| Error::ShutDown)
+    }
+
     /// Every enrolled worker.
     pub async fn list_workers(&self) -> Result<Vec<WorkerView>> {
         let (tx, rx) = oneshot::channel();
@@ -585,6 +597,8 @@ struct Job {
     unit: Option<String>,
     /// Credit the worker earns once the result is sealed.
     pending_credit: Option<Credit>,
+    /// When it last entered the queue (dispatch latency).
+    queued_at: Instant,
 }
 
 impl Job {
@@ -609,6 +623,7 @@ impl Job {
             deadline: None,
             unit,
             pending_credit: None,
+            queued_at: Instant::now(),
         }
     }
 }
@@ -837,6 +852,7 @@ struct Engine {
     /// Workers whose records changed since the last round.
     dirty_workers: std::collections::BTreeSet<String>,
     /// Replicated units waiting for their quorum, by unit id.
+    /// (Snapshot for metrics: see `snapshot`.)
     votes: HashMap<String, replication::Vote>,
     /// Decided units with replicas still running, by unit id.
     decided: HashMap<String, replication::Decided>,
@@ -956,6 +972,9 @@ impl Engine {
             Event::Replication(reply) => {
                 let _ = reply.send((self.replication.units, self.replication.replicas));
             }
+            Event::Snapshot(reply) => {
+                let _ = reply.send(self.snapshot());
+            }
             Event::CoordinatorStepDone(run, step, res) => {
                 self.on_coordinator_step_done(&run, step, res)
             }
@@ -964,6 +983,7 @@ impl Engine {
                     && j.state == JobState::Backoff
                 {
                     j.state = JobState::Queued;
+                    j.queued_at = Instant::now();
                     self.queue.push_back(job);
                     self.dispatch();
                 }
@@ -1178,6 +1198,46 @@ impl Engine {
             detail,
         });
         self.persist(run_id, i);
+    }
+
+    fn snapshot(&self) -> crate::metrics::Snapshot {
+        let now = Instant::now();
+        let mut s = crate::metrics::Snapshot::default();
+        for w in self.workers.values() {
+            *s.workers_by_state
+                .entry(w.state_name(now).to_string())
+                .or_default() += 1;
+            if w.lost {
+                continue;
+            }
+            let model = w
+                .info
+                .profile
+                .gpus
+                .first()
+                .map_or("none".to_string(), |g| g.name.clone());
+            *s.workers_by_gpu_model.entry(model).or_default() += 1;
+            let held: Vec<usize> = w.alloc.values().flat_map(|a| a.gpus.clone()).collect();
+            for (i, g) in w.info.profile.gpus.iter().enumerate() {
+                if !held.contains(&i) {
+                    s.gpus_available += 1;
+                    s.gpu_memory_available_bytes +=
+                        i64::try_from(g.memory_free).unwrap_or(i64::MAX);
+                }
+            }
+        }
+        for j in self.jobs.values() {
+            let state = match j.state {
+                JobState::Queued => "queued",
+                JobState::Backoff => "backoff",
+                JobState::Leased => "leased",
+                JobState::Sealing => "sealing",
+            };
+            *s.jobs_by_state.entry(state.to_string()).or_default() += 1;
+        }
+        s.queue_depth = s.jobs_by_state.get("queued").copied().unwrap_or(0);
+        s.runs_active = self.runs.len() as i64;
+        s
     }
 
     /// Marks a step record for the next write-behind round.
@@ -1568,6 +1628,10 @@ impl Engine {
                 still_waiting.push_back((worker, reply));
                 continue;
             };
+            if let Some(m) = &self.config.metrics {
+                m.dispatch_latency
+                    .observe(job.queued_at.elapsed().as_secs_f64());
+            }
             job.generation = self.next_generation;
             self.next_generation += 1;
             *self.granted.entry(job.run_id.clone()).or_default() += 1;
@@ -1778,6 +1842,7 @@ impl Engine {
             j.state = JobState::Queued;
             j.worker = None;
             j.deadline = None;
+            j.queued_at = Instant::now();
             if let Some(run) = self.runs.get(&j.run_id) {
                 run.emit(Progress::Retry {
                     job: job_id.clone(),
@@ -1841,6 +1906,17 @@ impl Engine {
         }
         if matches!(result.outcome, Outcome::Failed | Outcome::TimedOut) {
             self.record_outcome(worker, false);
+        }
+        if let Some(m) = &self.config.metrics {
+            let secs = result.ended_ms.saturating_sub(result.started_ms) as f64 / 1000.0;
+            m.job_duration.observe(secs);
+            let outcome = match result.outcome {
+                Outcome::Succeeded => "succeeded",
+                Outcome::Failed => "failed",
+                Outcome::TimedOut => "timed_out",
+                Outcome::Cancelled => "cancelled",
+            };
+            m.jobs_finished.with_label_values(&[outcome]).inc();
         }
         let Some(job) = self.jobs.get_mut(&result.job_id) else {
             return;

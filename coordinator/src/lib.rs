@@ -11,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod lineage;
 pub mod mesh;
+pub mod metrics;
 pub mod mirror;
 pub mod planner;
 pub mod quorum;

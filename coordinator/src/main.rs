@@ -50,7 +50,7 @@ struct ServeArgs {
     /// Where the store, blobs, projects and tokens live [default: ./nexa-data].
     #[arg(long, env = "NEXA_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Address for /metrics (served from the operators' view release on).
+    /// Address for /metrics, /healthz and /readyz (Prometheus text format); off when absent.
     #[arg(long, env = "NEXA_METRICS_LISTEN")]
     metrics_listen: Option<String>,
     /// The operator token; generated, stored in the data dir and printed once when absent.
@@ -175,9 +175,6 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         (None, None) => None,
         _ => anyhow::bail!("--tls-cert and --tls-key go together"),
     };
-    if a.metrics_listen.is_some() {
-        tracing::warn!("--metrics-listen is accepted but metrics are not served by this build yet");
-    }
     let mut mesh = MeshConfig::new(data_dir);
     mesh.enrol_token = enrol_token;
     if let Some(ms) = a.heartbeat_ms {
@@ -197,14 +194,26 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         tls,
     };
     let listen = a.listen.unwrap_or_else(|| "127.0.0.1:7070".into());
+    let metrics_listen = a.metrics_listen;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        let metrics = match &metrics_listen {
+            Some(m) => {
+                let l = tokio::net::TcpListener::bind(m)
+                    .await
+                    .with_context(|| format!("metrics on {m}"))?;
+                println!("metrics on {}", l.local_addr()?);
+                Some(l)
+            }
+            None => None,
+        };
         let listener = tokio::net::TcpListener::bind(&listen)
             .await
             .with_context(|| format!("listening on {listen}"))?;
-        // Scripts and tests read the bound address (the port may be 0) from this line.
+        // Scripts and tests read the bound address (the port may be 0) from this line,
+        // the last one the coordinator prints.
         println!("listening on {}", listener.local_addr()?);
         let shutdown = async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -214,7 +223,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             }
             tracing::info!("shutting down");
         };
-        nexa_coordinator::mesh::serve(listener, cfg, shutdown).await?;
+        nexa_coordinator::mesh::serve_with_metrics(listener, metrics, cfg, shutdown).await?;
         Ok(())
     })
 }

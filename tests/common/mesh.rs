@@ -60,6 +60,8 @@ pub struct Coord {
     pub child: Child,
     pub addr: String,
     pub data: PathBuf,
+    /// The metrics address, when started with `--metrics-listen`.
+    pub metrics: Option<String>,
 }
 
 impl Coord {
@@ -87,19 +89,26 @@ impl Coord {
             .spawn()
             .expect("start coordinator");
         let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("listening line");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
+        let mut reader = BufReader::new(stdout);
+        let mut metrics = None;
+        let addr = loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("listening line");
+            if let Some(m) = line.trim().strip_prefix("metrics on ") {
+                metrics = Some(m.to_string());
+                continue;
+            }
+            break line
+                .trim()
+                .strip_prefix("listening on ")
+                .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+                .to_string();
+        };
         Coord {
             child,
             addr,
             data: data.to_path_buf(),
+            metrics,
         }
     }
 
@@ -144,6 +153,33 @@ impl Coord {
     /// A coordinator on any free port that lets any worker enrol.
     pub fn open(data: &Path) -> Coord {
         Coord::start(data, "127.0.0.1:0", &["--open-enrolment"])
+    }
+
+    /// `GET path` on the metrics port: (status code, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let addr = self
+            .metrics
+            .as_deref()
+            .expect("started with --metrics-listen");
+        let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read");
+        let code = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (code, body)
     }
 
     pub fn url(&self, scheme: &str) -> String {

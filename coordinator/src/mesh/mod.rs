@@ -7,7 +7,7 @@ mod server;
 mod worker_service;
 
 pub use control_service::{ControlApi, SUBMISSIONS_TREE, Submission};
-pub use server::{ServeConfig, serve};
+pub use server::{ServeConfig, serve, serve_with_metrics};
 pub use worker_service::WorkerApi;
 
 use crate::Coordinator;

@@ -31,10 +31,25 @@ pub async fn serve(
     cfg: ServeConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
+    serve_with_metrics(listener, None, cfg, shutdown).await
+}
+
+/// [`serve`], with `/metrics`, `/healthz` and `/readyz` on `metrics` when given.
+pub async fn serve_with_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: Option<tokio::net::TcpListener>,
+    cfg: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
     std::fs::create_dir_all(&cfg.mesh.data_dir).map_err(|e| {
         crate::Error::Domain(nexa_shared::Error::io("create", &cfg.mesh.data_dir, e))
     })?;
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&cfg.mesh.data_dir.join("store"))?);
+    let sled = Arc::new(SledStore::open(&cfg.mesh.data_dir.join("store"))?);
+    let store: Arc<dyn Store> = sled.clone();
+    let exported = Arc::new(
+        crate::metrics::Metrics::new()
+            .map_err(|e| crate::Error::Server(format!("metrics: {e}")))?,
+    );
     let (coord, engine) = Coordinator::start(
         store.clone(),
         EngineConfig {
@@ -43,6 +58,7 @@ pub async fn serve(
             throttle_failing_workers: true,
             registry: Some(store.clone()),
             default_validation: cfg.default_validation,
+            metrics: Some(exported.clone()),
         },
     );
     let control = ControlApi::new(
@@ -54,6 +70,18 @@ pub async fn serve(
     let resumed = control.resume_unfinished().await;
     if resumed > 0 {
         tracing::info!(runs = resumed, "resumed unfinished runs");
+    }
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(l) = metrics {
+        let size = Arc::new(move || sled.size_on_disk());
+        let http = crate::metrics::serve_http(l, coord.clone(), exported, size, async {
+            let _ = http_stopped.await;
+        });
+        tokio::spawn(async move {
+            if let Err(e) = http.await {
+                tracing::error!(error = %e, "metrics endpoint");
+            }
+        });
     }
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -77,6 +105,7 @@ pub async fn serve(
             shutdown,
         )
         .await;
+    let _ = stop_http.send(());
     coord.shutdown();
     let _ = engine.await;
     result.map_err(|e| crate::Error::Server(e.to_string()))

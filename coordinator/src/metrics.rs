@@ -1,0 +1,267 @@
+//! Prometheus metrics, declared in one place, and the operators' HTTP port: `/metrics`,
+//! `/healthz` (the process is up) and `/readyz` (the scheduler loop answers).
+//!
+//! Labels are low-cardinality only (worker state, job state, refusal reason, GPU
+//! model): never a job, run or worker id. Gauges are read from an engine snapshot at
+//! scrape time; histograms are observed where the events happen.
+
+use crate::Coordinator;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What the engine reports at scrape time.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Workers by state (`active`, `lost`, `draining`, ...).
+    pub workers_by_state: BTreeMap<String, i64>,
+    /// Enrolled, not lost workers by GPU model (`none` for CPU-only ones).
+    pub workers_by_gpu_model: BTreeMap<String, i64>,
+    /// GPUs of live workers not held by a job.
+    pub gpus_available: i64,
+    /// Memory of those GPUs, as last reported free.
+    pub gpu_memory_available_bytes: i64,
+    /// Jobs by state (`queued`, `leased`, `sealing`, `backoff`).
+    pub jobs_by_state: BTreeMap<String, i64>,
+    /// Jobs waiting for a worker.
+    pub queue_depth: i64,
+    /// Runs in progress.
+    pub runs_active: i64,
+}
+
+/// Every metric the coordinator exports.
+pub struct Metrics {
+    registry: Registry,
+    workers: IntGaugeVec,
+    workers_by_gpu_model: IntGaugeVec,
+    gpus_available: IntGauge,
+    gpu_memory_available: IntGauge,
+    jobs: IntGaugeVec,
+    queue_depth: IntGauge,
+    runs_active: IntGauge,
+    store_bytes: IntGauge,
+    refused: IntCounterVec,
+    replication: IntCounterVec,
+    /// Seconds from a job being queued to its lease.
+    pub dispatch_latency: Histogram,
+    /// Seconds a job ran on its worker (from the signed start and end).
+    pub job_duration: Histogram,
+    /// Jobs finished, by outcome.
+    pub jobs_finished: IntCounterVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, label: &str) -> prometheus::Result<IntGaugeVec> {
+    let g = IntGaugeVec::new(Opts::new(name, help), &[label])?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+    let g = IntGauge::new(name, help)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    buckets: Vec<f64>,
+) -> prometheus::Result<Histogram> {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
+    r.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+impl Metrics {
+    /// Declares every metric in a fresh registry.
+    pub fn new() -> prometheus::Result<Self> {
+        let r = Registry::new_custom(Some("nexa".into()), None)?;
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "results_refused_total",
+                "Results, uploads and leases refused or expired, by reason",
+            ),
+            &["reason"],
+        )?;
+        r.register(Box::new(refused.clone()))?;
+        let replication = IntCounterVec::new(
+            Opts::new(
+                "replication_jobs_total",
+                "Jobs under validation (kind=unit) and the replica jobs run for them (kind=replica)",
+            ),
+            &["kind"],
+        )?;
+        r.register(Box::new(replication.clone()))?;
+        let jobs_finished = IntCounterVec::new(
+            Opts::new("jobs_finished_total", "Job results received, by outcome"),
+            &["outcome"],
+        )?;
+        r.register(Box::new(jobs_finished.clone()))?;
+        Ok(Self {
+            workers: gauge_vec(&r, "workers", "Enrolled workers by state", "state")?,
+            workers_by_gpu_model: gauge_vec(
+                &r,
+                "workers_by_gpu_model",
+                "Live workers by the model of their first GPU (none: CPU only)",
+                "model",
+            )?,
+            gpus_available: gauge(
+                &r,
+                "gpus_available",
+                "GPUs of live workers not held by a job",
+            )?,
+            gpu_memory_available: gauge(
+                &r,
+                "gpu_memory_available_bytes",
+                "Free memory of the GPUs not held by a job, as last reported",
+            )?,
+            jobs: gauge_vec(&r, "jobs", "Jobs by state", "state")?,
+            queue_depth: gauge(&r, "queue_depth", "Jobs waiting for a worker")?,
+            runs_active: gauge(&r, "runs_active", "Runs in progress")?,
+            store_bytes: gauge(&r, "store_size_bytes", "Bytes the sled store takes on disk")?,
+            dispatch_latency: histogram(
+                &r,
+                "dispatch_latency_seconds",
+                "From a job being queued to its lease",
+                prometheus::exponential_buckets(0.0005, 4.0, 10)?,
+            )?,
+            job_duration: histogram(
+                &r,
+                "job_duration_seconds",
+                "How long jobs ran on their workers",
+                prometheus::exponential_buckets(0.01, 4.0, 12)?,
+            )?,
+            refused,
+            replication,
+            jobs_finished,
+            registry: r,
+        })
+    }
+
+    /// Brings the gauges and totals up to date and renders the text exposition.
+    pub fn render(
+        &self,
+        snap: &Snapshot,
+        refusals: &[(&'static str, u64)],
+        replication: (u64, u64),
+        store_bytes: u64,
+    ) -> Vec<u8> {
+        self.workers.reset();
+        for (state, n) in &snap.workers_by_state {
+            self.workers.with_label_values(&[state.as_str()]).set(*n);
+        }
+        self.workers_by_gpu_model.reset();
+        for (model, n) in &snap.workers_by_gpu_model {
+            self.workers_by_gpu_model
+                .with_label_values(&[model.as_str()])
+                .set(*n);
+        }
+        self.jobs.reset();
+        for state in ["queued", "leased", "sealing", "backoff"] {
+            let n = snap.jobs_by_state.get(state).copied().unwrap_or(0);
+            self.jobs.with_label_values(&[state]).set(n);
+        }
+        self.gpus_available.set(snap.gpus_available);
+        self.gpu_memory_available
+            .set(snap.gpu_memory_available_bytes);
+        self.queue_depth.set(snap.queue_depth);
+        self.runs_active.set(snap.runs_active);
+        self.store_bytes
+            .set(i64::try_from(store_bytes).unwrap_or(i64::MAX));
+        // The engine keeps the totals; counters catch up to them.
+        let catch_up = |c: prometheus::IntCounter, total: u64| {
+            c.inc_by(total.saturating_sub(c.get()));
+        };
+        for (reason, n) in refusals {
+            catch_up(self.refused.with_label_values(&[reason]), *n);
+        }
+        catch_up(self.replication.with_label_values(&["unit"]), replication.0);
+        catch_up(
+            self.replication.with_label_values(&["replica"]),
+            replication.1,
+        );
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "encoding metrics");
+        }
+        buf
+    }
+}
+
+/// State of the HTTP handlers.
+#[derive(Clone)]
+struct Http {
+    coord: Coordinator,
+    metrics: Arc<Metrics>,
+    store_size: Arc<dyn Fn() -> u64 + Send + Sync>,
+}
+
+async fn metrics_handler(
+    axum::extract::State(h): axum::extract::State<Http>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let snapshot = h.coord.snapshot().await;
+    let refusals = h.coord.refusals().await;
+    let replication = h.coord.replication().await;
+    let (Ok(snap), Ok(refusals), Ok(replication)) = (snapshot, refusals, replication) else {
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "the scheduler has stopped\n",
+        )
+            .into_response();
+    };
+    let body = h
+        .metrics
+        .render(&snap, &refusals.counts(), replication, (h.store_size)());
+    (
+        [(axum::http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
+        body,
+    )
+        .into_response()
+}
+
+async fn ready_handler(
+    axum::extract::State(h): axum::extract::State<Http>,
+) -> (axum::http::StatusCode, &'static str) {
+    match tokio::time::timeout(Duration::from_secs(2), h.coord.snapshot()).await {
+        Ok(Ok(_)) => (axum::http::StatusCode::OK, "ready\n"),
+        _ => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "the scheduler loop does not answer\n",
+        ),
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown`.
+pub async fn serve_http(
+    listener: tokio::net::TcpListener,
+    coord: Coordinator,
+    metrics: Arc<Metrics>,
+    store_size: Arc<dyn Fn() -> u64 + Send + Sync>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(metrics_handler))
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route("/readyz", axum::routing::get(ready_handler))
+        .with_state(Http {
+            coord,
+            metrics,
+            store_size,
+        });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
