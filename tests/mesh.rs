@@ -984,6 +984,8 @@ fn the_metrics_port_serves_prometheus_text_health_and_readiness() {
         0.0
     );
     assert!(value("nexa_store_size_bytes") > 0.0);
+    // Each step uploaded its output and its log.
+    assert!(value("nexa_artifact_bytes_total{direction=\"in\"}") >= 8.0);
     // Low cardinality: no run, job or worker id ever becomes a label.
     let st = remote_status(&p, &coord, "m.yaml");
     let run_id = step(&st, "s0")["run_id"]

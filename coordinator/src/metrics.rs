@@ -53,6 +53,10 @@ pub struct Metrics {
     pub job_duration: Histogram,
     /// Jobs finished, by outcome.
     pub jobs_finished: IntCounterVec,
+    /// Artifact and input bytes through the coordinator, by direction (`in`: uploads
+    /// from workers and project files from operators; `out`: inputs fetched by workers
+    /// and artifacts pulled by operators).
+    pub artifact_bytes: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -109,6 +113,17 @@ impl Metrics {
             &["outcome"],
         )?;
         r.register(Box::new(jobs_finished.clone()))?;
+        let artifact_bytes = IntCounterVec::new(
+            Opts::new(
+                "artifact_bytes_total",
+                "Artifact and input bytes through the coordinator, by direction",
+            ),
+            &["direction"],
+        )?;
+        r.register(Box::new(artifact_bytes.clone()))?;
+        for d in ["in", "out"] {
+            artifact_bytes.with_label_values(&[d]);
+        }
         Ok(Self {
             workers: gauge_vec(&r, "workers", "Enrolled workers by state", "state")?,
             workers_by_gpu_model: gauge_vec(
@@ -146,6 +161,7 @@ impl Metrics {
             refused,
             replication,
             jobs_finished,
+            artifact_bytes,
             registry: r,
         })
     }
@@ -264,4 +280,13 @@ pub async fn serve_http(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// Counts `bytes` of artifact traffic in `direction` (`in` or `out`), when exporting.
+pub fn count_bytes(m: Option<&Arc<Metrics>>, direction: &str, bytes: u64) {
+    if let Some(m) = m {
+        m.artifact_bytes
+            .with_label_values(&[direction])
+            .inc_by(bytes);
+    }
 }

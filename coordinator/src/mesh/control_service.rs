@@ -345,6 +345,7 @@ impl ControlService for ControlApi {
             total += finish(done, &dir)?;
             blobs += 1;
         }
+        crate::metrics::count_bytes(self.cfg.metrics.as_ref(), "in", total);
         Ok(Response::new(v1::PutBlobResponse {
             blobs,
             bytes: total,
@@ -643,6 +644,7 @@ impl ControlService for ControlApi {
             )));
         }
         let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let metrics = self.cfg.metrics.clone();
         tokio::task::spawn_blocking(move || {
             let files = match digest::list_files(&dir, &[]) {
                 Ok(f) => f,
@@ -652,10 +654,11 @@ impl ControlService for ControlApi {
                 }
             };
             let send = |c: Result<v1::FetchChunk, Status>| tx.blocking_send(c).is_ok();
-            for (rel, p, _) in files {
+            for (rel, p, size) in files {
                 if !super::worker_service::stream_file(&rel, &p, true, &send) {
                     return;
                 }
+                crate::metrics::count_bytes(metrics.as_ref(), "out", size);
             }
         });
         Ok(Response::new(Box::pin(

@@ -32,6 +32,8 @@ pub struct MeshConfig {
     /// The largest control message (a submission: pipeline YAML plus the project files
     /// sent inline). 64 MiB holds a 200,000-step pipeline.
     pub max_submit_bytes: usize,
+    /// Where artifact traffic is counted (set by `serve_with_metrics`).
+    pub metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl MeshConfig {
@@ -46,6 +48,7 @@ impl MeshConfig {
             max_upload_file: 64 << 30,
             max_lease_wait: Duration::from_secs(20),
             max_submit_bytes: 64 << 20,
+            metrics: None,
         }
     }
 }

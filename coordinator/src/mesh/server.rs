@@ -50,6 +50,8 @@ pub async fn serve_with_metrics(
         crate::metrics::Metrics::new()
             .map_err(|e| crate::Error::Server(format!("metrics: {e}")))?,
     );
+    let mut cfg = cfg;
+    cfg.mesh.metrics = Some(exported.clone());
     let (coord, engine) = Coordinator::start(
         store.clone(),
         EngineConfig {

@@ -371,6 +371,7 @@ impl WorkerService for WorkerApi {
             bytes += self.finish(f)?;
             files += 1;
         }
+        crate::metrics::count_bytes(self.cfg.metrics.as_ref(), "in", bytes);
         Ok(Response::new(v1::UploadResponse { files, bytes }))
     }
 
@@ -409,6 +410,7 @@ impl WorkerService for WorkerApi {
             .cloned()
             .ok_or_else(|| Status::not_found(format!("no input {digest} is being served")))?;
         let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let metrics = self.cfg.metrics.clone();
         tokio::task::spawn_blocking(move || {
             let send = |c: Result<v1::FetchChunk, Status>| tx.blocking_send(c).is_ok();
             let files: Vec<(String, PathBuf)> = if is_dir {
@@ -426,6 +428,8 @@ impl WorkerService for WorkerApi {
                 if !stream_file(&rel, &p, is_dir, &send) {
                     return;
                 }
+                let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+                crate::metrics::count_bytes(metrics.as_ref(), "out", size);
             }
         });
         Ok(Response::new(Box::pin(
