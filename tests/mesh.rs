@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::mesh::{Coord, Worker, bin, fake_gpu, wait_for};
+use common::mesh::{Coord, Worker, bin, fake_gpu, fixed_listen, wait_for};
 use common::{Project, numbered_pipeline, text};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -205,11 +205,7 @@ fn a_worker_killed_mid_job_loses_its_lease_and_the_job_completes_on_another() {
 #[test]
 fn the_coordinator_killed_mid_run_resumes_it_and_nothing_is_lost_or_doubled() {
     let p = Project::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = fixed_listen();
     let data = p.path().join("coord");
     let mut coord = Coord::start(&data, &listen, &["--open-enrolment"]);
     let url = coord.url("http");
@@ -554,11 +550,7 @@ fn the_real_worker_never_honours_fake_gpus() {
 #[test]
 fn banned_and_drained_workers_get_no_new_work() {
     let p = Project::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = fixed_listen();
     let data = p.path().join("coord");
     let mut coord = Coord::start(&data, &listen, &["--open-enrolment"]);
     let url = coord.url("http");
@@ -839,11 +831,7 @@ fn a_lying_worker_is_outvoted_over_the_mesh_and_credit_goes_to_the_honest() {
 #[test]
 fn registry_and_lineage_survive_a_coordinator_sigkill() {
     let p = Project::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = fixed_listen();
     let data = p.path().join("coord");
     let mut coord = Coord::start(&data, &listen, &["--open-enrolment"]);
     let url = coord.url("http");

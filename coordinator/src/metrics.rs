@@ -71,6 +71,17 @@ fn gauge_vec(r: &Registry, name: &str, help: &str, label: &str) -> prometheus::R
     Ok(g)
 }
 
+fn counter_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
 fn gauge(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
     let g = IntGauge::new(name, help)?;
     r.register(Box::new(g.clone()))?;
@@ -92,35 +103,30 @@ impl Metrics {
     /// Declares every metric in a fresh registry.
     pub fn new() -> prometheus::Result<Self> {
         let r = Registry::new_custom(Some("nexa".into()), None)?;
-        let refused = IntCounterVec::new(
-            Opts::new(
-                "results_refused_total",
-                "Results, uploads and leases refused or expired, by reason",
-            ),
-            &["reason"],
+        let refused = counter_vec(
+            &r,
+            "results_refused_total",
+            "Results, uploads and leases refused or expired, by reason",
+            "reason",
         )?;
-        r.register(Box::new(refused.clone()))?;
-        let replication = IntCounterVec::new(
-            Opts::new(
-                "replication_jobs_total",
-                "Jobs under validation (kind=unit) and the replica jobs run for them (kind=replica)",
-            ),
-            &["kind"],
+        let replication = counter_vec(
+            &r,
+            "replication_jobs_total",
+            "Jobs under validation (kind=unit) and the replica jobs run for them (kind=replica)",
+            "kind",
         )?;
-        r.register(Box::new(replication.clone()))?;
-        let jobs_finished = IntCounterVec::new(
-            Opts::new("jobs_finished_total", "Job results received, by outcome"),
-            &["outcome"],
+        let jobs_finished = counter_vec(
+            &r,
+            "jobs_finished_total",
+            "Job results received, by outcome",
+            "outcome",
         )?;
-        r.register(Box::new(jobs_finished.clone()))?;
-        let artifact_bytes = IntCounterVec::new(
-            Opts::new(
-                "artifact_bytes_total",
-                "Artifact and input bytes through the coordinator, by direction",
-            ),
-            &["direction"],
+        let artifact_bytes = counter_vec(
+            &r,
+            "artifact_bytes_total",
+            "Artifact and input bytes through the coordinator, by direction",
+            "direction",
         )?;
-        r.register(Box::new(artifact_bytes.clone()))?;
         for d in ["in", "out"] {
             artifact_bytes.with_label_values(&[d]);
         }

@@ -12,13 +12,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// `steps` steps, independent or (`chain`) each after the previous.
-fn pipeline(name: &str, steps: usize, replicas: u32, quorum: u32, chain: bool) -> String {
+/// `steps` steps with `validation` (a YAML mapping, or none), independent or (`chain`)
+/// each after the previous.
+fn pipeline(name: &str, steps: usize, validation: Option<&str>, chain: bool) -> String {
     let after = if chain { "" } else { "after: [], " };
+    let validation = validation
+        .map(|v| format!("validation: {v}, "))
+        .unwrap_or_default();
     let mut y = format!("pipeline:\n  name: {name}\n  steps:\n");
     for i in 0..steps {
         y.push_str(&format!(
-            "    - {{id: s{i}, uses: exec, {after}validation: {{replicas: {replicas}, quorum: {quorum}}}, params: {{cmd: [\"true\"]}}, out: artifacts/{name}/s{i}}}\n"
+            "    - {{id: s{i}, uses: exec, {after}{validation}params: {{cmd: [\"true\"]}}, out: artifacts/{name}/s{i}}}\n"
         ));
     }
     y
@@ -152,7 +156,12 @@ async fn a_liar_is_outvoted_and_its_result_never_becomes_the_artifact() {
     spawn_worker(coord.clone(), "h1", &scratch, honest, leases.clone());
     spawn_worker(coord.clone(), "h2", &scratch, honest, leases.clone());
     let bad = spawn_worker(coord.clone(), "liar", &scratch, liar, leases.clone());
-    let outcome = run(&coord, project.path(), &pipeline("vote", 6, 3, 2, true)).await;
+    let outcome = run(
+        &coord,
+        project.path(),
+        &pipeline("vote", 6, Some("{replicas: 3, quorum: 2}"), true),
+    )
+    .await;
     assert_eq!(outcome, RunOutcome::Succeeded);
     for i in 0..6 {
         let art = project.path().join(format!("artifacts/vote/s{i}"));
@@ -198,7 +207,12 @@ async fn trusted_workers_are_spot_checked_and_the_extra_work_stays_small() {
     spawn_worker(coord.clone(), "h2", &scratch, honest, leases.clone());
 
     // Untrusted, every job runs twice.
-    let outcome = run(&coord, project.path(), &pipeline("warmup", 30, 2, 2, false)).await;
+    let outcome = run(
+        &coord,
+        project.path(),
+        &pipeline("warmup", 30, Some("{replicas: 2, quorum: 2}"), false),
+    )
+    .await;
     assert_eq!(outcome, RunOutcome::Succeeded);
     let (units, replicas) = coord.replication().await.expect("figures");
     assert_eq!(
@@ -218,7 +232,7 @@ async fn trusted_workers_are_spot_checked_and_the_extra_work_stays_small() {
     let outcome = run(
         &coord,
         project.path(),
-        &pipeline("trusted", 1000, 2, 2, false),
+        &pipeline("trusted", 1000, Some("{replicas: 2, quorum: 2}"), false),
     )
     .await;
     assert_eq!(outcome, RunOutcome::Succeeded);
@@ -248,12 +262,7 @@ async fn a_pool_wide_default_replicates_steps_that_ask_for_nothing() {
     let scratch = project.path().join("workers");
     spawn_worker(coord.clone(), "h1", &scratch, honest, leases.clone());
     spawn_worker(coord.clone(), "h2", &scratch, honest, leases.clone());
-    let mut y = String::from("pipeline:\n  name: plain\n  steps:\n");
-    for i in 0..5 {
-        y.push_str(&format!(
-            "    - {{id: s{i}, uses: exec, after: [], params: {{cmd: [\"true\"]}}, out: artifacts/plain/s{i}}}\n"
-        ));
-    }
+    let y = pipeline("plain", 5, None, false);
     assert_eq!(run(&coord, project.path(), &y).await, RunOutcome::Succeeded);
     assert_eq!(coord.replication().await.expect("figures"), (5, 10));
 }
@@ -277,12 +286,12 @@ async fn homogeneous_replicas_stay_within_one_hardware_class() {
             Some(taken.clone()),
         );
     }
-    let mut y = String::from("pipeline:\n  name: homo\n  steps:\n");
-    for i in 0..12 {
-        y.push_str(&format!(
-            "    - {{id: s{i}, uses: exec, after: [], validation: {{replicas: 2, quorum: 2, homogeneous: true}}, params: {{cmd: [\"true\"]}}, out: artifacts/homo/s{i}}}\n"
-        ));
-    }
+    let y = pipeline(
+        "homo",
+        12,
+        Some("{replicas: 2, quorum: 2, homogeneous: true}"),
+        false,
+    );
     assert_eq!(run(&coord, project.path(), &y).await, RunOutcome::Succeeded);
     let taken = taken.lock().expect("lock").clone();
     // The lone aarch64 worker can never make a quorum of its class: it gets nothing;

@@ -163,43 +163,24 @@ pub fn seal_group(reqs: Vec<(PathBuf, SealRequest)>) -> Vec<Result<(Meta, TreeDi
         .into_iter()
         .map(|(out, req)| prepare(&out, req, mode).map(|(m, t)| (out, m, t)))
         .collect();
-    let live = |results: &[Result<(PathBuf, Meta, TreeDigest)>]| -> Vec<PathBuf> {
-        results
-            .iter()
-            .filter_map(|r| r.as_ref().ok().map(|(out, _, _)| out.clone()))
-            .collect()
-    };
-    // Phase 1 → 2: payloads and meta.json are on disk before any rename.
-    if mode == Durability::Filesystem
-        && let Err(e) = sync_filesystems(&live(&results))
-    {
+    // Each phase is durable before the next starts (for a group: one syncfs per
+    // filesystem): payloads and meta.json before any rename, the renames before any
+    // COMPLETE, COMPLETE before anyone is told.
+    let phases: [fn(&Path, Durability) -> Result<()>; 2] = [swap_in, touch_complete];
+    if let Err(e) = sync_group(&results, mode) {
         return fail_all(results, &e);
     }
-    for r in &mut results {
-        if let Ok((out, _, _)) = r
-            && let Err(e) = swap_in(out, mode)
-        {
-            *r = Err(e);
+    for phase in phases {
+        for r in &mut results {
+            if let Ok((out, _, _)) = r
+                && let Err(e) = phase(out, mode)
+            {
+                *r = Err(e);
+            }
         }
-    }
-    // Phase 2 → 3: the renames are on disk before any COMPLETE.
-    if mode == Durability::Filesystem
-        && let Err(e) = sync_filesystems(&live(&results))
-    {
-        return fail_all(results, &e);
-    }
-    for r in &mut results {
-        if let Ok((out, _, _)) = r
-            && let Err(e) = touch_complete(out, mode)
-        {
-            *r = Err(e);
+        if let Err(e) = sync_group(&results, mode) {
+            return fail_all(results, &e);
         }
-    }
-    // Phase 3 → done: COMPLETE is on disk before anyone is told.
-    if mode == Durability::Filesystem
-        && let Err(e) = sync_filesystems(&live(&results))
-    {
-        return fail_all(results, &e);
     }
     results
         .into_iter()
@@ -228,6 +209,19 @@ fn fail_all(
             })
         })
         .collect()
+}
+
+/// For a group, `syncfs` the filesystems of the artifacts still going (a lone artifact
+/// fsyncs what it touches inside each phase instead).
+fn sync_group(results: &[Result<(PathBuf, Meta, TreeDigest)>], mode: Durability) -> Result<()> {
+    if mode != Durability::Filesystem {
+        return Ok(());
+    }
+    let live: Vec<PathBuf> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok().map(|(out, _, _)| out.clone()))
+        .collect();
+    sync_filesystems(&live)
 }
 
 /// `syncfs` once for each filesystem holding one of `outs`.

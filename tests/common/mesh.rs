@@ -56,6 +56,16 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// `127.0.0.1:<port>` with a port free now: a coordinator restarted on it comes back at
+/// the address its workers know.
+pub fn fixed_listen() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
 pub struct Coord {
     pub child: Child,
     pub addr: String,

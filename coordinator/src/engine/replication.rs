@@ -204,18 +204,19 @@ impl Engine {
         self.queue.push_back(id);
     }
 
-    /// The replica jobs of `unit` not yet reported (queued, leased or backing off).
-    fn outstanding(&self, unit: &str) -> Vec<String> {
-        self.jobs
-            .iter()
-            .filter(|(_, j)| {
-                j.unit.as_deref() == Some(unit)
-                    && matches!(
+    /// The replica jobs of `unit` (`made` of them so far) not yet reported: queued,
+    /// leased or backing off. Looked up by id, so it costs the replicas, not the queue.
+    fn outstanding(&self, unit: &str, made: u32) -> Vec<String> {
+        (0..made)
+            .map(|k| format!("{unit}~r{k}"))
+            .filter(|id| {
+                self.jobs.get(id).is_some_and(|j| {
+                    matches!(
                         j.state,
                         JobState::Queued | JobState::Leased | JobState::Backoff
                     )
+                })
             })
-            .map(|(id, _)| id.clone())
             .collect()
     }
 
@@ -243,7 +244,8 @@ impl Engine {
             self.decide(&unit, &group);
             return;
         }
-        if !self.outstanding(&unit).is_empty() {
+        let made = self.votes.get(&unit).map_or(0, |v| v.made);
+        if !self.outstanding(&unit, made).is_empty() {
             return;
         }
         // Every replica is in and no quorum: ask more workers, up to twice the replicas.
@@ -424,7 +426,7 @@ impl Engine {
         // Replicas still queued are not needed any more; running ones finish and are
         // judged against the winner when they report.
         let mut running = 0;
-        for id in self.outstanding(unit) {
+        for id in self.outstanding(unit, v.made) {
             if self
                 .jobs
                 .get(&id)
