@@ -393,7 +393,16 @@ fn run(project: &Path, args: RunArgs, from: Option<String>) -> anyhow::Result<Ex
         nexa_worker::exec::reap_orphans(&work_dir);
         let _ = std::fs::remove_dir_all(work_dir.join("jobs"));
         let key = project.join(".nexa_state").join("worker.key");
-        let emb = Embedded::start(Arc::new(store), work_dir, &key, slots)?;
+        // A pipeline with steps in container images runs them with the local docker
+        // (asked only then: it costs a round trip to the daemon).
+        let containers = loaded.pipeline.steps.iter().any(|s| {
+            s.uses.value == nexa_shared::handlers::EXEC
+                && s.params.get("image").is_some_and(|i| i.is_string())
+        });
+        if containers {
+            nexa_worker::sandbox::reap_orphans("docker", &work_dir);
+        }
+        let emb = Embedded::start(Arc::new(store), work_dir, &key, slots, containers)?;
         let n = loaded.pipeline.steps.len();
         let order: Vec<usize> = loaded.dag.topo_order().unwrap_or_else(|| (0..n).collect());
         let mut handle = emb

@@ -66,19 +66,26 @@ pub fn open_store(project: &Path, pipeline: &str) -> nexa_coordinator::Result<Sl
 
 impl Embedded {
     /// Starts a coordinator on `store` and a worker with `slots` slots working in
-    /// `work_dir`, identified by the key at `key_path`.
+    /// `work_dir`, identified by the key at `key_path`; with `containers`, the worker
+    /// offers the local docker for steps that name an image.
     pub fn start(
         store: Arc<dyn Store>,
         work_dir: PathBuf,
         key_path: &Path,
         slots: usize,
+        containers: bool,
     ) -> anyhow::Result<Self> {
         let identity = Arc::new(Identity::load_or_create(key_path)?);
         let (coordinator, engine) =
             Coordinator::start(store, nexa_coordinator::engine::EngineConfig::embedded());
         let name = "local".to_string();
         std::fs::create_dir_all(&work_dir)?;
-        let profile = nexa_worker::profile::profile(&work_dir, false);
+        let mut profile = nexa_worker::profile::profile(&work_dir, false);
+        if containers && let Ok(v) = nexa_worker::sandbox::docker_works("docker") {
+            profile
+                .labels
+                .insert(nexa_shared::hardware::DOCKER_LABEL.into(), v);
+        }
         coordinator.register_worker(
             &name,
             nexa_coordinator::engine::WorkerInfo {
@@ -98,6 +105,7 @@ impl Embedded {
             slots,
             work_dir,
             profile,
+            executor: nexa_worker::sandbox::Executor::process(),
         };
         let worker = tokio::spawn(nexa_worker::run(link, cfg, identity, rx));
         Ok(Self {

@@ -3,53 +3,13 @@
 
 mod common;
 
-use common::mesh::{Coord, Worker, bin, fake_gpu, fixed_listen, wait_for};
+use common::mesh::{
+    Coord, TOKEN, Worker, bin, fake_gpu, fixed_listen, remote, remote_status, step, wait_for,
+    wait_workers, workers_json,
+};
 use common::{Project, numbered_pipeline, text};
 use std::process::{Command, Stdio};
 use std::time::Duration;
-
-const TOKEN: &str = "op-token";
-
-fn remote(p: &Project, coord: &Coord, args: &[&str]) -> Command {
-    let url = coord.url("http");
-    let mut all: Vec<String> = vec!["--coordinator".into(), url, "--token".into(), TOKEN.into()];
-    all.extend(args.iter().map(|s| s.to_string()));
-    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-    p.cmd(&refs)
-}
-
-fn workers_json(p: &Project, coord: &Coord) -> Vec<serde_json::Value> {
-    let out = remote(p, coord, &["workers", "--json"])
-        .output()
-        .expect("workers");
-    assert!(out.status.success(), "{}", text(&out));
-    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).expect("json")
-}
-
-fn wait_workers(p: &Project, coord: &Coord, n: usize) {
-    wait_for("workers to enrol", Duration::from_secs(20), || {
-        workers_json(p, coord)
-            .iter()
-            .filter(|w| w["state"] == "active")
-            .count()
-            >= n
-    });
-}
-
-fn step<'a>(status: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
-    status["steps"]
-        .as_array()
-        .and_then(|s| s.iter().find(|x| x["id"] == id))
-        .unwrap_or_else(|| panic!("no step {id} in {status}"))
-}
-
-fn remote_status(p: &Project, coord: &Coord, file: &str) -> serde_json::Value {
-    let out = remote(p, coord, &["pipeline", "status", file, "--json"])
-        .output()
-        .expect("status");
-    assert!(out.status.success(), "{}", text(&out));
-    serde_json::from_slice(&out.stdout).expect("status json")
-}
 
 #[test]
 fn gpu_steps_land_only_on_workers_that_can_run_them() {

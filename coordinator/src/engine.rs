@@ -1416,7 +1416,7 @@ impl Engine {
             self.run_on_coordinator(run_id, i, plan);
             return;
         }
-        let requirements = Requirements::from(&run.ctx.pipeline.steps[i].resources);
+        let requirements = requirements_of(&run.ctx.pipeline.steps[i]);
         // A job no enrolled worker could ever run fails, saying why, instead of waiting
         // forever: at once embedded, after a grace period for workers to join on a mesh.
         if hardware::why_unfit(
@@ -1713,7 +1713,7 @@ impl Engine {
         if run.records[i].status.is_final() {
             return;
         }
-        let requirements = Requirements::from(&run.ctx.pipeline.steps[i].resources);
+        let requirements = requirements_of(&run.ctx.pipeline.steps[i]);
         let Some(why) = hardware::why_unfit(
             &requirements,
             self.workers
@@ -2458,6 +2458,15 @@ fn write_mirror(run: &mut Run) {
     if let Err(e) = mirror::write(&run.ctx.state_dir, &m) {
         tracing::warn!(error = %e, "writing pipeline_state.json");
     }
+}
+
+/// What a step's jobs need from a worker: its resources, and a container runtime when
+/// it names an image.
+fn requirements_of(step: &nexa_shared::spec::Step) -> Requirements {
+    let mut r = Requirements::from(&step.resources);
+    r.container = step.uses.value == nexa_shared::handlers::EXEC
+        && step.params.get("image").is_some_and(|i| i.is_string());
+    r
 }
 
 #[cfg(test)]

@@ -110,6 +110,7 @@ impl From<&Requirements> for v1::Requirements {
             compute_major: r.compute_capability.map(|c| c.0),
             compute_minor: r.compute_capability.map_or(0, |c| c.1),
             labels: r.labels.clone().into_iter().collect(),
+            container: r.container,
         }
     }
 }
@@ -123,6 +124,7 @@ impl From<v1::Requirements> for Requirements {
             gpu_memory: r.gpu_memory,
             compute_capability: r.compute_major.map(|m| (m, r.compute_minor)),
             labels: r.labels.into_iter().collect(),
+            container: r.container,
         }
     }
 }

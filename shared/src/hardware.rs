@@ -73,7 +73,20 @@ pub struct Requirements {
     pub compute_capability: Option<(u32, u32)>,
     /// Labels the worker must carry with these values.
     pub labels: BTreeMap<String, String>,
+    /// The job runs in a container image (`params.image`): only a worker with a
+    /// container runtime (label [`DOCKER_LABEL`]) can take it.
+    #[serde(default)]
+    pub container: bool,
 }
+
+/// The label a worker carries when it can run jobs in containers (value: the engine's
+/// version).
+pub const DOCKER_LABEL: &str = "docker";
+/// The label a worker carries when it runs every job in a container
+/// (`nexa-worker join --executor docker`); value `docker`.
+pub const SANDBOX_LABEL: &str = "sandbox";
+/// The label naming the image such a worker uses for steps that name none.
+pub const DEFAULT_IMAGE_LABEL: &str = "sandbox.default-image";
 
 impl From<&Resources> for Requirements {
     fn from(r: &Resources) -> Self {
@@ -84,6 +97,7 @@ impl From<&Resources> for Requirements {
             gpu_memory: r.gpu_memory.unwrap_or(0),
             compute_capability: r.compute_capability,
             labels: BTreeMap::new(),
+            container: false,
         }
     }
 }
@@ -129,7 +143,18 @@ pub struct Assignment {
 }
 
 fn labels_ok(req: &Requirements, p: &Profile) -> bool {
-    req.labels.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+    req.labels.iter().all(|(k, v)| p.labels.get(k) == Some(v)) && executor_ok(req, p)
+}
+
+/// A job naming an image needs a container runtime; a sandbox-only worker takes a job
+/// naming none only when it has a default image to run it in (it never runs a job's
+/// commands on its host).
+fn executor_ok(req: &Requirements, p: &Profile) -> bool {
+    if req.container {
+        return p.labels.contains_key(DOCKER_LABEL);
+    }
+    p.labels.get(SANDBOX_LABEL).is_none_or(|s| s != "docker")
+        || p.labels.contains_key(DEFAULT_IMAGE_LABEL)
 }
 
 /// Picks a worker and GPUs for `req` among `free`, best fit: the assignment whose GPUs
@@ -261,6 +286,20 @@ pub fn why_unfit<'a>(
             why.push(format!("needs label {k}={v}; no worker has it"));
         }
     }
+    if req.container
+        && !profiles
+            .iter()
+            .any(|(p, _)| p.labels.contains_key(DOCKER_LABEL))
+    {
+        why.push("names a container image; no worker has a container runtime (docker)".into());
+    }
+    if !req.container && profiles.iter().all(|(p, _)| !executor_ok(req, p)) {
+        why.push(
+            "names no container image; every worker runs only sandboxed jobs and has no \
+             default image (give the step params.image, or start a worker with --default-image)"
+                .into(),
+        );
+    }
     if why.is_empty() {
         why.push("no single worker has all of it at once".into());
     }
@@ -273,6 +312,54 @@ mod tests {
     use proptest::prelude::*;
 
     const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn container_jobs_need_docker_and_sandbox_workers_take_only_what_they_can_contain() {
+        let with = |labels: &[(&str, &str)]| Profile {
+            cores: 4,
+            memory_total: GIB,
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Profile::default()
+        };
+        let bare = with(&[]);
+        let docker = with(&[(DOCKER_LABEL, "28.2")]);
+        let sandbox = with(&[(DOCKER_LABEL, "28.2"), (SANDBOX_LABEL, "docker")]);
+        let sandbox_default = with(&[
+            (DOCKER_LABEL, "28.2"),
+            (SANDBOX_LABEL, "docker"),
+            (DEFAULT_IMAGE_LABEL, "debian:bookworm"),
+        ]);
+        let plain = Requirements::from(&Resources::default());
+        let boxed = Requirements {
+            container: true,
+            ..plain.clone()
+        };
+        let fits = |req: &Requirements, p: &Profile| {
+            let free = Free {
+                worker: "w",
+                profile: p,
+                slots: 4,
+                memory: GIB,
+                free_gpus: Vec::new(),
+            };
+            assign(req, std::slice::from_ref(&free)).is_some()
+        };
+        assert!(fits(&plain, &bare) && fits(&plain, &docker) && fits(&plain, &sandbox_default));
+        assert!(
+            !fits(&plain, &sandbox),
+            "a sandbox-only worker with no default image"
+        );
+        assert!(!fits(&boxed, &bare), "an image needs a container runtime");
+        assert!(fits(&boxed, &docker) && fits(&boxed, &sandbox));
+        let why = why_unfit(&boxed, [(&bare, 4)]).expect("unfit");
+        assert!(why.contains("container runtime"), "{why}");
+        let why = why_unfit(&plain, [(&sandbox, 4)]).expect("unfit");
+        assert!(why.contains("--default-image"), "{why}");
+        assert!(why_unfit(&plain, [(&sandbox, 4), (&bare, 4)]).is_none());
+    }
 
     fn gpu(i: u32, mem_gib: u64, cc: (u32, u32)) -> Gpu {
         Gpu {
@@ -399,7 +486,7 @@ mod tests {
             let free: Vec<Free> = workers.iter().zip(&profiles).map(|((g, slots, mem), p)| Free {
                 worker: "w", profile: p, slots: *slots, memory: mem * GIB, free_gpus: (0..g.len()).collect(),
             }).collect();
-            let req = Requirements { cpus, memory: 0, gpus, gpu_memory: gpu_mem * GIB, compute_capability: cc, labels: BTreeMap::new() };
+            let req = Requirements { cpus, memory: 0, gpus, gpu_memory: gpu_mem * GIB, compute_capability: cc, labels: BTreeMap::new(), container: false };
             let feasible: Vec<usize> = (0..free.len()).filter(|&w| {
                 free[w].slots >= cpus.max(1) && free[w].profile.gpus.iter().filter(|g| req.gpu_usable_now(g)).count() >= gpus as usize
             }).collect();

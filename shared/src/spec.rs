@@ -190,6 +190,31 @@ pub struct ExecParams {
     pub command: ExecCommand,
     /// Extra environment.
     pub env: BTreeMap<String, String>,
+    /// A container image to run the command in (`params.image`); the worker's docker
+    /// executor runs it sandboxed. `None`: the worker's own executor decides.
+    pub image: Option<String>,
+    /// `params.network: true` asks for a network inside the container; the default is
+    /// none, and a worker grants it only when its volunteer allowed it.
+    pub network: bool,
+}
+
+/// Checks a container image reference: registry/name:tag or @digest characters only,
+/// starting with a letter or digit (so it can never be read as a `docker` option).
+pub fn check_image(image: &str) -> std::result::Result<(), String> {
+    let ok_chars = image
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/' | ':' | '@'));
+    let ok_start = image
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
+    if image.len() > 255 || !ok_chars || !ok_start {
+        return Err(format!(
+            "'params.image' {image:?} is not an image reference (like debian:bookworm or \
+             registry.example/team/tool@sha256:...)"
+        ));
+    }
+    Ok(())
 }
 
 impl ExecParams {
@@ -199,9 +224,13 @@ impl ExecParams {
             .as_object()
             .ok_or("exec needs params with 'cmd' (a list) or 'run' (a script)")?;
         for key in obj.keys() {
-            if !matches!(key.as_str(), "cmd" | "run" | "env" | "kind") {
+            if !matches!(
+                key.as_str(),
+                "cmd" | "run" | "env" | "kind" | "image" | "network"
+            ) {
                 return Err(format!(
-                    "unknown field 'params.{key}' for exec (expected cmd, run, env, kind)"
+                    "unknown field 'params.{key}' for exec (expected cmd, run, env, kind, \
+                     image, network)"
                 ));
             }
         }
@@ -240,7 +269,27 @@ impl ExecParams {
             }
         }
         let kind = obj.get("kind").and_then(|k| k.as_str()).map(str::to_string);
-        Ok(Self { kind, command, env })
+        let image = match obj.get("image") {
+            None => None,
+            Some(v) => {
+                let image = v.as_str().ok_or("'params.image' must be a string")?;
+                check_image(image)?;
+                Some(image.to_string())
+            }
+        };
+        let network = match obj.get("network") {
+            None => false,
+            Some(v) => v
+                .as_bool()
+                .ok_or("'params.network' must be true or false")?,
+        };
+        Ok(Self {
+            kind,
+            command,
+            env,
+            image,
+            network,
+        })
     }
 }
 

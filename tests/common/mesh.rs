@@ -321,3 +321,77 @@ pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(25));
     }
 }
+
+/// The operator token every test coordinator is started with.
+pub const TOKEN: &str = "op-token";
+
+/// A `nexa` command against `coord`, with the operator token.
+pub fn remote(p: &super::Project, coord: &Coord, args: &[&str]) -> Command {
+    let url = coord.url("http");
+    let mut all: Vec<String> = vec!["--coordinator".into(), url, "--token".into(), TOKEN.into()];
+    all.extend(args.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    p.cmd(&refs)
+}
+
+/// `nexa workers --json`.
+pub fn workers_json(p: &super::Project, coord: &Coord) -> Vec<serde_json::Value> {
+    let out = remote(p, coord, &["workers", "--json"])
+        .output()
+        .expect("workers");
+    assert!(out.status.success(), "{}", super::text(&out));
+    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).expect("json")
+}
+
+/// Waits until `n` workers are active.
+pub fn wait_workers(p: &super::Project, coord: &Coord, n: usize) {
+    wait_for("workers to enrol", Duration::from_secs(20), || {
+        workers_json(p, coord)
+            .iter()
+            .filter(|w| w["state"] == "active")
+            .count()
+            >= n
+    });
+}
+
+/// One step's entry in a status JSON.
+pub fn step<'a>(status: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    status["steps"]
+        .as_array()
+        .and_then(|s| s.iter().find(|x| x["id"] == id))
+        .unwrap_or_else(|| panic!("no step {id} in {status}"))
+}
+
+/// `nexa pipeline status FILE --json` against `coord`.
+pub fn remote_status(p: &super::Project, coord: &Coord, file: &str) -> serde_json::Value {
+    let out = remote(p, coord, &["pipeline", "status", file, "--json"])
+        .output()
+        .expect("status");
+    assert!(out.status.success(), "{}", super::text(&out));
+    serde_json::from_slice(&out.stdout).expect("status json")
+}
+
+/// Makes sure the local Debian base image (`nexa/debian-base:bookworm`) exists, building
+/// it with `.ci/base_image.sh` (debootstrap + docker import) when it does not; one
+/// builder at a time across test processes.
+pub fn base_image() -> &'static str {
+    const IMAGE: &str = "nexa/debian-base:bookworm";
+    let lock = std::fs::File::create(std::env::temp_dir().join("nexa-base-image.lock"))
+        .expect("lock file");
+    nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map(|held| {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci/base_image.sh");
+            let out = Command::new("bash")
+                .arg(script)
+                .output()
+                .expect("base image script");
+            assert!(
+                out.status.success(),
+                "building the base image failed: {}",
+                super::text(&out)
+            );
+            drop(held);
+        })
+        .expect("flock");
+    IMAGE
+}

@@ -16,7 +16,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Join a coordinator and run its jobs, reconnecting forever.
-    Join(JoinArgs),
+    Join(Box<JoinArgs>),
     /// Print what this machine offers: CPU, memory, disk, GPUs (NVML), runtimes.
     Profile {
         /// Print JSON.
@@ -56,6 +56,27 @@ struct JoinArgs {
     /// CA certificate to trust for https:// coordinators.
     #[arg(long)]
     ca: Option<PathBuf>,
+    /// How jobs run: `process` (on this host; steps that name an image still run in a
+    /// container) or `docker` (every job in a sandboxed container, never on the host).
+    #[arg(long, value_enum, default_value = "process")]
+    executor: ExecutorKind,
+    /// With `--executor docker`: the image for steps that name none [default: such
+    /// steps are not taken].
+    #[arg(long)]
+    default_image: Option<String>,
+    /// Let container jobs that ask for it (`params.network: true`) have a network
+    /// [default: no job gets one].
+    #[arg(long)]
+    allow_job_network: bool,
+}
+
+/// `--executor`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ExecutorKind {
+    /// Jobs run as processes on this host.
+    Process,
+    /// Jobs run only in sandboxed containers.
+    Docker,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -84,6 +105,25 @@ fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
     let gpus_filter = parse_gpu_filter(&a.gpus)?;
     apply_gpu_filter(&mut profile, &gpus_filter);
     profile.labels.extend(a.labels);
+    let executor = executor_of(a.executor, a.default_image, a.allow_job_network)?;
+    {
+        use nexa_shared::hardware::{DEFAULT_IMAGE_LABEL, DOCKER_LABEL, SANDBOX_LABEL};
+        if executor.sandbox_only {
+            let version = crate::sandbox::docker_works(&executor.docker)
+                .map_err(|e| anyhow::anyhow!("--executor docker: {e}"))?;
+            profile.labels.insert(DOCKER_LABEL.into(), version);
+            profile.labels.insert(SANDBOX_LABEL.into(), "docker".into());
+            if let Some(image) = &executor.default_image {
+                profile
+                    .labels
+                    .insert(DEFAULT_IMAGE_LABEL.into(), image.clone());
+            }
+        }
+        let reaped = crate::sandbox::reap_orphans(&executor.docker, &work_dir);
+        if reaped > 0 {
+            eprintln!("removed {reaped} job container(s) left by a previous run");
+        }
+    }
     let slots = a.slots.unwrap_or(profile.cores.max(1));
     let name = a.name.unwrap_or_else(|| profile.hostname.clone());
     let ca = a.ca.map(std::fs::read).transpose()?;
@@ -137,9 +177,30 @@ fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
             slots: slots as usize,
             work_dir,
             profile,
+            executor,
         };
         crate::run(link, cfg, identity, rx).await;
         Ok(())
+    })
+}
+
+/// The executor the flags ask for.
+fn executor_of(
+    kind: ExecutorKind,
+    default_image: Option<String>,
+    allow_network: bool,
+) -> anyhow::Result<crate::sandbox::Executor> {
+    if let Some(i) = &default_image {
+        nexa_shared::spec::check_image(i).map_err(|e| anyhow::anyhow!("--default-image: {e}"))?;
+        if kind != ExecutorKind::Docker {
+            anyhow::bail!("--default-image goes with --executor docker");
+        }
+    }
+    Ok(crate::sandbox::Executor {
+        sandbox_only: kind == ExecutorKind::Docker,
+        default_image,
+        allow_network,
+        docker: std::env::var("NEXA_DOCKER").unwrap_or_else(|_| "docker".into()),
     })
 }
 
@@ -182,7 +243,7 @@ pub fn main(allow_fake_gpus: bool) -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Cmd::Join(a) => match join(a, allow_fake_gpus) {
+        Cmd::Join(a) => match join(*a, allow_fake_gpus) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");

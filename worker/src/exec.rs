@@ -1,10 +1,13 @@
 //! The `exec` handler: runs a command (`cmd: [argv]`) or a shell script (`run: ...`) in
 //! its own process group, with inputs staged read-only and named in `NEXA_IN_<NAME>`,
 //! outputs written under `NEXA_OUT`, stdout and stderr kept as the job's log. A timeout
-//! or a cancellation kills the whole process group.
+//! or a cancellation kills the whole process group. A job that names an image, or every
+//! job on a worker started with `--executor docker`, runs instead in a sandboxed
+//! container ([`crate::sandbox`]) with the same variables pointing at its mounts.
 
 use crate::cas::Cas;
 use crate::gpus::GpuPool;
+use crate::sandbox::{self, Executor};
 use crate::{CoordinatorLink, outputs};
 use nexa_shared::handlers;
 use nexa_shared::job::{JobResult, Lease, Outcome, now_ms};
@@ -71,12 +74,64 @@ fn kill_group(pid: Option<u32>) {
     }
 }
 
+/// What a job runs on: the worker's cache, GPUs, directories and executor.
+#[derive(Debug, Clone, Copy)]
+pub struct Host<'a> {
+    /// The input cache.
+    pub cas: &'a Cas,
+    /// The worker's GPUs.
+    pub gpus: &'a GpuPool,
+    /// Where job directories live.
+    pub work_dir: &'a Path,
+    /// Process or container.
+    pub executor: &'a Executor,
+    /// The memory limit of a container job that asked for none (the worker's memory
+    /// over its slots).
+    pub memory_share: u64,
+}
+
+/// Maps the worker's paths to the ones a job sees: the same paths for a process, the
+/// `/nexa/...` mounts for a container (which also records the mounts).
+struct PathMap {
+    container: bool,
+    mounts: Vec<sandbox::Mount>,
+}
+
+impl PathMap {
+    fn input(&mut self, name: &str, staged: &Path) -> String {
+        if !self.container {
+            return staged.display().to_string();
+        }
+        let at = format!("{}/{}", sandbox::IN_ROOT, paths::safe_component(name));
+        // The whole cache entry is mounted, so the input keeps its own file name.
+        if let Some(dir) = staged.parent() {
+            self.mounts.push(sandbox::Mount {
+                host: dir.to_path_buf(),
+                container: at.clone(),
+                read_only: true,
+            });
+        }
+        let file = staged
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        format!("{at}/{file}")
+    }
+
+    fn output(&self, out_root: &Path, rel: Option<&str>) -> String {
+        match (self.container, rel) {
+            (false, Some(r)) => out_root.join(r).display().to_string(),
+            (false, None) => out_root.display().to_string(),
+            (true, Some(r)) => format!("{}/{r}", sandbox::OUT_ROOT),
+            (true, None) => sandbox::OUT_ROOT.to_string(),
+        }
+    }
+}
+
 /// Runs one leased job to a (not yet signed) result.
 pub async fn run_job<L: CoordinatorLink>(
     link: &L,
-    cas: &Cas,
-    gpus: &GpuPool,
-    work_dir: &Path,
+    host: &Host<'_>,
     lease: &Lease,
     mut cancel: watch::Receiver<bool>,
 ) -> JobResult {
@@ -89,7 +144,20 @@ pub async fn run_job<L: CoordinatorLink>(
         Ok(p) => p,
         Err(e) => return failed(lease, started, e),
     };
-    let dir = job_dir(work_dir, lease);
+    let image = match host.executor.image_for(params.image.as_deref()) {
+        Ok(i) => i,
+        Err(e) => return failed(lease, started, e),
+    };
+    if image.is_some() && params.network && !host.executor.allow_network {
+        return failed(
+            lease,
+            started,
+            "the step asks for a network (params.network: true) and this worker's volunteer \
+             did not allow it (nexa-worker join --allow-job-network)"
+                .into(),
+        );
+    }
+    let dir = job_dir(host.work_dir, lease);
     let _ = tokio::fs::remove_dir_all(&dir).await;
     let out_root = dir.join("out");
     let scratch = dir.join("work");
@@ -98,12 +166,16 @@ pub async fn run_job<L: CoordinatorLink>(
             return failed(lease, started, format!("creating {}: {e}", d.display()));
         }
     }
+    let mut map = PathMap {
+        container: image.is_some(),
+        mounts: Vec::new(),
+    };
     let mut env: Vec<(String, String)> = Vec::new();
     for input in &job.inputs {
-        match cas.stage(link, input).await {
+        match host.cas.stage(link, input).await {
             Ok(p) => env.push((
                 format!("NEXA_IN_{}", paths::env_name(&input.name)),
-                p.display().to_string(),
+                map.input(&input.name, &p),
             )),
             Err(e) => return failed(lease, started, e.to_string()),
         }
@@ -115,15 +187,22 @@ pub async fn run_job<L: CoordinatorLink>(
         }
         env.push((
             format!("NEXA_OUT_{}", paths::env_name(name)),
-            d.display().to_string(),
+            map.output(&out_root, Some(name)),
         ));
     }
     let nexa_out = match job.outputs.as_slice() {
-        [single] => out_root.join(single),
-        _ => out_root.clone(),
+        [single] => map.output(&out_root, Some(single)),
+        _ => map.output(&out_root, None),
     };
-    env.push(("NEXA_OUT".into(), nexa_out.display().to_string()));
-    env.push(("NEXA_TMP".into(), scratch.display().to_string()));
+    env.push(("NEXA_OUT".into(), nexa_out));
+    env.push((
+        "NEXA_TMP".into(),
+        if map.container {
+            sandbox::TMP.into()
+        } else {
+            scratch.display().to_string()
+        },
+    ));
     env.push(("NEXA_JOB_ID".into(), job.job_id.clone()));
     env.push(("NEXA_RUN_ID".into(), job.run_id.clone()));
     env.push(("NEXA_STEP_ID".into(), job.step_id.clone()));
@@ -135,6 +214,7 @@ pub async fn run_job<L: CoordinatorLink>(
     }
     // The job sees exactly the GPUs it asked for (none when it asked for none): the ones
     // the coordinator reserved, or, when it named none, ones from this worker's pool.
+    let gpus = host.gpus;
     let gpu_lease = tokio::select! {
         l = gpus.acquire_named(&lease.gpus), if !lease.gpus.is_empty() => match l {
             Ok(l) => l,
@@ -167,22 +247,74 @@ pub async fn run_job<L: CoordinatorLink>(
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .chain(params.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .collect();
-    let mut cmd = match &params.command {
-        ExecCommand::Argv(argv) => {
-            let argv: Vec<String> = argv.iter().map(|a| expand(a, &lookup)).collect();
+    let argv: Vec<String> = match &params.command {
+        ExecCommand::Argv(argv) => argv.iter().map(|a| expand(a, &lookup)).collect(),
+        ExecCommand::Script(script) => vec!["/bin/sh".into(), "-c".into(), script.clone()],
+    };
+    let container = match &image {
+        None => None,
+        Some(image) => {
+            let (uid, gid) = sandbox::container_user();
+            if uid != nix::unistd::getuid().as_raw() {
+                // The job's user is not the worker's: let it write its outputs.
+                open_for_job(&out_root);
+            }
+            map.mounts.push(sandbox::Mount {
+                host: out_root.clone(),
+                container: sandbox::OUT_ROOT.into(),
+                read_only: false,
+            });
+            let mut all_env = env.clone();
+            all_env.extend(params.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+            let spec = sandbox::ContainerJob {
+                name: sandbox::container_name(&job.job_id, lease.generation),
+                job_id: &job.job_id,
+                owner: sandbox::owner_of(host.work_dir),
+                image,
+                mounts: std::mem::take(&mut map.mounts),
+                env: all_env,
+                cpus: job.requirements.cpus,
+                memory: if job.requirements.memory > 0 {
+                    job.requirements.memory
+                } else {
+                    host.memory_share
+                },
+                gpus: gpu_lease.gpus(),
+                network: params.network,
+                user: format!("{uid}:{gid}"),
+                argv: argv.clone(),
+            };
+            Some((spec.name.clone(), sandbox::run_args(&spec)))
+        }
+    };
+    let mut cmd = match &container {
+        None => {
             let mut c = tokio::process::Command::new(&argv[0]);
-            c.args(&argv[1..]);
+            c.args(&argv[1..]).envs(env).envs(&params.env);
             c
         }
-        ExecCommand::Script(script) => {
-            let mut c = tokio::process::Command::new("/bin/sh");
-            c.arg("-c").arg(script);
+        Some((name, args)) => {
+            // A leftover container of an earlier attempt under this name goes first.
+            sandbox::kill(&host.executor.docker, name).await;
+            let mut c = tokio::process::Command::new(&host.executor.docker);
+            // The docker client gets none of the job's variables (they go in --env) and
+            // none of the worker's but what it needs to find its daemon.
+            c.args(args).env_clear();
+            for k in [
+                "PATH",
+                "HOME",
+                "DOCKER_HOST",
+                "DOCKER_CONFIG",
+                "DOCKER_CONTEXT",
+            ] {
+                if let Some(v) = std::env::var_os(k) {
+                    c.env(k, v);
+                }
+            }
             c
         }
     };
     cmd.current_dir(&scratch)
-        .envs(env)
-        .envs(&params.env)
         .stdin(Stdio::null())
         .stdout(Stdio::from(stdout))
         .stderr(Stdio::from(stderr))
@@ -191,9 +323,9 @@ pub async fn run_job<L: CoordinatorLink>(
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            let what = match &params.command {
-                ExecCommand::Argv(a) => a[0].clone(),
-                ExecCommand::Script(_) => "/bin/sh".into(),
+            let what = match &container {
+                Some(_) => host.executor.docker.clone(),
+                None => argv[0].clone(),
             };
             return failed(lease, started, format!("cannot start '{what}': {e}"));
         }
@@ -219,7 +351,13 @@ pub async fn run_job<L: CoordinatorLink>(
         _ = timeout => End::TimedOut,
         _ = cancel.wait_for(|c| *c) => End::Cancelled,
     };
-    // Whatever happened, nothing the job started outlives it.
+    // Whatever happened, nothing the job started outlives it: killing the docker
+    // client does not stop its container, so that is removed by name.
+    if let Some((name, _)) = &container
+        && !matches!(end, End::Exited(_))
+    {
+        sandbox::kill(&host.executor.docker, name).await;
+    }
     kill_group(pid);
     drop(gpu_lease);
     let mut r = match end {
@@ -281,6 +419,22 @@ pub async fn run_job<L: CoordinatorLink>(
     }
     r.ended_ms = now_ms();
     r
+}
+
+/// Makes a job's output directories writable by the unprivileged user its container
+/// runs as (the worker runs as root; the job never does).
+fn open_for_job(out_root: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let dirs = std::iter::once(out_root.to_path_buf()).chain(
+        std::fs::read_dir(out_root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path()),
+    );
+    for d in dirs {
+        let _ = std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777));
+    }
 }
 
 /// Kills the process groups of jobs left running by a worker process that died

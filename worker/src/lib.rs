@@ -10,6 +10,7 @@ pub mod gpus;
 pub mod outputs;
 pub mod profile;
 pub mod remote;
+pub mod sandbox;
 
 pub use error::{Error, Result};
 
@@ -48,6 +49,8 @@ pub struct WorkerConfig {
     pub work_dir: PathBuf,
     /// What this worker has (its GPUs are handed to jobs).
     pub profile: nexa_shared::hardware::Profile,
+    /// How jobs run: as processes, or sandboxed in containers.
+    pub executor: sandbox::Executor,
 }
 
 /// Runs `cfg.slots` job loops until `shutdown` turns true or the link closes.
@@ -76,8 +79,19 @@ pub async fn run<L: CoordinatorLink>(
                 let Some(lease) = lease else { break };
                 tracing::debug!(worker = %cfg.name, slot, job = %lease.job.job_id, "running job");
                 let cancel = link.cancellation(&lease);
-                let mut result =
-                    exec::run_job(link.as_ref(), &cas, &gpus, &cfg.work_dir, &lease, cancel).await;
+                let mut result = exec::run_job(
+                    link.as_ref(),
+                    &exec::Host {
+                        cas: &cas,
+                        gpus: &gpus,
+                        work_dir: &cfg.work_dir,
+                        executor: &cfg.executor,
+                        memory_share: cfg.profile.memory_total / cfg.slots.max(1) as u64,
+                    },
+                    &lease,
+                    cancel,
+                )
+                .await;
                 identity.sign_result(&mut result);
                 link.report(result).await;
             }
