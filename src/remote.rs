@@ -202,30 +202,126 @@ pub async fn run(
         "submitted run {} of {} to {}",
         resp.run_id, resp.pipeline, remote.url
     );
-    follow(&mut c, &resp.run_id, &resp.pipeline, l.pipeline.steps.len()).await
+    follow(
+        remote,
+        &mut c,
+        &resp.run_id,
+        &resp.pipeline,
+        l.pipeline.steps.len(),
+    )
+    .await
+}
+
+/// How long `follow` keeps trying to reach a coordinator that went away (a restart, an
+/// upgrade, a network blip) before giving up; the run itself goes on regardless.
+const RECONNECT_FOR: Duration = Duration::from_secs(600);
+
+/// Why following stopped before the run finished.
+enum Interrupted {
+    /// The connection to the coordinator broke (it may be restarting).
+    Lost(String),
+    /// Anything else.
+    Fatal(anyhow::Error),
+}
+
+/// Follows a run to its end, reconnecting when the coordinator goes away: a restarted
+/// coordinator resumes the run under the same id and replays its progress; a run that
+/// finished while we were away is read back from the step records.
+async fn follow(
+    remote: &Remote,
+    c: &mut Control,
+    run_id: &str,
+    pipeline: &str,
+    steps: usize,
+) -> anyhow::Result<RunSummary> {
+    let mut renderer = Renderer::new(steps);
+    loop {
+        let why = match follow_once(c, &mut renderer, run_id, pipeline).await {
+            Ok(s) => return Ok(s),
+            Err(Interrupted::Fatal(e)) => return Err(e),
+            Err(Interrupted::Lost(why)) => why,
+        };
+        eprintln!("lost the coordinator ({why}); reconnecting to follow run {run_id}");
+        let deadline = tokio::time::Instant::now() + RECONNECT_FOR;
+        let mut delay = Duration::from_millis(250);
+        *c = loop {
+            tokio::time::sleep(delay).await;
+            match Control::connect(remote).await {
+                Ok(c) => break c,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(e.context(format!(
+                        "gave up following run {run_id} (it goes on on the coordinator; \
+                         `nexa pipeline status` shows it)"
+                    )));
+                }
+                Err(_) => delay = (delay * 2).min(Duration::from_secs(5)),
+            }
+        };
+        eprintln!("reconnected to {}", remote.url);
+        // Finished while we were away (a finished run has no live feed after a restart):
+        // the step records tell how it ended.
+        let known = c
+            .client
+            .watch(c.req(v1::WatchRequest {
+                run_id: run_id.into(),
+            }))
+            .await;
+        if let Err(s) = known
+            && s.code() == tonic::Code::NotFound
+        {
+            let records = status(remote, pipeline).await?;
+            let ok = records
+                .iter()
+                .all(|r| matches!(r.status, StepStatus::Complete | StepStatus::Skipped));
+            let s = RunSummary {
+                run_id: run_id.into(),
+                pipeline: pipeline.into(),
+                outcome: if ok {
+                    RunOutcome::Succeeded
+                } else {
+                    RunOutcome::Failed
+                },
+                steps: records,
+                elapsed: Duration::ZERO,
+            };
+            renderer.show(&Progress::Finished(s.clone()));
+            return Ok(s);
+        }
+    }
 }
 
 fn status_of(s: &str) -> StepStatus {
     serde_json::from_value(serde_json::Value::String(s.to_string())).unwrap_or(StepStatus::Pending)
 }
 
+/// Whether a failed call means the coordinator is unreachable (worth reconnecting).
+fn is_lost(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    )
+}
+
 /// Streams a run's progress until it finishes; Ctrl-C cancels it on the coordinator.
-async fn follow(
+async fn follow_once(
     c: &mut Control,
+    renderer: &mut Renderer,
     run_id: &str,
     pipeline: &str,
-    steps: usize,
-) -> anyhow::Result<RunSummary> {
+) -> Result<RunSummary, Interrupted> {
     use v1::RunEventKind as K;
-    let mut renderer = Renderer::new(steps);
-    let mut stream = c
+    let fatal = |e: anyhow::Error| Interrupted::Fatal(e);
+    let mut stream = match c
         .client
         .watch(c.req(v1::WatchRequest {
             run_id: run_id.into(),
         }))
         .await
-        .map_err(status_err)?
-        .into_inner();
+    {
+        Ok(s) => s.into_inner(),
+        Err(s) if is_lost(&s) => return Err(Interrupted::Lost(s.message().to_string())),
+        Err(s) => return Err(fatal(status_err(s))),
+    };
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let mut cancelled = false;
@@ -235,14 +331,16 @@ async fn follow(
             _ = &mut ctrl_c, if !cancelled => {
                 cancelled = true;
                 eprintln!("cancelling run {run_id} on the coordinator");
-                c.client.cancel(c.req(v1::CancelRequest { run_id: run_id.into() })).await.map_err(status_err)?;
+                c.client.cancel(c.req(v1::CancelRequest { run_id: run_id.into() })).await.map_err(|s| fatal(status_err(s)))?;
                 continue;
             }
         };
-        let Some(e) = e else {
-            anyhow::bail!("the coordinator closed the progress stream before the run finished");
+        let e = match e {
+            None => return Err(Interrupted::Lost("the progress stream closed".into())),
+            Some(Err(s)) if is_lost(&s) => return Err(Interrupted::Lost(s.message().to_string())),
+            Some(Err(s)) => return Err(fatal(status_err(s))),
+            Some(Ok(e)) => e,
         };
-        let e = e.map_err(status_err)?;
         let p = match K::try_from(e.kind) {
             Ok(K::Step) => Progress::Step {
                 step: e.step,
@@ -266,7 +364,8 @@ async fn follow(
                 error: e.detail,
             },
             Ok(K::Finished) => {
-                let steps: Vec<StepRecord> = serde_json::from_str(&e.steps_json)?;
+                let steps: Vec<StepRecord> =
+                    serde_json::from_str(&e.steps_json).map_err(|e| fatal(e.into()))?;
                 let outcome = match e.outcome.as_str() {
                     "succeeded" => RunOutcome::Succeeded,
                     "cancelled" => RunOutcome::Cancelled,

@@ -180,9 +180,12 @@ fn the_coordinator_killed_mid_run_resumes_it_and_nothing_is_lost_or_doubled() {
         )
     });
     p.write("r.yaml", &yaml);
+    let client_log = p.path().join("client.log");
     let client = remote(&p, &coord, &["pipeline", "run", "r.yaml"])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(&client_log).expect("client log"),
+        ))
         .spawn()
         .expect("client");
     wait_for("s2 to start", Duration::from_secs(30), || {
@@ -197,11 +200,22 @@ fn the_coordinator_killed_mid_run_resumes_it_and_nothing_is_lost_or_doubled() {
         complete_before.contains(&0) && complete_before.contains(&1),
         "{complete_before:?}"
     );
-    let mut client = client;
-    let _ = client.wait();
-
-    // Restart on the same data dir and port: the run resumes; workers re-enrol by themselves.
+    // Restart on the same data dir and port: the run resumes; workers re-enrol by
+    // themselves; the client that was following the run reconnects and sees it finish.
     let coord = Coord::start(&data, &listen, &["--open-enrolment"]);
+    let mut client = client;
+    let mut exit = None;
+    wait_for(
+        "the following client to finish",
+        Duration::from_secs(60),
+        || {
+            exit = client.try_wait().expect("client");
+            exit.is_some()
+        },
+    );
+    let said = std::fs::read_to_string(&client_log).unwrap_or_default();
+    assert_eq!(exit.and_then(|e| e.code()), Some(0), "{said}");
+    assert!(said.contains("reconnected to"), "{said}");
     wait_for("the resumed run to finish", Duration::from_secs(60), || {
         let st = remote_status(&p, &coord, "r.yaml");
         st["steps"].as_array().is_some_and(|s| {

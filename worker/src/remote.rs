@@ -74,6 +74,12 @@ pub fn channel_endpoint(
         .map_err(|e| format!("coordinator address {url:?}: {e}"))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_keepalive(Some(Duration::from_secs(10)))
+        // A connection whose peer vanished (a cut network, a killed container) is noticed
+        // within seconds and replaced, instead of calls hanging on it for the kernel's
+        // retransmission timeout (minutes).
+        .http2_keep_alive_interval(Duration::from_secs(3))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
         .tcp_nodelay(true);
     if let Some(ca) = ca_pem {
         let host = endpoint.uri().host().unwrap_or("localhost").to_string();
@@ -265,7 +271,9 @@ impl GrpcLink {
                     None
                 };
                 let mut client = link.client.clone();
-                let req = link.authed(v1::HeartbeatRequest { running, profile });
+                let mut req = link.authed(v1::HeartbeatRequest { running, profile });
+                // A heartbeat that cannot arrive in time is as good as lost.
+                req.set_timeout(every.saturating_mul(3));
                 match client.heartbeat(req).await {
                     Ok(resp) => {
                         let running = lock(&link.running);
