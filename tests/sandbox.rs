@@ -1,8 +1,8 @@
 //! The docker executor, end to end: a real coordinator, real `nexa-worker join
 //! --executor docker` processes and real containers from the local Debian base image
 //! (built by `.ci/base_image.sh` when missing). Jobs that try to read the worker's key,
-//! reach the network or write outside their output directory fail; the worker stays
-//! healthy and runs the next job.
+//! reach the network, write outside their output directory or use more memory than
+//! their resources say fail; the worker stays healthy and runs the next job.
 
 mod common;
 
@@ -116,6 +116,13 @@ fn sandboxed_jobs_cannot_read_the_key_reach_the_network_or_write_outside_their_o
       retries: 0
       params: {{run: 'echo pwned > /etc/escape'}}
       out: artifacts/write_root
+    - id: hog
+      uses: exec
+      after: []
+      retries: 0
+      resources: {{memory: 64MiB}}
+      params: {{cmd: [python3, -c, 'b = bytearray(256 << 20); open("/nexa/out/out/x", "w").write("fit")']}}
+      out: artifacts/hog
     - id: too_slow
       uses: exec
       after: []
@@ -139,6 +146,7 @@ fn sandboxed_jobs_cannot_read_the_key_reach_the_network_or_write_outside_their_o
         "write_input",
         "write_host",
         "write_root",
+        "hog",
     ] {
         assert_eq!(step(&st, id)["status"], "FAILED", "{id}: {st}");
     }
@@ -175,6 +183,8 @@ fn sandboxed_jobs_cannot_read_the_key_reach_the_network_or_write_outside_their_o
         "{}",
         err("write_host")
     );
+    // Over its memory limit, the job is killed by the kernel (137 = SIGKILL).
+    assert!(err("hog").contains("exit status 137"), "{}", err("hog"));
     // Nothing reached the host: no connection, no file, the key and the input intact.
     let mut buf = [0u8; 8];
     let reached = listener
