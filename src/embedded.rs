@@ -106,6 +106,7 @@ impl Embedded {
             work_dir,
             profile,
             executor: nexa_worker::sandbox::Executor::process(),
+            metrics: None,
         };
         let worker = tokio::spawn(nexa_worker::run(link, cfg, identity, rx));
         Ok(Self {

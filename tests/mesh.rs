@@ -4,8 +4,8 @@
 mod common;
 
 use common::mesh::{
-    Coord, TOKEN, Worker, bin, fake_gpu, fixed_listen, remote, remote_status, step, wait_for,
-    wait_workers, workers_json,
+    Coord, TOKEN, Worker, bin, fake_gpu, fixed_listen, http_get, remote, remote_status, step,
+    wait_for, wait_workers, workers_json,
 };
 use common::{Project, numbered_pipeline, text};
 use std::process::{Command, Stdio};
@@ -958,5 +958,76 @@ fn the_metrics_port_serves_prometheus_text_health_and_readiness() {
     assert!(
         !body.contains("worker=\""),
         "a worker label leaked into the metrics"
+    );
+}
+
+#[test]
+fn a_worker_serves_its_own_metrics_and_readiness() {
+    let p = Project::new();
+    let mut coord = Coord::open(&p.path().join("coord"));
+    let url = coord.url("http");
+    let w = Worker::start(
+        &url,
+        &p.path().join("w"),
+        2,
+        None,
+        &["--metrics-listen", "127.0.0.1:0"],
+    );
+    wait_workers(&p, &coord, 1);
+    let addr = w.metrics_addr();
+    assert_eq!(http_get(&addr, "/healthz"), (200, "ok\n".into()));
+    assert_eq!(http_get(&addr, "/readyz").0, 200);
+    p.write(
+        "w.yaml",
+        r#"pipeline:
+  name: wm
+  steps:
+    - id: a
+      uses: exec
+      after: []
+      params: {run: 'echo a > "$NEXA_OUT/x"'}
+      out: artifacts/a
+    - id: b
+      uses: exec
+      after: []
+      params: {run: 'echo b > "$NEXA_OUT/x"'}
+      out: artifacts/b
+    - id: bad
+      uses: exec
+      after: []
+      retries: 0
+      params: {run: 'exit 3'}
+      out: artifacts/bad
+"#,
+    );
+    let out = remote(&p, &coord, &["pipeline", "run", "w.yaml"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let (code, body) = http_get(&addr, "/metrics");
+    assert_eq!(code, 200);
+    for want in [
+        "nexa_worker_jobs_finished_total{outcome=\"succeeded\"} 2",
+        "nexa_worker_jobs_finished_total{outcome=\"failed\"} 1",
+        "nexa_worker_job_duration_seconds_count 3",
+        "nexa_worker_jobs_running 0",
+        "nexa_worker_slots 2",
+        "nexa_worker_sandboxed 0",
+        "nexa_worker_connected 1",
+    ] {
+        assert!(body.contains(want), "missing {want:?} in\n{body}");
+    }
+    assert!(!body.contains("wm/"), "a run or job id leaked into a label");
+    // Without its coordinator the worker is alive but not ready.
+    coord.sigkill();
+    wait_for("the worker to notice", Duration::from_secs(20), || {
+        http_get(&addr, "/readyz").0 == 503
+    });
+    assert_eq!(http_get(&addr, "/healthz").0, 200);
+    let (_, body) = http_get(&addr, "/metrics");
+    assert!(body.contains("nexa_worker_connected 0"), "{body}");
+    assert!(
+        !body.contains("nexa_worker_heartbeat_failures_total 0"),
+        "{body}"
     );
 }

@@ -167,29 +167,12 @@ impl Coord {
 
     /// `GET path` on the metrics port: (status code, body).
     pub fn http_get(&self, path: &str) -> (u16, String) {
-        use std::io::{Read, Write};
-        let addr = self
-            .metrics
-            .as_deref()
-            .expect("started with --metrics-listen");
-        let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        http_get(
+            self.metrics
+                .as_deref()
+                .expect("started with --metrics-listen"),
+            path,
         )
-        .expect("send");
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("read");
-        let code = out
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (code, body)
     }
 
     pub fn url(&self, scheme: &str) -> String {
@@ -278,6 +261,19 @@ impl Worker {
     pub fn sigkill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// The address of the worker's metrics port (started with `--metrics-listen`).
+    pub fn metrics_addr(&self) -> String {
+        let mut addr = None;
+        wait_for("the worker's metrics port", Duration::from_secs(20), || {
+            addr = self
+                .log()
+                .lines()
+                .find_map(|l| l.strip_prefix("metrics on ").map(str::to_string));
+            addr.is_some()
+        });
+        addr.unwrap_or_default()
     }
 
     /// Freezes the worker process (not its jobs, which run in their own process groups)
@@ -394,4 +390,27 @@ pub fn base_image() -> &'static str {
         })
         .expect("flock");
     IMAGE
+}
+
+/// A plain HTTP/1.1 GET: (status code, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
 }

@@ -68,6 +68,9 @@ struct JoinArgs {
     /// [default: no job gets one].
     #[arg(long)]
     allow_job_network: bool,
+    /// Serve this worker's /metrics, /healthz and /readyz here (e.g. 127.0.0.1:9101).
+    #[arg(long, env = "NEXA_WORKER_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
 }
 
 /// `--executor`.
@@ -162,6 +165,29 @@ fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
                 p
             }));
         }
+        let metrics = match &a.metrics_listen {
+            None => None,
+            Some(addr) => {
+                let m = Arc::new(crate::metrics::WorkerMetrics::new()?);
+                m.slots.set(i64::from(slots));
+                m.gpus.set(profile.gpus.len() as i64);
+                m.sandboxed.set(i64::from(executor.sandbox_only));
+                m.connected.set(1);
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("--metrics-listen {addr}: {e}"))?;
+                eprintln!("metrics on {}", listener.local_addr()?);
+                link.set_metrics(m.clone());
+                let served = m.clone();
+                tokio::spawn(async move {
+                    let forever = std::future::pending::<()>();
+                    if let Err(e) = crate::metrics::serve_http(listener, served, forever).await {
+                        tracing::error!(error = %e, "the metrics port stopped");
+                    }
+                });
+                Some(m)
+            }
+        };
         link.spawn_heartbeats();
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
@@ -178,6 +204,7 @@ fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
             work_dir,
             profile,
             executor,
+            metrics,
         };
         crate::run(link, cfg, identity, rx).await;
         Ok(())

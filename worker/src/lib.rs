@@ -7,6 +7,7 @@ pub mod cli;
 pub mod error;
 pub mod exec;
 pub mod gpus;
+pub mod metrics;
 pub mod outputs;
 pub mod profile;
 pub mod remote;
@@ -51,6 +52,8 @@ pub struct WorkerConfig {
     pub profile: nexa_shared::hardware::Profile,
     /// How jobs run: as processes, or sandboxed in containers.
     pub executor: sandbox::Executor,
+    /// The worker's own metrics, when exported.
+    pub metrics: Option<Arc<metrics::WorkerMetrics>>,
 }
 
 /// Runs `cfg.slots` job loops until `shutdown` turns true or the link closes.
@@ -79,6 +82,9 @@ pub async fn run<L: CoordinatorLink>(
                 let Some(lease) = lease else { break };
                 tracing::debug!(worker = %cfg.name, slot, job = %lease.job.job_id, "running job");
                 let cancel = link.cancellation(&lease);
+                if let Some(m) = &cfg.metrics {
+                    m.running.inc();
+                }
                 let mut result = exec::run_job(
                     link.as_ref(),
                     &exec::Host {
@@ -92,6 +98,11 @@ pub async fn run<L: CoordinatorLink>(
                     cancel,
                 )
                 .await;
+                if let Some(m) = &cfg.metrics {
+                    m.running.dec();
+                    let secs = result.ended_ms.saturating_sub(result.started_ms) as f64 / 1e3;
+                    m.finished(result.outcome.as_str(), secs);
+                }
                 identity.sign_result(&mut result);
                 link.report(result).await;
             }

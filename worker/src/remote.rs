@@ -59,6 +59,7 @@ pub struct GrpcLink {
     enrolment: Mutex<Enrolment>,
     session: Mutex<Session>,
     running: Mutex<HashMap<String, (u64, watch::Sender<bool>)>>,
+    metrics: Mutex<Option<Arc<crate::metrics::WorkerMetrics>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -115,10 +116,16 @@ impl GrpcLink {
             enrolment: Mutex::new(enrolment),
             session: Mutex::new(Session::default()),
             running: Mutex::new(HashMap::new()),
+            metrics: Mutex::new(None),
         }))
     }
 
-    /// Sets how heartbeats refresh the profile (every 15th carries a fresh one).
+    /// Exports heartbeat outcomes to `m` (connected, failures).
+    pub fn set_metrics(&self, m: Arc<crate::metrics::WorkerMetrics>) {
+        *lock(&self.metrics) = Some(m);
+    }
+
+    /// Sets how heartbeats re-read the hardware (every 15th one).
     pub fn set_profiler(&self, p: Profiler) {
         *lock(&self.profiler) = Some(p);
     }
@@ -274,7 +281,14 @@ impl GrpcLink {
                 let mut req = link.authed(v1::HeartbeatRequest { running, profile });
                 // A heartbeat that cannot arrive in time is as good as lost.
                 req.set_timeout(every.saturating_mul(3));
-                match client.heartbeat(req).await {
+                let outcome = client.heartbeat(req).await;
+                if let Some(m) = lock(&link.metrics).as_ref() {
+                    m.connected.set(i64::from(outcome.is_ok()));
+                    if outcome.is_err() {
+                        m.heartbeat_failures.inc();
+                    }
+                }
+                match outcome {
                     Ok(resp) => {
                         let running = lock(&link.running);
                         for job in resp.into_inner().cancel {
