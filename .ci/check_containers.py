@@ -308,8 +308,10 @@ def prometheus_scraped(stack):
     jobs = query("sum(nexa_jobs_finished_total)")
     if not jobs or float(jobs[0]["value"][1]) <= 0:
         sys.exit(f"prometheus: no finished jobs scraped: {jobs}")
+    wait("Prometheus to scrape the three workers",
+         lambda: len([r for r in query('up{job="nexa-workers"} == 1')]) == 3, 60)
     ok(f"Prometheus in the stack scraped the coordinator "
-       f"({float(jobs[0]['value'][1]):.0f} finished jobs counted)")
+       f"({float(jobs[0]['value'][1]):.0f} finished jobs counted) and the three workers")
 
 
 def main():

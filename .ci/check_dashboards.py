@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Holds the Grafana dashboards to the truth.
 
-Starts a real coordinator (with --metrics-listen) and two workers from target/release,
-starts Debian's Prometheus scraping the coordinator every second, runs a pipeline
+Starts a real coordinator and two workers from target/release, each with its metrics
+port, starts Debian's Prometheus scraping all three every second, runs a pipeline
 (validated steps included, so replication shows) while it scrapes, then evaluates EVERY
 query of every panel of every dashboard in grafana/dashboards/ through Prometheus' HTTP
 API. Each must parse and return at least one sample that is a number. Exit 1 otherwise.
@@ -76,11 +76,13 @@ def main():
             elif line.startswith("listening on "):
                 addr = line.split()[-1]
         url = f"http://{addr}"
+        worker_ports = [free_port(), free_port()]
         for n in range(2):
             procs.append(subprocess.Popen(
                 [os.path.join(BIN, "nexa-worker"), "join", url, "--name", f"w{n}",
                  "--slots", "2", "--work-dir", os.path.join(tmp, f"w{n}"),
-                 "--key", os.path.join(tmp, f"w{n}.key")],
+                 "--key", os.path.join(tmp, f"w{n}.key"),
+                 "--metrics-listen", f"127.0.0.1:{worker_ports[n]}"],
                 stdout=subprocess.DEVNULL,
                 stderr=open(os.path.join(tmp, f"w{n}.log"), "w")))
 
@@ -89,7 +91,9 @@ def main():
         with open(config, "w") as f:
             f.write("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
                     "scrape_configs:\n  - job_name: nexa\n    static_configs:\n"
-                    f"      - targets: ['{metrics}']\n")
+                    f"      - targets: ['{metrics}']\n"
+                    "  - job_name: nexa-workers\n    static_configs:\n"
+                    f"      - targets: ['127.0.0.1:{worker_ports[0]}', '127.0.0.1:{worker_ports[1]}']\n")
         procs.append(subprocess.Popen(
             ["prometheus", f"--config.file={config}",
              f"--storage.tsdb.path={os.path.join(tmp, 'tsdb')}",
