@@ -267,3 +267,38 @@ fn step_validation_is_read_and_checked() {
     assert!(has(&d, "unknown field 'colour'"), "{d:?}");
     assert!(!has(&d, "step 'a'"), "{d:?}");
 }
+
+#[test]
+fn container_params_are_checked_with_their_position() {
+    let ok = r#"pipeline:
+  name: boxed
+  steps:
+    - id: a
+      uses: exec
+      params: {image: "registry.example/team/tool@sha256:0123", network: true, run: "true"}
+      out: artifacts/a
+"#;
+    let l = load_str("p.yaml", ok, Path::new("/proj")).expect("valid");
+    let p = ExecParams::from_json(&l.pipeline.steps[0].params).expect("params");
+    assert_eq!(
+        p.image.as_deref(),
+        Some("registry.example/team/tool@sha256:0123")
+    );
+    assert!(p.network);
+    for (bad, want) in [
+        (r#"image: "--privileged""#, "is not an image reference"),
+        (r#"image: "debian bookworm""#, "is not an image reference"),
+        ("image: 3", "'params.image' must be a string"),
+        (
+            r#"network: "yes""#,
+            "'params.network' must be true or false",
+        ),
+    ] {
+        let src = format!(
+            "pipeline:\n  name: b\n  steps:\n    - id: a\n      uses: exec\n      params: {{{bad}, run: \"true\"}}\n      out: artifacts/a\n"
+        );
+        let d = diags(&src);
+        assert!(has(&d, want), "{bad}: {d:?}");
+        assert!(d.iter().any(|x| x.starts_with("p.yaml:6:")), "{bad}: {d:?}");
+    }
+}
