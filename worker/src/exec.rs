@@ -251,28 +251,17 @@ pub async fn run_job<L: CoordinatorLink>(
         ExecCommand::Argv(argv) => argv.iter().map(|a| expand(a, &lookup)).collect(),
         ExecCommand::Script(script) => vec!["/bin/sh".into(), "-c".into(), script.clone()],
     };
-    let container = match &image {
-        None => None,
-        Some(image) => {
-            let (uid, gid) = sandbox::container_user();
-            if uid != nix::unistd::getuid().as_raw() {
-                // The job's user is not the worker's: let it write its outputs.
-                open_for_job(&out_root);
-            }
-            map.mounts.push(sandbox::Mount {
-                host: out_root.clone(),
-                container: sandbox::OUT_ROOT.into(),
-                read_only: false,
-            });
-            let mut all_env = env.clone();
-            all_env.extend(params.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-            let spec = sandbox::ContainerJob {
+    let container = image.as_deref().map(|image| {
+        let mut env = env.clone();
+        env.extend(params.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        container_run(
+            sandbox::ContainerJob {
                 name: sandbox::container_name(&job.job_id, lease.generation),
                 job_id: &job.job_id,
                 owner: sandbox::owner_of(host.work_dir),
                 image,
                 mounts: std::mem::take(&mut map.mounts),
-                env: all_env,
+                env,
                 cpus: job.requirements.cpus,
                 memory: if job.requirements.memory > 0 {
                     job.requirements.memory
@@ -281,12 +270,12 @@ pub async fn run_job<L: CoordinatorLink>(
                 },
                 gpus: gpu_lease.gpus(),
                 network: params.network,
-                user: format!("{uid}:{gid}"),
+                user: String::new(),
                 argv: argv.clone(),
-            };
-            Some((spec.name.clone(), sandbox::run_args(&spec)))
-        }
-    };
+            },
+            &out_root,
+        )
+    });
     let mut cmd = match &container {
         None => {
             let mut c = tokio::process::Command::new(&argv[0]);
@@ -419,6 +408,23 @@ pub async fn run_job<L: CoordinatorLink>(
     }
     r.ended_ms = now_ms();
     r
+}
+
+/// Completes a job's container with its user and its output root as the one writable
+/// mount; returns the container's name and the `docker run` arguments.
+fn container_run(mut spec: sandbox::ContainerJob<'_>, out_root: &Path) -> (String, Vec<String>) {
+    let (uid, gid) = sandbox::container_user();
+    if uid != nix::unistd::getuid().as_raw() {
+        // The job's user is not the worker's: let it write its outputs.
+        open_for_job(out_root);
+    }
+    spec.user = format!("{uid}:{gid}");
+    spec.mounts.push(sandbox::Mount {
+        host: out_root.to_path_buf(),
+        container: sandbox::OUT_ROOT.into(),
+        read_only: false,
+    });
+    (spec.name.clone(), sandbox::run_args(&spec))
 }
 
 /// Makes a job's output directories writable by the unprivileged user its container
