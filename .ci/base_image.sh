@@ -13,7 +13,8 @@ fi
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 if ! command -v debootstrap >/dev/null; then
-  $SUDO apt-get install -y -q debootstrap >/dev/null
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq debootstrap >/dev/null
 fi
 ROOT="$(mktemp -d /tmp/nexa-rootfs.XXXXXX)"
 trap '$SUDO rm -rf "$ROOT"' EXIT
