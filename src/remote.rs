@@ -245,7 +245,13 @@ async fn follow(
         let deadline = tokio::time::Instant::now() + RECONNECT_FOR;
         let mut delay = Duration::from_millis(250);
         *c = loop {
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::signal::ctrl_c() => anyhow::bail!(
+                    "stopped following run {run_id}; it goes on on the coordinator \
+                     (`nexa pipeline status` shows it)"
+                ),
+            }
             match Control::connect(remote).await {
                 Ok(c) => break c,
                 Err(e) if tokio::time::Instant::now() >= deadline => {
