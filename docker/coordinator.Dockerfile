@@ -46,7 +46,8 @@ COPY target/release/nexa-coordinator target/release/nexa /usr/local/bin/
 FROM ${RUST_IMAGE} AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p nexa-coordinator -p nexa
+# Line tables help profiling on a dev machine; the image does not need them.
+RUN CARGO_PROFILE_RELEASE_STRIP=debuginfo cargo build --release --locked -p nexa-coordinator -p nexa
 
 FROM runtime-base AS runtime
 COPY --from=build /src/target/release/nexa-coordinator /src/target/release/nexa /usr/local/bin/
