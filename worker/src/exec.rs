@@ -262,7 +262,11 @@ pub async fn run_job<L: CoordinatorLink>(
                 image,
                 mounts: std::mem::take(&mut map.mounts),
                 env,
-                cpus: job.requirements.cpus,
+                // docker refuses more CPUs than the host has (slots may exceed cores).
+                cpus: job.requirements.cpus.min(
+                    std::thread::available_parallelism()
+                        .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX)),
+                ),
                 memory: if job.requirements.memory > 0 {
                     job.requirements.memory
                 } else {
