@@ -6,7 +6,8 @@ on the local debootstrap base image (.ci/base_image.sh), and a Prometheus image 
 Debian's binary; brings up docker/compose.yaml + docker/compose.test.yaml (coordinator,
 three workers, Prometheus); then, driving it with the host's `nexa` CLI:
 
-  1. a pipeline runs to completion across the worker containers;
+  1. a pipeline runs to completion across the worker containers, and so does the
+     quickstart (its report identical to the embedded run's when that ran first);
   2. `docker kill` of the worker running a job: the job completes on another;
   3. the coordinator container is killed and started again mid-run: the run (followed
      by a `nexa pipeline run` that reconnects) completes, nothing is lost or redone;
@@ -193,6 +194,33 @@ def across_workers(stack):
     ok(f"a 9-step pipeline ran to completion across {len(used)} worker containers")
 
 
+def quickstart_in_containers(stack):
+    """The README's quickstart, its python scripts running in the worker containers."""
+    r = subprocess.run([os.path.join(BIN, "nexa"), "--coordinator", stack.url, "--token", TOKEN,
+                        "pipeline", "run", "pipelines/quickstart.yaml"],
+                       cwd=ROOT, text=True, capture_output=True, timeout=300)
+    if r.returncode != 0:
+        sys.exit(f"quickstart in containers failed:\n{r.stdout}{r.stderr}")
+    st = json.loads(subprocess.run(
+        [os.path.join(BIN, "nexa"), "--coordinator", stack.url, "--token", TOKEN,
+         "pipeline", "status", "pipelines/quickstart.yaml", "--json"],
+        cwd=ROOT, text=True, capture_output=True, check=True).stdout)
+    bad = [s for s in st["steps"] if s["status"] not in ("COMPLETE", "SKIPPED")]
+    if bad or len(st["steps"]) != 7:
+        sys.exit(f"quickstart in containers: {st}")
+    report = step_of(st, "report")["hash"]
+    local = os.path.join(ROOT, "artifacts", "quickstart", "report", "meta.json")
+    same = ""
+    if os.path.exists(local):
+        with open(local) as f:
+            embedded = json.load(f)["hash"]
+        if embedded != report:
+            sys.exit(f"quickstart: the containers' report {report} differs from the "
+                     f"embedded run's {embedded}")
+        same = ", its report byte-identical to the embedded run's"
+    ok(f"the quickstart (7 steps, python in the worker containers) completed{same}")
+
+
 def kill_a_worker(stack):
     stack.write("kill.yaml", """pipeline:
   name: kill
@@ -329,6 +357,7 @@ def main():
              lambda: sum(w["state"] == "active" for w in stack.workers()) == 3, 90)
         ok("the stack is up: coordinator, 3 workers joined with the enrolment token")
         across_workers(stack)
+        quickstart_in_containers(stack)
         kill_a_worker(stack)
         restart_coordinator(stack)
         cut_a_worker(stack)

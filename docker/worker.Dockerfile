@@ -18,10 +18,10 @@ ARG RUST_IMAGE=rust:1-bookworm
 
 FROM ${RUNTIME_BASE} AS runtime-base
 RUN set -eu; \
-    if ! command -v tini >/dev/null || ! command -v python3 >/dev/null \
+    if ! command -v tini >/dev/null || ! python3 -c 'import json, csv, collections' 2>/dev/null \
        || [ ! -e /etc/ssl/certs/ca-certificates.crt ]; then \
       apt-get update && apt-get install -y --no-install-recommends tini ca-certificates \
-        python3-minimal && rm -rf /var/lib/apt/lists/*; \
+        python3 && rm -rf /var/lib/apt/lists/*; \
     fi; \
     groupadd --system --gid 10001 nexa; \
     useradd --system --uid 10001 --gid nexa --home-dir /var/lib/nexa-worker --shell /usr/sbin/nologin nexa; \
