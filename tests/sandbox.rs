@@ -44,14 +44,22 @@ fn bridge_gateway() -> String {
     }
 }
 
-/// Whether a container of a job of step `id` is still there.
-fn container_left(id: &str) -> bool {
+/// The ids of the containers of step `id`'s jobs.
+fn containers_of(id: &str) -> Vec<String> {
     let out = std::process::Command::new("docker")
-        .args(["ps", "--all", "--format", "{{.Labels}}"])
+        .args(["ps", "--all", "--format", "{{.ID}} {{.Labels}}"])
         .output()
         .expect("docker ps");
-    String::from_utf8_lossy(&out.stdout).contains(&format!("/{id},"))
-        || String::from_utf8_lossy(&out.stdout).contains(&format!("/{id}\n"))
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("/{id},")) || l.ends_with(&format!("/{id}")))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+/// Whether a container of a job of step `id` is still there.
+fn container_left(id: &str) -> bool {
+    !containers_of(id).is_empty()
 }
 
 #[test]
@@ -297,4 +305,64 @@ fn network_is_granted_only_when_the_step_asks_and_the_volunteer_allows() {
         accepted.join().expect("accept"),
         "the allowed job reached the host"
     );
+}
+
+#[test]
+fn a_restarted_worker_removes_the_containers_its_killed_predecessor_left() {
+    let image = base_image();
+    let p = Project::new();
+    let coord = Coord::open(&p.path().join("coord"));
+    let url = coord.url("http");
+    let dir = p.path().join("vol");
+    let args = ["--executor", "docker", "--default-image", image];
+    let mut w = Worker::start(&url, &dir, 1, None, &args);
+    wait_workers(&p, &coord, 1);
+    p.write(
+        "long.yaml",
+        r#"pipeline:
+  name: orphan
+  steps:
+    - id: long_job
+      uses: exec
+      params: {run: 'sleep 300'}
+      out: artifacts/long_job
+"#,
+    );
+    let mut run = remote(&p, &coord, &["pipeline", "run", "long.yaml"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run");
+    wait_for("the job's container", Duration::from_secs(60), || {
+        container_left("long_job")
+    });
+    // The worker dies without a chance to clean up; its container runs on.
+    w.sigkill();
+    std::thread::sleep(Duration::from_millis(500));
+    let orphans = containers_of("long_job");
+    assert_eq!(orphans.len(), 1, "the container outlives a SIGKILL");
+    // The same worker (same work directory) starting again removes it first.
+    let _w2 = Worker::start(&url, &dir, 1, None, &args);
+    wait_for(
+        "the orphaned container to go",
+        Duration::from_secs(30),
+        || !containers_of("long_job").contains(&orphans[0]),
+    );
+    let _ = run.kill();
+    let _ = run.wait();
+    // The job itself is not lost: it is leased again (and would run to its end).
+    wait_for("the job to run again", Duration::from_secs(60), || {
+        containers_of("long_job").iter().any(|c| *c != orphans[0])
+    });
+    drop(_w2);
+    remove_containers("long_job");
+}
+
+/// Removes the containers of step `id`'s jobs (a test's own leftovers).
+fn remove_containers(id: &str) {
+    for cid in containers_of(id) {
+        let _ = std::process::Command::new("docker")
+            .args(["rm", "--force", &cid])
+            .output();
+    }
 }
