@@ -395,10 +395,7 @@ fn run(project: &Path, args: RunArgs, from: Option<String>) -> anyhow::Result<Ex
         let key = project.join(".nexa_state").join("worker.key");
         // A pipeline with steps in container images runs them with the local docker
         // (asked only then: it costs a round trip to the daemon).
-        let containers = loaded.pipeline.steps.iter().any(|s| {
-            s.uses.value == nexa_shared::handlers::EXEC
-                && s.params.get("image").is_some_and(|i| i.is_string())
-        });
+        let containers = loaded.pipeline.steps.iter().any(|s| s.image().is_some());
         if containers {
             nexa_worker::sandbox::reap_orphans("docker", &work_dir);
         }

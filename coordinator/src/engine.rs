@@ -2464,8 +2464,7 @@ fn write_mirror(run: &mut Run) {
 /// it names an image.
 fn requirements_of(step: &nexa_shared::spec::Step) -> Requirements {
     let mut r = Requirements::from(&step.resources);
-    r.container = step.uses.value == nexa_shared::handlers::EXEC
-        && step.params.get("image").is_some_and(|i| i.is_string());
+    r.container = step.image().is_some();
     r
 }
 

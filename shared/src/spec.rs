@@ -172,6 +172,16 @@ pub struct Step {
     pub pos: Pos,
 }
 
+impl Step {
+    /// The container image an `exec` step runs in (`params.image`), if it names one.
+    pub fn image(&self) -> Option<&str> {
+        if self.uses.value != handlers::EXEC {
+            return None;
+        }
+        self.params.get("image").and_then(|i| i.as_str())
+    }
+}
+
 /// The `exec` handler's parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ExecCommand {

@@ -286,9 +286,9 @@ pub async fn run_job<L: CoordinatorLink>(
             c.args(&argv[1..]).envs(env).envs(&params.env);
             c
         }
-        Some((name, args)) => {
-            // A leftover container of an earlier attempt under this name goes first.
-            sandbox::kill(&host.executor.docker, name).await;
+        Some((_, args)) => {
+            // No leftover can hold this name: it carries the lease's generation, and a
+            // restarted worker removes its predecessor's containers before it joins.
             let mut c = tokio::process::Command::new(&host.executor.docker);
             // The docker client gets none of the job's variables (they go in --env) and
             // none of the worker's but what it needs to find its daemon.
