@@ -172,12 +172,13 @@ pub enum Event {
     RegisterWorker(String, Box<WorkerInfo>),
     /// A worker has a free slot and waits for a lease.
     LeaseRequest(String, oneshot::Sender<Option<Lease>>),
-    /// A worker is alive and runs these `(job, generation)`; the reply lists jobs it must kill.
+    /// A worker is alive and runs these `(job, generation)`; the reply lists the ones it
+    /// must kill.
     Heartbeat(
         String,
         Vec<(String, u64)>,
         Option<Box<Profile>>,
-        oneshot::Sender<Vec<String>>,
+        oneshot::Sender<Vec<(String, u64)>>,
     ),
     /// Time passed: expire leases whose deadline is gone.
     Tick,
@@ -474,13 +475,14 @@ impl Coordinator {
         rx.await.ok().flatten()
     }
 
-    /// A worker's heartbeat: it runs these `(job, generation)`; returns the jobs it must kill.
+    /// A worker's heartbeat: it runs these `(job, generation)`; returns those it must
+    /// kill, with their generations.
     pub async fn heartbeat(
         &self,
         worker: &str,
         running: Vec<(String, u64)>,
         profile: Option<Profile>,
-    ) -> Result<Vec<String>> {
+    ) -> Result<Vec<(String, u64)>> {
         let (tx, rx) = oneshot::channel();
         self.send(Event::Heartbeat(
             worker.to_string(),
@@ -1776,10 +1778,10 @@ impl Engine {
         worker: &str,
         running: &[(String, u64)],
         profile: Option<Box<Profile>>,
-    ) -> Vec<String> {
+    ) -> Vec<(String, u64)> {
         let ttl = self.config.lease_ttl;
         let Some(w) = self.workers.get_mut(worker) else {
-            return running.iter().map(|(j, _)| j.clone()).collect();
+            return running.to_vec();
         };
         w.last_seen = Instant::now();
         if w.lost {
@@ -1800,11 +1802,12 @@ impl Engine {
                     j.deadline = ttl.map(|t| Instant::now() + t);
                     let cancelled = self.runs.get(&j.run_id).is_some_and(|r| r.cancelled);
                     if cancelled {
-                        cancel.push(job_id.clone());
+                        cancel.push((job_id.clone(), *generation));
                     }
                 }
-                // Not this worker's any more (expired, finished, reassigned): stop it.
-                _ => cancel.push(job_id.clone()),
+                // Not this worker's any more (expired, finished, reassigned): stop that
+                // attempt (only that one: the same job may be leased here again).
+                _ => cancel.push((job_id.clone(), *generation)),
             }
         }
         cancel

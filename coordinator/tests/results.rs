@@ -1,5 +1,6 @@
 //! The coordinator refuses results it cannot trust: forged signatures, stale lease
-//! generations, replays, and uploads that do not match the signed manifest. A real
+//! generations, replays, and uploads that do not match the signed manifest; and it tells
+//! a worker to kill a stale attempt by its generation, never a newer lease of that job. A real
 //! coordinator loop on a real sled store; the test plays the worker.
 
 use nexa_coordinator::engine::{Progress, RunOutcome, RunRequest};
@@ -112,6 +113,21 @@ async fn untrusted_results_are_refused_and_counted() {
     let l2 = lease(&coord).await;
     assert!(l2.generation > l1.generation);
     assert_eq!(l2.attempt, 2);
+
+    // The worker still runs the old attempt beside the new one (same job, same worker):
+    // its heartbeat is told to kill exactly the old generation, not the job by name.
+    let kill = coord
+        .heartbeat(
+            "w1",
+            vec![
+                (l1.job.job_id.clone(), l1.generation),
+                (l2.job.job_id.clone(), l2.generation),
+            ],
+            None,
+        )
+        .await
+        .expect("heartbeat");
+    assert_eq!(kill, vec![(l1.job.job_id.clone(), l1.generation)]);
 
     // 2. A result for the old generation (a late or replayed answer) is refused.
     let mut stale = result_for(&l1, &staging_root.join("2"), b"hello");

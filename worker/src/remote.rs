@@ -58,8 +58,15 @@ pub struct GrpcLink {
     identity: Arc<Identity>,
     enrolment: Mutex<Enrolment>,
     session: Mutex<Session>,
-    running: Mutex<HashMap<String, (u64, watch::Sender<bool>)>>,
+    /// Attempts running here, by (job, generation): a job can be leased here again
+    /// while its older attempt is still being killed.
+    running: Mutex<HashMap<(String, u64), watch::Sender<bool>>>,
     metrics: Mutex<Option<Arc<crate::metrics::WorkerMetrics>>>,
+    /// One enrolment at a time: the heartbeat and every slot notice a lost session at
+    /// once, and concurrent challenges would void each other.
+    enrolling: tokio::sync::Mutex<()>,
+    /// Counts successful enrolments, so a caller that waited knows one just happened.
+    enrolments: std::sync::atomic::AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -117,6 +124,8 @@ impl GrpcLink {
             session: Mutex::new(Session::default()),
             running: Mutex::new(HashMap::new()),
             metrics: Mutex::new(None),
+            enrolling: tokio::sync::Mutex::new(()),
+            enrolments: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -146,6 +155,13 @@ impl GrpcLink {
 
     /// Enrols: asks for a challenge, signs it, presents profile and token.
     pub async fn enrol(&self) -> Result<(), Status> {
+        use std::sync::atomic::Ordering;
+        let seen = self.enrolments.load(Ordering::SeqCst);
+        let _one = self.enrolling.lock().await;
+        if self.enrolments.load(Ordering::SeqCst) != seen {
+            // Another task re-enrolled while this one waited: its session serves us too.
+            return Ok(());
+        }
         let mut client = self.client.clone();
         let key = self.identity.public_key().to_vec();
         let nonce = client
@@ -176,6 +192,7 @@ impl GrpcLink {
             worker_id: resp.worker_id,
             heartbeat: Duration::from_millis(resp.heartbeat_interval_ms.max(100)),
         };
+        self.enrolments.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
@@ -256,8 +273,8 @@ impl GrpcLink {
                 tokio::time::sleep(every).await;
                 n += 1;
                 let running: Vec<v1::RunningJob> = lock(&link.running)
-                    .iter()
-                    .map(|(j, (g, _))| v1::RunningJob {
+                    .keys()
+                    .map(|(j, g)| v1::RunningJob {
                         job_id: j.clone(),
                         generation: *g,
                     })
@@ -291,9 +308,10 @@ impl GrpcLink {
                 match outcome {
                     Ok(resp) => {
                         let running = lock(&link.running);
-                        for job in resp.into_inner().cancel {
-                            if let Some((_, tx)) = running.get(&job) {
-                                tracing::info!(job = %job, "coordinator cancelled the job");
+                        for c in resp.into_inner().cancel {
+                            let attempt = (c.job_id, c.generation);
+                            if let Some(tx) = running.get(&attempt) {
+                                tracing::info!(job = %attempt.0, generation = attempt.1, "coordinator cancelled the job");
                                 let _ = tx.send(true);
                             }
                         }
@@ -432,7 +450,7 @@ impl CoordinatorLink for GrpcLink {
         if let Err(s) = outcome {
             tracing::warn!(job = %result.job_id, error = %s.message(), "could not deliver the result; the lease will expire and the job move");
         }
-        lock(&self.running).remove(&result.job_id);
+        lock(&self.running).remove(&(result.job_id.clone(), result.generation));
         if let Some(d) = job_dir {
             let _ = tokio::fs::remove_dir_all(d).await;
         }
@@ -440,7 +458,7 @@ impl CoordinatorLink for GrpcLink {
 
     fn cancellation(&self, lease: &Lease) -> watch::Receiver<bool> {
         let (tx, rx) = watch::channel(false);
-        lock(&self.running).insert(lease.job.job_id.clone(), (lease.generation, tx));
+        lock(&self.running).insert((lease.job.job_id.clone(), lease.generation), tx);
         rx
     }
 

@@ -290,7 +290,12 @@ impl WorkerService for WorkerApi {
             .heartbeat(&worker, running, r.profile.map(Profile::from))
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
-        Ok(Response::new(v1::HeartbeatResponse { cancel }))
+        Ok(Response::new(v1::HeartbeatResponse {
+            cancel: cancel
+                .into_iter()
+                .map(|(job_id, generation)| v1::RunningJob { job_id, generation })
+                .collect(),
+        }))
     }
 
     async fn upload(
