@@ -532,11 +532,24 @@ pub async fn pull(
             f.write_all(&ch.data)?;
         }
     }
-    drop(open);
+    if let Some((_, f)) = open.take() {
+        f.sync_all()?;
+    }
+    // Verified where it was received: a copy that fails never takes `dest`'s place, so
+    // nothing that looks complete is left behind (an earlier verified pull stays).
+    let meta = match nexa_shared::artifact::verify(&tmp) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = nexa_shared::artifact::remove_tree(&tmp);
+            return Err(anyhow::anyhow!(
+                "the pulled copy failed verification and was removed: {e}"
+            ));
+        }
+    };
     nexa_shared::artifact::remove_tree(dest)?;
     if let Some(d) = dest.parent() {
         std::fs::create_dir_all(d)?;
     }
     std::fs::rename(&tmp, dest)?;
-    Ok(nexa_shared::artifact::verify(dest)?)
+    Ok(meta)
 }

@@ -120,8 +120,12 @@ pub struct RunHandle {
 /// Counters of refused results, by reason.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Refusals {
-    /// Unknown job or stale generation.
+    /// A stale lease generation (expired, reassigned or already reported).
     pub stale: u64,
+    /// Results for jobs the coordinator does not know (finished long ago, or made up).
+    pub unknown_job: u64,
+    /// Uploads and input fetches for attempts not leased to the caller.
+    pub no_lease: u64,
     /// Signature did not verify against the enrolled key.
     pub signature: u64,
     /// Uploaded payload did not match the signed manifest.
@@ -143,6 +147,8 @@ impl Refusals {
     pub fn counts(&self) -> Vec<(&'static str, u64)> {
         vec![
             ("stale_generation", self.stale),
+            ("unknown_job", self.unknown_job),
+            ("no_lease", self.no_lease),
             ("bad_signature", self.signature),
             ("payload_mismatch", self.digest),
             ("lease_expired", self.lease_expiries),
@@ -154,6 +160,18 @@ impl Refusals {
     }
 }
 
+/// Whether an attempt is leased to a worker now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseCheck {
+    /// Leased to it, its run going on.
+    Live,
+    /// The job exists but this attempt is not its live lease (expired, reassigned,
+    /// reported, cancelled).
+    Stale,
+    /// No such job.
+    Unknown,
+}
+
 /// A refusal the gRPC edge made on its own (before a result reached the engine).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EdgeRefusal {
@@ -161,6 +179,8 @@ pub enum EdgeRefusal {
     UnsafeName,
     /// Uploaded bytes did not match their declared digest or size.
     UploadDigest,
+    /// An upload or input fetch for an attempt that is not leased to the caller.
+    NoLease,
 }
 
 /// The closed set of messages the scheduler loop consumes.
@@ -180,6 +200,9 @@ pub enum Event {
         Option<Box<Profile>>,
         oneshot::Sender<Vec<(String, u64)>>,
     ),
+    /// Is `(job, generation)` leased to this worker right now? Uploads and input fetches
+    /// are served only for live leases.
+    LeaseLive(String, String, u64, oneshot::Sender<LeaseCheck>),
     /// Time passed: expire leases whose deadline is gone.
     Tick,
     /// The grace period of a step no worker could run is over.
@@ -507,6 +530,19 @@ impl Coordinator {
             Some(key) => signing::verify_result(&key, &result).map_err(|e| e.to_string()),
         };
         self.send(Event::Report(worker.to_string(), Box::new(result), verdict))
+    }
+
+    /// Whether `(job, generation)` is leased to `worker` now (and its run not cancelled).
+    /// A stale answer is counted as a stale-generation refusal.
+    pub async fn lease_live(&self, worker: &str, job: &str, generation: u64) -> Result<LeaseCheck> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::LeaseLive(
+            worker.to_string(),
+            job.to_string(),
+            generation,
+            tx,
+        ))?;
+        rx.await.map_err(|_| Error::ShutDown)
     }
 
     /// Cancels a run: queued jobs are dropped, running ones killed, state saved.
@@ -960,6 +996,24 @@ impl Engine {
             Event::Heartbeat(worker, running, profile, reply) => {
                 let _ = reply.send(self.on_heartbeat(&worker, &running, profile));
             }
+            Event::LeaseLive(worker, job, generation, reply) => {
+                let check = match self.jobs.get(&job) {
+                    None => LeaseCheck::Unknown,
+                    Some(j)
+                        if j.state == JobState::Leased
+                            && j.generation == generation
+                            && j.worker.as_deref() == Some(worker.as_str())
+                            && !self.runs.get(&j.run_id).is_some_and(|r| r.cancelled) =>
+                    {
+                        LeaseCheck::Live
+                    }
+                    Some(_) => {
+                        self.refusals.stale += 1;
+                        LeaseCheck::Stale
+                    }
+                };
+                let _ = reply.send(check);
+            }
             Event::Tick => self.on_tick(),
             Event::UnfitCheck(run, step) => self.fail_unfit(&run, step),
             Event::LeaseRequest(worker, reply) => {
@@ -994,6 +1048,7 @@ impl Engine {
             Event::Refused(kind) => match kind {
                 EdgeRefusal::UnsafeName => self.refusals.unsafe_name += 1,
                 EdgeRefusal::UploadDigest => self.refusals.upload_digest += 1,
+                EdgeRefusal::NoLease => self.refusals.no_lease += 1,
             },
             Event::Refusals(reply) => {
                 let _ = reply.send(self.refusals);
@@ -1866,7 +1921,7 @@ impl Engine {
         verdict: std::result::Result<(), String>,
     ) {
         let Some(job) = self.jobs.get_mut(&result.job_id) else {
-            self.refusals.stale += 1;
+            self.refusals.unknown_job += 1;
             tracing::warn!(job = %result.job_id, worker, "refused result for an unknown or finished job");
             return;
         };

@@ -18,7 +18,7 @@ pub struct JobInput {
 }
 
 /// What to run.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct JobSpec {
     /// Unique id: `<run>/<step>` or `<run>/<step>/<shard>`.
     pub job_id: String,

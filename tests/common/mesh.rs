@@ -414,3 +414,145 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (code, body)
 }
+
+/// A hand-driven worker over the real gRPC API: it enrols properly, then does whatever a
+/// test (playing a malicious volunteer) tells it.
+pub struct RawWorker {
+    pub client:
+        nexa_proto::v1::worker_service_client::WorkerServiceClient<tonic::transport::Channel>,
+    pub session: String,
+    pub id: nexa_shared::signing::Identity,
+}
+
+impl RawWorker {
+    /// Connects to `url` and enrols with a fresh key.
+    pub async fn enrol(url: &str) -> RawWorker {
+        use nexa_proto::v1;
+        let mut client = v1::worker_service_client::WorkerServiceClient::connect(url.to_string())
+            .await
+            .expect("connect");
+        let id = nexa_shared::signing::Identity::generate();
+        let nonce = client
+            .challenge(v1::ChallengeRequest {
+                protocol_version: nexa_proto::PROTOCOL_VERSION,
+                public_key: id.public_key().to_vec(),
+            })
+            .await
+            .expect("challenge")
+            .into_inner()
+            .nonce;
+        let session = client
+            .enrol(v1::EnrolRequest {
+                protocol_version: nexa_proto::PROTOCOL_VERSION,
+                public_key: id.public_key().to_vec(),
+                signature: id.sign_enrolment(&nonce),
+                nonce,
+                name: "raw".into(),
+                slots: 1,
+                profile: Some(v1::HardwareProfile {
+                    cores: 2,
+                    memory_total: 1 << 30,
+                    ..Default::default()
+                }),
+                enrol_token: String::new(),
+            })
+            .await
+            .expect("enrol")
+            .into_inner()
+            .session_token;
+        RawWorker {
+            client,
+            session,
+            id,
+        }
+    }
+
+    /// `msg` with this worker's session token.
+    pub fn authed<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", self.session).parse().expect("header"),
+        );
+        req
+    }
+
+    /// Waits up to `secs` for a lease.
+    pub async fn lease(&mut self, secs: u64) -> nexa_shared::job::Lease {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let req = self.authed(nexa_proto::v1::LeaseRequest { wait_ms: 1000 });
+            let r = self.client.lease(req).await.expect("lease").into_inner();
+            if let Some(l) = r.lease {
+                return nexa_proto::convert::lease_from_wire(l, r.gpu_uuids).expect("lease");
+            }
+            assert!(Instant::now() < deadline, "no lease in {secs} s");
+        }
+    }
+
+    /// A signed, succeeded result for `lease` naming one file `out/<path>` of `content`.
+    pub fn result(
+        &self,
+        lease: &nexa_shared::job::Lease,
+        output: &str,
+        path: &str,
+        content: &[u8],
+    ) -> nexa_proto::v1::JobResult {
+        let mut r = nexa_shared::job::JobResult {
+            job_id: lease.job.job_id.clone(),
+            generation: lease.generation,
+            attempt: lease.attempt,
+            outcome: nexa_shared::job::Outcome::Succeeded,
+            exit_code: Some(0),
+            outputs: vec![nexa_shared::job::OutputFile {
+                output: output.into(),
+                path: path.into(),
+                size: content.len() as u64,
+                digest: nexa_shared::digest::format(&blake3::hash(content)),
+            }],
+            started_ms: 1,
+            ended_ms: 2,
+            error: String::new(),
+            staging: None,
+            log: None,
+            worker_key: [0; 32],
+            signature: Vec::new(),
+        };
+        self.id.sign_result(&mut r);
+        nexa_proto::v1::JobResult::from(&r)
+    }
+
+    /// An upload chunk for `lease`.
+    pub fn chunk(
+        lease: &nexa_shared::job::Lease,
+        output: &str,
+        path: &str,
+        offset: u64,
+        data: &[u8],
+        whole: &[u8],
+    ) -> nexa_proto::v1::UploadChunk {
+        nexa_proto::v1::UploadChunk {
+            job_id: lease.job.job_id.clone(),
+            generation: lease.generation,
+            output: output.into(),
+            path: path.into(),
+            offset,
+            data: data.to_vec(),
+            size: whole.len() as u64,
+            digest: nexa_shared::digest::format(&blake3::hash(whole)),
+        }
+    }
+
+    /// Uploads `content` as `output/path` for `lease` in one stream.
+    pub async fn upload(
+        &mut self,
+        lease: &nexa_shared::job::Lease,
+        output: &str,
+        path: &str,
+        content: &[u8],
+    ) -> Result<nexa_proto::v1::UploadResponse, tonic::Status> {
+        let c = Self::chunk(lease, output, path, 0, content, content);
+        let req = self.authed(tokio_stream::iter(vec![c]));
+        self.client.upload(req).await.map(|r| r.into_inner())
+    }
+}

@@ -4,6 +4,7 @@
 
 mod control_service;
 mod server;
+mod uploads;
 mod worker_service;
 
 pub use control_service::{ControlApi, SUBMISSIONS_TREE, Submission};

@@ -44,6 +44,14 @@ pub async fn serve_with_metrics(
     std::fs::create_dir_all(&cfg.mesh.data_dir).map_err(|e| {
         crate::Error::Domain(nexa_shared::Error::io("create", &cfg.mesh.data_dir, e))
     })?;
+    // Uploads of a previous process belong to leases that died with it (generations
+    // start anew): nothing in them can be sealed, so they go.
+    let staging = cfg.mesh.data_dir.join("staging");
+    if staging.exists()
+        && let Err(e) = std::fs::remove_dir_all(&staging)
+    {
+        tracing::warn!(error = %e, dir = %staging.display(), "removing stale uploads");
+    }
     let sled = Arc::new(SledStore::open(&cfg.mesh.data_dir.join("store"))?);
     let store: Arc<dyn Store> = sled.clone();
     let exported = Arc::new(

@@ -1,8 +1,9 @@
 //! `nexa.v1.WorkerService`.
 
 use super::MeshConfig;
+use super::uploads::{Gates, Incoming};
 use crate::Coordinator;
-use crate::engine::EdgeRefusal;
+use crate::engine::{EdgeRefusal, LeaseCheck};
 use nexa_proto::v1;
 use nexa_proto::v1::worker_service_server::WorkerService;
 use nexa_shared::hardware::Profile;
@@ -10,7 +11,7 @@ use nexa_shared::job::JobResult;
 use nexa_shared::{paths, signing};
 use rand_core::RngCore;
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -33,7 +34,17 @@ pub struct WorkerApi {
     nonces: Mutex<HashMap<[u8; 32], IssuedChallenge>>,
     sessions: Mutex<HashMap<String, String>>,
     served: Mutex<HashMap<String, Served>>,
+    /// Per worker: the digests its leases named, with the attempts that named them.
+    leased_inputs: Mutex<HashMap<String, LeasedInputs>>,
+    gates: Gates,
 }
+
+/// One worker's leased inputs: digest → the `(job, generation)` attempts that named it.
+type LeasedInputs = HashMap<String, Vec<(String, u64)>>;
+
+/// How many attempts per (worker, input) are remembered; an attempt that expired
+/// without a report is forgotten first.
+const MAX_ATTEMPTS_PER_INPUT: usize = 64;
 
 /// An input a lease named, so that its worker may fetch it by digest.
 #[derive(Debug, Clone)]
@@ -67,6 +78,8 @@ impl WorkerApi {
             nonces: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             served: Mutex::new(HashMap::new()),
+            leased_inputs: Mutex::new(HashMap::new()),
+            gates: Gates::default(),
         }
     }
 
@@ -85,12 +98,46 @@ impl WorkerApi {
     }
 
     /// Completes one received file, counting a digest or size mismatch as a refusal.
-    fn finish(&self, f: Incoming) -> Result<u64, Status> {
-        f.finish().inspect_err(|s| {
+    async fn finish(&self, f: Incoming) -> Result<u64, Status> {
+        // The digest check, the fsync and the rename into the staging tree (refused once
+        // the attempt was reported) are one blocking step.
+        let r = tokio::task::spawn_blocking(move || f.finish())
+            .await
+            .map_err(|e| Status::internal(format!("finishing an upload: {e}")))?;
+        r.inspect_err(|s| {
             if s.code() == tonic::Code::DataLoss {
                 self.coord.count_refusal(EdgeRefusal::UploadDigest);
             }
         })
+    }
+
+    /// Refuses unless `(job, generation)` is leased to `worker` now.
+    async fn require_lease(&self, worker: &str, job: &str, generation: u64) -> Result<(), Status> {
+        let check = self
+            .coord
+            .lease_live(worker, job, generation)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        match check {
+            LeaseCheck::Live => return Ok(()),
+            // Counted by the engine as a stale generation.
+            LeaseCheck::Stale => {}
+            LeaseCheck::Unknown => self.coord.count_refusal(EdgeRefusal::NoLease),
+        }
+        Err(Status::failed_precondition(format!(
+            "job {job} generation {generation} is not leased to this worker"
+        )))
+    }
+
+    /// Forgets the inputs `job`'s attempts named for `worker` (its result came in).
+    fn forget_inputs(&self, worker: &str, job: &str) {
+        let mut leased = lock(&self.leased_inputs);
+        if let Some(mine) = leased.get_mut(worker) {
+            mine.retain(|_, attempts| {
+                attempts.retain(|(j, _)| j != job);
+                !attempts.is_empty()
+            });
+        }
     }
 
     fn staging(&self, worker: &str, job_id: &str, generation: u64) -> PathBuf {
@@ -122,41 +169,6 @@ fn check_version(v: u32) -> Result<(), Status> {
         )));
     }
     Ok(())
-}
-
-/// One file being received.
-struct Incoming {
-    path: PathBuf,
-    name: String,
-    file: std::fs::File,
-    hasher: blake3::Hasher,
-    written: u64,
-    size: u64,
-    digest: String,
-}
-
-impl Incoming {
-    fn finish(self) -> Result<u64, Status> {
-        if self.written != self.size {
-            let _ = std::fs::remove_file(&self.path);
-            return Err(Status::data_loss(format!(
-                "upload of {} ended at {} of {} bytes",
-                self.name, self.written, self.size
-            )));
-        }
-        let got = nexa_shared::digest::format(&self.hasher.finalize());
-        if got != self.digest {
-            let _ = std::fs::remove_file(&self.path);
-            return Err(Status::data_loss(format!(
-                "upload of {} is {got}, not the declared {}",
-                self.name, self.digest
-            )));
-        }
-        self.file
-            .sync_all()
-            .map_err(|e| Status::internal(format!("fsync {}: {e}", self.name)))?;
-        Ok(self.written)
-    }
 }
 
 type FetchStream =
@@ -268,6 +280,17 @@ impl WorkerService for WorkerApi {
                 forget_oldest(&mut served, MAX_SERVED / 2);
             }
         }
+        {
+            let mut leased = lock(&self.leased_inputs);
+            let mine = leased.entry(worker.clone()).or_default();
+            for i in &lease.job.inputs {
+                let attempts = mine.entry(i.digest.clone()).or_default();
+                if attempts.len() >= MAX_ATTEMPTS_PER_INPUT {
+                    attempts.remove(0);
+                }
+                attempts.push((lease.job.job_id.clone(), lease.generation));
+            }
+        }
         Ok(Response::new(v1::LeaseResponse {
             lease: Some(v1::Lease::from(&lease)),
             gpu_uuids: lease.gpus.clone(),
@@ -305,6 +328,9 @@ impl WorkerService for WorkerApi {
         let worker = self.worker(&req)?;
         let mut stream = req.into_inner();
         let mut current: Option<Incoming> = None;
+        // The attempt the last file was for, with its gate: checked once per attempt.
+        let mut attempt: Option<((String, u64), PathBuf, std::sync::Arc<super::uploads::Gate>)> =
+            None;
         let (mut files, mut bytes) = (0u64, 0u64);
         while let Some(chunk) = stream.next().await {
             let c = chunk?;
@@ -313,7 +339,7 @@ impl WorkerService for WorkerApi {
                 .is_some_and(|f| f.name == format!("{}/{}", c.output, c.path));
             if !same {
                 if let Some(f) = current.take() {
-                    bytes += self.finish(f)?;
+                    bytes += self.finish(f).await?;
                     files += 1;
                 }
                 if c.output.is_empty() || paths::safe_component(&c.output) != c.output {
@@ -333,47 +359,33 @@ impl WorkerService for WorkerApi {
                         c.path, c.size, self.cfg.max_upload_file
                     )));
                 }
-                let path = self
-                    .staging(&worker, &c.job_id, c.generation)
-                    .join(&c.output)
-                    .join(rel);
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)
-                        .map_err(|e| Status::internal(format!("staging: {e}")))?;
+                let key = (c.job_id.clone(), c.generation);
+                if attempt.as_ref().is_none_or(|(k, _, _)| *k != key) {
+                    let staging = self.staging(&worker, &c.job_id, c.generation);
+                    // The gate is taken before the lease is checked, so a report that
+                    // lands in between still closes it.
+                    let gate = self.gates.open(&staging);
+                    self.require_lease(&worker, &c.job_id, c.generation).await?;
+                    attempt = Some((key, staging, gate));
                 }
-                let file = std::fs::File::create(&path)
-                    .map_err(|e| Status::internal(format!("staging: {e}")))?;
-                current = Some(Incoming {
-                    path,
-                    name: format!("{}/{}", c.output, c.path),
-                    file,
-                    hasher: blake3::Hasher::new(),
-                    written: 0,
-                    size: c.size,
-                    digest: c.digest.clone(),
-                });
+                let Some((_, staging, gate)) = attempt.as_ref() else {
+                    continue;
+                };
+                let dest = staging.join(&c.output).join(rel);
+                current = Some(Incoming::create(
+                    format!("{}/{}", c.output, c.path),
+                    staging,
+                    dest,
+                    c.size,
+                    c.digest.clone(),
+                    gate.clone(),
+                )?);
             }
             let Some(f) = current.as_mut() else { continue };
-            if c.offset != f.written {
-                return Err(Status::invalid_argument(format!(
-                    "{}: chunk at {} but {} bytes written",
-                    f.name, c.offset, f.written
-                )));
-            }
-            if f.written + c.data.len() as u64 > f.size {
-                return Err(Status::resource_exhausted(format!(
-                    "{}: more bytes than declared",
-                    f.name
-                )));
-            }
-            f.hasher.update(&c.data);
-            f.file
-                .write_all(&c.data)
-                .map_err(|e| Status::internal(format!("staging: {e}")))?;
-            f.written += c.data.len() as u64;
+            f.write(c.offset, &c.data)?;
         }
         if let Some(f) = current.take() {
-            bytes += self.finish(f)?;
+            bytes += self.finish(f).await?;
             files += 1;
         }
         crate::metrics::count_bytes(self.cfg.metrics.as_ref(), "in", bytes);
@@ -390,6 +402,9 @@ impl WorkerService for WorkerApi {
         // Uploads created the staging directory; a job with no files and no log has none
         // (the sealer then seals an empty payload).
         let staging = self.staging(&worker, &result.job_id, result.generation);
+        // From here on nothing can be added to the attempt's staging tree.
+        self.gates.close(&staging);
+        self.forget_inputs(&worker, &result.job_id);
         let log = staging.join(".log").join("log");
         result.log = log.is_file().then_some(log);
         result.staging = Some(staging);
@@ -408,8 +423,33 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<v1::FetchRequest>,
     ) -> Result<Response<Self::FetchStream>, Status> {
-        self.worker(&req)?;
+        let worker = self.worker(&req)?;
         let digest = req.into_inner().digest;
+        // Only an attempt leased to this worker that named this input may fetch it.
+        let attempts = lock(&self.leased_inputs)
+            .get(&worker)
+            .and_then(|m| m.get(&digest))
+            .cloned()
+            .unwrap_or_default();
+        let mut live = false;
+        for (job, generation) in attempts.iter().rev() {
+            if self
+                .coord
+                .lease_live(&worker, job, *generation)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?
+                == LeaseCheck::Live
+            {
+                live = true;
+                break;
+            }
+        }
+        if !live {
+            self.coord.count_refusal(EdgeRefusal::NoLease);
+            return Err(Status::permission_denied(format!(
+                "no live lease of this worker names input {digest}"
+            )));
+        }
         let Served { path, is_dir, .. } = lock(&self.served)
             .get(&digest)
             .cloned()

@@ -1,0 +1,264 @@
+//! Receiving a worker's output files so that nothing can be written into them once a
+//! result names them.
+//!
+//! A file is received into a private part file outside the job's staging tree
+//! (`<staging>.parts/<random>`), hashed as it streams, and checked against its declared
+//! size and digest. Only then is the part file closed and renamed to its name in the
+//! staging tree. So every file under the staging tree is complete, verified and has no
+//! open writer anywhere: a stream that is still open when the result arrives can only
+//! reach its own part file, which is never sealed.
+//!
+//! Each stream holds the [`Gate`] of the attempt it writes for. Reporting the attempt
+//! closes the gate, and a closed gate refuses the rename, so no file enters the staging
+//! tree after the result that names its contents was taken.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use tonic::Status;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One attempt's upload gate: open until its result is reported.
+#[derive(Debug, Default)]
+pub(super) struct Gate {
+    closed: Mutex<bool>,
+}
+
+impl Gate {
+    /// Renames a verified part file to `dest`, unless the gate closed meanwhile.
+    fn commit(&self, part: &Path, dest: &Path) -> Result<(), Status> {
+        let closed = lock(&self.closed);
+        if *closed {
+            return Err(Status::failed_precondition(
+                "the result of this attempt was already reported: no more uploads for it",
+            ));
+        }
+        if let Some(dir) = dest.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Status::internal(format!("staging: {e}")))?;
+        }
+        std::fs::rename(part, dest).map_err(|e| Status::internal(format!("staging: {e}")))
+    }
+}
+
+/// The gates of the attempts that have upload streams open, by staging directory.
+#[derive(Debug, Default)]
+pub(super) struct Gates {
+    open: Mutex<HashMap<PathBuf, Weak<Gate>>>,
+}
+
+impl Gates {
+    /// The gate for `staging`, shared by every stream writing for that attempt.
+    pub(super) fn open(&self, staging: &Path) -> Arc<Gate> {
+        let mut open = lock(&self.open);
+        if let Some(g) = open.get(staging).and_then(Weak::upgrade) {
+            return g;
+        }
+        // Gates live only as long as a stream holds them.
+        open.retain(|_, g| g.strong_count() > 0);
+        let g = Arc::new(Gate::default());
+        open.insert(staging.to_path_buf(), Arc::downgrade(&g));
+        g
+    }
+
+    /// Closes `staging`'s gate: from now on no stream can add a file to it. Removes what
+    /// unfinished streams left in its part directory.
+    pub(super) fn close(&self, staging: &Path) {
+        let gate = lock(&self.open).remove(staging).and_then(|g| g.upgrade());
+        if let Some(g) = gate {
+            *lock(&g.closed) = true;
+        }
+        let _ = std::fs::remove_dir_all(parts_dir(staging));
+    }
+}
+
+/// Where part files of `staging`'s attempt are received (beside, not inside, the tree
+/// that is sealed).
+pub(super) fn parts_dir(staging: &Path) -> PathBuf {
+    let mut s = staging.as_os_str().to_owned();
+    s.push(".parts");
+    PathBuf::from(s)
+}
+
+/// One file being received into a part file.
+pub(super) struct Incoming {
+    /// `<output>/<path>`, as the worker named it.
+    pub(super) name: String,
+    part: PathBuf,
+    dest: PathBuf,
+    file: Option<std::fs::File>,
+    gate: Arc<Gate>,
+    hasher: blake3::Hasher,
+    /// Bytes received so far.
+    pub(super) written: u64,
+    size: u64,
+    digest: String,
+}
+
+impl Incoming {
+    /// Starts receiving `name` (`size` bytes with `digest`) for the attempt staged at
+    /// `staging`; it will be `dest` once complete.
+    pub(super) fn create(
+        name: String,
+        staging: &Path,
+        dest: PathBuf,
+        size: u64,
+        digest: String,
+        gate: Arc<Gate>,
+    ) -> Result<Self, Status> {
+        let dir = parts_dir(staging);
+        std::fs::create_dir_all(&dir).map_err(|e| Status::internal(format!("staging: {e}")))?;
+        let mut rnd = [0u8; 16];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut rnd);
+        let part = dir.join(hex::encode(rnd));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&part)
+            .map_err(|e| Status::internal(format!("staging: {e}")))?;
+        Ok(Self {
+            name,
+            part,
+            dest,
+            file: Some(file),
+            gate,
+            hasher: blake3::Hasher::new(),
+            written: 0,
+            size,
+            digest,
+        })
+    }
+
+    /// Appends a chunk that starts at `offset`.
+    pub(super) fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), Status> {
+        if offset != self.written {
+            return Err(Status::invalid_argument(format!(
+                "{}: chunk at {offset} but {} bytes written",
+                self.name, self.written
+            )));
+        }
+        if self.written + data.len() as u64 > self.size {
+            return Err(Status::resource_exhausted(format!(
+                "{}: more bytes than declared",
+                self.name
+            )));
+        }
+        let Some(file) = self.file.as_mut() else {
+            return Err(Status::internal(format!("{}: already finished", self.name)));
+        };
+        self.hasher.update(data);
+        file.write_all(data)
+            .map_err(|e| Status::internal(format!("staging {}: {e}", self.name)))?;
+        self.written += data.len() as u64;
+        Ok(())
+    }
+
+    /// Checks size and digest, makes the bytes durable, closes the file and moves it to
+    /// its place in the staging tree. A mismatch is `DATA_LOSS`.
+    pub(super) fn finish(mut self) -> Result<u64, Status> {
+        if self.written != self.size {
+            return Err(Status::data_loss(format!(
+                "upload of {} ended at {} of {} bytes",
+                self.name, self.written, self.size
+            )));
+        }
+        let got = nexa_shared::digest::format(&self.hasher.finalize());
+        if got != self.digest {
+            return Err(Status::data_loss(format!(
+                "upload of {} is {got}, not the declared {}",
+                self.name, self.digest
+            )));
+        }
+        if let Some(file) = self.file.take() {
+            file.sync_all()
+                .map_err(|e| Status::internal(format!("fsync {}: {e}", self.name)))?;
+        }
+        self.gate.commit(&self.part, &self.dest)?;
+        Ok(self.written)
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        // Unfinished or refused: the part file goes (after a commit it is gone already).
+        self.file = None;
+        let _ = std::fs::remove_file(&self.part);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn incoming(dir: &Path, gates: &Gates, body: &[u8], declared: &[u8]) -> Incoming {
+        let staging = dir.join("w/job-g1");
+        Incoming::create(
+            "out/f".into(),
+            &staging,
+            staging.join("out/f"),
+            declared.len() as u64,
+            nexa_shared::digest::format(&blake3::hash(declared)),
+            gates.open(&staging),
+        )
+        .map(|mut f| {
+            f.write(0, body).expect("write");
+            f
+        })
+        .expect("create")
+    }
+
+    #[test]
+    fn a_stream_still_open_when_the_result_arrives_cannot_add_to_the_staging_tree() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gates = Gates::default();
+        let full = b"eighteen bytes!!!!";
+        let f = incoming(dir.path(), &gates, &full[..5], full);
+        let staging = dir.path().join("w/job-g1");
+        // Incomplete: nothing under the staging tree.
+        assert!(!staging.join("out/f").exists());
+        gates.close(&staging);
+        let mut f = f;
+        f.write(5, &full[5..])
+            .expect("the part file still takes bytes");
+        let err = f.finish().expect_err("closed gate");
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(!staging.join("out/f").exists());
+        assert!(
+            !parts_dir(&staging).exists()
+                || std::fs::read_dir(parts_dir(&staging))
+                    .expect("dir")
+                    .next()
+                    .is_none()
+        );
+    }
+
+    #[test]
+    fn a_verified_file_is_renamed_into_place_closed_and_a_short_one_never_is() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gates = Gates::default();
+        let staging = dir.path().join("w/job-g1");
+        let f = incoming(dir.path(), &gates, b"hello", b"hello");
+        assert_eq!(f.finish().expect("finish"), 5);
+        assert_eq!(
+            std::fs::read(staging.join("out/f")).expect("read"),
+            b"hello"
+        );
+        let short = incoming(dir.path(), &gates, b"he", b"hello");
+        assert_eq!(
+            short.finish().expect_err("short").code(),
+            tonic::Code::DataLoss
+        );
+        assert_eq!(
+            std::fs::read(staging.join("out/f")).expect("read"),
+            b"hello"
+        );
+        assert_eq!(
+            std::fs::read_dir(parts_dir(&staging)).expect("dir").count(),
+            0,
+            "no part file is left behind"
+        );
+    }
+}
