@@ -410,6 +410,7 @@ fn run(project: &Path, args: RunArgs, from: Option<String>) -> anyhow::Result<Ex
                 from,
                 git_sha: embedded::git_sha(project),
                 run_id: None,
+                confined: false,
             })
             .await?;
         let mut renderer = Renderer::new(n);

@@ -211,3 +211,49 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
     }
     out
 }
+
+/// Defect 4: a Submit whose `in:` names an absolute path on the coordinator's host, or
+/// escapes with `..`, is refused at submission with the file, line and why; nothing of
+/// the host is read.
+#[test]
+fn a_submitted_pipeline_cannot_read_the_coordinators_own_files() {
+    use nexa_proto::v1;
+    use nexa_proto::v1::control_service_client::ControlServiceClient;
+    let p = Project::new();
+    let coord = Coord::open(&p.path().join("coord"));
+    let url = coord.url("http");
+    let secret = coord.data.join("secret.txt");
+    std::fs::write(&secret, "the coordinator's own\n").expect("secret");
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    rt.block_on(async {
+        let mut c = ControlServiceClient::connect(url).await.expect("connect");
+        for (input, why) in [
+            (secret.display().to_string(), "is an absolute path"),
+            ("/etc/hostname".to_string(), "is an absolute path"),
+            ("../../secret.txt".to_string(), "escapes the project with '..'"),
+        ] {
+            let yaml = format!(
+                "pipeline:\n  name: steal\n  steps:\n    - id: a\n      uses: exec\n      in: {{f: {input:?}}}\n      params: {{run: 'cat \"$NEXA_IN_F\" > \"$NEXA_OUT/x\"'}}\n      out: artifacts/a\n"
+            );
+            let mut req = tonic::Request::new(v1::SubmitRequest {
+                pipeline_yaml: yaml,
+                file_name: "steal.yaml".into(),
+                ..Default::default()
+            });
+            req.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {}", common::mesh::TOKEN)
+                    .parse()
+                    .expect("header"),
+            );
+            let e = c.submit(req).await.expect_err("must be refused");
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+            assert!(
+                e.message().contains("steal.yaml:6:") && e.message().contains(why),
+                "{}",
+                e.message()
+            );
+        }
+    });
+    assert!(!coord.data.join("projects/steal/artifacts/a").exists());
+}

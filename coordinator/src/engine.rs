@@ -34,6 +34,9 @@ pub struct RunRequest {
     pub git_sha: Option<String>,
     /// Reuse this run id (a run resumed after a coordinator restart keeps its id).
     pub run_id: Option<String>,
+    /// Inputs must resolve inside the project (a submitted pipeline reads only what was
+    /// uploaded with it); embedded runs may read any local path.
+    pub confined: bool,
 }
 
 /// How a run ended.
@@ -1145,6 +1148,7 @@ impl Engine {
             verify: req.verify,
             forced,
             git_sha: req.git_sha,
+            confined: req.confined,
         };
         let refs: Vec<&StepRecord> = records.iter().collect();
         state::save_steps(self.store.as_ref(), &ctx.pipeline.name, &refs)?;

@@ -32,6 +32,8 @@ pub struct RunContext {
     pub forced: Vec<bool>,
     /// The project's git commit, when it is a git checkout.
     pub git_sha: Option<String>,
+    /// Inputs must resolve inside the project, symlinks followed.
+    pub confined: bool,
 }
 
 impl RunContext {
@@ -305,6 +307,13 @@ fn resolve_input(
     } else {
         ctx.project.join(written)
     };
+    if ctx.confined {
+        confine(&ctx.project, &path).map_err(|why| format!("input '{name}': {written} {why}"))?;
+    } else if paths::normalize(Path::new(written)).is_none() {
+        return Err(format!(
+            "input '{name}': {written} escapes the project with '..'"
+        ));
+    }
     if !path.exists() {
         return Err(format!("input '{name}': {written} does not exist"));
     }
@@ -317,6 +326,24 @@ fn resolve_input(
         path,
         is_dir,
     })
+}
+
+/// Checks that `path`, symlinks followed, lies inside `project`.
+fn confine(project: &Path, path: &Path) -> Result<(), String> {
+    if !path.starts_with(project) || paths::normalize(path).is_none() {
+        return Err("is outside the project; a submitted pipeline reads only its own files".into());
+    }
+    let (Ok(real), Ok(root)) = (path.canonicalize(), project.canonicalize()) else {
+        // Missing: reported as such by the caller.
+        return Ok(());
+    };
+    if !real.starts_with(&root) {
+        return Err(format!(
+            "resolves to {}, outside the project (a symlink?)",
+            real.display()
+        ));
+    }
+    Ok(())
 }
 
 fn plan_shards(

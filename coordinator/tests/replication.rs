@@ -126,6 +126,7 @@ async fn run(coord: &Coordinator, project: &Path, yaml: &str) -> RunOutcome {
             from: None,
             git_sha: None,
             run_id: None,
+            confined: false,
         })
         .await
         .expect("submit");

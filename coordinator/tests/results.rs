@@ -93,6 +93,7 @@ async fn untrusted_results_are_refused_and_counted() {
             from: None,
             git_sha: None,
             run_id: None,
+            confined: false,
         })
         .await
         .expect("submit");

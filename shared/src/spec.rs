@@ -339,6 +339,40 @@ pub fn load_str(file: &str, src: &str, root: &Path) -> Result<Loaded> {
     }
 }
 
+/// For a pipeline submitted to a coordinator, which reads only what was uploaded with
+/// it: every input that no step produces must be a path inside the project, written
+/// relative to it. Each one that is not is reported with its position and why.
+pub fn check_confined_inputs(file: &str, l: &Loaded) -> Result<()> {
+    let mut d = Diagnostics::new(file);
+    for (i, s) in l.pipeline.steps.iter().enumerate() {
+        for (name, written) in &s.inputs {
+            if l.dag.upstream[i].contains_key(name) {
+                continue;
+            }
+            let p = Path::new(&written.value);
+            let why = if p.is_absolute() {
+                "is an absolute path; a submitted pipeline reads only files inside its project (uploaded with it)"
+            } else if paths::normalize(p).is_none() {
+                "escapes the project with '..'"
+            } else {
+                continue;
+            };
+            d.push(
+                written.pos,
+                format!(
+                    "step '{}': input '{name}' {:?} {why}",
+                    s.id.value, written.value
+                ),
+            );
+        }
+    }
+    if d.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Invalid(d.into_sorted()))
+    }
+}
+
 /// The diagnostics of an invalid file, or an empty list when it is valid.
 pub fn check_str(file: &str, src: &str, root: &Path) -> Vec<Diagnostic> {
     match load_str(file, src, root) {
@@ -474,11 +508,12 @@ fn parse(file: &str, src: &str, d: &mut Diagnostics) -> Option<Pipeline> {
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
                 || n.value.starts_with('.')
+                || n.value.len() > MAX_NAME
             {
                 d.push(
                     n.pos,
                     format!(
-                        "'pipeline.name' {:?} must use only letters, digits, '_', '-', '.' and not start with '.' (it names a state directory)",
+                        "'pipeline.name' {:?} must use only letters, digits, '_', '-', '.', not start with '.' and be at most {MAX_NAME} characters (it names a state directory)",
                         n.value
                     ),
                 );
@@ -555,6 +590,17 @@ fn parse_step(node: &Node, index: usize, d: &mut Diagnostics) -> Option<Step> {
             ),
         );
     }
+    if let Some(id) = &id
+        && id.value.len() > MAX_NAME
+    {
+        d.push(
+            id.pos,
+            format!(
+                "step id is {} characters; at most {MAX_NAME} are allowed (it names files and directories)",
+                id.value.len()
+            ),
+        );
+    }
     let label = id
         .as_ref()
         .map(|i| format!("step '{}'", i.value))
@@ -610,7 +656,7 @@ fn parse_step(node: &Node, index: usize, d: &mut Diagnostics) -> Option<Step> {
             if !valid_name(name) {
                 d.push(
                     k.pos,
-                    format!("{label}: input name '{name}' must use only letters, digits and '_'"),
+                    format!("{label}: input name '{name}' must use only letters, digits and '_' (at most {MAX_NAME})"),
                 );
             }
             if let Some(p) = string_of(val, &format!("in.{name}"), d) {
@@ -632,7 +678,7 @@ fn parse_step(node: &Node, index: usize, d: &mut Diagnostics) -> Option<Step> {
                 for (k, val) in es {
                     let Some(name) = k.as_str() else { continue };
                     if !valid_name(name) {
-                        d.push(k.pos, format!("{label}: output name '{name}' must use only letters, digits and '_'"));
+                        d.push(k.pos, format!("{label}: output name '{name}' must use only letters, digits and '_' (at most {MAX_NAME})"));
                     }
                     if let Some(p) = string_of(val, &format!("out.{name}"), d) {
                         m.insert(name.to_string(), p);
@@ -772,7 +818,9 @@ fn parse_step(node: &Node, index: usize, d: &mut Diagnostics) -> Option<Step> {
 }
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 fn parse_u32(v: &Node, what: &str, label: &str, d: &mut Diagnostics) -> Option<u32> {
@@ -1037,6 +1085,37 @@ pub fn output_paths(p: &Pipeline, root: &Path) -> Vec<(usize, String, PathBuf)> 
 }
 
 /// Semantic checks across steps; returns the DAG (possibly partial when invalid).
+/// The longest pipeline name, step id, input or output name (they name files and
+/// directories, with suffixes such as `.shard-00000.log` added).
+pub const MAX_NAME: usize = 100;
+/// The longest component of an `out` path, in bytes (file systems allow 255; `.tmp` and
+/// similar suffixes are added).
+pub const MAX_OUT_COMPONENT: usize = 200;
+/// The most components an `out` path may have.
+pub const MAX_OUT_DEPTH: usize = 32;
+/// The longest `out` path, in bytes.
+pub const MAX_OUT_PATH: usize = 1024;
+
+/// Why an `out` path is too long for the file system, if it is.
+fn out_too_long(rel: &Path) -> Option<String> {
+    let bytes = rel.as_os_str().len();
+    if bytes > MAX_OUT_PATH {
+        return Some(format!(
+            "is {bytes} bytes long; at most {MAX_OUT_PATH} are allowed"
+        ));
+    }
+    let depth = rel.components().count();
+    if depth > MAX_OUT_DEPTH {
+        return Some(format!(
+            "is {depth} directories deep; at most {MAX_OUT_DEPTH} are allowed"
+        ));
+    }
+    rel.components()
+        .map(|c| c.as_os_str().len())
+        .find(|&n| n > MAX_OUT_COMPONENT)
+        .map(|n| format!("has a {n}-byte component; at most {MAX_OUT_COMPONENT} bytes are allowed"))
+}
+
 fn validate(p: &Pipeline, root: &Path, d: &mut Diagnostics) -> Dag {
     // Duplicate ids.
     let mut ids: HashMap<&str, &Step> = HashMap::new();
@@ -1078,6 +1157,12 @@ fn validate(p: &Pipeline, root: &Path, d: &mut Diagnostics) -> Dag {
         for (name, path) in s.outputs.entries() {
             match paths::contained(root, &path.value) {
                 Ok(rel) => {
+                    if let Some(why) = out_too_long(&rel) {
+                        d.push(
+                            path.pos,
+                            format!("step '{}': output '{name}' path {why}", s.id.value),
+                        );
+                    }
                     if rel.starts_with(".nexa_state") {
                         d.push(
                             path.pos,

@@ -116,24 +116,36 @@ fn pos_of(m: Marker) -> Pos {
     }
 }
 
+/// The most aliases one document may use.
+pub const MAX_ALIASES: u64 = 10_000;
+/// The most that aliases may add to a document once expanded, weighed as one per node
+/// plus one per byte of scalar text (what the file itself holds is bounded by its size).
+/// Shared parameter blocks weigh hundreds; an alias bomb (anchors 10 wide, 8 deep)
+/// weighs billions.
+pub const MAX_ALIAS_EXPANSION: u64 = 1 << 21;
+
 enum Frame {
-    Seq(Pos, Vec<Node>),
-    Map(Pos, Vec<(Node, Node)>, Option<Node>),
+    Seq(Pos, Vec<Node>, u64),
+    Map(Pos, Vec<(Node, Node)>, Option<Node>, u64),
 }
 
 #[derive(Default)]
 struct Builder {
     stack: Vec<Frame>,
-    anchors: HashMap<usize, Node>,
+    /// Anchored nodes with their weights.
+    anchors: HashMap<usize, (Node, u64)>,
     pending_anchor: Vec<usize>,
     root: Option<Node>,
     error: Option<SyntaxError>,
+    aliases: u64,
+    /// What aliases added so far.
+    expanded: u64,
 }
 
 impl Builder {
-    fn finish_node(&mut self, node: Node, anchor: usize) {
+    fn finish_node(&mut self, node: Node, anchor: usize, weight: u64) {
         if anchor > 0 {
-            self.anchors.insert(anchor, node.clone());
+            self.anchors.insert(anchor, (node.clone(), weight));
         }
         match self.stack.last_mut() {
             None => {
@@ -141,56 +153,105 @@ impl Builder {
                     self.root = Some(node);
                 }
             }
-            Some(Frame::Seq(_, items)) => items.push(node),
-            Some(Frame::Map(_, entries, key)) => match key.take() {
-                None => *key = Some(node),
-                Some(k) => entries.push((k, node)),
-            },
+            Some(Frame::Seq(_, items, w)) => {
+                items.push(node);
+                *w += weight;
+            }
+            Some(Frame::Map(_, entries, key, w)) => {
+                *w += weight;
+                match key.take() {
+                    None => *key = Some(node),
+                    Some(k) => entries.push((k, node)),
+                }
+            }
         }
+    }
+
+    /// Adds an alias's weight `w` to what aliases expanded; false (and an error at `pos`)
+    /// when that passes the limit.
+    fn weigh(&mut self, w: u64, pos: Pos) -> bool {
+        self.expanded = self.expanded.saturating_add(w);
+        if self.expanded > MAX_ALIAS_EXPANSION {
+            self.error.get_or_insert(SyntaxError {
+                pos,
+                message: format!(
+                    "aliases expand past {MAX_ALIAS_EXPANSION} nodes and bytes (an alias bomb?)"
+                ),
+            });
+            return false;
+        }
+        true
     }
 }
 
 impl MarkedEventReceiver for Builder {
     fn on_event(&mut self, ev: Event, mark: Marker) {
+        // After an error nothing more is built (an alias bomb stops growing here).
+        if self.error.is_some() {
+            return;
+        }
         let pos = pos_of(mark);
         match ev {
             Event::Scalar(text, style, anchor, _tag) => {
                 let quoted = !matches!(style, TScalarStyle::Plain);
+                let w = 1 + text.len() as u64;
                 self.finish_node(
                     Node {
                         pos,
                         kind: NodeKind::Scalar { text, quoted },
                     },
                     anchor,
+                    w,
                 );
             }
             Event::SequenceStart(anchor, _) => {
                 self.pending_anchor.push(anchor);
-                self.stack.push(Frame::Seq(pos, Vec::new()));
+                self.stack.push(Frame::Seq(pos, Vec::new(), 1));
             }
             Event::MappingStart(anchor, _) => {
                 self.pending_anchor.push(anchor);
-                self.stack.push(Frame::Map(pos, Vec::new(), None));
+                self.stack.push(Frame::Map(pos, Vec::new(), None, 1));
             }
             Event::SequenceEnd | Event::MappingEnd => {
                 let anchor = self.pending_anchor.pop().unwrap_or(0);
-                let node = match self.stack.pop() {
-                    Some(Frame::Seq(p, items)) => Node {
-                        pos: p,
-                        kind: NodeKind::Seq(items),
-                    },
-                    Some(Frame::Map(p, entries, _)) => Node {
-                        pos: p,
-                        kind: NodeKind::Map(entries),
-                    },
+                let (node, w) = match self.stack.pop() {
+                    Some(Frame::Seq(p, items, w)) => (
+                        Node {
+                            pos: p,
+                            kind: NodeKind::Seq(items),
+                        },
+                        w,
+                    ),
+                    Some(Frame::Map(p, entries, _, w)) => (
+                        Node {
+                            pos: p,
+                            kind: NodeKind::Map(entries),
+                        },
+                        w,
+                    ),
                     None => return,
                 };
-                self.finish_node(node, anchor);
+                self.finish_node(node, anchor, w);
             }
-            Event::Alias(id) => match self.anchors.get(&id).cloned() {
-                Some(mut node) => {
+            Event::Alias(id) => match self.anchors.get(&id).map(|(_, w)| *w) {
+                Some(w) => {
+                    self.aliases += 1;
+                    if self.aliases > MAX_ALIASES {
+                        self.error.get_or_insert(SyntaxError {
+                            pos,
+                            message: format!("more than {MAX_ALIASES} aliases"),
+                        });
+                        return;
+                    }
+                    // The expansion is weighed before it is copied.
+                    if !self.weigh(w, pos) {
+                        return;
+                    }
+                    let Some((mut node, _)) = self.anchors.get(&id).cloned() else {
+                        return;
+                    };
                     node.pos = pos;
-                    self.finish_node(node, 0);
+                    self.finish_node(node, 0, w);
                 }
                 None => {
                     self.error.get_or_insert(SyntaxError {
@@ -206,6 +267,17 @@ impl MarkedEventReceiver for Builder {
 
 /// Parses one YAML document into a positioned tree. An empty document is `None`.
 pub fn parse(src: &str) -> Result<Option<Node>, SyntaxError> {
+    // yaml-rust2 stops at a NUL as if the document ended there: a file would lose every
+    // step after it without a word.
+    if let Some(at) = src.find('\0') {
+        let before = &src[..at];
+        let line = before.matches('\n').count() + 1;
+        let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        return Err(SyntaxError {
+            pos: Pos { line, col },
+            message: "a NUL byte is not allowed in a pipeline file".into(),
+        });
+    }
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(src);
     parser.load(&mut builder, false).map_err(|e| SyntaxError {
@@ -240,6 +312,36 @@ mod tests {
             node.to_json(),
             serde_json::json!({"a": {"b": 1, "c": ["x", "y"]}})
         );
+    }
+
+    #[test]
+    fn an_alias_bomb_is_refused_with_its_position_before_it_grows() {
+        // 10 wide, 9 deep: 10^9 nodes once expanded.
+        let mut src = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..10 {
+            let p = format!("*a{}", i - 1);
+            let row = [p.as_str(); 10].join(", ");
+            src.push_str(&format!("a{i}: &a{i} [{row}]\n"));
+        }
+        let err = parse(&src).expect_err("bomb");
+        assert!(err.message.contains("alias bomb"), "{}", err.message);
+        // Refused at the alias that passes the limit (line 6: each weighs ~2 * 10^5).
+        assert_eq!(err.pos.line, 6, "{:?}", err.pos);
+        // Many small aliases are fine up to the count limit, then refused.
+        let mut many = String::from("a: &a x\nl:\n");
+        for _ in 0..MAX_ALIASES + 1 {
+            many.push_str("  - *a\n");
+        }
+        let err = parse(&many).expect_err("too many");
+        assert!(err.message.contains("aliases"), "{}", err.message);
+        assert_eq!(err.pos.line as u64, MAX_ALIASES + 3);
+    }
+
+    #[test]
+    fn a_nul_byte_is_refused_with_its_position() {
+        let err = parse("a: 1\nb: x\0y\n").expect_err("nul");
+        assert_eq!(err.pos, Pos { line: 2, col: 5 });
+        assert!(err.message.contains("NUL"));
     }
 
     #[test]

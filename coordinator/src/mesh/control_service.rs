@@ -176,6 +176,7 @@ impl ControlApi {
     async fn start(&self, sub: Submission) -> Result<String, Status> {
         let project = Self::project_dir(&self.cfg.data_dir, &sub.pipeline);
         let loaded = spec::load_str(&sub.file_name, &sub.yaml, &project)
+            .and_then(|l| spec::check_confined_inputs(&sub.file_name, &l).map(|()| l))
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let handle = self
             .coord
@@ -186,6 +187,7 @@ impl ControlApi {
                 from: sub.from.clone(),
                 git_sha: None,
                 run_id: (!sub.run_id.is_empty()).then(|| sub.run_id.clone()),
+                confined: true,
             })
             .await
             .map_err(|e| Status::failed_precondition(e.to_string()))?;

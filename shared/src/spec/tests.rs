@@ -302,3 +302,56 @@ fn container_params_are_checked_with_their_position() {
         assert!(d.iter().any(|x| x.starts_with("p.yaml:6:")), "{bad}: {d:?}");
     }
 }
+
+#[test]
+fn a_nul_byte_is_refused_not_a_silent_end_of_file() {
+    let src = "pipeline:\n  name: n\n  steps:\n    - id: a\n      uses: exec\n      params: {run: 'true'}\n\0    - id: b\n      uses: exec\n      params: {run: 'true'}\n";
+    let all = diags(src);
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert!(
+        all[0].starts_with("p.yaml:7:1: invalid YAML: a NUL byte"),
+        "{all:?}"
+    );
+}
+
+#[test]
+fn an_alias_bomb_is_refused_with_file_line_and_column() {
+    let mut src = String::from("x0: &a0 [q, q, q, q, q, q, q, q, q, q]\n");
+    for i in 1..9 {
+        let row = vec![format!("*a{}", i - 1); 10].join(", ");
+        src.push_str(&format!("x{i}: &a{i} [{row}]\n"));
+    }
+    src.push_str("pipeline:\n  name: n\n  steps: []\n");
+    let all = diags(&src);
+    assert!(has(&all, "p.yaml:6:") && has(&all, "alias bomb"), "{all:?}");
+}
+
+#[test]
+fn names_and_out_paths_too_long_for_the_file_system_are_refused_up_front() {
+    let long = "s".repeat(300);
+    let deep = vec!["d"; 3000].join("/");
+    let src = format!(
+        "pipeline:\n  name: {long}\n  steps:\n    - id: {long}\n      uses: exec\n      params: {{run: 'true'}}\n      out: artifacts/{long}\n    - id: b\n      uses: exec\n      params: {{run: 'true'}}\n      out: {deep}\n    - id: c\n      uses: exec\n      params: {{run: 'true'}}\n      out: {{{long}: artifacts/c}}\n"
+    );
+    let all = diags(&src);
+    assert!(
+        has(&all, "p.yaml:2:9: 'pipeline.name'") && has(&all, "at most 100"),
+        "{all:?}"
+    );
+    assert!(
+        has(&all, "p.yaml:4:11: step id is 300 characters"),
+        "{all:?}"
+    );
+    assert!(
+        has(&all, "p.yaml:7:12: step '") && has(&all, "300-byte component"),
+        "{all:?}"
+    );
+    assert!(
+        has(
+            &all,
+            "p.yaml:11:12: step 'b': output 'out' path is 5999 bytes long"
+        ),
+        "{all:?}"
+    );
+    assert!(has(&all, "p.yaml:15:13: step 'c': output name"), "{all:?}");
+}
