@@ -125,7 +125,8 @@ pub struct RunHandle {
 pub struct Refusals {
     /// A stale lease generation (expired, reassigned or already reported).
     pub stale: u64,
-    /// Results for jobs the coordinator does not know (finished long ago, or made up).
+    /// Results for jobs the coordinator does not know: already finished (a replay) or
+    /// never made.
     pub unknown_job: u64,
     /// Uploads and input fetches for attempts not leased to the caller.
     pub no_lease: u64,
@@ -1899,6 +1900,12 @@ impl Engine {
                 continue;
             };
             self.refusals.lease_expiries += 1;
+            // A cancelled run's job is never leased again: its lease ending ends it.
+            if self.runs.get(&j.run_id).is_some_and(|r| r.cancelled) {
+                tracing::info!(job = %job_id, "lease of a cancelled run's job expired; dropping it");
+                self.job_failed(&job_id, "cancelled".into(), false);
+                continue;
+            }
             tracing::warn!(job = %job_id, worker = ?j.worker, generation = j.generation, "lease expired; requeueing");
             j.attempt += 1;
             j.state = JobState::Queued;
@@ -1964,6 +1971,18 @@ impl Engine {
             tracing::warn!(job = %result.job_id, worker, error = %e, "refused result: bad signature");
             self.record_outcome(worker, false);
             self.job_failed(&result.job_id, format!("result refused: {e}"), true);
+            return;
+        }
+        // A cancelled run seals nothing more, whatever the result says.
+        let cancelled = self
+            .jobs
+            .get(&result.job_id)
+            .and_then(|j| self.runs.get(&j.run_id))
+            .is_some_and(|r| r.cancelled);
+        if cancelled {
+            tracing::info!(job = %result.job_id, worker, outcome = ?result.outcome, "result of a cancelled run discarded");
+            cleanup_failed(None, result.staging.clone());
+            self.job_failed(&result.job_id, "cancelled".into(), false);
             return;
         }
         if matches!(result.outcome, Outcome::Failed | Outcome::TimedOut) {

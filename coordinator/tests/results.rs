@@ -167,13 +167,91 @@ async fn untrusted_results_are_refused_and_counted() {
     assert_eq!(meta.labels["worker"], hex_of(&honest.public_key()));
     assert_eq!(meta.labels["signature"], hex_of(&good.signature));
 
-    // 5. Replaying the accepted result is refused: the job is finished.
+    // 5. Replaying the accepted result is refused: the job is finished (and so no
+    // longer known: counted apart from stale generations of live jobs).
     coord.report("w1", good).expect("report");
-    let r = wait_refusals(&coord, |r| r.stale >= 2).await;
-    assert_eq!(r.stale, 2);
+    let r = wait_refusals(&coord, |r| r.unknown_job >= 1).await;
+    assert_eq!((r.stale, r.unknown_job), (1, 1));
     coord.shutdown();
 }
 
 fn hex_of(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn worker_info(id: &Identity) -> nexa_coordinator::engine::WorkerInfo {
+    nexa_coordinator::engine::WorkerInfo {
+        name: "w".into(),
+        key: id.public_key(),
+        profile: nexa_shared::hardware::Profile {
+            cores: 2,
+            memory_total: 1 << 30,
+            ..Default::default()
+        },
+        slots: 1,
+    }
+}
+
+/// Defect 3 of the hardening issue: a run is cancelled while its job is leased to a
+/// worker that has gone silent. The lease expires; the job must not be leased again (a
+/// worker that joins later gets nothing), the silent worker's late result is not sealed,
+/// and the run ends Cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_run_is_never_leased_or_sealed_again() {
+    let project = tempfile::tempdir().expect("tempdir");
+    let yaml = "pipeline:\n  name: cancel\n  steps:\n    - id: a\n      uses: exec\n      retries: 3\n      params: {cmd: [\"true\"]}\n      out: artifacts/a\n";
+    let loaded = nexa_shared::spec::load_str("c.yaml", yaml, project.path()).expect("valid");
+    let store = Arc::new(SledStore::open(&project.path().join("store")).expect("store"));
+    let config = nexa_coordinator::engine::EngineConfig {
+        lease_ttl: Some(Duration::from_millis(300)),
+        ..nexa_coordinator::engine::EngineConfig::embedded()
+    };
+    let (coord, _task) = Coordinator::start(store, config);
+    let silent = Identity::generate();
+    coord
+        .register_worker("w1", worker_info(&silent))
+        .expect("register");
+    let mut run = coord
+        .submit(RunRequest {
+            loaded,
+            project: project.path().to_path_buf(),
+            verify: false,
+            from: None,
+            git_sha: None,
+            run_id: None,
+            confined: false,
+        })
+        .await
+        .expect("submit");
+    let l1 = lease(&coord).await;
+    coord.cancel(&run.run_id).expect("cancel");
+    // w1 goes silent past its lease; a fresh worker joins and asks for work.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let late = Identity::generate();
+    coord
+        .register_worker("w2", worker_info(&late))
+        .expect("register");
+    let got = tokio::time::timeout(Duration::from_secs(2), coord.lease("w2")).await;
+    assert!(
+        got.is_err(),
+        "a cancelled run's job was leased again: {got:?}"
+    );
+    // The silent worker's result arrives late: it is not sealed.
+    let mut r = result_for(&l1, &project.path().join("staging/1"), b"late");
+    silent.sign_result(&mut r);
+    coord.report("w1", r).expect("report");
+    let summary = loop {
+        match tokio::time::timeout(Duration::from_secs(10), run.progress.recv()).await {
+            Ok(Some(Progress::Finished(s))) => break s,
+            Ok(Some(_)) => continue,
+            other => panic!("run did not finish: {other:?}"),
+        }
+    };
+    assert_eq!(summary.outcome, RunOutcome::Cancelled);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !project.path().join("artifacts/a").exists(),
+        "nothing of a cancelled run is sealed"
+    );
+    coord.shutdown();
 }
