@@ -84,6 +84,18 @@ fn project_files(l: &Loaded, project: &Path) -> anyhow::Result<Vec<(String, Path
                 )
             })?;
             let full = project.join(&rel);
+            // A link that leads out of the project would send whatever it points at (a
+            // link to /etc/shadow, a whole home directory): refused, with the link named.
+            if let (Ok(real), Ok(root)) = (full.canonicalize(), project.canonicalize())
+                && !real.starts_with(&root)
+            {
+                anyhow::bail!(
+                    "step '{}': input '{name}' ({}) is a symlink to {}, outside the project; a remote run sends only files inside it",
+                    s.id.value,
+                    written.value,
+                    real.display()
+                );
+            }
             if full.is_dir() {
                 for (sub, p, _) in digest::list_files(&full, &[])? {
                     out.push((format!("{}/{sub}", rel.display()), p));

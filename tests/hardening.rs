@@ -257,3 +257,69 @@ fn a_submitted_pipeline_cannot_read_the_coordinators_own_files() {
     });
     assert!(!coord.data.join("projects/steal/artifacts/a").exists());
 }
+
+/// Defect 5, remote: an input that is a symlink out of the project (to a file, or to a
+/// directory) is refused with the link named; nothing is sent.
+#[test]
+fn a_symlinked_input_leading_out_of_the_project_is_refused_by_name() {
+    let p = Project::new();
+    let coord = Coord::open(&p.path().join("coord"));
+    let outside = tempfile::tempdir().expect("outside");
+    std::fs::write(outside.path().join("shadow"), "root:secret\n").expect("write");
+    std::os::unix::fs::symlink(outside.path().join("shadow"), p.path().join("link.txt"))
+        .expect("symlink");
+    std::os::unix::fs::symlink(outside.path(), p.path().join("linkdir")).expect("symlink");
+    for input in ["link.txt", "linkdir"] {
+        p.write(
+            "s.yaml",
+            &format!(
+                "pipeline:\n  name: sym\n  steps:\n    - id: a\n      uses: exec\n      in: {{f: {input}}}\n      params: {{run: 'true'}}\n      out: artifacts/a\n"
+            ),
+        );
+        let out = remote(&p, &coord, &["pipeline", "run", "s.yaml"])
+            .output()
+            .expect("run");
+        assert!(!out.status.success(), "{}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("input 'f' ({input}) is a symlink to"))
+                && err.contains("outside the project"),
+            "{err}"
+        );
+    }
+    // Nothing reached the coordinator's blob store.
+    let blobs = walk(&coord.data.join("blobs"));
+    assert!(
+        !blobs
+            .iter()
+            .any(|b| std::fs::read(b).is_ok_and(|c| c == b"root:secret\n")),
+        "{blobs:?}"
+    );
+}
+
+/// Defect 5, embedded: a job that hard-links a host file into its output completes, but
+/// sealing copies it: the host file keeps its mode and its inode is not shared.
+#[test]
+fn sealing_a_hard_linked_output_never_changes_the_file_it_links_to() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let p = Project::new();
+    let host = tempfile::tempdir().expect("host");
+    let victim = host.path().join("passwd");
+    std::fs::write(&victim, "root:x:0:0\n").expect("write");
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    p.write(
+        "h.yaml",
+        &format!(
+            "pipeline:\n  name: hl\n  steps:\n    - id: a\n      uses: exec\n      params: {{run: 'ln {} \"$NEXA_OUT/passwd\"'}}\n      out: artifacts/a\n",
+            victim.display()
+        ),
+    );
+    let out = p.nexa(&["pipeline", "run", "h.yaml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let meta = std::fs::metadata(&victim).expect("stat");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o644);
+    assert_eq!(meta.nlink(), 1);
+    let sealed = p.path().join("artifacts/a/passwd");
+    assert_eq!(std::fs::read(&sealed).expect("sealed"), b"root:x:0:0\n");
+    assert_ne!(std::fs::metadata(&sealed).expect("stat").ino(), meta.ino());
+}

@@ -265,6 +265,7 @@ fn prepare(out: &Path, req: SealRequest, mode: Durability) -> Result<(Meta, Tree
             });
         }
     }
+    own_files(&tmp)?;
     let tree = digest::hash_tree(&tmp, NOT_PAYLOAD)?;
     if let Some(mut expected) = req.expected {
         expected.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
@@ -345,6 +346,33 @@ fn touch_complete(out: &Path, mode: Durability) -> Result<()> {
     if mode == Durability::Targeted {
         f.sync_all().ctx("fsync", &c)?;
         fsync_dir(out)?;
+    }
+    Ok(())
+}
+
+/// Gives every payload file an inode of its own: a file with more than one link (a job
+/// that ran `ln /etc/passwd $NEXA_OUT/passwd`, or linked its input) is replaced by a
+/// copy, so that sealing (the chmod, and later the seal's immutability) never touches a
+/// file outside the artifact, and the artifact never changes when that file does.
+/// Symlinks and special files are refused by the walk. Links that sealing cannot change
+/// are kept (a sharded step's assembly links its sealed, read-only parts): read-only
+/// files owned by whoever owns the payload directory.
+fn own_files(root: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = fs::metadata(root).ctx("stat", root)?.uid();
+    for (rel, path, _) in digest::list_files(root, &[])? {
+        let meta = fs::symlink_metadata(&path).ctx("stat", &path)?;
+        let sealed_part = meta.mode() & 0o222 == 0 && meta.uid() == owner;
+        if meta.nlink() <= 1 || sealed_part {
+            continue;
+        }
+        let copy = path.with_file_name(format!(
+            ".nexa-own-{}",
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+        ));
+        fs::copy(&path, &copy).ctx("copy", &path)?;
+        fs::rename(&copy, &path).ctx("rename", &copy)?;
+        tracing::debug!(file = %rel, links = meta.nlink(), "hard-linked output copied before sealing");
     }
     Ok(())
 }

@@ -188,3 +188,50 @@ fn a_group_seals_each_artifact_and_one_failure_spares_the_others() {
         assert!(!tmp_path(out).exists() && !old_path(out).exists());
     }
 }
+
+#[test]
+fn sealing_never_changes_a_file_outside_the_artifact_through_a_hard_link() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let d = tempfile::tempdir().expect("tempdir");
+    // A file outside the artifact, writable, and a job output hard-linked to it.
+    let outside = d.path().join("outside.txt");
+    fs::write(&outside, "host file\n").expect("write");
+    fs::set_permissions(&outside, fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = d.path().join("artifacts/a");
+    let tmp = tmp_path(&out);
+    fs::create_dir_all(&tmp).expect("mkdir");
+    fs::hard_link(&outside, tmp.join("passwd")).expect("link");
+    seal(&out, req("k")).expect("seal");
+    let meta = fs::metadata(&outside).expect("stat");
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o644,
+        "the host file was chmodded"
+    );
+    assert_eq!(
+        meta.nlink(),
+        1,
+        "the artifact still shares the host file's inode"
+    );
+    assert_eq!(fs::read(out.join("passwd")).expect("read"), b"host file\n");
+    // The host file changing later does not change the sealed artifact.
+    fs::write(&outside, "changed\n").expect("write");
+    verify(&out).expect("the artifact is its own");
+}
+
+#[test]
+fn a_symlink_in_a_payload_is_refused_and_its_target_untouched() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().expect("tempdir");
+    let outside = d.path().join("outside.txt");
+    fs::write(&outside, "host file\n").expect("write");
+    let out = d.path().join("artifacts/a");
+    let tmp = tmp_path(&out);
+    fs::create_dir_all(&tmp).expect("mkdir");
+    std::os::unix::fs::symlink(&outside, tmp.join("l")).expect("symlink");
+    let e = seal(&out, req("k")).expect_err("symlink");
+    assert!(e.to_string().contains("symlinks are not allowed"), "{e}");
+    let mode = fs::metadata(&outside).expect("stat").permissions().mode();
+    assert_eq!(mode & 0o200, 0o200, "the target is still writable");
+    assert!(!is_complete(&out));
+}
