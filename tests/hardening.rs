@@ -323,3 +323,218 @@ fn sealing_a_hard_linked_output_never_changes_the_file_it_links_to() {
     assert_eq!(std::fs::read(&sealed).expect("sealed"), b"root:x:0:0\n");
     assert_ne!(std::fs::metadata(&sealed).expect("stat").ino(), meta.ino());
 }
+
+/// A tmpfs of its own, unmounted when dropped (mounting needs root or passwordless sudo,
+/// as the sandbox tests' base image does; CI runs as root).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let opts = format!("size={size}");
+        let direct = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &opts, "tmpfs"])
+            .arg(dir)
+            .status();
+        let ok = direct.is_ok_and(|s| s.success())
+            || std::process::Command::new("sudo")
+                .args(["-n", "mount", "-t", "tmpfs", "-o", &opts, "tmpfs"])
+                .arg(dir)
+                .status()
+                .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "this test fills a small tmpfs: it needs root or passwordless sudo to mount one"
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+
+    /// Writes into `name` until the file system is full.
+    fn fill(&self, name: &str) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.0.join(name)).expect("fill file");
+        let block = vec![0xabu8; 1 << 20];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+        let _ = std::process::Command::new("sudo")
+            .args(["-n", "umount", "-l"])
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Starts a coordinator that may fail to start: `Some` once it listens, `None` if it
+/// exited (with its stderr checked by the caller through the log).
+// The child is waited for on every path: here when it exits, by `Coord`'s drop otherwise.
+#[allow(clippy::zombie_processes)]
+fn try_start(data: &std::path::Path, listen: &str, extra: &[&str]) -> Option<Coord> {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(common::mesh::bin("nexa-coordinator"))
+        .args(["serve", "--listen", listen, "--data-dir"])
+        .arg(data)
+        .args([
+            "--operator-token",
+            common::mesh::TOKEN,
+            "--heartbeat-ms",
+            "300",
+        ])
+        .args(extra)
+        .env("NEXA_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(data.with_extension("log"))
+                .expect("log"),
+        ))
+        .spawn()
+        .expect("spawn");
+    let mut reader = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut metrics = None;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            let _ = child.wait();
+            return None;
+        }
+        if let Some(m) = line.trim().strip_prefix("metrics on ") {
+            metrics = Some(m.to_string());
+            continue;
+        }
+        if let Some(addr) = line.trim().strip_prefix("listening on ") {
+            return Some(Coord {
+                child,
+                addr: addr.to_string(),
+                data: data.to_path_buf(),
+                metrics,
+            });
+        }
+    }
+}
+
+async fn raw_submit(url: &str, name: &str) -> Result<(), tonic::Status> {
+    use nexa_proto::v1;
+    let mut c = v1::control_service_client::ControlServiceClient::connect(url.to_string())
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let yaml = format!(
+        "pipeline:\n  name: {name}\n  steps:\n    - id: a\n      uses: exec\n      params: {{run: 'echo {name} > \"$NEXA_OUT/x\"'}}\n      out: artifacts/a\n"
+    );
+    let mut req = tonic::Request::new(v1::SubmitRequest {
+        pipeline_yaml: yaml,
+        file_name: format!("{name}.yaml"),
+        ..Default::default()
+    });
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", common::mesh::TOKEN)
+            .parse()
+            .expect("header"),
+    );
+    c.submit(req).await.map(|_| ())
+}
+
+/// Defect 2: the data disk fills. The coordinator stops taking work below its floor
+/// (refused, `/readyz` 503, the floor in the metrics), is SIGKILLed, started on the full
+/// disk, the space freed, started again: three times over. The store is never dead, the
+/// run from before is still there, and new work runs once space is back.
+#[test]
+fn a_full_disk_refuses_new_work_and_never_kills_the_store() {
+    let p = Project::new();
+    let disk = Tmpfs::mount(&p.path().join("disk"), "48m");
+    let data = disk.0.clone();
+    let listen = common::mesh::fixed_listen();
+    let flags = [
+        "--open-enrolment",
+        "--min-free",
+        "8MiB",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
+    let mut coord = try_start(&data, &listen, &flags).expect("starts on an empty disk");
+    let url = coord.url("http");
+    let _w = common::mesh::Worker::start(&url, &p.path().join("w"), 1, None, &[]);
+    p.write(
+        "before.yaml",
+        "pipeline:\n  name: before\n  steps:\n    - id: a\n      uses: exec\n      params: {run: 'echo kept > \"$NEXA_OUT/x\"'}\n      out: artifacts/a\n",
+    );
+    let out = remote(&p, &coord, &["pipeline", "run", "before.yaml"])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", text(&out));
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    for round in 0..3 {
+        disk.fill("fill");
+        // Below the floor: not ready, the floor in the metrics, and work refused.
+        wait_for("readyz to turn 503", Duration::from_secs(10), || {
+            coord.http_get("/readyz").0 == 503
+        });
+        let (_, metrics) = coord.http_get("/metrics");
+        assert!(metrics.contains("\nnexa_disk_low 1"), "{metrics}");
+        assert!(
+            metrics.contains("\nnexa_disk_floor_bytes 8388608"),
+            "{metrics}"
+        );
+        let e = rt
+            .block_on(raw_submit(&url, &format!("during{round}")))
+            .expect_err("nothing is acknowledged below the floor");
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        assert!(e.message().contains("under its floor"), "{}", e.message());
+        // Killed, and started again on the full disk: it may refuse to start, but it
+        // must not damage the store.
+        coord.sigkill();
+        let on_full = try_start(&data, &listen, &flags);
+        // Either it refuses to start (its store cannot open with no space: a clear error
+        // and exit), or it starts and is not ready.
+        if let Some(mut c) = on_full {
+            let log = || std::fs::read_to_string(data.with_extension("log")).unwrap_or_default();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(Some(status)) = c.child.try_wait() {
+                    assert!(!status.success());
+                    assert!(log().contains("No space left on device"), "{}", log());
+                    break;
+                }
+                let ready = std::panic::catch_unwind(|| c.http_get("/readyz").0);
+                if ready.ok() == Some(503) {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "{}", log());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            c.sigkill();
+        }
+        std::fs::remove_file(data.join("fill")).expect("free space");
+        coord = try_start(&data, &listen, &flags).unwrap_or_else(|| {
+            panic!(
+                "round {round}: the coordinator does not start once space is back:\n{}",
+                std::fs::read_to_string(data.with_extension("log")).unwrap_or_default()
+            )
+        });
+        wait_for("readyz to turn 200", Duration::from_secs(10), || {
+            coord.http_get("/readyz").0 == 200
+        });
+        let st = remote_status(&p, &coord, "before.yaml");
+        assert_eq!(step(&st, "a")["status"], "COMPLETE", "round {round}: {st}");
+        // New work runs again.
+        let name = format!("after{round}");
+        p.write(
+            &format!("{name}.yaml"),
+            &format!("pipeline:\n  name: {name}\n  steps:\n    - id: a\n      uses: exec\n      params: {{run: 'echo {round} > \"$NEXA_OUT/x\"'}}\n      out: artifacts/a\n"),
+        );
+        let out = remote(&p, &coord, &["pipeline", "run", &format!("{name}.yaml")])
+            .output()
+            .expect("run");
+        assert!(out.status.success(), "round {round}: {}", text(&out));
+    }
+}

@@ -7,6 +7,7 @@
 //! ([`seal_queue`]); both report back as events.
 
 pub mod certs;
+pub mod disk;
 pub mod engine;
 pub mod error;
 pub mod lineage;

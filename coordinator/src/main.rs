@@ -78,6 +78,11 @@ struct ServeArgs {
     /// workers: `replicas=N,quorum=K[,tolerance=R][,homogeneous]`.
     #[arg(long, env = "NEXA_VALIDATE")]
     validate: Option<String>,
+    /// Free space the data disk keeps, e.g. `1GiB` [default: 1GiB; `0` turns it off].
+    /// Below it the coordinator takes no new submissions, leases or uploads, and
+    /// `/readyz` answers 503, until space returns.
+    #[arg(long, env = "NEXA_MIN_FREE")]
+    min_free: Option<String>,
 }
 
 impl ServeArgs {
@@ -104,7 +109,8 @@ impl ServeArgs {
             tls_key,
             heartbeat_ms,
             unfit_grace_s,
-            validate
+            validate,
+            min_free
         );
         Ok(self)
     }
@@ -177,6 +183,10 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     };
     let mut mesh = MeshConfig::new(data_dir);
     mesh.enrol_token = enrol_token;
+    if let Some(m) = &a.min_free {
+        mesh.min_free =
+            nexa_shared::units::parse_size(m).with_context(|| format!("--min-free {m:?}"))?;
+    }
     if let Some(ms) = a.heartbeat_ms {
         mesh.heartbeat_interval = Duration::from_millis(ms.max(50));
         mesh.lease_ttl = mesh.heartbeat_interval * 3;

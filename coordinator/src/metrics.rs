@@ -45,6 +45,12 @@ pub struct Metrics {
     queue_depth: IntGauge,
     runs_active: IntGauge,
     store_bytes: IntGauge,
+    /// Free bytes on the data disk.
+    pub disk_free: IntGauge,
+    /// The free-space floor.
+    pub disk_floor: IntGauge,
+    /// 1 while the data disk is below its floor (no new work is taken).
+    pub disk_low: IntGauge,
     refused: IntCounterVec,
     replication: IntCounterVec,
     /// Seconds from a job being queued to its lease.
@@ -152,6 +158,21 @@ impl Metrics {
             queue_depth: gauge(&r, "queue_depth", "Jobs waiting for a worker")?,
             runs_active: gauge(&r, "runs_active", "Runs in progress")?,
             store_bytes: gauge(&r, "store_size_bytes", "Bytes the sled store takes on disk")?,
+            disk_free: gauge(
+                &r,
+                "disk_free_bytes",
+                "Free bytes on the data directory's disk",
+            )?,
+            disk_floor: gauge(
+                &r,
+                "disk_floor_bytes",
+                "Free bytes the data disk keeps: below it no new work is taken",
+            )?,
+            disk_low: gauge(
+                &r,
+                "disk_low",
+                "1 while the data disk is below its free-space floor",
+            )?,
             dispatch_latency: histogram(
                 &r,
                 "dispatch_latency_seconds",
@@ -228,6 +249,7 @@ struct Http {
     coord: Coordinator,
     metrics: Arc<Metrics>,
     store_size: Arc<dyn Fn() -> u64 + Send + Sync>,
+    disk: Arc<crate::disk::DiskGuard>,
 }
 
 async fn metrics_handler(
@@ -244,6 +266,10 @@ async fn metrics_handler(
         )
             .into_response();
     };
+    let to_i64 = |b: u64| i64::try_from(b).unwrap_or(i64::MAX);
+    h.metrics.disk_free.set(to_i64(h.disk.free()));
+    h.metrics.disk_floor.set(to_i64(h.disk.floor()));
+    h.metrics.disk_low.set(i64::from(h.disk.is_low()));
     let body = h
         .metrics
         .render(&snap, &refusals.counts(), replication, (h.store_size)());
@@ -257,6 +283,12 @@ async fn metrics_handler(
 async fn ready_handler(
     axum::extract::State(h): axum::extract::State<Http>,
 ) -> (axum::http::StatusCode, &'static str) {
+    if h.disk.is_low() {
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "the data disk is below its free-space floor\n",
+        );
+    }
     match tokio::time::timeout(Duration::from_secs(2), h.coord.snapshot()).await {
         Ok(Ok(_)) => (axum::http::StatusCode::OK, "ready\n"),
         _ => (
@@ -272,6 +304,7 @@ pub async fn serve_http(
     coord: Coordinator,
     metrics: Arc<Metrics>,
     store_size: Arc<dyn Fn() -> u64 + Send + Sync>,
+    disk: Arc<crate::disk::DiskGuard>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = axum::Router::new()
@@ -282,6 +315,7 @@ pub async fn serve_http(
             coord,
             metrics,
             store_size,
+            disk,
         });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)

@@ -37,14 +37,36 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// The sled implementation.
+///
+/// Two ways a full disk used to end a store for good are handled here:
+/// - sled 0.34 writes a snapshot to `snap.<lsn>.generating` and renames it when
+///   complete, but on open it takes the newest `snap.*` file, an unfinished
+///   `.generating` one included. A write cut short by a full disk (or a kill) leaves one
+///   behind, and every later open fails with "empty/corrupt snapshot file found".
+///   Unfinished snapshots are never valid, so [`SledStore::open`] removes them first;
+///   sled then starts from the last complete snapshot and replays its log.
+/// - After one I/O error (ENOSPC, say) sled refuses every later operation until it is
+///   reopened. A failed operation here drops the handle, and the next operation opens
+///   the store again, so a coordinator whose disk filled and emptied carries on without
+///   a restart. What failed was reported as failed, never acknowledged.
 pub struct SledStore {
-    db: sled::Db,
+    path: std::path::PathBuf,
+    db: std::sync::RwLock<Option<sled::Db>>,
 }
 
 impl SledStore {
     /// Opens (or creates) the store at `path`. A lock held by a store that is still
     /// closing (sled's flusher outlives the handle briefly) is waited for up to 1 s.
     pub fn open(path: &Path) -> Result<Self> {
+        let db = Self::open_db(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            db: std::sync::RwLock::new(Some(db)),
+        })
+    }
+
+    fn open_db(path: &Path) -> Result<sled::Db> {
+        remove_unfinished_snapshots(path);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
         loop {
             match Self::open_once(path) {
@@ -56,8 +78,8 @@ impl SledStore {
         }
     }
 
-    fn open_once(path: &Path) -> Result<Self> {
-        let db = sled::Config::new()
+    fn open_once(path: &Path) -> Result<sled::Db> {
+        sled::Config::new()
             .path(path)
             .mode(sled::Mode::HighThroughput)
             // sled's default page cache is 1 GiB; step records are small and read back
@@ -75,54 +97,117 @@ impl SledStore {
                     Error::StoreLocked(path.display().to_string())
                 }
                 other => Error::Store(format!("open {}: {other}", path.display())),
-            })?;
-        Ok(Self { db })
+            })
+    }
+
+    /// Runs `f` on the open store, opening it first if a failure closed it. An I/O
+    /// failure closes it, so that the next call starts from what is on disk.
+    fn with<T>(&self, f: impl FnOnce(&sled::Db) -> sled::Result<T>) -> Result<T> {
+        {
+            let g = self.db.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(db) = g.as_ref() {
+                return match f(db) {
+                    Ok(v) => Ok(v),
+                    Err(e) => {
+                        drop(g);
+                        Err(self.failed(e))
+                    }
+                };
+            }
+        }
+        let mut g = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            *g = Some(Self::open_db(&self.path)?);
+            tracing::info!(path = %self.path.display(), "store reopened after a failure");
+        }
+        let Some(db) = g.as_ref() else {
+            return Err(Error::Store("the store is closed".into()));
+        };
+        f(db).map_err(|e| {
+            let err = Error::Store(e.to_string());
+            if matches!(e, sled::Error::Io(_) | sled::Error::Corruption { .. }) {
+                *g = None;
+            }
+            err
+        })
+    }
+
+    /// Closes the store after an I/O failure (sled refuses everything after one).
+    fn failed(&self, e: sled::Error) -> Error {
+        if matches!(e, sled::Error::Io(_) | sled::Error::Corruption { .. }) {
+            tracing::error!(error = %e, path = %self.path.display(), "store failed; it is reopened on next use");
+            let mut g = self.db.write().unwrap_or_else(|p| p.into_inner());
+            *g = None;
+        }
+        Error::Store(e.to_string())
     }
 
     /// Bytes on disk.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.with(|db| db.size_on_disk()).unwrap_or(0)
+    }
+}
+
+/// Removes sled snapshots that were never finished (see [`SledStore`]).
+fn remove_unfinished_snapshots(path: &Path) {
+    let Ok(dir) = std::fs::read_dir(path) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => {
+                    tracing::warn!(file = %e.path().display(), "removed an unfinished store snapshot")
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, file = %e.path().display(), "removing an unfinished store snapshot")
+                }
+            }
+        }
     }
 }
 
 impl Store for SledStore {
     fn get(&self, tree: &str, key: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self.db.open_tree(tree)?.get(key)?.map(|v| v.to_vec()))
+        self.with(|db| Ok(db.open_tree(tree)?.get(key)?.map(|v| v.to_vec())))
     }
 
     fn put_batch(&self, tree: &str, entries: &[(String, Vec<u8>)]) -> Result<()> {
-        let t = self.db.open_tree(tree)?;
-        // A one-entry batch is a plain insert: a sled batch seals a log buffer.
-        if let [(k, v)] = entries {
-            t.insert(k.as_bytes(), v.as_slice())?;
-            return Ok(());
-        }
-        let mut b = sled::Batch::default();
-        for (k, v) in entries {
-            b.insert(k.as_bytes(), v.as_slice());
-        }
-        t.apply_batch(b)?;
-        Ok(())
+        self.with(|db| {
+            let t = db.open_tree(tree)?;
+            // A one-entry batch is a plain insert: a sled batch seals a log buffer.
+            if let [(k, v)] = entries {
+                t.insert(k.as_bytes(), v.as_slice())?;
+                return Ok(());
+            }
+            let mut b = sled::Batch::default();
+            for (k, v) in entries {
+                b.insert(k.as_bytes(), v.as_slice());
+            }
+            t.apply_batch(b)
+        })
     }
 
     fn remove(&self, tree: &str, key: &str) -> Result<()> {
-        self.db.open_tree(tree)?.remove(key)?;
-        Ok(())
+        self.with(|db| db.open_tree(tree)?.remove(key).map(|_| ()))
     }
 
     fn scan_prefix(&self, tree: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
-        let t = self.db.open_tree(tree)?;
-        t.scan_prefix(prefix)
-            .map(|r| {
-                let (k, v) = r?;
-                Ok((String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
-            })
-            .collect()
+        self.with(|db| {
+            let t = db.open_tree(tree)?;
+            t.scan_prefix(prefix)
+                .map(|r| {
+                    let (k, v) = r?;
+                    Ok((String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
+                })
+                .collect()
+        })
     }
 
     fn flush(&self) -> Result<()> {
-        self.db.flush()?;
-        Ok(())
+        self.with(|db| db.flush().map(|_| ()))
     }
 
     fn compare_and_swap(
@@ -132,8 +217,10 @@ impl Store for SledStore {
         old: Option<&[u8]>,
         new: Option<&[u8]>,
     ) -> Result<bool> {
-        let t = self.db.open_tree(tree)?;
-        Ok(t.compare_and_swap(key.as_bytes(), old, new)?.is_ok())
+        self.with(|db| {
+            let t = db.open_tree(tree)?;
+            Ok(t.compare_and_swap(key.as_bytes(), old, new)?.is_ok())
+        })
     }
 }
 
@@ -301,5 +388,24 @@ mod tests {
             s.get("t", "a/2").expect("get").as_deref(),
             Some(b"two".as_slice())
         );
+    }
+
+    #[test]
+    fn an_unfinished_snapshot_left_by_a_full_disk_does_not_kill_the_store() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let path = d.path().join("db");
+        {
+            let s = SledStore::open(&path).expect("open");
+            s.put("runs", "r1", b"kept").expect("put");
+            s.flush().expect("flush");
+        }
+        // What a snapshot write cut short by ENOSPC (or a kill) leaves behind.
+        std::fs::write(path.join("snap.FFFFFFFFFFFFFFFF.generating"), b"").expect("write");
+        let s = SledStore::open(&path).expect("opens despite the unfinished snapshot");
+        assert_eq!(
+            s.get("runs", "r1").expect("get").as_deref(),
+            Some(b"kept".as_slice())
+        );
+        assert!(!path.join("snap.FFFFFFFFFFFFFFFF.generating").exists());
     }
 }

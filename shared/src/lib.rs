@@ -10,6 +10,7 @@ pub mod cache;
 pub mod dag;
 pub mod diag;
 pub mod digest;
+pub mod disk;
 pub mod error;
 pub mod handlers;
 pub mod hardware;

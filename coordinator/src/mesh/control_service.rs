@@ -137,6 +137,14 @@ impl ControlApi {
         }
     }
 
+    /// Refuses new work while the data disk is below its free-space floor.
+    fn disk_ok(&self) -> Result<(), Status> {
+        match &self.cfg.disk {
+            Some(g) => g.check().map_err(Status::unavailable),
+            None => Ok(()),
+        }
+    }
+
     fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
         let token = req
             .metadata()
@@ -294,6 +302,7 @@ impl ControlService for ControlApi {
         req: Request<Streaming<v1::BlobChunk>>,
     ) -> Result<Response<v1::PutBlobResponse>, Status> {
         self.check(&req)?;
+        self.disk_ok()?;
         let dir = self.cfg.data_dir.join("blobs");
         std::fs::create_dir_all(&dir).map_err(|e| Status::internal(e.to_string()))?;
         let mut stream = req.into_inner();
@@ -323,11 +332,10 @@ impl ControlService for ControlApi {
                     blobs += 1;
                 }
                 self.blob_path(&c.digest)?;
-                let tmp = dir.join(format!(
-                    ".tmp-{}-{}",
-                    std::process::id(),
-                    nexa_shared::job::now_ms() ^ c.size
-                ));
+                // A private name: two uploads of blobs at once never share a temp file.
+                let mut rnd = [0u8; 16];
+                rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut rnd);
+                let tmp = dir.join(format!(".tmp-{}", hex::encode(rnd)));
                 let f = std::fs::File::create(&tmp).map_err(|e| Status::internal(e.to_string()))?;
                 cur = Some((c.digest.clone(), tmp, f, blake3::Hasher::new(), 0, c.size));
             }
@@ -359,10 +367,12 @@ impl ControlService for ControlApi {
         req: Request<v1::SubmitRequest>,
     ) -> Result<Response<v1::SubmitResponse>, Status> {
         self.check(&req)?;
+        self.disk_ok()?;
         let r = req.into_inner();
         // Validate first, against a scratch root, so a bad file is refused before any copy.
         let scratch = self.cfg.data_dir.join("projects").join("_validate");
         let loaded = spec::load_str(&r.file_name, &r.pipeline_yaml, &scratch)
+            .and_then(|l| spec::check_confined_inputs(&r.file_name, &l).map(|()| l))
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let pipeline = loaded.pipeline.name.clone();
         let project = Self::project_dir(&self.cfg.data_dir, &pipeline);

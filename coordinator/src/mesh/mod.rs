@@ -35,11 +35,15 @@ pub struct MeshConfig {
     pub max_submit_bytes: usize,
     /// Where artifact traffic is counted (set by `serve_with_metrics`).
     pub metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    /// Free bytes the data disk must keep: below it no new work is taken.
+    pub min_free: u64,
+    /// The guard of that floor (set by `serve_with_metrics`).
+    pub disk: Option<std::sync::Arc<crate::disk::DiskGuard>>,
 }
 
 impl MeshConfig {
     /// Defaults for a data directory: heartbeats every 2 s, leases live 3 heartbeats
-    /// (so one late heartbeat never costs a lease), uploads up to 64 GiB per file.
+    /// (so one late heartbeat never costs a lease), uploads up to 64 GiB per file, 1 GiB kept free on the data disk.
     pub fn new(data_dir: PathBuf) -> Self {
         Self {
             data_dir,
@@ -50,6 +54,8 @@ impl MeshConfig {
             max_lease_wait: Duration::from_secs(20),
             max_submit_bytes: 64 << 20,
             metrics: None,
+            min_free: 1 << 30,
+            disk: None,
         }
     }
 }

@@ -60,6 +60,12 @@ pub async fn serve_with_metrics(
     );
     let mut cfg = cfg;
     cfg.mesh.metrics = Some(exported.clone());
+    let disk = Arc::new(crate::disk::DiskGuard::new(
+        cfg.mesh.data_dir.clone(),
+        cfg.mesh.min_free,
+    ));
+    let disk_watch = disk.clone().watch(Duration::from_secs(1));
+    cfg.mesh.disk = Some(disk.clone());
     let (coord, engine) = Coordinator::start(
         store.clone(),
         EngineConfig {
@@ -84,7 +90,7 @@ pub async fn serve_with_metrics(
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(l) = metrics {
         let size = Arc::new(move || sled.size_on_disk());
-        let http = crate::metrics::serve_http(l, coord.clone(), exported, size, async {
+        let http = crate::metrics::serve_http(l, coord.clone(), exported, size, disk, async {
             let _ = http_stopped.await;
         });
         tokio::spawn(async move {
@@ -116,6 +122,7 @@ pub async fn serve_with_metrics(
         )
         .await;
     let _ = stop_http.send(());
+    disk_watch.abort();
     coord.shutdown();
     let _ = engine.await;
     result.map_err(|e| crate::Error::Server(e.to_string()))

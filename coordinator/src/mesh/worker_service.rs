@@ -258,6 +258,12 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<v1::LeaseResponse>, Status> {
         let worker = self.worker(&req)?;
         let wait = Duration::from_millis(req.get_ref().wait_ms).min(self.cfg.max_lease_wait);
+        // Below the disk's floor nothing is leased: its outputs would have nowhere to go.
+        // The worker asks again; the jobs stay queued.
+        if self.cfg.disk.as_ref().is_some_and(|g| g.is_low()) {
+            tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
+            return Ok(Response::new(v1::LeaseResponse::default()));
+        }
         let lease = match tokio::time::timeout(wait, self.coord.lease(&worker)).await {
             Ok(Some(l)) => l,
             Ok(None) => return Err(Status::unavailable("the coordinator is shutting down")),
@@ -326,6 +332,9 @@ impl WorkerService for WorkerApi {
         req: Request<Streaming<v1::UploadChunk>>,
     ) -> Result<Response<v1::UploadResponse>, Status> {
         let worker = self.worker(&req)?;
+        if let Some(g) = &self.cfg.disk {
+            g.check().map_err(Status::unavailable)?;
+        }
         let mut stream = req.into_inner();
         let mut current: Option<Incoming> = None;
         // The attempt the last file was for, with its gate: checked once per attempt.
