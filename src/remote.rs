@@ -116,6 +116,10 @@ fn project_files(l: &Loaded, project: &Path) -> anyhow::Result<Vec<(String, Path
     Ok(out)
 }
 
+/// The largest pipeline file a submission may carry (the message limit is 64 MiB; the
+/// rest is the file list and framing).
+const MAX_PIPELINE_FILE: u64 = 60 << 20;
+
 /// Submits the pipeline at `file`, sending the files it reads, and follows the run until
 /// it ends. Returns the summary.
 pub async fn run(
@@ -126,6 +130,15 @@ pub async fn run(
     verify: bool,
     from: Option<String>,
 ) -> anyhow::Result<RunSummary> {
+    // The submission travels as one message, which the coordinator (and this client)
+    // take up to 64 MiB: say so here rather than fail with an h2 protocol error.
+    let size = std::fs::metadata(file)?.len();
+    if size > MAX_PIPELINE_FILE {
+        anyhow::bail!(
+            "{}: the pipeline file is {size} bytes; a coordinator takes pipeline files up to {MAX_PIPELINE_FILE} bytes (60 MiB)",
+            file.display()
+        );
+    }
     let mut c = Control::connect(remote).await?;
     let files = project_files(l, project)?;
     let mut hashed = Vec::with_capacity(files.len());

@@ -538,3 +538,61 @@ fn a_full_disk_refuses_new_work_and_never_kills_the_store() {
         assert!(out.status.success(), "round {round}: {}", text(&out));
     }
 }
+
+fn vm_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Defect 9: the control service's 64 MiB message limit used to be applied before the
+/// token check, so unauthenticated 63 MB Submits cost the coordinator their size each.
+/// The token is checked on the headers first now: the bodies are never read.
+#[test]
+fn unauthenticated_large_submits_cost_the_coordinator_no_memory() {
+    use nexa_proto::v1;
+    let p = Project::new();
+    let coord = Coord::open(&p.path().join("coord"));
+    let url = coord.url("http");
+    let pid = coord.child.id();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = vm_kib(pid, "VmHWM:");
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    rt.block_on(async {
+        let big = "#".repeat(60 << 20);
+        let mut calls = Vec::new();
+        for i in 0..8 {
+            let url = url.clone();
+            let yaml = big.clone();
+            calls.push(tokio::spawn(async move {
+                let mut c = v1::control_service_client::ControlServiceClient::connect(url)
+                    .await
+                    .expect("connect")
+                    .max_encoding_message_size(usize::MAX);
+                let mut req = tonic::Request::new(v1::SubmitRequest {
+                    pipeline_yaml: yaml,
+                    file_name: format!("big{i}.yaml"),
+                    ..Default::default()
+                });
+                if i % 2 == 0 {
+                    req.metadata_mut()
+                        .insert("authorization", "Bearer guess".parse().expect("header"));
+                }
+                c.submit(req).await.expect_err("refused")
+            }));
+        }
+        for c in calls {
+            let e = c.await.expect("join");
+            assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        }
+    });
+    let after = vm_kib(pid, "VmHWM:");
+    // 8 bodies of 60 MiB would be 480 MiB; allow the noise of a busy process.
+    assert!(
+        after < before + 64 * 1024,
+        "peak RSS went from {before} KiB to {after} KiB"
+    );
+}

@@ -77,6 +77,7 @@ pub async fn serve_with_metrics(
             metrics: Some(exported.clone()),
         },
     );
+    let operator_token = cfg.operator_token.clone();
     let control = ControlApi::new(
         coord.clone(),
         store,
@@ -112,10 +113,14 @@ pub async fn serve_with_metrics(
     tracing::info!(?addr, tls = cfg.tls.is_some(), "coordinator serving");
     let result = builder
         .add_service(worker_service(coord.clone(), cfg.mesh.clone()))
-        .add_service(
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             nexa_proto::v1::control_service_server::ControlServiceServer::new(control)
                 .max_decoding_message_size(cfg.mesh.max_submit_bytes),
-        )
+            move |req: tonic::Request<()>| {
+                super::control_service::check_operator_token(req.metadata(), &operator_token)
+                    .map(|()| req)
+            },
+        ))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown,
