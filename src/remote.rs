@@ -155,9 +155,11 @@ pub async fn run(
         .map_err(status_err)?
         .into_inner()
         .missing;
+    // Each missing blob once: two files with the same content are one blob.
+    let mut seen = std::collections::HashSet::new();
     let to_send: Vec<(PathBuf, String, u64)> = hashed
         .iter()
-        .filter(|h| missing.contains(&h.2))
+        .filter(|h| missing.contains(&h.2) && seen.insert(h.2.clone()))
         .map(|h| (h.1.clone(), h.2.clone(), h.3))
         .collect();
     if !to_send.is_empty() {

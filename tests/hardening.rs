@@ -596,3 +596,106 @@ fn unauthenticated_large_submits_cost_the_coordinator_no_memory() {
         "peak RSS went from {before} KiB to {after} KiB"
     );
 }
+
+/// Defect 12: a step sharded over an upstream artifact whose payload is one record file
+/// gets one record per shard (never an empty shard); two slots staging inputs at once,
+/// and two inputs with the same content under different names, stage fine; nothing is
+/// charged to the honest worker, and the run finishes.
+#[test]
+fn fan_out_over_an_artifact_and_concurrent_staging_finish_without_blaming_the_worker() {
+    let p = Project::new();
+    let coord = Coord::open(&p.path().join("coord"));
+    let url = coord.url("http");
+    let _w = common::mesh::Worker::start(&url, &p.path().join("w"), 2, None, &[]);
+    common::mesh::wait_workers(&p, &coord, 1);
+    p.write("data/one.txt", "same\n");
+    p.write("data/two.txt", "same\n");
+    p.write(
+        "f.yaml",
+        r#"pipeline:
+  name: fan
+  steps:
+    - id: a
+      uses: exec
+      params: {run: 'printf "r1\nr2\nr3\nr4\n" > "$NEXA_OUT/recs.txt"'}
+      out: artifacts/a
+    - id: b
+      uses: exec
+      in: {recs: artifacts/a}
+      shards: {over: recs, count: 6}
+      params: {run: 'wc -l < "$NEXA_IN_RECS/recs.txt" | tr -d " " > "$NEXA_OUT/n"'}
+      out: artifacts/b
+    - id: c
+      uses: exec
+      after: []
+      in: {x: data/one.txt, y: data/two.txt}
+      params: {run: 'cat "$NEXA_IN_X" "$NEXA_IN_Y" > "$NEXA_OUT/xy"'}
+      out: artifacts/c
+    - id: d
+      uses: exec
+      after: []
+      in: {x: data/two.txt, y: data/one.txt}
+      params: {run: 'cat "$NEXA_IN_X" "$NEXA_IN_Y" > "$NEXA_OUT/yx"'}
+      out: artifacts/d
+"#,
+    );
+    let out = remote(&p, &coord, &["pipeline", "run", "f.yaml"])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", text(&out));
+    let b = coord.data.join("projects/fan/artifacts/b");
+    let counts: Vec<String> = walk(&b)
+        .into_iter()
+        .filter(|f| f.ends_with("/n"))
+        .map(|f| std::fs::read_to_string(f).expect("read").trim().to_string())
+        .collect();
+    assert_eq!(counts, vec!["1"; 4], "one record per shard, 4 shards");
+    let st = remote_status(&p, &coord, "f.yaml");
+    for s in ["a", "b", "c", "d"] {
+        assert_eq!(step(&st, s)["status"], "COMPLETE", "{st}");
+    }
+    assert!(
+        coord.workers(&p).iter().all(|w| w["state"] == "active"),
+        "{:?}",
+        coord.workers(&p)
+    );
+}
+
+/// Defect 12, blame: a step whose command fails on every worker fails the step, but
+/// quarantines nobody, and the workers run the next pipeline.
+#[test]
+fn a_step_that_fails_everywhere_is_the_steps_fault_not_the_workers() {
+    let p = Project::new();
+    let coord = Coord::open(&p.path().join("coord"));
+    let url = coord.url("http");
+    let _w1 = common::mesh::Worker::start(&url, &p.path().join("w1"), 1, None, &[]);
+    let _w2 = common::mesh::Worker::start(&url, &p.path().join("w2"), 1, None, &[]);
+    common::mesh::wait_workers(&p, &coord, 2);
+    let mut steps = String::new();
+    for i in 0..6 {
+        steps.push_str(&format!(
+            "    - id: bad{i}\n      uses: exec\n      after: []\n      retries: {{count: 3, backoff: 10ms}}\n      params: {{run: 'exit 3'}}\n      out: artifacts/bad{i}\n"
+        ));
+    }
+    p.write(
+        "bad.yaml",
+        &format!("pipeline:\n  name: bad\n  steps:\n{steps}"),
+    );
+    let out = remote(&p, &coord, &["pipeline", "run", "bad.yaml"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success(), "{}", text(&out));
+    let workers = coord.workers(&p);
+    assert!(
+        workers.iter().all(|w| w["state"] == "active"),
+        "{workers:?}"
+    );
+    p.write(
+        "good.yaml",
+        "pipeline:\n  name: good\n  steps:\n    - id: a\n      uses: exec\n      params: {run: 'echo ok > \"$NEXA_OUT/x\"'}\n      out: artifacts/a\n",
+    );
+    let out = remote(&p, &coord, &["pipeline", "run", "good.yaml"])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", text(&out));
+}

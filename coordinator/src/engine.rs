@@ -5,6 +5,7 @@
 use crate::planner::{self, Plan, RunContext, StepPlan};
 use crate::seal_queue::{SealQueue, SealTask, keep_log};
 
+mod blame;
 mod replication;
 use crate::sealer::{self, ShardSealed};
 use crate::state::{self, ArtifactInfo, RunRecord, ShardRecord, StepRecord, StepStatus};
@@ -468,6 +469,7 @@ impl Coordinator {
             waiting: VecDeque::new(),
             next_generation: boot << 20,
             refusals: Refusals::default(),
+            blame: blame::Blame::default(),
         };
         let handle = tokio::spawn(engine.run());
         let keys = Arc::new(std::sync::RwLock::new(HashMap::new()));
@@ -811,6 +813,7 @@ impl WorkerState {
     /// Records a result: a run of failures throttles the worker (doubling each time),
     /// too many among its recent results stop it getting work (BOINC#3061).
     fn record(&mut self, ok: bool, id: &str) {
+        let was_quarantined = self.quarantined();
         self.recent.push_back(ok);
         while self.recent.len() > RECENT {
             self.recent.pop_front();
@@ -829,7 +832,7 @@ impl WorkerState {
             self.throttled_until = Some(Instant::now() + pause);
             tracing::warn!(worker = %id, failures = self.consecutive_failures, pause_s = pause.as_secs(), "worker throttled after failures in a row");
         }
-        if self.quarantined() {
+        if self.quarantined() && !was_quarantined {
             tracing::warn!(worker = %id, "worker quarantined: too many recent failures; an operator must re-activate it");
         }
     }
@@ -916,6 +919,8 @@ struct Engine {
     waiting: VecDeque<(String, oneshot::Sender<Option<Lease>>)>,
     next_generation: u64,
     refusals: Refusals,
+    /// Whose fault failed jobs are.
+    blame: blame::Blame,
 }
 
 /// `YYYYMMDDTHHMMSS-xxxx` (UTC): sortable by start time, unique enough per process.
@@ -1985,7 +1990,10 @@ impl Engine {
             self.job_failed(&result.job_id, "cancelled".into(), false);
             return;
         }
-        if matches!(result.outcome, Outcome::Failed | Outcome::TimedOut) {
+        if matches!(result.outcome, Outcome::Failed | Outcome::TimedOut)
+            && let Some(j) = self.jobs.get(&result.job_id)
+            && self.blame.job_failed(worker, (j.run_id.clone(), j.step))
+        {
             self.record_outcome(worker, false);
         }
         if let Some(m) = &self.config.metrics {
@@ -2109,8 +2117,16 @@ impl Engine {
             run.in_flight -= 1;
         }
         let pending_credit = job.pending_credit;
+        // Only a wrong result is the worker's fault here; a seal that failed for the
+        // coordinator's own reasons (its disk) is not.
+        let worker_fault = res.as_ref().err().is_some_and(|e| {
+            e.contains("does not match the signed manifest")
+                || e.contains("result names unknown output")
+        });
         if let Some(w) = job.worker.clone() {
-            self.record_outcome(&w, res.is_ok());
+            if res.is_ok() || worker_fault {
+                self.record_outcome(&w, res.is_ok());
+            }
             if res.is_ok()
                 && let Some(c) = pending_credit
                 && let Some(ws) = self.workers.get_mut(&w)
@@ -2470,6 +2486,7 @@ impl Engine {
             return;
         };
         self.granted.remove(run_id);
+        self.blame.run_finished(run_id);
         let outcome = if run.cancelled
             || run
                 .records

@@ -99,6 +99,14 @@ pub fn split(input: &Path, count: u32, dest: &Path) -> Result<Split> {
         Format::Dir => split_dir(input, count, &tmp)?,
         _ => split_records(input, format, count, &tmp, &ext)?,
     };
+    // A shard is never empty: with fewer records than shards, the empty parts (always
+    // the last ones) are dropped. An empty input keeps one empty part, so the step
+    // still runs once.
+    while parts.len() > 1 && parts.last().is_some_and(|p| p.records == 0) {
+        if let Some(p) = parts.pop() {
+            let _ = fs::remove_dir_all(&p.path).or_else(|_| fs::remove_file(&p.path));
+        }
+    }
     for p in &mut parts {
         let (d, _, _) = digest::hash_path(&p.path)?;
         p.digest = d;
@@ -184,7 +192,35 @@ fn split_records(
 }
 
 fn split_dir(input: &Path, count: u32, tmp: &Path) -> Result<Vec<Part>> {
-    let files = digest::list_files(input, &[])?;
+    // A sealed artifact's content is its payload: never its meta.json or COMPLETE.
+    let files = crate::artifact::input_files(input)?;
+    // A directory holding one record file (an upstream artifact's payload, typically)
+    // splits that file's records: each part is a directory with the same file name
+    // holding a slice of them.
+    if let [(rel, src, _)] = files.as_slice()
+        && count > 1
+    {
+        let format = Format::detect(src);
+        let inner = tmp.join(".records");
+        fs::create_dir_all(&inner).ctx("create", &inner)?;
+        let ext = src
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(|e| format!(".{e}"))
+            .unwrap_or_default();
+        let mut parts = split_records(src, format, count, &inner, &ext)?;
+        for p in &mut parts {
+            let dir = tmp.join(part_name(p.index));
+            let to = dir.join(rel);
+            if let Some(parent) = to.parent() {
+                fs::create_dir_all(parent).ctx("create", parent)?;
+            }
+            fs::rename(&p.path, &to).ctx("rename", &p.path)?;
+            p.path = dir;
+        }
+        fs::remove_dir_all(&inner).ctx("remove", &inner)?;
+        return Ok(parts);
+    }
     let sizes = part_sizes(files.len() as u64, count);
     let mut it = files.into_iter();
     let mut parts = Vec::new();
@@ -269,5 +305,45 @@ mod tests {
         assert_eq!(s.format, Format::Dir);
         assert!(s.parts[0].path.join("a").is_file() && s.parts[0].path.join("b").is_file());
         assert!(s.parts[1].path.join("c").is_file());
+    }
+
+    #[test]
+    fn a_directory_of_one_record_file_splits_its_records_and_no_shard_is_empty() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let input = d.path().join("artifact");
+        fs::create_dir_all(&input).expect("mkdir");
+        fs::write(input.join("seqs.fasta"), ">a\nMK\n>b\nLL\n>c\nQQ\n").expect("write");
+        // Sealed, as an upstream step's artifact is: its meta.json and COMPLETE are not
+        // records.
+        fs::write(input.join("meta.json"), "{}").expect("write");
+        fs::write(input.join("COMPLETE"), "").expect("write");
+        let s = split(&input, 2, &d.path().join("s")).expect("split");
+        assert_eq!(s.format, Format::Dir);
+        assert_eq!(
+            s.parts.iter().map(|p| p.records).collect::<Vec<_>>(),
+            vec![2, 1]
+        );
+        assert_eq!(
+            fs::read_to_string(s.parts[0].path.join("seqs.fasta")).expect("read"),
+            ">a\nMK\n>b\nLL\n"
+        );
+        assert_eq!(
+            fs::read_to_string(s.parts[1].path.join("seqs.fasta")).expect("read"),
+            ">c\nQQ\n"
+        );
+        // More shards than records: only as many shards as records.
+        let s = split(&input, 8, &d.path().join("s8")).expect("split");
+        assert_eq!(s.parts.len(), 3);
+        assert!(s.parts.iter().all(|p| p.records == 1));
+        let lines = d.path().join("two.txt");
+        fs::write(&lines, "x\ny\n").expect("write");
+        let s = split(&lines, 4, &d.path().join("l4")).expect("split");
+        assert_eq!(s.parts.len(), 2);
+        assert!(!d.path().join("l4/part-00002.txt").exists());
+        // An empty input still has one (empty) part.
+        let empty = d.path().join("empty.txt");
+        fs::write(&empty, "").expect("write");
+        let s = split(&empty, 4, &d.path().join("e")).expect("split");
+        assert_eq!(s.parts.len(), 1);
     }
 }

@@ -42,23 +42,31 @@ impl Cas {
             name: input.name.clone(),
             reason,
         };
-        let tmp_dir = self.root.join(format!(
-            ".tmp-{}-{}",
-            dir.file_name().and_then(|n| n.to_str()).unwrap_or("x"),
-            std::process::id() as u64 * 1_000_003 + nexa_shared::job::now_ms() % 1_000_003
-        ));
+        // A private temp directory inside the entry's digest directory: two slots
+        // staging at once never share it, and the final rename stays on one file system.
+        let mut rnd = [0u8; 16];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut rnd);
+        let tmp_dir = dir.join(format!(".tmp-{}", hex::encode(rnd)));
         let tmp_path = tmp_dir.join(path.file_name().unwrap_or_default());
         tokio::fs::create_dir_all(&tmp_dir)
             .await
             .map_err(|e| stage_err(format!("create {}: {e}", tmp_dir.display())))?;
-        link.fetch_input(input, &tmp_path)
-            .await
-            .map_err(&stage_err)?;
+        if let Err(e) = link.fetch_input(input, &tmp_path).await {
+            let _ = tokio::fs::remove_dir_all(&tmp_dir).await;
+            return Err(stage_err(e));
+        }
         let check = tmp_path.clone();
-        let (got, _, _) = tokio::task::spawn_blocking(move || digest::hash_path(&check))
+        let hashed = tokio::task::spawn_blocking(move || digest::hash_path(&check))
             .await
-            .map_err(|e| stage_err(e.to_string()))?
-            .map_err(|e| stage_err(e.to_string()))?;
+            .map_err(|e| stage_err(e.to_string()))
+            .and_then(|r| r.map_err(|e| stage_err(e.to_string())));
+        let got = match hashed {
+            Ok((got, _, _)) => got,
+            Err(e) => {
+                let _ = tokio::fs::remove_dir_all(&tmp_dir).await;
+                return Err(e);
+            }
+        };
         if got != input.digest {
             let _ = tokio::fs::remove_dir_all(&tmp_dir).await;
             return Err(stage_err(format!(
@@ -67,12 +75,15 @@ impl Cas {
             )));
         }
         make_read_only(&tmp_path);
-        match tokio::fs::rename(&tmp_dir, &dir).await {
+        // Entries are keyed by digest and named by the input's own name: the same content
+        // under two names is two entries of one digest directory.
+        let renamed = tokio::fs::rename(&tmp_path, &path).await;
+        let _ = tokio::fs::remove_dir_all(&tmp_dir).await;
+        match renamed {
             Ok(()) => {}
-            Err(_) if path.exists() => {
-                // Another slot staged it first.
-                let _ = tokio::fs::remove_dir_all(&tmp_dir).await;
-            }
+            // Another slot staged the same entry first (a directory cannot be renamed
+            // over a full one): same digest, same content.
+            Err(_) if path.exists() => {}
             Err(e) => return Err(stage_err(format!("rename into cache: {e}"))),
         }
         Ok(path)
