@@ -176,6 +176,22 @@ pub enum PipelineCommand {
 
 /// Parses arguments, runs the command, returns the exit code.
 pub fn main() -> ExitCode {
+    // `nexa workers | head`: stdout closed early is how pipes end, not a crash. Rust
+    // ignores SIGPIPE, so a print then fails and panics; exit quietly instead, with the
+    // status a process killed by SIGPIPE has.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default_hook(info)
+    }));
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

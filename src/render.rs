@@ -120,9 +120,13 @@ impl Renderer {
                 delay,
                 error,
             } => {
+                let when = if delay.is_zero() {
+                    "now".to_string()
+                } else {
+                    format!("in {:.1}s", delay.as_secs_f64())
+                };
                 self.line(format!(
-                    "{job}: attempt {attempt} in {:.1}s after: {}",
-                    delay.as_secs_f64(),
+                    "{job}: attempt {attempt} {when} after: {}",
                     error.lines().last().unwrap_or("")
                 ));
             }

@@ -699,3 +699,191 @@ fn a_step_that_fails_everywhere_is_the_steps_fault_not_the_workers() {
         .expect("run");
     assert!(out.status.success(), "{}", text(&out));
 }
+
+/// Defect 11: a re-enrolment ends the old session; a banned worker can neither
+/// heartbeat nor enrol again; asking for challenges for someone else's key never voids
+/// the one they were issued.
+#[test]
+fn sessions_end_on_reenrolment_and_ban_and_challenges_cannot_be_voided() {
+    use nexa_proto::v1;
+    let p = Project::new();
+    let coord = Coord::open(&p.path().join("coord"));
+    let url = coord.url("http");
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    rt.block_on(async {
+        // A victim asks for a challenge; an attacker who read its public key asks for
+        // a thousand more for the same key. The victim's nonce still enrols.
+        let victim = nexa_shared::signing::Identity::generate();
+        let mut c = v1::worker_service_client::WorkerServiceClient::connect(url.clone())
+            .await
+            .expect("connect");
+        let ask = v1::ChallengeRequest {
+            protocol_version: nexa_proto::PROTOCOL_VERSION,
+            public_key: victim.public_key().to_vec(),
+        };
+        let nonce = c
+            .challenge(ask.clone())
+            .await
+            .expect("challenge")
+            .into_inner()
+            .nonce;
+        for _ in 0..1000 {
+            c.challenge(ask.clone()).await.expect("challenge");
+        }
+        let enrol = |nonce: Vec<u8>| v1::EnrolRequest {
+            protocol_version: nexa_proto::PROTOCOL_VERSION,
+            public_key: victim.public_key().to_vec(),
+            signature: victim.sign_enrolment(&nonce),
+            nonce,
+            name: "victim".into(),
+            slots: 1,
+            profile: None,
+            enrol_token: String::new(),
+        };
+        let first = c
+            .enrol(enrol(nonce))
+            .await
+            .expect("the victim's challenge held")
+            .into_inner();
+        // Enrolling again ends the first session.
+        let nonce = c
+            .challenge(ask.clone())
+            .await
+            .expect("challenge")
+            .into_inner()
+            .nonce;
+        let second = c.enrol(enrol(nonce)).await.expect("enrol").into_inner();
+        let hb = |token: &str| {
+            let mut req = tonic::Request::new(v1::HeartbeatRequest::default());
+            req.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {token}").parse().expect("header"),
+            );
+            req
+        };
+        let e = c
+            .heartbeat(hb(&first.session_token))
+            .await
+            .expect_err("old session");
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        c.heartbeat(hb(&second.session_token))
+            .await
+            .expect("new session works");
+        // Banned: its heartbeat is refused, its session ends, and it cannot enrol again.
+        let out = p
+            .cmd(&[
+                "--coordinator",
+                &url,
+                "--token",
+                common::mesh::TOKEN,
+                "workers",
+                "--ban",
+                &second.worker_id,
+            ])
+            .output()
+            .expect("ban");
+        assert!(out.status.success(), "{}", text(&out));
+        let e = c
+            .heartbeat(hb(&second.session_token))
+            .await
+            .expect_err("banned");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        let e = c
+            .heartbeat(hb(&second.session_token))
+            .await
+            .expect_err("session gone");
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        let nonce = c
+            .challenge(ask)
+            .await
+            .expect("challenge")
+            .into_inner()
+            .nonce;
+        let e = c.enrol(enrol(nonce)).await.expect_err("banned");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    });
+}
+
+/// Defect 13: two `nexa-worker join` with one key on one machine: no "File exists" race
+/// on the key, and the second says why it cannot share the key.
+#[test]
+fn a_second_worker_on_the_same_key_says_why_and_the_first_keeps_working() {
+    let p = Project::new();
+    let coord = Coord::open(&p.path().join("coord"));
+    let url = coord.url("http");
+    let dir = p.path().join("w");
+    let first = common::mesh::Worker::start(&url, &dir, 1, None, &[]);
+    common::mesh::wait_workers(&p, &coord, 1);
+    let out = std::process::Command::new(common::mesh::bin("nexa-worker-test"))
+        .arg("join")
+        .arg(&url)
+        .arg("--work-dir")
+        .arg(p.path().join("w2"))
+        .arg("--key")
+        .arg(dir.join("worker.key"))
+        .output()
+        .expect("second worker");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is in use by another nexa-worker"), "{err}");
+    drop(first);
+}
+
+/// Defect 13: a graceful SIGTERM with a worker long-polling and a CLI following a run
+/// stops promptly, and the coordinator restarts on the same address at once; the
+/// refusal counters survive the restart.
+#[test]
+fn sigterm_stops_promptly_and_the_counters_survive_a_restart() {
+    let p = Project::new();
+    let data = p.path().join("coord");
+    let listen = common::mesh::fixed_listen();
+    let mut coord = Coord::start(&data, &listen, &["--open-enrolment"]);
+    let url = coord.url("http");
+    let _w = common::mesh::Worker::start(&url, &p.path().join("w"), 1, None, &[]);
+    common::mesh::wait_workers(&p, &coord, 1);
+    // A refusal to count: an upload for a job nobody leased.
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    rt.block_on(async {
+        let mut raw = RawWorker::enrol(&url).await;
+        let fake = nexa_shared::job::Lease {
+            job: nexa_shared::job::JobSpec {
+                job_id: "nobody".into(),
+                ..Default::default()
+            },
+            generation: 1,
+            attempt: 1,
+            gpus: Vec::new(),
+        };
+        raw.upload(&fake, "out", "f", b"x")
+            .await
+            .expect_err("no lease");
+    });
+    wait_for("the refusal to be counted", Duration::from_secs(10), || {
+        coord.refusals(&p).get("no_lease").copied().unwrap_or(0) == 1
+    });
+    p.write(
+        "slow.yaml",
+        "pipeline:\n  name: slow\n  steps:\n    - id: a\n      uses: exec\n      params: {run: 'sleep 30'}\n      out: artifacts/a\n",
+    );
+    let mut follower = remote(&p, &coord, &["pipeline", "run", "slow.yaml"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("client");
+    std::thread::sleep(Duration::from_secs(1));
+    let t0 = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(coord.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("sigterm");
+    let status = coord.child.wait().expect("wait");
+    let took = t0.elapsed();
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(4), "graceful stop took {took:?}");
+    // Restarted on the same address right away; the counter is still there.
+    coord = Coord::start(&data, &listen, &["--open-enrolment"]);
+    assert_eq!(coord.refusals(&p).get("no_lease").copied(), Some(1));
+    let _ = follower.kill();
+    let _ = follower.wait();
+}

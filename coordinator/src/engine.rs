@@ -121,8 +121,9 @@ pub struct RunHandle {
     pub progress: mpsc::UnboundedReceiver<Progress>,
 }
 
-/// Counters of refused results, by reason.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// Counters of refused results, by reason. Kept in the store, so they survive restarts.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Refusals {
     /// A stale lease generation (expired, reassigned or already reported).
     pub stale: u64,
@@ -203,7 +204,7 @@ pub enum Event {
         String,
         Vec<(String, u64)>,
         Option<Box<Profile>>,
-        oneshot::Sender<Vec<(String, u64)>>,
+        oneshot::Sender<Option<Vec<(String, u64)>>>,
     ),
     /// Is `(job, generation)` leased to this worker right now? Uploads and input fetches
     /// are served only for live leases.
@@ -445,7 +446,19 @@ impl Coordinator {
                 HashMap::new()
             }
         };
+        let refusals: Refusals = match store.get(META_TREE, REFUSALS_KEY) {
+            Ok(Some(b)) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "reading the refusal counters; starting from zero");
+                Refusals::default()
+            }),
+            Ok(None) => Refusals::default(),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "reading the refusal counters; starting from zero");
+                Refusals::default()
+            }
+        };
         let engine = Engine {
+            saved_refusals: refusals,
             dirty_runs: Vec::new(),
             dirty_workers: Default::default(),
             votes: HashMap::new(),
@@ -468,7 +481,7 @@ impl Coordinator {
             queue: VecDeque::new(),
             waiting: VecDeque::new(),
             next_generation: boot << 20,
-            refusals: Refusals::default(),
+            refusals,
             blame: blame::Blame::default(),
         };
         let handle = tokio::spawn(engine.run());
@@ -506,12 +519,13 @@ impl Coordinator {
 
     /// A worker's heartbeat: it runs these `(job, generation)`; returns those it must
     /// kill, with their generations.
+    /// `None` when the worker is banned (its heartbeat is refused).
     pub async fn heartbeat(
         &self,
         worker: &str,
         running: Vec<(String, u64)>,
         profile: Option<Profile>,
-    ) -> Result<Vec<(String, u64)>> {
+    ) -> Result<Option<Vec<(String, u64)>>> {
         let (tx, rx) = oneshot::channel();
         self.send(Event::Heartbeat(
             worker.to_string(),
@@ -549,6 +563,13 @@ impl Coordinator {
             tx,
         ))?;
         rx.await.map_err(|_| Error::ShutDown)
+    }
+
+    /// Whether the operator banned `worker`.
+    pub async fn is_banned(&self, worker: &str) -> bool {
+        self.list_workers()
+            .await
+            .is_ok_and(|ws| ws.iter().any(|w| w.id == worker && w.state == "banned"))
     }
 
     /// Cancels a run: queued jobs are dropped, running ones killed, state saved.
@@ -921,7 +942,14 @@ struct Engine {
     refusals: Refusals,
     /// Whose fault failed jobs are.
     blame: blame::Blame,
+    /// The refusal counters as last written to the store.
+    saved_refusals: Refusals,
 }
+
+/// The store tree of the engine's own counters.
+const META_TREE: &str = "meta";
+/// The refusal counters' key in it.
+const REFUSALS_KEY: &str = "refusals";
 
 /// `YYYYMMDDTHHMMSS-xxxx` (UTC): sortable by start time, unique enough per process.
 fn new_run_id() -> String {
@@ -1003,7 +1031,12 @@ impl Engine {
                 self.dispatch();
             }
             Event::Heartbeat(worker, running, profile, reply) => {
-                let _ = reply.send(self.on_heartbeat(&worker, &running, profile));
+                let banned = self
+                    .workers
+                    .get(&worker)
+                    .is_some_and(|w| w.admin == AdminState::Ban);
+                let answer = (!banned).then(|| self.on_heartbeat(&worker, &running, profile));
+                let _ = reply.send(answer);
             }
             Event::LeaseLive(worker, job, generation, reply) => {
                 let check = match self.jobs.get(&job) {
@@ -1322,6 +1355,15 @@ impl Engine {
     /// rewrites the mirrors that are due. Runs after each burst of events, so a busy
     /// coordinator writes once per burst rather than once per change.
     fn flush_dirty(&mut self) {
+        if self.refusals != self.saved_refusals {
+            let saved = serde_json::to_vec(&self.refusals)
+                .map_err(crate::Error::from)
+                .and_then(|b| self.store.put(META_TREE, REFUSALS_KEY, &b));
+            match saved {
+                Ok(()) => self.saved_refusals = self.refusals,
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "saving the refusal counters"),
+            }
+        }
         if !self.dirty_workers.is_empty() {
             let recs: Vec<state::WorkerRecord> = std::mem::take(&mut self.dirty_workers)
                 .iter()
@@ -1946,7 +1988,13 @@ impl Engine {
             || job.worker.as_deref() != Some(worker)
         {
             self.refusals.stale += 1;
-            tracing::warn!(job = %result.job_id, worker, generation = result.generation, current = job.generation, "refused result from a stale lease generation");
+            if job.state != JobState::Leased {
+                tracing::warn!(job = %result.job_id, worker, generation = result.generation, "refused result: its lease expired or ended before it arrived");
+            } else if job.generation != result.generation {
+                tracing::warn!(job = %result.job_id, worker, generation = result.generation, current = job.generation, "refused result from a stale lease generation");
+            } else {
+                tracing::warn!(job = %result.job_id, worker, generation = result.generation, "refused result: the job is leased to another worker");
+            }
             return;
         }
         // The job no longer runs on the worker, whatever the result says.

@@ -127,7 +127,8 @@ async fn untrusted_results_are_refused_and_counted() {
             None,
         )
         .await
-        .expect("heartbeat");
+        .expect("heartbeat")
+        .expect("not banned");
     assert_eq!(kill, vec![(l1.job.job_id.clone(), l1.generation)]);
 
     // 2. A result for the old generation (a late or replayed answer) is refused.

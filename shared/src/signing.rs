@@ -78,18 +78,33 @@ impl Identity {
                 use std::io::Write;
                 use std::os::unix::fs::OpenOptionsExt;
                 let id = Self::generate();
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).ctx("create", dir)?;
-                }
+                let dir = path.parent().unwrap_or(Path::new("."));
+                std::fs::create_dir_all(dir).ctx("create", dir)?;
+                // Written whole under a private name, then linked into place (atomic, and
+                // refused if the name exists): two processes creating the key at once
+                // both end up with the one that won, never a partial or a "File exists".
+                let tmp = dir.join(format!(
+                    ".{}.{}.tmp",
+                    path.file_name().and_then(|n| n.to_str()).unwrap_or("key"),
+                    hex::encode(Self::generate().public_key())
+                ));
                 let mut f = std::fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .mode(0o600)
-                    .open(path)
-                    .ctx("create", path)?;
-                f.write_all(&id.key.to_bytes()).ctx("write", path)?;
-                f.sync_all().ctx("fsync", path)?;
-                Ok(id)
+                    .open(&tmp)
+                    .ctx("create", &tmp)?;
+                f.write_all(&id.key.to_bytes()).ctx("write", &tmp)?;
+                f.sync_all().ctx("fsync", &tmp)?;
+                let linked = std::fs::hard_link(&tmp, path);
+                let _ = std::fs::remove_file(&tmp);
+                match linked {
+                    Ok(()) => Ok(id),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        Self::load_or_create(path)
+                    }
+                    Err(e) => Err(Error::io("create", path, e)),
+                }
             }
             Err(e) => Err(Error::io("read", path, e)),
         }
@@ -209,5 +224,20 @@ mod tests {
         assert_eq!(a.public_key(), b.public_key());
         let mode = std::fs::metadata(&p).expect("stat").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn processes_creating_the_key_at_once_all_get_the_same_one() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("worker.key");
+        let keys: Vec<[u8; 32]> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..16)
+                .map(|_| s.spawn(|| Identity::load_or_create(&p).expect("no race").public_key()))
+                .collect();
+            hs.into_iter().map(|h| h.join().expect("join")).collect()
+        });
+        assert!(keys.iter().all(|k| *k == keys[0]));
+        let left: Vec<_> = std::fs::read_dir(d.path()).expect("dir").collect();
+        assert_eq!(left.len(), 1, "no temp files left: {left:?}");
     }
 }

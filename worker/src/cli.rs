@@ -97,12 +97,56 @@ fn default_key_path() -> PathBuf {
     base.join("nexa").join("worker.key")
 }
 
+/// `<key>.lock` beside the key.
+fn lock_path_of(key: &std::path::Path) -> PathBuf {
+    let mut s = key.as_os_str().to_owned();
+    s.push(".lock");
+    PathBuf::from(s)
+}
+
+/// Takes an exclusive lock on `path` (created), failing with `busy()` if another process
+/// holds it. The kernel releases it when the process dies, even by SIGKILL.
+fn lock_exclusive(
+    path: &std::path::Path,
+    busy: impl FnOnce() -> String,
+) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("open {}: {e}", path.display()))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        match errno {
+            nix::errno::Errno::EWOULDBLOCK => anyhow::anyhow!(busy()),
+            e => anyhow::anyhow!("lock {}: {e}", path.display()),
+        }
+    })
+}
+
 fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
     use crate::remote::{Enrolment, GrpcLink};
     use std::sync::Arc;
     std::fs::create_dir_all(&a.work_dir)?;
     let work_dir = std::path::absolute(&a.work_dir)?;
     let key_path = a.key.unwrap_or_else(default_key_path);
+    // One worker process per key and per work dir: a second one would share the first's
+    // identity (and sessions) and reap its jobs as orphans. Held until the process ends.
+    let _key_lock = lock_exclusive(&lock_path_of(&key_path), || {
+        format!(
+            "the key {} is in use by another nexa-worker on this machine; give this one its own with --key and --work-dir",
+            key_path.display()
+        )
+    })?;
+    let _dir_lock = lock_exclusive(&work_dir.join(".lock"), || {
+        format!(
+            "the work dir {} is in use by another nexa-worker; give this one its own with --work-dir",
+            work_dir.display()
+        )
+    })?;
     let identity = Arc::new(nexa_shared::signing::Identity::load_or_create(&key_path)?);
     let mut profile = crate::profile::profile_with(&work_dir, true, allow_fake_gpus);
     let gpus_filter = parse_gpu_filter(&a.gpus)?;

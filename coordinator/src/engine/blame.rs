@@ -3,7 +3,7 @@
 //! A job's own failure (its command exits non-zero, times out, or its input cannot be
 //! staged) is the step's fault when the same step has failed on another worker too, and
 //! is charged to a worker only when that worker's failures follow it across steps (two
-//! or more distinct steps among its recent failures). Results that are wrong (a bad
+//! or more distinct steps among its recent failures that failed on no other worker). Results that are wrong (a bad
 //! signature, uploads that do not match the signed manifest, a replica outvoted) are
 //! always the worker's: they are charged directly, not through here. So a pipeline that
 //! fails everywhere never quarantines honest volunteers, and a broken host still is.
@@ -39,8 +39,18 @@ impl Blame {
         if elsewhere {
             return false;
         }
-        let distinct: HashSet<&StepKey> = mine.iter().collect();
-        distinct.len() >= 2
+        // Evidence against the worker: the distinct steps of its recent failures that
+        // failed nowhere else.
+        let failed_on = &self.failed_on;
+        let only_here: HashSet<&StepKey> = mine
+            .iter()
+            .filter(|k| {
+                failed_on
+                    .get(*k)
+                    .is_none_or(|ws| ws.iter().all(|w| w == worker))
+            })
+            .collect();
+        only_here.len() >= 2
     }
 
     /// Forgets a finished run's steps.

@@ -261,6 +261,35 @@ impl ControlApi {
     }
 }
 
+/// Sends a run's past events, then its live ones, until it finishes or the watcher goes.
+async fn relay(
+    history: Vec<v1::RunEvent>,
+    live: &mut broadcast::Receiver<v1::RunEvent>,
+    tx: &tokio::sync::mpsc::Sender<Result<v1::RunEvent, Status>>,
+) {
+    let mut done = false;
+    for e in history {
+        done |= e.kind == v1::RunEventKind::Finished as i32;
+        if tx.send(Ok(e)).await.is_err() {
+            return;
+        }
+    }
+    while !done {
+        match live.recv().await {
+            Ok(e) => {
+                done = e.kind == v1::RunEventKind::Finished as i32;
+                if tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(skipped = n, "a watcher fell behind");
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
 /// Checks the operator token in `metadata`. The server also runs this as an interceptor,
 /// on the headers alone, so a caller without the token is refused before a byte of its
 /// request body is read (a 63 MB unauthenticated Submit costs nothing).
@@ -437,26 +466,14 @@ impl ControlService for ControlApi {
             (feed.history.clone(), feed.live.subscribe())
         };
         let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let cfg = self.cfg.clone();
         tokio::spawn(async move {
-            let mut done = false;
-            for e in history {
-                done |= e.kind == v1::RunEventKind::Finished as i32;
-                if tx.send(Ok(e)).await.is_err() {
-                    return;
-                }
-            }
-            while !done {
-                match live.recv().await {
-                    Ok(e) => {
-                        done = e.kind == v1::RunEventKind::Finished as i32;
-                        if tx.send(Ok(e)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(skipped = n, "a watcher fell behind");
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
+            // A stopping coordinator ends the stream (UNAVAILABLE: the CLI reconnects to
+            // the restarted one) rather than hold its shutdown until the run ends.
+            tokio::select! {
+                () = relay(history, &mut live, &tx) => {}
+                () = cfg.stopped() => {
+                    let _ = tx.send(Err(Status::unavailable("the coordinator is shutting down"))).await;
                 }
             }
         });

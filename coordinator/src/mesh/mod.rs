@@ -39,6 +39,21 @@ pub struct MeshConfig {
     pub min_free: u64,
     /// The guard of that floor (set by `serve_with_metrics`).
     pub disk: Option<std::sync::Arc<crate::disk::DiskGuard>>,
+    /// Turns true when the server starts shutting down: long-polls and watch streams end
+    /// then, so a graceful stop takes no longer than the calls in progress need.
+    pub stopping: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+impl MeshConfig {
+    /// Resolves when the server starts shutting down (never, without a signal).
+    pub async fn stopped(&self) {
+        match self.stopping.clone() {
+            Some(mut rx) => {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+            None => std::future::pending().await,
+        }
+    }
 }
 
 impl MeshConfig {
@@ -56,6 +71,7 @@ impl MeshConfig {
             metrics: None,
             min_free: 1 << 30,
             disk: None,
+            stopping: None,
         }
     }
 }

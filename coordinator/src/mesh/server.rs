@@ -66,6 +66,13 @@ pub async fn serve_with_metrics(
     ));
     let disk_watch = disk.clone().watch(Duration::from_secs(1));
     cfg.mesh.disk = Some(disk.clone());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    cfg.mesh.stopping = Some(stop_rx);
+    let shutdown = async move {
+        shutdown.await;
+        // Long-polling leases and watch streams end now instead of holding the stop.
+        let _ = stop_tx.send(true);
+    };
     let (coord, engine) = Coordinator::start(
         store.clone(),
         EngineConfig {

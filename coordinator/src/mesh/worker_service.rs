@@ -23,8 +23,19 @@ const CHALLENGE_TTL: Duration = Duration::from_secs(60);
 /// Size of the pieces inputs are streamed in.
 const CHUNK: usize = 1 << 20;
 
-/// A challenge nonce and when it was issued.
+/// The key a challenge nonce was issued for, and when.
 type IssuedChallenge = ([u8; 32], Instant);
+
+/// The most challenges outstanding at once; past it new ones are refused until some
+/// expire (issued ones are never voided by newer ones).
+const MAX_CHALLENGES: usize = 65_536;
+
+/// A session: its worker and when it was last used.
+#[derive(Debug, Clone)]
+struct Session {
+    worker: String,
+    used: Instant,
+}
 
 /// The worker service's state.
 #[derive(Debug)]
@@ -32,7 +43,7 @@ pub struct WorkerApi {
     coord: Coordinator,
     cfg: MeshConfig,
     nonces: Mutex<HashMap<[u8; 32], IssuedChallenge>>,
-    sessions: Mutex<HashMap<String, String>>,
+    sessions: Mutex<HashMap<String, Session>>,
     served: Mutex<HashMap<String, Served>>,
     /// Per worker: the digests its leases named, with the attempts that named them.
     leased_inputs: Mutex<HashMap<String, LeasedInputs>>,
@@ -91,10 +102,30 @@ impl WorkerApi {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(|| Status::unauthenticated("missing session token: enrol first"))?;
-        lock(&self.sessions)
-            .get(token)
-            .cloned()
-            .ok_or_else(|| Status::unauthenticated("unknown session: enrol again"))
+        let idle = self.session_idle();
+        let mut sessions = lock(&self.sessions);
+        match sessions.get_mut(token) {
+            Some(s) if s.used.elapsed() < idle => {
+                s.used = Instant::now();
+                Ok(s.worker.clone())
+            }
+            Some(_) => {
+                sessions.remove(token);
+                Err(Status::unauthenticated("session expired: enrol again"))
+            }
+            None => Err(Status::unauthenticated("unknown session: enrol again")),
+        }
+    }
+
+    /// How long a session lives unused: a live worker heartbeats every interval, so one
+    /// silent for many lease lifetimes is gone (it re-enrols if it comes back).
+    fn session_idle(&self) -> Duration {
+        (self.cfg.lease_ttl * 20).max(Duration::from_secs(60))
+    }
+
+    /// Ends every session of `worker` (banned, or enrolled again under a new session).
+    fn revoke_sessions(&self, worker: &str) {
+        lock(&self.sessions).retain(|_, s| s.worker != worker);
     }
 
     /// Completes one received file, counting a digest or size mismatch as a refusal.
@@ -189,8 +220,16 @@ impl WorkerService for WorkerApi {
             .map_err(|_| Status::invalid_argument("public_key must be 32 bytes"))?;
         let nonce = random32();
         let mut nonces = lock(&self.nonces);
-        nonces.retain(|_, (_, at)| at.elapsed() < CHALLENGE_TTL);
-        nonces.insert(key, (nonce, Instant::now()));
+        if nonces.len() >= MAX_CHALLENGES {
+            nonces.retain(|_, (_, at)| at.elapsed() < CHALLENGE_TTL);
+        }
+        if nonces.len() >= MAX_CHALLENGES {
+            return Err(Status::resource_exhausted(
+                "too many enrolments pending: try again shortly",
+            ));
+        }
+        // Keyed by the nonce: asking for a challenge never voids one already issued.
+        nonces.insert(nonce, (key, Instant::now()));
         Ok(Response::new(v1::ChallengeResponse {
             nonce: nonce.to_vec(),
         }))
@@ -214,11 +253,12 @@ impl WorkerService for WorkerApi {
             .as_slice()
             .try_into()
             .map_err(|_| Status::invalid_argument("public_key must be 32 bytes"))?;
-        // The nonce is single-use and must be the one this coordinator issued for this key.
-        let issued = lock(&self.nonces).remove(&key);
+        // The nonce is single-use and must be one this coordinator issued for this key.
+        let issued = <[u8; 32]>::try_from(r.nonce.as_slice())
+            .ok()
+            .and_then(|n| lock(&self.nonces).remove(&n));
         match issued {
-            Some((nonce, at))
-                if at.elapsed() < CHALLENGE_TTL && nonce.as_slice() == r.nonce.as_slice() => {}
+            Some((for_key, at)) if at.elapsed() < CHALLENGE_TTL && for_key == key => {}
             _ => {
                 return Err(Status::permission_denied(
                     "unknown or expired challenge: ask for a new one",
@@ -229,6 +269,11 @@ impl WorkerService for WorkerApi {
             .map_err(|e| Status::permission_denied(e.to_string()))?;
         let profile = Profile::from(r.profile.unwrap_or_default());
         let worker_id = hex::encode(&key[..8]);
+        if self.coord.is_banned(&worker_id).await {
+            return Err(Status::permission_denied(
+                "this worker is banned by the coordinator's operator",
+            ));
+        }
         let slots = r.slots.clamp(1, 4096);
         tracing::info!(worker = %worker_id, name = %r.name, gpus = profile.gpus.len(), slots, "worker enrolled over gRPC");
         self.coord
@@ -243,7 +288,19 @@ impl WorkerService for WorkerApi {
             )
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let token = hex::encode(random32());
-        lock(&self.sessions).insert(token.clone(), worker_id.clone());
+        {
+            // A new enrolment ends the worker's earlier sessions, and expired ones go.
+            let idle = self.session_idle();
+            let mut sessions = lock(&self.sessions);
+            sessions.retain(|_, s| s.worker != worker_id && s.used.elapsed() < idle);
+            sessions.insert(
+                token.clone(),
+                Session {
+                    worker: worker_id.clone(),
+                    used: Instant::now(),
+                },
+            );
+        }
         Ok(Response::new(v1::EnrolResponse {
             worker_id,
             session_token: token,
@@ -264,7 +321,11 @@ impl WorkerService for WorkerApi {
             tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
             return Ok(Response::new(v1::LeaseResponse::default()));
         }
-        let lease = match tokio::time::timeout(wait, self.coord.lease(&worker)).await {
+        let waited = tokio::select! {
+            r = tokio::time::timeout(wait, self.coord.lease(&worker)) => r,
+            () = self.cfg.stopped() => Ok(None),
+        };
+        let lease = match waited {
             Ok(Some(l)) => l,
             Ok(None) => return Err(Status::unavailable("the coordinator is shutting down")),
             Err(_) => return Ok(Response::new(v1::LeaseResponse::default())),
@@ -314,11 +375,17 @@ impl WorkerService for WorkerApi {
             .into_iter()
             .map(|j| (j.job_id, j.generation))
             .collect();
-        let cancel = self
+        let Some(cancel) = self
             .coord
             .heartbeat(&worker, running, r.profile.map(Profile::from))
             .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+            .map_err(|e| Status::unavailable(e.to_string()))?
+        else {
+            self.revoke_sessions(&worker);
+            return Err(Status::permission_denied(
+                "this worker is banned by the coordinator's operator",
+            ));
+        };
         Ok(Response::new(v1::HeartbeatResponse {
             cancel: cancel
                 .into_iter()
