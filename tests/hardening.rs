@@ -169,12 +169,24 @@ fn uploads_and_fetches_need_a_live_lease_and_refusals_leave_nothing() {
             .await
             .expect("upload");
         let r = holder.0.result(&lease, "out", "f", b"ok");
-        holder
+        let first = holder
+            .0
+            .client
+            .report(holder.0.authed(r.clone()))
+            .await
+            .expect("report")
+            .into_inner();
+        assert!(first.accepted, "{first:?}");
+        // The same result again is refused, and the response says so (13: `accepted`
+        // used to be always true).
+        let replay = holder
             .0
             .client
             .report(holder.0.authed(r))
             .await
-            .expect("report");
+            .expect("report")
+            .into_inner();
+        assert!(!replay.accepted && !replay.reason.is_empty(), "{replay:?}");
         // Reported: the lease is over, and with it the right to fetch its input.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let req = holder.0.authed(v1::FetchRequest { digest });

@@ -216,7 +216,12 @@ pub enum Event {
     /// A worker reports a job.
     /// A result and the verdict on its signature against the worker's enrolled key,
     /// checked by the caller so that the loop never spends time on curve arithmetic.
-    Report(String, Box<JobResult>, std::result::Result<(), String>),
+    Report(
+        String,
+        Box<JobResult>,
+        std::result::Result<(), String>,
+        Option<oneshot::Sender<std::result::Result<(), String>>>,
+    ),
     /// Planning of a step finished.
     Planned(String, usize, Plan),
     /// The first planning pass over a run finished.
@@ -539,17 +544,45 @@ impl Coordinator {
     /// Reports a job result. The signature is checked here, on the caller's thread,
     /// against the key the worker enrolled with; the loop acts on the verdict.
     pub fn report(&self, worker: &str, result: JobResult) -> Result<()> {
+        let verdict = self.verify(worker, &result);
+        self.send(Event::Report(
+            worker.to_string(),
+            Box::new(result),
+            verdict,
+            None,
+        ))
+    }
+
+    /// [`Coordinator::report`], waiting for the verdict: `Ok` when the result was
+    /// admitted (it may still fail sealing), or why it was refused.
+    pub async fn report_judged(
+        &self,
+        worker: &str,
+        result: JobResult,
+    ) -> Result<std::result::Result<(), String>> {
+        let verdict = self.verify(worker, &result);
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::Report(
+            worker.to_string(),
+            Box::new(result),
+            verdict,
+            Some(tx),
+        ))?;
+        rx.await.map_err(|_| Error::ShutDown)
+    }
+
+    /// Checks `result`'s signature against the key `worker` enrolled with.
+    fn verify(&self, worker: &str, result: &JobResult) -> std::result::Result<(), String> {
         let key = self
             .keys
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(worker)
             .copied();
-        let verdict = match key {
+        match key {
             None => Err("worker is not enrolled".to_string()),
-            Some(key) => signing::verify_result(&key, &result).map_err(|e| e.to_string()),
-        };
-        self.send(Event::Report(worker.to_string(), Box::new(result), verdict))
+            Some(key) => signing::verify_result(&key, result).map_err(|e| e.to_string()),
+        }
     }
 
     /// Whether `(job, generation)` is leased to `worker` now (and its run not cancelled).
@@ -1062,7 +1095,12 @@ impl Engine {
                 self.waiting.push_back((worker, reply));
                 self.dispatch();
             }
-            Event::Report(worker, result, verdict) => self.on_report(&worker, *result, verdict),
+            Event::Report(worker, result, verdict, reply) => {
+                let admitted = self.on_report(&worker, *result, verdict);
+                if let Some(r) = reply {
+                    let _ = r.send(admitted);
+                }
+            }
             Event::Planned(run, step, plan) => self.on_planned(&run, step, plan),
             Event::PlannedBatch(run, plans) => self.on_planned_batch(&run, plans),
             Event::Sealed(job, res) => self.on_sealed(&job, res),
@@ -1972,16 +2010,35 @@ impl Engine {
         self.dispatch();
     }
 
+    /// Takes a reported result: the verdict says whether it was admitted (it may still
+    /// fail sealing later) or refused, and why.
     fn on_report(
         &mut self,
         worker: &str,
         result: JobResult,
         verdict: std::result::Result<(), String>,
-    ) {
+    ) -> std::result::Result<(), String> {
+        if let Err(why) = self.admit(worker, &result, verdict) {
+            // Nothing of a refused result is kept.
+            cleanup_failed(None, result.staging.clone());
+            return Err(why);
+        }
+        self.accept(worker, result);
+        Ok(())
+    }
+
+    /// The checks a result must pass before anything of it is used: a live lease of
+    /// this worker, the enrolled key's signature, a run that is not cancelled.
+    fn admit(
+        &mut self,
+        worker: &str,
+        result: &JobResult,
+        verdict: std::result::Result<(), String>,
+    ) -> std::result::Result<(), String> {
         let Some(job) = self.jobs.get_mut(&result.job_id) else {
             self.refusals.unknown_job += 1;
             tracing::warn!(job = %result.job_id, worker, "refused result for an unknown or finished job");
-            return;
+            return Err("unknown or finished job".into());
         };
         if job.state != JobState::Leased
             || job.generation != result.generation
@@ -1995,7 +2052,9 @@ impl Engine {
             } else {
                 tracing::warn!(job = %result.job_id, worker, generation = result.generation, "refused result: the job is leased to another worker");
             }
-            return;
+            return Err(
+                "not this worker's live lease of the job (expired, reassigned or stale)".into(),
+            );
         }
         // The job no longer runs on the worker, whatever the result says.
         self.release(&result.job_id);
@@ -2015,7 +2074,7 @@ impl Engine {
                     "result refused: the worker is banned".into(),
                     true,
                 );
-                return;
+                return Err("the worker is banned".into());
             }
             Some(_) => verdict,
         };
@@ -2024,7 +2083,7 @@ impl Engine {
             tracing::warn!(job = %result.job_id, worker, error = %e, "refused result: bad signature");
             self.record_outcome(worker, false);
             self.job_failed(&result.job_id, format!("result refused: {e}"), true);
-            return;
+            return Err(e);
         }
         // A cancelled run seals nothing more, whatever the result says.
         let cancelled = self
@@ -2034,15 +2093,19 @@ impl Engine {
             .is_some_and(|r| r.cancelled);
         if cancelled {
             tracing::info!(job = %result.job_id, worker, outcome = ?result.outcome, "result of a cancelled run discarded");
-            cleanup_failed(None, result.staging.clone());
             self.job_failed(&result.job_id, "cancelled".into(), false);
-            return;
+            return Err("the run was cancelled".into());
         }
+        Ok(())
+    }
+
+    /// Acts on an admitted result: seal it, wait for its quorum, or fail or retry it.
+    fn accept(&mut self, worker: &str, result: JobResult) {
+        // A job's own failure is judged when the job ends (see `blame`).
         if matches!(result.outcome, Outcome::Failed | Outcome::TimedOut)
             && let Some(j) = self.jobs.get(&result.job_id)
-            && self.blame.job_failed(worker, (j.run_id.clone(), j.step))
         {
-            self.record_outcome(worker, false);
+            self.blame.attempt_failed(&j.run_id, &result.job_id, worker);
         }
         if let Some(m) = &self.config.metrics {
             let secs = result.ended_ms.saturating_sub(result.started_ms) as f64 / 1000.0;
@@ -2174,6 +2237,12 @@ impl Engine {
         if let Some(w) = job.worker.clone() {
             if res.is_ok() || worker_fault {
                 self.record_outcome(&w, res.is_ok());
+            }
+            if res.is_ok() {
+                // Workers that failed what this one could run are charged now.
+                for failed in self.blame.succeeded(job_id, &w) {
+                    self.record_outcome(&failed, false);
+                }
             }
             if res.is_ok()
                 && let Some(c) = pending_credit
@@ -2411,6 +2480,12 @@ impl Engine {
             return;
         }
         self.jobs.remove(job_id);
+        if let Some(w) = self.blame.gave_up(job_id) {
+            self.record_outcome(&w, false);
+        }
+        let Some(run) = self.runs.get_mut(&run_id) else {
+            return;
+        };
         let status = if run.cancelled {
             StepStatus::Cancelled
         } else {

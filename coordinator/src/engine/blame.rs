@@ -1,65 +1,70 @@
-//! Whose fault is a failed job: the step's or the worker's.
+//! Whose fault is a failed job: the job's or the worker's.
 //!
 //! A job's own failure (its command exits non-zero, times out, or its input cannot be
-//! staged) is the step's fault when the same step has failed on another worker too, and
-//! is charged to a worker only when that worker's failures follow it across steps (two
-//! or more distinct steps among its recent failures that failed on no other worker). Results that are wrong (a bad
-//! signature, uploads that do not match the signed manifest, a replica outvoted) are
-//! always the worker's: they are charged directly, not through here. So a pipeline that
-//! fails everywhere never quarantines honest volunteers, and a broken host still is.
+//! staged) is judged when the job ends, not at each attempt:
+//! - it succeeded in the end on another worker: the workers that failed it are charged
+//!   (it could run; they could not run it);
+//! - it failed on two or more distinct workers: it is the job's fault, nobody is charged;
+//! - it failed, every attempt on one worker: charged only when that worker's failures
+//!   follow it across jobs (two or more such jobs among its recent ones).
+//!
+//! Results that are wrong (a bad signature, uploads that do not match the signed
+//! manifest, an outvoted replica) are always the worker's: they are charged directly,
+//! not through here. So a pipeline that fails everywhere never quarantines honest
+//! volunteers, and a broken host still is.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-/// A step of a run.
-pub(super) type StepKey = (String, usize);
-
-/// How many of a worker's recent job failures are remembered.
+/// How many of a worker's jobs that failed only there are remembered.
 const REMEMBERED: usize = 12;
 
 /// The failure history the verdicts are drawn from.
 #[derive(Debug, Default)]
 pub(super) struct Blame {
-    /// Per step: the workers it failed on.
-    failed_on: HashMap<StepKey, HashSet<String>>,
-    /// Per worker: the steps of its recent job failures, oldest first.
-    recent: HashMap<String, VecDeque<StepKey>>,
+    /// Per job id (unfinished jobs): its run, and the workers its attempts failed on.
+    failed_on: HashMap<String, (String, HashSet<String>)>,
+    /// Per worker: the jobs that failed there and nowhere else, oldest first.
+    lone: HashMap<String, VecDeque<String>>,
 }
 
 impl Blame {
-    /// Records that `step` failed on `worker`; true when that counts against the worker.
-    pub(super) fn job_failed(&mut self, worker: &str, step: StepKey) -> bool {
-        let workers = self.failed_on.entry(step.clone()).or_default();
-        let elsewhere = workers.iter().any(|w| w != worker);
-        workers.insert(worker.to_string());
-        let mine = self.recent.entry(worker.to_string()).or_default();
-        mine.push_back(step);
+    /// Records that an attempt of `job` (of `run`) failed on `worker`.
+    pub(super) fn attempt_failed(&mut self, run: &str, job: &str, worker: &str) {
+        self.failed_on
+            .entry(job.to_string())
+            .or_insert_with(|| (run.to_string(), HashSet::new()))
+            .1
+            .insert(worker.to_string());
+    }
+
+    /// `job` succeeded on `worker`: the workers whose attempts of it failed are charged.
+    pub(super) fn succeeded(&mut self, job: &str, worker: &str) -> Vec<String> {
+        let Some((_, failed)) = self.failed_on.remove(job) else {
+            return Vec::new();
+        };
+        let mut charged: Vec<String> = failed.into_iter().filter(|w| w != worker).collect();
+        charged.sort();
+        charged
+    }
+
+    /// `job` failed for good: the worker to charge, if its failures follow it.
+    pub(super) fn gave_up(&mut self, job: &str) -> Option<String> {
+        let (_, failed) = self.failed_on.remove(job)?;
+        if failed.len() != 1 {
+            return None;
+        }
+        let worker = failed.into_iter().next()?;
+        let mine = self.lone.entry(worker.clone()).or_default();
+        mine.push_back(job.to_string());
         while mine.len() > REMEMBERED {
             mine.pop_front();
         }
-        if elsewhere {
-            return false;
-        }
-        // Evidence against the worker: the distinct steps of its recent failures that
-        // failed nowhere else.
-        let failed_on = &self.failed_on;
-        let only_here: HashSet<&StepKey> = mine
-            .iter()
-            .filter(|k| {
-                failed_on
-                    .get(*k)
-                    .is_none_or(|ws| ws.iter().all(|w| w == worker))
-            })
-            .collect();
-        only_here.len() >= 2
+        (mine.len() >= 2).then_some(worker)
     }
 
-    /// Forgets a finished run's steps.
+    /// Forgets a finished run's unfinished jobs.
     pub(super) fn run_finished(&mut self, run_id: &str) {
-        self.failed_on.retain(|(r, _), _| r != run_id);
-        for steps in self.recent.values_mut() {
-            steps.retain(|(r, _)| r != run_id);
-        }
-        self.recent.retain(|_, s| !s.is_empty());
+        self.failed_on.retain(|_, (r, _)| r != run_id);
     }
 }
 
@@ -67,34 +72,45 @@ impl Blame {
 mod tests {
     use super::*;
 
-    fn step(i: usize) -> StepKey {
-        ("run".into(), i)
+    #[test]
+    fn a_job_that_fails_on_distinct_workers_is_the_jobs_fault() {
+        let mut b = Blame::default();
+        for w in ["w1", "w2", "w1", "w3"] {
+            b.attempt_failed("r", "r/a", w);
+        }
+        assert_eq!(b.gave_up("r/a"), None);
+        b.attempt_failed("r", "r/b", "w2");
+        b.attempt_failed("r", "r/b", "w1");
+        assert_eq!(b.gave_up("r/b"), None);
     }
 
     #[test]
-    fn a_step_that_fails_on_distinct_workers_is_the_steps_fault() {
+    fn a_job_that_fails_on_one_worker_and_succeeds_on_another_charges_the_first() {
         let mut b = Blame::default();
-        // One step, retried: never charged, on one worker or on several.
-        assert!(!b.job_failed("w1", step(0)));
-        assert!(!b.job_failed("w1", step(0)));
-        assert!(!b.job_failed("w2", step(0)));
-        assert!(!b.job_failed("w3", step(0)));
-        // A second step that fails elsewhere too is not charged either.
-        assert!(!b.job_failed("w2", step(1)));
-        assert!(!b.job_failed("w1", step(1)));
+        b.attempt_failed("r", "r/a", "broken");
+        assert_eq!(b.succeeded("r/a", "good"), vec!["broken".to_string()]);
+        // Retried on the same worker and then succeeded: a flake, nobody charged.
+        b.attempt_failed("r", "r/b", "good");
+        assert!(b.succeeded("r/b", "good").is_empty());
     }
 
     #[test]
-    fn failures_that_follow_a_worker_across_steps_are_its_own() {
+    fn lone_failures_count_only_when_they_follow_the_worker() {
         let mut b = Blame::default();
-        assert!(!b.job_failed("broken", step(0)));
-        assert!(b.job_failed("broken", step(1)));
-        assert!(b.job_failed("broken", step(2)));
-        // The same steps succeed elsewhere (no failures recorded there).
-        b.run_finished("run");
-        assert!(
-            !b.job_failed("broken", step(0)),
-            "a finished run is forgotten"
+        b.attempt_failed("r", "r/a", "w");
+        assert_eq!(
+            b.gave_up("r/a"),
+            None,
+            "one job failing on the only worker tried"
+        );
+        b.attempt_failed("r", "r/b", "w");
+        assert_eq!(b.gave_up("r/b"), Some("w".to_string()));
+        b.attempt_failed("r", "r/c", "w");
+        b.run_finished("r");
+        assert_eq!(
+            b.gave_up("r/c"),
+            None,
+            "a finished run's jobs are forgotten"
         );
     }
 }

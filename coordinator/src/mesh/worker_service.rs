@@ -484,12 +484,14 @@ impl WorkerService for WorkerApi {
         let log = staging.join(".log").join("log");
         result.log = log.is_file().then_some(log);
         result.staging = Some(staging);
-        self.coord
-            .report(&worker, result)
+        let verdict = self
+            .coord
+            .report_judged(&worker, result)
+            .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(v1::ReportResponse {
-            accepted: true,
-            reason: String::new(),
+            accepted: verdict.is_ok(),
+            reason: verdict.err().unwrap_or_default(),
         }))
     }
 
