@@ -899,3 +899,36 @@ fn sigterm_stops_promptly_and_the_counters_survive_a_restart() {
     let _ = follower.kill();
     let _ = follower.wait();
 }
+
+/// Defect 13: one job's uploads are limited in total, not only per file.
+#[test]
+fn a_jobs_uploads_are_limited_in_total() {
+    let p = Project::new();
+    let coord = Coord::start(
+        &p.path().join("coord"),
+        "127.0.0.1:0",
+        &["--open-enrolment", "--max-job-output", "1MiB"],
+    );
+    let url = coord.url("http");
+    one_step(&p, "big", 0);
+    let client = remote(&p, &coord, &["pipeline", "run", "big.yaml"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("client");
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    rt.block_on(async {
+        let mut w = RawWorker::enrol(&url).await;
+        let l = w.lease(20).await;
+        let half = vec![1u8; 600 << 10];
+        w.upload(&l, "out", "a", &half)
+            .await
+            .expect("first 600 KiB");
+        let e = w
+            .upload(&l, "out", "b", &half)
+            .await
+            .expect_err("past the job's total");
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    });
+    drop(client);
+}

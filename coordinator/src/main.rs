@@ -83,6 +83,9 @@ struct ServeArgs {
     /// `/readyz` answers 503, until space returns.
     #[arg(long, env = "NEXA_MIN_FREE")]
     min_free: Option<String>,
+    /// The most one job may upload in all, e.g. `100GiB` [default: 256GiB].
+    #[arg(long, env = "NEXA_MAX_JOB_OUTPUT")]
+    max_job_output: Option<String>,
 }
 
 impl ServeArgs {
@@ -110,7 +113,8 @@ impl ServeArgs {
             heartbeat_ms,
             unfit_grace_s,
             validate,
-            min_free
+            min_free,
+            max_job_output
         );
         Ok(self)
     }
@@ -183,6 +187,10 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     };
     let mut mesh = MeshConfig::new(data_dir);
     mesh.enrol_token = enrol_token;
+    if let Some(m) = &a.max_job_output {
+        mesh.max_upload_job =
+            nexa_shared::units::parse_size(m).with_context(|| format!("--max-job-output {m:?}"))?;
+    }
     if let Some(m) = &a.min_free {
         mesh.min_free =
             nexa_shared::units::parse_size(m).with_context(|| format!("--min-free {m:?}"))?;

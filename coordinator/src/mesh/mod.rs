@@ -28,6 +28,8 @@ pub struct MeshConfig {
     pub lease_ttl: Duration,
     /// The largest output file a worker may upload.
     pub max_upload_file: u64,
+    /// The most one job (one attempt) may upload in all.
+    pub max_upload_job: u64,
     /// How long one lease call may wait for work.
     pub max_lease_wait: Duration,
     /// The largest control message (a submission: pipeline YAML plus the project files
@@ -58,7 +60,7 @@ impl MeshConfig {
 
 impl MeshConfig {
     /// Defaults for a data directory: heartbeats every 2 s, leases live 3 heartbeats
-    /// (so one late heartbeat never costs a lease), uploads up to 64 GiB per file, 1 GiB kept free on the data disk.
+    /// (so one late heartbeat never costs a lease), uploads up to 64 GiB per file and 256 GiB per job, 1 GiB kept free on the data disk.
     pub fn new(data_dir: PathBuf) -> Self {
         Self {
             data_dir,
@@ -66,6 +68,7 @@ impl MeshConfig {
             heartbeat_interval: Duration::from_secs(2),
             lease_ttl: Duration::from_secs(6),
             max_upload_file: 64 << 30,
+            max_upload_job: 256 << 30,
             max_lease_wait: Duration::from_secs(20),
             max_submit_bytes: 64 << 20,
             metrics: None,

@@ -8,14 +8,15 @@
 //! open writer anywhere: a stream that is still open when the result arrives can only
 //! reach its own part file, which is never sealed.
 //!
-//! Each stream holds the [`Gate`] of the attempt it writes for. Reporting the attempt
-//! closes the gate, and a closed gate refuses the rename, so no file enters the staging
-//! tree after the result that names its contents was taken.
+//! Each stream holds the [`Gate`] of the attempt it writes for (which also counts the
+//! attempt's bytes against the per-job limit). Reporting the attempt closes the gate, and
+//! a closed gate refuses the rename, so no file enters the staging tree after the result
+//! that names its contents was taken.
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use tonic::Status;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -26,9 +27,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Debug, Default)]
 pub(super) struct Gate {
     closed: Mutex<bool>,
+    /// Bytes declared by the files started so far.
+    declared: std::sync::atomic::AtomicU64,
 }
 
 impl Gate {
+    /// Counts a file of `size` bytes against the attempt's total `limit`.
+    pub(super) fn reserve(&self, size: u64, limit: u64) -> Result<(), Status> {
+        use std::sync::atomic::Ordering;
+        let before = self.declared.fetch_add(size, Ordering::Relaxed);
+        if before.saturating_add(size) > limit {
+            return Err(Status::resource_exhausted(format!(
+                "the job's outputs pass {limit} bytes, the most one job may upload"
+            )));
+        }
+        Ok(())
+    }
+
     /// Renames a verified part file to `dest`, unless the gate closed meanwhile.
     fn commit(&self, part: &Path, dest: &Path) -> Result<(), Status> {
         let closed = lock(&self.closed);
@@ -44,31 +59,42 @@ impl Gate {
     }
 }
 
-/// The gates of the attempts that have upload streams open, by staging directory.
+/// How many attempts' gates are kept before the oldest are forgotten (an attempt whose
+/// lease expired never reports, so its gate would stay otherwise).
+const MAX_GATES: usize = 65_536;
+
+/// The gates of the attempts that uploaded and have not reported, by staging directory.
 #[derive(Debug, Default)]
 pub(super) struct Gates {
-    open: Mutex<HashMap<PathBuf, Weak<Gate>>>,
+    open: Mutex<HashMap<PathBuf, (Arc<Gate>, std::time::Instant)>>,
 }
 
 impl Gates {
     /// The gate for `staging`, shared by every stream writing for that attempt.
     pub(super) fn open(&self, staging: &Path) -> Arc<Gate> {
         let mut open = lock(&self.open);
-        if let Some(g) = open.get(staging).and_then(Weak::upgrade) {
-            return g;
+        if let Some((g, _)) = open.get(staging) {
+            return g.clone();
         }
-        // Gates live only as long as a stream holds them.
-        open.retain(|_, g| g.strong_count() > 0);
+        if open.len() >= MAX_GATES {
+            let mut ages: Vec<std::time::Instant> = open.values().map(|(_, t)| *t).collect();
+            ages.sort_unstable();
+            let cutoff = ages[ages.len() / 2];
+            open.retain(|_, (_, t)| *t > cutoff);
+        }
         let g = Arc::new(Gate::default());
-        open.insert(staging.to_path_buf(), Arc::downgrade(&g));
+        open.insert(
+            staging.to_path_buf(),
+            (g.clone(), std::time::Instant::now()),
+        );
         g
     }
 
     /// Closes `staging`'s gate: from now on no stream can add a file to it. Removes what
     /// unfinished streams left in its part directory.
     pub(super) fn close(&self, staging: &Path) {
-        let gate = lock(&self.open).remove(staging).and_then(|g| g.upgrade());
-        if let Some(g) = gate {
+        let gate = lock(&self.open).remove(staging);
+        if let Some((g, _)) = gate {
             *lock(&g.closed) = true;
         }
         let _ = std::fs::remove_dir_all(parts_dir(staging));

@@ -447,6 +447,7 @@ impl WorkerService for WorkerApi {
                 let Some((_, staging, gate)) = attempt.as_ref() else {
                     continue;
                 };
+                gate.reserve(c.size, self.cfg.max_upload_job)?;
                 let dest = staging.join(&c.output).join(rel);
                 current = Some(Incoming::create(
                     format!("{}/{}", c.output, c.path),
