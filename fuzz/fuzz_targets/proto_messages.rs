@@ -1,0 +1,59 @@
+//! Every message the coordinator decodes from a worker or an operator, and the
+//! conversions to domain types: any bytes decode or fail, never panic.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use nexa_proto::v1;
+use prost::Message;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&which, bytes)) = data.split_first() else {
+        return;
+    };
+    match which % 12 {
+        0 => {
+            if let Ok(m) = v1::JobResult::decode(bytes) {
+                let _ = nexa_shared::job::JobResult::try_from(m);
+            }
+        }
+        1 => {
+            let _ = v1::UploadChunk::decode(bytes);
+        }
+        2 => {
+            if let Ok(m) = v1::EnrolRequest::decode(bytes) {
+                let _ = nexa_shared::hardware::Profile::from(m.profile.unwrap_or_default());
+            }
+        }
+        3 => {
+            let _ = v1::ChallengeRequest::decode(bytes);
+        }
+        4 => {
+            if let Ok(m) = v1::HeartbeatRequest::decode(bytes) {
+                let _ = m.profile.map(nexa_shared::hardware::Profile::from);
+            }
+        }
+        5 => {
+            let _ = v1::LeaseRequest::decode(bytes);
+        }
+        6 => {
+            let _ = v1::FetchRequest::decode(bytes);
+        }
+        7 => {
+            let _ = v1::SubmitRequest::decode(bytes);
+        }
+        8 => {
+            let _ = v1::BlobChunk::decode(bytes);
+        }
+        9 => {
+            if let Ok(m) = v1::Lease::decode(bytes) {
+                let _ = nexa_proto::convert::lease_from_wire(m, Vec::new());
+            }
+        }
+        10 => {
+            let _ = v1::WatchRequest::decode(bytes);
+        }
+        _ => {
+            let _ = v1::PullRequest::decode(bytes);
+        }
+    }
+});
