@@ -781,7 +781,7 @@ fn sessions_end_on_reenrolment_and_ban_and_challenges_cannot_be_voided() {
         c.heartbeat(hb(&second.session_token))
             .await
             .expect("new session works");
-        // Banned: its heartbeat is refused, its session ends, and it cannot enrol again.
+        // Banned: its heartbeats are refused, so its leases are not extended.
         let out = p
             .cmd(&[
                 "--coordinator",
@@ -800,19 +800,36 @@ fn sessions_end_on_reenrolment_and_ban_and_challenges_cannot_be_voided() {
             .await
             .expect_err("banned");
         assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
-        let e = c
-            .heartbeat(hb(&second.session_token))
-            .await
-            .expect_err("session gone");
-        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        // It may enrol again (it stays listed), but its heartbeats stay refused until an
+        // operator re-activates it.
         let nonce = c
             .challenge(ask)
             .await
             .expect("challenge")
             .into_inner()
             .nonce;
-        let e = c.enrol(enrol(nonce)).await.expect_err("banned");
+        let third = c.enrol(enrol(nonce)).await.expect("enrol").into_inner();
+        let e = c
+            .heartbeat(hb(&third.session_token))
+            .await
+            .expect_err("still banned");
         assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        let out = p
+            .cmd(&[
+                "--coordinator",
+                &url,
+                "--token",
+                common::mesh::TOKEN,
+                "workers",
+                "--activate",
+                &third.worker_id,
+            ])
+            .output()
+            .expect("activate");
+        assert!(out.status.success(), "{}", text(&out));
+        c.heartbeat(hb(&third.session_token))
+            .await
+            .expect("active again");
     });
 }
 
@@ -929,6 +946,61 @@ fn a_jobs_uploads_are_limited_in_total() {
             .await
             .expect_err("past the job's total");
         assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    });
+    drop(client);
+}
+
+/// Found by the soak: a stale attempt reporting late (after its lease expired and the
+/// same job was leased again to the same worker) must not take the inputs away from the
+/// newer lease.
+#[test]
+fn a_late_stale_report_leaves_the_newer_lease_its_inputs() {
+    use nexa_proto::v1;
+    let p = Project::new();
+    let coord = Coord::open(&p.path().join("coord"));
+    let url = coord.url("http");
+    p.write("in/data.txt", "input\n");
+    p.write(
+        "s.yaml",
+        "pipeline:\n  name: stale\n  steps:\n    - id: a\n      uses: exec\n      in: {d: in/data.txt}\n      params: {run: 'true'}\n      out: artifacts/a\n",
+    );
+    let client = remote(&p, &coord, &["pipeline", "run", "s.yaml"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("client");
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    rt.block_on(async {
+        let mut w = RawWorker::enrol(&url).await;
+        let old = w.lease(20).await;
+        // No heartbeats: the lease (900 ms) expires; w heartbeats again (running
+        // nothing, so it is back but the old lease stays expired) and gets the job again.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let hb = w.authed(v1::HeartbeatRequest::default());
+        w.client.heartbeat(hb).await.expect("heartbeat");
+        let new = w.lease(20).await;
+        assert!(new.generation > old.generation);
+        let r = w.result(&old, "out", "f", b"late");
+        let stale = w
+            .client
+            .report(w.authed(r))
+            .await
+            .expect("report")
+            .into_inner();
+        assert!(!stale.accepted);
+        let digest = new.job.inputs[0].digest.clone();
+        let req = w.authed(v1::FetchRequest { digest });
+        let mut s = w
+            .client
+            .fetch(req)
+            .await
+            .expect("the newer lease may fetch")
+            .into_inner();
+        let mut got = Vec::new();
+        while let Some(c) = tokio_stream::StreamExt::next(&mut s).await {
+            got.extend(c.expect("chunk").data);
+        }
+        assert_eq!(got, b"input\n");
     });
     drop(client);
 }

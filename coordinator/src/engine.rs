@@ -598,13 +598,6 @@ impl Coordinator {
         rx.await.map_err(|_| Error::ShutDown)
     }
 
-    /// Whether the operator banned `worker`.
-    pub async fn is_banned(&self, worker: &str) -> bool {
-        self.list_workers()
-            .await
-            .is_ok_and(|ws| ws.iter().any(|w| w.id == worker && w.state == "banned"))
-    }
-
     /// Cancels a run: queued jobs are dropped, running ones killed, state saved.
     pub fn cancel(&self, run_id: &str) -> Result<()> {
         // The loop marks the run cancelled before it signals workers, so a job's

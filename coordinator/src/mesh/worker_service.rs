@@ -123,11 +123,6 @@ impl WorkerApi {
         (self.cfg.lease_ttl * 20).max(Duration::from_secs(60))
     }
 
-    /// Ends every session of `worker` (banned, or enrolled again under a new session).
-    fn revoke_sessions(&self, worker: &str) {
-        lock(&self.sessions).retain(|_, s| s.worker != worker);
-    }
-
     /// Completes one received file, counting a digest or size mismatch as a refusal.
     async fn finish(&self, f: Incoming) -> Result<u64, Status> {
         // The digest check, the fsync and the rename into the staging tree (refused once
@@ -160,12 +155,14 @@ impl WorkerApi {
         )))
     }
 
-    /// Forgets the inputs `job`'s attempts named for `worker` (its result came in).
-    fn forget_inputs(&self, worker: &str, job: &str) {
+    /// Forgets the inputs the attempt `(job, generation)` named for `worker` (its result
+    /// came in). Only that attempt: a stale attempt reporting late must not take the
+    /// inputs away from a newer lease of the same job on the same worker.
+    fn forget_inputs(&self, worker: &str, job: &str, generation: u64) {
         let mut leased = lock(&self.leased_inputs);
         if let Some(mine) = leased.get_mut(worker) {
             mine.retain(|_, attempts| {
-                attempts.retain(|(j, _)| j != job);
+                attempts.retain(|(j, g)| !(j == job && *g == generation));
                 !attempts.is_empty()
             });
         }
@@ -269,11 +266,6 @@ impl WorkerService for WorkerApi {
             .map_err(|e| Status::permission_denied(e.to_string()))?;
         let profile = Profile::from(r.profile.unwrap_or_default());
         let worker_id = hex::encode(&key[..8]);
-        if self.coord.is_banned(&worker_id).await {
-            return Err(Status::permission_denied(
-                "this worker is banned by the coordinator's operator",
-            ));
-        }
         let slots = r.slots.clamp(1, 4096);
         tracing::info!(worker = %worker_id, name = %r.name, gpus = profile.gpus.len(), slots, "worker enrolled over gRPC");
         self.coord
@@ -381,7 +373,8 @@ impl WorkerService for WorkerApi {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?
         else {
-            self.revoke_sessions(&worker);
+            // Its leases are not extended (they expire and its jobs move); it stays
+            // enrolled, so that an operator who re-activates it gets it back at once.
             return Err(Status::permission_denied(
                 "this worker is banned by the coordinator's operator",
             ));
@@ -481,7 +474,7 @@ impl WorkerService for WorkerApi {
         let staging = self.staging(&worker, &result.job_id, result.generation);
         // From here on nothing can be added to the attempt's staging tree.
         self.gates.close(&staging);
-        self.forget_inputs(&worker, &result.job_id);
+        self.forget_inputs(&worker, &result.job_id, result.generation);
         let log = staging.join(".log").join("log");
         result.log = log.is_file().then_some(log);
         result.staging = Some(staging);
