@@ -145,7 +145,23 @@ fn a_hundred_coordinator_sigkills_change_no_sealed_hash_and_every_run_finishes()
         if idle {
             let name = format!("soak{}", runs.len());
             fan_out(&p, &name);
-            runs.push((name.clone(), follow(&p, &coord, &name)));
+            let client = follow(&p, &coord, &name);
+            // Kills come after the submission is acknowledged: a client whose submit
+            // meets a dead coordinator fails at once (nothing was accepted), which is not
+            // what this soak is about. Following the run across kills is.
+            let log = p.path().join(format!("{name}.client.log"));
+            let t0 = Instant::now();
+            while !std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("submitted run")
+            {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "{name} was never submitted"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            runs.push((name.clone(), client));
         }
         std::thread::sleep(rng.millis(150, 1500));
         coord.sigkill();
