@@ -1,0 +1,243 @@
+//! Retries, cancellation and the end of a run.
+
+use super::*;
+
+impl Engine {
+    pub(super) fn job_failed(&mut self, job_id: &str, error: String, retryable: bool) {
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return;
+        };
+        let (run_id, i, shard) = (job.run_id.clone(), job.step, job.shard);
+        let Some(run) = self.runs.get_mut(&run_id) else {
+            return;
+        };
+        let retries = run.ctx.pipeline.steps[i].retries;
+        if retryable && !run.cancelled && job.attempt <= retries.count {
+            let delay = retries.delay(job.attempt);
+            job.attempt += 1;
+            job.state = JobState::Backoff;
+            job.worker = None;
+            run.emit(Progress::Retry {
+                job: job_id.to_string(),
+                attempt: job.attempt,
+                delay,
+                error: error.clone(),
+            });
+            tracing::info!(job = %job_id, attempt = job.attempt, delay_ms = delay.as_millis() as u64, error = %error, "retrying job");
+            let tx = self.tx.clone();
+            let id = job_id.to_string();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = tx.send(Event::RetryDue(id));
+            });
+            return;
+        }
+        self.jobs.remove(job_id);
+        if let Some(w) = self.blame.gave_up(job_id) {
+            self.record_outcome(&w, false);
+        }
+        let Some(run) = self.runs.get_mut(&run_id) else {
+            return;
+        };
+        let status = if run.cancelled {
+            StepStatus::Cancelled
+        } else {
+            StepStatus::Failed
+        };
+        match shard {
+            None => {
+                if status == StepStatus::Cancelled {
+                    self.set_status(&run_id, i, status, Some("run cancelled".into()));
+                } else {
+                    self.step_failed(&run_id, i, error);
+                }
+            }
+            Some(k) => {
+                let s = &mut run.records[i].shards[k];
+                s.status = status;
+                s.error = Some(error);
+                run.emit(Progress::Shard {
+                    step: run.records[i].id.clone(),
+                    index: run.records[i].shards[k].index,
+                    status,
+                });
+                self.persist(&run_id, i);
+                self.shard_settled(&run_id, i);
+            }
+        }
+        self.maybe_finish(&run_id);
+    }
+
+    pub(super) fn step_done(&mut self, run_id: &str, i: usize) {
+        let Some(run) = self.runs.get(run_id) else {
+            return;
+        };
+        let next = run.ctx.dag.dependents[i].clone();
+        self.schedule_ready(run_id, Some(&next));
+    }
+
+    pub(super) fn step_failed(&mut self, run_id: &str, i: usize, error: String) {
+        tracing::info!(run = %run_id, step = i, error = %error, "step failed");
+        self.set_status(run_id, i, StepStatus::Failed, Some(error));
+        let Some(run) = self.runs.get(run_id) else {
+            return;
+        };
+        let failed_id = run.records[i].id.clone();
+        let blocked: Vec<usize> = run
+            .ctx
+            .dag
+            .downstream(i)
+            .into_iter()
+            .filter(|&d| d != i && run.records[d].status == StepStatus::Pending)
+            .collect();
+        for d in blocked {
+            self.set_status(
+                run_id,
+                d,
+                StepStatus::Blocked,
+                Some(format!("blocked by failed step '{failed_id}'")),
+            );
+        }
+    }
+
+    pub(super) fn on_cancel(&mut self, run_id: &str) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        if run.cancelled {
+            return;
+        }
+        run.cancelled = true;
+        tracing::info!(run = %run_id, "cancelling run");
+        if let Some(tx) = self
+            .cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(run_id)
+        {
+            let _ = tx.send(true);
+        }
+        // Drop queued and backing-off jobs; leased ones are killed by their workers and
+        // report Cancelled.
+        let dropped: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| {
+                j.run_id == run_id && matches!(j.state, JobState::Queued | JobState::Backoff)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in dropped {
+            self.job_failed(&id, "cancelled".into(), false);
+        }
+        let Some(run) = self.runs.get(run_id) else {
+            return;
+        };
+        let pending: Vec<usize> = (0..run.records.len())
+            .filter(|&i| run.records[i].status == StepStatus::Pending && !run.busy[i])
+            .collect();
+        for i in pending {
+            self.set_status(
+                run_id,
+                i,
+                StepStatus::Cancelled,
+                Some("run cancelled".into()),
+            );
+        }
+        self.maybe_finish(run_id);
+    }
+
+    pub(super) fn maybe_finish(&mut self, run_id: &str) {
+        let Some(run) = self.runs.get(run_id) else {
+            return;
+        };
+        if run.in_flight > 0 || run.unfinished > 0 {
+            return;
+        }
+        debug_assert!(run.records.iter().all(|r| r.status.is_final()));
+        if self.jobs.values().any(|j| j.run_id == run_id) {
+            return;
+        }
+        let Some(mut run) = self.runs.remove(run_id) else {
+            return;
+        };
+        self.granted.remove(run_id);
+        self.blame.run_finished(run_id);
+        let outcome = if run.cancelled
+            || run
+                .records
+                .iter()
+                .any(|r| r.status == StepStatus::Cancelled)
+        {
+            RunOutcome::Cancelled
+        } else if run
+            .records
+            .iter()
+            .any(|r| r.status == StepStatus::Failed || r.status == StepStatus::Blocked)
+        {
+            RunOutcome::Failed
+        } else {
+            RunOutcome::Succeeded
+        };
+        let refs: Vec<&StepRecord> = run.records.iter().collect();
+        if let Err(e) = state::save_steps(self.store.as_ref(), &run.ctx.pipeline.name, &refs) {
+            tracing::error!(error = %format!("{e:#}"), "saving final step state");
+        }
+        let rec = RunRecord {
+            run_id: run_id.to_string(),
+            pipeline: run.ctx.pipeline.name.clone(),
+            started_at: run.started_at.clone(),
+            finished_at: Some(now_rfc3339()),
+            outcome: format!("{outcome:?}").to_lowercase(),
+        };
+        if let Err(e) = state::save_run(self.store.as_ref(), &rec).and_then(|_| self.store.flush())
+        {
+            tracing::error!(error = %format!("{e:#}"), "saving run record");
+        }
+        write_mirror(&mut run);
+        self.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(run_id);
+        tracing::info!(run = %run_id, ?outcome, elapsed_ms = run.started.elapsed().as_millis() as u64, "run finished");
+        run.emit(Progress::Finished(RunSummary {
+            run_id: run_id.to_string(),
+            pipeline: run.ctx.pipeline.name.clone(),
+            outcome,
+            steps: run.records.clone(),
+            elapsed: run.started.elapsed(),
+        }));
+    }
+}
+
+/// Keeps a job's log with the run state (`.nexa_state/<pipeline>/logs`).
+/// After a failed job: keep its log, drop what it staged (off the scheduler task).
+pub(super) fn cleanup_failed(log: Option<(PathBuf, PathBuf)>, staging: Option<PathBuf>) {
+    tokio::task::spawn_blocking(move || {
+        keep_log(log);
+        if let Some(s) = staging {
+            let _ = nexa_shared::artifact::remove_tree(&s);
+        }
+    });
+}
+
+pub(super) fn write_mirror(run: &mut Run) {
+    run.last_mirror = Some(Instant::now());
+    let m = mirror::Mirror {
+        pipeline: run.ctx.pipeline.name.clone(),
+        run_id: run.ctx.run_id.clone(),
+        updated_at: now_rfc3339(),
+        steps: run.records.clone(),
+    };
+    if let Err(e) = mirror::write(&run.ctx.state_dir, &m) {
+        tracing::warn!(error = %e, "writing pipeline_state.json");
+    }
+}
+
+/// What a step's jobs need from a worker: its resources, and a container runtime when
+/// it names an image.
+pub(super) fn requirements_of(step: &nexa_shared::spec::Step) -> Requirements {
+    let mut r = Requirements::from(&step.resources);
+    r.container = step.image().is_some();
+    r
+}

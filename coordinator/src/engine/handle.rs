@@ -1,0 +1,271 @@
+//! The handle every caller holds: [`Coordinator`] sends [`Event`]s to the loop and
+//! waits for its answers.
+
+use super::*;
+
+impl Coordinator {
+    /// Starts the loop on the current tokio runtime.
+    pub fn start(
+        store: Arc<dyn Store>,
+        config: EngineConfig,
+    ) -> (Coordinator, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let cancels = Arc::new(Mutex::new(HashMap::new()));
+        if config.lease_ttl.is_some() {
+            let tick = tx.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_millis(250));
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    if tick.send(Event::Tick).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        // Generations only grow, across restarts too: they start at the boot time.
+        let boot = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let seal_tx = tx.clone();
+        let sealer = SealQueue::start(
+            store.clone(),
+            Box::new(move |job, res| {
+                let _ = seal_tx.send(Event::Sealed(job, res));
+            }),
+        );
+        // Workers known before a restart come back offline, with their admin state and
+        // record, until they enrol again.
+        let workers: HashMap<String, WorkerState> = match state::load_workers(store.as_ref()) {
+            Ok(records) => records
+                .into_iter()
+                .filter_map(|r| {
+                    let id = r.id.clone();
+                    WorkerState::from_record(r).map(|w| (id, w))
+                })
+                .collect(),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "loading worker records");
+                HashMap::new()
+            }
+        };
+        let refusals: Refusals = match store.get(META_TREE, REFUSALS_KEY) {
+            Ok(Some(b)) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "reading the refusal counters; starting from zero");
+                Refusals::default()
+            }),
+            Ok(None) => Refusals::default(),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "reading the refusal counters; starting from zero");
+                Refusals::default()
+            }
+        };
+        let engine = Engine {
+            saved_refusals: refusals,
+            dirty_runs: Vec::new(),
+            dirty_workers: Default::default(),
+            votes: HashMap::new(),
+            decided: HashMap::new(),
+            replication: Default::default(),
+            rng: {
+                use rand_core::RngCore;
+                rand_core::OsRng.next_u64() | 1
+            },
+            config,
+            sealer,
+            granted: HashMap::new(),
+            store,
+            tx: tx.clone(),
+            rx,
+            cancels: cancels.clone(),
+            workers,
+            runs: HashMap::new(),
+            jobs: HashMap::new(),
+            queue: VecDeque::new(),
+            waiting: VecDeque::new(),
+            next_generation: boot << 20,
+            refusals,
+            blame: blame::Blame::default(),
+        };
+        let handle = tokio::spawn(engine.run());
+        let keys = Arc::new(std::sync::RwLock::new(HashMap::new()));
+        (Coordinator { tx, cancels, keys }, handle)
+    }
+
+    pub(super) fn send(&self, e: Event) -> Result<()> {
+        self.tx.send(e).map_err(|_| Error::ShutDown)
+    }
+
+    /// Submits a run; progress streams on the returned handle.
+    pub async fn submit(&self, req: RunRequest) -> Result<RunHandle> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::Submit(Box::new(req), tx))?;
+        rx.await.map_err(|_| Error::ShutDown)?
+    }
+
+    /// Enrols a worker under `id`.
+    pub fn register_worker(&self, id: &str, info: WorkerInfo) -> Result<()> {
+        self.keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), info.key);
+        self.send(Event::RegisterWorker(id.to_string(), Box::new(info)))
+    }
+
+    /// Waits for a lease for `worker`; `None` when the coordinator shuts down.
+    pub async fn lease(&self, worker: &str) -> Option<Lease> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::LeaseRequest(worker.to_string(), tx))
+            .ok()?;
+        rx.await.ok().flatten()
+    }
+
+    /// A worker's heartbeat: it runs these `(job, generation)`; returns those it must
+    /// kill, with their generations.
+    /// `None` when the worker is banned (its heartbeat is refused).
+    pub async fn heartbeat(
+        &self,
+        worker: &str,
+        running: Vec<(String, u64)>,
+        profile: Option<Profile>,
+    ) -> Result<Option<Vec<(String, u64)>>> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::Heartbeat(
+            worker.to_string(),
+            running,
+            profile.map(Box::new),
+            tx,
+        ))?;
+        rx.await.map_err(|_| Error::ShutDown)
+    }
+
+    /// Reports a job result. The signature is checked here, on the caller's thread,
+    /// against the key the worker enrolled with; the loop acts on the verdict.
+    pub fn report(&self, worker: &str, result: JobResult) -> Result<()> {
+        let verdict = self.verify(worker, &result);
+        self.send(Event::Report(
+            worker.to_string(),
+            Box::new(result),
+            verdict,
+            None,
+        ))
+    }
+
+    /// [`Coordinator::report`], waiting for the verdict: `Ok` when the result was
+    /// admitted (it may still fail sealing), or why it was refused.
+    pub async fn report_judged(
+        &self,
+        worker: &str,
+        result: JobResult,
+    ) -> Result<std::result::Result<(), String>> {
+        let verdict = self.verify(worker, &result);
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::Report(
+            worker.to_string(),
+            Box::new(result),
+            verdict,
+            Some(tx),
+        ))?;
+        rx.await.map_err(|_| Error::ShutDown)
+    }
+
+    /// Checks `result`'s signature against the key `worker` enrolled with.
+    pub(super) fn verify(
+        &self,
+        worker: &str,
+        result: &JobResult,
+    ) -> std::result::Result<(), String> {
+        let key = self
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(worker)
+            .copied();
+        match key {
+            None => Err("worker is not enrolled".to_string()),
+            Some(key) => signing::verify_result(&key, result).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Whether `(job, generation)` is leased to `worker` now (and its run not cancelled).
+    /// A stale answer is counted as a stale-generation refusal.
+    pub async fn lease_live(&self, worker: &str, job: &str, generation: u64) -> Result<LeaseCheck> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::LeaseLive(
+            worker.to_string(),
+            job.to_string(),
+            generation,
+            tx,
+        ))?;
+        rx.await.map_err(|_| Error::ShutDown)
+    }
+
+    /// Cancels a run: queued jobs are dropped, running ones killed, state saved.
+    pub fn cancel(&self, run_id: &str) -> Result<()> {
+        // The loop marks the run cancelled before it signals workers, so a job's
+        // "cancelled" report always finds the run already cancelled.
+        self.send(Event::Cancel(run_id.to_string()))
+    }
+
+    /// A signal that turns `true` when `run_id` is cancelled.
+    pub fn cancellation(&self, run_id: &str) -> watch::Receiver<bool> {
+        let mut g = self.lock_cancels();
+        g.entry(run_id.to_string())
+            .or_insert_with(|| watch::channel(false).0)
+            .subscribe()
+    }
+
+    /// Counts a refusal the gRPC edge made itself.
+    pub fn count_refusal(&self, kind: EdgeRefusal) {
+        let _ = self.tx.send(Event::Refused(kind));
+    }
+
+    /// Results refused so far, by reason.
+    pub async fn refusals(&self) -> Result<Refusals> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::Refusals(tx))?;
+        rx.await.map_err(|_| Error::ShutDown)
+    }
+
+    /// Replication so far: (units run under validation, replica jobs made for them).
+    /// `replicas / units - 1` is the extra work validation cost.
+    pub async fn replication(&self) -> Result<(u64, u64)> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::Replication(tx))?;
+        rx.await.map_err(|_| Error::ShutDown)
+    }
+
+    /// Gauges for the metrics endpoint; an answer also shows the loop is alive.
+    pub async fn snapshot(&self) -> Result<crate::metrics::Snapshot> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::Snapshot(tx))?;
+        rx.await.map_err(|_| Error::ShutDown)
+    }
+
+    /// Every enrolled worker.
+    pub async fn list_workers(&self) -> Result<Vec<WorkerView>> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::ListWorkers(tx))?;
+        rx.await.map_err(|_| Error::ShutDown)
+    }
+
+    /// Drains, bans or re-activates a worker; false when there is no such worker.
+    pub async fn set_worker_state(&self, worker: &str, state: AdminState) -> Result<bool> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::SetWorkerState(worker.to_string(), state, tx))?;
+        rx.await.map_err(|_| Error::ShutDown)
+    }
+
+    /// Stops the loop; waiting workers get `None`.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Event::Shutdown);
+    }
+
+    pub(super) fn lock_cancels(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<bool>>> {
+        self.cancels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

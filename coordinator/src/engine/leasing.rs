@@ -1,0 +1,327 @@
+//! Leasing: fair-share picking, dispatch to waiting workers, steps no worker can run,
+//! heartbeats and lease expiry.
+
+use super::*;
+
+impl Engine {
+    /// The first queued job (in order) that fits `worker`'s free capacity, with the
+    /// GPUs it gets. Drops stale queue entries it passes.
+    pub(super) fn pick_job(&mut self, worker: &str) -> Option<(String, Vec<usize>)> {
+        let w = self.workers.get(worker)?;
+        if !w.eligible(Instant::now()) {
+            return None;
+        }
+        let free = w.free();
+        // Fair share: among the first fitting job of each run (looking at most
+        // FAIR_SCAN entries into the queue), take the one whose run holds the fewest
+        // leases now, then the one that was granted the fewest so far, so one big run
+        // cannot starve the others.
+        let mut leased: HashMap<&str, usize> = HashMap::new();
+        for ws in self.workers.values() {
+            for job_id in ws.alloc.keys() {
+                if let Some(j) = self.jobs.get(job_id) {
+                    *leased.entry(j.run_id.as_str()).or_default() += 1;
+                }
+            }
+        }
+        let mut candidates: Vec<(usize, &str, Vec<usize>)> = Vec::new();
+        let mut stale = Vec::new();
+        let active_runs = self.runs.len();
+        for (pos, job_id) in self.queue.iter().enumerate() {
+            // Enough: one candidate from every run, or far enough into the queue.
+            if candidates.len() >= active_runs || (pos >= FAIR_SCAN && !candidates.is_empty()) {
+                break;
+            }
+            let Some(job) = self
+                .jobs
+                .get(job_id)
+                .filter(|j| j.state == JobState::Queued)
+            else {
+                stale.push(pos);
+                continue;
+            };
+            if candidates.iter().any(|(_, r, _)| *r == job.run_id) {
+                continue;
+            }
+            if let Some(u) = &job.unit
+                && !self.replica_ok(u, worker)
+            {
+                continue;
+            }
+            if let Some(a) = hardware::assign(&job.spec.requirements, std::slice::from_ref(&free)) {
+                candidates.push((pos, job.run_id.as_str(), a.gpus));
+            }
+        }
+        let granted = &self.granted;
+        let (pos, _, gpus) = candidates.into_iter().min_by_key(|(pos, run, _)| {
+            (
+                leased.get(run).copied().unwrap_or(0),
+                granted.get(*run).copied().unwrap_or(0),
+                *pos,
+            )
+        })?;
+        let job_id = self.queue.get(pos)?.clone();
+        for p in stale.into_iter().rev() {
+            if p < pos {
+                self.queue.remove(p);
+            }
+        }
+        let idx = self.queue.iter().position(|j| j == &job_id)?;
+        self.queue.remove(idx);
+        Some((job_id, gpus))
+    }
+
+    /// Hands queued jobs to waiting workers, each job to a worker it fits.
+    pub(super) fn dispatch(&mut self) {
+        let mut still_waiting = VecDeque::new();
+        while let Some((worker, reply)) = self.waiting.pop_front() {
+            if reply.is_closed() {
+                continue;
+            }
+            if self.queue.is_empty() {
+                still_waiting.push_back((worker, reply));
+                continue;
+            }
+            let Some((job_id, gpu_idx)) = self.pick_job(&worker) else {
+                still_waiting.push_back((worker, reply));
+                continue;
+            };
+            let Some(job) = self.jobs.get_mut(&job_id) else {
+                still_waiting.push_back((worker, reply));
+                continue;
+            };
+            if let Some(m) = &self.config.metrics {
+                m.dispatch_latency
+                    .observe(job.queued_at.elapsed().as_secs_f64());
+            }
+            job.generation = self.next_generation;
+            self.next_generation += 1;
+            *self.granted.entry(job.run_id.clone()).or_default() += 1;
+            job.worker = Some(worker.clone());
+            job.state = JobState::Leased;
+            job.started = Some(Instant::now());
+            job.deadline = self.config.lease_ttl.map(|t| Instant::now() + t);
+            let w = self.workers.get_mut(&worker);
+            let gpus: Vec<String> = w
+                .as_ref()
+                .map(|w| {
+                    gpu_idx
+                        .iter()
+                        .filter_map(|&g| w.info.profile.gpus.get(g).map(|x| x.uuid.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let lease = Lease {
+                job: job.spec.clone(),
+                generation: job.generation,
+                attempt: job.attempt,
+                gpus,
+            };
+            if let Some(w) = w {
+                w.touched_gpus.extend(gpu_idx.iter().copied());
+                w.alloc.insert(
+                    job_id.clone(),
+                    Alloc {
+                        cpus: job.spec.requirements.cpus.max(1),
+                        memory: job.spec.requirements.memory,
+                        gpus: gpu_idx,
+                    },
+                );
+            }
+            let (run_id, step, shard, attempt) =
+                (job.run_id.clone(), job.step, job.shard, job.attempt);
+            if reply.send(Some(lease)).is_err() {
+                // The worker went away between asking and now: put the job back.
+                self.release(&job_id);
+                if let Some(j) = self.jobs.get_mut(&job_id) {
+                    j.state = JobState::Queued;
+                    j.worker = None;
+                    j.deadline = None;
+                }
+                self.queue.push_front(job_id);
+                continue;
+            }
+            tracing::debug!(job = %job_id, worker = %worker, attempt, "leased");
+            if let Some(unit) = self.jobs.get(&job_id).and_then(|j| j.unit.clone()) {
+                self.on_replica_leased(&unit, &worker);
+            }
+            if let Some(run) = self.runs.get_mut(&run_id) {
+                match shard {
+                    None => run.records[step].attempts = attempt,
+                    Some(k) => {
+                        let s = &mut run.records[step].shards[k];
+                        s.attempts = attempt;
+                        s.status = StepStatus::Running;
+                        let index = s.index;
+                        let id = run.records[step].id.clone();
+                        run.emit(Progress::Shard {
+                            step: id,
+                            index,
+                            status: StepStatus::Running,
+                        });
+                    }
+                }
+            }
+        }
+        self.waiting = still_waiting;
+    }
+
+    /// Fails step `i` of a run when no enrolled worker could ever run it and none of its
+    /// jobs has started, dropping its queued jobs.
+    pub(super) fn fail_unfit(&mut self, run_id: &str, i: usize) {
+        let Some(run) = self.runs.get(run_id) else {
+            return;
+        };
+        if run.records[i].status.is_final() {
+            return;
+        }
+        let requirements = requirements_of(&run.ctx.pipeline.steps[i]);
+        let Some(why) = hardware::why_unfit(
+            &requirements,
+            self.workers
+                .values()
+                .filter(|w| !w.lost)
+                .map(|w| (&w.info.profile, w.info.slots)),
+        ) else {
+            return;
+        };
+        let mine: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.run_id == run_id && j.step == i)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let started = mine.iter().any(|id| {
+            self.jobs
+                .get(id)
+                .is_some_and(|j| !matches!(j.state, JobState::Queued | JobState::Backoff))
+        });
+        if started {
+            return;
+        }
+        for id in mine {
+            self.jobs.remove(&id);
+        }
+        self.step_failed(
+            run_id,
+            i,
+            format!("no enrolled worker can run this step: {why}"),
+        );
+        self.maybe_finish(run_id);
+    }
+
+    pub(super) fn record_outcome(&mut self, worker: &str, ok: bool) {
+        if !self.config.throttle_failing_workers {
+            return;
+        }
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.record(ok, worker);
+            self.dirty_workers.insert(worker.to_string());
+        }
+    }
+
+    /// Frees what a job held on its worker.
+    pub(super) fn release(&mut self, job_id: &str) {
+        let Some(worker) = self.jobs.get(job_id).and_then(|j| j.worker.clone()) else {
+            return;
+        };
+        if let Some(w) = self.workers.get_mut(&worker)
+            && w.alloc.remove(job_id).is_some()
+        {
+            // Capacity came back: someone waiting may fit now.
+            self.dispatch();
+        }
+    }
+
+    pub(super) fn on_heartbeat(
+        &mut self,
+        worker: &str,
+        running: &[(String, u64)],
+        profile: Option<Box<Profile>>,
+    ) -> Vec<(String, u64)> {
+        let ttl = self.config.lease_ttl;
+        let Some(w) = self.workers.get_mut(worker) else {
+            return running.to_vec();
+        };
+        w.last_seen = Instant::now();
+        if w.lost {
+            tracing::info!(worker, "worker is back");
+            w.lost = false;
+        }
+        if let Some(p) = profile {
+            w.refresh_profile(*p);
+        }
+        let mut cancel = Vec::new();
+        for (job_id, generation) in running {
+            match self.jobs.get_mut(job_id) {
+                Some(j)
+                    if j.state == JobState::Leased
+                        && j.generation == *generation
+                        && j.worker.as_deref() == Some(worker) =>
+                {
+                    j.deadline = ttl.map(|t| Instant::now() + t);
+                    let cancelled = self.runs.get(&j.run_id).is_some_and(|r| r.cancelled);
+                    if cancelled {
+                        cancel.push((job_id.clone(), *generation));
+                    }
+                }
+                // Not this worker's any more (expired, finished, reassigned): stop that
+                // attempt (only that one: the same job may be leased here again).
+                _ => cancel.push((job_id.clone(), *generation)),
+            }
+        }
+        cancel
+    }
+
+    pub(super) fn on_tick(&mut self) {
+        let Some(ttl) = self.config.lease_ttl else {
+            return;
+        };
+        let now = Instant::now();
+        for (id, w) in &mut self.workers {
+            if !w.lost && now.duration_since(w.last_seen) > ttl {
+                w.lost = true;
+                tracing::warn!(worker = %id, "worker lost: no heartbeat within the lease ttl");
+            }
+        }
+        let expired: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.state == JobState::Leased && j.deadline.is_some_and(|d| d < now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for job_id in expired {
+            if self.drop_late_replica(&job_id) {
+                self.refusals.lease_expiries += 1;
+                continue;
+            }
+            self.release(&job_id);
+            let Some(j) = self.jobs.get_mut(&job_id) else {
+                continue;
+            };
+            self.refusals.lease_expiries += 1;
+            // A cancelled run's job is never leased again: its lease ending ends it.
+            if self.runs.get(&j.run_id).is_some_and(|r| r.cancelled) {
+                tracing::info!(job = %job_id, "lease of a cancelled run's job expired; dropping it");
+                self.job_failed(&job_id, "cancelled".into(), false);
+                continue;
+            }
+            tracing::warn!(job = %job_id, worker = ?j.worker, generation = j.generation, "lease expired; requeueing");
+            j.attempt += 1;
+            j.state = JobState::Queued;
+            j.worker = None;
+            j.deadline = None;
+            j.queued_at = Instant::now();
+            if let Some(run) = self.runs.get(&j.run_id) {
+                run.emit(Progress::Retry {
+                    job: job_id.clone(),
+                    attempt: j.attempt,
+                    delay: Duration::ZERO,
+                    error: "lease expired (worker lost or unreachable)".into(),
+                });
+            }
+            self.queue.push_back(job_id);
+        }
+        self.dispatch();
+    }
+}

@@ -1,0 +1,519 @@
+//! Runs and steps: submitting a run, the write-behind of step records, planning
+//! results, and turning a ready step into jobs.
+
+use super::*;
+
+impl Engine {
+    pub(super) fn submit(&mut self, req: RunRequest) -> Result<RunHandle> {
+        let run_id = req.run_id.clone().unwrap_or_else(new_run_id);
+        if self.runs.contains_key(&run_id) {
+            return Err(Error::NotFound(format!("run {run_id} is already active")));
+        }
+        let p = &req.loaded.pipeline;
+        let n = p.steps.len();
+        let mut forced = vec![false; n];
+        if let Some(from) = &req.from {
+            let i = p
+                .steps
+                .iter()
+                .position(|s| &s.id.value == from)
+                .ok_or_else(|| {
+                    Error::NotFound(format!("no step '{from}' in pipeline '{}'", p.name))
+                })?;
+            for d in req.loaded.dag.downstream(i) {
+                forced[d] = true;
+            }
+        }
+        let project = std::path::absolute(&req.project)
+            .map_err(|e| Error::Domain(nexa_shared::Error::io("resolve", &req.project, e)))?;
+        let state_dir = project
+            .join(".nexa_state")
+            .join(paths::safe_component(&p.name));
+        let records: Vec<StepRecord> = p
+            .steps
+            .iter()
+            .map(|s| StepRecord::pending(&s.id.value, &run_id))
+            .collect();
+        let (ptx, prx) = mpsc::unbounded_channel();
+        let ctx = RunContext {
+            run_id: run_id.clone(),
+            pipeline: req.loaded.pipeline,
+            dag: req.loaded.dag,
+            project,
+            state_dir,
+            verify: req.verify,
+            forced,
+            git_sha: req.git_sha,
+            confined: req.confined,
+        };
+        let refs: Vec<&StepRecord> = records.iter().collect();
+        state::save_steps(self.store.as_ref(), &ctx.pipeline.name, &refs)?;
+        let started_at = now_rfc3339();
+        state::save_run(
+            self.store.as_ref(),
+            &RunRecord {
+                run_id: run_id.clone(),
+                pipeline: ctx.pipeline.name.clone(),
+                started_at: started_at.clone(),
+                finished_at: None,
+                outcome: "running".into(),
+            },
+        )?;
+        self.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(run_id.clone())
+            .or_insert_with(|| watch::channel(false).0);
+        let run = Run {
+            ctx: Arc::new(ctx),
+            records,
+            plans: vec![None; n],
+            shard_results: vec![BTreeMap::new(); n],
+            busy: vec![false; n],
+            progress: ptx,
+            cancelled: false,
+            started: Instant::now(),
+            started_at,
+            last_mirror: None,
+            in_flight: 0,
+            dirty: Vec::new(),
+            unfinished: n,
+        };
+        tracing::info!(run = %run_id, pipeline = %run.ctx.pipeline.name, steps = n, "run submitted");
+        self.runs.insert(run_id.clone(), run);
+        self.plan_prefix(&run_id);
+        Ok(RunHandle {
+            run_id,
+            progress: prx,
+        })
+    }
+
+    /// Plans every PENDING step whose dependencies are all done.
+    pub(super) fn schedule_ready(&mut self, run_id: &str, candidates: Option<&[usize]>) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        if run.cancelled {
+            return;
+        }
+        let all: Vec<usize>;
+        let candidates = match candidates {
+            Some(c) => c,
+            None => {
+                all = (0..run.records.len()).collect();
+                &all
+            }
+        };
+        let ready: Vec<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|&i| {
+                run.records[i].status == StepStatus::Pending
+                    && !run.busy[i]
+                    && run.ctx.dag.deps[i]
+                        .iter()
+                        .all(|&d| run.records[d].status.is_done())
+            })
+            .collect();
+        for i in ready {
+            run.busy[i] = true;
+            run.in_flight += 1;
+            let ctx = run.ctx.clone();
+            let done = run.upstream_outputs(i);
+            let tx = self.tx.clone();
+            let rid = run_id.to_string();
+            tokio::task::spawn_blocking(move || {
+                let plan = planner::plan_step(&ctx, i, &done);
+                let _ = tx.send(Event::Planned(rid, i, plan));
+            });
+        }
+    }
+
+    pub(super) fn set_status(
+        &mut self,
+        run_id: &str,
+        i: usize,
+        status: StepStatus,
+        detail: Option<String>,
+    ) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let rec = &mut run.records[i];
+        match (rec.status.is_final(), status.is_final()) {
+            (false, true) => run.unfinished -= 1,
+            (true, false) => run.unfinished += 1,
+            _ => {}
+        }
+        rec.status = status;
+        if matches!(
+            status,
+            StepStatus::Failed | StepStatus::Blocked | StepStatus::Cancelled
+        ) {
+            rec.error = detail.clone();
+        } else if status != StepStatus::Running {
+            rec.error = None;
+        }
+        let id = rec.id.clone();
+        run.emit(Progress::Step {
+            step: id,
+            status,
+            detail,
+        });
+        self.persist(run_id, i);
+    }
+
+    pub(super) fn snapshot(&self) -> crate::metrics::Snapshot {
+        let now = Instant::now();
+        let mut s = crate::metrics::Snapshot::default();
+        for w in self.workers.values() {
+            *s.workers_by_state
+                .entry(w.state_name(now).to_string())
+                .or_default() += 1;
+            if w.lost {
+                continue;
+            }
+            let model = w
+                .info
+                .profile
+                .gpus
+                .first()
+                .map_or("none".to_string(), |g| g.name.clone());
+            *s.workers_by_gpu_model.entry(model).or_default() += 1;
+            let held: Vec<usize> = w.alloc.values().flat_map(|a| a.gpus.clone()).collect();
+            for (i, g) in w.info.profile.gpus.iter().enumerate() {
+                if !held.contains(&i) {
+                    s.gpus_available += 1;
+                    s.gpu_memory_available_bytes +=
+                        i64::try_from(g.memory_free).unwrap_or(i64::MAX);
+                }
+            }
+        }
+        for j in self.jobs.values() {
+            let state = match j.state {
+                JobState::Queued => "queued",
+                JobState::Backoff => "backoff",
+                JobState::Leased => "leased",
+                JobState::Sealing => "sealing",
+            };
+            *s.jobs_by_state.entry(state.to_string()).or_default() += 1;
+        }
+        s.queue_depth = s.jobs_by_state.get("queued").copied().unwrap_or(0);
+        s.runs_active = self.runs.len() as i64;
+        s
+    }
+
+    /// Marks a step record for the next write-behind round.
+    pub(super) fn persist(&mut self, run_id: &str, i: usize) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        if run.dirty.is_empty() {
+            self.dirty_runs.push(run_id.to_string());
+        }
+        run.dirty.push(i);
+    }
+
+    /// Writes every step record changed since the last round, one batch per run, and
+    /// rewrites the mirrors that are due. Runs after each burst of events, so a busy
+    /// coordinator writes once per burst rather than once per change.
+    pub(super) fn flush_dirty(&mut self) {
+        if self.refusals != self.saved_refusals {
+            let saved = serde_json::to_vec(&self.refusals)
+                .map_err(crate::Error::from)
+                .and_then(|b| self.store.put(META_TREE, REFUSALS_KEY, &b));
+            match saved {
+                Ok(()) => self.saved_refusals = self.refusals,
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "saving the refusal counters"),
+            }
+        }
+        if !self.dirty_workers.is_empty() {
+            let recs: Vec<state::WorkerRecord> = std::mem::take(&mut self.dirty_workers)
+                .iter()
+                .filter_map(|id| self.workers.get(id).map(|w| w.record_of(id)))
+                .collect();
+            if let Err(e) = state::save_workers(self.store.as_ref(), &recs) {
+                tracing::error!(error = %format!("{e:#}"), "saving worker records");
+            }
+        }
+        for run_id in std::mem::take(&mut self.dirty_runs) {
+            let Some(run) = self.runs.get_mut(&run_id) else {
+                continue;
+            };
+            let mut dirty = std::mem::take(&mut run.dirty);
+            dirty.sort_unstable();
+            dirty.dedup();
+            let recs: Vec<&StepRecord> = dirty.iter().map(|&i| &run.records[i]).collect();
+            if let Err(e) = state::save_steps(self.store.as_ref(), &run.ctx.pipeline.name, &recs) {
+                tracing::error!(error = %format!("{e:#}"), run = %run_id, "saving step state");
+            }
+            // The mirror is rewritten whole: space the writes out as the pipeline grows
+            // (every 250 ms up to 1,000 steps, proportionally longer beyond).
+            let every = Duration::from_millis(250) * (run.records.len() / 1000).max(1) as u32;
+            if run.last_mirror.is_none_or(|t| t.elapsed() >= every) {
+                write_mirror(run);
+            }
+        }
+    }
+
+    pub(super) fn on_planned(&mut self, run_id: &str, i: usize, plan: Plan) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        run.busy[i] = false;
+        run.in_flight -= 1;
+        self.apply_plan(run_id, i, plan);
+        self.maybe_finish(run_id);
+    }
+
+    /// Plans, in one blocking task, every step reachable from the roots through steps
+    /// that turn out SKIPPED: a fully cached pipeline is decided in one pass instead of
+    /// one round trip per step. Steps it does not reach are planned as they get ready.
+    pub(super) fn plan_prefix(&mut self, run_id: &str) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        run.busy.iter_mut().for_each(|b| *b = true);
+        run.in_flight += 1;
+        let ctx = run.ctx.clone();
+        let tx = self.tx.clone();
+        let rid = run_id.to_string();
+        tokio::task::spawn_blocking(move || {
+            let order = ctx.dag.topo_order().unwrap_or_default();
+            let mut done: BTreeMap<usize, BTreeMap<String, ArtifactInfo>> = BTreeMap::new();
+            let mut plans = Vec::new();
+            for i in order {
+                let deps = &ctx.dag.deps[i];
+                if !deps.iter().all(|d| done.contains_key(d)) {
+                    continue;
+                }
+                let upstream = deps
+                    .iter()
+                    .filter_map(|d| done.get(d).map(|o| (*d, o.clone())))
+                    .collect();
+                let plan = planner::plan_step(&ctx, i, &upstream);
+                if let Plan::Skipped { outputs, .. } = &plan {
+                    done.insert(i, outputs.clone());
+                }
+                plans.push((i, plan));
+            }
+            let _ = tx.send(Event::PlannedBatch(rid, plans));
+        });
+    }
+
+    pub(super) fn on_planned_batch(&mut self, run_id: &str, plans: Vec<(usize, Plan)>) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        run.in_flight -= 1;
+        // Every step stays busy while the batch is applied, so nothing is planned twice.
+        for (i, plan) in plans {
+            self.apply_plan(run_id, i, plan);
+        }
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        // The whole prefix shows in the mirror at the next write-behind round.
+        run.last_mirror = None;
+        run.busy.iter_mut().for_each(|b| *b = false);
+        if run.cancelled {
+            let pending: Vec<usize> = (0..run.records.len())
+                .filter(|&i| run.records[i].status == StepStatus::Pending)
+                .collect();
+            for i in pending {
+                self.set_status(
+                    run_id,
+                    i,
+                    StepStatus::Cancelled,
+                    Some("run cancelled".into()),
+                );
+            }
+        }
+        self.schedule_ready(run_id, None);
+        self.maybe_finish(run_id);
+    }
+
+    pub(super) fn apply_plan(&mut self, run_id: &str, i: usize, plan: Plan) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        if run.cancelled {
+            self.set_status(
+                run_id,
+                i,
+                StepStatus::Cancelled,
+                Some("run cancelled".into()),
+            );
+            return;
+        }
+        match plan {
+            Plan::Skipped { cache_key, outputs } => {
+                run.records[i].cache_key = Some(cache_key);
+                run.records[i].outputs = outputs;
+                run.records[i].shards.clear();
+                self.set_status(run_id, i, StepStatus::Skipped, Some("cache hit".into()));
+                self.step_done(run_id, i);
+            }
+            Plan::Failed { cache_key, error } => {
+                run.records[i].cache_key = cache_key;
+                self.step_failed(run_id, i, error);
+            }
+            Plan::Run(plan) => self.start_step(run_id, i, plan),
+        }
+    }
+
+    pub(super) fn job_inputs(
+        plan: &StepPlan,
+        replace: Option<&planner::ResolvedInput>,
+    ) -> Vec<JobInput> {
+        plan.inputs
+            .iter()
+            .map(|r| {
+                let r = match replace {
+                    Some(p) if p.name == r.name => p,
+                    _ => r,
+                };
+                JobInput {
+                    name: r.name.clone(),
+                    digest: r.digest.clone(),
+                    is_dir: r.is_dir,
+                    source: r.path.clone(),
+                }
+            })
+            .collect()
+    }
+
+    pub(super) fn start_step(&mut self, run_id: &str, i: usize, plan: Arc<StepPlan>) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        if nexa_shared::handlers::runs_on_coordinator(&run.ctx.pipeline.steps[i].uses.value) {
+            self.run_on_coordinator(run_id, i, plan);
+            return;
+        }
+        let requirements = requirements_of(&run.ctx.pipeline.steps[i]);
+        // A job no enrolled worker could ever run fails, saying why, instead of waiting
+        // forever: at once embedded, after a grace period for workers to join on a mesh.
+        if hardware::why_unfit(
+            &requirements,
+            self.workers
+                .values()
+                .filter(|w| !w.lost)
+                .map(|w| (&w.info.profile, w.info.slots)),
+        )
+        .is_some()
+        {
+            if self.config.unfit_grace.is_zero() {
+                run.records[i].cache_key = Some(plan.cache_key.clone());
+                self.fail_unfit(run_id, i);
+                return;
+            }
+            let tx = self.tx.clone();
+            let (rid, grace) = (run_id.to_string(), self.config.unfit_grace);
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                let _ = tx.send(Event::UnfitCheck(rid, i));
+            });
+        }
+        let step = &run.ctx.pipeline.steps[i];
+        let rec = &mut run.records[i];
+        rec.cache_key = Some(plan.cache_key.clone());
+        rec.outputs.clear();
+        rec.attempts = 0;
+        rec.worker = None;
+        rec.log = None;
+        let base = JobSpec {
+            job_id: String::new(),
+            run_id: run_id.to_string(),
+            step_id: step.id.value.clone(),
+            shard: None,
+            uses: step.uses.value.clone(),
+            params: step.params.clone(),
+            inputs: Vec::new(),
+            outputs: plan.outputs.keys().cloned().collect(),
+            timeout: step.timeout,
+            requirements,
+        };
+        let mut new_jobs = Vec::new();
+        match &plan.shards {
+            None => {
+                rec.shards.clear();
+                let mut spec = base;
+                spec.job_id = format!("{run_id}/{}", step.id.value);
+                spec.inputs = Self::job_inputs(&plan, None);
+                new_jobs.push((None, spec));
+            }
+            Some(units) => {
+                let count = units.len() as u32;
+                let mut cached = 0;
+                rec.shards = units
+                    .iter()
+                    .map(|u| ShardRecord {
+                        index: u.index,
+                        status: if u.cached.is_some() {
+                            StepStatus::Skipped
+                        } else {
+                            StepStatus::Pending
+                        },
+                        cache_key: Some(u.cache_key.clone()),
+                        hash: u.cached.as_ref().map(|m| m.hash.clone()),
+                        worker: u
+                            .cached
+                            .as_ref()
+                            .and_then(|m| m.labels.get("worker").cloned()),
+                        attempts: 0,
+                        error: None,
+                    })
+                    .collect();
+                run.shard_results[i].clear();
+                for (k, u) in units.iter().enumerate() {
+                    if let Some(meta) = &u.cached {
+                        cached += 1;
+                        run.shard_results[i].insert(k, sealer::shard_from_meta(u, meta));
+                        continue;
+                    }
+                    let mut spec = base.clone();
+                    spec.job_id = format!("{run_id}/{}/{}", step.id.value, u.index);
+                    spec.shard = Some((u.index, count));
+                    spec.inputs = Self::job_inputs(&plan, Some(&u.part));
+                    new_jobs.push((Some(k), spec));
+                }
+                run.emit(Progress::Shards {
+                    step: step.id.value.clone(),
+                    count,
+                    cached,
+                });
+            }
+        }
+        run.plans[i] = Some(plan);
+        self.set_status(run_id, i, StepStatus::Running, None);
+        if new_jobs.is_empty() {
+            // Every shard came from cache: assemble straight away.
+            self.start_assembly(run_id, i);
+            return;
+        }
+        let validation = self
+            .runs
+            .get(run_id)
+            .and_then(|r| r.ctx.pipeline.steps[i].validation)
+            .or(self.config.default_validation);
+        for (shard, mut spec) in new_jobs {
+            let unit = validation.map(|v| {
+                // Replicas are jobs `<unit>~r<k>`; the first is made now, the others
+                // when the first is leased to a worker that is not trusted.
+                let unit = spec.job_id.clone();
+                spec.job_id = format!("{unit}~r0");
+                self.votes
+                    .insert(unit.clone(), replication::Vote::new(v, spec.uses.clone()));
+                self.replication.units += 1;
+                self.replication.replicas += 1;
+                unit
+            });
+            let id = spec.job_id.clone();
+            self.jobs
+                .insert(id.clone(), Job::queued(run_id, i, shard, spec, unit));
+            self.queue.push_back(id);
+        }
+        self.dispatch();
+    }
+}
