@@ -9,6 +9,39 @@ use common::{Project, text};
 use std::process::Stdio;
 use std::time::Duration;
 
+/// `nexa pipeline run FILE` against `coord`, in the background (its output kept for
+/// `wait_with_output`).
+fn run_in_background(p: &Project, coord: &Coord, file: &str) -> std::process::Child {
+    remote(p, coord, &["pipeline", "run", file])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("client")
+}
+
+/// A lease of a job that does not exist (what a worker may claim to hold).
+fn made_up_lease(job_id: &str) -> nexa_shared::job::Lease {
+    nexa_shared::job::Lease {
+        job: nexa_shared::job::JobSpec {
+            job_id: job_id.into(),
+            ..Default::default()
+        },
+        generation: 1,
+        attempt: 1,
+        gpus: Vec::new(),
+    }
+}
+
+/// Pipeline `name` (in `<name>.yaml`): one step reading `in/data.txt`, which holds
+/// `content`.
+fn reading_step(p: &Project, name: &str, content: &str) {
+    p.write("in/data.txt", content);
+    p.write(
+        &format!("{name}.yaml"),
+        &format!("pipeline:\n  name: {name}\n  steps:\n    - id: a\n      uses: exec\n      in: {{d: in/data.txt}}\n      params: {{run: 'true'}}\n      out: artifacts/a\n"),
+    );
+}
+
 fn one_step(p: &Project, name: &str, retries: u32) {
     p.write(
         &format!("{name}.yaml"),
@@ -28,11 +61,7 @@ fn a_worker_cannot_write_into_a_sealed_artifact_through_a_stream_left_open() {
     let coord = Coord::open(&p.path().join("coord"));
     let url = coord.url("http");
     one_step(&p, "tamper", 1);
-    let client = remote(&p, &coord, &["pipeline", "run", "tamper.yaml"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("client");
+    let client = run_in_background(&p, &coord, "tamper.yaml");
     let rt = tokio::runtime::Runtime::new().expect("rt");
     rt.block_on(async {
         let mut w = RawWorker::enrol(&url).await;
@@ -94,31 +123,15 @@ fn uploads_and_fetches_need_a_live_lease_and_refusals_leave_nothing() {
     let p = Project::new();
     let coord = Coord::open(&p.path().join("coord"));
     let url = coord.url("http");
-    p.write("in/data.txt", "secret input\n");
-    p.write(
-        "lease.yaml",
-        "pipeline:\n  name: lease\n  steps:\n    - id: a\n      uses: exec\n      in: {d: in/data.txt}\n      params: {run: 'true'}\n      out: artifacts/a\n",
-    );
-    let client = remote(&p, &coord, &["pipeline", "run", "lease.yaml"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("client");
+    reading_step(&p, "lease", "secret input\n");
+    let client = run_in_background(&p, &coord, "lease.yaml");
     let rt = tokio::runtime::Runtime::new().expect("rt");
     rt.block_on(async {
         use nexa_proto::v1;
         let mut thief = RawWorker::enrol(&url).await;
         let mut w = RawWorker::enrol(&url).await;
         // A 2 MiB upload for a job that does not exist is refused before it is kept.
-        let fake = nexa_shared::job::Lease {
-            job: nexa_shared::job::JobSpec {
-                job_id: "no-such-job".into(),
-                ..Default::default()
-            },
-            generation: 1,
-            attempt: 1,
-            gpus: Vec::new(),
-        };
+        let fake = made_up_lease("no-such-job");
         let big = vec![7u8; 2 << 20];
         let e = thief
             .upload(&fake, "out", "f", &big)
@@ -384,56 +397,6 @@ impl Drop for Tmpfs {
     }
 }
 
-/// Starts a coordinator that may fail to start: `Some` once it listens, `None` if it
-/// exited (with its stderr checked by the caller through the log).
-// The child is waited for on every path: here when it exits, by `Coord`'s drop otherwise.
-#[allow(clippy::zombie_processes)]
-fn try_start(data: &std::path::Path, listen: &str, extra: &[&str]) -> Option<Coord> {
-    use std::io::BufRead;
-    let mut child = std::process::Command::new(common::mesh::bin("nexa-coordinator"))
-        .args(["serve", "--listen", listen, "--data-dir"])
-        .arg(data)
-        .args([
-            "--operator-token",
-            common::mesh::TOKEN,
-            "--heartbeat-ms",
-            "300",
-        ])
-        .args(extra)
-        .env("NEXA_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(data.with_extension("log"))
-                .expect("log"),
-        ))
-        .spawn()
-        .expect("spawn");
-    let mut reader = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-    let mut metrics = None;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            let _ = child.wait();
-            return None;
-        }
-        if let Some(m) = line.trim().strip_prefix("metrics on ") {
-            metrics = Some(m.to_string());
-            continue;
-        }
-        if let Some(addr) = line.trim().strip_prefix("listening on ") {
-            return Some(Coord {
-                child,
-                addr: addr.to_string(),
-                data: data.to_path_buf(),
-                metrics,
-            });
-        }
-    }
-}
-
 async fn raw_submit(url: &str, name: &str) -> Result<(), tonic::Status> {
     use nexa_proto::v1;
     let mut c = v1::control_service_client::ControlServiceClient::connect(url.to_string())
@@ -473,7 +436,7 @@ fn a_full_disk_refuses_new_work_and_never_kills_the_store() {
         "--metrics-listen",
         "127.0.0.1:0",
     ];
-    let mut coord = try_start(&data, &listen, &flags).expect("starts on an empty disk");
+    let mut coord = Coord::try_start(&data, &listen, &flags).expect("starts on an empty disk");
     let url = coord.url("http");
     let _w = common::mesh::Worker::start(&url, &p.path().join("w"), 1, None, &[]);
     p.write(
@@ -505,7 +468,7 @@ fn a_full_disk_refuses_new_work_and_never_kills_the_store() {
         // Killed, and started again on the full disk: it may refuse to start, but it
         // must not damage the store.
         coord.sigkill();
-        let on_full = try_start(&data, &listen, &flags);
+        let on_full = Coord::try_start(&data, &listen, &flags);
         // Either it refuses to start (its store cannot open with no space: a clear error
         // and exit), or it starts and is not ready.
         if let Some(mut c) = on_full {
@@ -527,7 +490,7 @@ fn a_full_disk_refuses_new_work_and_never_kills_the_store() {
             c.sigkill();
         }
         std::fs::remove_file(data.join("fill")).expect("free space");
-        coord = try_start(&data, &listen, &flags).unwrap_or_else(|| {
+        coord = Coord::try_start(&data, &listen, &flags).unwrap_or_else(|| {
             panic!(
                 "round {round}: the coordinator does not start once space is back:\n{}",
                 std::fs::read_to_string(data.with_extension("log")).unwrap_or_default()
@@ -874,15 +837,7 @@ fn sigterm_stops_promptly_and_the_counters_survive_a_restart() {
     let rt = tokio::runtime::Runtime::new().expect("rt");
     rt.block_on(async {
         let mut raw = RawWorker::enrol(&url).await;
-        let fake = nexa_shared::job::Lease {
-            job: nexa_shared::job::JobSpec {
-                job_id: "nobody".into(),
-                ..Default::default()
-            },
-            generation: 1,
-            attempt: 1,
-            gpus: Vec::new(),
-        };
+        let fake = made_up_lease("nobody");
         raw.upload(&fake, "out", "f", b"x")
             .await
             .expect_err("no lease");
@@ -894,11 +849,7 @@ fn sigterm_stops_promptly_and_the_counters_survive_a_restart() {
         "slow.yaml",
         "pipeline:\n  name: slow\n  steps:\n    - id: a\n      uses: exec\n      params: {run: 'sleep 30'}\n      out: artifacts/a\n",
     );
-    let mut follower = remote(&p, &coord, &["pipeline", "run", "slow.yaml"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("client");
+    let mut follower = run_in_background(&p, &coord, "slow.yaml");
     std::thread::sleep(Duration::from_secs(1));
     let t0 = std::time::Instant::now();
     nix::sys::signal::kill(
@@ -928,11 +879,7 @@ fn a_jobs_uploads_are_limited_in_total() {
     );
     let url = coord.url("http");
     one_step(&p, "big", 0);
-    let client = remote(&p, &coord, &["pipeline", "run", "big.yaml"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("client");
+    let client = run_in_background(&p, &coord, "big.yaml");
     let rt = tokio::runtime::Runtime::new().expect("rt");
     rt.block_on(async {
         let mut w = RawWorker::enrol(&url).await;
@@ -959,16 +906,8 @@ fn a_late_stale_report_leaves_the_newer_lease_its_inputs() {
     let p = Project::new();
     let coord = Coord::open(&p.path().join("coord"));
     let url = coord.url("http");
-    p.write("in/data.txt", "input\n");
-    p.write(
-        "s.yaml",
-        "pipeline:\n  name: stale\n  steps:\n    - id: a\n      uses: exec\n      in: {d: in/data.txt}\n      params: {run: 'true'}\n      out: artifacts/a\n",
-    );
-    let client = remote(&p, &coord, &["pipeline", "run", "s.yaml"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("client");
+    reading_step(&p, "stale", "input\n");
+    let client = run_in_background(&p, &coord, "stale.yaml");
     let rt = tokio::runtime::Runtime::new().expect("rt");
     rt.block_on(async {
         let mut w = RawWorker::enrol(&url).await;

@@ -69,7 +69,14 @@ impl DiskGuard {
 
     /// `Err` with a message for callers when the disk is below the floor (looked at now).
     pub fn check(&self) -> Result<(), String> {
-        if self.refresh() {
+        self.refresh();
+        self.refusal()
+    }
+
+    /// [`DiskGuard::check`] from the last look (the watcher's, at most a second old):
+    /// for hot paths such as every upload.
+    pub fn refusal(&self) -> Result<(), String> {
+        if self.is_low() {
             return Err(format!(
                 "the coordinator's data disk has {} free, under its floor of {}: try again later",
                 nexa_shared::units::format_size(self.free()),

@@ -194,6 +194,8 @@ pub enum EdgeRefusal {
     UploadDigest,
     /// An upload or input fetch for an attempt that is not leased to the caller.
     NoLease,
+    /// An upload for an old attempt of a job that exists (expired or reassigned).
+    StaleUpload,
 }
 
 /// The closed set of messages the scheduler loop consumes.
@@ -665,10 +667,7 @@ impl Engine {
                     {
                         LeaseCheck::Live
                     }
-                    Some(_) => {
-                        self.refusals.stale += 1;
-                        LeaseCheck::Stale
-                    }
+                    Some(_) => LeaseCheck::Stale,
                 };
                 let _ = reply.send(check);
             }
@@ -712,6 +711,7 @@ impl Engine {
                 EdgeRefusal::UnsafeName => self.refusals.unsafe_name += 1,
                 EdgeRefusal::UploadDigest => self.refusals.upload_digest += 1,
                 EdgeRefusal::NoLease => self.refusals.no_lease += 1,
+                EdgeRefusal::StaleUpload => self.refusals.stale += 1,
             },
             Event::Refusals(reply) => {
                 let _ = reply.send(self.refusals);

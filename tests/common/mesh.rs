@@ -77,6 +77,20 @@ pub struct Coord {
 impl Coord {
     /// Starts `nexa-coordinator serve` on `listen` (use 127.0.0.1:0 for any port).
     pub fn start(data: &Path, listen: &str, extra: &[&str]) -> Coord {
+        Coord::try_start(data, listen, extra).unwrap_or_else(|| {
+            panic!(
+                "the coordinator exited before listening:\n{}",
+                std::fs::read_to_string(data.with_extension("log")).unwrap_or_default()
+            )
+        })
+    }
+
+    /// [`Coord::start`] for a coordinator that may fail to start: `None` when it exits
+    /// before printing its address (its log is at `<data>.log`).
+    // The child is waited for on every path: here when it exits, by `Coord`'s drop
+    // otherwise.
+    #[allow(clippy::zombie_processes)]
+    pub fn try_start(data: &Path, listen: &str, extra: &[&str]) -> Option<Coord> {
         let mut child = Command::new(bin("nexa-coordinator"))
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data)
@@ -101,24 +115,28 @@ impl Coord {
         let stdout = child.stdout.take().expect("stdout");
         let mut reader = BufReader::new(stdout);
         let mut metrics = None;
-        let addr = loop {
+        loop {
             let mut line = String::new();
-            reader.read_line(&mut line).expect("listening line");
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                let _ = child.wait();
+                return None;
+            }
             if let Some(m) = line.trim().strip_prefix("metrics on ") {
                 metrics = Some(m.to_string());
                 continue;
             }
-            break line
+            // Scripts read the address from the last line the coordinator prints.
+            let addr = line
                 .trim()
                 .strip_prefix("listening on ")
                 .unwrap_or_else(|| panic!("unexpected line {line:?}"))
                 .to_string();
-        };
-        Coord {
-            child,
-            addr,
-            data: data.to_path_buf(),
-            metrics,
+            return Some(Coord {
+                child,
+                addr,
+                data: data.to_path_buf(),
+                metrics,
+            });
         }
     }
 

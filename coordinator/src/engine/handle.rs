@@ -190,7 +190,7 @@ impl Coordinator {
     }
 
     /// Whether `(job, generation)` is leased to `worker` now (and its run not cancelled).
-    /// A stale answer is counted as a stale-generation refusal.
+    /// Only answers: the caller decides what a refusal counts as.
     pub async fn lease_live(&self, worker: &str, job: &str, generation: u64) -> Result<LeaseCheck> {
         let (tx, rx) = oneshot::channel();
         self.send(Event::LeaseLive(

@@ -146,8 +146,7 @@ impl WorkerApi {
             .map_err(|e| Status::unavailable(e.to_string()))?;
         match check {
             LeaseCheck::Live => return Ok(()),
-            // Counted by the engine as a stale generation.
-            LeaseCheck::Stale => {}
+            LeaseCheck::Stale => self.coord.count_refusal(EdgeRefusal::StaleUpload),
             LeaseCheck::Unknown => self.coord.count_refusal(EdgeRefusal::NoLease),
         }
         Err(Status::failed_precondition(format!(
@@ -393,7 +392,7 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<v1::UploadResponse>, Status> {
         let worker = self.worker(&req)?;
         if let Some(g) = &self.cfg.disk {
-            g.check().map_err(Status::unavailable)?;
+            g.refusal().map_err(Status::unavailable)?;
         }
         let mut stream = req.into_inner();
         let mut current: Option<Incoming> = None;
