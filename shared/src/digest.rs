@@ -14,8 +14,12 @@ use std::path::{Path, PathBuf};
 /// The prefix of every digest string.
 pub const PREFIX: &str = "blake3:";
 
-/// Files at least this big are hashed memory-mapped on all cores.
-const MMAP_THRESHOLD: u64 = 4 * 1024 * 1024;
+/// Files at least this big are hashed in chunks on all cores.
+const PARALLEL_THRESHOLD: u64 = 4 * 1024 * 1024;
+
+/// The read buffer for big files: a fixed cost whatever the file's size. Big enough that
+/// each chunk is worth splitting across cores (BLAKE3 wants well over 128 KiB).
+const PARALLEL_CHUNK: usize = 4 * 1024 * 1024;
 
 /// Formats a BLAKE3 hash as `blake3:<hex>`.
 pub fn format(hash: &blake3::Hash) -> String {
@@ -31,13 +35,25 @@ pub fn parse(text: &str) -> Result<blake3::Hash> {
 }
 
 /// Hashes one file; returns its digest and size.
+///
+/// The file is streamed through a fixed buffer (64 KiB, or 4 MiB hashed on all cores for
+/// big files), never memory-mapped: a 10 GB sparse output costs 4 MiB of memory, not
+/// 10 GB of mapped pages, and a file truncated while it is hashed is a read error here,
+/// not a SIGBUS that kills the process.
 pub fn hash_file(path: &Path) -> Result<(blake3::Hash, u64)> {
-    let meta = fs::metadata(path).ctx("stat", path)?;
+    let mut f = fs::File::open(path).ctx("open", path)?;
+    let len = f.metadata().ctx("stat", path)?.len();
     let mut hasher = blake3::Hasher::new();
-    if meta.len() >= MMAP_THRESHOLD {
-        hasher.update_mmap_rayon(path).ctx("hash", path)?;
+    if len >= PARALLEL_THRESHOLD {
+        let mut buf = vec![0u8; PARALLEL_CHUNK];
+        loop {
+            let n = read_full(&mut f, &mut buf).ctx("read", path)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update_rayon(&buf[..n]);
+        }
     } else {
-        let mut f = fs::File::open(path).ctx("open", path)?;
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = f.read(&mut buf).ctx("read", path)?;
@@ -48,6 +64,20 @@ pub fn hash_file(path: &Path) -> Result<(blake3::Hash, u64)> {
         }
     }
     Ok((hasher.finalize(), hasher.count()))
+}
+
+/// Reads until `buf` is full or the file ends; returns the bytes read.
+fn read_full(f: &mut fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match f.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }
 
 /// One file of a hashed tree.
@@ -204,6 +234,40 @@ mod tests {
         assert_eq!(n, 3);
         assert_eq!(parse(&format(&h)).expect("parse"), h);
         assert!(parse("sha256:00").is_err());
+    }
+
+    #[test]
+    fn big_files_stream_in_chunks_and_hash_like_one_buffer() {
+        // Sizes around the chunk boundary, and a sparse file with data after a hole.
+        let d = tempfile::tempdir().expect("tempdir");
+        for size in [
+            PARALLEL_THRESHOLD as usize,
+            PARALLEL_CHUNK * 2,
+            PARALLEL_CHUNK * 2 + 12_345,
+        ] {
+            let bytes: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+            let p = d.path().join(format!("f{size}"));
+            fs::write(&p, &bytes).expect("write");
+            let (h, n) = hash_file(&p).expect("hash");
+            assert_eq!((h, n), (blake3::hash(&bytes), size as u64), "size {size}");
+        }
+        let sparse = d.path().join("sparse");
+        let f = fs::File::create(&sparse).expect("create");
+        f.set_len(3 * PARALLEL_CHUNK as u64 + 7).expect("set_len");
+        drop(f);
+        let mut expect = vec![0u8; 3 * PARALLEL_CHUNK + 7];
+        {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .open(&sparse)
+                .expect("open");
+            f.seek(SeekFrom::Start(PARALLEL_CHUNK as u64 * 2 + 1))
+                .expect("seek");
+            f.write_all(b"tail").expect("write");
+        }
+        expect[PARALLEL_CHUNK * 2 + 1..PARALLEL_CHUNK * 2 + 5].copy_from_slice(b"tail");
+        assert_eq!(hash_file(&sparse).expect("hash").0, blake3::hash(&expect));
     }
 
     #[test]
