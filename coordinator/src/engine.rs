@@ -535,6 +535,8 @@ struct Engine {
     dirty_runs: Vec<String>,
     /// Workers whose records changed since the last round.
     dirty_workers: std::collections::BTreeSet<String>,
+    /// Runs that are over but whose final state the store has not taken yet.
+    finishing: std::collections::BTreeSet<String>,
     /// Replicated units waiting for their quorum, by unit id.
     /// (Snapshot for metrics: see `snapshot`.)
     votes: HashMap<String, replication::Vote>,
@@ -569,8 +571,9 @@ const META_TREE: &str = "meta";
 /// The refusal counters' key in it.
 const REFUSALS_KEY: &str = "refusals";
 
-/// `YYYYMMDDTHHMMSS-xxxx` (UTC): sortable by start time, unique enough per process.
-fn new_run_id() -> String {
+/// A new run id, `YYYYMMDDTHHMMSS-xxxx` (UTC): sortable by start time, unique enough per
+/// process.
+pub fn new_run_id() -> String {
     let now = std::time::SystemTime::now();
     let nanos = now
         .duration_since(std::time::UNIX_EPOCH)

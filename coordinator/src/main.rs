@@ -137,7 +137,7 @@ fn stored_token(data_dir: &Path, name: &str, what: &str) -> anyhow::Result<Strin
     Ok(token)
 }
 
-fn main() -> anyhow::Result<()> {
+pub(crate) fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("NEXA_LOG")

@@ -33,6 +33,10 @@ pub fn write(state_dir: &Path, mirror: &Mirror) -> std::io::Result<()> {
     let final_path = path(state_dir);
     let tmp = state_dir.join(format!("{FILE}.tmp"));
     let mut f = std::fs::File::create(&tmp)?;
+    nexa_shared::fail_point!(
+        "mirror.write",
+        nexa_shared::failpoint::injected("mirror.write")
+    );
     f.write_all(&serde_json::to_vec_pretty(mirror).map_err(std::io::Error::other)?)?;
     f.sync_all()?;
     std::fs::rename(&tmp, final_path)

@@ -148,6 +148,12 @@ impl SledStore {
     }
 }
 
+/// The error an armed fail point injects into a store operation.
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+fn injected(point: &str) -> Error {
+    Error::Store(nexa_shared::failpoint::injected(point).to_string())
+}
+
 /// Removes sled snapshots that were never finished (see [`SledStore`]).
 fn remove_unfinished_snapshots(path: &Path) {
     let Ok(dir) = std::fs::read_dir(path) else {
@@ -175,6 +181,7 @@ impl Store for SledStore {
     }
 
     fn put_batch(&self, tree: &str, entries: &[(String, Vec<u8>)]) -> Result<()> {
+        nexa_shared::fail_point!("store.write", injected("store.write"));
         self.with(|db| {
             let t = db.open_tree(tree)?;
             // A one-entry batch is a plain insert: a sled batch seals a log buffer.
@@ -191,6 +198,7 @@ impl Store for SledStore {
     }
 
     fn remove(&self, tree: &str, key: &str) -> Result<()> {
+        nexa_shared::fail_point!("store.write", injected("store.write"));
         self.with(|db| db.open_tree(tree)?.remove(key).map(|_| ()))
     }
 
@@ -207,6 +215,7 @@ impl Store for SledStore {
     }
 
     fn flush(&self) -> Result<()> {
+        nexa_shared::fail_point!("store.flush", injected("store.flush"));
         self.with(|db| db.flush().map(|_| ()))
     }
 
@@ -217,6 +226,7 @@ impl Store for SledStore {
         old: Option<&[u8]>,
         new: Option<&[u8]>,
     ) -> Result<bool> {
+        nexa_shared::fail_point!("store.write", injected("store.write"));
         self.with(|db| {
             let t = db.open_tree(tree)?;
             Ok(t.compare_and_swap(key.as_bytes(), old, new)?.is_ok())

@@ -294,6 +294,14 @@ fn prepare(out: &Path, req: SealRequest, mode: Durability) -> Result<(Meta, Tree
     })?;
     let meta_path = tmp.join(META);
     fs::write(&meta_path, meta_bytes).ctx("write", &meta_path)?;
+    crate::fail_point!(
+        "seal.prepare",
+        Error::io(
+            "write",
+            &meta_path,
+            crate::failpoint::injected("seal.prepare")
+        )
+    );
     make_read_only(&tmp)?;
     if mode == Durability::Targeted {
         fsync_tree(&tmp)?;
@@ -311,6 +319,11 @@ fn swap_in(out: &Path, mode: Durability) -> Result<()> {
         }
         fs::rename(out, &old).ctx("rename", out)?;
     }
+    // The moment between the two renames: no artifact at `out` (a kept one is at .old).
+    crate::fail_point!(
+        "seal.swap_in",
+        Error::io("rename", &tmp, crate::failpoint::injected("seal.swap_in"))
+    );
     fs::rename(&tmp, out).ctx("rename", &tmp)?;
     if mode == Durability::Targeted {
         fsync_dir(out.parent().unwrap_or(Path::new(".")))?;
@@ -342,6 +355,10 @@ fn describe_mismatch(expected: &[digest::FileEntry], got: &[digest::FileEntry]) 
 /// Phase 3: the seal marker.
 fn touch_complete(out: &Path, mode: Durability) -> Result<()> {
     let c = out.join(COMPLETE);
+    crate::fail_point!(
+        "seal.complete",
+        Error::io("write", &c, crate::failpoint::injected("seal.complete"))
+    );
     let f = fs::File::create(&c).ctx("write", &c)?;
     if mode == Durability::Targeted {
         f.sync_all().ctx("fsync", &c)?;

@@ -12,6 +12,7 @@ pub mod diag;
 pub mod digest;
 pub mod disk;
 pub mod error;
+pub mod failpoint;
 pub mod handlers;
 pub mod hardware;
 pub mod job;

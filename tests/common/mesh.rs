@@ -56,6 +56,39 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// `nexa-coordinator-failpoints`: the coordinator with its fail points armed by
+/// `FAILPOINTS` (built with the `failpoints` feature, beside the others; only the
+/// fail-point suite asks for it).
+pub fn failpoints_bin() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    let nexa = PathBuf::from(env!("CARGO_BIN_EXE_nexa"));
+    BUILT.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut c = Command::new(&cargo);
+        c.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+            "build",
+            "-p",
+            "nexa-coordinator",
+            "--bin",
+            "nexa-coordinator-failpoints",
+            "--features",
+            "failpoints",
+        ]);
+        if nexa.components().any(|c| c.as_os_str() == "release") {
+            c.arg("--release");
+        }
+        let out = c.output().expect("run cargo build");
+        assert!(
+            out.status.success(),
+            "building nexa-coordinator-failpoints failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    let p = nexa.with_file_name("nexa-coordinator-failpoints");
+    assert!(p.exists(), "{} is missing after building it", p.display());
+    p
+}
+
 /// `127.0.0.1:<port>` with a port free now: a coordinator restarted on it comes back at
 /// the address its workers know.
 pub fn fixed_listen() -> String {
@@ -89,9 +122,21 @@ impl Coord {
     /// before printing its address (its log is at `<data>.log`).
     // The child is waited for on every path: here when it exits, by `Coord`'s drop
     // otherwise.
-    #[allow(clippy::zombie_processes)]
     pub fn try_start(data: &Path, listen: &str, extra: &[&str]) -> Option<Coord> {
-        let mut child = Command::new(bin("nexa-coordinator"))
+        Coord::try_start_exe(&bin("nexa-coordinator"), &[], data, listen, extra)
+    }
+
+    /// [`Coord::try_start`] with another coordinator binary and extra environment.
+    #[allow(clippy::zombie_processes)]
+    pub fn try_start_exe(
+        exe: &Path,
+        env: &[(&str, &str)],
+        data: &Path,
+        listen: &str,
+        extra: &[&str],
+    ) -> Option<Coord> {
+        let mut child = Command::new(exe)
+            .envs(env.iter().copied())
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data)
             .args(["--operator-token", "op-token", "--unfit-grace-s", "2"])

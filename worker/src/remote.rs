@@ -438,15 +438,22 @@ impl CoordinatorLink for GrpcLink {
             .staging
             .as_ref()
             .and_then(|s| s.parent().map(Path::to_path_buf));
-        let outcome = self
-            .retrying(8, || async {
-                self.upload(&result).await?;
-                let mut client = self.client.clone();
-                client
-                    .report(self.authed(v1::JobResult::from(&result)))
-                    .await
-            })
-            .await;
+        // Uploads, then the report, each retried on its own: the report closes the
+        // attempt to uploads, so a report that failed in flight (the coordinator refused
+        // to judge it, or died judging it) is sent again alone, never after a re-upload
+        // that a closed attempt would refuse.
+        let outcome = match self.retrying(8, || self.upload(&result)).await {
+            Ok(()) => {
+                self.retrying(8, || async {
+                    let mut client = self.client.clone();
+                    client
+                        .report(self.authed(v1::JobResult::from(&result)))
+                        .await
+                })
+                .await
+            }
+            Err(s) => Err(s),
+        };
         if let Err(s) = outcome {
             tracing::warn!(job = %result.job_id, error = %s.message(), "could not deliver the result; the lease will expire and the job move");
         }

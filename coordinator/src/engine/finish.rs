@@ -158,11 +158,6 @@ impl Engine {
         if self.jobs.values().any(|j| j.run_id == run_id) {
             return;
         }
-        let Some(mut run) = self.runs.remove(run_id) else {
-            return;
-        };
-        self.granted.remove(run_id);
-        self.blame.run_finished(run_id);
         let outcome = if run.cancelled
             || run
                 .records
@@ -179,10 +174,9 @@ impl Engine {
         } else {
             RunOutcome::Succeeded
         };
+        // The run is over only once the store says so: until its final state is durable
+        // nobody is told, and the tick tries again (a full disk, an I/O error).
         let refs: Vec<&StepRecord> = run.records.iter().collect();
-        if let Err(e) = state::save_steps(self.store.as_ref(), &run.ctx.pipeline.name, &refs) {
-            tracing::error!(error = %format!("{e:#}"), "saving final step state");
-        }
         let rec = RunRecord {
             run_id: run_id.to_string(),
             pipeline: run.ctx.pipeline.name.clone(),
@@ -190,10 +184,22 @@ impl Engine {
             finished_at: Some(now_rfc3339()),
             outcome: format!("{outcome:?}").to_lowercase(),
         };
-        if let Err(e) = state::save_run(self.store.as_ref(), &rec).and_then(|_| self.store.flush())
-        {
-            tracing::error!(error = %format!("{e:#}"), "saving run record");
+        let saved = state::save_steps(self.store.as_ref(), &run.ctx.pipeline.name, &refs)
+            .and_then(|_| state::save_run(self.store.as_ref(), &rec))
+            .and_then(|_| self.store.flush());
+        if let Err(e) = saved {
+            if !self.finishing.contains(run_id) {
+                tracing::error!(error = %format!("{e:#}"), run = %run_id, "saving the finished run; retried every tick, nobody is told before it is saved");
+                self.finishing.insert(run_id.to_string());
+            }
+            return;
         }
+        self.finishing.remove(run_id);
+        let Some(mut run) = self.runs.remove(run_id) else {
+            return;
+        };
+        self.granted.remove(run_id);
+        self.blame.run_finished(run_id);
         write_mirror(&mut run);
         self.cancels
             .lock()

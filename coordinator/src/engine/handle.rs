@@ -11,7 +11,9 @@ impl Coordinator {
     ) -> (Coordinator, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let cancels = Arc::new(Mutex::new(HashMap::new()));
-        if config.lease_ttl.is_some() {
+        // The tick expires leases (on the mesh) and retries what the store refused
+        // (everywhere).
+        {
             let tick = tx.clone();
             tokio::spawn(async move {
                 let mut every = tokio::time::interval(Duration::from_millis(250));
@@ -66,6 +68,7 @@ impl Coordinator {
             saved_refusals: refusals,
             dirty_runs: Vec::new(),
             dirty_workers: Default::default(),
+            finishing: Default::default(),
             votes: HashMap::new(),
             decided: HashMap::new(),
             replication: Default::default(),

@@ -274,6 +274,10 @@ impl Engine {
     }
 
     pub(super) fn on_tick(&mut self) {
+        // Runs whose final state the store refused: try again.
+        for run_id in self.finishing.clone() {
+            self.maybe_finish(&run_id);
+        }
         let Some(ttl) = self.config.lease_ttl else {
             return;
         };

@@ -227,15 +227,20 @@ impl Engine {
                 Err(e) => tracing::error!(error = %format!("{e:#}"), "saving the refusal counters"),
             }
         }
+        // What could not be written stays dirty and is written with the next round: a
+        // store that failed once (a full disk, an I/O error) is caught up when it works.
         if !self.dirty_workers.is_empty() {
-            let recs: Vec<state::WorkerRecord> = std::mem::take(&mut self.dirty_workers)
+            let ids = std::mem::take(&mut self.dirty_workers);
+            let recs: Vec<state::WorkerRecord> = ids
                 .iter()
                 .filter_map(|id| self.workers.get(id).map(|w| w.record_of(id)))
                 .collect();
             if let Err(e) = state::save_workers(self.store.as_ref(), &recs) {
-                tracing::error!(error = %format!("{e:#}"), "saving worker records");
+                tracing::error!(error = %format!("{e:#}"), "saving worker records; retried with the next round");
+                self.dirty_workers.extend(ids);
             }
         }
+        let mut failed = Vec::new();
         for run_id in std::mem::take(&mut self.dirty_runs) {
             let Some(run) = self.runs.get_mut(&run_id) else {
                 continue;
@@ -245,7 +250,10 @@ impl Engine {
             dirty.dedup();
             let recs: Vec<&StepRecord> = dirty.iter().map(|&i| &run.records[i]).collect();
             if let Err(e) = state::save_steps(self.store.as_ref(), &run.ctx.pipeline.name, &recs) {
-                tracing::error!(error = %format!("{e:#}"), run = %run_id, "saving step state");
+                tracing::error!(error = %format!("{e:#}"), run = %run_id, "saving step state; retried with the next round");
+                run.dirty = dirty;
+                failed.push(run_id);
+                continue;
             }
             // The mirror is rewritten whole: space the writes out as the pipeline grows
             // (every 250 ms up to 1,000 steps, proportionally longer beyond).
@@ -254,6 +262,7 @@ impl Engine {
                 write_mirror(run);
             }
         }
+        self.dirty_runs.extend(failed);
     }
 
     pub(super) fn on_planned(&mut self, run_id: &str, i: usize, plan: Plan) {

@@ -175,7 +175,15 @@ impl ControlApi {
         let loaded = spec::load_str(&sub.file_name, &sub.yaml, &project)
             .and_then(|l| spec::check_confined_inputs(&sub.file_name, &l).map(|()| l))
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let handle = self
+        // The submission is durable before the run starts: a run the store refused is
+        // refused whole, never left running unacknowledged (where a resubmission would
+        // race it over the same artifacts).
+        let mut sub = sub;
+        if sub.run_id.is_empty() {
+            sub.run_id = crate::engine::new_run_id();
+        }
+        self.save_submission(&sub)?;
+        let submitted = self
             .coord
             .submit(RunRequest {
                 loaded,
@@ -183,15 +191,21 @@ impl ControlApi {
                 verify: sub.verify,
                 from: sub.from.clone(),
                 git_sha: None,
-                run_id: (!sub.run_id.is_empty()).then(|| sub.run_id.clone()),
+                run_id: Some(sub.run_id.clone()),
                 confined: true,
             })
-            .await
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            .await;
+        let handle = match submitted {
+            Ok(h) => h,
+            Err(e) => {
+                // Not to be resumed: it never started.
+                if let Err(err) = self.store.remove(SUBMISSIONS_TREE, &sub.run_id) {
+                    tracing::error!(run = %sub.run_id, error = %format!("{err:#}"), "forgetting a submission that did not start");
+                }
+                return Err(Status::failed_precondition(e.to_string()));
+            }
+        };
         let run_id = handle.run_id.clone();
-        let mut sub = sub;
-        sub.run_id = run_id.clone();
-        self.save_submission(&sub)?;
         let (live, _) = broadcast::channel(1024);
         lock(&self.feeds).insert(
             run_id.clone(),

@@ -55,6 +55,13 @@ impl Gate {
         if let Some(dir) = dest.parent() {
             std::fs::create_dir_all(dir).map_err(|e| Status::internal(format!("staging: {e}")))?;
         }
+        nexa_shared::fail_point!(
+            "upload.rename",
+            Status::internal(format!(
+                "staging: {}",
+                nexa_shared::failpoint::injected("upload.rename")
+            ))
+        );
         std::fs::rename(part, dest).map_err(|e| Status::internal(format!("staging: {e}")))
     }
 }
@@ -175,6 +182,14 @@ impl Incoming {
         let Some(file) = self.file.as_mut() else {
             return Err(Status::internal(format!("{}: already finished", self.name)));
         };
+        nexa_shared::fail_point!(
+            "upload.write",
+            Status::internal(format!(
+                "staging {}: {}",
+                self.name,
+                nexa_shared::failpoint::injected("upload.write")
+            ))
+        );
         self.hasher.update(data);
         file.write_all(data)
             .map_err(|e| Status::internal(format!("staging {}: {e}", self.name)))?;

@@ -477,6 +477,10 @@ impl WorkerService for WorkerApi {
         let log = staging.join(".log").join("log");
         result.log = log.is_file().then_some(log);
         result.staging = Some(staging);
+        nexa_shared::fail_point!(
+            "report.judge",
+            Status::unavailable(nexa_shared::failpoint::injected("report.judge").to_string())
+        );
         let verdict = self
             .coord
             .report_judged(&worker, result)
