@@ -36,8 +36,9 @@ pub fn parse(text: &str) -> Result<blake3::Hash> {
 
 /// Hashes one file; returns its digest and size.
 ///
-/// The file is streamed through a fixed buffer (64 KiB, or 4 MiB hashed on all cores for
-/// big files), never memory-mapped: a 10 GB sparse output costs 4 MiB of memory, not
+/// The file is streamed through a fixed buffer (64 KiB, or for big files two 4 MiB
+/// buffers, one read while the other is hashed on all cores), never memory-mapped: a
+/// 10 GB sparse output costs 8 MiB of memory, not
 /// 10 GB of mapped pages, and a file truncated while it is hashed is a read error here,
 /// not a SIGBUS that kills the process.
 pub fn hash_file(path: &Path) -> Result<(blake3::Hash, u64)> {
@@ -45,14 +46,7 @@ pub fn hash_file(path: &Path) -> Result<(blake3::Hash, u64)> {
     let len = f.metadata().ctx("stat", path)?.len();
     let mut hasher = blake3::Hasher::new();
     if len >= PARALLEL_THRESHOLD {
-        let mut buf = vec![0u8; PARALLEL_CHUNK];
-        loop {
-            let n = read_full(&mut f, &mut buf).ctx("read", path)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update_rayon(&buf[..n]);
-        }
+        hash_pipelined(&mut f, &mut hasher).ctx("read", path)?;
     } else {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -64,6 +58,44 @@ pub fn hash_file(path: &Path) -> Result<(blake3::Hash, u64)> {
         }
     }
     Ok((hasher.finalize(), hasher.count()))
+}
+
+/// Hashes a big file on all cores while a reader thread fills the next buffer: two
+/// buffers of [`PARALLEL_CHUNK`] pass between them, so reading overlaps hashing and the
+/// memory used is fixed.
+fn hash_pipelined(f: &mut fs::File, hasher: &mut blake3::Hasher) -> std::io::Result<()> {
+    use std::sync::mpsc::sync_channel;
+    let (full_tx, full_rx) = sync_channel::<(Vec<u8>, usize)>(2);
+    let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(2);
+    for _ in 0..2 {
+        let _ = empty_tx.send(vec![0u8; PARALLEL_CHUNK]);
+    }
+    std::thread::scope(|s| {
+        let reader = s.spawn(move || -> std::io::Result<()> {
+            while let Ok(mut buf) = empty_rx.recv() {
+                let n = read_full(f, &mut buf)?;
+                if full_tx.send((buf, n)).is_err() || n == 0 {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        while let Ok((buf, n)) = full_rx.recv() {
+            if n == 0 {
+                break;
+            }
+            hasher.update_rayon(&buf[..n]);
+            if empty_tx.send(buf).is_err() {
+                break;
+            }
+        }
+        // The reader ends on end of file, on an error, or when its channel closes.
+        drop(empty_tx);
+        drop(full_rx);
+        reader
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the reader thread panicked")))
+    })
 }
 
 /// Reads until `buf` is full or the file ends; returns the bytes read.
