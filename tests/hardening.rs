@@ -572,6 +572,60 @@ fn unauthenticated_large_submits_cost_the_coordinator_no_memory() {
     );
 }
 
+/// Defect 9, the rest: authenticated large Submits are capped too. 12 concurrent 32 MiB
+/// Submits (each refused as invalid once read) used to be decoded all at once; at most
+/// `LARGE_REQUESTS_AT_ONCE` are read at a time now, the others wait unread.
+#[test]
+fn concurrent_large_authenticated_submits_are_read_a_few_at_a_time() {
+    use nexa_proto::v1;
+    let p = Project::new();
+    let coord = Coord::open(&p.path().join("coord"));
+    let url = coord.url("http");
+    let pid = coord.child.id();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = vm_kib(pid, "VmHWM:");
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    rt.block_on(async {
+        // A YAML file of one 32 MiB comment: valid UTF-8, no pipeline in it.
+        let big = format!("#{}", "x".repeat(32 << 20));
+        let mut calls = Vec::new();
+        for i in 0..12 {
+            let url = url.clone();
+            let yaml = big.clone();
+            calls.push(tokio::spawn(async move {
+                let mut c = v1::control_service_client::ControlServiceClient::connect(url)
+                    .await
+                    .expect("connect")
+                    .max_encoding_message_size(usize::MAX);
+                let mut req = tonic::Request::new(v1::SubmitRequest {
+                    pipeline_yaml: yaml,
+                    file_name: format!("big{i}.yaml"),
+                    ..Default::default()
+                });
+                req.metadata_mut().insert(
+                    "authorization",
+                    format!("Bearer {}", common::mesh::TOKEN)
+                        .parse()
+                        .expect("header"),
+                );
+                c.submit(req).await.expect_err("refused")
+            }));
+        }
+        for c in calls {
+            let e = c.await.expect("join");
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        }
+    });
+    let after = vm_kib(pid, "VmHWM:");
+    eprintln!("peak RSS {before} KiB -> {after} KiB for 12 concurrent 32 MiB Submits");
+    // Without the cap: +422 MB here (12 bodies buffered and decoded at once); two at a
+    // time: about +115 MB.
+    assert!(
+        after < before + 250 * 1024,
+        "peak RSS went from {before} KiB to {after} KiB"
+    );
+}
+
 /// Defect 12: a step sharded over an upstream artifact whose payload is one record file
 /// gets one record per shard (never an empty shard); two slots staging inputs at once,
 /// and two inputs with the same content under different names, stage fine; nothing is

@@ -3,6 +3,7 @@
 //! messages with `nexa_proto::convert` and talk to the engine through [`Coordinator`].
 
 mod control_service;
+mod large_requests;
 mod server;
 mod uploads;
 mod worker_service;

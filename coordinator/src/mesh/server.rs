@@ -120,9 +120,13 @@ pub async fn serve_with_metrics(
     tracing::info!(?addr, tls = cfg.tls.is_some(), "coordinator serving");
     let result = builder
         .add_service(worker_service(coord.clone(), cfg.mesh.clone()))
+        // The token is checked on the headers first; only then may a large body be read,
+        // and only a few at a time.
         .add_service(tonic::service::interceptor::InterceptedService::new(
-            nexa_proto::v1::control_service_server::ControlServiceServer::new(control)
-                .max_decoding_message_size(cfg.mesh.max_submit_bytes),
+            super::large_requests::LargeRequestLimit::new(
+                nexa_proto::v1::control_service_server::ControlServiceServer::new(control)
+                    .max_decoding_message_size(cfg.mesh.max_submit_bytes),
+            ),
             move |req: tonic::Request<()>| {
                 super::control_service::check_operator_token(req.metadata(), &operator_token)
                     .map(|()| req)
