@@ -281,6 +281,9 @@ pub struct EngineConfig {
     /// The store `core.registry.*` steps act on; `None`: the project's own
     /// `.nexa_state/registry` (embedded), opened for each step.
     pub registry: Option<Arc<dyn Store>>,
+    /// Where the registry's models are mirrored as JSON (`<data>/registry` on a
+    /// coordinator, for `store recover`); `None`: not mirrored.
+    pub registry_mirror: Option<PathBuf>,
     /// Validation for every step that does not ask for its own (a pool of untrusted
     /// workers); `None`: only steps with `validation` are replicated.
     pub default_validation: Option<nexa_shared::spec::Validation>,
@@ -311,6 +314,7 @@ impl EngineConfig {
             unfit_grace: Duration::ZERO,
             throttle_failing_workers: false,
             registry: None,
+            registry_mirror: None,
             default_validation: None,
             metrics: None,
         }

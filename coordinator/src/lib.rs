@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod planner;
 pub mod quorum;
+pub mod recover;
 pub mod registry;
 pub mod seal_queue;
 pub mod sealer;

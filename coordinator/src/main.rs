@@ -35,6 +35,29 @@ enum Cmd {
         #[arg(long = "host", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
         hosts: Vec<String>,
     },
+    /// Look after the run-state store.
+    Store {
+        #[command(subcommand)]
+        command: StoreCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCmd {
+    /// Rebuild a store that cannot be opened: step and run records from the pipelines'
+    /// state mirrors, lineage from the sealed artifacts, models from the registry
+    /// mirror. The old store is moved aside; what could not be recovered is listed.
+    Recover {
+        /// The coordinator's data directory [default: ./nexa-data].
+        #[arg(long, env = "NEXA_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Rebuild even a store that opens.
+        #[arg(long)]
+        force: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args, Default, serde::Deserialize)]
@@ -158,7 +181,40 @@ pub(crate) fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Serve(args) => serve(args.layered()?),
+        Cmd::Store {
+            command:
+                StoreCmd::Recover {
+                    data_dir,
+                    force,
+                    json,
+                },
+        } => recover(
+            &data_dir.unwrap_or_else(|| PathBuf::from("nexa-data")),
+            force,
+            json,
+        ),
     }
+}
+
+fn recover(data_dir: &Path, force: bool, json: bool) -> anyhow::Result<()> {
+    let r = nexa_coordinator::recover::recover(data_dir, force)
+        .with_context(|| format!("recovering the store of {}", data_dir.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    if let Some(old) = &r.moved_to {
+        println!("the old store was moved to {}", old.display());
+    }
+    println!(
+        "recovered: {} step records and {} runs of {} pipelines, lineage of {} sealed artifacts, {} models",
+        r.steps, r.runs, r.pipelines, r.artifacts, r.models
+    );
+    println!("not recovered:");
+    for line in &r.not_recovered {
+        println!("  - {line}");
+    }
+    Ok(())
 }
 
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
@@ -217,6 +273,8 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        // A store that cannot be opened stops the start before anything listens.
+        let store = nexa_coordinator::mesh::open_store(&cfg.mesh.data_dir)?;
         let metrics = match &metrics_listen {
             Some(m) => {
                 let l = tokio::net::TcpListener::bind(m)
@@ -241,7 +299,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             }
             tracing::info!("shutting down");
         };
-        nexa_coordinator::mesh::serve_with_metrics(listener, metrics, cfg, shutdown).await?;
+        nexa_coordinator::mesh::serve_opened(listener, metrics, cfg, store, shutdown).await?;
         Ok(())
     })
 }

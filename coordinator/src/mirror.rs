@@ -28,18 +28,27 @@ pub fn path(state_dir: &Path) -> PathBuf {
 
 /// Writes the mirror atomically (temp file, fsync, rename).
 pub fn write(state_dir: &Path, mirror: &Mirror) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(mirror).map_err(std::io::Error::other)?;
+    write_atomic(&path(state_dir), &bytes)
+}
+
+/// Replaces `path` with `bytes` atomically: a temp file beside it, fsynced, renamed over
+/// it. A reader sees the old content or the new, never a part.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    std::fs::create_dir_all(state_dir)?;
-    let final_path = path(state_dir);
-    let tmp = state_dir.join(format!("{FILE}.tmp"));
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = dir.join(name);
     let mut f = std::fs::File::create(&tmp)?;
     nexa_shared::fail_point!(
         "mirror.write",
         nexa_shared::failpoint::injected("mirror.write")
     );
-    f.write_all(&serde_json::to_vec_pretty(mirror).map_err(std::io::Error::other)?)?;
+    f.write_all(bytes)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, final_path)
+    std::fs::rename(&tmp, path)
 }
 
 /// Reads the mirror, if there is one.

@@ -159,12 +159,46 @@ impl Model {
 /// The registry over a store.
 pub struct Registry<'a> {
     store: &'a dyn Store,
+    mirror: Option<PathBuf>,
 }
+
+/// Serialises mirror writes, so that the last one written is the store's latest.
+static MIRROR_WRITES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl<'a> Registry<'a> {
     /// A registry kept in `store`.
     pub fn new(store: &'a dyn Store) -> Self {
-        Self { store }
+        Self {
+            store,
+            mirror: None,
+        }
+    }
+
+    /// Also mirrors every model, after each change, to `<dir>/<name>.json` (what
+    /// `nexa-coordinator store recover` rebuilds the registry from).
+    pub fn mirrored_in(mut self, dir: Option<PathBuf>) -> Self {
+        self.mirror = dir;
+        self
+    }
+
+    /// Rewrites `name`'s mirror from the store (a failure is logged: the store is the
+    /// truth, the mirror its copy for recovery).
+    fn write_mirror(&self, name: &str) {
+        let Some(dir) = &self.mirror else {
+            return;
+        };
+        let _one = MIRROR_WRITES.lock().unwrap_or_else(|p| p.into_inner());
+        let written = self.store.get(REGISTRY_TREE, name).and_then(|raw| {
+            let Some(bytes) = raw else {
+                return Ok(());
+            };
+            let path = mirror_path(dir, name);
+            crate::mirror::write_atomic(&path, &bytes)
+                .map_err(|e| Error::Domain(nexa_shared::Error::io("write", &path, e)))
+        });
+        if let Err(e) = written {
+            tracing::warn!(model = name, error = %e, "writing the registry mirror");
+        }
     }
 
     fn load(&self, name: &str) -> Result<(Option<Vec<u8>>, Model)> {
@@ -191,6 +225,7 @@ impl<'a> Registry<'a> {
                 .compare_and_swap(REGISTRY_TREE, name, raw.as_deref(), Some(&bytes))?
             {
                 self.store.flush()?;
+                self.write_mirror(name);
                 return Ok(out);
             }
         }
@@ -388,6 +423,11 @@ impl<'a> Registry<'a> {
     }
 }
 
+/// A model's mirror file in `dir`.
+pub fn mirror_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{}.json", nexa_shared::paths::safe_component(name)))
+}
+
 /// `file://` + absolute path for a local artifact, with its hash when it is sealed.
 /// Other URIs (`s3://`, `hf://`, ...) are recorded as given.
 fn canonical_artifact(uri: &str) -> Result<(String, Option<String>)> {
@@ -450,12 +490,13 @@ mod tests;
 /// whether that changed the registry (a re-run that finds its work done changes nothing).
 pub fn run_step(
     store: &dyn Store,
+    mirror: Option<PathBuf>,
     project: &Path,
     params: &nexa_shared::handlers::RegistryParams,
     inputs: &[(String, String, PathBuf)],
 ) -> Result<(String, bool)> {
     use nexa_shared::handlers::RegistryParams;
-    let r = Registry::new(store);
+    let r = Registry::new(store).mirrored_in(mirror);
     match params {
         RegistryParams::Register {
             name,

@@ -377,6 +377,7 @@ impl Engine {
         run.in_flight += 1;
         let project = run.ctx.project.clone();
         let registry = self.config.registry.clone();
+        let mirror = self.config.registry_mirror.clone();
         let tx = self.tx.clone();
         let rid = run_id.to_string();
         self.set_status(run_id, i, StepStatus::Running, None);
@@ -389,7 +390,7 @@ impl Engine {
                             .map_err(|e| e.to_string())?,
                     ),
                 };
-                crate::registry::run_step(store.as_ref(), &project, &p, &inputs)
+                crate::registry::run_step(store.as_ref(), mirror, &project, &p, &inputs)
                     .map_err(|e| e.to_string())
             });
             let _ = tx.send(Event::CoordinatorStepDone(rid, i, res));

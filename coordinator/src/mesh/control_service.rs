@@ -593,8 +593,9 @@ impl ControlService for ControlApi {
         self.check(&req)?;
         let r = req.into_inner();
         let store = self.store.clone();
+        let mirror = self.cfg.data_dir.join(crate::recover::REGISTRY_MIRROR);
         let json = tokio::task::spawn_blocking(move || {
-            let reg = crate::registry::Registry::new(store.as_ref());
+            let reg = crate::registry::Registry::new(store.as_ref()).mirrored_in(Some(mirror));
             match r.op.as_str() {
                 "list" => serde_json::to_string(&reg.list()?).map_err(Into::into),
                 "show" => serde_json::to_string(&reg.show(&r.name)?).map_err(Into::into),

@@ -9,7 +9,7 @@ mod uploads;
 mod worker_service;
 
 pub use control_service::{ControlApi, SUBMISSIONS_TREE, Submission};
-pub use server::{ServeConfig, serve, serve_with_metrics};
+pub use server::{ServeConfig, open_store, serve, serve_opened, serve_with_metrics};
 pub use worker_service::WorkerApi;
 
 use crate::Coordinator;

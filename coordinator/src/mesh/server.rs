@@ -4,7 +4,7 @@
 
 use super::{ControlApi, MeshConfig, worker_service};
 use crate::engine::EngineConfig;
-use crate::{Coordinator, Result, SledStore, Store};
+use crate::{Coordinator, Result, Store};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,9 +41,34 @@ pub async fn serve_with_metrics(
     cfg: ServeConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    std::fs::create_dir_all(&cfg.mesh.data_dir).map_err(|e| {
-        crate::Error::Domain(nexa_shared::Error::io("create", &cfg.mesh.data_dir, e))
+    let store = open_store(&cfg.mesh.data_dir)?;
+    serve_opened(listener, metrics, cfg, store, shutdown).await
+}
+
+/// Opens (or makes) the data directory's store, checked to be the one made there (see
+/// [`crate::recover::open_checked`]); an error says how to rebuild it.
+pub fn open_store(data_dir: &std::path::Path) -> Result<Arc<crate::SledStore>> {
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| crate::Error::Domain(nexa_shared::Error::io("create", data_dir, e)))?;
+    let store = crate::recover::open_checked(data_dir).map_err(|e| match e {
+        crate::Error::Store(m) => crate::Error::Store(format!(
+            "{m}\n  if it cannot be opened again, `nexa-coordinator store recover --data-dir {}` rebuilds it from the sealed artifacts and the state and registry mirrors (the old store is moved aside)",
+            data_dir.display()
+        )),
+        other => other,
     })?;
+    Ok(Arc::new(store))
+}
+
+/// [`serve_with_metrics`] on a store already opened with [`open_store`] (so that a
+/// caller can refuse to start before it says it listens).
+pub async fn serve_opened(
+    listener: tokio::net::TcpListener,
+    metrics: Option<tokio::net::TcpListener>,
+    cfg: ServeConfig,
+    sled: Arc<crate::SledStore>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
     // Uploads of a previous process belong to leases that died with it (generations
     // start anew): nothing in them can be sealed, so they go.
     let staging = cfg.mesh.data_dir.join("staging");
@@ -52,7 +77,6 @@ pub async fn serve_with_metrics(
     {
         tracing::warn!(error = %e, dir = %staging.display(), "removing stale uploads");
     }
-    let sled = Arc::new(SledStore::open(&cfg.mesh.data_dir.join("store"))?);
     let store: Arc<dyn Store> = sled.clone();
     let exported = Arc::new(
         crate::metrics::Metrics::new()
@@ -80,6 +104,7 @@ pub async fn serve_with_metrics(
             unfit_grace: cfg.unfit_grace,
             throttle_failing_workers: true,
             registry: Some(store.clone()),
+            registry_mirror: Some(cfg.mesh.data_dir.join(crate::recover::REGISTRY_MIRROR)),
             default_validation: cfg.default_validation,
             metrics: Some(exported.clone()),
         },
