@@ -543,6 +543,10 @@ fn viz_draws_text_dot_and_mermaid() {
         m.starts_with("flowchart LR") && m.contains("s0 --> s2"),
         "{m}"
     );
+    // Each ends its last line (a drawing piped into a file or a shell prompt).
+    for out in [&t, &d, &m] {
+        assert!(out.ends_with('\n'), "{out:?}");
+    }
 }
 
 #[test]
