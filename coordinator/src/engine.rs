@@ -7,6 +7,7 @@ use crate::seal_queue::{SealQueue, SealTask, keep_log};
 
 mod blame;
 mod finish;
+mod generations;
 mod handle;
 mod leasing;
 mod replication;
@@ -562,7 +563,8 @@ struct Engine {
     jobs: HashMap<String, Job>,
     queue: VecDeque<String>,
     waiting: VecDeque<(String, oneshot::Sender<Option<Lease>>)>,
-    next_generation: u64,
+    /// Lease generations (fencing tokens that only grow).
+    generations: generations::Generations,
     refusals: Refusals,
     /// Whose fault failed jobs are.
     blame: blame::Blame,

@@ -26,11 +26,7 @@ impl Coordinator {
                 }
             });
         }
-        // Generations only grow, across restarts too: they start at the boot time.
-        let boot = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let generations = generations::Generations::start(store.as_ref(), META_TREE);
         let seal_tx = tx.clone();
         let sealer = SealQueue::start(
             store.clone(),
@@ -88,7 +84,7 @@ impl Coordinator {
             jobs: HashMap::new(),
             queue: VecDeque::new(),
             waiting: VecDeque::new(),
-            next_generation: boot << 20,
+            generations,
             refusals,
             blame: blame::Blame::default(),
         };

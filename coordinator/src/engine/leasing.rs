@@ -94,8 +94,7 @@ impl Engine {
                 m.dispatch_latency
                     .observe(job.queued_at.elapsed().as_secs_f64());
             }
-            job.generation = self.next_generation;
-            self.next_generation += 1;
+            job.generation = self.generations.take(self.store.as_ref(), META_TREE);
             *self.granted.entry(job.run_id.clone()).or_default() += 1;
             job.worker = Some(worker.clone());
             job.state = JobState::Leased;

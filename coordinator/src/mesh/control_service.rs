@@ -146,7 +146,7 @@ impl ControlApi {
     }
 
     fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        check_operator_token(req.metadata(), &self.operator_token)
+        super::auth::check_operator_token(req.metadata(), &self.operator_token)
     }
 
     fn blob_path(&self, d: &str) -> Result<PathBuf, Status> {
@@ -302,30 +302,6 @@ async fn relay(
             Err(broadcast::error::RecvError::Closed) => return,
         }
     }
-}
-
-/// Checks the operator token in `metadata`. The server also runs this as an interceptor,
-/// on the headers alone, so a caller without the token is refused before a byte of its
-/// request body is read (a 63 MB unauthenticated Submit costs nothing).
-pub fn check_operator_token(
-    metadata: &tonic::metadata::MetadataMap,
-    expected: &str,
-) -> Result<(), Status> {
-    let token = metadata
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match token {
-        Some(t) if constant_time_eq(t.as_bytes(), expected.as_bytes()) => Ok(()),
-        Some(_) => Err(Status::unauthenticated("wrong operator token")),
-        None => Err(Status::unauthenticated(
-            "this call needs the operator token (authorization: Bearer <token>)",
-        )),
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 type EventStream =

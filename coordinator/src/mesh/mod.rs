@@ -2,6 +2,7 @@
 //! heartbeats, uploads, results, input downloads) over tonic. Handlers translate wire
 //! messages with `nexa_proto::convert` and talk to the engine through [`Coordinator`].
 
+mod auth;
 mod control_service;
 mod large_requests;
 mod server;

@@ -153,8 +153,7 @@ pub async fn serve_opened(
                     .max_decoding_message_size(cfg.mesh.max_submit_bytes),
             ),
             move |req: tonic::Request<()>| {
-                super::control_service::check_operator_token(req.metadata(), &operator_token)
-                    .map(|()| req)
+                super::auth::check_operator_token(req.metadata(), &operator_token).map(|()| req)
             },
         ))
         .serve_with_incoming_shutdown(

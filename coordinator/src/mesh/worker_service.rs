@@ -96,11 +96,7 @@ impl WorkerApi {
 
     /// The worker id behind the call's session token.
     fn worker<T>(&self, req: &Request<T>) -> Result<String, Status> {
-        let token = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+        let token = super::auth::bearer(req.metadata())
             .ok_or_else(|| Status::unauthenticated("missing session token: enrol first"))?;
         let idle = self.session_idle();
         let mut sessions = lock(&self.sessions);
@@ -238,7 +234,7 @@ impl WorkerService for WorkerApi {
         let r = req.into_inner();
         check_version(r.protocol_version)?;
         if let Some(expected) = &self.cfg.enrol_token
-            && &r.enrol_token != expected
+            && !super::auth::secrets_equal(r.enrol_token.as_bytes(), expected.as_bytes())
         {
             return Err(Status::unauthenticated(
                 "enrolment needs the operator's enrolment token",
