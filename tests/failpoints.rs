@@ -281,3 +281,52 @@ points! {
     report_judge_fails, report_judge_crash => "report.judge";
     mirror_write_fails, mirror_write_crash => "mirror.write";
 }
+
+/// A scheduler task that panics (the planner; a sharded step's assembly) fails its step
+/// with the reason, and the run ends: it used to send nothing back, and the run waited
+/// for it for ever.
+#[test]
+fn a_panicking_planner_or_assembly_fails_its_step_instead_of_hanging_the_run() {
+    for (point, failing) in [("planner.plan", "gen"), ("sealer.assemble", "fan")] {
+        let p = Project::new();
+        pipeline(&p);
+        let data = p.path().join("coord");
+        let armed = format!("{point}=panic");
+        let coord = Coord::try_start_exe(
+            &failpoints_bin(),
+            &[("FAILPOINTS", &armed)],
+            &data,
+            "127.0.0.1:0",
+            &["--open-enrolment"],
+        )
+        .expect("coordinator");
+        let _w = Worker::start(&coord.url("http"), &p.path().join("w"), 2, None, &[]);
+        let mut run = client(&p, &coord, 0);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = run.try_wait().expect("client") {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = run.kill();
+                panic!(
+                    "{point}: the run hangs after the task panicked.\n{}",
+                    std::fs::read_to_string(data.with_extension("log")).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let said = std::fs::read_to_string(p.path().join("client0.log")).unwrap_or_default();
+        assert!(!status.success(), "{point}: the run succeeded:\n{said}");
+        let out = remote(&p, &coord, &["pipeline", "status", "fp.yaml", "--json"])
+            .output()
+            .expect("status");
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+        let s = step(&st, failing);
+        assert_eq!(s["status"], "FAILED", "{point}: {st}");
+        assert!(
+            s["error"].as_str().unwrap_or_default().contains("panicked"),
+            "{point}: the step's error should say the task panicked: {st}"
+        );
+    }
+}

@@ -13,6 +13,7 @@ mod leasing;
 mod replication;
 mod results;
 mod runs;
+mod tasks;
 mod workers;
 use crate::sealer::{self, ShardSealed};
 use crate::state::{self, ArtifactInfo, RunRecord, ShardRecord, StepRecord, StepStatus};

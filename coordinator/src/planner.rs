@@ -139,6 +139,7 @@ pub fn plan_step(
     i: usize,
     done: &BTreeMap<usize, BTreeMap<String, ArtifactInfo>>,
 ) -> Plan {
+    nexa_shared::fail_point!("planner.plan");
     let step = &ctx.pipeline.steps[i];
     let mut inputs = Vec::new();
     for (name, written) in &step.inputs {

@@ -253,6 +253,7 @@ pub fn assemble(
     plan: &StepPlan,
     shards: &[ShardSealed],
 ) -> Result<BTreeMap<String, ArtifactInfo>, String> {
+    nexa_shared::fail_point!("sealer.assemble");
     let step = &ctx.pipeline.steps[plan.step];
     let units = plan.shards.as_deref().unwrap_or_default();
     let mut sealed = BTreeMap::new();

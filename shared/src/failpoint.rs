@@ -10,7 +10,9 @@
 //!   injected error, as a full disk or an I/O error would;
 //! - `store.write=2*return`: only the first two passes fail;
 //! - `seal.swap_in=1*return(crash)`: the first pass kills the process on the spot
-//!   (SIGKILL: no destructor, no flush), as a power cut would.
+//!   (SIGKILL: no destructor, no flush), as a power cut would;
+//! - `planner.plan=panic`: every pass panics (a point with no error to return, such as
+//!   the planner's, only panics, sleeps or pauses).
 //!
 //! Every point either fails its operation cleanly or is survived by a restart; the
 //! suite checks each one both ways.
@@ -56,6 +58,9 @@ pub fn __fired(name: &str, arg: Option<&str>) {
 #[cfg(feature = "failpoints")]
 #[macro_export]
 macro_rules! fail_point {
+    ($name:literal) => {
+        $crate::failpoint::__fail::fail_point!($name)
+    };
     ($name:literal, $err:expr) => {
         $crate::failpoint::__fail::fail_point!($name, |arg: Option<String>| {
             $crate::failpoint::__fired($name, arg.as_deref());
@@ -68,6 +73,7 @@ macro_rules! fail_point {
 #[cfg(not(feature = "failpoints"))]
 #[macro_export]
 macro_rules! fail_point {
+    ($name:literal) => {};
     ($name:literal, $err:expr) => {};
 }
 

@@ -337,24 +337,30 @@ impl Engine {
         let shards: Vec<ShardSealed> = run.shard_results[i].values().cloned().collect();
         run.in_flight += 1;
         let ctx = run.ctx.clone();
-        let tx = self.tx.clone();
         let rid = run_id.to_string();
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
-            let res = sealer::assemble(&ctx, &plan, &shards);
-            if let Ok(outputs) = &res {
-                let nodes: Vec<_> = outputs
-                    .values()
-                    .filter_map(|a| {
-                        crate::lineage::node_from_disk(&ctx.project, &ctx.project.join(&a.path))
-                    })
-                    .collect();
-                if let Err(e) = crate::lineage::record(store.as_ref(), &nodes) {
-                    tracing::error!(error = %format!("{e:#}"), "recording lineage");
+        tasks::blocking(
+            &self.tx,
+            move || {
+                let res = sealer::assemble(&ctx, &plan, &shards);
+                if let Ok(outputs) = &res {
+                    let nodes: Vec<_> = outputs
+                        .values()
+                        .filter_map(|a| {
+                            crate::lineage::node_from_disk(&ctx.project, &ctx.project.join(&a.path))
+                        })
+                        .collect();
+                    if let Err(e) = crate::lineage::record(store.as_ref(), &nodes) {
+                        tracing::error!(error = %format!("{e:#}"), "recording lineage");
+                    }
                 }
-            }
-            let _ = tx.send(Event::Assembled(rid, i, res));
-        });
+                res
+            },
+            move |res| {
+                let res = res.unwrap_or_else(|why| Err(format!("assembling the step {why}")));
+                Event::Assembled(rid, i, res)
+            },
+        );
     }
 
     /// Runs a `core.registry.*` step here, on the blocking pool: it acts on the
@@ -378,23 +384,28 @@ impl Engine {
         let project = run.ctx.project.clone();
         let registry = self.config.registry.clone();
         let mirror = self.config.registry_mirror.clone();
-        let tx = self.tx.clone();
         let rid = run_id.to_string();
         self.set_status(run_id, i, StepStatus::Running, None);
-        tokio::task::spawn_blocking(move || {
-            let res = params.and_then(|p| {
-                let store: Arc<dyn Store> = match registry {
-                    Some(s) => s,
-                    None => Arc::new(
-                        crate::SledStore::open(&project.join(".nexa_state").join("registry"))
-                            .map_err(|e| e.to_string())?,
-                    ),
-                };
-                crate::registry::run_step(store.as_ref(), mirror, &project, &p, &inputs)
-                    .map_err(|e| e.to_string())
-            });
-            let _ = tx.send(Event::CoordinatorStepDone(rid, i, res));
-        });
+        tasks::blocking(
+            &self.tx,
+            move || {
+                params.and_then(|p| {
+                    let store: Arc<dyn Store> = match registry {
+                        Some(s) => s,
+                        None => Arc::new(
+                            crate::SledStore::open(&project.join(".nexa_state").join("registry"))
+                                .map_err(|e| e.to_string())?,
+                        ),
+                    };
+                    crate::registry::run_step(store.as_ref(), mirror, &project, &p, &inputs)
+                        .map_err(|e| e.to_string())
+                })
+            },
+            move |res| {
+                let res = res.unwrap_or_else(|why| Err(format!("the registry step {why}")));
+                Event::CoordinatorStepDone(rid, i, res)
+            },
+        );
     }
 
     pub(super) fn on_coordinator_step_done(

@@ -120,12 +120,18 @@ impl Engine {
             run.in_flight += 1;
             let ctx = run.ctx.clone();
             let done = run.upstream_outputs(i);
-            let tx = self.tx.clone();
             let rid = run_id.to_string();
-            tokio::task::spawn_blocking(move || {
-                let plan = planner::plan_step(&ctx, i, &done);
-                let _ = tx.send(Event::Planned(rid, i, plan));
-            });
+            tasks::blocking(
+                &self.tx,
+                move || planner::plan_step(&ctx, i, &done),
+                move |plan| {
+                    let plan = plan.unwrap_or_else(|why| Plan::Failed {
+                        cache_key: None,
+                        error: format!("planning the step {why}"),
+                    });
+                    Event::Planned(rid, i, plan)
+                },
+            );
         }
     }
 
@@ -285,29 +291,34 @@ impl Engine {
         run.busy.iter_mut().for_each(|b| *b = true);
         run.in_flight += 1;
         let ctx = run.ctx.clone();
-        let tx = self.tx.clone();
         let rid = run_id.to_string();
-        tokio::task::spawn_blocking(move || {
-            let order = ctx.dag.topo_order().unwrap_or_default();
-            let mut done: BTreeMap<usize, BTreeMap<String, ArtifactInfo>> = BTreeMap::new();
-            let mut plans = Vec::new();
-            for i in order {
-                let deps = &ctx.dag.deps[i];
-                if !deps.iter().all(|d| done.contains_key(d)) {
-                    continue;
+        // A batch that panicked plans nothing: its steps are then planned one by one,
+        // and a step whose planning panics again fails with the reason.
+        tasks::blocking(
+            &self.tx,
+            move || {
+                let order = ctx.dag.topo_order().unwrap_or_default();
+                let mut done: BTreeMap<usize, BTreeMap<String, ArtifactInfo>> = BTreeMap::new();
+                let mut plans = Vec::new();
+                for i in order {
+                    let deps = &ctx.dag.deps[i];
+                    if !deps.iter().all(|d| done.contains_key(d)) {
+                        continue;
+                    }
+                    let upstream = deps
+                        .iter()
+                        .filter_map(|d| done.get(d).map(|o| (*d, o.clone())))
+                        .collect();
+                    let plan = planner::plan_step(&ctx, i, &upstream);
+                    if let Plan::Skipped { outputs, .. } = &plan {
+                        done.insert(i, outputs.clone());
+                    }
+                    plans.push((i, plan));
                 }
-                let upstream = deps
-                    .iter()
-                    .filter_map(|d| done.get(d).map(|o| (*d, o.clone())))
-                    .collect();
-                let plan = planner::plan_step(&ctx, i, &upstream);
-                if let Plan::Skipped { outputs, .. } = &plan {
-                    done.insert(i, outputs.clone());
-                }
-                plans.push((i, plan));
-            }
-            let _ = tx.send(Event::PlannedBatch(rid, plans));
-        });
+                plans
+            },
+            move |plans| Event::PlannedBatch(rid, plans.unwrap_or_default()),
+        );
     }
 
     pub(super) fn on_planned_batch(&mut self, run_id: &str, plans: Vec<(usize, Plan)>) {
