@@ -3,6 +3,7 @@
 //! mesh) talk to it only through [`Coordinator`].
 
 use crate::planner::{self, Plan, RunContext, StepPlan};
+pub use crate::seal_queue::SealedJob;
 use crate::seal_queue::{SealQueue, SealTask, keep_log};
 
 mod blame;
@@ -399,15 +400,6 @@ const RECENT: usize = 12;
 
 /// The most events handled between two write-behind rounds.
 const BURST: usize = 512;
-
-/// What sealing produced.
-#[derive(Debug)]
-pub enum SealedJob {
-    /// An unsharded step's artifacts.
-    Step(BTreeMap<String, ArtifactInfo>),
-    /// One shard.
-    Shard(Box<ShardSealed>),
-}
 
 /// A handle to the coordinator loop; cheap to clone.
 #[derive(Clone, Debug)]

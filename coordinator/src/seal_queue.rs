@@ -4,7 +4,6 @@
 //! instead of once per artifact. An idle coordinator seals a lone result at once, with
 //! targeted fsyncs; a busy one makes larger groups on its own.
 
-use crate::engine::SealedJob;
 use crate::lineage;
 use crate::planner::{RunContext, StepPlan};
 use crate::sealer::{self, Staged};
@@ -15,6 +14,15 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc;
+
+/// What sealing produced.
+#[derive(Debug)]
+pub enum SealedJob {
+    /// An unsharded step's artifacts.
+    Step(BTreeMap<String, ArtifactInfo>),
+    /// One shard.
+    Shard(Box<sealer::ShardSealed>),
+}
 
 /// The most results sealed in one group.
 const MAX_GROUP: usize = 1024;
@@ -225,4 +233,24 @@ pub fn keep_log(copy: Option<(PathBuf, PathBuf)>) {
     if let Err(e) = std::fs::copy(&src, &dest) {
         tracing::warn!(error = %e, log = %src.display(), "keeping the job log");
     }
+}
+
+/// Assembles a sharded step's artifacts from its sealed shards (see
+/// [`sealer::assemble`]) and records their lineage: with the seals above, the one place
+/// lineage is recorded.
+pub fn assemble(
+    store: &dyn crate::Store,
+    ctx: &RunContext,
+    plan: &StepPlan,
+    shards: &[sealer::ShardSealed],
+) -> Result<BTreeMap<String, ArtifactInfo>, String> {
+    let outputs = sealer::assemble(ctx, plan, shards)?;
+    let nodes: Vec<_> = outputs
+        .values()
+        .filter_map(|a| lineage::node_from_disk(&ctx.project, &ctx.project.join(&a.path)))
+        .collect();
+    if let Err(e) = lineage::record(store, &nodes) {
+        tracing::error!(error = %format!("{e:#}"), "recording lineage");
+    }
+    Ok(outputs)
 }

@@ -341,21 +341,7 @@ impl Engine {
         let store = self.store.clone();
         tasks::blocking(
             &self.tx,
-            move || {
-                let res = sealer::assemble(&ctx, &plan, &shards);
-                if let Ok(outputs) = &res {
-                    let nodes: Vec<_> = outputs
-                        .values()
-                        .filter_map(|a| {
-                            crate::lineage::node_from_disk(&ctx.project, &ctx.project.join(&a.path))
-                        })
-                        .collect();
-                    if let Err(e) = crate::lineage::record(store.as_ref(), &nodes) {
-                        tracing::error!(error = %format!("{e:#}"), "recording lineage");
-                    }
-                }
-                res
-            },
+            move || crate::seal_queue::assemble(store.as_ref(), &ctx, &plan, &shards),
             move |res| {
                 let res = res.unwrap_or_else(|why| Err(format!("assembling the step {why}")));
                 Event::Assembled(rid, i, res)

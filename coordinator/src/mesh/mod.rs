@@ -4,6 +4,7 @@
 
 mod auth;
 mod control_service;
+mod http;
 mod large_requests;
 mod server;
 mod uploads;

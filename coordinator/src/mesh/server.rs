@@ -123,7 +123,7 @@ pub async fn serve_opened(
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(l) = metrics {
         let size = Arc::new(move || sled.size_on_disk());
-        let http = crate::metrics::serve_http(l, coord.clone(), exported, size, disk, async {
+        let http = super::http::serve_http(l, coord.clone(), exported, size, disk, async {
             let _ = http_stopped.await;
         });
         tokio::spawn(async move {

@@ -165,7 +165,7 @@ pub(super) fn validate(p: &Pipeline, root: &Path, d: &mut Diagnostics) -> Dag {
             );
         }
     }
-    let dag = Dag::build(p, root);
+    let dag = super::graph::build(p, root);
     for (pos, msg) in &dag.self_reads {
         d.push(*pos, msg.clone());
     }
