@@ -21,6 +21,10 @@ pub enum Error {
     /// A request named something the coordinator does not know.
     #[error("{0}")]
     NotFound(String),
+    /// A request that conflicts with what is going on (a run of that pipeline is
+    /// already active).
+    #[error("{0}")]
+    Conflict(String),
     /// The gRPC server failed.
     #[error("server: {0}")]
     Server(String),
@@ -31,6 +35,36 @@ pub enum Error {
     /// JSON encoding or decoding failed.
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
+}
+
+impl Error {
+    /// The gRPC code this error is answered with (`mesh::status` is the one place it
+    /// becomes a `tonic::Status`): what a caller may retry is UNAVAILABLE (shutdown, a
+    /// store or disk that may come back), bad input INVALID_ARGUMENT.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Error::Domain(e) => domain_code(e),
+            Error::Store(_) | Error::StoreLocked(_) | Error::ShutDown => Code::Unavailable,
+            Error::NotFound(_) => Code::NotFound,
+            Error::Server(_) | Error::Json(_) => Code::Internal,
+            Error::Registry(_) | Error::Conflict(_) => Code::FailedPrecondition,
+        }
+    }
+}
+
+/// The gRPC code of a domain error.
+pub fn domain_code(e: &nexa_shared::Error) -> tonic::Code {
+    use nexa_shared::Error as D;
+    use tonic::Code;
+    match e {
+        D::Invalid(_) | D::Parse(_) | D::UnsafePath(..) | D::Json { .. } => Code::InvalidArgument,
+        D::Signature(_) => Code::PermissionDenied,
+        D::Artifact { .. } => Code::FailedPrecondition,
+        // A full disk is worth retrying once space returns; other I/O is ours.
+        D::Io { source, .. } if source.raw_os_error() == Some(28) => Code::Unavailable,
+        D::Io { .. } => Code::Internal,
+    }
 }
 
 impl From<sled::Error> for Error {

@@ -7,7 +7,7 @@ impl Engine {
     pub(super) fn submit(&mut self, req: RunRequest) -> Result<RunHandle> {
         let run_id = req.run_id.clone().unwrap_or_else(new_run_id);
         if self.runs.contains_key(&run_id) {
-            return Err(Error::NotFound(format!("run {run_id} is already active")));
+            return Err(Error::Conflict(format!("run {run_id} is already active")));
         }
         let p = &req.loaded.pipeline;
         let n = p.steps.len();

@@ -3,7 +3,7 @@
 //! coordinator lacks travel); each submitted run is recorded so that a restarted
 //! coordinator resumes it under the same id.
 
-use super::MeshConfig;
+use super::{MeshConfig, status};
 use crate::engine::{AdminState, Progress, RunOutcome, RunRequest};
 use crate::state::{self, StepRecord};
 use crate::{Coordinator, Store};
@@ -150,7 +150,7 @@ impl ControlApi {
     }
 
     fn blob_path(&self, d: &str) -> Result<PathBuf, Status> {
-        let h = digest::parse(d).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let h = digest::parse(d).map_err(status::domain)?;
         Ok(self.cfg.data_dir.join("blobs").join(h.to_hex().as_str()))
     }
 
@@ -162,11 +162,11 @@ impl ControlApi {
     }
 
     fn save_submission(&self, s: &Submission) -> Result<(), Status> {
-        let bytes = serde_json::to_vec(s).map_err(|e| Status::internal(e.to_string()))?;
+        let bytes = serde_json::to_vec(s).map_err(crate::Error::from)?;
         self.store
             .put(SUBMISSIONS_TREE, &s.run_id, &bytes)
             .and_then(|_| self.store.flush())
-            .map_err(|e| Status::internal(e.to_string()))
+            .map_err(Status::from)
     }
 
     /// Starts a run and relays its progress to watchers; records it for resumption.
@@ -174,7 +174,7 @@ impl ControlApi {
         let project = Self::project_dir(&self.cfg.data_dir, &sub.pipeline);
         let loaded = spec::load_str(&sub.file_name, &sub.yaml, &project)
             .and_then(|l| spec::check_confined_inputs(&sub.file_name, &l).map(|()| l))
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(status::domain)?;
         // The submission is durable before the run starts: a run the store refused is
         // refused whole, never left running unacknowledged (where a resubmission would
         // race it over the same artifacts).
@@ -202,7 +202,7 @@ impl ControlApi {
                 if let Err(err) = self.store.remove(SUBMISSIONS_TREE, &sub.run_id) {
                     tracing::error!(run = %sub.run_id, error = %format!("{err:#}"), "forgetting a submission that did not start");
                 }
-                return Err(Status::failed_precondition(e.to_string()));
+                return Err(e.into());
             }
         };
         let run_id = handle.run_id.clone();
@@ -332,7 +332,7 @@ impl ControlService for ControlApi {
         self.check(&req)?;
         self.disk_ok()?;
         let dir = self.cfg.data_dir.join("blobs");
-        std::fs::create_dir_all(&dir).map_err(|e| Status::internal(e.to_string()))?;
+        std::fs::create_dir_all(&dir).map_err(status::io("create", &dir))?;
         let mut stream = req.into_inner();
         let (mut blobs, mut total) = (0u64, 0u64);
         let mut cur: Option<(String, PathBuf, std::fs::File, blake3::Hasher, u64, u64)> = None;
@@ -347,9 +347,9 @@ impl ControlService for ControlApi {
                     "blob {d}: received {written} bytes hashing to {got}"
                 )));
             }
-            f.sync_all().map_err(|e| Status::internal(e.to_string()))?;
+            f.sync_all().map_err(status::io("fsync", &tmp))?;
             let hex = d.trim_start_matches(digest::PREFIX);
-            std::fs::rename(&tmp, dir.join(hex)).map_err(|e| Status::internal(e.to_string()))?;
+            std::fs::rename(&tmp, dir.join(hex)).map_err(status::io("rename", &tmp))?;
             Ok(written)
         };
         while let Some(chunk) = stream.next().await {
@@ -364,18 +364,17 @@ impl ControlService for ControlApi {
                 let mut rnd = [0u8; 16];
                 rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut rnd);
                 let tmp = dir.join(format!(".tmp-{}", hex::encode(rnd)));
-                let f = std::fs::File::create(&tmp).map_err(|e| Status::internal(e.to_string()))?;
+                let f = std::fs::File::create(&tmp).map_err(status::io("create", &tmp))?;
                 cur = Some((c.digest.clone(), tmp, f, blake3::Hasher::new(), 0, c.size));
             }
-            if let Some((_, _, f, h, written, size)) = cur.as_mut() {
+            if let Some((_, tmp, f, h, written, size)) = cur.as_mut() {
                 if c.offset != *written || *written + c.data.len() as u64 > *size {
                     return Err(Status::invalid_argument(
                         "blob chunks out of order or larger than declared",
                     ));
                 }
                 h.update(&c.data);
-                f.write_all(&c.data)
-                    .map_err(|e| Status::internal(e.to_string()))?;
+                f.write_all(&c.data).map_err(status::io("write", tmp))?;
                 *written += c.data.len() as u64;
             }
         }
@@ -401,7 +400,7 @@ impl ControlService for ControlApi {
         let scratch = self.cfg.data_dir.join("projects").join("_validate");
         let loaded = spec::load_str(&r.file_name, &r.pipeline_yaml, &scratch)
             .and_then(|l| spec::check_confined_inputs(&r.file_name, &l).map(|()| l))
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(status::domain)?;
         let pipeline = loaded.pipeline.name.clone();
         let project = Self::project_dir(&self.cfg.data_dir, &pipeline);
         for f in &r.files {
@@ -418,11 +417,11 @@ impl ControlService for ControlApi {
             let same = digest::hash_file(&dest).is_ok_and(|(h, _)| digest::format(&h) == f.digest);
             if !same {
                 if let Some(d) = dest.parent() {
-                    std::fs::create_dir_all(d).map_err(|e| Status::internal(e.to_string()))?;
+                    std::fs::create_dir_all(d).map_err(status::io("create", d))?;
                 }
                 let _ = std::fs::remove_file(&dest);
                 if std::fs::hard_link(&blob, &dest).is_err() {
-                    std::fs::copy(&blob, &dest).map_err(|e| Status::internal(e.to_string()))?;
+                    std::fs::copy(&blob, &dest).map_err(status::io("copy", &blob))?;
                 }
             }
         }
@@ -477,9 +476,7 @@ impl ControlService for ControlApi {
         req: Request<v1::CancelRequest>,
     ) -> Result<Response<v1::CancelResponse>, Status> {
         self.check(&req)?;
-        self.coord
-            .cancel(&req.into_inner().run_id)
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+        self.coord.cancel(&req.into_inner().run_id)?;
         Ok(Response::new(v1::CancelResponse {}))
     }
 
@@ -491,8 +488,7 @@ impl ControlService for ControlApi {
         let workers = self
             .coord
             .list_workers()
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?
+            .await?
             .into_iter()
             .map(|w| v1::WorkerStatus {
                 worker_id: w.id,
@@ -535,11 +531,7 @@ impl ControlService for ControlApi {
                 ));
             }
         };
-        let found = self
-            .coord
-            .set_worker_state(&r.worker_id, state)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let found = self.coord.set_worker_state(&r.worker_id, state).await?;
         if !found {
             return Err(Status::not_found(format!("no worker {}", r.worker_id)));
         }
@@ -552,13 +544,11 @@ impl ControlService for ControlApi {
     ) -> Result<Response<v1::StatusResponse>, Status> {
         self.check(&req)?;
         let pipeline = req.into_inner().pipeline;
-        let records: Vec<StepRecord> = state::load_steps(self.store.as_ref(), &pipeline)
-            .map_err(|e| Status::internal(e.to_string()))?
+        let records: Vec<StepRecord> = state::load_steps(self.store.as_ref(), &pipeline)?
             .into_values()
             .collect();
         Ok(Response::new(v1::StatusResponse {
-            steps_json: serde_json::to_string(&records)
-                .map_err(|e| Status::internal(e.to_string()))?,
+            steps_json: serde_json::to_string(&records).map_err(crate::Error::from)?,
         }))
     }
 
@@ -584,12 +574,8 @@ impl ControlService for ControlApi {
             }
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e: crate::Error| match e {
-            crate::Error::NotFound(m) => Status::not_found(m),
-            crate::Error::Registry(m) => Status::failed_precondition(m),
-            other => Status::internal(other.to_string()),
-        })?;
+        .map_err(status::join)?
+        .map_err(|e: crate::Error| Status::from(e))?;
         Ok(Response::new(v1::ModelsResponse { json }))
     }
 
@@ -600,10 +586,8 @@ impl ControlService for ControlApi {
         self.check(&req)?;
         let r = req.into_inner();
         let project = Self::project_dir(&self.cfg.data_dir, &r.pipeline);
-        let rel = paths::contained(&project, &r.path)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let out =
-            std::path::absolute(project.join(rel)).map_err(|e| Status::internal(e.to_string()))?;
+        let rel = paths::contained(&project, &r.path).map_err(status::domain)?;
+        let out = std::path::absolute(project.join(&rel)).map_err(status::io("resolve", &rel))?;
         if !out.join(nexa_shared::artifact::META).is_file() {
             return Err(Status::not_found(format!(
                 "{} of pipeline {} is not an artifact",
@@ -624,8 +608,7 @@ impl ControlService for ControlApi {
             Ok(serde_json::to_string(&idx.walk(&root, !r.down, depth))?)
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e| Status::internal(e.to_string()))?;
+        .map_err(status::join)??;
         Ok(Response::new(v1::LineageResponse {
             graph_json: graph,
             project: std::path::absolute(&project)
@@ -640,11 +623,7 @@ impl ControlService for ControlApi {
         req: Request<v1::RefusalsRequest>,
     ) -> Result<Response<v1::RefusalsResponse>, Status> {
         self.check(&req)?;
-        let r = self
-            .coord
-            .refusals()
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let r = self.coord.refusals().await?;
         Ok(Response::new(v1::RefusalsResponse {
             counts: r
                 .counts()
@@ -663,8 +642,7 @@ impl ControlService for ControlApi {
         self.check(&req)?;
         let r = req.into_inner();
         let project = Self::project_dir(&self.cfg.data_dir, &r.pipeline);
-        let rel = paths::contained(&project, &r.path)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let rel = paths::contained(&project, &r.path).map_err(status::domain)?;
         let dir = project.join(rel);
         if !artifact::is_complete(&dir) {
             return Err(Status::not_found(format!(

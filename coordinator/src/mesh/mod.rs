@@ -7,6 +7,7 @@ mod control_service;
 mod http;
 mod large_requests;
 mod server;
+pub mod status;
 mod uploads;
 mod worker_service;
 

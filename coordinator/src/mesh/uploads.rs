@@ -13,6 +13,7 @@
 //! a closed gate refuses the rename, so no file enters the staging tree after the result
 //! that names its contents was taken.
 
+use super::status;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -53,7 +54,7 @@ impl Gate {
             ));
         }
         if let Some(dir) = dest.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| Status::internal(format!("staging: {e}")))?;
+            std::fs::create_dir_all(dir).map_err(status::io("create", dir))?;
         }
         nexa_shared::fail_point!(
             "upload.rename",
@@ -62,7 +63,7 @@ impl Gate {
                 nexa_shared::failpoint::injected("upload.rename")
             ))
         );
-        std::fs::rename(part, dest).map_err(|e| Status::internal(format!("staging: {e}")))
+        std::fs::rename(part, dest).map_err(status::io("rename", part))
     }
 }
 
@@ -143,7 +144,7 @@ impl Incoming {
         gate: Arc<Gate>,
     ) -> Result<Self, Status> {
         let dir = parts_dir(staging);
-        std::fs::create_dir_all(&dir).map_err(|e| Status::internal(format!("staging: {e}")))?;
+        std::fs::create_dir_all(&dir).map_err(status::io("create", &dir))?;
         let mut rnd = [0u8; 16];
         rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut rnd);
         let part = dir.join(hex::encode(rnd));
@@ -151,7 +152,7 @@ impl Incoming {
             .write(true)
             .create_new(true)
             .open(&part)
-            .map_err(|e| Status::internal(format!("staging: {e}")))?;
+            .map_err(status::io("create", &part))?;
         Ok(Self {
             name,
             part,
@@ -192,7 +193,7 @@ impl Incoming {
         );
         self.hasher.update(data);
         file.write_all(data)
-            .map_err(|e| Status::internal(format!("staging {}: {e}", self.name)))?;
+            .map_err(|e| status::io("write", Path::new(&self.name))(e))?;
         self.written += data.len() as u64;
         Ok(())
     }
@@ -215,7 +216,7 @@ impl Incoming {
         }
         if let Some(file) = self.file.take() {
             file.sync_all()
-                .map_err(|e| Status::internal(format!("fsync {}: {e}", self.name)))?;
+                .map_err(|e| status::io("fsync", Path::new(&self.name))(e))?;
         }
         self.gate.commit(&self.part, &self.dest)?;
         Ok(self.written)

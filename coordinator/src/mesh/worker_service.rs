@@ -125,7 +125,7 @@ impl WorkerApi {
         // the attempt was reported) are one blocking step.
         let r = tokio::task::spawn_blocking(move || f.finish())
             .await
-            .map_err(|e| Status::internal(format!("finishing an upload: {e}")))?;
+            .map_err(super::status::join)?;
         r.inspect_err(|s| {
             if s.code() == tonic::Code::DataLoss {
                 self.coord.count_refusal(EdgeRefusal::UploadDigest);
@@ -135,11 +135,7 @@ impl WorkerApi {
 
     /// Refuses unless `(job, generation)` is leased to `worker` now.
     async fn require_lease(&self, worker: &str, job: &str, generation: u64) -> Result<(), Status> {
-        let check = self
-            .coord
-            .lease_live(worker, job, generation)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let check = self.coord.lease_live(worker, job, generation).await?;
         match check {
             LeaseCheck::Live => return Ok(()),
             LeaseCheck::Stale => self.coord.count_refusal(EdgeRefusal::StaleUpload),
@@ -263,17 +259,15 @@ impl WorkerService for WorkerApi {
         let worker_id = hex::encode(&key[..8]);
         let slots = r.slots.clamp(1, 4096);
         tracing::info!(worker = %worker_id, name = %r.name, gpus = profile.gpus.len(), slots, "worker enrolled over gRPC");
-        self.coord
-            .register_worker(
-                &worker_id,
-                crate::engine::WorkerInfo {
-                    name: r.name.clone(),
-                    key,
-                    profile,
-                    slots,
-                },
-            )
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+        self.coord.register_worker(
+            &worker_id,
+            crate::engine::WorkerInfo {
+                name: r.name.clone(),
+                key,
+                profile,
+                slots,
+            },
+        )?;
         let token = hex::encode(random32());
         {
             // A new enrolment ends the worker's earlier sessions, and expired ones go.
@@ -365,8 +359,7 @@ impl WorkerService for WorkerApi {
         let Some(cancel) = self
             .coord
             .heartbeat(&worker, running, r.profile.map(Profile::from))
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?
+            .await?
         else {
             // Its leases are not extended (they expire and its jobs move); it stays
             // enrolled, so that an operator who re-activates it gets it back at once.
@@ -477,11 +470,7 @@ impl WorkerService for WorkerApi {
             "report.judge",
             Status::unavailable(nexa_shared::failpoint::injected("report.judge").to_string())
         );
-        let verdict = self
-            .coord
-            .report_judged(&worker, result)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let verdict = self.coord.report_judged(&worker, result).await?;
         Ok(Response::new(v1::ReportResponse {
             accepted: verdict.is_ok(),
             reason: verdict.err().unwrap_or_default(),
@@ -504,13 +493,7 @@ impl WorkerService for WorkerApi {
             .unwrap_or_default();
         let mut live = false;
         for (job, generation) in attempts.iter().rev() {
-            if self
-                .coord
-                .lease_live(&worker, job, *generation)
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?
-                == LeaseCheck::Live
-            {
+            if self.coord.lease_live(&worker, job, *generation).await? == LeaseCheck::Live {
                 live = true;
                 break;
             }
