@@ -40,6 +40,12 @@ pub struct Submission {
     pub finished: bool,
 }
 
+/// How long a finished run's events stay for watchers that come late (after that its
+/// step records answer them).
+const FEED_KEEP: std::time::Duration = std::time::Duration::from_secs(600);
+/// The most events a run's feed keeps for late watchers (the oldest half go first).
+const FEED_HISTORY: usize = 100_000;
+
 #[derive(Debug)]
 struct RunFeed {
     history: Vec<v1::RunEvent>,
@@ -224,19 +230,34 @@ impl ControlApi {
                 {
                     let mut f = lock(&feeds);
                     if let Some(feed) = f.get_mut(&sub.run_id) {
+                        // A late watcher replays the recent past, not all of it.
+                        if feed.history.len() >= FEED_HISTORY {
+                            feed.history.drain(..FEED_HISTORY / 2);
+                        }
                         feed.history.push(e.clone());
                         let _ = feed.live.send(e);
                     }
                 }
                 if finished {
                     sub.finished = true;
-                    if let Ok(bytes) = serde_json::to_vec(&sub)
-                        && let Err(e) = store
-                            .put(SUBMISSIONS_TREE, &sub.run_id, &bytes)
+                    let (store, done) = (store.clone(), sub.clone());
+                    let saved = tokio::task::spawn_blocking(move || {
+                        let bytes = serde_json::to_vec(&done)?;
+                        store
+                            .put(SUBMISSIONS_TREE, &done.run_id, &bytes)
                             .and_then(|_| store.flush())
-                    {
-                        tracing::error!(error = %format!("{e:#}"), "recording a finished run");
+                    })
+                    .await;
+                    match saved {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %format!("{e:#}"), "recording a finished run")
+                        }
+                        Err(e) => tracing::error!(error = %e, "recording a finished run"),
                     }
+                    // Watchers that come later are answered from the step records.
+                    tokio::time::sleep(FEED_KEEP).await;
+                    lock(&feeds).remove(&sub.run_id);
                     break;
                 }
             }
