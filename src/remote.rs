@@ -11,7 +11,6 @@ use nexa_proto::v1;
 use nexa_proto::v1::control_service_client::ControlServiceClient;
 use nexa_shared::spec::Loaded;
 use nexa_shared::{dag, digest, paths};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio_stream::StreamExt;
@@ -172,27 +171,17 @@ pub async fn run(
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let reader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             for (p, d, size) in to_send {
-                let mut f = std::fs::File::open(&p)?;
-                let mut buf = vec![0u8; 1 << 20];
-                let mut offset = 0u64;
-                loop {
-                    let n = f.read(&mut buf)?;
-                    if n == 0 && offset > 0 {
-                        break;
-                    }
-                    let chunk = v1::BlobChunk {
+                let sent = nexa_proto::chunks::send_file(&p, |offset, data| {
+                    tx.blocking_send(v1::BlobChunk {
                         digest: d.clone(),
                         offset,
-                        data: buf[..n].to_vec(),
+                        data: data.to_vec(),
                         size,
-                    };
-                    if tx.blocking_send(chunk).is_err() {
-                        anyhow::bail!("upload closed");
-                    }
-                    if n == 0 {
-                        break;
-                    }
-                    offset += n as u64;
+                    })
+                    .is_ok()
+                })?;
+                if !sent {
+                    anyhow::bail!("upload closed");
                 }
             }
             Ok(())

@@ -8,6 +8,7 @@
 /// Protocol version checked at enrolment.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+pub mod chunks;
 pub mod convert;
 
 /// Generated messages and services of `nexa.v1`.

@@ -12,7 +12,6 @@ use nexa_shared::hardware::Profile;
 use nexa_shared::job::{JobInput, JobResult, Lease};
 use nexa_shared::signing::Identity;
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,9 +22,6 @@ use tonic::{Code, Request, Status};
 
 /// The upload name of a job's log (not an output: never sealed).
 pub const LOG_OUTPUT: &str = ".log";
-
-/// Size of the pieces outputs are uploaded in.
-const CHUNK: usize = 1 << 20;
 
 /// Who this worker is, for (re-)enrolment.
 #[derive(Debug, Clone)]
@@ -354,34 +350,22 @@ impl GrpcLink {
         let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
             for o in files {
                 let path = staging.join(&o.output).join(&o.path);
-                let mut f = std::fs::File::open(&path)
-                    .map_err(|e| format!("open {}: {e}", path.display()))?;
-                let mut buf = vec![0u8; CHUNK];
-                let mut offset = 0u64;
-                loop {
-                    let n = f
-                        .read(&mut buf)
-                        .map_err(|e| format!("read {}: {e}", path.display()))?;
-                    if n == 0 && offset > 0 {
-                        break;
-                    }
-                    let chunk = v1::UploadChunk {
+                let sent = nexa_proto::chunks::send_file(&path, |offset, data| {
+                    tx.blocking_send(v1::UploadChunk {
                         job_id: job_id.clone(),
                         generation,
                         output: o.output.clone(),
                         path: o.path.clone(),
                         offset,
-                        data: buf[..n].to_vec(),
+                        data: data.to_vec(),
                         size: o.size,
                         digest: o.digest.clone(),
-                    };
-                    if tx.blocking_send(chunk).is_err() {
-                        return Err("upload stream closed".into());
-                    }
-                    if n == 0 {
-                        break;
-                    }
-                    offset += n as u64;
+                    })
+                    .is_ok()
+                })
+                .map_err(|e| e.to_string())?;
+                if !sent {
+                    return Err("upload stream closed".into());
                 }
             }
             Ok(())

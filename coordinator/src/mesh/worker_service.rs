@@ -11,7 +11,6 @@ use nexa_shared::job::JobResult;
 use nexa_shared::{paths, signing};
 use rand_core::RngCore;
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -20,8 +19,6 @@ use tonic::{Request, Response, Status, Streaming};
 
 /// How long an enrolment challenge stays valid.
 const CHALLENGE_TTL: Duration = Duration::from_secs(60);
-/// Size of the pieces inputs are streamed in.
-const CHUNK: usize = 1 << 20;
 
 /// The key a challenge nonce was issued for, and when.
 type IssuedChallenge = ([u8; 32], Instant);
@@ -545,40 +542,20 @@ pub(super) fn stream_file(
     is_dir: bool,
     send: &dyn Fn(Result<v1::FetchChunk, Status>) -> bool,
 ) -> bool {
-    let mut f = match std::fs::File::open(p) {
-        Ok(f) => f,
-        Err(e) => {
-            send(Err(Status::internal(format!("open {}: {e}", p.display()))));
-            return false;
-        }
-    };
-    let mut buf = vec![0u8; CHUNK];
-    let mut offset = 0u64;
-    loop {
-        let n = match f.read(&mut buf) {
-            Ok(n) => n,
-            Err(e) => {
-                send(Err(Status::internal(format!("read {}: {e}", p.display()))));
-                return false;
-            }
-        };
-        // Every file sends at least one chunk, so empty files arrive too.
-        if n == 0 && offset > 0 {
-            return true;
-        }
-        let ok = send(Ok(v1::FetchChunk {
+    let sent = nexa_proto::chunks::send_file(p, |offset, data| {
+        send(Ok(v1::FetchChunk {
             path: rel.to_string(),
             offset,
-            data: buf[..n].to_vec(),
+            data: data.to_vec(),
             is_dir,
-        }));
-        if !ok {
-            return false;
+        }))
+    });
+    match sent {
+        Ok(all) => all,
+        Err(e) => {
+            send(Err(Status::internal(e.to_string())));
+            false
         }
-        if n == 0 {
-            return true;
-        }
-        offset += n as u64;
     }
 }
 
