@@ -3,7 +3,7 @@
 //! mesh) talk to it only through [`Coordinator`].
 
 use crate::planner::{self, Plan, RunContext, StepPlan};
-pub use crate::seal_queue::SealedJob;
+pub use crate::seal_queue::{SealFailure, SealedJob, WrongResult};
 use crate::seal_queue::{SealQueue, SealTask, keep_log};
 
 mod blame;
@@ -239,7 +239,7 @@ pub enum Event {
     /// The first planning pass over a run finished.
     PlannedBatch(String, Vec<(usize, Plan)>),
     /// Sealing of a job's outputs finished.
-    Sealed(String, std::result::Result<SealedJob, String>),
+    Sealed(String, std::result::Result<SealedJob, SealFailure>),
     /// Replication figures: (units validated, replica jobs made).
     Replication(oneshot::Sender<(u64, u64)>),
     /// Gauges for the metrics endpoint.

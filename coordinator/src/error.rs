@@ -61,6 +61,7 @@ pub fn domain_code(e: &nexa_shared::Error) -> tonic::Code {
         D::Invalid(_) | D::Parse(_) | D::UnsafePath(..) | D::Json { .. } => Code::InvalidArgument,
         D::Signature(_) => Code::PermissionDenied,
         D::Artifact { .. } => Code::FailedPrecondition,
+        D::ManifestMismatch { .. } => Code::DataLoss,
         // A full disk is worth retrying once space returns; other I/O is ours.
         D::Io { source, .. } if source.raw_os_error() == Some(28) => Code::Unavailable,
         D::Io { .. } => Code::Internal,

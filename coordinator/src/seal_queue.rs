@@ -7,6 +7,7 @@
 use crate::lineage;
 use crate::planner::{RunContext, StepPlan};
 use crate::sealer::{self, Staged};
+pub use crate::sealer::{SealFailure, WrongResult};
 use crate::state::ArtifactInfo;
 use nexa_shared::artifact;
 use nexa_shared::job::JobResult;
@@ -61,7 +62,7 @@ impl SealTask {
 }
 
 /// Called with each task's outcome, in the order the tasks were sealed.
-pub type Done = Box<dyn Fn(String, Result<SealedJob, String>) + Send>;
+pub type Done = Box<dyn Fn(String, Result<SealedJob, SealFailure>) + Send>;
 
 /// The queue in front of the sealing thread; cheap to clone.
 #[derive(Debug, Clone)]
@@ -127,7 +128,7 @@ fn run(rx: &mpsc::Receiver<SealTask>, store: &dyn crate::Store, done: &Done) {
 /// Stages every task, seals all their artifacts as one group, records the sealed steps'
 /// lineage, then reports each task.
 fn seal_tasks(group: Vec<SealTask>, store: &dyn crate::Store, done: &Done) {
-    let mut staged: Vec<Result<Vec<Staged>, String>> = Vec::with_capacity(group.len());
+    let mut staged: Vec<Result<Vec<Staged>, SealFailure>> = Vec::with_capacity(group.len());
     let mut requests = Vec::new();
     for t in &group {
         keep_log(t.log_copy.clone());
@@ -137,7 +138,7 @@ fn seal_tasks(group: Vec<SealTask>, store: &dyn crate::Store, done: &Done) {
                 Some(unit) => {
                     sealer::stage_shard(&t.ctx, &t.plan, unit, &t.result).map(|s| vec![s])
                 }
-                None => Err(format!("no shard {k} in plan")),
+                None => Err(SealFailure::ours(format!("no shard {k} in plan"))),
             },
         };
         if let Ok(list) = &s {
@@ -156,10 +157,10 @@ fn seal_tasks(group: Vec<SealTask>, store: &dyn crate::Store, done: &Done) {
                 match sealed.next() {
                     Some(Ok((meta, _))) => metas.push((x, meta)),
                     Some(Err(e)) => {
-                        first_err.get_or_insert(e.to_string());
+                        first_err.get_or_insert(SealFailure::from(e));
                     }
                     None => {
-                        first_err.get_or_insert("the group lost a result".to_string());
+                        first_err.get_or_insert(SealFailure::ours("the group lost a result"));
                     }
                 }
             }
@@ -192,7 +193,7 @@ fn seal_tasks(group: Vec<SealTask>, store: &dyn crate::Store, done: &Done) {
 }
 
 /// What the engine records for a sealed task.
-fn finish(t: &SealTask, metas: Vec<(Staged, artifact::Meta)>) -> Result<SealedJob, String> {
+fn finish(t: &SealTask, metas: Vec<(Staged, artifact::Meta)>) -> Result<SealedJob, SealFailure> {
     match t.shard {
         None => Ok(SealedJob::Step(
             metas
@@ -213,8 +214,10 @@ fn finish(t: &SealTask, metas: Vec<(Staged, artifact::Meta)>) -> Result<SealedJo
                 .shards
                 .as_ref()
                 .and_then(|u| u.get(k))
-                .ok_or_else(|| format!("no shard {k} in plan"))?;
-            let (_, meta) = metas.first().ok_or("the shard sealed nothing")?;
+                .ok_or_else(|| SealFailure::ours(format!("no shard {k} in plan")))?;
+            let (_, meta) = metas
+                .first()
+                .ok_or_else(|| SealFailure::ours("the shard sealed nothing"))?;
             Ok(SealedJob::Shard(Box::new(sealer::shard_sealed(
                 unit, meta, &t.result,
             ))))

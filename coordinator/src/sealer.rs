@@ -13,6 +13,64 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 
+/// Why a result could not be sealed, and whether that is the worker's doing (its
+/// result is wrong) or not (the coordinator's disk, say).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealFailure {
+    /// What went wrong, for the step's record and the log.
+    pub reason: String,
+    /// Set when the result itself is wrong.
+    pub wrong: Option<WrongResult>,
+}
+
+/// How a worker's result was wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WrongResult {
+    /// The uploaded bytes are not the signed manifest's.
+    ManifestMismatch,
+    /// The result names an output the step does not have.
+    UnknownOutput,
+}
+
+impl SealFailure {
+    /// A failure that is not the worker's.
+    pub fn ours(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            wrong: None,
+        }
+    }
+}
+
+impl From<String> for SealFailure {
+    fn from(reason: String) -> Self {
+        Self::ours(reason)
+    }
+}
+
+impl From<&str> for SealFailure {
+    fn from(reason: &str) -> Self {
+        Self::ours(reason)
+    }
+}
+
+impl std::fmt::Display for SealFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl From<nexa_shared::Error> for SealFailure {
+    fn from(e: nexa_shared::Error) -> Self {
+        let wrong = matches!(e, nexa_shared::Error::ManifestMismatch { .. })
+            .then_some(WrongResult::ManifestMismatch);
+        Self {
+            reason: e.to_string(),
+            wrong,
+        }
+    }
+}
+
 /// A sealed shard, as the assembly needs it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ShardSealed {
@@ -65,10 +123,13 @@ fn expected_files(
         .collect()
 }
 
-fn check_output_names(plan: &StepPlan, result: &JobResult) -> Result<(), String> {
+fn check_output_names(plan: &StepPlan, result: &JobResult) -> Result<(), SealFailure> {
     for o in &result.outputs {
         if !plan.outputs.contains_key(&o.output) {
-            return Err(format!("result names unknown output '{}'", o.output));
+            return Err(SealFailure {
+                reason: format!("result names unknown output '{}'", o.output),
+                wrong: Some(WrongResult::UnknownOutput),
+            });
         }
     }
     Ok(())
@@ -138,7 +199,7 @@ pub fn stage_step(
     ctx: &RunContext,
     plan: &StepPlan,
     result: &JobResult,
-) -> Result<Vec<Staged>, String> {
+) -> Result<Vec<Staged>, SealFailure> {
     check_output_names(plan, result)?;
     let staging = result
         .staging
@@ -171,7 +232,7 @@ pub fn stage_shard(
     plan: &StepPlan,
     unit: &ShardUnit,
     result: &JobResult,
-) -> Result<Staged, String> {
+) -> Result<Staged, SealFailure> {
     check_output_names(plan, result)?;
     let staging = result
         .staging

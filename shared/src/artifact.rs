@@ -272,9 +272,9 @@ fn prepare(out: &Path, req: SealRequest, mode: Durability) -> Result<(Meta, Tree
         if expected != tree.files {
             let reason = describe_mismatch(&expected, &tree.files);
             remove_tree(&tmp)?;
-            return Err(Error::Artifact {
+            return Err(Error::ManifestMismatch {
                 path: out.to_path_buf(),
-                reason: format!("uploaded payload does not match the signed manifest: {reason}"),
+                reason,
             });
         }
     }

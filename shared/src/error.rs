@@ -29,6 +29,15 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// What a worker uploaded is not what it signed: the worker's fault, never the
+    /// coordinator's.
+    #[error("artifact {path}: uploaded payload does not match the signed manifest: {reason}")]
+    ManifestMismatch {
+        /// The artifact directory.
+        path: PathBuf,
+        /// The first difference.
+        reason: String,
+    },
     /// JSON could not be encoded or decoded.
     #[error("json in {context}: {source}")]
     Json {

@@ -213,7 +213,11 @@ impl Engine {
         }
     }
 
-    pub(super) fn on_sealed(&mut self, job_id: &str, res: std::result::Result<SealedJob, String>) {
+    pub(super) fn on_sealed(
+        &mut self,
+        job_id: &str,
+        res: std::result::Result<SealedJob, SealFailure>,
+    ) {
         let Some(job) = self.jobs.get(job_id) else {
             return;
         };
@@ -224,10 +228,7 @@ impl Engine {
         let pending_credit = job.pending_credit;
         // Only a wrong result is the worker's fault here; a seal that failed for the
         // coordinator's own reasons (its disk) is not.
-        let worker_fault = res.as_ref().err().is_some_and(|e| {
-            e.contains("does not match the signed manifest")
-                || e.contains("result names unknown output")
-        });
+        let worker_fault = res.as_ref().err().is_some_and(|e| e.wrong.is_some());
         if let Some(w) = job.worker.clone() {
             if res.is_ok() || worker_fault {
                 self.record_outcome(&w, res.is_ok());
@@ -249,7 +250,7 @@ impl Engine {
         }
         match res {
             Err(e) => {
-                if e.contains("does not match the signed manifest") {
+                if e.wrong == Some(WrongResult::ManifestMismatch) {
                     self.refusals.digest += 1;
                 }
                 tracing::warn!(job = %job_id, error = %e, "sealing failed");
