@@ -11,6 +11,7 @@ mod finish;
 mod generations;
 mod handle;
 mod leasing;
+mod placement;
 mod replication;
 mod results;
 mod runs;

@@ -12,10 +12,6 @@ impl Engine {
             return None;
         }
         let free = w.free();
-        // Fair share: among the first fitting job of each run (looking at most
-        // FAIR_SCAN entries into the queue), take the one whose run holds the fewest
-        // leases now, then the one that was granted the fewest so far, so one big run
-        // cannot starve the others.
         let mut leased: HashMap<&str, usize> = HashMap::new();
         for ws in self.workers.values() {
             for job_id in ws.alloc.keys() {
@@ -24,47 +20,31 @@ impl Engine {
                 }
             }
         }
-        let mut candidates: Vec<(usize, &str, Vec<usize>)> = Vec::new();
-        let mut stale = Vec::new();
-        let active_runs = self.runs.len();
-        for (pos, job_id) in self.queue.iter().enumerate() {
-            // Enough: one candidate from every run, or far enough into the queue.
-            if candidates.len() >= active_runs || (pos >= FAIR_SCAN && !candidates.is_empty()) {
-                break;
-            }
-            let Some(job) = self
-                .jobs
-                .get(job_id)
-                .filter(|j| j.state == JobState::Queued)
-            else {
-                stale.push(pos);
-                continue;
-            };
-            if candidates.iter().any(|(_, r, _)| *r == job.run_id) {
-                continue;
-            }
-            if let Some(u) = &job.unit
-                && !self.replica_ok(u, worker)
-            {
-                continue;
-            }
-            if let Some(a) = hardware::assign(&job.spec.requirements, std::slice::from_ref(&free)) {
-                candidates.push((pos, job.run_id.as_str(), a.gpus));
-            }
-        }
-        let granted = &self.granted;
-        let (pos, _, gpus) = candidates.into_iter().min_by_key(|(pos, run, _)| {
-            (
-                leased.get(run).copied().unwrap_or(0),
-                granted.get(*run).copied().unwrap_or(0),
-                *pos,
-            )
-        })?;
+        // Lazily: placement stops a few entries in, however long the queue.
+        let queued = |id: &String| self.jobs.get(id).filter(|j| j.state == JobState::Queued);
+        let choice = placement::pick(
+            self.queue.iter().map(|id| placement::Entry {
+                run: queued(id).map(|j| j.run_id.as_str()),
+            }),
+            self.runs.len(),
+            FAIR_SCAN,
+            |pos| {
+                let job = self.queue.get(pos).and_then(queued)?;
+                if let Some(u) = &job.unit
+                    && !self.replica_ok(u, worker)
+                {
+                    return None;
+                }
+                hardware::assign(&job.spec.requirements, std::slice::from_ref(&free))
+                    .map(|a| a.gpus)
+            },
+            |run| leased.get(run).copied().unwrap_or(0),
+            |run| self.granted.get(run).copied().unwrap_or(0),
+        );
+        let (pos, gpus) = choice.chosen?;
         let job_id = self.queue.get(pos)?.clone();
-        for p in stale.into_iter().rev() {
-            if p < pos {
-                self.queue.remove(p);
-            }
+        for p in choice.stale.into_iter().rev() {
+            self.queue.remove(p);
         }
         let idx = self.queue.iter().position(|j| j == &job_id)?;
         self.queue.remove(idx);
