@@ -16,8 +16,8 @@
 
 mod common;
 
-use common::Project;
 use common::mesh::{Coord, Worker, failpoints_bin, fixed_listen, remote, step};
+use common::{Project, sealed};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Stdio};
@@ -48,27 +48,6 @@ fn pipeline(p: &Project) {
       out: artifacts/merge
 "#,
     );
-}
-
-/// Every sealed artifact under `root`: its path and its `meta.json` hash.
-fn sealed(root: &Path, out: &mut BTreeMap<String, String>) {
-    let Ok(rd) = std::fs::read_dir(root) else {
-        return;
-    };
-    for e in rd.flatten() {
-        let p = e.path();
-        if !p.is_dir() {
-            continue;
-        }
-        if p.join("COMPLETE").exists()
-            && let Ok(b) = std::fs::read(p.join("meta.json"))
-            && let Ok(m) = serde_json::from_slice::<serde_json::Value>(&b)
-            && let Some(h) = m["hash"].as_str()
-        {
-            out.insert(p.display().to_string(), h.to_string());
-        }
-        sealed(&p, out);
-    }
 }
 
 /// Half-done things under `root`: unfinished artifacts and upload part files.

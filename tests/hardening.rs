@@ -523,25 +523,27 @@ fn vm_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Defect 9: the control service's 64 MiB message limit used to be applied before the
-/// token check, so unauthenticated 63 MB Submits cost the coordinator their size each.
-/// The token is checked on the headers first now: the bodies are never read.
-#[test]
-fn unauthenticated_large_submits_cost_the_coordinator_no_memory() {
+/// `n` Submits at once of a pipeline file of `bytes` (one YAML comment), each on its own
+/// connection, with the token `token(i)` gives the i-th (none for `None`); the peak RSS
+/// of the coordinator `pid` before and after, and the statuses they got.
+fn concurrent_submits(
+    url: &str,
+    pid: u32,
+    n: usize,
+    bytes: usize,
+    token: impl Fn(usize) -> Option<String>,
+) -> (u64, u64, Vec<tonic::Status>) {
     use nexa_proto::v1;
-    let p = Project::new();
-    let coord = Coord::open(&p.path().join("coord"));
-    let url = coord.url("http");
-    let pid = coord.child.id();
     std::thread::sleep(Duration::from_millis(500));
     let before = vm_kib(pid, "VmHWM:");
     let rt = tokio::runtime::Runtime::new().expect("rt");
-    rt.block_on(async {
-        let big = "#".repeat(60 << 20);
+    let statuses = rt.block_on(async {
+        let big = format!("#{}", "x".repeat(bytes));
         let mut calls = Vec::new();
-        for i in 0..8 {
-            let url = url.clone();
+        for i in 0..n {
+            let url = url.to_string();
             let yaml = big.clone();
+            let token = token(i);
             calls.push(tokio::spawn(async move {
                 let mut c = v1::control_service_client::ControlServiceClient::connect(url)
                     .await
@@ -552,19 +554,38 @@ fn unauthenticated_large_submits_cost_the_coordinator_no_memory() {
                     file_name: format!("big{i}.yaml"),
                     ..Default::default()
                 });
-                if i % 2 == 0 {
-                    req.metadata_mut()
-                        .insert("authorization", "Bearer guess".parse().expect("header"));
+                if let Some(t) = token {
+                    req.metadata_mut().insert(
+                        "authorization",
+                        format!("Bearer {t}").parse().expect("header"),
+                    );
                 }
                 c.submit(req).await.expect_err("refused")
             }));
         }
+        let mut out = Vec::new();
         for c in calls {
-            let e = c.await.expect("join");
-            assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+            out.push(c.await.expect("join"));
         }
+        out
     });
-    let after = vm_kib(pid, "VmHWM:");
+    (before, vm_kib(pid, "VmHWM:"), statuses)
+}
+
+/// Defect 9: the control service's 64 MiB message limit used to be applied before the
+/// token check, so unauthenticated 63 MB Submits cost the coordinator their size each.
+/// The token is checked on the headers first now: the bodies are never read.
+#[test]
+fn unauthenticated_large_submits_cost_the_coordinator_no_memory() {
+    let p = Project::new();
+    let coord = Coord::open(&p.path().join("coord"));
+    let (before, after, statuses) =
+        concurrent_submits(&coord.url("http"), coord.child.id(), 8, 60 << 20, |i| {
+            (i % 2 == 0).then(|| "guess".to_string())
+        });
+    for e in statuses {
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    }
     // 8 bodies of 60 MiB would be 480 MiB; allow the noise of a busy process.
     assert!(
         after < before + 64 * 1024,
@@ -577,46 +598,15 @@ fn unauthenticated_large_submits_cost_the_coordinator_no_memory() {
 /// `LARGE_REQUESTS_AT_ONCE` are read at a time now, the others wait unread.
 #[test]
 fn concurrent_large_authenticated_submits_are_read_a_few_at_a_time() {
-    use nexa_proto::v1;
     let p = Project::new();
     let coord = Coord::open(&p.path().join("coord"));
-    let url = coord.url("http");
-    let pid = coord.child.id();
-    std::thread::sleep(Duration::from_millis(500));
-    let before = vm_kib(pid, "VmHWM:");
-    let rt = tokio::runtime::Runtime::new().expect("rt");
-    rt.block_on(async {
-        // A YAML file of one 32 MiB comment: valid UTF-8, no pipeline in it.
-        let big = format!("#{}", "x".repeat(32 << 20));
-        let mut calls = Vec::new();
-        for i in 0..12 {
-            let url = url.clone();
-            let yaml = big.clone();
-            calls.push(tokio::spawn(async move {
-                let mut c = v1::control_service_client::ControlServiceClient::connect(url)
-                    .await
-                    .expect("connect")
-                    .max_encoding_message_size(usize::MAX);
-                let mut req = tonic::Request::new(v1::SubmitRequest {
-                    pipeline_yaml: yaml,
-                    file_name: format!("big{i}.yaml"),
-                    ..Default::default()
-                });
-                req.metadata_mut().insert(
-                    "authorization",
-                    format!("Bearer {}", common::mesh::TOKEN)
-                        .parse()
-                        .expect("header"),
-                );
-                c.submit(req).await.expect_err("refused")
-            }));
-        }
-        for c in calls {
-            let e = c.await.expect("join");
-            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
-        }
-    });
-    let after = vm_kib(pid, "VmHWM:");
+    let (before, after, statuses) =
+        concurrent_submits(&coord.url("http"), coord.child.id(), 12, 32 << 20, |_| {
+            Some(common::mesh::TOKEN.to_string())
+        });
+    for e in statuses {
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    }
     eprintln!("peak RSS {before} KiB -> {after} KiB for 12 concurrent 32 MiB Submits");
     // Without the cap: +422 MB here (12 bodies buffered and decoded at once); two at a
     // time: about +115 MB.

@@ -12,10 +12,9 @@
 
 mod common;
 
-use common::Project;
 use common::mesh::{Coord, Worker, fixed_listen, remote, remote_status, step, wait_workers};
+use common::{Project, sealed};
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -32,27 +31,6 @@ impl Rng {
 
     fn millis(&mut self, lo: u64, hi: u64) -> Duration {
         Duration::from_millis(lo + self.next() % (hi - lo))
-    }
-}
-
-/// Every sealed artifact under `root`: its path and its `meta.json` hash.
-fn sealed(root: &Path, out: &mut BTreeMap<String, String>) {
-    let Ok(rd) = std::fs::read_dir(root) else {
-        return;
-    };
-    for e in rd.flatten() {
-        let p = e.path();
-        if !p.is_dir() {
-            continue;
-        }
-        if p.join("COMPLETE").exists()
-            && let Ok(b) = std::fs::read(p.join("meta.json"))
-            && let Ok(m) = serde_json::from_slice::<serde_json::Value>(&b)
-            && let Some(h) = m["hash"].as_str()
-        {
-            out.insert(p.display().to_string(), h.to_string());
-        }
-        sealed(&p, out);
     }
 }
 

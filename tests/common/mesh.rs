@@ -13,26 +13,8 @@ use std::time::{Duration, Instant};
 /// in each test process asks cargo to bring them up to date: a no-op when they are.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: std::sync::Once = std::sync::Once::new();
-    let nexa = PathBuf::from(env!("CARGO_BIN_EXE_nexa"));
     BUILT.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let release = nexa.components().any(|c| c.as_os_str() == "release");
-        let build = |args: &[&str]| {
-            let mut c = Command::new(&cargo);
-            c.current_dir(env!("CARGO_MANIFEST_DIR"))
-                .arg("build")
-                .args(args);
-            if release {
-                c.arg("--release");
-            }
-            let out = c.output().expect("run cargo build");
-            assert!(
-                out.status.success(),
-                "building {args:?} failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        build(&[
+        cargo_build(&[
             "-p",
             "nexa-coordinator",
             "--bin",
@@ -42,7 +24,7 @@ pub fn bin(name: &str) -> PathBuf {
             "--bin",
             "nexa-worker",
         ]);
-        build(&[
+        cargo_build(&[
             "-p",
             "nexa-worker",
             "--bin",
@@ -51,7 +33,33 @@ pub fn bin(name: &str) -> PathBuf {
             "fake-gpus",
         ]);
     });
-    let p = nexa.with_file_name(name);
+    beside_nexa(name)
+}
+
+/// `cargo build ARGS` in this workspace, with the profile `nexa` was built with.
+fn cargo_build(args: &[&str]) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut c = Command::new(&cargo);
+    c.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("build")
+        .args(args);
+    if Path::new(env!("CARGO_BIN_EXE_nexa"))
+        .components()
+        .any(|c| c.as_os_str() == "release")
+    {
+        c.arg("--release");
+    }
+    let out = c.output().expect("run cargo build");
+    assert!(
+        out.status.success(),
+        "building {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A built binary of the workspace, beside `nexa`.
+fn beside_nexa(name: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_BIN_EXE_nexa")).with_file_name(name);
     assert!(p.exists(), "{} is missing after building it", p.display());
     p
 }
@@ -61,12 +69,8 @@ pub fn bin(name: &str) -> PathBuf {
 /// fail-point suite asks for it).
 pub fn failpoints_bin() -> PathBuf {
     static BUILT: std::sync::Once = std::sync::Once::new();
-    let nexa = PathBuf::from(env!("CARGO_BIN_EXE_nexa"));
     BUILT.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut c = Command::new(&cargo);
-        c.current_dir(env!("CARGO_MANIFEST_DIR")).args([
-            "build",
+        cargo_build(&[
             "-p",
             "nexa-coordinator",
             "--bin",
@@ -74,19 +78,8 @@ pub fn failpoints_bin() -> PathBuf {
             "--features",
             "failpoints",
         ]);
-        if nexa.components().any(|c| c.as_os_str() == "release") {
-            c.arg("--release");
-        }
-        let out = c.output().expect("run cargo build");
-        assert!(
-            out.status.success(),
-            "building nexa-coordinator-failpoints failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
     });
-    let p = nexa.with_file_name("nexa-coordinator-failpoints");
-    assert!(p.exists(), "{} is missing after building it", p.display());
-    p
+    beside_nexa("nexa-coordinator-failpoints")
 }
 
 /// `127.0.0.1:<port>` with a port free now: a coordinator restarted on it comes back at

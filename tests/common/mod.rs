@@ -137,3 +137,24 @@ pub fn half_artifacts(root: &Path) -> Vec<PathBuf> {
     }
     bad
 }
+
+/// Every sealed artifact under `root`: its path and its `meta.json` hash.
+pub fn sealed(root: &Path, out: &mut std::collections::BTreeMap<String, String>) {
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if !p.is_dir() {
+            continue;
+        }
+        if p.join("COMPLETE").exists()
+            && let Ok(b) = std::fs::read(p.join("meta.json"))
+            && let Ok(m) = serde_json::from_slice::<serde_json::Value>(&b)
+            && let Some(h) = m["hash"].as_str()
+        {
+            out.insert(p.display().to_string(), h.to_string());
+        }
+        sealed(&p, out);
+    }
+}
