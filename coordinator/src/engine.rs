@@ -411,12 +411,40 @@ pub struct Coordinator {
     keys: Arc<std::sync::RwLock<HashMap<String, [u8; 32]>>>,
 }
 
+/// Where a job is in its life. Changed only through [`Job::set_state`], which refuses
+/// a change this table does not allow:
+///
+/// ```text
+/// Queued  -> Leased              dispatched to a worker
+/// Leased  -> Queued              the lease expired, or the worker left before it got it
+/// Leased  -> Sealing             its result was admitted (a replica: it waits for the quorum)
+/// Sealing -> Sealing | Leased    a replica's quorum decided (sealed now, or judged again)
+/// Queued | Leased | Sealing -> Backoff   it failed and will be retried
+/// Backoff -> Queued              its retry is due
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum JobState {
     Queued,
     Backoff,
     Leased,
     Sealing,
+}
+
+impl JobState {
+    /// Whether a job may go from this state to `to`.
+    fn may_become(self, to: JobState) -> bool {
+        use JobState::*;
+        matches!(
+            (self, to),
+            (Queued, Leased)
+                | (Leased, Queued)
+                | (Leased, Sealing)
+                | (Sealing, Sealing)
+                | (Sealing, Leased)
+                | (Queued | Leased | Sealing, Backoff)
+                | (Backoff, Queued)
+        )
+    }
 }
 
 #[derive(Debug)]
@@ -437,6 +465,19 @@ struct Job {
     pending_credit: Option<Credit>,
     /// When it last entered the queue (dispatch latency).
     queued_at: Instant,
+}
+
+impl Job {
+    /// Moves the job to `to`, if its life allows it (see [`JobState`]); an illegal
+    /// change is refused, logged, and leaves the job as it was.
+    fn set_state(&mut self, to: JobState) -> bool {
+        if self.state.may_become(to) {
+            self.state = to;
+            return true;
+        }
+        tracing::error!(job = %self.spec.job_id, from = ?self.state, ?to, "refused an illegal job state change");
+        false
+    }
 }
 
 impl Job {
@@ -703,7 +744,7 @@ impl Engine {
                 if let Some(j) = self.jobs.get_mut(&job)
                     && j.state == JobState::Backoff
                 {
-                    j.state = JobState::Queued;
+                    j.set_state(JobState::Queued);
                     j.queued_at = Instant::now();
                     self.queue.push_back(job);
                     self.dispatch();
@@ -769,5 +810,39 @@ impl Engine {
             }
             Event::Shutdown => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::JobState::{self, *};
+
+    #[test]
+    fn job_states_change_only_along_their_table() {
+        let all = [Queued, Backoff, Leased, Sealing];
+        let allowed: &[(JobState, JobState)] = &[
+            (Queued, Leased),
+            (Leased, Queued),
+            (Leased, Sealing),
+            (Sealing, Sealing),
+            (Sealing, Leased),
+            (Queued, Backoff),
+            (Leased, Backoff),
+            (Sealing, Backoff),
+            (Backoff, Queued),
+        ];
+        for from in all {
+            for to in all {
+                assert_eq!(
+                    from.may_become(to),
+                    allowed.contains(&(from, to)),
+                    "{from:?} -> {to:?}"
+                );
+            }
+        }
+        // A job in backoff is never leased before its retry is due; a queued job is
+        // never sealed without having been leased.
+        assert!(!Backoff.may_become(Leased));
+        assert!(!Queued.may_become(Sealing));
     }
 }

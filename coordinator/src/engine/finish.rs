@@ -15,7 +15,7 @@ impl Engine {
         if retryable && !run.cancelled && job.attempt <= retries.count {
             let delay = retries.delay(job.attempt);
             job.attempt += 1;
-            job.state = JobState::Backoff;
+            job.set_state(JobState::Backoff);
             job.worker = None;
             run.emit(Progress::Retry {
                 job: job_id.to_string(),

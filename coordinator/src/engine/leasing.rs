@@ -77,7 +77,7 @@ impl Engine {
             job.generation = self.generations.take(self.store.as_ref(), META_TREE);
             *self.granted.entry(job.run_id.clone()).or_default() += 1;
             job.worker = Some(worker.clone());
-            job.state = JobState::Leased;
+            job.set_state(JobState::Leased);
             job.started = Some(Instant::now());
             job.deadline = self.config.lease_ttl.map(|t| Instant::now() + t);
             let w = self.workers.get_mut(&worker);
@@ -113,7 +113,7 @@ impl Engine {
                 // The worker went away between asking and now: put the job back.
                 self.release(&job_id);
                 if let Some(j) = self.jobs.get_mut(&job_id) {
-                    j.state = JobState::Queued;
+                    j.set_state(JobState::Queued);
                     j.worker = None;
                     j.deadline = None;
                 }
@@ -291,7 +291,7 @@ impl Engine {
             }
             tracing::warn!(job = %job_id, worker = ?j.worker, generation = j.generation, "lease expired; requeueing");
             j.attempt += 1;
-            j.state = JobState::Queued;
+            j.set_state(JobState::Queued);
             j.worker = None;
             j.deadline = None;
             j.queued_at = Instant::now();

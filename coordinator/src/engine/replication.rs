@@ -286,7 +286,7 @@ impl Engine {
             }
         }
         if let Some(j) = self.jobs.get_mut(job_id) {
-            j.state = JobState::Leased;
+            j.set_state(JobState::Leased);
         }
         self.job_failed(
             job_id,

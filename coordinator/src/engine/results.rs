@@ -127,7 +127,7 @@ impl Engine {
         };
         if job.unit.is_some() && result.outcome == Outcome::Succeeded {
             // A replica: its result waits for the quorum before anything is sealed.
-            job.state = JobState::Sealing;
+            job.set_state(JobState::Sealing);
             let job_id = result.job_id.clone();
             self.on_replica_result(&job_id, worker, result);
             return;
@@ -192,7 +192,7 @@ impl Engine {
         let Some(job) = self.jobs.get_mut(job_id) else {
             return;
         };
-        job.state = JobState::Sealing;
+        job.set_state(JobState::Sealing);
         let Some(run) = self.runs.get_mut(&job.run_id) else {
             return;
         };
