@@ -3,40 +3,15 @@
 //! a worker to kill a stale attempt by its generation, never a newer lease of that job. A real
 //! coordinator loop on a real sled store; the test plays the worker.
 
-use nexa_coordinator::engine::{Progress, RunOutcome, RunRequest};
+use nexa_coordinator::engine::{Progress, RunOutcome};
 use nexa_coordinator::{Coordinator, SledStore};
-use nexa_shared::digest;
-use nexa_shared::job::{JobResult, Lease, Outcome, OutputFile};
+use nexa_shared::job::Lease;
 use nexa_shared::signing::{self, Identity};
-use std::path::Path;
+mod common;
+
+use common::{result_for, worker_info};
 use std::sync::Arc;
 use std::time::Duration;
-
-fn result_for(lease: &Lease, staging: &Path, content: &[u8]) -> JobResult {
-    let dir = staging.join("out");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    std::fs::write(dir.join("x.txt"), content).expect("write");
-    JobResult {
-        job_id: lease.job.job_id.clone(),
-        generation: lease.generation,
-        attempt: lease.attempt,
-        outcome: Outcome::Succeeded,
-        exit_code: Some(0),
-        outputs: vec![OutputFile {
-            output: "out".into(),
-            path: "x.txt".into(),
-            size: content.len() as u64,
-            digest: digest::format(&blake3::hash(content)),
-        }],
-        started_ms: 1,
-        ended_ms: 2,
-        error: String::new(),
-        staging: Some(staging.to_path_buf()),
-        log: None,
-        worker_key: [0; 32],
-        signature: Vec::new(),
-    }
-}
 
 async fn lease(c: &Coordinator) -> Lease {
     tokio::time::timeout(Duration::from_secs(10), c.lease("w1"))
@@ -85,18 +60,7 @@ async fn untrusted_results_are_refused_and_counted() {
             },
         )
         .expect("register");
-    let mut run = coord
-        .submit(RunRequest {
-            loaded,
-            project: project.path().to_path_buf(),
-            verify: false,
-            from: None,
-            git_sha: None,
-            run_id: None,
-            confined: false,
-        })
-        .await
-        .expect("submit");
+    let mut run = common::submit(&coord, project.path(), loaded).await;
     let staging_root = project.path().join("staging");
 
     // 1. A forged signature: signed by a key that is not the worker's enrolled key.
@@ -180,19 +144,6 @@ fn hex_of(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn worker_info(id: &Identity) -> nexa_coordinator::engine::WorkerInfo {
-    nexa_coordinator::engine::WorkerInfo {
-        name: "w".into(),
-        key: id.public_key(),
-        profile: nexa_shared::hardware::Profile {
-            cores: 2,
-            memory_total: 1 << 30,
-            ..Default::default()
-        },
-        slots: 1,
-    }
-}
-
 /// Defect 3 of the hardening issue: a run is cancelled while its job is leased to a
 /// worker that has gone silent. The lease expires; the job must not be leased again (a
 /// worker that joins later gets nothing), the silent worker's late result is not sealed,
@@ -212,18 +163,7 @@ async fn a_cancelled_run_is_never_leased_or_sealed_again() {
     coord
         .register_worker("w1", worker_info(&silent))
         .expect("register");
-    let mut run = coord
-        .submit(RunRequest {
-            loaded,
-            project: project.path().to_path_buf(),
-            verify: false,
-            from: None,
-            git_sha: None,
-            run_id: None,
-            confined: false,
-        })
-        .await
-        .expect("submit");
+    let mut run = common::submit(&coord, project.path(), loaded).await;
     let l1 = lease(&coord).await;
     coord.cancel(&run.run_id).expect("cancel");
     // w1 goes silent past its lease; a fresh worker joins and asks for work.

@@ -4,11 +4,12 @@
 //! step record written. A real sled store behind a switch that refuses writes to the
 //! run-state trees while it is on; the test plays the worker.
 
-use nexa_coordinator::engine::{Progress, RunOutcome, RunRequest};
+mod common;
+
+use common::{result_for, worker_info};
+use nexa_coordinator::engine::{Progress, RunOutcome};
 use nexa_coordinator::state::{self, StepStatus};
 use nexa_coordinator::{Coordinator, Error, Result, SledStore, Store};
-use nexa_shared::digest;
-use nexa_shared::job::{JobResult, Outcome, OutputFile};
 use nexa_shared::signing::Identity;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -76,32 +77,9 @@ async fn a_run_whose_final_state_the_store_refused_is_not_reported_until_it_is_s
     );
     let id = Identity::generate();
     coord
-        .register_worker(
-            "w1",
-            nexa_coordinator::engine::WorkerInfo {
-                name: "w1".into(),
-                key: id.public_key(),
-                profile: nexa_shared::hardware::Profile {
-                    cores: 2,
-                    memory_total: 1 << 30,
-                    ..Default::default()
-                },
-                slots: 1,
-            },
-        )
+        .register_worker("w1", worker_info(&id))
         .expect("register");
-    let mut run = coord
-        .submit(RunRequest {
-            loaded,
-            project: project.path().to_path_buf(),
-            verify: false,
-            from: None,
-            git_sha: None,
-            run_id: None,
-            confined: false,
-        })
-        .await
-        .expect("submit");
+    let mut run = common::submit(&coord, project.path(), loaded).await;
     let lease = tokio::time::timeout(Duration::from_secs(10), coord.lease("w1"))
         .await
         .expect("a lease in time")
@@ -109,29 +87,7 @@ async fn a_run_whose_final_state_the_store_refused_is_not_reported_until_it_is_s
 
     // The disk fills just as the result comes in.
     store.refusing.store(true, Ordering::SeqCst);
-    let staging = project.path().join("staging");
-    std::fs::create_dir_all(staging.join("out")).expect("mkdir");
-    std::fs::write(staging.join("out/x.txt"), b"hello").expect("write");
-    let mut result = JobResult {
-        job_id: lease.job.job_id.clone(),
-        generation: lease.generation,
-        attempt: lease.attempt,
-        outcome: Outcome::Succeeded,
-        exit_code: Some(0),
-        outputs: vec![OutputFile {
-            output: "out".into(),
-            path: "x.txt".into(),
-            size: 5,
-            digest: digest::format(&blake3::hash(b"hello")),
-        }],
-        started_ms: 1,
-        ended_ms: 2,
-        error: String::new(),
-        staging: Some(staging),
-        log: None,
-        worker_key: [0; 32],
-        signature: Vec::new(),
-    };
+    let mut result = result_for(&lease, &project.path().join("staging"), b"hello");
     id.sign_result(&mut result);
     coord.report("w1", result).expect("report");
 

@@ -130,6 +130,13 @@ impl Engine {
         for id in dropped {
             self.job_failed(&id, "cancelled".into(), false);
         }
+        self.cancel_pending(run_id);
+        self.maybe_finish(run_id);
+    }
+
+    /// Marks a cancelled run's steps that have not started (and are not being planned)
+    /// Cancelled.
+    pub(super) fn cancel_pending(&mut self, run_id: &str) {
         let Some(run) = self.runs.get(run_id) else {
             return;
         };
@@ -144,7 +151,6 @@ impl Engine {
                 Some("run cancelled".into()),
             );
         }
-        self.maybe_finish(run_id);
     }
 
     pub(super) fn maybe_finish(&mut self, run_id: &str) {

@@ -336,18 +336,9 @@ impl Engine {
         // The whole prefix shows in the mirror at the next write-behind round.
         run.last_mirror = None;
         run.busy.iter_mut().for_each(|b| *b = false);
+        // Nothing is busy now: every step not started of a cancelled run is cancelled.
         if run.cancelled {
-            let pending: Vec<usize> = (0..run.records.len())
-                .filter(|&i| run.records[i].status == StepStatus::Pending)
-                .collect();
-            for i in pending {
-                self.set_status(
-                    run_id,
-                    i,
-                    StepStatus::Cancelled,
-                    Some("run cancelled".into()),
-                );
-            }
+            self.cancel_pending(run_id);
         }
         self.schedule_ready(run_id, None);
         self.maybe_finish(run_id);

@@ -1,0 +1,72 @@
+//! Helpers for the coordinator's tests, which play the worker against a real loop.
+
+#![allow(dead_code)]
+
+use nexa_coordinator::Coordinator;
+use nexa_coordinator::engine::{RunHandle, RunRequest};
+use nexa_shared::digest;
+use nexa_shared::job::{JobResult, Lease, Outcome, OutputFile};
+use nexa_shared::signing::Identity;
+use std::path::Path;
+
+/// Submits a loaded pipeline of the project at `project`.
+pub async fn submit(
+    coord: &Coordinator,
+    project: &Path,
+    loaded: nexa_shared::spec::Loaded,
+) -> RunHandle {
+    coord
+        .submit(RunRequest {
+            loaded,
+            project: project.to_path_buf(),
+            verify: false,
+            from: None,
+            git_sha: None,
+            run_id: None,
+            confined: false,
+        })
+        .await
+        .expect("submit")
+}
+
+/// A successful, unsigned result of `lease` whose output `out` holds `x.txt` =
+/// `content`, staged under `staging`.
+pub fn result_for(lease: &Lease, staging: &Path, content: &[u8]) -> JobResult {
+    let dir = staging.join("out");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("x.txt"), content).expect("write");
+    JobResult {
+        job_id: lease.job.job_id.clone(),
+        generation: lease.generation,
+        attempt: lease.attempt,
+        outcome: Outcome::Succeeded,
+        exit_code: Some(0),
+        outputs: vec![OutputFile {
+            output: "out".into(),
+            path: "x.txt".into(),
+            size: content.len() as u64,
+            digest: digest::format(&blake3::hash(content)),
+        }],
+        started_ms: 1,
+        ended_ms: 2,
+        error: String::new(),
+        staging: Some(staging.to_path_buf()),
+        log: None,
+        worker_key: [0; 32],
+        signature: Vec::new(),
+    }
+}
+
+/// A 2-core, 1 GiB, one-slot worker with `id`'s key.
+pub fn worker_info(id: &Identity) -> nexa_coordinator::engine::WorkerInfo {
+    nexa_coordinator::engine::WorkerInfo {
+        name: "w".into(),
+        key: id.public_key(),
+        profile: nexa_shared::hardware::Profile {
+            cores: 2,
+            memory_total: 1 << 30,
+            ..Default::default()
+        },
+        slots: 1,
+    }
+}
