@@ -6,7 +6,7 @@ use crate::render::Renderer;
 use crate::viz;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use nexa_coordinator::engine::{RunOutcome, RunRequest};
+use nexa_coordinator::scheduler::{RunOutcome, RunRequest};
 use nexa_coordinator::state::{StepRecord, StepStatus};
 use nexa_coordinator::{Progress, RunSummary, mirror};
 use nexa_shared::spec::{self, Loaded};

@@ -2,7 +2,7 @@
 //! [`LocalLink`] that carries leases and results over the coordinator's own message
 //! interface, exactly as the gRPC edge will.
 
-use nexa_coordinator::engine::{RunHandle, RunRequest};
+use nexa_coordinator::scheduler::{RunHandle, RunRequest};
 use nexa_coordinator::{Coordinator, SledStore, Store};
 use nexa_shared::job::{JobInput, JobResult, Lease};
 use nexa_shared::signing::Identity;
@@ -77,7 +77,7 @@ impl Embedded {
     ) -> anyhow::Result<Self> {
         let identity = Arc::new(Identity::load_or_create(key_path)?);
         let (coordinator, engine) =
-            Coordinator::start(store, nexa_coordinator::engine::EngineConfig::embedded());
+            Coordinator::start(store, nexa_coordinator::scheduler::EngineConfig::embedded());
         let name = "local".to_string();
         std::fs::create_dir_all(&work_dir)?;
         let mut profile = nexa_worker::profile::profile(&work_dir, false);
@@ -88,7 +88,7 @@ impl Embedded {
         }
         coordinator.register_worker(
             &name,
-            nexa_coordinator::engine::WorkerInfo {
+            nexa_coordinator::scheduler::WorkerInfo {
                 name: name.clone(),
                 key: identity.public_key(),
                 profile: profile.clone(),

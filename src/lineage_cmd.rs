@@ -3,7 +3,7 @@
 //! as the fallback.
 
 use nexa_coordinator::SledStore;
-use nexa_coordinator::lineage::{self, Graph, Index};
+use nexa_coordinator::sealing::lineage::{self, Graph, Index};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 

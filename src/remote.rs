@@ -5,7 +5,7 @@
 use crate::render::Renderer;
 use anyhow::Context;
 use nexa_coordinator::Progress;
-use nexa_coordinator::engine::{RunOutcome, RunSummary};
+use nexa_coordinator::scheduler::{RunOutcome, RunSummary};
 use nexa_coordinator::state::{StepRecord, StepStatus};
 use nexa_proto::v1;
 use nexa_proto::v1::control_service_client::ControlServiceClient;

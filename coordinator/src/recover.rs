@@ -16,8 +16,9 @@
 //! steps already sealed are reused by their cache keys). The old store is moved aside,
 //! never deleted.
 
+use crate::sealing::lineage;
 use crate::state::{self, RunRecord, StepStatus};
-use crate::{Error, Result, SledStore, Store, lineage, mirror, registry};
+use crate::{Error, Result, SledStore, Store, mirror, registry};
 use std::path::{Path, PathBuf};
 
 /// The registry mirror's directory in the data directory.

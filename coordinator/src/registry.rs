@@ -510,13 +510,13 @@ pub fn run_step(
             }
             .ok_or_else(|| Error::Registry("the input to register is missing".into()))?;
             // A file inside an artifact registers the artifact that holds it.
-            let dir = crate::lineage::producer_of(&input.2).ok_or_else(|| {
+            let dir = crate::sealing::lineage::producer_of(&input.2).ok_or_else(|| {
                 Error::Registry(format!("{} is not in a sealed artifact", input.1))
             })?;
             let meta = match meta {
                 None => serde_json::Value::Null,
                 Some(serde_json::Value::String(file)) => {
-                    let p = crate::lineage::input_path(project, file);
+                    let p = crate::sealing::lineage::input_path(project, file);
                     let text = std::fs::read_to_string(&p).map_err(|e| {
                         Error::Registry(format!("reading meta {}: {e}", p.display()))
                     })?;

@@ -2,7 +2,7 @@
 //! the workers: a liar is outvoted and never becomes the artifact; honest workers earn
 //! trust and are then only spot-checked, which bounds the extra work.
 
-use nexa_coordinator::engine::{EngineConfig, Progress, RunOutcome, RunRequest, WorkerInfo};
+use nexa_coordinator::scheduler::{EngineConfig, Progress, RunOutcome, RunRequest, WorkerInfo};
 use nexa_coordinator::{Coordinator, SledStore};
 use nexa_shared::digest;
 use nexa_shared::job::{JobResult, Lease, Outcome, OutputFile};

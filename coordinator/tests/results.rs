@@ -3,7 +3,7 @@
 //! a worker to kill a stale attempt by its generation, never a newer lease of that job. A real
 //! coordinator loop on a real sled store; the test plays the worker.
 
-use nexa_coordinator::engine::{Progress, RunOutcome};
+use nexa_coordinator::scheduler::{Progress, RunOutcome};
 use nexa_coordinator::{Coordinator, SledStore};
 use nexa_shared::job::Lease;
 use nexa_shared::signing::{self, Identity};
@@ -22,8 +22,8 @@ async fn lease(c: &Coordinator) -> Lease {
 
 async fn wait_refusals(
     c: &Coordinator,
-    f: impl Fn(nexa_coordinator::engine::Refusals) -> bool,
-) -> nexa_coordinator::engine::Refusals {
+    f: impl Fn(nexa_coordinator::scheduler::Refusals) -> bool,
+) -> nexa_coordinator::scheduler::Refusals {
     for _ in 0..200 {
         let r = c.refusals().await.expect("refusals");
         if f(r) {
@@ -41,7 +41,7 @@ async fn untrusted_results_are_refused_and_counted() {
     let loaded = nexa_shared::spec::load_str("t.yaml", yaml, project.path()).expect("valid");
     let store = Arc::new(SledStore::open(&project.path().join("store")).expect("store"));
     let (coord, _task) =
-        Coordinator::start(store, nexa_coordinator::engine::EngineConfig::embedded());
+        Coordinator::start(store, nexa_coordinator::scheduler::EngineConfig::embedded());
     let honest = Identity::generate();
     let forger = Identity::generate();
     let profile = nexa_shared::hardware::Profile {
@@ -52,7 +52,7 @@ async fn untrusted_results_are_refused_and_counted() {
     coord
         .register_worker(
             "w1",
-            nexa_coordinator::engine::WorkerInfo {
+            nexa_coordinator::scheduler::WorkerInfo {
                 name: "w1".into(),
                 key: honest.public_key(),
                 profile,
@@ -154,9 +154,9 @@ async fn a_cancelled_run_is_never_leased_or_sealed_again() {
     let yaml = "pipeline:\n  name: cancel\n  steps:\n    - id: a\n      uses: exec\n      retries: 3\n      params: {cmd: [\"true\"]}\n      out: artifacts/a\n";
     let loaded = nexa_shared::spec::load_str("c.yaml", yaml, project.path()).expect("valid");
     let store = Arc::new(SledStore::open(&project.path().join("store")).expect("store"));
-    let config = nexa_coordinator::engine::EngineConfig {
+    let config = nexa_coordinator::scheduler::EngineConfig {
         lease_ttl: Some(Duration::from_millis(300)),
-        ..nexa_coordinator::engine::EngineConfig::embedded()
+        ..nexa_coordinator::scheduler::EngineConfig::embedded()
     };
     let (coord, _task) = Coordinator::start(store, config);
     let silent = Identity::generate();

@@ -7,7 +7,7 @@
 mod common;
 
 use common::{result_for, worker_info};
-use nexa_coordinator::engine::{Progress, RunOutcome};
+use nexa_coordinator::scheduler::{Progress, RunOutcome};
 use nexa_coordinator::state::{self, StepStatus};
 use nexa_coordinator::{Coordinator, Error, Result, SledStore, Store};
 use nexa_shared::signing::Identity;
@@ -73,7 +73,7 @@ async fn a_run_whose_final_state_the_store_refused_is_not_reported_until_it_is_s
     });
     let (coord, _task) = Coordinator::start(
         store.clone(),
-        nexa_coordinator::engine::EngineConfig::embedded(),
+        nexa_coordinator::scheduler::EngineConfig::embedded(),
     );
     let id = Identity::generate();
     coord

@@ -4,7 +4,7 @@
 //! coordinator resumes it under the same id.
 
 use super::{MeshConfig, status};
-use crate::engine::{AdminState, Progress, RunOutcome, RunRequest};
+use crate::scheduler::{AdminState, Progress, RunOutcome, RunRequest};
 use crate::state::{self, StepRecord};
 use crate::{Coordinator, Store};
 use nexa_proto::v1;
@@ -186,7 +186,7 @@ impl ControlApi {
         // race it over the same artifacts).
         let mut sub = sub;
         if sub.run_id.is_empty() {
-            sub.run_id = crate::engine::new_run_id();
+            sub.run_id = crate::scheduler::new_run_id();
         }
         self.save_submission(&sub)?;
         let submitted = self
@@ -618,8 +618,8 @@ impl ControlService for ControlApi {
         let store = self.store.clone();
         let proj = project.clone();
         let graph = tokio::task::spawn_blocking(move || -> crate::Result<String> {
-            let mut idx = crate::lineage::Index::new(&proj);
-            idx.add(crate::lineage::dump(store.as_ref())?);
+            let mut idx = crate::sealing::lineage::Index::new(&proj);
+            idx.add(crate::sealing::lineage::dump(store.as_ref())?);
             let depth = if r.depth == 0 {
                 usize::MAX
             } else {

@@ -3,7 +3,7 @@
 //! when given a certificate), resumption of unfinished runs, graceful shutdown.
 
 use super::{ControlApi, MeshConfig, worker_service};
-use crate::engine::EngineConfig;
+use crate::scheduler::EngineConfig;
 use crate::{Coordinator, Result, Store};
 use std::future::Future;
 use std::sync::Arc;

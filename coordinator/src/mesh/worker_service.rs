@@ -3,7 +3,7 @@
 use super::MeshConfig;
 use super::uploads::{Gates, Incoming};
 use crate::Coordinator;
-use crate::engine::{EdgeRefusal, LeaseCheck};
+use crate::scheduler::{EdgeRefusal, LeaseCheck};
 use nexa_proto::v1;
 use nexa_proto::v1::worker_service_server::WorkerService;
 use nexa_shared::hardware::Profile;
@@ -258,7 +258,7 @@ impl WorkerService for WorkerApi {
         tracing::info!(worker = %worker_id, name = %r.name, gpus = profile.gpus.len(), slots, "worker enrolled over gRPC");
         self.coord.register_worker(
             &worker_id,
-            crate::engine::WorkerInfo {
+            crate::scheduler::WorkerInfo {
                 name: r.name.clone(),
                 key,
                 profile,

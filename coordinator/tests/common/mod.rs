@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use nexa_coordinator::Coordinator;
-use nexa_coordinator::engine::{RunHandle, RunRequest};
+use nexa_coordinator::scheduler::{RunHandle, RunRequest};
 use nexa_shared::digest;
 use nexa_shared::job::{JobResult, Lease, Outcome, OutputFile};
 use nexa_shared::signing::Identity;
@@ -58,8 +58,8 @@ pub fn result_for(lease: &Lease, staging: &Path, content: &[u8]) -> JobResult {
 }
 
 /// A 2-core, 1 GiB, one-slot worker with `id`'s key.
-pub fn worker_info(id: &Identity) -> nexa_coordinator::engine::WorkerInfo {
-    nexa_coordinator::engine::WorkerInfo {
+pub fn worker_info(id: &Identity) -> nexa_coordinator::scheduler::WorkerInfo {
+    nexa_coordinator::scheduler::WorkerInfo {
         name: "w".into(),
         key: id.public_key(),
         profile: nexa_shared::hardware::Profile {

@@ -4,10 +4,10 @@
 //! instead of once per artifact. An idle coordinator seals a lone result at once, with
 //! targeted fsyncs; a busy one makes larger groups on its own.
 
-use crate::lineage;
 use crate::planner::{RunContext, StepPlan};
-use crate::sealer::{self, Staged};
-pub use crate::sealer::{SealFailure, WrongResult};
+use crate::sealing::lineage;
+use crate::sealing::stage::{self, Staged};
+pub use crate::sealing::stage::{SealFailure, WrongResult};
 use crate::state::ArtifactInfo;
 use nexa_shared::artifact;
 use nexa_shared::job::JobResult;
@@ -22,7 +22,7 @@ pub enum SealedJob {
     /// An unsharded step's artifacts.
     Step(BTreeMap<String, ArtifactInfo>),
     /// One shard.
-    Shard(Box<sealer::ShardSealed>),
+    Shard(Box<stage::ShardSealed>),
 }
 
 /// The most results sealed in one group.
@@ -133,11 +133,9 @@ fn seal_tasks(group: Vec<SealTask>, store: &dyn crate::Store, done: &Done) {
     for t in &group {
         keep_log(t.log_copy.clone());
         let s = match t.shard {
-            None => sealer::stage_step(&t.ctx, &t.plan, &t.result),
+            None => stage::stage_step(&t.ctx, &t.plan, &t.result),
             Some(k) => match t.plan.shards.as_ref().and_then(|u| u.get(k)) {
-                Some(unit) => {
-                    sealer::stage_shard(&t.ctx, &t.plan, unit, &t.result).map(|s| vec![s])
-                }
+                Some(unit) => stage::stage_shard(&t.ctx, &t.plan, unit, &t.result).map(|s| vec![s]),
                 None => Err(SealFailure::ours(format!("no shard {k} in plan"))),
             },
         };
@@ -218,7 +216,7 @@ fn finish(t: &SealTask, metas: Vec<(Staged, artifact::Meta)>) -> Result<SealedJo
             let (_, meta) = metas
                 .first()
                 .ok_or_else(|| SealFailure::ours("the shard sealed nothing"))?;
-            Ok(SealedJob::Shard(Box::new(sealer::shard_sealed(
+            Ok(SealedJob::Shard(Box::new(stage::shard_sealed(
                 unit, meta, &t.result,
             ))))
         }
@@ -239,15 +237,15 @@ pub fn keep_log(copy: Option<(PathBuf, PathBuf)>) {
 }
 
 /// Assembles a sharded step's artifacts from its sealed shards (see
-/// [`sealer::assemble`]) and records their lineage: with the seals above, the one place
+/// [`stage::assemble`]) and records their lineage: with the seals above, the one place
 /// lineage is recorded.
 pub fn assemble(
     store: &dyn crate::Store,
     ctx: &RunContext,
     plan: &StepPlan,
-    shards: &[sealer::ShardSealed],
+    shards: &[stage::ShardSealed],
 ) -> Result<BTreeMap<String, ArtifactInfo>, String> {
-    let outputs = sealer::assemble(ctx, plan, shards)?;
+    let outputs = stage::assemble(ctx, plan, shards)?;
     let nodes: Vec<_> = outputs
         .values()
         .filter_map(|a| lineage::node_from_disk(&ctx.project, &ctx.project.join(&a.path)))

@@ -342,7 +342,7 @@ impl Engine {
         let store = self.store.clone();
         tasks::blocking(
             &self.tx,
-            move || crate::seal_queue::assemble(store.as_ref(), &ctx, &plan, &shards),
+            move || crate::sealing::group::assemble(store.as_ref(), &ctx, &plan, &shards),
             move |res| {
                 let res = res.unwrap_or_else(|why| Err(format!("assembling the step {why}")));
                 Event::Assembled(rid, i, res)

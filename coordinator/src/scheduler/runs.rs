@@ -480,7 +480,7 @@ impl Engine {
                 for (k, u) in units.iter().enumerate() {
                     if let Some(meta) = &u.cached {
                         cached += 1;
-                        run.shard_results[i].insert(k, sealer::shard_from_meta(u, meta));
+                        run.shard_results[i].insert(k, stage::shard_from_meta(u, meta));
                         continue;
                     }
                     let mut spec = base.clone();

@@ -1,0 +1,293 @@
+//! What callers of the scheduler send and get back: requests, progress, summaries,
+//! worker views, refusal counters and the engine's configuration.
+
+use super::*;
+
+/// What to run.
+#[derive(Debug)]
+pub struct RunRequest {
+    /// The validated pipeline and its graph.
+    pub loaded: Loaded,
+    /// The project (artifact) root; relative paths in the pipeline resolve against it.
+    pub project: PathBuf,
+    /// Re-hash cached artifacts before reusing them.
+    pub verify: bool,
+    /// `rerun --from STEP`: ignore the step-level cache of STEP and everything downstream.
+    pub from: Option<String>,
+    /// The project's git commit, recorded in artifact labels.
+    pub git_sha: Option<String>,
+    /// Reuse this run id (a run resumed after a coordinator restart keeps its id).
+    pub run_id: Option<String>,
+    /// Inputs must resolve inside the project (a submitted pipeline reads only what was
+    /// uploaded with it); embedded runs may read any local path.
+    pub confined: bool,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunOutcome {
+    /// Every step COMPLETE or SKIPPED.
+    Succeeded,
+    /// At least one step FAILED.
+    Failed,
+    /// Cancelled by the user.
+    Cancelled,
+}
+
+/// The end of a run.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// Run id.
+    pub run_id: String,
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Outcome.
+    pub outcome: RunOutcome,
+    /// Final step records, in file order.
+    pub steps: Vec<StepRecord>,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// Progress of a run, streamed to whoever submitted it.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// A step changed status.
+    Step {
+        /// Step id.
+        step: String,
+        /// New status.
+        status: StepStatus,
+        /// A short note (cache key reuse, error, retry).
+        detail: Option<String>,
+    },
+    /// A fanned-out step was planned.
+    Shards {
+        /// Step id.
+        step: String,
+        /// Number of shards.
+        count: u32,
+        /// How many were reused from cache.
+        cached: u32,
+    },
+    /// A shard changed status.
+    Shard {
+        /// Step id.
+        step: String,
+        /// Shard index.
+        index: u32,
+        /// New status.
+        status: StepStatus,
+    },
+    /// A job is retried after a failure.
+    Retry {
+        /// Job id.
+        job: String,
+        /// The next attempt number.
+        attempt: u32,
+        /// Delay before it.
+        delay: Duration,
+        /// Why the last one failed.
+        error: String,
+    },
+    /// The run ended.
+    Finished(RunSummary),
+}
+
+/// A submitted run: its id and its progress stream.
+#[derive(Debug)]
+pub struct RunHandle {
+    /// Run id.
+    pub run_id: String,
+    /// Progress, ending with [`Progress::Finished`].
+    pub progress: mpsc::UnboundedReceiver<Progress>,
+}
+
+/// Counters of refused results, by reason. Kept in the store, so they survive restarts.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Refusals {
+    /// A stale lease generation (expired, reassigned or already reported).
+    pub stale: u64,
+    /// Results for jobs the coordinator does not know: already finished (a replay) or
+    /// never made.
+    pub unknown_job: u64,
+    /// Uploads and input fetches for attempts not leased to the caller.
+    pub no_lease: u64,
+    /// Signature did not verify against the enrolled key.
+    pub signature: u64,
+    /// Uploaded payload did not match the signed manifest.
+    pub digest: u64,
+    /// Leases that expired (worker lost, partitioned or too slow).
+    pub lease_expiries: u64,
+    /// Results from banned workers.
+    pub banned: u64,
+    /// Uploads whose output or file name would leave the staging directory.
+    pub unsafe_name: u64,
+    /// Uploads whose bytes did not hash to their declared digest or size.
+    pub upload_digest: u64,
+    /// Replica results a quorum disagreed with.
+    pub outvoted: u64,
+}
+
+impl Refusals {
+    /// The counters by name.
+    pub fn counts(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("stale_generation", self.stale),
+            ("unknown_job", self.unknown_job),
+            ("no_lease", self.no_lease),
+            ("bad_signature", self.signature),
+            ("payload_mismatch", self.digest),
+            ("lease_expired", self.lease_expiries),
+            ("banned_worker", self.banned),
+            ("unsafe_name", self.unsafe_name),
+            ("upload_digest", self.upload_digest),
+            ("outvoted", self.outvoted),
+        ]
+    }
+}
+
+/// Whether an attempt is leased to a worker now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseCheck {
+    /// Leased to it, its run going on.
+    Live,
+    /// The job exists but this attempt is not its live lease (expired, reassigned,
+    /// reported, cancelled).
+    Stale,
+    /// No such job.
+    Unknown,
+}
+
+/// A refusal the gRPC edge made on its own (before a result reached the engine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EdgeRefusal {
+    /// A name would leave the staging directory.
+    UnsafeName,
+    /// Uploaded bytes did not match their declared digest or size.
+    UploadDigest,
+    /// An upload or input fetch for an attempt that is not leased to the caller.
+    NoLease,
+    /// An upload for an old attempt of a job that exists (expired or reassigned).
+    StaleUpload,
+}
+
+/// Timing of leases and of giving up on unrunnable jobs.
+#[derive(Clone)]
+pub struct EngineConfig {
+    /// How long a lease lives without a heartbeat; `None`: forever (the embedded worker
+    /// lives in the same process).
+    pub lease_ttl: Option<Duration>,
+    /// How long a job that no enrolled worker could run waits for one to join before it
+    /// fails, saying why.
+    pub unfit_grace: Duration,
+    /// Throttle and quarantine workers whose jobs keep failing (off for the embedded
+    /// engine, whose one worker is the user's own machine).
+    pub throttle_failing_workers: bool,
+    /// The store `core.registry.*` steps act on; `None`: the project's own
+    /// `.nexa_state/registry` (embedded), opened for each step.
+    pub registry: Option<Arc<dyn Store>>,
+    /// Where the registry's models are mirrored as JSON (`<data>/registry` on a
+    /// coordinator, for `store recover`); `None`: not mirrored.
+    pub registry_mirror: Option<PathBuf>,
+    /// Validation for every step that does not ask for its own (a pool of untrusted
+    /// workers); `None`: only steps with `validation` are replicated.
+    pub default_validation: Option<nexa_shared::spec::Validation>,
+    /// Where dispatch latency and job durations are observed.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
+}
+
+impl std::fmt::Debug for EngineConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineConfig")
+            .field("lease_ttl", &self.lease_ttl)
+            .field("unfit_grace", &self.unfit_grace)
+            .field("throttle_failing_workers", &self.throttle_failing_workers)
+            .field(
+                "registry",
+                &self.registry.as_ref().map(|_| "coordinator store"),
+            )
+            .field("default_validation", &self.default_validation)
+            .finish()
+    }
+}
+
+impl EngineConfig {
+    /// The embedded engine: no lease expiry, unrunnable jobs fail at once.
+    pub fn embedded() -> Self {
+        Self {
+            lease_ttl: None,
+            unfit_grace: Duration::ZERO,
+            throttle_failing_workers: false,
+            registry: None,
+            registry_mirror: None,
+            default_validation: None,
+            metrics: None,
+        }
+    }
+}
+
+/// What the coordinator knows of an enrolled worker.
+#[derive(Debug, Clone)]
+pub struct WorkerInfo {
+    /// The name it gave (for people; the key is its identity).
+    pub name: String,
+    /// Its Ed25519 public key (its identity).
+    pub key: [u8; 32],
+    /// Its hardware.
+    pub profile: Profile,
+    /// Jobs it runs at once.
+    pub slots: u32,
+}
+
+/// An operator's say over a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminState {
+    /// Gets work.
+    Active,
+    /// Finishes what it runs, gets nothing new.
+    Drain,
+    /// Gets nothing; its results are refused.
+    Ban,
+}
+
+/// A worker as `nexa workers` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WorkerView {
+    /// Id (from its key).
+    pub id: String,
+    /// The name it gave.
+    pub name: String,
+    /// `active`, `lost`, `draining`, `banned`, `throttled`, `quarantined`.
+    pub state: String,
+    /// Hardware.
+    pub profile: Profile,
+    /// Slots.
+    pub slots: u32,
+    /// Jobs leased to it now.
+    pub running: u32,
+    /// Results accepted.
+    pub succeeded: u64,
+    /// Failed or refused results.
+    pub failed: u64,
+    /// Public key.
+    pub key: [u8; 32],
+    /// Its record per kind of job (`uses`).
+    pub trust: BTreeMap<String, crate::quorum::Trust>,
+    /// Credit for accepted work.
+    pub credit: Credit,
+}
+
+/// Credit for accepted work: CPU-seconds (duration × CPU slots) and GPU-seconds
+/// (duration × GPUs), counted only for results that were accepted, and validated where
+/// the step asks for validation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Credit {
+    /// CPU-seconds.
+    pub cpu_seconds: f64,
+    /// GPU-seconds.
+    pub gpu_seconds: f64,
+}

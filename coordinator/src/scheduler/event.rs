@@ -1,0 +1,71 @@
+//! The closed set of messages the scheduler loop consumes.
+
+use super::*;
+
+/// The closed set of messages the scheduler loop consumes.
+#[derive(Debug)]
+pub enum Event {
+    /// Start a run.
+    Submit(Box<RunRequest>, oneshot::Sender<Result<RunHandle>>),
+    /// A worker joined with its public key, hardware profile and slots.
+    RegisterWorker(String, Box<WorkerInfo>),
+    /// A worker has a free slot and waits for a lease.
+    LeaseRequest(String, oneshot::Sender<Option<Lease>>),
+    /// A worker is alive and runs these `(job, generation)`; the reply lists the ones it
+    /// must kill.
+    Heartbeat(
+        String,
+        Vec<(String, u64)>,
+        Option<Box<Profile>>,
+        oneshot::Sender<Option<Vec<(String, u64)>>>,
+    ),
+    /// Is `(job, generation)` leased to this worker right now? Uploads and input fetches
+    /// are served only for live leases.
+    LeaseLive(String, String, u64, oneshot::Sender<LeaseCheck>),
+    /// Time passed: expire leases whose deadline is gone.
+    Tick,
+    /// The grace period of a step no worker could run is over.
+    UnfitCheck(String, usize),
+    /// A worker reports a job.
+    /// A result and the verdict on its signature against the worker's enrolled key,
+    /// checked by the caller so that the loop never spends time on curve arithmetic.
+    Report(
+        String,
+        Box<JobResult>,
+        std::result::Result<(), String>,
+        Option<oneshot::Sender<std::result::Result<(), String>>>,
+    ),
+    /// Planning of a step finished.
+    Planned(String, usize, Plan),
+    /// The first planning pass over a run finished.
+    PlannedBatch(String, Vec<(usize, Plan)>),
+    /// Sealing of a job's outputs finished.
+    Sealed(String, std::result::Result<SealedJob, SealFailure>),
+    /// Replication figures: (units validated, replica jobs made).
+    Replication(oneshot::Sender<(u64, u64)>),
+    /// Gauges for the metrics endpoint.
+    Snapshot(oneshot::Sender<crate::metrics::Snapshot>),
+    /// A step the coordinator ran itself (`core.registry.*`) finished: what it did, or why
+    /// it failed.
+    CoordinatorStepDone(String, usize, std::result::Result<(String, bool), String>),
+    /// Assembly of a sharded step finished.
+    Assembled(
+        String,
+        usize,
+        std::result::Result<BTreeMap<String, ArtifactInfo>, String>,
+    ),
+    /// A job's backoff elapsed.
+    RetryDue(String),
+    /// Cancel a run.
+    Cancel(String),
+    /// Read the refusal counters.
+    Refusals(oneshot::Sender<Refusals>),
+    /// Count a refusal made at the gRPC edge.
+    Refused(EdgeRefusal),
+    /// List workers.
+    ListWorkers(oneshot::Sender<Vec<WorkerView>>),
+    /// Drain, ban or re-activate a worker.
+    SetWorkerState(String, AdminState, oneshot::Sender<bool>),
+    /// Stop the loop.
+    Shutdown,
+}
