@@ -24,12 +24,7 @@ impl Engine {
                 error: error.clone(),
             });
             tracing::info!(job = %job_id, attempt = job.attempt, delay_ms = delay.as_millis() as u64, error = %error, "retrying job");
-            let tx = self.tx.clone();
-            let id = job_id.to_string();
-            tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                let _ = tx.send(Event::RetryDue(id));
-            });
+            self.fx.later(delay, Event::RetryDue(job_id.to_string()));
             return;
         }
         self.jobs.remove(job_id);

@@ -26,7 +26,6 @@ impl Coordinator {
                 }
             });
         }
-        let generations = generations::Generations::start(store.as_ref(), META_TREE);
         let seal_tx = tx.clone();
         let sealer = SealQueue::start(
             store.clone(),
@@ -34,60 +33,11 @@ impl Coordinator {
                 let _ = seal_tx.send(Event::Sealed(job, res));
             }),
         );
-        // Workers known before a restart come back offline, with their admin state and
-        // record, until they enrol again.
-        let workers: HashMap<String, WorkerState> = match state::load_workers(store.as_ref()) {
-            Ok(records) => records
-                .into_iter()
-                .filter_map(|r| {
-                    let id = r.id.clone();
-                    WorkerState::from_record(r).map(|w| (id, w))
-                })
-                .collect(),
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "loading worker records");
-                HashMap::new()
-            }
-        };
-        let refusals: Refusals = match store.get(META_TREE, REFUSALS_KEY) {
-            Ok(Some(b)) => serde_json::from_slice(&b).unwrap_or_else(|e| {
-                tracing::error!(error = %e, "reading the refusal counters; starting from zero");
-                Refusals::default()
-            }),
-            Ok(None) => Refusals::default(),
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "reading the refusal counters; starting from zero");
-                Refusals::default()
-            }
-        };
-        let engine = Engine {
-            saved_refusals: refusals,
-            dirty_runs: Vec::new(),
-            dirty_workers: Default::default(),
-            finishing: Default::default(),
-            votes: HashMap::new(),
-            decided: HashMap::new(),
-            replication: Default::default(),
-            rng: {
-                use rand_core::RngCore;
-                rand_core::OsRng.next_u64() | 1
-            },
-            config,
-            sealer,
-            granted: HashMap::new(),
-            store,
+        let fx = Box::new(effects::Spawned {
             tx: tx.clone(),
-            rx,
-            cancels: cancels.clone(),
-            workers,
-            runs: HashMap::new(),
-            jobs: HashMap::new(),
-            queue: VecDeque::new(),
-            waiting: VecDeque::new(),
-            generations,
-            refusals,
-            blame: blame::Blame::default(),
-        };
+            sealer,
+        });
+        let engine = Engine::new(store, config, fx, rx, cancels.clone());
         let handle = tokio::spawn(engine.run());
         let keys = Arc::new(std::sync::RwLock::new(HashMap::new()));
         (Coordinator { tx, cancels, keys }, handle)
@@ -266,5 +216,71 @@ impl Coordinator {
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<bool>>> {
         self.cancels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Engine {
+    /// The scheduler's state as the store left it, acting through `fx` and fed by `rx`.
+    pub(super) fn new(
+        store: Arc<dyn Store>,
+        config: EngineConfig,
+        fx: Box<dyn effects::Effects>,
+        rx: mpsc::UnboundedReceiver<Event>,
+        cancels: Arc<Mutex<HashMap<String, watch::Sender<bool>>>>,
+    ) -> Engine {
+        let generations = generations::Generations::start(store.as_ref(), META_TREE);
+        // Workers known before a restart come back offline, with their admin state and
+        // record, until they enrol again.
+        let workers: HashMap<String, WorkerState> = match state::load_workers(store.as_ref()) {
+            Ok(records) => records
+                .into_iter()
+                .filter_map(|r| {
+                    let id = r.id.clone();
+                    WorkerState::from_record(r).map(|w| (id, w))
+                })
+                .collect(),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "loading worker records");
+                HashMap::new()
+            }
+        };
+        let refusals: Refusals = match store.get(META_TREE, REFUSALS_KEY) {
+            Ok(Some(b)) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "reading the refusal counters; starting from zero");
+                Refusals::default()
+            }),
+            Ok(None) => Refusals::default(),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "reading the refusal counters; starting from zero");
+                Refusals::default()
+            }
+        };
+        Engine {
+            saved_refusals: refusals,
+            dirty_runs: Vec::new(),
+            dirty_workers: Default::default(),
+            finishing: Default::default(),
+            votes: HashMap::new(),
+            decided: HashMap::new(),
+            replication: Default::default(),
+            rng: {
+                use rand_core::RngCore;
+                rand_core::OsRng.next_u64() | 1
+            },
+            config,
+            fx,
+            granted: HashMap::new(),
+            store,
+            rx,
+            cancels,
+            workers,
+            runs: HashMap::new(),
+            jobs: HashMap::new(),
+            queue: VecDeque::new(),
+            waiting: VecDeque::new(),
+            generations,
+            refusals,
+            blame: blame::Blame::default(),
+        }
     }
 }

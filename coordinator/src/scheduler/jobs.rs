@@ -3,7 +3,7 @@
 
 use super::Credit;
 use nexa_shared::job::JobSpec;
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// Where a job is in its life. Changed only through [`Job::set_state`], which refuses
 /// a change this table does not allow:

@@ -10,6 +10,7 @@ pub use event::Event;
 
 mod api;
 mod blame;
+mod effects;
 mod event;
 mod finish;
 mod generations;
@@ -21,6 +22,8 @@ mod replication;
 mod results;
 mod runs;
 mod tasks;
+#[cfg(test)]
+mod tests;
 mod workers;
 use crate::sealing::stage::{self, ShardSealed};
 use crate::state::{self, ArtifactInfo, RunRecord, ShardRecord, StepRecord, StepStatus};
@@ -34,8 +37,10 @@ use nexa_shared::{paths, signing};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// tokio's clock: the engine's unit tests run it paused.
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 
 /// How far into the queue fair share looks for other runs' jobs.
 const FAIR_SCAN: usize = 4096;
@@ -139,8 +144,8 @@ struct Engine {
     replication: replication::Counters,
     /// State of the spot-check random generator (xorshift, seeded at start).
     rng: u64,
-    sealer: SealQueue,
-    tx: mpsc::UnboundedSender<Event>,
+    /// Everything done outside the loop's state (see `effects`).
+    fx: Box<dyn effects::Effects>,
     rx: mpsc::UnboundedReceiver<Event>,
     cancels: Arc<Mutex<HashMap<String, watch::Sender<bool>>>>,
     workers: HashMap<String, WorkerState>,

@@ -208,7 +208,7 @@ impl Engine {
             result,
             log_copy,
         };
-        if !self.sealer.push(task) {
+        if !self.fx.seal(task) {
             tracing::error!("the sealing thread is gone");
         }
     }
@@ -341,7 +341,7 @@ impl Engine {
         let rid = run_id.to_string();
         let store = self.store.clone();
         tasks::blocking(
-            &self.tx,
+            self.fx.as_ref(),
             move || crate::sealing::group::assemble(store.as_ref(), &ctx, &plan, &shards),
             move |res| {
                 let res = res.unwrap_or_else(|why| Err(format!("assembling the step {why}")));
@@ -374,7 +374,7 @@ impl Engine {
         let rid = run_id.to_string();
         self.set_status(run_id, i, StepStatus::Running, None);
         tasks::blocking(
-            &self.tx,
+            self.fx.as_ref(),
             move || {
                 params.and_then(|p| {
                     let store: Arc<dyn Store> = match registry {

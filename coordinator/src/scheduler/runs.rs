@@ -122,7 +122,7 @@ impl Engine {
             let done = run.upstream_outputs(i);
             let rid = run_id.to_string();
             tasks::blocking(
-                &self.tx,
+                self.fx.as_ref(),
                 move || planner::plan_step(&ctx, i, &done),
                 move |plan| {
                     let plan = plan.unwrap_or_else(|why| Plan::Failed {
@@ -295,7 +295,7 @@ impl Engine {
         // A batch that panicked plans nothing: its steps are then planned one by one,
         // and a step whose planning panics again fails with the reason.
         tasks::blocking(
-            &self.tx,
+            self.fx.as_ref(),
             move || {
                 let order = ctx.dag.topo_order().unwrap_or_default();
                 let mut done: BTreeMap<usize, BTreeMap<String, ArtifactInfo>> = BTreeMap::new();
@@ -419,12 +419,10 @@ impl Engine {
                 self.fail_unfit(run_id, i);
                 return;
             }
-            let tx = self.tx.clone();
-            let (rid, grace) = (run_id.to_string(), self.config.unfit_grace);
-            tokio::spawn(async move {
-                tokio::time::sleep(grace).await;
-                let _ = tx.send(Event::UnfitCheck(rid, i));
-            });
+            self.fx.later(
+                self.config.unfit_grace,
+                Event::UnfitCheck(run_id.to_string(), i),
+            );
         }
         let step = &run.ctx.pipeline.steps[i];
         let rec = &mut run.records[i];

@@ -3,37 +3,31 @@
 //! used to send nothing, and its run waited for it for ever.
 
 use super::Event;
-use tokio::sync::mpsc::UnboundedSender;
+use super::effects::Effects;
+use std::panic::AssertUnwindSafe;
 
-/// Runs `work` on the blocking pool; `to_event` turns its result, or the reason it
-/// panicked, into the event the loop gets.
-pub(super) fn blocking<T: Send + 'static>(
-    tx: &UnboundedSender<Event>,
+/// Runs `work` through `fx`; `to_event` turns its result, or the reason it panicked,
+/// into the event the loop gets.
+pub(super) fn blocking<T: 'static>(
+    fx: &dyn Effects,
     work: impl FnOnce() -> T + Send + 'static,
     to_event: impl FnOnce(Result<T, String>) -> Event + Send + 'static,
 ) {
-    let tx = tx.clone();
-    let handle = tokio::task::spawn_blocking(work);
-    tokio::spawn(async move {
-        let out = handle.await.map_err(|e| {
-            let why = reason(e);
+    fx.spawn(Box::new(move || {
+        let out = std::panic::catch_unwind(AssertUnwindSafe(work)).map_err(|payload| {
+            let why = format!("panicked: {}", panic_message(payload.as_ref()));
             tracing::error!(reason = %why, "a blocking task of the scheduler failed");
             why
         });
-        let _ = tx.send(to_event(out));
-    });
+        to_event(out)
+    }));
 }
 
-/// What a failed task's join error says: its panic message when it panicked.
-fn reason(e: tokio::task::JoinError) -> String {
-    if !e.is_panic() {
-        return format!("the task was cancelled: {e}");
-    }
-    let payload = e.into_panic();
-    let msg = payload
+/// A panic's message, where it has one.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "no message".into());
-    format!("panicked: {msg}")
+        .unwrap_or_else(|| "no message".into())
 }

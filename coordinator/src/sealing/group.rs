@@ -93,6 +93,11 @@ impl SealQueue {
     }
 }
 
+/// Seals one task on the calling thread (the scheduler's synchronous test effects).
+pub fn seal_one(task: SealTask, store: &dyn crate::Store, done: &Done) {
+    seal_tasks(vec![task], store, done);
+}
+
 fn run(rx: &mpsc::Receiver<SealTask>, store: &dyn crate::Store, done: &Done) {
     let mut deferred: VecDeque<SealTask> = VecDeque::new();
     loop {

@@ -1,0 +1,504 @@
+//! The engine's decisions under paused time: an [`Engine`] fed by hand, acting through
+//! synchronous in-process [`Effects`] (work runs inline, sealing on the calling thread,
+//! timers kept in a list that [`Harness::advance`] fires), on tokio's paused clock. No
+//! runtime task, no thread, no sleep: each test runs in milliseconds and decides the
+//! same way every time.
+
+use super::effects::{Effects, Work};
+use super::*;
+use crate::MemStore;
+use crate::sealing::group::{self, SealTask};
+use nexa_shared::job::{Outcome, OutputFile};
+
+/// A timer the engine set: when it fires, and what it delivers.
+type Timers = Arc<Mutex<Vec<(Instant, Event)>>>;
+
+/// Effects that run everything at once on the caller's thread.
+struct Inline {
+    tx: mpsc::UnboundedSender<Event>,
+    store: Arc<dyn Store>,
+    timers: Timers,
+}
+
+impl Effects for Inline {
+    fn spawn(&self, work: Work) {
+        let _ = self.tx.send(work());
+    }
+
+    fn later(&self, delay: Duration, event: Event) {
+        self.timers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((Instant::now() + delay, event));
+    }
+
+    fn seal(&self, task: SealTask) -> bool {
+        let tx = self.tx.clone();
+        group::seal_one(
+            task,
+            self.store.as_ref(),
+            &(Box::new(move |job, res| {
+                let _ = tx.send(Event::Sealed(job, res));
+            }) as group::Done),
+        );
+        true
+    }
+}
+
+/// An engine, its timers and a project directory.
+struct Harness {
+    engine: Engine,
+    timers: Timers,
+    project: tempfile::TempDir,
+}
+
+impl Harness {
+    fn new(config: EngineConfig) -> Harness {
+        let store: Arc<dyn Store> = Arc::new(MemStore::default());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let timers: Timers = Arc::default();
+        let fx = Box::new(Inline {
+            tx,
+            store: store.clone(),
+            timers: timers.clone(),
+        });
+        let engine = Engine::new(store, config, fx, rx, Arc::default());
+        Harness {
+            engine,
+            timers,
+            project: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// A mesh-like engine: leases live `ttl` without a heartbeat.
+    fn mesh(ttl: Duration) -> Harness {
+        Harness::new(EngineConfig {
+            lease_ttl: Some(ttl),
+            unfit_grace: Duration::from_secs(60),
+            ..EngineConfig::embedded()
+        })
+    }
+
+    /// Handles `ev` and everything it caused, then the write-behind round.
+    fn send(&mut self, ev: Event) {
+        self.engine.handle(ev);
+        while let Ok(ev) = self.engine.rx.try_recv() {
+            self.engine.handle(ev);
+        }
+        self.engine.flush_dirty();
+    }
+
+    /// Moves the paused clock on by `d`, fires the timers that are due (in order), then
+    /// ticks.
+    async fn advance(&mut self, d: Duration) {
+        tokio::time::advance(d).await;
+        let now = Instant::now();
+        let due: Vec<Event> = {
+            let mut timers = self.timers.lock().unwrap_or_else(|p| p.into_inner());
+            timers.sort_by_key(|(t, _)| *t);
+            let n = timers.iter().take_while(|(t, _)| *t <= now).count();
+            timers.drain(..n).map(|(_, e)| e).collect()
+        };
+        for ev in due {
+            self.send(ev);
+        }
+        self.send(Event::Tick);
+    }
+
+    fn submit(&mut self, yaml: &str) -> RunHandle {
+        let loaded =
+            nexa_shared::spec::load_str("t.yaml", yaml, self.project.path()).expect("valid");
+        let (tx, mut rx) = oneshot::channel();
+        self.send(Event::Submit(
+            Box::new(RunRequest {
+                loaded,
+                project: self.project.path().to_path_buf(),
+                verify: false,
+                from: None,
+                git_sha: None,
+                run_id: None,
+                confined: false,
+            }),
+            tx,
+        ));
+        rx.try_recv().expect("answered").expect("submitted")
+    }
+
+    fn enrol(&mut self, id: &str, slots: u32) {
+        let info = WorkerInfo {
+            name: id.into(),
+            key: key_of(id),
+            profile: Profile {
+                cores: 8,
+                memory_total: 8 << 30,
+                ..Default::default()
+            },
+            slots,
+        };
+        self.send(Event::RegisterWorker(id.into(), Box::new(info)));
+    }
+
+    /// Asks for a lease for `worker`; the receiver holds it once one is granted.
+    fn ask(&mut self, worker: &str) -> oneshot::Receiver<Option<Lease>> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::LeaseRequest(worker.into(), tx));
+        rx
+    }
+
+    fn lease(&mut self, worker: &str) -> Lease {
+        self.ask(worker)
+            .try_recv()
+            .expect("a lease at once")
+            .expect("a lease, not the end")
+    }
+
+    /// Reports `result` from `worker` (signature checked by the caller: good).
+    fn report(&mut self, worker: &str, mut result: JobResult) -> std::result::Result<(), String> {
+        result.worker_key = key_of(worker);
+        let (tx, mut rx) = oneshot::channel();
+        self.send(Event::Report(
+            worker.into(),
+            Box::new(result),
+            Ok(()),
+            Some(tx),
+        ));
+        rx.try_recv().expect("answered")
+    }
+
+    fn heartbeat(&mut self, worker: &str, running: &[(String, u64)]) -> Vec<(String, u64)> {
+        let (tx, mut rx) = oneshot::channel();
+        self.send(Event::Heartbeat(worker.into(), running.to_vec(), None, tx));
+        rx.try_recv().expect("answered").expect("not banned")
+    }
+
+    fn live(&mut self, worker: &str, lease: &Lease) -> LeaseCheck {
+        let (tx, mut rx) = oneshot::channel();
+        self.send(Event::LeaseLive(
+            worker.into(),
+            lease.job.job_id.clone(),
+            lease.generation,
+            tx,
+        ));
+        rx.try_recv().expect("answered")
+    }
+
+    /// A successful result of `lease` whose output `out` holds `x.txt` = `content`.
+    fn succeeded(&self, lease: &Lease, content: &[u8]) -> JobResult {
+        let staging = self
+            .project
+            .path()
+            .join("staging")
+            .join(format!("{}-{}", lease.job.job_id, lease.generation));
+        let dir = staging.join("out");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join("x.txt"), content).expect("write");
+        JobResult {
+            outputs: vec![OutputFile {
+                output: "out".into(),
+                path: "x.txt".into(),
+                size: content.len() as u64,
+                digest: nexa_shared::digest::format(&blake3::hash(content)),
+            }],
+            staging: Some(staging),
+            ..failed(lease, "")
+        }
+    }
+}
+
+/// A worker's public key, made from its id.
+fn key_of(id: &str) -> [u8; 32] {
+    *blake3::hash(id.as_bytes()).as_bytes()
+}
+
+/// A failed result of `lease`.
+fn failed(lease: &Lease, error: &str) -> JobResult {
+    JobResult {
+        job_id: lease.job.job_id.clone(),
+        generation: lease.generation,
+        attempt: lease.attempt,
+        outcome: if error.is_empty() {
+            Outcome::Succeeded
+        } else {
+            Outcome::Failed
+        },
+        exit_code: Some(if error.is_empty() { 0 } else { 1 }),
+        outputs: Vec::new(),
+        started_ms: 1,
+        ended_ms: 2,
+        error: error.into(),
+        staging: None,
+        log: None,
+        worker_key: [0; 32],
+        signature: Vec::new(),
+    }
+}
+
+/// `n` independent exec steps (`after: []`), each with output `out`.
+fn steps(name: &str, n: usize, extra: &str) -> String {
+    let mut y = format!("pipeline:\n  name: {name}\n  steps:\n");
+    for i in 0..n {
+        y.push_str(&format!(
+            "    - id: s{i}\n      uses: exec\n      after: []\n{extra}      params: {{cmd: [\"echo\", \"{i}\"]}}\n      out: artifacts/{name}-{i}\n"
+        ));
+    }
+    y
+}
+
+/// Everything the run has streamed so far; its summary if it finished.
+fn drain(run: &mut RunHandle) -> (Vec<Progress>, Option<RunSummary>) {
+    let mut seen = Vec::new();
+    let mut end = None;
+    while let Ok(p) = run.progress.try_recv() {
+        if let Progress::Finished(s) = &p {
+            end = Some(s.clone());
+        }
+        seen.push(p);
+    }
+    (seen, end)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_without_heartbeats_expires_at_its_ttl_and_goes_to_another_worker_fenced() {
+    let mut h = Harness::mesh(Duration::from_secs(30));
+    let mut run = h.submit(&steps("ttl", 1, ""));
+    h.enrol("w1", 1);
+    let first = h.lease("w1");
+    h.enrol("w2", 1);
+    let waiting = h.ask("w2");
+
+    h.heartbeat("w2", &[]);
+    h.advance(Duration::from_secs(29)).await;
+    h.heartbeat("w2", &[]);
+    assert_eq!(h.live("w1", &first), LeaseCheck::Live, "within its ttl");
+    assert_eq!(h.engine.refusals.lease_expiries, 0);
+
+    h.advance(Duration::from_secs(2)).await;
+    assert_eq!(h.engine.refusals.lease_expiries, 1);
+    assert_eq!(h.live("w1", &first), LeaseCheck::Stale, "expired");
+    let second = { waiting }.try_recv().expect("w2 leased").expect("a lease");
+    assert_eq!(second.job.job_id, first.job.job_id);
+    assert!(
+        second.generation > first.generation,
+        "a new, higher generation"
+    );
+    assert_eq!(second.attempt, first.attempt + 1);
+
+    // The expired worker's late result is refused as stale; the live one seals.
+    let late = h.succeeded(&first, b"late");
+    assert!(h.report("w1", late).is_err());
+    assert_eq!(h.engine.refusals.stale, 1);
+    let honest = h.succeeded(&second, b"on time");
+    h.report("w2", honest).expect("admitted");
+    let (_, end) = drain(&mut run);
+    let end = end.expect("finished");
+    assert_eq!(end.outcome, RunOutcome::Succeeded);
+    let w2: String = key_of("w2").iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(end.steps[0].worker, Some(w2), "w2 did the work");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_heartbeat_keeps_a_lease_alive_and_names_the_stale_attempts_to_kill() {
+    let mut h = Harness::mesh(Duration::from_secs(30));
+    let _run = h.submit(&steps("hb", 1, ""));
+    h.enrol("w1", 1);
+    let l = h.lease("w1");
+    let running = vec![(l.job.job_id.clone(), l.generation)];
+    for _ in 0..5 {
+        h.advance(Duration::from_secs(20)).await;
+        assert!(h.heartbeat("w1", &running).is_empty(), "its live lease");
+    }
+    assert_eq!(h.live("w1", &l), LeaseCheck::Live, "100 s on, still leased");
+    let stale = vec![(l.job.job_id.clone(), l.generation - 1)];
+    assert_eq!(
+        h.heartbeat("w1", &stale),
+        stale,
+        "an old generation is killed"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_attempt_is_retried_after_its_backoff_and_not_before() {
+    let mut h = Harness::mesh(Duration::from_secs(600));
+    let mut run = h.submit(&steps(
+        "retry",
+        1,
+        "      retries: {count: 2, backoff: 10s}\n",
+    ));
+    h.enrol("w1", 1);
+    let l1 = h.lease("w1");
+    h.report("w1", failed(&l1, "exit 1")).expect("admitted");
+    let (seen, _) = drain(&mut run);
+    assert!(
+        seen.iter().any(|p| matches!(p, Progress::Retry { attempt: 2, delay, .. } if *delay == Duration::from_secs(10))),
+        "{seen:?}"
+    );
+    let mut next = h.ask("w1");
+    h.advance(Duration::from_millis(9_900)).await;
+    assert!(next.try_recv().is_err(), "not before its backoff");
+    h.advance(Duration::from_millis(200)).await;
+    let l2 = next.try_recv().expect("leased").expect("a lease");
+    assert_eq!(l2.attempt, 2);
+    assert!(l2.generation > l1.generation);
+
+    // The second backoff doubles; after the last retry the step fails.
+    h.report("w1", failed(&l2, "exit 1")).expect("admitted");
+    let mut next = h.ask("w1");
+    h.advance(Duration::from_millis(19_900)).await;
+    assert!(next.try_recv().is_err(), "the backoff doubles");
+    h.advance(Duration::from_millis(200)).await;
+    let l3 = next.try_recv().expect("leased").expect("a lease");
+    h.report("w1", failed(&l3, "exit 1")).expect("admitted");
+    let (_, end) = drain(&mut run);
+    let end = end.expect("finished");
+    assert_eq!(end.outcome, RunOutcome::Failed);
+    assert_eq!(end.steps[0].status, StepStatus::Failed);
+    assert_eq!(end.steps[0].attempts, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancelling_drops_queued_jobs_kills_leased_ones_and_finishes_cancelled() {
+    let mut h = Harness::mesh(Duration::from_secs(30));
+    let mut run = h.submit(&steps("cancel", 3, ""));
+    h.enrol("w1", 1);
+    let l = h.lease("w1");
+    h.send(Event::Cancel(run.run_id.clone()));
+    let running = vec![(l.job.job_id.clone(), l.generation)];
+    assert_eq!(h.heartbeat("w1", &running), running, "its worker kills it");
+    assert_eq!(h.live("w1", &l), LeaseCheck::Stale);
+    let mut none = h.ask("w1");
+    assert!(
+        none.try_recv().is_err(),
+        "nothing of a cancelled run is leased"
+    );
+    let refused = h.report("w1", failed(&l, "killed"));
+    assert_eq!(refused, Err("the run was cancelled".to_string()));
+    let (_, end) = drain(&mut run);
+    let end = end.expect("finished");
+    assert_eq!(end.outcome, RunOutcome::Cancelled);
+    assert!(
+        end.steps.iter().all(|s| s.status == StepStatus::Cancelled),
+        "{:?}",
+        end.steps.iter().map(|s| s.status).collect::<Vec<_>>()
+    );
+    h.advance(Duration::from_secs(60)).await;
+    assert!(none.try_recv().is_err(), "nor later");
+}
+
+#[tokio::test(start_paused = true)]
+async fn fair_share_alternates_between_runs_instead_of_draining_the_first() {
+    let mut h = Harness::mesh(Duration::from_secs(600));
+    let mut big = h.submit(&steps("big", 6, ""));
+    let mut small = h.submit(&steps("small", 2, ""));
+    h.enrol("w1", 4);
+    let leases: Vec<Lease> = (0..4)
+        .map(|i| {
+            h.ask("w1")
+                .try_recv()
+                .unwrap_or_else(|e| panic!("lease {i}: {e}"))
+                .expect("a lease")
+        })
+        .collect();
+    let from_small = leases
+        .iter()
+        .filter(|l| l.job.job_id.starts_with(&small.run_id))
+        .count();
+    assert_eq!(
+        from_small, 2,
+        "the small run gets half the slots, not what is left"
+    );
+    for l in &leases {
+        let r = h.succeeded(l, l.job.job_id.as_bytes());
+        h.report("w1", r).expect("admitted");
+    }
+    assert!(drain(&mut small).1.is_some(), "the small run finished");
+    assert!(drain(&mut big).1.is_none(), "the big one goes on");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_no_worker_can_run_fails_after_its_grace_with_the_reason() {
+    let mut h = Harness::mesh(Duration::from_secs(30));
+    h.enrol("w1", 1);
+    let mut run = h.submit(&steps("unfit", 1, "      resources: {gpus: 1}\n"));
+    h.advance(Duration::from_secs(59)).await;
+    assert!(drain(&mut run).1.is_none(), "waits for a worker to join");
+    h.advance(Duration::from_secs(2)).await;
+    let end = drain(&mut run).1.expect("failed");
+    assert_eq!(end.outcome, RunOutcome::Failed);
+    let error = end.steps[0].error.clone().unwrap_or_default();
+    assert!(
+        error.starts_with("no enrolled worker can run this step"),
+        "{error}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_quorum_accepts_agreeing_replicas_and_outvotes_the_liar() {
+    let mut h = Harness::mesh(Duration::from_secs(600));
+    let mut run = h.submit(&steps(
+        "quorum",
+        1,
+        "      validation: {replicas: 3, quorum: 2}\n",
+    ));
+    for w in ["w1", "w2", "w3"] {
+        h.enrol(w, 1);
+    }
+    let leases: Vec<(String, Lease)> = ["w1", "w2", "w3"]
+        .iter()
+        .map(|w| (w.to_string(), h.lease(w)))
+        .collect();
+    let unique: std::collections::BTreeSet<&str> =
+        leases.iter().map(|(_, l)| l.job.job_id.as_str()).collect();
+    assert_eq!(unique.len(), 3, "three replica jobs on three workers");
+    for (w, l) in &leases {
+        let answer: &[u8] = if w == "w3" { b"41" } else { b"42" };
+        let r = h.succeeded(l, answer);
+        h.report(w, r).expect("admitted");
+    }
+    let end = drain(&mut run).1.expect("finished");
+    assert_eq!(end.outcome, RunOutcome::Succeeded);
+    assert_eq!(h.engine.refusals.outvoted, 1, "the liar is outvoted");
+    assert_eq!(h.engine.replication.units, 1);
+    let sealed = end.steps[0].outputs.get("out").expect("sealed output");
+    let text = std::fs::read(h.project.path().join(&sealed.path).join("x.txt")).expect("read");
+    assert_eq!(text, b"42", "the majority's answer is what is sealed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_report_for_an_unknown_job_or_an_old_generation_is_refused_and_counted() {
+    let mut h = Harness::mesh(Duration::from_secs(600));
+    let mut run = h.submit(&steps("stale", 1, ""));
+    h.enrol("w1", 1);
+    let l = h.lease("w1");
+    let mut old = h.succeeded(&l, b"x");
+    old.generation = l.generation - 1;
+    assert!(h.report("w1", old).is_err());
+    assert_eq!(h.engine.refusals.stale, 1);
+    let mut unknown = h.succeeded(&l, b"x");
+    unknown.job_id = "no-such-job".into();
+    assert!(h.report("w1", unknown).is_err());
+    assert_eq!(h.engine.refusals.unknown_job, 1);
+    let ok = h.succeeded(&l, b"x");
+    h.report("w1", ok.clone()).expect("admitted");
+    assert!(drain(&mut run).1.is_some());
+    assert!(h.report("w1", ok).is_err(), "a replay");
+    assert_eq!(h.engine.refusals.unknown_job, 2);
+}
+
+#[test]
+fn a_panicking_task_becomes_the_event_that_says_why() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let fx = Inline {
+        tx,
+        store: Arc::new(MemStore::default()),
+        timers: Arc::default(),
+    };
+    tasks::blocking(
+        &fx,
+        || -> usize { panic!("the planner fell over") },
+        |out| Event::UnfitCheck(out.err().unwrap_or_default(), 0),
+    );
+    match rx.try_recv() {
+        Ok(Event::UnfitCheck(why, 0)) => assert!(why.contains("the planner fell over"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+}
