@@ -252,7 +252,7 @@ async fn follow(
 ) -> anyhow::Result<RunSummary> {
     let mut renderer = Renderer::new(steps);
     loop {
-        let why = match follow_once(c, &mut renderer, run_id, pipeline).await {
+        let why = match follow_once(c, &mut renderer, run_id).await {
             Ok(s) => return Ok(s),
             Err(Interrupted::Fatal(e)) => return Err(e),
             Err(Interrupted::Lost(why)) => why,
@@ -312,10 +312,6 @@ async fn follow(
     }
 }
 
-fn status_of(s: &str) -> StepStatus {
-    serde_json::from_value(serde_json::Value::String(s.to_string())).unwrap_or(StepStatus::Pending)
-}
-
 /// Whether a failed call means the coordinator is unreachable (worth reconnecting).
 fn is_lost(s: &tonic::Status) -> bool {
     matches!(
@@ -329,9 +325,7 @@ async fn follow_once(
     c: &mut Control,
     renderer: &mut Renderer,
     run_id: &str,
-    pipeline: &str,
 ) -> Result<RunSummary, Interrupted> {
-    use v1::RunEventKind as K;
     let fatal = |e: anyhow::Error| Interrupted::Fatal(e);
     let mut stream = match c
         .client
@@ -363,48 +357,11 @@ async fn follow_once(
             Some(Err(s)) => return Err(fatal(status_err(s))),
             Some(Ok(e)) => e,
         };
-        let p = match K::try_from(e.kind) {
-            Ok(K::Step) => Progress::Step {
-                step: e.step,
-                status: status_of(&e.status),
-                detail: (!e.detail.is_empty()).then_some(e.detail),
-            },
-            Ok(K::Shards) => Progress::Shards {
-                step: e.step,
-                count: e.count,
-                cached: e.cached,
-            },
-            Ok(K::Shard) => Progress::Shard {
-                step: e.step,
-                index: e.shard_index,
-                status: status_of(&e.status),
-            },
-            Ok(K::Retry) => Progress::Retry {
-                job: e.step,
-                attempt: e.count,
-                delay: Duration::ZERO,
-                error: e.detail,
-            },
-            Ok(K::Finished) => {
-                let steps: Vec<StepRecord> =
-                    serde_json::from_str(&e.steps_json).map_err(|e| fatal(e.into()))?;
-                let outcome = match e.outcome.as_str() {
-                    "succeeded" => RunOutcome::Succeeded,
-                    "cancelled" => RunOutcome::Cancelled,
-                    _ => RunOutcome::Failed,
-                };
-                let s = RunSummary {
-                    run_id: run_id.into(),
-                    pipeline: pipeline.into(),
-                    outcome,
-                    steps,
-                    elapsed: Duration::from_secs_f64(e.elapsed_s.max(0.0)),
-                };
-                renderer.show(&Progress::Finished(s.clone()));
-                return Ok(s);
-            }
-            _ => continue,
-        };
+        let p = Progress::try_from(e).map_err(|e| fatal(e.into()))?;
+        if let Progress::Finished(s) = p {
+            renderer.show(&Progress::Finished(s.clone()));
+            return Ok(s);
+        }
         renderer.show(&p);
     }
 }
@@ -509,7 +466,10 @@ pub async fn status(remote: &Remote, pipeline: &str) -> anyhow::Result<Vec<StepR
         .await
         .map_err(status_err)?
         .into_inner();
-    Ok(serde_json::from_str(&r.steps_json)?)
+    Ok(r.steps
+        .into_iter()
+        .map(StepRecord::try_from)
+        .collect::<Result<_, _>>()?)
 }
 
 /// Downloads the sealed artifact `path` of `pipeline` into `dest` and verifies it.

@@ -180,11 +180,11 @@ async fn bench(
         .watch(auth(tonic::Request::new(v1::WatchRequest { run_id })))
         .await?
         .into_inner();
-    let mut outcome = String::new();
+    let mut outcome = None;
     while let Some(e) = watch.next().await {
         let e = e?;
-        if e.kind == v1::RunEventKind::Finished as i32 {
-            outcome = e.outcome;
+        if let Some(v1::run_event::Event::Finished(f)) = e.event {
+            outcome = v1::RunOutcome::try_from(f.outcome).ok();
             break;
         }
     }
@@ -199,7 +199,7 @@ async fn bench(
     d.sort_by(f64::total_cmp);
     let jobs_per_s = jobs as f64 / elapsed;
     let (p50, p99) = (percentile(&d, 0.5), percentile(&d, 0.99));
-    if outcome != "succeeded" {
+    if outcome != Some(v1::RunOutcome::Succeeded) {
         anyhow::bail!("the bench run ended {outcome:?}");
     }
     if json {

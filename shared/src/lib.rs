@@ -18,6 +18,7 @@ pub mod hardware;
 pub mod job;
 pub mod paths;
 pub mod provenance;
+pub mod record;
 pub mod shard;
 pub mod signing;
 pub mod spec;

@@ -4,7 +4,7 @@
 //! coordinator resumes it under the same id.
 
 use super::{MeshConfig, status};
-use crate::scheduler::{AdminState, Progress, RunOutcome, RunRequest};
+use crate::scheduler::{AdminState, Progress, RunRequest};
 use crate::state::{self, StepRecord};
 use crate::{Coordinator, Store};
 use nexa_proto::v1;
@@ -65,65 +65,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn to_event(p: &Progress) -> v1::RunEvent {
-    use v1::RunEventKind as K;
-    let mut e = v1::RunEvent::default();
-    match p {
-        Progress::Step {
-            step,
-            status,
-            detail,
-        } => {
-            e.kind = K::Step as i32;
-            e.step = step.clone();
-            e.status = status.as_str().into();
-            e.detail = detail.clone().unwrap_or_default();
-        }
-        Progress::Shards {
-            step,
-            count,
-            cached,
-        } => {
-            e.kind = K::Shards as i32;
-            e.step = step.clone();
-            e.count = *count;
-            e.cached = *cached;
-        }
-        Progress::Shard {
-            step,
-            index,
-            status,
-        } => {
-            e.kind = K::Shard as i32;
-            e.step = step.clone();
-            e.shard_index = *index;
-            e.status = status.as_str().into();
-        }
-        Progress::Retry {
-            job,
-            attempt,
-            delay,
-            error,
-        } => {
-            e.kind = K::Retry as i32;
-            e.step = job.clone();
-            e.count = *attempt;
-            e.detail = format!("in {:.1}s after: {error}", delay.as_secs_f64());
-        }
-        Progress::Finished(s) => {
-            e.kind = K::Finished as i32;
-            e.outcome = match s.outcome {
-                RunOutcome::Succeeded => "succeeded",
-                RunOutcome::Failed => "failed",
-                RunOutcome::Cancelled => "cancelled",
-            }
-            .into();
-            e.steps_json = serde_json::to_string(&s.steps).unwrap_or_default();
-            e.elapsed_s = s.elapsed.as_secs_f64();
-            e.step = s.run_id.clone();
-        }
-    }
-    e
+/// Whether `e` is the last event of its run.
+fn is_finished(e: &v1::RunEvent) -> bool {
+    matches!(e.event, Some(v1::run_event::Event::Finished(_)))
 }
 
 impl ControlApi {
@@ -226,7 +170,7 @@ impl ControlApi {
         tokio::spawn(async move {
             while let Some(p) = progress.recv().await {
                 let finished = matches!(p, Progress::Finished(_));
-                let e = to_event(&p);
+                let e = v1::RunEvent::from(&p);
                 {
                     let mut f = lock(&feeds);
                     if let Some(feed) = f.get_mut(&sub.run_id) {
@@ -304,7 +248,7 @@ async fn relay(
 ) {
     let mut done = false;
     for e in history {
-        done |= e.kind == v1::RunEventKind::Finished as i32;
+        done |= is_finished(&e);
         if tx.send(Ok(e)).await.is_err() {
             return;
         }
@@ -312,7 +256,7 @@ async fn relay(
     while !done {
         match live.recv().await {
             Ok(e) => {
-                done = e.kind == v1::RunEventKind::Finished as i32;
+                done = is_finished(&e);
                 if tx.send(Ok(e)).await.is_err() {
                     return;
                 }
@@ -565,11 +509,15 @@ impl ControlService for ControlApi {
     ) -> Result<Response<v1::StatusResponse>, Status> {
         self.check(&req)?;
         let pipeline = req.into_inner().pipeline;
-        let records: Vec<StepRecord> = state::load_steps(self.store.as_ref(), &pipeline)?
-            .into_values()
-            .collect();
+        let store = self.store.clone();
+        let records: Vec<StepRecord> =
+            tokio::task::spawn_blocking(move || state::load_steps(store.as_ref(), &pipeline))
+                .await
+                .map_err(status::join)??
+                .into_values()
+                .collect();
         Ok(Response::new(v1::StatusResponse {
-            steps_json: serde_json::to_string(&records).map_err(crate::Error::from)?,
+            steps: records.iter().map(v1::StepRecord::from).collect(),
         }))
     }
 

@@ -2,6 +2,7 @@
 //! worker views, refusal counters and the engine's configuration.
 
 use super::*;
+pub use nexa_shared::record::{Progress, RunOutcome, RunSummary};
 
 /// What to run.
 #[derive(Debug)]
@@ -21,78 +22,6 @@ pub struct RunRequest {
     /// Inputs must resolve inside the project (a submitted pipeline reads only what was
     /// uploaded with it); embedded runs may read any local path.
     pub confined: bool,
-}
-
-/// How a run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RunOutcome {
-    /// Every step COMPLETE or SKIPPED.
-    Succeeded,
-    /// At least one step FAILED.
-    Failed,
-    /// Cancelled by the user.
-    Cancelled,
-}
-
-/// The end of a run.
-#[derive(Debug, Clone)]
-pub struct RunSummary {
-    /// Run id.
-    pub run_id: String,
-    /// Pipeline name.
-    pub pipeline: String,
-    /// Outcome.
-    pub outcome: RunOutcome,
-    /// Final step records, in file order.
-    pub steps: Vec<StepRecord>,
-    /// Wall time.
-    pub elapsed: Duration,
-}
-
-/// Progress of a run, streamed to whoever submitted it.
-#[derive(Debug, Clone)]
-pub enum Progress {
-    /// A step changed status.
-    Step {
-        /// Step id.
-        step: String,
-        /// New status.
-        status: StepStatus,
-        /// A short note (cache key reuse, error, retry).
-        detail: Option<String>,
-    },
-    /// A fanned-out step was planned.
-    Shards {
-        /// Step id.
-        step: String,
-        /// Number of shards.
-        count: u32,
-        /// How many were reused from cache.
-        cached: u32,
-    },
-    /// A shard changed status.
-    Shard {
-        /// Step id.
-        step: String,
-        /// Shard index.
-        index: u32,
-        /// New status.
-        status: StepStatus,
-    },
-    /// A job is retried after a failure.
-    Retry {
-        /// Job id.
-        job: String,
-        /// The next attempt number.
-        attempt: u32,
-        /// Delay before it.
-        delay: Duration,
-        /// Why the last one failed.
-        error: String,
-    },
-    /// The run ended.
-    Finished(RunSummary),
 }
 
 /// A submitted run: its id and its progress stream.

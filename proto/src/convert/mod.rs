@@ -1,5 +1,8 @@
 //! The one place where wire types and domain types meet. Conversions from the wire are
-//! `TryFrom` and fail naming the field that is missing or malformed.
+//! `TryFrom` and fail naming the field that is missing or malformed. This file holds
+//! hardware, jobs, leases and results; `run.rs` holds run progress and step records.
+
+mod run;
 
 use crate::v1;
 use nexa_shared::hardware::{Gpu, Profile, Requirements};

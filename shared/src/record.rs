@@ -1,0 +1,205 @@
+//! What a run reports: step statuses and records, its progress and its summary. Shared
+//! by the coordinator (which keeps the records in its store), the wire conversions
+//! (`nexa-proto`) and the CLI.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// A step's (or shard's) status, as the seeds name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum StepStatus {
+    /// Waiting for its dependencies.
+    Pending,
+    /// Jobs are queued or running.
+    Running,
+    /// Ran and sealed its artifact.
+    Complete,
+    /// Its artifact was already sealed under the same cache key.
+    Skipped,
+    /// Failed (after its retries).
+    Failed,
+    /// Not run because something upstream failed.
+    Blocked,
+    /// Stopped by the user.
+    Cancelled,
+}
+
+impl StepStatus {
+    /// The upper-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Pending => "PENDING",
+            StepStatus::Running => "RUNNING",
+            StepStatus::Complete => "COMPLETE",
+            StepStatus::Skipped => "SKIPPED",
+            StepStatus::Failed => "FAILED",
+            StepStatus::Blocked => "BLOCKED",
+            StepStatus::Cancelled => "CANCELLED",
+        }
+    }
+
+    /// True for COMPLETE and SKIPPED: the step's artifacts can be used.
+    pub fn is_done(self) -> bool {
+        matches!(self, StepStatus::Complete | StepStatus::Skipped)
+    }
+
+    /// True when the step will not change any more in this run.
+    pub fn is_final(self) -> bool {
+        !matches!(self, StepStatus::Pending | StepStatus::Running)
+    }
+}
+
+impl std::fmt::Display for StepStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One sealed output of a step.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ArtifactInfo {
+    /// The artifact directory, relative to the project.
+    pub path: String,
+    /// `blake3:<hex>`.
+    pub hash: String,
+    /// Payload bytes.
+    pub bytes: u64,
+}
+
+/// One shard's record.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ShardRecord {
+    /// 0-based index.
+    pub index: u32,
+    /// Its status.
+    pub status: StepStatus,
+    /// Its cache key.
+    pub cache_key: Option<String>,
+    /// Its payload hash once sealed.
+    pub hash: Option<String>,
+    /// The worker's public key (hex) that produced it.
+    pub worker: Option<String>,
+    /// Attempts made in the last run.
+    pub attempts: u32,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// A step's record, as stored and mirrored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StepRecord {
+    /// Step id.
+    pub id: String,
+    /// Status.
+    pub status: StepStatus,
+    /// Cache key, once computed.
+    pub cache_key: Option<String>,
+    /// Output name → sealed artifact.
+    pub outputs: BTreeMap<String, ArtifactInfo>,
+    /// The run that last touched it.
+    pub run_id: String,
+    /// Attempts made in that run (for unsharded steps).
+    pub attempts: u32,
+    /// Why it failed, was blocked or cancelled.
+    pub error: Option<String>,
+    /// The worker's public key (hex) that produced it (unsharded steps).
+    pub worker: Option<String>,
+    /// Where its log is, relative to the project.
+    pub log: Option<String>,
+    /// Shards, for fanned-out steps.
+    pub shards: Vec<ShardRecord>,
+    /// Wall time in ms of the last execution.
+    pub duration_ms: Option<u64>,
+}
+
+impl StepRecord {
+    /// A fresh PENDING record.
+    pub fn pending(id: &str, run_id: &str) -> Self {
+        Self {
+            id: id.to_string(),
+            status: StepStatus::Pending,
+            cache_key: None,
+            outputs: BTreeMap::new(),
+            run_id: run_id.to_string(),
+            attempts: 0,
+            error: None,
+            worker: None,
+            log: None,
+            shards: Vec::new(),
+            duration_ms: None,
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunOutcome {
+    /// Every step COMPLETE or SKIPPED.
+    Succeeded,
+    /// At least one step FAILED.
+    Failed,
+    /// Cancelled by the user.
+    Cancelled,
+}
+
+/// The end of a run.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// Run id.
+    pub run_id: String,
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Outcome.
+    pub outcome: RunOutcome,
+    /// Final step records, in file order.
+    pub steps: Vec<StepRecord>,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// Progress of a run, streamed to whoever submitted it.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// A step changed status.
+    Step {
+        /// Step id.
+        step: String,
+        /// New status.
+        status: StepStatus,
+        /// A short note (cache key reuse, error, retry).
+        detail: Option<String>,
+    },
+    /// A fanned-out step was planned.
+    Shards {
+        /// Step id.
+        step: String,
+        /// Number of shards.
+        count: u32,
+        /// How many were reused from cache.
+        cached: u32,
+    },
+    /// A shard changed status.
+    Shard {
+        /// Step id.
+        step: String,
+        /// Shard index.
+        index: u32,
+        /// New status.
+        status: StepStatus,
+    },
+    /// A job is retried after a failure.
+    Retry {
+        /// Job id.
+        job: String,
+        /// The next attempt number.
+        attempt: u32,
+        /// Delay before it.
+        delay: Duration,
+        /// Why the last one failed.
+        error: String,
+    },
+    /// The run ended.
+    Finished(RunSummary),
+}
