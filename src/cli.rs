@@ -682,28 +682,27 @@ async fn workers(
     ban: Option<String>,
     activate: Option<String>,
 ) -> anyhow::Result<ExitCode> {
-    use nexa_proto::v1::WorkerAdminState as S;
+    use nexa_shared::record::AdminState as S;
     for (id, state) in [(drain, S::Drain), (ban, S::Ban), (activate, S::Active)] {
         if let Some(id) = id {
             crate::remote::set_worker_state(r, &id, state).await?;
-            println!(
-                "worker {id}: {}",
-                state
-                    .as_str_name()
-                    .trim_start_matches("WORKER_ADMIN_STATE_")
-                    .to_lowercase()
-            );
+            println!("worker {id}: {}", state.as_str());
         }
     }
     let ws = crate::remote::workers(r).await?;
+    let states = ws
+        .iter()
+        .map(|w| nexa_proto::convert::worker_state_from_wire(w.state))
+        .collect::<Result<Vec<_>, _>>()?;
     if json {
         let v: Vec<serde_json::Value> = ws
             .iter()
-            .map(|w| {
+            .zip(&states)
+            .map(|(w, state)| {
                 let p = w.profile.clone().map(nexa_shared::hardware::Profile::from).unwrap_or_default();
                 let total = w.succeeded + w.failed;
                 serde_json::json!({
-                    "id": w.worker_id, "name": w.name, "state": w.state, "slots": w.slots, "running": w.running,
+                    "id": w.worker_id, "name": w.name, "state": state, "slots": w.slots, "running": w.running,
                     "succeeded": w.succeeded, "failed": w.failed,
                     "error_rate": if total == 0 { 0.0 } else { w.failed as f64 / total as f64 },
                     "valid": w.valid, "invalid": w.invalid, "trusted_for": w.trusted_for,
@@ -728,7 +727,7 @@ async fn workers(
         "CPU-s",
         "GPU-s"
     );
-    for w in &ws {
+    for (w, state) in ws.iter().zip(&states) {
         let p = w
             .profile
             .clone()
@@ -761,7 +760,7 @@ async fn workers(
             "{:<18} {:<16} {:<11} {:>5} {:>7} {:>9} {:>13} {:>9.1} {:>9.1}  {}",
             w.worker_id,
             w.name,
-            w.state,
+            state.as_str(),
             w.slots,
             w.running,
             rate,

@@ -442,13 +442,13 @@ pub async fn lineage(
 pub async fn set_worker_state(
     remote: &Remote,
     worker: &str,
-    state: v1::WorkerAdminState,
+    state: nexa_shared::record::AdminState,
 ) -> anyhow::Result<()> {
     let mut c = Control::connect(remote).await?;
     c.client
         .set_worker_state(c.req(v1::SetWorkerStateRequest {
             worker_id: worker.into(),
-            state: state as i32,
+            state: v1::WorkerAdminState::from(state) as i32,
         }))
         .await
         .map_err(status_err)?;

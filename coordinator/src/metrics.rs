@@ -4,6 +4,7 @@
 //! model): never a job, run or worker id. Gauges are read from an engine snapshot at
 //! scrape time; histograms are observed where the events happen.
 
+use nexa_shared::record::WorkerState;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -14,20 +15,31 @@ use std::sync::Arc;
 /// What the engine reports at scrape time.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    /// Workers by state (`active`, `lost`, `draining`, ...).
-    pub workers_by_state: BTreeMap<String, i64>,
+    /// Workers by state.
+    pub workers_by_state: BTreeMap<WorkerState, i64>,
     /// Enrolled, not lost workers by GPU model (`none` for CPU-only ones).
     pub workers_by_gpu_model: BTreeMap<String, i64>,
     /// GPUs of live workers not held by a job.
     pub gpus_available: i64,
     /// Memory of those GPUs, as last reported free.
     pub gpu_memory_available_bytes: i64,
-    /// Jobs by state (`queued`, `leased`, `sealing`, `backoff`).
-    pub jobs_by_state: BTreeMap<String, i64>,
-    /// Jobs waiting for a worker.
-    pub queue_depth: i64,
+    /// Jobs by state.
+    pub jobs: JobCounts,
     /// Runs in progress.
     pub runs_active: i64,
+}
+
+/// Jobs by state, as the `nexa_jobs{state}` gauge shows them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JobCounts {
+    /// Waiting for a worker (the queue depth).
+    pub queued: i64,
+    /// Leased to a worker.
+    pub leased: i64,
+    /// Reported and being sealed.
+    pub sealing: i64,
+    /// Waiting out a retry's backoff.
+    pub backoff: i64,
 }
 
 /// Every metric the coordinator exports.
@@ -208,14 +220,19 @@ impl Metrics {
                 .set(*n);
         }
         self.jobs.reset();
-        for state in ["queued", "leased", "sealing", "backoff"] {
-            let n = snap.jobs_by_state.get(state).copied().unwrap_or(0);
+        let j = snap.jobs;
+        for (state, n) in [
+            ("queued", j.queued),
+            ("leased", j.leased),
+            ("sealing", j.sealing),
+            ("backoff", j.backoff),
+        ] {
             self.jobs.with_label_values(&[state]).set(n);
         }
         self.gpus_available.set(snap.gpus_available);
         self.gpu_memory_available
             .set(snap.gpu_memory_available_bytes);
-        self.queue_depth.set(snap.queue_depth);
+        self.queue_depth.set(j.queued);
         self.runs_active.set(snap.runs_active);
         self.store_bytes
             .set(i64::try_from(store_bytes).unwrap_or(i64::MAX));

@@ -17,7 +17,7 @@
 //! never deleted.
 
 use crate::sealing::lineage;
-use crate::state::{self, RunRecord, StepStatus};
+use crate::state::{self, RunRecord, RunState, StepStatus};
 use crate::{Error, Result, SledStore, Store, mirror, registry};
 use std::path::{Path, PathBuf};
 
@@ -175,17 +175,17 @@ fn rebuild_project(store: &SledStore, project: &Path, report: &mut Report) -> Re
                 "run {} of pipeline '{}' was not finished: submit the pipeline again (its sealed steps are reused)",
                 m.run_id, m.pipeline
             ));
-            "failed"
+            RunState::Failed
         } else if m.steps.iter().any(|s| s.status == StepStatus::Cancelled) {
-            "cancelled"
+            RunState::Cancelled
         } else if m
             .steps
             .iter()
             .any(|s| matches!(s.status, StepStatus::Failed | StepStatus::Blocked))
         {
-            "failed"
+            RunState::Failed
         } else {
-            "succeeded"
+            RunState::Succeeded
         };
         state::save_run(
             store,
@@ -194,7 +194,7 @@ fn rebuild_project(store: &SledStore, project: &Path, report: &mut Report) -> Re
                 pipeline: m.pipeline.clone(),
                 started_at: m.updated_at.clone(),
                 finished_at: Some(m.updated_at.clone()),
-                outcome: outcome.into(),
+                outcome,
             },
         )?;
         report.runs += 1;

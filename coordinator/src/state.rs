@@ -3,7 +3,9 @@
 use crate::{Result, Store};
 use std::collections::BTreeMap;
 
-pub use nexa_shared::record::{ArtifactInfo, ShardRecord, StepRecord, StepStatus};
+pub use nexa_shared::record::{
+    AdminState, ArtifactInfo, RunState, ShardRecord, StepRecord, StepStatus,
+};
 
 /// The store tree holding step records, keyed `<pipeline>/<step>`.
 pub const STEPS_TREE: &str = "steps";
@@ -21,8 +23,8 @@ pub struct RunRecord {
     pub started_at: String,
     /// End (RFC 3339), when finished.
     pub finished_at: Option<String>,
-    /// `running`, `succeeded`, `failed`, `cancelled`.
-    pub outcome: String,
+    /// Where it is (stored as `running`, `succeeded`, `failed`, `cancelled`).
+    pub outcome: RunState,
 }
 
 /// Writes step records in one batch.
@@ -73,8 +75,8 @@ pub struct WorkerRecord {
     pub slots: u32,
     /// Its last known hardware.
     pub profile: nexa_shared::hardware::Profile,
-    /// `active`, `drain` or `ban`.
-    pub admin: String,
+    /// The operator's say (stored as `active`, `drain` or `ban`).
+    pub admin: AdminState,
     /// Results that sealed.
     pub succeeded: u64,
     /// Results that failed or were refused.

@@ -121,7 +121,7 @@ async fn a_run_whose_final_state_the_store_refused_is_not_reported_until_it_is_s
     let runs = store.scan_prefix(state::RUNS_TREE, "full/").expect("runs");
     assert_eq!(runs.len(), 1, "the run's record was written");
     let rec: state::RunRecord = serde_json::from_slice(&runs[0].1).expect("run record");
-    assert_eq!(rec.outcome, "succeeded");
+    assert_eq!(rec.outcome, nexa_coordinator::state::RunState::Succeeded);
     assert!(rec.finished_at.is_some());
     coord.shutdown();
 }

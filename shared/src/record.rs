@@ -203,3 +203,101 @@ pub enum Progress {
     /// The run ended.
     Finished(RunSummary),
 }
+
+/// Where a run is, as its record in the store says (kept as lowercase names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    /// Started and not over.
+    Running,
+    /// Every step COMPLETE or SKIPPED.
+    Succeeded,
+    /// At least one step FAILED or BLOCKED.
+    Failed,
+    /// Cancelled by the user.
+    Cancelled,
+}
+
+impl From<RunOutcome> for RunState {
+    fn from(o: RunOutcome) -> Self {
+        match o {
+            RunOutcome::Succeeded => RunState::Succeeded,
+            RunOutcome::Failed => RunState::Failed,
+            RunOutcome::Cancelled => RunState::Cancelled,
+        }
+    }
+}
+
+/// An operator's say over a worker (kept as `active`, `drain`, `ban`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminState {
+    /// Gets work.
+    Active,
+    /// Finishes what it runs, gets nothing new.
+    Drain,
+    /// Gets nothing; its results are refused.
+    Ban,
+}
+
+impl AdminState {
+    /// The lowercase name (`active`, `drain`, `ban`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminState::Active => "active",
+            AdminState::Drain => "drain",
+            AdminState::Ban => "ban",
+        }
+    }
+}
+
+/// How a worker stands, as `nexa workers` shows it: the operator's say first, then its
+/// health.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerState {
+    /// Gets work.
+    Active,
+    /// No heartbeat within the lease ttl.
+    Lost,
+    /// Drained by an operator.
+    Draining,
+    /// Banned by an operator.
+    Banned,
+    /// Paused after failures in a row.
+    Throttled,
+    /// Too many recent failures: no work until an operator re-activates it.
+    Quarantined,
+}
+
+impl WorkerState {
+    /// Every state, in the order `nexa workers` and the metrics list them.
+    pub const ALL: [WorkerState; 6] = [
+        WorkerState::Active,
+        WorkerState::Lost,
+        WorkerState::Draining,
+        WorkerState::Banned,
+        WorkerState::Throttled,
+        WorkerState::Quarantined,
+    ];
+
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Active => "active",
+            WorkerState::Lost => "lost",
+            WorkerState::Draining => "draining",
+            WorkerState::Banned => "banned",
+            WorkerState::Throttled => "throttled",
+            WorkerState::Quarantined => "quarantined",
+        }
+    }
+}
+
+impl std::fmt::Display for WorkerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -4,7 +4,7 @@
 //! coordinator resumes it under the same id.
 
 use super::{MeshConfig, status};
-use crate::scheduler::{AdminState, Progress, RunRequest};
+use crate::scheduler::{Progress, RunRequest};
 use crate::state::{self, StepRecord};
 use crate::{Coordinator, Store};
 use nexa_proto::v1;
@@ -458,7 +458,7 @@ impl ControlService for ControlApi {
             .map(|w| v1::WorkerStatus {
                 worker_id: w.id,
                 name: w.name.clone(),
-                state: w.state,
+                state: v1::WorkerState::from(w.state) as i32,
                 profile: Some(v1::HardwareProfile::from(&w.profile)),
                 slots: w.slots,
                 running: w.running,
@@ -486,16 +486,8 @@ impl ControlService for ControlApi {
     ) -> Result<Response<v1::SetWorkerStateResponse>, Status> {
         self.check(&req)?;
         let r = req.into_inner();
-        let state = match v1::WorkerAdminState::try_from(r.state) {
-            Ok(v1::WorkerAdminState::Active) => AdminState::Active,
-            Ok(v1::WorkerAdminState::Drain) => AdminState::Drain,
-            Ok(v1::WorkerAdminState::Ban) => AdminState::Ban,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "state must be ACTIVE, DRAIN or BAN",
-                ));
-            }
-        };
+        let state = nexa_proto::convert::admin_state_from_wire(r.state)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let found = self.coord.set_worker_state(&r.worker_id, state).await?;
         if !found {
             return Err(Status::not_found(format!("no worker {}", r.worker_id)));

@@ -2,7 +2,7 @@
 //! worker views, refusal counters and the engine's configuration.
 
 use super::*;
-pub use nexa_shared::record::{Progress, RunOutcome, RunSummary};
+pub use nexa_shared::record::{AdminState, Progress, RunOutcome, RunSummary, WorkerState};
 
 /// What to run.
 #[derive(Debug)]
@@ -60,7 +60,60 @@ pub struct Refusals {
     pub outvoted: u64,
 }
 
+/// The kinds of refusal the engine counts, one [`Refusals`] counter each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// A stale lease generation (expired, reassigned or already reported).
+    Stale,
+    /// A result for a job the coordinator does not know.
+    UnknownJob,
+    /// An upload or input fetch for an attempt not leased to the caller.
+    NoLease,
+    /// A signature that did not verify against the enrolled key.
+    Signature,
+    /// An uploaded payload that did not match the signed manifest.
+    Digest,
+    /// A lease that expired.
+    LeaseExpired,
+    /// A result from a banned worker.
+    Banned,
+    /// An upload whose name would leave the staging directory.
+    UnsafeName,
+    /// Uploaded bytes that did not hash to their declared digest or size.
+    UploadDigest,
+    /// A replica result its quorum disagreed with.
+    Outvoted,
+}
+
+impl From<EdgeRefusal> for Refused {
+    fn from(e: EdgeRefusal) -> Self {
+        match e {
+            EdgeRefusal::UnsafeName => Refused::UnsafeName,
+            EdgeRefusal::UploadDigest => Refused::UploadDigest,
+            EdgeRefusal::NoLease => Refused::NoLease,
+            EdgeRefusal::StaleUpload => Refused::Stale,
+        }
+    }
+}
+
 impl Refusals {
+    /// Counts one refusal of `kind`.
+    pub fn count(&mut self, kind: Refused) {
+        let n = match kind {
+            Refused::Stale => &mut self.stale,
+            Refused::UnknownJob => &mut self.unknown_job,
+            Refused::NoLease => &mut self.no_lease,
+            Refused::Signature => &mut self.signature,
+            Refused::Digest => &mut self.digest,
+            Refused::LeaseExpired => &mut self.lease_expiries,
+            Refused::Banned => &mut self.banned,
+            Refused::UnsafeName => &mut self.unsafe_name,
+            Refused::UploadDigest => &mut self.upload_digest,
+            Refused::Outvoted => &mut self.outvoted,
+        };
+        *n += 1;
+    }
+
     /// The counters by name.
     pub fn counts(&self) -> Vec<(&'static str, u64)> {
         vec![
@@ -171,18 +224,6 @@ pub struct WorkerInfo {
     pub slots: u32,
 }
 
-/// An operator's say over a worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AdminState {
-    /// Gets work.
-    Active,
-    /// Finishes what it runs, gets nothing new.
-    Drain,
-    /// Gets nothing; its results are refused.
-    Ban,
-}
-
 /// A worker as `nexa workers` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct WorkerView {
@@ -190,8 +231,8 @@ pub struct WorkerView {
     pub id: String,
     /// The name it gave.
     pub name: String,
-    /// `active`, `lost`, `draining`, `banned`, `throttled`, `quarantined`.
-    pub state: String,
+    /// How it stands.
+    pub state: WorkerState,
     /// Hardware.
     pub profile: Profile,
     /// Slots.

@@ -183,7 +183,7 @@ impl Engine {
             pipeline: run.ctx.pipeline.name.clone(),
             started_at: run.started_at.clone(),
             finished_at: Some(now_rfc3339()),
-            outcome: format!("{outcome:?}").to_lowercase(),
+            outcome: outcome.into(),
         };
         let saved = state::save_steps(self.store.as_ref(), &run.ctx.pipeline.name, &refs)
             .and_then(|_| state::save_run(self.store.as_ref(), &rec))

@@ -231,12 +231,12 @@ impl Engine {
         let generations = generations::Generations::start(store.as_ref(), META_TREE);
         // Workers known before a restart come back offline, with their admin state and
         // record, until they enrol again.
-        let workers: HashMap<String, WorkerState> = match state::load_workers(store.as_ref()) {
+        let workers: HashMap<String, Worker> = match state::load_workers(store.as_ref()) {
             Ok(records) => records
                 .into_iter()
                 .filter_map(|r| {
                     let id = r.id.clone();
-                    WorkerState::from_record(r).map(|w| (id, w))
+                    Worker::from_record(r).map(|w| (id, w))
                 })
                 .collect(),
             Err(e) => {

@@ -275,14 +275,14 @@ impl Engine {
             .collect();
         for job_id in expired {
             if self.drop_late_replica(&job_id) {
-                self.refusals.lease_expiries += 1;
+                self.refusals.count(Refused::LeaseExpired);
                 continue;
             }
             self.release(&job_id);
             let Some(j) = self.jobs.get_mut(&job_id) else {
                 continue;
             };
-            self.refusals.lease_expiries += 1;
+            self.refusals.count(Refused::LeaseExpired);
             // A cancelled run's job is never leased again: its lease ending ends it.
             if self.runs.get(&j.run_id).is_some_and(|r| r.cancelled) {
                 tracing::info!(job = %job_id, "lease of a cancelled run's job expired; dropping it");

@@ -8,6 +8,7 @@ use crate::sealing::group::{SealQueue, SealTask, keep_log};
 pub use api::*;
 pub use event::Event;
 
+mod acceptance;
 mod api;
 mod blame;
 mod effects;
@@ -74,7 +75,7 @@ struct Alloc {
 }
 
 #[derive(Debug)]
-struct WorkerState {
+struct Worker {
     info: WorkerInfo,
     alloc: HashMap<String, Alloc>,
     /// GPUs handed to jobs since the last profile refresh: their reported free memory
@@ -148,7 +149,7 @@ struct Engine {
     fx: Box<dyn effects::Effects>,
     rx: mpsc::UnboundedReceiver<Event>,
     cancels: Arc<Mutex<HashMap<String, watch::Sender<bool>>>>,
-    workers: HashMap<String, WorkerState>,
+    workers: HashMap<String, Worker>,
     config: EngineConfig,
     /// Leases granted per active run (fair share).
     granted: HashMap<String, u64>,
@@ -244,7 +245,7 @@ impl Engine {
                         w.lost = false;
                     }
                     None => {
-                        self.workers.insert(id.clone(), WorkerState::new(*info));
+                        self.workers.insert(id.clone(), Worker::new(*info));
                     }
                 }
                 self.dirty_workers.insert(id);
@@ -309,12 +310,7 @@ impl Engine {
                 }
             }
             Event::Cancel(run) => self.on_cancel(&run),
-            Event::Refused(kind) => match kind {
-                EdgeRefusal::UnsafeName => self.refusals.unsafe_name += 1,
-                EdgeRefusal::UploadDigest => self.refusals.upload_digest += 1,
-                EdgeRefusal::NoLease => self.refusals.no_lease += 1,
-                EdgeRefusal::StaleUpload => self.refusals.stale += 1,
-            },
+            Event::Refused(kind) => self.refusals.count(kind.into()),
             Event::Refusals(reply) => {
                 let _ = reply.send(self.refusals);
             }
@@ -326,7 +322,7 @@ impl Engine {
                     .map(|(id, w)| WorkerView {
                         id: id.clone(),
                         name: w.info.name.clone(),
-                        state: w.state_name(now).to_string(),
+                        state: w.state(now),
                         profile: w.info.profile.clone(),
                         slots: w.info.slots,
                         running: w.alloc.len() as u32,

@@ -4,7 +4,7 @@
 //! trusted for a kind of job gets it alone, spot-checked with a probability that falls
 //! as its record grows (BOINC's adaptive replication).
 
-use super::{Credit, Engine, Job, JobState};
+use super::{Credit, Engine, Job, JobState, Refused};
 use crate::quorum::{self, Trust};
 use nexa_shared::hardware::Profile;
 use nexa_shared::job::{JobResult, JobSpec};
@@ -379,7 +379,7 @@ impl Engine {
             self.dirty_workers.insert(worker.to_string());
         }
         if !agreed {
-            self.refusals.outvoted += 1;
+            self.refusals.count(Refused::Outvoted);
             tracing::warn!(unit, worker, "late result outvoted by the quorum");
             self.record_outcome(worker, false);
         }
@@ -410,7 +410,7 @@ impl Engine {
                 self.dirty_workers.insert(worker.clone());
             }
             if !agreed {
-                self.refusals.outvoted += 1;
+                self.refusals.count(Refused::Outvoted);
                 tracing::warn!(unit, worker = %worker, "result outvoted by the quorum");
                 self.record_outcome(&worker, false);
             }

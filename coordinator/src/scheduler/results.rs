@@ -1,6 +1,7 @@
 //! Results: admitting or refusing a report, sealing it, sharded steps' assembly and
 //! the steps the coordinator runs itself.
 
+use super::acceptance::{self, Refusal, StaleWhy};
 use super::*;
 
 impl Engine {
@@ -21,76 +22,68 @@ impl Engine {
         Ok(())
     }
 
-    /// The checks a result must pass before anything of it is used: a live lease of
-    /// this worker, the enrolled key's signature, a run that is not cancelled.
+    /// The checks a result must pass before anything of it is used (see
+    /// `acceptance::judge`): a live lease of this worker, the enrolled key's signature,
+    /// a run that is not cancelled. A refusal is counted by its kind and acted on.
     pub(super) fn admit(
         &mut self,
         worker: &str,
         result: &JobResult,
         verdict: std::result::Result<(), String>,
     ) -> std::result::Result<(), String> {
-        let Some(job) = self.jobs.get_mut(&result.job_id) else {
-            self.refusals.unknown_job += 1;
-            tracing::warn!(job = %result.job_id, worker, "refused result for an unknown or finished job");
-            return Err("unknown or finished job".into());
+        let job = self.jobs.get(&result.job_id);
+        let facts = acceptance::Facts {
+            job,
+            enrolled: self.workers.get(worker).map(|w| (w.info.key, w.admin)),
+            verdict: &verdict,
+            cancelled: job
+                .and_then(|j| self.runs.get(&j.run_id))
+                .is_some_and(|r| r.cancelled),
         };
-        if job.state != JobState::Leased
-            || job.generation != result.generation
-            || job.worker.as_deref() != Some(worker)
-        {
-            self.refusals.stale += 1;
-            if job.state != JobState::Leased {
-                tracing::warn!(job = %result.job_id, worker, generation = result.generation, "refused result: its lease expired or ended before it arrived");
-            } else if job.generation != result.generation {
-                tracing::warn!(job = %result.job_id, worker, generation = result.generation, current = job.generation, "refused result from a stale lease generation");
-            } else {
-                tracing::warn!(job = %result.job_id, worker, generation = result.generation, "refused result: the job is leased to another worker");
+        let refusal = match acceptance::judge(worker, result, &facts) {
+            Ok(()) => {
+                // The job no longer runs on the worker, whatever the result says.
+                self.release(&result.job_id);
+                return Ok(());
             }
-            return Err(
-                "not this worker's live lease of the job (expired, reassigned or stale)".into(),
-            );
-        }
-        // The job no longer runs on the worker, whatever the result says.
-        self.release(&result.job_id);
-        let enrolled = self.workers.get(worker).map(|w| (w.info.key, w.admin));
-        let verified = match enrolled {
-            None => Err("worker is not enrolled".to_string()),
-            // The verdict was reached against the enrolled key (see `Coordinator::report`);
-            // a worker that re-enrolled with another key since has another id.
-            Some((key, _)) if key != result.worker_key => {
-                Err("result was not signed with the enrolled key".to_string())
-            }
-            Some((_, AdminState::Ban)) => {
-                self.refusals.banned += 1;
-                tracing::warn!(job = %result.job_id, worker, "refused result from a banned worker");
-                self.job_failed(
-                    &result.job_id,
-                    "result refused: the worker is banned".into(),
-                    true,
-                );
-                return Err("the worker is banned".into());
-            }
-            Some(_) => verdict,
+            Err(r) => r,
         };
-        if let Err(e) = verified {
-            self.refusals.signature += 1;
-            tracing::warn!(job = %result.job_id, worker, error = %e, "refused result: bad signature");
-            self.record_outcome(worker, false);
-            self.job_failed(&result.job_id, format!("result refused: {e}"), true);
-            return Err(e);
+        if let Some(kind) = refusal.kind() {
+            self.refusals.count(kind);
         }
-        // A cancelled run seals nothing more, whatever the result says.
-        let cancelled = self
-            .jobs
-            .get(&result.job_id)
-            .and_then(|j| self.runs.get(&j.run_id))
-            .is_some_and(|r| r.cancelled);
-        if cancelled {
-            tracing::info!(job = %result.job_id, worker, outcome = ?result.outcome, "result of a cancelled run discarded");
-            self.job_failed(&result.job_id, "cancelled".into(), false);
-            return Err("the run was cancelled".into());
+        let (job_id, generation) = (&result.job_id, result.generation);
+        match &refusal {
+            Refusal::UnknownJob => {
+                tracing::warn!(job = %job_id, worker, "refused result for an unknown or finished job");
+            }
+            Refusal::NotLiveLease(StaleWhy::Ended) => {
+                tracing::warn!(job = %job_id, worker, generation, "refused result: its lease expired or ended before it arrived");
+            }
+            Refusal::NotLiveLease(StaleWhy::OldGeneration) => {
+                let current = self.jobs.get(job_id).map(|j| j.generation);
+                tracing::warn!(job = %job_id, worker, generation, ?current, "refused result from a stale lease generation");
+            }
+            Refusal::NotLiveLease(StaleWhy::OtherWorker) => {
+                tracing::warn!(job = %job_id, worker, generation, "refused result: the job is leased to another worker");
+            }
+            Refusal::Banned => {
+                tracing::warn!(job = %job_id, worker, "refused result from a banned worker");
+                self.release(job_id);
+                self.job_failed(job_id, "result refused: the worker is banned".into(), true);
+            }
+            Refusal::NotEnrolled | Refusal::WrongKey | Refusal::BadSignature(_) => {
+                tracing::warn!(job = %job_id, worker, error = %refusal, "refused result: bad signature");
+                self.release(job_id);
+                self.record_outcome(worker, false);
+                self.job_failed(job_id, format!("result refused: {refusal}"), true);
+            }
+            Refusal::Cancelled => {
+                tracing::info!(job = %job_id, worker, outcome = ?result.outcome, "result of a cancelled run discarded");
+                self.release(job_id);
+                self.job_failed(job_id, "cancelled".into(), false);
+            }
         }
-        Ok(())
+        Err(refusal.to_string())
     }
 
     /// Acts on an admitted result: seal it, wait for its quorum, or fail or retry it.
@@ -251,7 +244,7 @@ impl Engine {
         match res {
             Err(e) => {
                 if e.wrong == Some(WrongResult::ManifestMismatch) {
-                    self.refusals.digest += 1;
+                    self.refusals.count(Refused::Digest);
                 }
                 tracing::warn!(job = %job_id, error = %e, "sealing failed");
                 self.job_failed(job_id, format!("sealing outputs: {e}"), true);

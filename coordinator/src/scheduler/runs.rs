@@ -56,7 +56,7 @@ impl Engine {
                 pipeline: ctx.pipeline.name.clone(),
                 started_at: started_at.clone(),
                 finished_at: None,
-                outcome: "running".into(),
+                outcome: state::RunState::Running,
             },
         )?;
         self.cancels
@@ -173,9 +173,7 @@ impl Engine {
         let now = Instant::now();
         let mut s = crate::metrics::Snapshot::default();
         for w in self.workers.values() {
-            *s.workers_by_state
-                .entry(w.state_name(now).to_string())
-                .or_default() += 1;
+            *s.workers_by_state.entry(w.state(now)).or_default() += 1;
             if w.lost {
                 continue;
             }
@@ -196,15 +194,14 @@ impl Engine {
             }
         }
         for j in self.jobs.values() {
-            let state = match j.state {
-                JobState::Queued => "queued",
-                JobState::Backoff => "backoff",
-                JobState::Leased => "leased",
-                JobState::Sealing => "sealing",
+            let n = match j.state {
+                JobState::Queued => &mut s.jobs.queued,
+                JobState::Backoff => &mut s.jobs.backoff,
+                JobState::Leased => &mut s.jobs.leased,
+                JobState::Sealing => &mut s.jobs.sealing,
             };
-            *s.jobs_by_state.entry(state.to_string()).or_default() += 1;
+            *n += 1;
         }
-        s.queue_depth = s.jobs_by_state.get("queued").copied().unwrap_or(0);
         s.runs_active = self.runs.len() as i64;
         s
     }

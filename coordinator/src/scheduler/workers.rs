@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl WorkerState {
+impl Worker {
     /// The part of the state that is stored.
     pub(super) fn record_of(&self, id: &str) -> state::WorkerRecord {
         state::WorkerRecord {
@@ -12,12 +12,7 @@ impl WorkerState {
             public_key: hex::encode(self.info.key),
             slots: self.info.slots,
             profile: self.info.profile.clone(),
-            admin: match self.admin {
-                AdminState::Active => "active",
-                AdminState::Drain => "drain",
-                AdminState::Ban => "ban",
-            }
-            .to_string(),
+            admin: self.admin,
             succeeded: self.succeeded,
             failed: self.failed,
             recent: self.recent.iter().copied().collect(),
@@ -36,11 +31,7 @@ impl WorkerState {
             profile: r.profile,
             slots: r.slots,
         });
-        w.admin = match r.admin.as_str() {
-            "drain" => AdminState::Drain,
-            "ban" => AdminState::Ban,
-            _ => AdminState::Active,
-        };
+        w.admin = r.admin;
         w.succeeded = r.succeeded;
         w.failed = r.failed;
         w.recent = r.recent.into_iter().collect();
@@ -101,14 +92,17 @@ impl WorkerState {
             && self.throttled_until.is_none_or(|t| t <= now)
     }
 
-    pub(super) fn state_name(&self, now: Instant) -> &'static str {
+    /// How it stands now: the operator's say first, then its health.
+    pub(super) fn state(&self, now: Instant) -> WorkerState {
         match self.admin {
-            AdminState::Ban => "banned",
-            AdminState::Drain => "draining",
-            AdminState::Active if self.lost => "lost",
-            AdminState::Active if self.quarantined() => "quarantined",
-            AdminState::Active if self.throttled_until.is_some_and(|t| t > now) => "throttled",
-            AdminState::Active => "active",
+            AdminState::Ban => WorkerState::Banned,
+            AdminState::Drain => WorkerState::Draining,
+            AdminState::Active if self.lost => WorkerState::Lost,
+            AdminState::Active if self.quarantined() => WorkerState::Quarantined,
+            AdminState::Active if self.throttled_until.is_some_and(|t| t > now) => {
+                WorkerState::Throttled
+            }
+            AdminState::Active => WorkerState::Active,
         }
     }
 
@@ -163,8 +157,8 @@ impl WorkerState {
 mod tests {
     use super::*;
 
-    fn worker() -> WorkerState {
-        WorkerState::new(WorkerInfo {
+    fn worker() -> Worker {
+        Worker::new(WorkerInfo {
             name: "w".into(),
             key: [0; 32],
             profile: Profile::default(),
@@ -202,7 +196,7 @@ mod tests {
             },
         );
         w.refresh_profile(reading(1, 3));
-        let free = |w: &WorkerState| {
+        let free = |w: &Worker| {
             w.info
                 .profile
                 .gpus
@@ -234,7 +228,7 @@ mod tests {
         );
         w.record(false, "w");
         assert!(!w.eligible(Instant::now()), "failures in a row throttle");
-        assert_eq!(w.state_name(Instant::now()), "throttled");
+        assert_eq!(w.state(Instant::now()), WorkerState::Throttled);
         w.record(true, "w");
         assert!(w.eligible(Instant::now()), "a success lifts the throttle");
         for _ in 0..QUARANTINE_AFTER {
@@ -246,7 +240,7 @@ mod tests {
             !w.eligible(Instant::now()),
             "quarantined workers get no work"
         );
-        assert_eq!(w.state_name(Instant::now()), "quarantined");
+        assert_eq!(w.state(Instant::now()), WorkerState::Quarantined);
         assert_eq!(
             (w.succeeded, w.failed),
             (1, u64::from(THROTTLE_AFTER) + QUARANTINE_AFTER as u64)
@@ -257,15 +251,15 @@ mod tests {
     fn drained_banned_and_lost_workers_get_no_work() {
         let now = Instant::now();
         for (admin, lost, name) in [
-            (AdminState::Drain, false, "draining"),
-            (AdminState::Ban, false, "banned"),
-            (AdminState::Active, true, "lost"),
+            (AdminState::Drain, false, WorkerState::Draining),
+            (AdminState::Ban, false, WorkerState::Banned),
+            (AdminState::Active, true, WorkerState::Lost),
         ] {
             let mut w = worker();
             w.admin = admin;
             w.lost = lost;
             assert!(!w.eligible(now));
-            assert_eq!(w.state_name(now), name);
+            assert_eq!(w.state(now), name);
         }
     }
 }

@@ -1,8 +1,11 @@
 //! The one place where wire types and domain types meet. Conversions from the wire are
 //! `TryFrom` and fail naming the field that is missing or malformed. This file holds
-//! hardware, jobs, leases and results; `run.rs` holds run progress and step records.
+//! hardware, jobs, leases and results; `run.rs` holds run progress and step records, `workers.rs` worker states.
 
 mod run;
+mod workers;
+
+pub use workers::{admin_state_from_wire, worker_state_from_wire};
 
 use crate::v1;
 use nexa_shared::hardware::{Gpu, Profile, Requirements};
