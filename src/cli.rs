@@ -193,13 +193,7 @@ pub fn main() -> ExitCode {
         default_hook(info)
     }));
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("NEXA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    nexa_shared::logging::init("warn");
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {

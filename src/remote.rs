@@ -314,10 +314,7 @@ async fn follow(
 
 /// Whether a failed call means the coordinator is unreachable (worth reconnecting).
 fn is_lost(s: &tonic::Status) -> bool {
-    matches!(
-        s.code(),
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-    )
+    nexa_proto::retry::on_error(s.code()) == nexa_proto::retry::OnError::Reconnect
 }
 
 /// Streams a run's progress until it finishes; Ctrl-C cancels it on the coordinator.

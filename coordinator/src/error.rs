@@ -18,6 +18,9 @@ pub enum Error {
     /// The coordinator loop has stopped.
     #[error("the coordinator has shut down")]
     ShutDown,
+    /// The coordinator's queue of calls is full: try again shortly.
+    #[error("the coordinator is overloaded; try again shortly")]
+    Overloaded,
     /// A request named something the coordinator does not know.
     #[error("{0}")]
     NotFound(String),
@@ -45,7 +48,9 @@ impl Error {
         use tonic::Code;
         match self {
             Error::Domain(e) => domain_code(e),
-            Error::Store(_) | Error::StoreLocked(_) | Error::ShutDown => Code::Unavailable,
+            Error::Store(_) | Error::StoreLocked(_) | Error::ShutDown | Error::Overloaded => {
+                Code::Unavailable
+            }
             Error::NotFound(_) => Code::NotFound,
             Error::Server(_) | Error::Json(_) => Code::Internal,
             Error::Registry(_) | Error::Conflict(_) => Code::FailedPrecondition,

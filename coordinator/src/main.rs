@@ -161,13 +161,7 @@ fn stored_token(data_dir: &Path, name: &str, what: &str) -> anyhow::Result<Strin
 }
 
 pub(crate) fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("NEXA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    nexa_shared::logging::init("info");
     match Cli::parse().command {
         Cmd::Certs { out, hosts } => {
             let c = nexa_coordinator::certs::write_dev_certs(&out, &hosts)?;

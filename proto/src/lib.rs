@@ -10,6 +10,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 pub mod chunks;
 pub mod convert;
+pub mod retry;
 
 /// Generated messages and services of `nexa.v1`.
 pub mod v1 {

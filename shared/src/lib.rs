@@ -16,6 +16,7 @@ pub mod failpoint;
 pub mod handlers;
 pub mod hardware;
 pub mod job;
+pub mod logging;
 pub mod paths;
 pub mod provenance;
 pub mod record;

@@ -306,13 +306,7 @@ fn hex_prefix(k: &[u8; 32]) -> String {
 /// binary (built only with the `fake-gpus` feature); `nexa-worker` passes false, so a
 /// production worker never honours `NEXA_FAKE_GPUS`.
 pub fn main(allow_fake_gpus: bool) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("NEXA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    nexa_shared::logging::init("warn");
     match Cli::parse().command {
         Cmd::Join(a) => match join(*a, allow_fake_gpus) {
             Ok(()) => ExitCode::SUCCESS,

@@ -6,6 +6,7 @@
 
 use crate::CoordinatorLink;
 use nexa_proto::convert;
+use nexa_proto::retry::{OnError, on_error};
 use nexa_proto::v1;
 use nexa_proto::v1::worker_service_client::WorkerServiceClient;
 use nexa_shared::hardware::Profile;
@@ -199,6 +200,9 @@ impl GrpcLink {
         loop {
             match self.enrol().await {
                 Ok(()) => return Ok(()),
+                // A refused token, a protocol mismatch or a malformed key: enrolling
+                // again cannot fix it. (An expired challenge, PERMISSION_DENIED, can: the
+                // next attempt asks for a new one.)
                 Err(s)
                     if matches!(
                         s.code(),
@@ -228,25 +232,14 @@ impl GrpcLink {
             match call().await {
                 Ok(v) => return Ok(v),
                 Err(s) if attempt + 1 >= tries => return Err(s),
-                Err(s) if s.code() == Code::Unauthenticated => {
+                Err(s) if on_error(s.code()) == OnError::Reenrol => {
                     tracing::info!("session unknown to the coordinator; enrolling again");
                     if let Err(e) = self.enrol().await {
                         tracing::warn!(error = %e.message(), "re-enrolment failed");
                         tokio::time::sleep(backoff(attempt)).await;
                     }
                 }
-                Err(s)
-                    if matches!(
-                        s.code(),
-                        Code::InvalidArgument
-                            | Code::NotFound
-                            | Code::DataLoss
-                            | Code::ResourceExhausted
-                            | Code::PermissionDenied
-                    ) =>
-                {
-                    return Err(s);
-                }
+                Err(s) if on_error(s.code()) == OnError::GiveUp => return Err(s),
                 Err(s) => {
                     tracing::debug!(error = %s.message(), "call failed; retrying");
                     tokio::time::sleep(backoff(attempt)).await;
@@ -312,7 +305,7 @@ impl GrpcLink {
                             }
                         }
                     }
-                    Err(s) if s.code() == Code::Unauthenticated => {
+                    Err(s) if on_error(s.code()) == OnError::Reenrol => {
                         if let Err(e) = link.enrol().await {
                             tracing::warn!(error = %e.message(), "re-enrolment failed");
                         }
@@ -401,7 +394,7 @@ impl CoordinatorLink for GrpcLink {
                         }
                     }
                 }
-                Err(s) if s.code() == Code::Unauthenticated => {
+                Err(s) if on_error(s.code()) == OnError::Reenrol => {
                     if let Err(e) = self.enrol().await {
                         tracing::warn!(error = %e.message(), "re-enrolment failed");
                         tokio::time::sleep(backoff(attempt)).await;

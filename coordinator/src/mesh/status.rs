@@ -37,6 +37,7 @@ mod tests {
     fn retryable_errors_are_unavailable_and_bad_input_is_invalid() {
         let cases: Vec<(crate::Error, Code)> = vec![
             (crate::Error::ShutDown, Code::Unavailable),
+            (crate::Error::Overloaded, Code::Unavailable),
             (crate::Error::Store("x".into()), Code::Unavailable),
             (crate::Error::StoreLocked("x".into()), Code::Unavailable),
             (crate::Error::NotFound("x".into()), Code::NotFound),

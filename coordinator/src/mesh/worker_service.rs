@@ -209,7 +209,8 @@ impl WorkerService for WorkerApi {
             nonces.retain(|_, (_, at)| at.elapsed() < CHALLENGE_TTL);
         }
         if nonces.len() >= MAX_CHALLENGES {
-            return Err(Status::resource_exhausted(
+            // Overload: UNAVAILABLE, which clients retry.
+            return Err(Status::unavailable(
                 "too many enrolments pending: try again shortly",
             ));
         }

@@ -9,7 +9,10 @@ impl Coordinator {
         store: Arc<dyn Store>,
         config: EngineConfig,
     ) -> (Coordinator, tokio::task::JoinHandle<()>) {
+        // The engine's own lane (its tasks, the sealer, the tick): unbounded, as each
+        // event answers work the engine itself started. Callers' lane: bounded.
         let (tx, rx) = mpsc::unbounded_channel();
+        let (calls, calls_rx) = mpsc::channel(CALLS);
         let cancels = Arc::new(Mutex::new(HashMap::new()));
         // The tick expires leases (on the mesh) and retries what the store refused
         // (everywhere).
@@ -37,20 +40,38 @@ impl Coordinator {
             tx: tx.clone(),
             sealer,
         });
-        let engine = Engine::new(store, config, fx, rx, cancels.clone());
+        let engine = Engine::new(store, config, fx, (rx, calls_rx), cancels.clone());
         let handle = tokio::spawn(engine.run());
         let keys = Arc::new(std::sync::RwLock::new(HashMap::new()));
-        (Coordinator { tx, cancels, keys }, handle)
+        (
+            Coordinator {
+                tx,
+                calls,
+                cancels,
+                keys,
+            },
+            handle,
+        )
     }
 
+    /// Queues a call without waiting: a full queue is an overload (UNAVAILABLE, which
+    /// clients retry), never an unbounded backlog.
     pub(super) fn send(&self, e: Event) -> Result<()> {
-        self.tx.send(e).map_err(|_| Error::ShutDown)
+        self.calls.try_send(e).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Error::Overloaded,
+            mpsc::error::TrySendError::Closed(_) => Error::ShutDown,
+        })
+    }
+
+    /// Queues a call, waiting while the queue is full (back-pressure on the caller).
+    pub(super) async fn call(&self, e: Event) -> Result<()> {
+        self.calls.send(e).await.map_err(|_| Error::ShutDown)
     }
 
     /// Submits a run; progress streams on the returned handle.
     pub async fn submit(&self, req: RunRequest) -> Result<RunHandle> {
         let (tx, rx) = oneshot::channel();
-        self.send(Event::Submit(Box::new(req), tx))?;
+        self.call(Event::Submit(Box::new(req), tx)).await?;
         rx.await.map_err(|_| Error::ShutDown)?
     }
 
@@ -66,7 +87,8 @@ impl Coordinator {
     /// Waits for a lease for `worker`; `None` when the coordinator shuts down.
     pub async fn lease(&self, worker: &str) -> Option<Lease> {
         let (tx, rx) = oneshot::channel();
-        self.send(Event::LeaseRequest(worker.to_string(), tx))
+        self.call(Event::LeaseRequest(worker.to_string(), tx))
+            .await
             .ok()?;
         rx.await.ok().flatten()
     }
@@ -81,12 +103,13 @@ impl Coordinator {
         profile: Option<Profile>,
     ) -> Result<Option<Vec<(String, u64)>>> {
         let (tx, rx) = oneshot::channel();
-        self.send(Event::Heartbeat(
+        self.call(Event::Heartbeat(
             worker.to_string(),
             running,
             profile.map(Box::new),
             tx,
-        ))?;
+        ))
+        .await?;
         rx.await.map_err(|_| Error::ShutDown)
     }
 
@@ -111,12 +134,13 @@ impl Coordinator {
     ) -> Result<std::result::Result<(), String>> {
         let verdict = self.verify(worker, &result);
         let (tx, rx) = oneshot::channel();
-        self.send(Event::Report(
+        self.call(Event::Report(
             worker.to_string(),
             Box::new(result),
             verdict,
             Some(tx),
-        ))?;
+        ))
+        .await?;
         rx.await.map_err(|_| Error::ShutDown)
     }
 
@@ -142,12 +166,13 @@ impl Coordinator {
     /// Only answers: the caller decides what a refusal counts as.
     pub async fn lease_live(&self, worker: &str, job: &str, generation: u64) -> Result<LeaseCheck> {
         let (tx, rx) = oneshot::channel();
-        self.send(Event::LeaseLive(
+        self.call(Event::LeaseLive(
             worker.to_string(),
             job.to_string(),
             generation,
             tx,
-        ))?;
+        ))
+        .await?;
         rx.await.map_err(|_| Error::ShutDown)
     }
 
@@ -168,13 +193,15 @@ impl Coordinator {
 
     /// Counts a refusal the gRPC edge made itself.
     pub fn count_refusal(&self, kind: EdgeRefusal) {
-        let _ = self.tx.send(Event::Refused(kind));
+        if let Err(e) = self.send(Event::Refused(kind)) {
+            tracing::warn!(error = %e, ?kind, "a refusal went uncounted");
+        }
     }
 
     /// Results refused so far, by reason.
     pub async fn refusals(&self) -> Result<Refusals> {
         let (tx, rx) = oneshot::channel();
-        self.send(Event::Refusals(tx))?;
+        self.call(Event::Refusals(tx)).await?;
         rx.await.map_err(|_| Error::ShutDown)
     }
 
@@ -182,28 +209,29 @@ impl Coordinator {
     /// `replicas / units - 1` is the extra work validation cost.
     pub async fn replication(&self) -> Result<(u64, u64)> {
         let (tx, rx) = oneshot::channel();
-        self.send(Event::Replication(tx))?;
+        self.call(Event::Replication(tx)).await?;
         rx.await.map_err(|_| Error::ShutDown)
     }
 
     /// Gauges for the metrics endpoint; an answer also shows the loop is alive.
     pub async fn snapshot(&self) -> Result<crate::metrics::Snapshot> {
         let (tx, rx) = oneshot::channel();
-        self.send(Event::Snapshot(tx))?;
+        self.call(Event::Snapshot(tx)).await?;
         rx.await.map_err(|_| Error::ShutDown)
     }
 
     /// Every enrolled worker.
     pub async fn list_workers(&self) -> Result<Vec<WorkerView>> {
         let (tx, rx) = oneshot::channel();
-        self.send(Event::ListWorkers(tx))?;
+        self.call(Event::ListWorkers(tx)).await?;
         rx.await.map_err(|_| Error::ShutDown)
     }
 
     /// Drains, bans or re-activates a worker; false when there is no such worker.
     pub async fn set_worker_state(&self, worker: &str, state: AdminState) -> Result<bool> {
         let (tx, rx) = oneshot::channel();
-        self.send(Event::SetWorkerState(worker.to_string(), state, tx))?;
+        self.call(Event::SetWorkerState(worker.to_string(), state, tx))
+            .await?;
         rx.await.map_err(|_| Error::ShutDown)
     }
 
@@ -225,7 +253,7 @@ impl Engine {
         store: Arc<dyn Store>,
         config: EngineConfig,
         fx: Box<dyn effects::Effects>,
-        rx: mpsc::UnboundedReceiver<Event>,
+        (rx, calls): (mpsc::UnboundedReceiver<Event>, mpsc::Receiver<Event>),
         cancels: Arc<Mutex<HashMap<String, watch::Sender<bool>>>>,
     ) -> Engine {
         let generations = generations::Generations::start(store.as_ref(), META_TREE);
@@ -272,6 +300,7 @@ impl Engine {
             granted: HashMap::new(),
             store,
             rx,
+            calls,
             cancels,
             workers,
             runs: HashMap::new(),

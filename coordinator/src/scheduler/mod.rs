@@ -54,13 +54,20 @@ const QUARANTINE_AFTER: usize = 10;
 /// How many recent results count.
 const RECENT: usize = 12;
 
+/// How many callers' events may wait for the loop; beyond, calls are refused as an
+/// overload (UNAVAILABLE) or wait (`Coordinator::call`).
+pub const CALLS: usize = 65_536;
+
 /// The most events handled between two write-behind rounds.
 const BURST: usize = 512;
 
 /// A handle to the coordinator loop; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Coordinator {
+    /// The engine's own lane, for shutting it down.
     tx: mpsc::UnboundedSender<Event>,
+    /// Callers' lane, bounded ([`CALLS`]).
+    calls: mpsc::Sender<Event>,
     cancels: Arc<Mutex<HashMap<String, watch::Sender<bool>>>>,
     /// Enrolled workers' public keys, for checking result signatures off the loop.
     keys: Arc<std::sync::RwLock<HashMap<String, [u8; 32]>>>,
@@ -147,7 +154,10 @@ struct Engine {
     rng: u64,
     /// Everything done outside the loop's state (see `effects`).
     fx: Box<dyn effects::Effects>,
+    /// The engine's own events: its tasks, the sealer, the tick.
     rx: mpsc::UnboundedReceiver<Event>,
+    /// Callers' events (bounded).
+    calls: mpsc::Receiver<Event>,
     cancels: Arc<Mutex<HashMap<String, watch::Sender<bool>>>>,
     workers: HashMap<String, Worker>,
     config: EngineConfig,
@@ -204,17 +214,24 @@ fn tail(text: &str, max: usize) -> String {
 
 impl Engine {
     async fn run(mut self) {
-        'events: while let Some(ev) = self.rx.recv().await {
+        loop {
+            // The engine's own events first: they finish work callers wait for.
+            let ev = tokio::select! {
+                biased;
+                Some(ev) = self.rx.recv() => ev,
+                Some(ev) = self.calls.recv() => ev,
+                else => break,
+            };
             if matches!(ev, Event::Shutdown) {
                 break;
             }
             self.handle(ev);
             // Handle what else has queued, then write what changed once.
             for _ in 0..BURST {
-                match self.rx.try_recv() {
+                match self.rx.try_recv().or_else(|_| self.calls.try_recv()) {
                     Ok(Event::Shutdown) => {
                         self.flush_dirty();
-                        break 'events;
+                        return self.stop();
                     }
                     Ok(ev) => self.handle(ev),
                     Err(_) => break,
@@ -222,6 +239,12 @@ impl Engine {
             }
             self.flush_dirty();
         }
+        self.stop();
+    }
+
+    /// The end of the loop: waiting workers hear there is no more work; the store is
+    /// flushed.
+    fn stop(mut self) {
         for (_, w) in self.waiting.drain(..) {
             let _ = w.send(None);
         }

@@ -62,7 +62,9 @@ impl Harness {
             store: store.clone(),
             timers: timers.clone(),
         });
-        let engine = Engine::new(store, config, fx, rx, Arc::default());
+        // Callers' lane unused: the tests hand events to the engine directly.
+        let (_, calls) = mpsc::channel(1);
+        let engine = Engine::new(store, config, fx, (rx, calls), Arc::default());
         Harness {
             engine,
             timers,
@@ -501,4 +503,25 @@ fn a_panicking_task_becomes_the_event_that_says_why() {
         Ok(Event::UnfitCheck(why, 0)) => assert!(why.contains("the planner fell over"), "{why}"),
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test]
+async fn a_full_call_queue_is_an_overload_not_a_backlog() {
+    let (coord, _loop) =
+        Coordinator::start(Arc::new(MemStore::default()), EngineConfig::embedded());
+    // On this single-threaded runtime the loop runs only when the test yields: fill
+    // its queue of calls.
+    for _ in 0..CALLS {
+        coord.cancel("no-such-run").expect("queued");
+    }
+    let err = coord.cancel("no-such-run").expect_err("the queue is full");
+    assert!(matches!(err, Error::Overloaded), "{err}");
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::Unavailable);
+    // An async call waits for room instead; once the loop drains, calls go through.
+    let workers = tokio::time::timeout(Duration::from_secs(30), coord.list_workers())
+        .await
+        .expect("answered once the loop drained its queue")
+        .expect("listed");
+    assert!(workers.is_empty());
+    coord.cancel("no-such-run").expect("room again");
 }
