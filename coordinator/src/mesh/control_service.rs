@@ -3,6 +3,7 @@
 //! coordinator lacks travel); each submitted run is recorded so that a restarted
 //! coordinator resumes it under the same id.
 
+use super::receive::Receiving;
 use super::{MeshConfig, status};
 use crate::scheduler::{Progress, RunRequest};
 use crate::state::{self, StepRecord};
@@ -11,7 +12,6 @@ use nexa_proto::v1;
 use nexa_proto::v1::control_service_server::ControlService;
 use nexa_shared::{artifact, digest, paths, spec};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
@@ -65,6 +65,31 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Puts each submitted file (`(file, its place in the project, its blob)`) in place,
+/// hard-linked from the blob store or copied; a file already there with that content is
+/// left alone.
+fn lay_out(files: &[(v1::ProjectFile, PathBuf, PathBuf)]) -> Result<(), Status> {
+    for (f, dest, blob) in files {
+        if !blob.is_file() {
+            return Err(Status::failed_precondition(format!(
+                "blob {} for {} was not uploaded",
+                f.digest, f.path
+            )));
+        }
+        let same = digest::hash_file(dest).is_ok_and(|(h, _)| digest::format(&h) == f.digest);
+        if !same {
+            if let Some(d) = dest.parent() {
+                std::fs::create_dir_all(d).map_err(status::io("create", d))?;
+            }
+            let _ = std::fs::remove_file(dest);
+            if std::fs::hard_link(blob, dest).is_err() {
+                std::fs::copy(blob, dest).map_err(status::io("copy", blob))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Whether `e` is the last event of its run.
 fn is_finished(e: &v1::RunEvent) -> bool {
     matches!(e.event, Some(v1::run_event::Event::Finished(_)))
@@ -111,20 +136,39 @@ impl ControlApi {
             .join(paths::safe_component(pipeline))
     }
 
-    fn save_submission(&self, s: &Submission) -> Result<(), Status> {
+    /// Verifies a received blob and moves it to its name in the blob store.
+    async fn keep_blob(&self, digest: &str, r: Receiving) -> Result<u64, Status> {
+        let dest = self.blob_path(digest)?;
+        tokio::task::spawn_blocking(move || r.verify()?.rename_to(&dest))
+            .await
+            .map_err(status::join)?
+    }
+
+    /// Writes and flushes a submission's record (on the blocking pool).
+    async fn save_submission(&self, s: &Submission) -> Result<(), Status> {
         let bytes = serde_json::to_vec(s).map_err(crate::Error::from)?;
-        self.store
-            .put(SUBMISSIONS_TREE, &s.run_id, &bytes)
-            .and_then(|_| self.store.flush())
-            .map_err(Status::from)
+        let (store, run_id) = (self.store.clone(), s.run_id.clone());
+        tokio::task::spawn_blocking(move || {
+            store
+                .put(SUBMISSIONS_TREE, &run_id, &bytes)
+                .and_then(|_| store.flush())
+        })
+        .await
+        .map_err(status::join)?
+        .map_err(Status::from)
     }
 
     /// Starts a run and relays its progress to watchers; records it for resumption.
     async fn start(&self, sub: Submission) -> Result<String, Status> {
         let project = Self::project_dir(&self.cfg.data_dir, &sub.pipeline);
-        let loaded = spec::load_str(&sub.file_name, &sub.yaml, &project)
-            .and_then(|l| spec::check_confined_inputs(&sub.file_name, &l).map(|()| l))
-            .map_err(status::domain)?;
+        let (file, yaml, root) = (sub.file_name.clone(), sub.yaml.clone(), project.clone());
+        let loaded = tokio::task::spawn_blocking(move || {
+            spec::load_str(&file, &yaml, &root)
+                .and_then(|l| spec::check_confined_inputs(&file, &l).map(|()| l))
+        })
+        .await
+        .map_err(status::join)?
+        .map_err(status::domain)?;
         // The submission is durable before the run starts: a run the store refused is
         // refused whole, never left running unacknowledged (where a resubmission would
         // race it over the same artifacts).
@@ -132,7 +176,7 @@ impl ControlApi {
         if sub.run_id.is_empty() {
             sub.run_id = crate::scheduler::new_run_id();
         }
-        self.save_submission(&sub)?;
+        self.save_submission(&sub).await?;
         let submitted = self
             .coord
             .submit(RunRequest {
@@ -281,12 +325,21 @@ impl ControlService for ControlApi {
         req: Request<v1::MissingBlobsRequest>,
     ) -> Result<Response<v1::MissingBlobsResponse>, Status> {
         self.check(&req)?;
-        let mut missing = Vec::new();
-        for d in req.into_inner().digests {
-            if !self.blob_path(&d)?.is_file() {
-                missing.push(d);
-            }
-        }
+        let wanted: Vec<(String, PathBuf)> = req
+            .into_inner()
+            .digests
+            .into_iter()
+            .map(|d| self.blob_path(&d).map(|p| (d, p)))
+            .collect::<Result<_, _>>()?;
+        let missing = tokio::task::spawn_blocking(move || {
+            wanted
+                .into_iter()
+                .filter(|(_, p)| !p.is_file())
+                .map(|(d, _)| d)
+                .collect()
+        })
+        .await
+        .map_err(status::join)?;
         Ok(Response::new(v1::MissingBlobsResponse { missing }))
     }
 
@@ -297,54 +350,33 @@ impl ControlService for ControlApi {
         self.check(&req)?;
         self.disk_ok()?;
         let dir = self.cfg.data_dir.join("blobs");
-        std::fs::create_dir_all(&dir).map_err(status::io("create", &dir))?;
         let mut stream = req.into_inner();
         let (mut blobs, mut total) = (0u64, 0u64);
-        let mut cur: Option<(String, PathBuf, std::fs::File, blake3::Hasher, u64, u64)> = None;
-        let finish = |c: (String, PathBuf, std::fs::File, blake3::Hasher, u64, u64),
-                      dir: &Path|
-         -> Result<u64, Status> {
-            let (d, tmp, f, h, written, size) = c;
-            let got = digest::format(&h.finalize());
-            if got != d || written != size {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(Status::data_loss(format!(
-                    "blob {d}: received {written} bytes hashing to {got}"
-                )));
-            }
-            f.sync_all().map_err(status::io("fsync", &tmp))?;
-            let hex = d.trim_start_matches(digest::PREFIX);
-            std::fs::rename(&tmp, dir.join(hex)).map_err(status::io("rename", &tmp))?;
-            Ok(written)
-        };
+        // The blob being received: its digest and its part file. File I/O runs on the
+        // blocking pool, never on the runtime.
+        let mut cur: Option<(String, Receiving)> = None;
         while let Some(chunk) = stream.next().await {
             let c = chunk?;
             if cur.as_ref().is_none_or(|x| x.0 != c.digest) {
-                if let Some(done) = cur.take() {
-                    total += finish(done, &dir)?;
+                if let Some((d, r)) = cur.take() {
+                    total += self.keep_blob(&d, r).await?;
                     blobs += 1;
                 }
                 self.blob_path(&c.digest)?;
-                // A private name: two uploads of blobs at once never share a temp file.
-                let mut rnd = [0u8; 16];
-                rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut rnd);
-                let tmp = dir.join(format!(".tmp-{}", hex::encode(rnd)));
-                let f = std::fs::File::create(&tmp).map_err(status::io("create", &tmp))?;
-                cur = Some((c.digest.clone(), tmp, f, blake3::Hasher::new(), 0, c.size));
+                let (dir, d, size) = (dir.clone(), c.digest.clone(), c.size);
+                let r = tokio::task::spawn_blocking(move || {
+                    Receiving::create(format!("blob {d}"), &dir, size, d)
+                })
+                .await
+                .map_err(status::join)??;
+                cur = Some((c.digest.clone(), r));
             }
-            if let Some((_, tmp, f, h, written, size)) = cur.as_mut() {
-                if c.offset != *written || *written + c.data.len() as u64 > *size {
-                    return Err(Status::invalid_argument(
-                        "blob chunks out of order or larger than declared",
-                    ));
-                }
-                h.update(&c.data);
-                f.write_all(&c.data).map_err(status::io("write", tmp))?;
-                *written += c.data.len() as u64;
+            if let Some((d, r)) = cur.take() {
+                cur = Some((d, r.write_off_runtime(c.offset, c.data).await?));
             }
         }
-        if let Some(done) = cur.take() {
-            total += finish(done, &dir)?;
+        if let Some((d, r)) = cur.take() {
+            total += self.keep_blob(&d, r).await?;
             blobs += 1;
         }
         crate::metrics::count_bytes(self.cfg.metrics.as_ref(), "in", total);
@@ -361,35 +393,28 @@ impl ControlService for ControlApi {
         self.check(&req)?;
         self.disk_ok()?;
         let r = req.into_inner();
-        // Validate first, against a scratch root, so a bad file is refused before any copy.
+        // Validate first, against a scratch root, so a bad file is refused before any
+        // copy; then lay the project out from the blobs. Both on the blocking pool.
         let scratch = self.cfg.data_dir.join("projects").join("_validate");
-        let loaded = spec::load_str(&r.file_name, &r.pipeline_yaml, &scratch)
-            .and_then(|l| spec::check_confined_inputs(&r.file_name, &l).map(|()| l))
-            .map_err(status::domain)?;
+        let (file, yaml) = (r.file_name.clone(), r.pipeline_yaml.clone());
+        let loaded = tokio::task::spawn_blocking(move || {
+            spec::load_str(&file, &yaml, &scratch)
+                .and_then(|l| spec::check_confined_inputs(&file, &l).map(|()| l))
+        })
+        .await
+        .map_err(status::join)?
+        .map_err(status::domain)?;
         let pipeline = loaded.pipeline.name.clone();
         let project = Self::project_dir(&self.cfg.data_dir, &pipeline);
+        let mut files = Vec::with_capacity(r.files.len());
         for f in &r.files {
             let rel = paths::contained(&project, &f.path)
                 .map_err(|e| Status::invalid_argument(format!("file {:?}: {e}", f.path)))?;
-            let blob = self.blob_path(&f.digest)?;
-            if !blob.is_file() {
-                return Err(Status::failed_precondition(format!(
-                    "blob {} for {} was not uploaded",
-                    f.digest, f.path
-                )));
-            }
-            let dest = project.join(rel);
-            let same = digest::hash_file(&dest).is_ok_and(|(h, _)| digest::format(&h) == f.digest);
-            if !same {
-                if let Some(d) = dest.parent() {
-                    std::fs::create_dir_all(d).map_err(status::io("create", d))?;
-                }
-                let _ = std::fs::remove_file(&dest);
-                if std::fs::hard_link(&blob, &dest).is_err() {
-                    std::fs::copy(&blob, &dest).map_err(status::io("copy", &blob))?;
-                }
-            }
+            files.push((f.clone(), project.join(rel), self.blob_path(&f.digest)?));
         }
+        tokio::task::spawn_blocking(move || lay_out(&files))
+            .await
+            .map_err(status::join)??;
         let run_id = self
             .start(Submission {
                 run_id: String::new(),

@@ -6,6 +6,7 @@ mod auth;
 mod control_service;
 mod http;
 mod large_requests;
+mod receive;
 mod server;
 pub mod status;
 mod uploads;

@@ -13,9 +13,9 @@
 //! a closed gate refuses the rename, so no file enters the staging tree after the result
 //! that names its contents was taken.
 
+use super::receive::{Receiving, Verified};
 use super::status;
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tonic::Status;
@@ -46,7 +46,7 @@ impl Gate {
     }
 
     /// Renames a verified part file to `dest`, unless the gate closed meanwhile.
-    fn commit(&self, part: &Path, dest: &Path) -> Result<(), Status> {
+    fn commit(&self, verified: Verified, dest: &Path) -> Result<u64, Status> {
         let closed = lock(&self.closed);
         if *closed {
             return Err(Status::failed_precondition(
@@ -63,7 +63,7 @@ impl Gate {
                 nexa_shared::failpoint::injected("upload.rename")
             ))
         );
-        std::fs::rename(part, dest).map_err(status::io("rename", part))
+        verified.rename_to(dest)
     }
 }
 
@@ -98,14 +98,14 @@ impl Gates {
         g
     }
 
-    /// Closes `staging`'s gate: from now on no stream can add a file to it. Removes what
-    /// unfinished streams left in its part directory.
+    /// Closes `staging`'s gate: from now on no stream can add a file to it. (What
+    /// unfinished streams left in its part directory is removed by the caller, off the
+    /// runtime; an unfinished stream removes its own part file when it ends.)
     pub(super) fn close(&self, staging: &Path) {
         let gate = lock(&self.open).remove(staging);
         if let Some((g, _)) = gate {
             *lock(&g.closed) = true;
         }
-        let _ = std::fs::remove_dir_all(parts_dir(staging));
     }
 }
 
@@ -117,19 +117,12 @@ pub(super) fn parts_dir(staging: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// One file being received into a part file.
+/// One output file being received for an attempt: a [`Receiving`] in the attempt's part
+/// directory, and where it goes once verified.
 pub(super) struct Incoming {
-    /// `<output>/<path>`, as the worker named it.
-    pub(super) name: String,
-    part: PathBuf,
+    receiving: Receiving,
     dest: PathBuf,
-    file: Option<std::fs::File>,
     gate: Arc<Gate>,
-    hasher: blake3::Hasher,
-    /// Bytes received so far.
-    pub(super) written: u64,
-    size: u64,
-    digest: String,
 }
 
 impl Incoming {
@@ -143,164 +136,48 @@ impl Incoming {
         digest: String,
         gate: Arc<Gate>,
     ) -> Result<Self, Status> {
-        let dir = parts_dir(staging);
-        std::fs::create_dir_all(&dir).map_err(status::io("create", &dir))?;
-        let mut rnd = [0u8; 16];
-        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut rnd);
-        let part = dir.join(hex::encode(rnd));
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&part)
-            .map_err(status::io("create", &part))?;
+        let receiving = Receiving::create(name, &parts_dir(staging), size, digest)?;
         Ok(Self {
-            name,
-            part,
+            receiving,
             dest,
-            file: Some(file),
             gate,
-            hasher: blake3::Hasher::new(),
-            written: 0,
-            size,
-            digest,
         })
+    }
+
+    /// `<output>/<path>`, as the worker named it.
+    pub(super) fn name(&self) -> &str {
+        &self.receiving.name
     }
 
     /// Appends a chunk that starts at `offset`.
     pub(super) fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), Status> {
-        if offset != self.written {
-            return Err(Status::invalid_argument(format!(
-                "{}: chunk at {offset} but {} bytes written",
-                self.name, self.written
-            )));
-        }
-        if self.written + data.len() as u64 > self.size {
-            return Err(Status::resource_exhausted(format!(
-                "{}: more bytes than declared",
-                self.name
-            )));
-        }
-        let Some(file) = self.file.as_mut() else {
-            return Err(Status::internal(format!("{}: already finished", self.name)));
-        };
         nexa_shared::fail_point!(
             "upload.write",
             Status::internal(format!(
                 "staging {}: {}",
-                self.name,
+                self.receiving.name,
                 nexa_shared::failpoint::injected("upload.write")
             ))
         );
-        self.hasher.update(data);
-        file.write_all(data)
-            .map_err(|e| status::io("write", Path::new(&self.name))(e))?;
-        self.written += data.len() as u64;
-        Ok(())
+        self.receiving.write(offset, data)
     }
 
-    /// Checks size and digest, makes the bytes durable, closes the file and moves it to
-    /// its place in the staging tree. A mismatch is `DATA_LOSS`.
-    pub(super) fn finish(mut self) -> Result<u64, Status> {
-        if self.written != self.size {
-            return Err(Status::data_loss(format!(
-                "upload of {} ended at {} of {} bytes",
-                self.name, self.written, self.size
-            )));
-        }
-        let got = nexa_shared::digest::format(&self.hasher.finalize());
-        if got != self.digest {
-            return Err(Status::data_loss(format!(
-                "upload of {} is {got}, not the declared {}",
-                self.name, self.digest
-            )));
-        }
-        if let Some(file) = self.file.take() {
-            file.sync_all()
-                .map_err(|e| status::io("fsync", Path::new(&self.name))(e))?;
-        }
-        self.gate.commit(&self.part, &self.dest)?;
-        Ok(self.written)
-    }
-}
-
-impl Drop for Incoming {
-    fn drop(&mut self) {
-        // Unfinished or refused: the part file goes (after a commit it is gone already).
-        self.file = None;
-        let _ = std::fs::remove_file(&self.part);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn incoming(dir: &Path, gates: &Gates, body: &[u8], declared: &[u8]) -> Incoming {
-        let staging = dir.join("w/job-g1");
-        Incoming::create(
-            "out/f".into(),
-            &staging,
-            staging.join("out/f"),
-            declared.len() as u64,
-            nexa_shared::digest::format(&blake3::hash(declared)),
-            gates.open(&staging),
-        )
-        .map(|mut f| {
-            f.write(0, body).expect("write");
-            f
-        })
-        .expect("create")
+    /// [`Incoming::write`] on the blocking pool.
+    pub(super) async fn write_off_runtime(
+        mut self,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<Self, Status> {
+        tokio::task::spawn_blocking(move || self.write(offset, &data).map(|()| self))
+            .await
+            .map_err(status::join)?
     }
 
-    #[test]
-    fn a_stream_still_open_when_the_result_arrives_cannot_add_to_the_staging_tree() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let gates = Gates::default();
-        let full = b"eighteen bytes!!!!";
-        let f = incoming(dir.path(), &gates, &full[..5], full);
-        let staging = dir.path().join("w/job-g1");
-        // Incomplete: nothing under the staging tree.
-        assert!(!staging.join("out/f").exists());
-        gates.close(&staging);
-        let mut f = f;
-        f.write(5, &full[5..])
-            .expect("the part file still takes bytes");
-        let err = f.finish().expect_err("closed gate");
-        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
-        assert!(!staging.join("out/f").exists());
-        assert!(
-            !parts_dir(&staging).exists()
-                || std::fs::read_dir(parts_dir(&staging))
-                    .expect("dir")
-                    .next()
-                    .is_none()
-        );
-    }
-
-    #[test]
-    fn a_verified_file_is_renamed_into_place_closed_and_a_short_one_never_is() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let gates = Gates::default();
-        let staging = dir.path().join("w/job-g1");
-        let f = incoming(dir.path(), &gates, b"hello", b"hello");
-        assert_eq!(f.finish().expect("finish"), 5);
-        assert_eq!(
-            std::fs::read(staging.join("out/f")).expect("read"),
-            b"hello"
-        );
-        let short = incoming(dir.path(), &gates, b"he", b"hello");
-        assert_eq!(
-            short.finish().expect_err("short").code(),
-            tonic::Code::DataLoss
-        );
-        assert_eq!(
-            std::fs::read(staging.join("out/f")).expect("read"),
-            b"hello"
-        );
-        assert_eq!(
-            std::fs::read_dir(parts_dir(&staging)).expect("dir").count(),
-            0,
-            "no part file is left behind"
-        );
+    /// Checks size and digest, makes the bytes durable and moves the file to its place
+    /// in the staging tree, unless the attempt was reported meanwhile. A mismatch is
+    /// `DATA_LOSS`.
+    pub(super) fn finish(self) -> Result<u64, Status> {
+        let verified = self.receiving.verify()?;
+        self.gate.commit(verified, &self.dest)
     }
 }

@@ -391,7 +391,7 @@ impl WorkerService for WorkerApi {
             let c = chunk?;
             let same = current
                 .as_ref()
-                .is_some_and(|f| f.name == format!("{}/{}", c.output, c.path));
+                .is_some_and(|f| f.name() == format!("{}/{}", c.output, c.path));
             if !same {
                 if let Some(f) = current.take() {
                     bytes += self.finish(f).await?;
@@ -428,17 +428,23 @@ impl WorkerService for WorkerApi {
                 };
                 gate.reserve(c.size, self.cfg.max_upload_job)?;
                 let dest = staging.join(&c.output).join(rel);
-                current = Some(Incoming::create(
+                let (name, staging, gate) = (
                     format!("{}/{}", c.output, c.path),
-                    staging,
-                    dest,
-                    c.size,
-                    c.digest.clone(),
+                    staging.clone(),
                     gate.clone(),
-                )?);
+                );
+                let (size, digest) = (c.size, c.digest.clone());
+                // File I/O runs on the blocking pool, never on the runtime.
+                current = Some(
+                    tokio::task::spawn_blocking(move || {
+                        Incoming::create(name, &staging, dest, size, digest, gate)
+                    })
+                    .await
+                    .map_err(super::status::join)??,
+                );
             }
-            let Some(f) = current.as_mut() else { continue };
-            f.write(c.offset, &c.data)?;
+            let Some(f) = current.take() else { continue };
+            current = Some(f.write_off_runtime(c.offset, c.data).await?);
         }
         if let Some(f) = current.take() {
             bytes += self.finish(f).await?;
@@ -462,7 +468,14 @@ impl WorkerService for WorkerApi {
         self.gates.close(&staging);
         self.forget_inputs(&worker, &result.job_id, result.generation);
         let log = staging.join(".log").join("log");
-        result.log = log.is_file().then_some(log);
+        let parts = super::uploads::parts_dir(&staging);
+        // What unfinished streams left, and whether there is a log: off the runtime.
+        result.log = tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_dir_all(parts);
+            log.is_file().then_some(log)
+        })
+        .await
+        .map_err(super::status::join)?;
         result.staging = Some(staging);
         nexa_shared::fail_point!(
             "report.judge",
