@@ -181,3 +181,77 @@ impl Incoming {
         self.gate.commit(verified, &self.dest)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn incoming(dir: &Path, gates: &Gates, body: &[u8], declared: &[u8]) -> Incoming {
+        let staging = dir.join("w/job-g1");
+        Incoming::create(
+            "out/f".into(),
+            &staging,
+            staging.join("out/f"),
+            declared.len() as u64,
+            nexa_shared::digest::format(&blake3::hash(declared)),
+            gates.open(&staging),
+        )
+        .map(|mut f| {
+            f.write(0, body).expect("write");
+            f
+        })
+        .expect("create")
+    }
+
+    #[test]
+    fn a_stream_still_open_when_the_result_arrives_cannot_add_to_the_staging_tree() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gates = Gates::default();
+        let full = b"eighteen bytes!!!!";
+        let f = incoming(dir.path(), &gates, &full[..5], full);
+        let staging = dir.path().join("w/job-g1");
+        // Incomplete: nothing under the staging tree.
+        assert!(!staging.join("out/f").exists());
+        gates.close(&staging);
+        let mut f = f;
+        f.write(5, &full[5..])
+            .expect("the part file still takes bytes");
+        let err = f.finish().expect_err("closed gate");
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(!staging.join("out/f").exists());
+        assert!(
+            !parts_dir(&staging).exists()
+                || std::fs::read_dir(parts_dir(&staging))
+                    .expect("dir")
+                    .next()
+                    .is_none()
+        );
+    }
+
+    #[test]
+    fn a_verified_file_is_renamed_into_place_closed_and_a_short_one_never_is() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gates = Gates::default();
+        let staging = dir.path().join("w/job-g1");
+        let f = incoming(dir.path(), &gates, b"hello", b"hello");
+        assert_eq!(f.finish().expect("finish"), 5);
+        assert_eq!(
+            std::fs::read(staging.join("out/f")).expect("read"),
+            b"hello"
+        );
+        let short = incoming(dir.path(), &gates, b"he", b"hello");
+        assert_eq!(
+            short.finish().expect_err("short").code(),
+            tonic::Code::DataLoss
+        );
+        assert_eq!(
+            std::fs::read(staging.join("out/f")).expect("read"),
+            b"hello"
+        );
+        assert_eq!(
+            std::fs::read_dir(parts_dir(&staging)).expect("dir").count(),
+            0,
+            "no part file is left behind"
+        );
+    }
+}

@@ -1,11 +1,14 @@
 //! The scheduler's one seam to the world: everything it asks to happen outside its own
-//! state (blocking work, sealing, an event at a later time) goes through [`Effects`].
+//! state (blocking work, store and mirror writes, sealing, an event at a later time)
+//! goes through [`Effects`]. The loop itself never touches the disk.
 //! The loop on the tokio runtime uses [`Spawned`]; the engine's unit tests use an
 //! in-process synchronous implementation (`tests.rs`), so its decisions are tested in
 //! milliseconds under paused time.
 
 use super::Event;
 use crate::sealing::group::{SealQueue, SealTask};
+use std::panic::AssertUnwindSafe;
+use std::sync::mpsc;
 use std::time::Duration;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -13,12 +16,20 @@ use tokio::sync::mpsc::UnboundedSender;
 /// event that reports its outcome, its panic included (see `tasks::blocking`).
 pub(super) type Work = Box<dyn FnOnce() -> Event + Send>;
 
+/// A store or mirror write, run in order with the others on the writer thread; the event
+/// it returns (a failure to retry, a save to act on) goes back to the loop.
+pub(super) type Write = Box<dyn FnOnce() -> Option<Event> + Send>;
+
 /// What the scheduler asks the world to do; it never does it itself.
 pub(super) trait Effects: Send {
     /// Runs `work` off the loop and delivers the event it makes.
     fn spawn(&self, work: Work);
     /// Delivers `event` after `delay` (backoff, grace periods).
     fn later(&self, delay: Duration, event: Event);
+    /// Queues a write behind the ones already queued (the write-behind thread).
+    fn persist(&self, write: Write);
+    /// Waits until every queued write is done (at shutdown).
+    fn drain(&self);
     /// Queues a verified result for sealing; `Event::Sealed` reports it. False when
     /// sealing has stopped.
     fn seal(&self, task: SealTask) -> bool;
@@ -30,6 +41,39 @@ pub(super) struct Spawned {
     pub(super) tx: UnboundedSender<Event>,
     /// The group-sealing thread.
     pub(super) sealer: SealQueue,
+    /// The write-behind thread.
+    pub(super) writer: Writer,
+}
+
+/// The write-behind thread: runs [`Write`]s one after the other, in the order queued.
+pub(super) struct Writer {
+    tx: mpsc::Sender<Write>,
+}
+
+impl Writer {
+    /// Starts the thread; the events its writes return go to `events`. It ends when the
+    /// `Writer` is dropped. Like `std::thread::spawn`, panics only when the OS cannot
+    /// start a thread.
+    pub(super) fn start(events: UnboundedSender<Event>) -> Self {
+        let (tx, rx) = mpsc::channel::<Write>();
+        let spawned = std::thread::Builder::new()
+            .name("nexa-writer".into())
+            .spawn(move || {
+                while let Ok(write) = rx.recv() {
+                    match std::panic::catch_unwind(AssertUnwindSafe(write)) {
+                        Ok(Some(ev)) => {
+                            let _ = events.send(ev);
+                        }
+                        Ok(None) => {}
+                        Err(_) => tracing::error!("a store write panicked"),
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            panic!("starting the writer thread: {e}");
+        }
+        Self { tx }
+    }
 }
 
 impl Effects for Spawned {
@@ -56,5 +100,20 @@ impl Effects for Spawned {
 
     fn seal(&self, task: SealTask) -> bool {
         self.sealer.push(task)
+    }
+
+    fn persist(&self, write: Write) {
+        if self.writer.tx.send(write).is_err() {
+            tracing::error!("the writer thread is gone; a store write was dropped");
+        }
+    }
+
+    fn drain(&self) {
+        let (done, wait) = mpsc::channel();
+        self.persist(Box::new(move || {
+            let _ = done.send(());
+            None
+        }));
+        let _ = wait.recv();
     }
 }

@@ -66,6 +66,25 @@ pub enum Event {
     ListWorkers(oneshot::Sender<Vec<WorkerView>>),
     /// Drain, ban or re-activate a worker.
     SetWorkerState(String, AdminState, oneshot::Sender<bool>),
+    /// The lease generation mark written ahead is durable (`Some`) or not.
+    GenerationsReserved(Option<u64>),
+    /// A write-behind round's write failed: mark it unsaved again.
+    Unsaved(Unsaved),
+    /// A submitted run's records were written, or why not.
+    SubmitSaved(String, Result<()>),
+    /// A finished run's final state was written and flushed, or why not.
+    RunSaved(String, RunOutcome, std::result::Result<(), String>),
     /// Stop the loop.
     Shutdown,
+}
+
+/// What a failed write-behind write leaves unsaved (written again in the next round).
+#[derive(Debug)]
+pub enum Unsaved {
+    /// The refusal counters.
+    Refusals,
+    /// These workers' records.
+    Workers(Vec<String>),
+    /// These steps of a run.
+    Steps(String, Vec<usize>),
 }

@@ -177,7 +177,9 @@ impl Engine {
         };
         // The run is over only once the store says so: until its final state is durable
         // nobody is told, and the tick tries again (a full disk, an I/O error).
-        let refs: Vec<&StepRecord> = run.records.iter().collect();
+        if !self.saving.insert(run_id.to_string()) {
+            return;
+        }
         let rec = RunRecord {
             run_id: run_id.to_string(),
             pipeline: run.ctx.pipeline.name.clone(),
@@ -185,13 +187,30 @@ impl Engine {
             finished_at: Some(now_rfc3339()),
             outcome: outcome.into(),
         };
-        let saved = state::save_steps(self.store.as_ref(), &run.ctx.pipeline.name, &refs)
-            .and_then(|_| state::save_run(self.store.as_ref(), &rec))
-            .and_then(|_| self.store.flush());
+        let (store, records) = (self.store.clone(), run.records.clone());
+        let (pipeline, rid) = (run.ctx.pipeline.name.clone(), run_id.to_string());
+        self.fx.persist(Box::new(move || {
+            let refs: Vec<&StepRecord> = records.iter().collect();
+            let saved = state::save_steps(store.as_ref(), &pipeline, &refs)
+                .and_then(|_| state::save_run(store.as_ref(), &rec))
+                .and_then(|_| store.flush())
+                .map_err(|e| format!("{e:#}"));
+            Some(Event::RunSaved(rid, outcome, saved))
+        }));
+    }
+
+    /// A finished run's final state reached the store (or did not: then it stays open
+    /// and the tick tries again); only now is it reported.
+    pub(super) fn on_run_saved(
+        &mut self,
+        run_id: &str,
+        outcome: RunOutcome,
+        saved: std::result::Result<(), String>,
+    ) {
+        self.saving.remove(run_id);
         if let Err(e) = saved {
-            if !self.finishing.contains(run_id) {
-                tracing::error!(error = %format!("{e:#}"), run = %run_id, "saving the finished run; retried every tick, nobody is told before it is saved");
-                self.finishing.insert(run_id.to_string());
+            if self.finishing.insert(run_id.to_string()) {
+                tracing::error!(error = %e, run = %run_id, "saving the finished run; retried every tick, nobody is told before it is saved");
             }
             return;
         }
@@ -201,7 +220,7 @@ impl Engine {
         };
         self.granted.remove(run_id);
         self.blame.run_finished(run_id);
-        write_mirror(&mut run);
+        write_mirror(self.fx.as_ref(), &mut run);
         self.cancels
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -228,7 +247,8 @@ pub(super) fn cleanup_failed(log: Option<(PathBuf, PathBuf)>, staging: Option<Pa
     });
 }
 
-pub(super) fn write_mirror(run: &mut Run) {
+/// Queues a rewrite of the run's `pipeline_state.json` (behind the store writes).
+pub(super) fn write_mirror(fx: &dyn effects::Effects, run: &mut Run) {
     run.last_mirror = Some(Instant::now());
     let m = mirror::Mirror {
         pipeline: run.ctx.pipeline.name.clone(),
@@ -236,9 +256,13 @@ pub(super) fn write_mirror(run: &mut Run) {
         updated_at: now_rfc3339(),
         steps: run.records.clone(),
     };
-    if let Err(e) = mirror::write(&run.ctx.state_dir, &m) {
-        tracing::warn!(error = %e, "writing pipeline_state.json");
-    }
+    let dir = run.ctx.state_dir.clone();
+    fx.persist(Box::new(move || {
+        if let Err(e) = mirror::write(&dir, &m) {
+            tracing::warn!(error = %e, "writing pipeline_state.json");
+        }
+        None
+    }));
 }
 
 /// What a step's jobs need from a worker: its resources, and a container runtime when

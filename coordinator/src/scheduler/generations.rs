@@ -11,7 +11,7 @@
 use crate::Store;
 
 /// The store key of the high-water mark, in the engine's meta tree.
-const KEY: &str = "generation";
+pub(super) const KEY: &str = "generation";
 /// Generations reserved per store write.
 const BLOCK: u64 = 1 << 16;
 
@@ -19,6 +19,8 @@ const BLOCK: u64 = 1 << 16;
 pub(super) struct Generations {
     next: u64,
     reserved: u64,
+    /// A mark past the next block is being written (off the loop).
+    pending: bool,
 }
 
 impl Generations {
@@ -49,12 +51,33 @@ impl Generations {
         let mut g = Self {
             next,
             reserved: next,
+            pending: false,
         };
         g.reserve(store, tree);
         g
     }
 
-    /// The next generation.
+    /// The mark to write ahead, off the loop, once half the reserved block is used and no
+    /// such write is under way: the next block is then durable before it is needed.
+    pub(super) fn ahead(&mut self) -> Option<u64> {
+        if self.pending || self.reserved.saturating_sub(self.next) > BLOCK / 2 {
+            return None;
+        }
+        self.pending = true;
+        Some(self.reserved.saturating_add(BLOCK))
+    }
+
+    /// A mark written ahead is durable (`Some`) or could not be written (`None`: the
+    /// next `ahead` tries again).
+    pub(super) fn written_ahead(&mut self, mark: Option<u64>) {
+        self.pending = false;
+        if let Some(m) = mark {
+            self.reserved = self.reserved.max(m);
+        }
+    }
+
+    /// The next generation. Only when the block ran out before a write ahead landed
+    /// does this write the mark itself, on the caller's thread.
     pub(super) fn take(&mut self, store: &dyn Store, tree: &str) -> u64 {
         if self.next >= self.reserved {
             self.reserve(store, tree);
@@ -100,6 +123,22 @@ mod tests {
         // A restart starts above everything handed out.
         let mut again = Generations::start(&store, "meta");
         assert!(again.take(&store, "meta") > last);
+        // Written ahead: the block is extended before it runs out, so `take` never
+        // writes on the loop.
+        let mut g = Generations::start(&store, "meta");
+        let start_mark = g.reserved;
+        assert_eq!(g.ahead(), None, "a fresh block needs nothing yet");
+        for _ in 0..BLOCK / 2 {
+            g.take(&store, "meta");
+        }
+        let mark = g.ahead().expect("half the block is used");
+        assert_eq!(mark, start_mark + BLOCK);
+        assert_eq!(g.ahead(), None, "one write ahead at a time");
+        g.written_ahead(Some(mark));
+        for _ in 0..BLOCK {
+            g.take(&store, "meta");
+        }
+        assert_eq!(g.reserved, mark, "no write of its own was needed");
         // An unreadable mark falls back to the clock, never to zero.
         store.put("meta", KEY, b"junk").expect("put");
         let mut clock = Generations::start(&store, "meta");

@@ -39,6 +39,7 @@ impl Coordinator {
         let fx = Box::new(effects::Spawned {
             tx: tx.clone(),
             sealer,
+            writer: effects::Writer::start(tx.clone()),
         });
         let engine = Engine::new(store, config, fx, (rx, calls_rx), cancels.clone());
         let handle = tokio::spawn(engine.run());
@@ -284,7 +285,9 @@ impl Engine {
             }
         };
         Engine {
-            saved_refusals: refusals,
+            saved_refusals: Some(refusals),
+            saving: Default::default(),
+            submitting: HashMap::new(),
             dirty_runs: Vec::new(),
             dirty_workers: Default::default(),
             finishing: Default::default(),

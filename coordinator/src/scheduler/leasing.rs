@@ -75,6 +75,18 @@ impl Engine {
                     .observe(job.queued_at.elapsed().as_secs_f64());
             }
             job.generation = self.generations.take(self.store.as_ref(), META_TREE);
+            if let Some(mark) = self.generations.ahead() {
+                let store = self.store.clone();
+                self.fx.persist(Box::new(move || {
+                    let written = store
+                        .put(META_TREE, generations::KEY, &mark.to_be_bytes())
+                        .and_then(|()| store.flush());
+                    if let Err(e) = &written {
+                        tracing::error!(error = %format!("{e:#}"), "reserving lease generations ahead");
+                    }
+                    Some(Event::GenerationsReserved(written.ok().map(|()| mark)))
+                }));
+            }
             *self.granted.entry(job.run_id.clone()).or_default() += 1;
             job.worker = Some(worker.clone());
             job.set_state(JobState::Leased);

@@ -6,7 +6,7 @@ use crate::planner::{self, Plan, RunContext, StepPlan};
 pub use crate::sealing::group::{SealFailure, SealedJob, WrongResult};
 use crate::sealing::group::{SealQueue, SealTask, keep_log};
 pub use api::*;
-pub use event::Event;
+pub use event::{Event, Unsaved};
 
 mod acceptance;
 mod api;
@@ -172,8 +172,13 @@ struct Engine {
     refusals: Refusals,
     /// Whose fault failed jobs are.
     blame: blame::Blame,
-    /// The refusal counters as last written to the store.
-    saved_refusals: Refusals,
+    /// The refusal counters as last queued for the store; `None`: that write failed.
+    saved_refusals: Option<Refusals>,
+    /// Finished runs whose final state is being written.
+    saving: std::collections::BTreeSet<String>,
+    /// Submitted runs whose records are being written, with the caller's handle and
+    /// reply: they start once written.
+    submitting: HashMap<String, (Run, RunHandle, oneshot::Sender<Result<RunHandle>>)>,
 }
 
 /// The store tree of the engine's own counters.
@@ -248,6 +253,8 @@ impl Engine {
         for (_, w) in self.waiting.drain(..) {
             let _ = w.send(None);
         }
+        // What is queued for the store is written before the last flush.
+        self.fx.drain();
         if let Err(e) = self.store.flush() {
             tracing::error!(error = %format!("{e:#}"), "flushing the store at shutdown");
         }
@@ -255,9 +262,11 @@ impl Engine {
 
     fn handle(&mut self, ev: Event) {
         match ev {
-            Event::Submit(req, reply) => {
-                let _ = reply.send(self.submit(*req));
-            }
+            Event::Submit(req, reply) => self.submit(*req, reply),
+            Event::SubmitSaved(run, saved) => self.on_submit_saved(&run, saved),
+            Event::RunSaved(run, outcome, saved) => self.on_run_saved(&run, outcome, saved),
+            Event::Unsaved(what) => self.on_unsaved(what),
+            Event::GenerationsReserved(mark) => self.generations.written_ahead(mark),
             Event::RegisterWorker(id, info) => {
                 tracing::info!(worker = %id, gpus = info.profile.gpus.len(), slots = info.slots, "worker enrolled");
                 // Re-enrolment keeps the worker's record (its admin state, error history).
@@ -373,16 +382,20 @@ impl Engine {
                     }
                     None => false,
                 };
-                // An operator's decision is durable before it is acknowledged.
-                if let Some(w) = self.workers.get(&id) {
-                    let rec = w.record_of(&id);
-                    if let Err(e) = state::save_workers(self.store.as_ref(), &[rec])
-                        .and_then(|_| self.store.flush())
+                // An operator's decision is durable before it is acknowledged: the
+                // writer thread answers once it has written and flushed it.
+                let rec = self.workers.get(&id).map(|w| w.record_of(&id));
+                let store = self.store.clone();
+                self.fx.persist(Box::new(move || {
+                    if let Some(rec) = rec
+                        && let Err(e) =
+                            state::save_workers(store.as_ref(), &[rec]).and_then(|_| store.flush())
                     {
                         tracing::error!(error = %format!("{e:#}"), worker = %id, "saving the worker's state");
                     }
-                }
-                let _ = reply.send(found);
+                    let _ = reply.send(found);
+                    None
+                }));
                 self.dispatch();
             }
             Event::Shutdown => {}

@@ -4,9 +4,59 @@
 use super::*;
 
 impl Engine {
-    pub(super) fn submit(&mut self, req: RunRequest) -> Result<RunHandle> {
+    /// Takes a submitted run: its records are written on the write-behind thread, and
+    /// only once they are (`on_submit_saved`) does it start and the caller hear of it.
+    pub(super) fn submit(&mut self, req: RunRequest, reply: oneshot::Sender<Result<RunHandle>>) {
+        match self.prepare(req) {
+            Ok((run, handle)) => {
+                let run_id = handle.run_id.clone();
+                let (store, pipeline) = (self.store.clone(), run.ctx.pipeline.name.clone());
+                let records = run.records.clone();
+                let rec = RunRecord {
+                    run_id: run_id.clone(),
+                    pipeline: pipeline.clone(),
+                    started_at: run.started_at.clone(),
+                    finished_at: None,
+                    outcome: state::RunState::Running,
+                };
+                self.submitting.insert(run_id.clone(), (run, handle, reply));
+                self.fx.persist(Box::new(move || {
+                    let refs: Vec<&StepRecord> = records.iter().collect();
+                    let saved = state::save_steps(store.as_ref(), &pipeline, &refs)
+                        .and_then(|_| state::save_run(store.as_ref(), &rec));
+                    Some(Event::SubmitSaved(run_id, saved))
+                }));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// A submitted run's records reached the store: it starts. Or they did not: the
+    /// submit is refused and nothing of it runs.
+    pub(super) fn on_submit_saved(&mut self, run_id: &str, saved: Result<()>) {
+        let Some((run, handle, reply)) = self.submitting.remove(run_id) else {
+            return;
+        };
+        if let Err(e) = saved {
+            self.cancels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(run_id);
+            let _ = reply.send(Err(e));
+            return;
+        }
+        tracing::info!(run = %run_id, pipeline = %run.ctx.pipeline.name, steps = run.records.len(), "run submitted");
+        self.runs.insert(run_id.to_string(), run);
+        self.plan_prefix(run_id);
+        let _ = reply.send(Ok(handle));
+    }
+
+    /// A submitted run as the engine keeps it, and the caller's handle to it.
+    fn prepare(&mut self, req: RunRequest) -> Result<(Run, RunHandle)> {
         let run_id = req.run_id.clone().unwrap_or_else(new_run_id);
-        if self.runs.contains_key(&run_id) {
+        if self.runs.contains_key(&run_id) || self.submitting.contains_key(&run_id) {
             return Err(Error::Conflict(format!("run {run_id} is already active")));
         }
         let p = &req.loaded.pipeline;
@@ -46,19 +96,7 @@ impl Engine {
             git_sha: req.git_sha,
             confined: req.confined,
         };
-        let refs: Vec<&StepRecord> = records.iter().collect();
-        state::save_steps(self.store.as_ref(), &ctx.pipeline.name, &refs)?;
         let started_at = now_rfc3339();
-        state::save_run(
-            self.store.as_ref(),
-            &RunRecord {
-                run_id: run_id.clone(),
-                pipeline: ctx.pipeline.name.clone(),
-                started_at: started_at.clone(),
-                finished_at: None,
-                outcome: state::RunState::Running,
-            },
-        )?;
         self.cancels
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -79,13 +117,13 @@ impl Engine {
             dirty: Vec::new(),
             unfinished: n,
         };
-        tracing::info!(run = %run_id, pipeline = %run.ctx.pipeline.name, steps = n, "run submitted");
-        self.runs.insert(run_id.clone(), run);
-        self.plan_prefix(&run_id);
-        Ok(RunHandle {
-            run_id,
-            progress: prx,
-        })
+        Ok((
+            run,
+            RunHandle {
+                run_id,
+                progress: prx,
+            },
+        ))
     }
 
     /// Plans every PENDING step whose dependencies are all done.
@@ -217,33 +255,40 @@ impl Engine {
         run.dirty.push(i);
     }
 
-    /// Writes every step record changed since the last round, one batch per run, and
-    /// rewrites the mirrors that are due. Runs after each burst of events, so a busy
-    /// coordinator writes once per burst rather than once per change.
+    /// Queues a write of every step record changed since the last round, one batch per
+    /// run, and of the mirrors that are due, on the write-behind thread. Runs after each
+    /// burst of events, so a busy coordinator writes once per burst rather than once per
+    /// change. What the store refuses comes back as [`Event::Unsaved`] and is written
+    /// again in the next round: a store that failed once (a full disk, an I/O error) is
+    /// caught up when it works.
     pub(super) fn flush_dirty(&mut self) {
-        if self.refusals != self.saved_refusals {
-            let saved = serde_json::to_vec(&self.refusals)
-                .map_err(crate::Error::from)
-                .and_then(|b| self.store.put(META_TREE, REFUSALS_KEY, &b));
-            match saved {
-                Ok(()) => self.saved_refusals = self.refusals,
-                Err(e) => tracing::error!(error = %format!("{e:#}"), "saving the refusal counters"),
-            }
+        if self.saved_refusals != Some(self.refusals) {
+            self.saved_refusals = Some(self.refusals);
+            let (store, refusals) = (self.store.clone(), self.refusals);
+            self.fx.persist(Box::new(move || {
+                let saved = serde_json::to_vec(&refusals)
+                    .map_err(crate::Error::from)
+                    .and_then(|b| store.put(META_TREE, REFUSALS_KEY, &b));
+                let e = saved.err()?;
+                tracing::error!(error = %format!("{e:#}"), "saving the refusal counters");
+                Some(Event::Unsaved(Unsaved::Refusals))
+            }));
         }
-        // What could not be written stays dirty and is written with the next round: a
-        // store that failed once (a full disk, an I/O error) is caught up when it works.
         if !self.dirty_workers.is_empty() {
-            let ids = std::mem::take(&mut self.dirty_workers);
+            let ids: Vec<String> = std::mem::take(&mut self.dirty_workers)
+                .into_iter()
+                .collect();
             let recs: Vec<state::WorkerRecord> = ids
                 .iter()
                 .filter_map(|id| self.workers.get(id).map(|w| w.record_of(id)))
                 .collect();
-            if let Err(e) = state::save_workers(self.store.as_ref(), &recs) {
+            let store = self.store.clone();
+            self.fx.persist(Box::new(move || {
+                let e = state::save_workers(store.as_ref(), &recs).err()?;
                 tracing::error!(error = %format!("{e:#}"), "saving worker records; retried with the next round");
-                self.dirty_workers.extend(ids);
-            }
+                Some(Event::Unsaved(Unsaved::Workers(ids)))
+            }));
         }
-        let mut failed = Vec::new();
         for run_id in std::mem::take(&mut self.dirty_runs) {
             let Some(run) = self.runs.get_mut(&run_id) else {
                 continue;
@@ -251,21 +296,38 @@ impl Engine {
             let mut dirty = std::mem::take(&mut run.dirty);
             dirty.sort_unstable();
             dirty.dedup();
-            let recs: Vec<&StepRecord> = dirty.iter().map(|&i| &run.records[i]).collect();
-            if let Err(e) = state::save_steps(self.store.as_ref(), &run.ctx.pipeline.name, &recs) {
+            let recs: Vec<StepRecord> = dirty.iter().map(|&i| run.records[i].clone()).collect();
+            let (store, pipeline) = (self.store.clone(), run.ctx.pipeline.name.clone());
+            self.fx.persist(Box::new(move || {
+                let refs: Vec<&StepRecord> = recs.iter().collect();
+                let e = state::save_steps(store.as_ref(), &pipeline, &refs).err()?;
                 tracing::error!(error = %format!("{e:#}"), run = %run_id, "saving step state; retried with the next round");
-                run.dirty = dirty;
-                failed.push(run_id);
-                continue;
-            }
+                Some(Event::Unsaved(Unsaved::Steps(run_id, dirty)))
+            }));
             // The mirror is rewritten whole: space the writes out as the pipeline grows
             // (every 250 ms up to 1,000 steps, proportionally longer beyond).
             let every = Duration::from_millis(250) * (run.records.len() / 1000).max(1) as u32;
             if run.last_mirror.is_none_or(|t| t.elapsed() >= every) {
-                write_mirror(run);
+                write_mirror(self.fx.as_ref(), run);
             }
         }
-        self.dirty_runs.extend(failed);
+    }
+
+    /// A write the store refused: written again in the next round.
+    pub(super) fn on_unsaved(&mut self, what: Unsaved) {
+        match what {
+            Unsaved::Refusals => self.saved_refusals = None,
+            Unsaved::Workers(ids) => self.dirty_workers.extend(ids),
+            Unsaved::Steps(run_id, steps) => {
+                let Some(run) = self.runs.get_mut(&run_id) else {
+                    return;
+                };
+                if run.dirty.is_empty() {
+                    self.dirty_runs.push(run_id);
+                }
+                run.dirty.extend(steps);
+            }
+        }
     }
 
     pub(super) fn on_planned(&mut self, run_id: &str, i: usize, plan: Plan) {

@@ -32,6 +32,14 @@ impl Effects for Inline {
             .push((Instant::now() + delay, event));
     }
 
+    fn persist(&self, write: super::effects::Write) {
+        if let Some(ev) = write() {
+            let _ = self.tx.send(ev);
+        }
+    }
+
+    fn drain(&self) {}
+
     fn seal(&self, task: SealTask) -> bool {
         let tx = self.tx.clone();
         group::seal_one(
