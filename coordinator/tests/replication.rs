@@ -79,7 +79,7 @@ fn spawn_worker_on(
             if let Some(t) = &taken {
                 t.lock()
                     .expect("lock")
-                    .push((lease.job.job_id.clone(), id.to_string()));
+                    .push((lease.job.job_id.to_string(), id.to_string()));
             }
             n += 1;
             let staging = root.join(n.to_string());

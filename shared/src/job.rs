@@ -1,6 +1,7 @@
 //! Jobs, leases and results: what the coordinator hands a worker and what comes back.
 //! The embedded engine passes these in process; the mesh carries them over gRPC.
 
+use crate::ids::{JobId, RunId};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -20,10 +21,10 @@ pub struct JobInput {
 /// What to run.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct JobSpec {
-    /// Unique id: `<run>/<step>` or `<run>/<step>/<shard>`.
-    pub job_id: String,
+    /// Unique id: `<run>/<step>` or `<run>/<step>/<shard>` (see [`JobId`]).
+    pub job_id: JobId,
     /// The run it belongs to.
-    pub run_id: String,
+    pub run_id: RunId,
     /// The step id.
     pub step_id: String,
     /// `(index, count)` for a shard.
@@ -99,7 +100,7 @@ pub struct OutputFile {
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobResult {
     /// The job.
-    pub job_id: String,
+    pub job_id: JobId,
     /// The lease generation this answers.
     pub generation: u64,
     /// The attempt this answers.

@@ -15,6 +15,7 @@ pub mod error;
 pub mod failpoint;
 pub mod handlers;
 pub mod hardware;
+pub mod ids;
 pub mod job;
 pub mod logging;
 pub mod paths;

@@ -19,7 +19,7 @@ pub struct Signed {
     /// The signature (hex).
     pub signature: String,
     /// Job id.
-    pub job_id: String,
+    pub job_id: crate::ids::JobId,
     /// Lease generation.
     pub generation: u64,
     /// Attempt.

@@ -588,7 +588,7 @@ impl RawWorker {
         whole: &[u8],
     ) -> nexa_proto::v1::UploadChunk {
         nexa_proto::v1::UploadChunk {
-            job_id: lease.job.job_id.clone(),
+            job_id: lease.job.job_id.to_string(),
             generation: lease.generation,
             output: output.into(),
             path: path.into(),

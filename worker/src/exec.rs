@@ -203,8 +203,8 @@ pub async fn run_job<L: CoordinatorLink>(
             scratch.display().to_string()
         },
     ));
-    env.push(("NEXA_JOB_ID".into(), job.job_id.clone()));
-    env.push(("NEXA_RUN_ID".into(), job.run_id.clone()));
+    env.push(("NEXA_JOB_ID".into(), job.job_id.to_string()));
+    env.push(("NEXA_RUN_ID".into(), job.run_id.to_string()));
     env.push(("NEXA_STEP_ID".into(), job.step_id.clone()));
     env.push(("NEXA_ATTEMPT".into(), lease.attempt.to_string()));
     env.push(("NEXA_PARAMS".into(), job.params.to_string()));

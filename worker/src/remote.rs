@@ -338,7 +338,7 @@ impl GrpcLink {
                 });
             }
         }
-        let (job_id, generation) = (result.job_id.clone(), result.generation);
+        let (job_id, generation) = (result.job_id.to_string(), result.generation);
         let (tx, rx) = tokio::sync::mpsc::channel::<v1::UploadChunk>(4);
         let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
             for o in files {
@@ -434,7 +434,7 @@ impl CoordinatorLink for GrpcLink {
         if let Err(s) = outcome {
             tracing::warn!(job = %result.job_id, error = %s.message(), "could not deliver the result; the lease will expire and the job move");
         }
-        lock(&self.running).remove(&(result.job_id.clone(), result.generation));
+        lock(&self.running).remove(&(result.job_id.to_string(), result.generation));
         if let Some(d) = job_dir {
             let _ = tokio::fs::remove_dir_all(d).await;
         }
@@ -442,7 +442,7 @@ impl CoordinatorLink for GrpcLink {
 
     fn cancellation(&self, lease: &Lease) -> watch::Receiver<bool> {
         let (tx, rx) = watch::channel(false);
-        lock(&self.running).insert((lease.job.job_id.clone(), lease.generation), tx);
+        lock(&self.running).insert((lease.job.job_id.to_string(), lease.generation), tx);
         rx
     }
 

@@ -6,6 +6,7 @@ use crate::Coordinator;
 use crate::scheduler::{EdgeRefusal, LeaseCheck};
 use nexa_proto::v1;
 use nexa_proto::v1::worker_service_server::WorkerService;
+use nexa_shared::ids::JobId;
 use nexa_shared::hardware::Profile;
 use nexa_shared::job::JobResult;
 use nexa_shared::{paths, signing};
@@ -334,7 +335,7 @@ impl WorkerService for WorkerApi {
                 if attempts.len() >= MAX_ATTEMPTS_PER_INPUT {
                     attempts.remove(0);
                 }
-                attempts.push((lease.job.job_id.clone(), lease.generation));
+                attempts.push((lease.job.job_id.to_string(), lease.generation));
             }
         }
         Ok(Response::new(v1::LeaseResponse {
@@ -352,7 +353,7 @@ impl WorkerService for WorkerApi {
         let running = r
             .running
             .into_iter()
-            .map(|j| (j.job_id, j.generation))
+            .map(|j| (JobId::from(j.job_id), j.generation))
             .collect();
         let Some(cancel) = self
             .coord
@@ -368,7 +369,10 @@ impl WorkerService for WorkerApi {
         Ok(Response::new(v1::HeartbeatResponse {
             cancel: cancel
                 .into_iter()
-                .map(|(job_id, generation)| v1::RunningJob { job_id, generation })
+                .map(|(job_id, generation)| v1::RunningJob {
+                    job_id: job_id.into_string(),
+                    generation,
+                })
                 .collect(),
         }))
     }

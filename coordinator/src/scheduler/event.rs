@@ -15,9 +15,9 @@ pub enum Event {
     /// must kill.
     Heartbeat(
         String,
-        Vec<(String, u64)>,
+        Vec<(JobId, u64)>,
         Option<Box<Profile>>,
-        oneshot::Sender<Option<Vec<(String, u64)>>>,
+        oneshot::Sender<Option<Vec<(JobId, u64)>>>,
     ),
     /// Is `(job, generation)` leased to this worker right now? Uploads and input fetches
     /// are served only for live leases.
@@ -55,7 +55,7 @@ pub enum Event {
         std::result::Result<BTreeMap<String, ArtifactInfo>, String>,
     ),
     /// A job's backoff elapsed.
-    RetryDue(String),
+    RetryDue(JobId),
     /// Cancel a run.
     Cancel(String),
     /// Read the refusal counters.

@@ -24,7 +24,7 @@ impl Engine {
                 error: error.clone(),
             });
             tracing::info!(job = %job_id, attempt = job.attempt, delay_ms = delay.as_millis() as u64, error = %error, "retrying job");
-            self.fx.later(delay, Event::RetryDue(job_id.to_string()));
+            self.fx.later(delay, Event::RetryDue(JobId::from(job_id)));
             return;
         }
         self.jobs.remove(job_id);
@@ -114,14 +114,14 @@ impl Engine {
         }
         // Drop queued and backing-off jobs; leased ones are killed by their workers and
         // report Cancelled.
-        let dropped: Vec<String> = self
+        let dropped: Vec<JobId> = self
             .jobs
             .iter()
             .filter(|(_, j)| {
                 j.run_id == run_id && matches!(j.state, JobState::Queued | JobState::Backoff)
             })
             .map(|(id, _)| id.clone())
-            .collect();
+            .collect::<Vec<JobId>>();
         for id in dropped {
             self.job_failed(&id, "cancelled".into(), false);
         }

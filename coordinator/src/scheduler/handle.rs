@@ -100,9 +100,9 @@ impl Coordinator {
     pub async fn heartbeat(
         &self,
         worker: &str,
-        running: Vec<(String, u64)>,
+        running: Vec<(JobId, u64)>,
         profile: Option<Profile>,
-    ) -> Result<Option<Vec<(String, u64)>>> {
+    ) -> Result<Option<Vec<(JobId, u64)>>> {
         let (tx, rx) = oneshot::channel();
         self.call(Event::Heartbeat(
             worker.to_string(),

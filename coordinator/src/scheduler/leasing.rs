@@ -6,7 +6,7 @@ use super::*;
 impl Engine {
     /// The first queued job (in order) that fits `worker`'s free capacity, with the
     /// GPUs it gets. Drops stale queue entries it passes.
-    pub(super) fn pick_job(&mut self, worker: &str) -> Option<(String, Vec<usize>)> {
+    pub(super) fn pick_job(&mut self, worker: &str) -> Option<(JobId, Vec<usize>)> {
         let w = self.workers.get(worker)?;
         if !w.eligible(Instant::now()) {
             return None;
@@ -21,7 +21,7 @@ impl Engine {
             }
         }
         // Lazily: placement stops a few entries in, however long the queue.
-        let queued = |id: &String| self.jobs.get(id).filter(|j| j.state == JobState::Queued);
+        let queued = |id: &JobId| self.jobs.get(id).filter(|j| j.state == JobState::Queued);
         let choice = placement::pick(
             self.queue.iter().map(|id| placement::Entry {
                 run: queued(id).map(|j| j.run_id.as_str()),
@@ -176,7 +176,7 @@ impl Engine {
         ) else {
             return;
         };
-        let mine: Vec<String> = self
+        let mine: Vec<JobId> = self
             .jobs
             .iter()
             .filter(|(_, j)| j.run_id == run_id && j.step == i)
@@ -227,9 +227,9 @@ impl Engine {
     pub(super) fn on_heartbeat(
         &mut self,
         worker: &str,
-        running: &[(String, u64)],
+        running: &[(JobId, u64)],
         profile: Option<Box<Profile>>,
-    ) -> Vec<(String, u64)> {
+    ) -> Vec<(JobId, u64)> {
         let ttl = self.config.lease_ttl;
         let Some(w) = self.workers.get_mut(worker) else {
             return running.to_vec();
@@ -279,7 +279,7 @@ impl Engine {
                 tracing::warn!(worker = %id, "worker lost: no heartbeat within the lease ttl");
             }
         }
-        let expired: Vec<String> = self
+        let expired: Vec<JobId> = self
             .jobs
             .iter()
             .filter(|(_, j)| j.state == JobState::Leased && j.deadline.is_some_and(|d| d < now))
@@ -309,7 +309,7 @@ impl Engine {
             j.queued_at = Instant::now();
             if let Some(run) = self.runs.get(&j.run_id) {
                 run.emit(Progress::Retry {
-                    job: job_id.clone(),
+                    job: job_id.to_string(),
                     attempt: j.attempt,
                     delay: Duration::ZERO,
                     error: "lease expired (worker lost or unreachable)".into(),

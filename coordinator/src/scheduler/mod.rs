@@ -32,6 +32,7 @@ use crate::{Error, Result, Store, mirror};
 use finish::{cleanup_failed, requirements_of, write_mirror};
 use jobs::{Job, JobState};
 use nexa_shared::hardware::{self, Profile, Requirements};
+use nexa_shared::ids::{JobId, RunId};
 use nexa_shared::job::{JobInput, JobResult, JobSpec, Lease, Outcome};
 use nexa_shared::spec::Loaded;
 use nexa_shared::{paths, signing};
@@ -84,7 +85,7 @@ struct Alloc {
 #[derive(Debug)]
 struct Worker {
     info: WorkerInfo,
-    alloc: HashMap<String, Alloc>,
+    alloc: HashMap<JobId, Alloc>,
     /// GPUs handed to jobs since the last profile refresh: their reported free memory
     /// may show our own job, which the exclusive reservation already accounts for.
     touched_gpus: std::collections::BTreeSet<usize>,
@@ -164,8 +165,8 @@ struct Engine {
     /// Leases granted per active run (fair share).
     granted: HashMap<String, u64>,
     runs: HashMap<String, Run>,
-    jobs: HashMap<String, Job>,
-    queue: VecDeque<String>,
+    jobs: HashMap<JobId, Job>,
+    queue: VecDeque<JobId>,
     waiting: VecDeque<(String, oneshot::Sender<Option<Lease>>)>,
     /// Lease generations (fencing tokens that only grow).
     generations: generations::Generations,

@@ -5,6 +5,7 @@
 //! as its record grows (BOINC's adaptive replication).
 
 use super::{Credit, Engine, Job, JobState, Refused};
+use nexa_shared::ids::JobId;
 use crate::quorum::{self, Trust};
 use nexa_shared::hardware::Profile;
 use nexa_shared::job::{JobResult, JobSpec};
@@ -116,7 +117,7 @@ impl Engine {
         };
         let gpu_job = self
             .jobs
-            .get(&format!("{unit}~r0"))
+            .get(&JobId::replica(unit, 0))
             .is_some_and(|j| j.spec.requirements.gpus > 0);
         let mine = class_of(&w.info.profile, gpu_job);
         match &v.class {
@@ -143,7 +144,7 @@ impl Engine {
     pub(super) fn on_replica_leased(&mut self, unit: &str, worker: &str) {
         let gpu_job = self
             .jobs
-            .get(&format!("{unit}~r0"))
+            .get(&JobId::replica(unit, 0))
             .is_some_and(|j| j.spec.requirements.gpus > 0);
         let profile_class = self
             .workers
@@ -187,11 +188,11 @@ impl Engine {
         let k = v.made;
         v.made += 1;
         self.replication.replicas += 1;
-        let Some(first) = self.jobs.get(&format!("{unit}~r0")) else {
+        let Some(first) = self.jobs.get(&JobId::replica(unit, 0)) else {
             return;
         };
         let mut spec = first.spec.clone();
-        spec.job_id = format!("{unit}~r{k}");
+        spec.job_id = JobId::replica(unit, k);
         let job = Job::queued(
             &first.run_id,
             first.step,
@@ -206,9 +207,9 @@ impl Engine {
 
     /// The replica jobs of `unit` (`made` of them so far) not yet reported: queued,
     /// leased or backing off. Looked up by id, so it costs the replicas, not the queue.
-    fn outstanding(&self, unit: &str, made: u32) -> Vec<String> {
+    fn outstanding(&self, unit: &str, made: u32) -> Vec<JobId> {
         (0..made)
-            .map(|k| format!("{unit}~r{k}"))
+            .map(|k| JobId::replica(unit, k))
             .filter(|id| {
                 self.jobs.get(id).is_some_and(|j| {
                     matches!(

@@ -491,8 +491,8 @@ impl Engine {
         rec.worker = None;
         rec.log = None;
         let base = JobSpec {
-            job_id: String::new(),
-            run_id: run_id.to_string(),
+            job_id: JobId::default(),
+            run_id: RunId::from(run_id),
             step_id: step.id.value.clone(),
             shard: None,
             uses: step.uses.value.clone(),
@@ -507,7 +507,7 @@ impl Engine {
             None => {
                 rec.shards.clear();
                 let mut spec = base;
-                spec.job_id = format!("{run_id}/{}", step.id.value);
+                spec.job_id = JobId::for_step(run_id, &step.id.value);
                 spec.inputs = Self::job_inputs(&plan, None);
                 new_jobs.push((None, spec));
             }
@@ -541,7 +541,7 @@ impl Engine {
                         continue;
                     }
                     let mut spec = base.clone();
-                    spec.job_id = format!("{run_id}/{}/{}", step.id.value, u.index);
+                    spec.job_id = JobId::for_shard(run_id, &step.id.value, u.index);
                     spec.shard = Some((u.index, count));
                     spec.inputs = Self::job_inputs(&plan, Some(&u.part));
                     new_jobs.push((Some(k), spec));
@@ -569,8 +569,8 @@ impl Engine {
             let unit = validation.map(|v| {
                 // Replicas are jobs `<unit>~r<k>`; the first is made now, the others
                 // when the first is leased to a worker that is not trusted.
-                let unit = spec.job_id.clone();
-                spec.job_id = format!("{unit}~r0");
+                let unit = spec.job_id.to_string();
+                spec.job_id = JobId::replica(&unit, 0);
                 self.votes
                     .insert(unit.clone(), replication::Vote::new(v, spec.uses.clone()));
                 self.replication.units += 1;

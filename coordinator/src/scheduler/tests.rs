@@ -175,7 +175,7 @@ impl Harness {
         rx.try_recv().expect("answered")
     }
 
-    fn heartbeat(&mut self, worker: &str, running: &[(String, u64)]) -> Vec<(String, u64)> {
+    fn heartbeat(&mut self, worker: &str, running: &[(JobId, u64)]) -> Vec<(JobId, u64)> {
         let (tx, mut rx) = oneshot::channel();
         self.send(Event::Heartbeat(worker.into(), running.to_vec(), None, tx));
         rx.try_recv().expect("answered").expect("not banned")
@@ -185,7 +185,7 @@ impl Harness {
         let (tx, mut rx) = oneshot::channel();
         self.send(Event::LeaseLive(
             worker.into(),
-            lease.job.job_id.clone(),
+            lease.job.job_id.to_string(),
             lease.generation,
             tx,
         ));

@@ -138,8 +138,8 @@ impl From<v1::Requirements> for Requirements {
 impl From<&JobSpec> for v1::JobSpec {
     fn from(j: &JobSpec) -> Self {
         Self {
-            job_id: j.job_id.clone(),
-            run_id: j.run_id.clone(),
+            job_id: j.job_id.to_string(),
+            run_id: j.run_id.to_string(),
             step_id: j.step_id.clone(),
             shard_index: j.shard.map_or(0, |s| s.0),
             shard_count: j.shard.map_or(0, |s| s.1),
@@ -191,8 +191,8 @@ impl TryFrom<v1::JobSpec> for JobSpec {
             });
         }
         Ok(Self {
-            job_id: j.job_id,
-            run_id: j.run_id,
+            job_id: j.job_id.into(),
+            run_id: j.run_id.into(),
             step_id: j.step_id,
             shard,
             uses: j.uses,
@@ -239,7 +239,7 @@ fn outcome_to_wire(o: Outcome) -> v1::JobOutcome {
 impl From<&JobResult> for v1::JobResult {
     fn from(r: &JobResult) -> Self {
         Self {
-            job_id: r.job_id.clone(),
+            job_id: r.job_id.to_string(),
             generation: r.generation,
             attempt: r.attempt,
             outcome: outcome_to_wire(r.outcome) as i32,
@@ -290,7 +290,7 @@ impl TryFrom<v1::JobResult> for JobResult {
             return Err(err(M, "job_id", "is empty"));
         }
         Ok(Self {
-            job_id: r.job_id,
+            job_id: r.job_id.into(),
             generation: r.generation,
             attempt: r.attempt,
             outcome,
