@@ -150,7 +150,10 @@ mod tests {
         assert_eq!(step.as_replica(), None);
         assert_eq!(JobId::from("a~rx").as_replica(), None);
         // On the wire and in the store an id is its text.
-        assert_eq!(serde_json::to_string(&rep).expect("json"), "\"r1/train~r2\"");
+        assert_eq!(
+            serde_json::to_string(&rep).expect("json"),
+            "\"r1/train~r2\""
+        );
         let back: JobId = serde_json::from_str("\"r1/train~r2\"").expect("json");
         assert_eq!(back, rep);
     }

@@ -148,7 +148,7 @@ pub enum RunOutcome {
 #[derive(Debug, Clone)]
 pub struct RunSummary {
     /// Run id.
-    pub run_id: String,
+    pub run_id: crate::ids::RunId,
     /// Pipeline name.
     pub pipeline: String,
     /// Outcome.

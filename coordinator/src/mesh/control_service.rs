@@ -174,7 +174,7 @@ impl ControlApi {
         // race it over the same artifacts).
         let mut sub = sub;
         if sub.run_id.is_empty() {
-            sub.run_id = crate::scheduler::new_run_id();
+            sub.run_id = crate::scheduler::new_run_id().into_string();
         }
         self.save_submission(&sub).await?;
         let submitted = self
@@ -185,7 +185,7 @@ impl ControlApi {
                 verify: sub.verify,
                 from: sub.from.clone(),
                 git_sha: None,
-                run_id: Some(sub.run_id.clone()),
+                run_id: Some(sub.run_id.clone().into()),
                 confined: true,
             })
             .await;
@@ -199,7 +199,7 @@ impl ControlApi {
                 return Err(e.into());
             }
         };
-        let run_id = handle.run_id.clone();
+        let run_id = handle.run_id.to_string();
         let (live, _) = broadcast::channel(1024);
         lock(&self.feeds).insert(
             run_id.clone(),

@@ -18,7 +18,7 @@ pub struct RunRequest {
     /// The project's git commit, recorded in artifact labels.
     pub git_sha: Option<String>,
     /// Reuse this run id (a run resumed after a coordinator restart keeps its id).
-    pub run_id: Option<String>,
+    pub run_id: Option<RunId>,
     /// Inputs must resolve inside the project (a submitted pipeline reads only what was
     /// uploaded with it); embedded runs may read any local path.
     pub confined: bool,
@@ -28,7 +28,7 @@ pub struct RunRequest {
 #[derive(Debug)]
 pub struct RunHandle {
     /// Run id.
-    pub run_id: String,
+    pub run_id: RunId,
     /// Progress, ending with [`Progress::Finished`].
     pub progress: mpsc::UnboundedReceiver<Progress>,
 }

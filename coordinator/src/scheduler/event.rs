@@ -71,7 +71,7 @@ pub enum Event {
     /// A write-behind round's write failed: mark it unsaved again.
     Unsaved(Unsaved),
     /// A submitted run's records were written, or why not.
-    SubmitSaved(String, Result<()>),
+    SubmitSaved(RunId, Result<()>),
     /// A finished run's final state was written and flushed, or why not.
     RunSaved(String, RunOutcome, std::result::Result<(), String>),
     /// Stop the loop.

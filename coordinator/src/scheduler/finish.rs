@@ -227,7 +227,7 @@ impl Engine {
             .remove(run_id);
         tracing::info!(run = %run_id, ?outcome, elapsed_ms = run.started.elapsed().as_millis() as u64, "run finished");
         run.emit(Progress::Finished(RunSummary {
-            run_id: run_id.to_string(),
+            run_id: RunId::from(run_id),
             pipeline: run.ctx.pipeline.name.clone(),
             outcome,
             steps: run.records.clone(),

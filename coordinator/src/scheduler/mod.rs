@@ -164,7 +164,7 @@ struct Engine {
     config: EngineConfig,
     /// Leases granted per active run (fair share).
     granted: HashMap<String, u64>,
-    runs: HashMap<String, Run>,
+    runs: HashMap<RunId, Run>,
     jobs: HashMap<JobId, Job>,
     queue: VecDeque<JobId>,
     waiting: VecDeque<(String, oneshot::Sender<Option<Lease>>)>,
@@ -179,7 +179,7 @@ struct Engine {
     saving: std::collections::BTreeSet<String>,
     /// Submitted runs whose records are being written, with the caller's handle and
     /// reply: they start once written.
-    submitting: HashMap<String, (Run, RunHandle, oneshot::Sender<Result<RunHandle>>)>,
+    submitting: HashMap<RunId, (Run, RunHandle, oneshot::Sender<Result<RunHandle>>)>,
 }
 
 /// The store tree of the engine's own counters.
@@ -189,7 +189,7 @@ const REFUSALS_KEY: &str = "refusals";
 
 /// A new run id, `YYYYMMDDTHHMMSS-xxxx` (UTC): sortable by start time, unique enough per
 /// process.
-pub fn new_run_id() -> String {
+pub fn new_run_id() -> RunId {
     let now = std::time::SystemTime::now();
     let nanos = now
         .duration_since(std::time::UNIX_EPOCH)
@@ -199,7 +199,10 @@ pub fn new_run_id() -> String {
         .chars()
         .filter(|c| !matches!(c, '-' | ':' | 'Z'))
         .collect();
-    format!("{stamp}-{:04x}", (nanos ^ std::process::id()) & 0xffff)
+    RunId::from(format!(
+        "{stamp}-{:04x}",
+        (nanos ^ std::process::id()) & 0xffff
+    ))
 }
 
 /// RFC 3339 with seconds, UTC.

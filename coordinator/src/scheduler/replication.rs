@@ -5,9 +5,9 @@
 //! as its record grows (BOINC's adaptive replication).
 
 use super::{Credit, Engine, Job, JobState, Refused};
-use nexa_shared::ids::JobId;
 use crate::quorum::{self, Trust};
 use nexa_shared::hardware::Profile;
+use nexa_shared::ids::JobId;
 use nexa_shared::job::{JobResult, JobSpec};
 use nexa_shared::spec::Validation;
 use std::collections::BTreeSet;

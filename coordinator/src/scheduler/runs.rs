@@ -13,7 +13,7 @@ impl Engine {
                 let (store, pipeline) = (self.store.clone(), run.ctx.pipeline.name.clone());
                 let records = run.records.clone();
                 let rec = RunRecord {
-                    run_id: run_id.clone(),
+                    run_id: run_id.to_string(),
                     pipeline: pipeline.clone(),
                     started_at: run.started_at.clone(),
                     finished_at: None,
@@ -48,7 +48,7 @@ impl Engine {
             return;
         }
         tracing::info!(run = %run_id, pipeline = %run.ctx.pipeline.name, steps = run.records.len(), "run submitted");
-        self.runs.insert(run_id.to_string(), run);
+        self.runs.insert(RunId::from(run_id), run);
         self.plan_prefix(run_id);
         let _ = reply.send(Ok(handle));
     }
@@ -86,7 +86,7 @@ impl Engine {
             .collect();
         let (ptx, prx) = mpsc::unbounded_channel();
         let ctx = RunContext {
-            run_id: run_id.clone(),
+            run_id: run_id.to_string(),
             pipeline: req.loaded.pipeline,
             dag: req.loaded.dag,
             project,
@@ -100,7 +100,7 @@ impl Engine {
         self.cancels
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(run_id.clone())
+            .entry(run_id.to_string())
             .or_insert_with(|| watch::channel(false).0);
         let run = Run {
             ctx: Arc::new(ctx),

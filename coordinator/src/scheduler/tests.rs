@@ -371,7 +371,7 @@ async fn cancelling_drops_queued_jobs_kills_leased_ones_and_finishes_cancelled()
     let mut run = h.submit(&steps("cancel", 3, ""));
     h.enrol("w1", 1);
     let l = h.lease("w1");
-    h.send(Event::Cancel(run.run_id.clone()));
+    h.send(Event::Cancel(run.run_id.to_string()));
     let running = vec![(l.job.job_id.clone(), l.generation)];
     assert_eq!(h.heartbeat("w1", &running), running, "its worker kills it");
     assert_eq!(h.live("w1", &l), LeaseCheck::Stale);
@@ -410,7 +410,7 @@ async fn fair_share_alternates_between_runs_instead_of_draining_the_first() {
         .collect();
     let from_small = leases
         .iter()
-        .filter(|l| l.job.job_id.starts_with(&small.run_id))
+        .filter(|l| l.job.job_id.starts_with(small.run_id.as_str()))
         .count();
     assert_eq!(
         from_small, 2,

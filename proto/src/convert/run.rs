@@ -212,7 +212,7 @@ impl From<&Progress> for v1::RunEvent {
                 error: error.clone(),
             }),
             Progress::Finished(s) => E::Finished(v1::RunFinished {
-                run_id: s.run_id.clone(),
+                run_id: s.run_id.to_string(),
                 pipeline: s.pipeline.clone(),
                 outcome: v1::RunOutcome::from(s.outcome) as i32,
                 steps: s.steps.iter().map(v1::StepRecord::from).collect(),
@@ -256,7 +256,7 @@ impl TryFrom<v1::RunEvent> for Progress {
                 outcome: outcome_from_wire(f.outcome)?,
                 elapsed: Duration::try_from_secs_f64(f.elapsed_s)
                     .map_err(|_| err("RunFinished", "elapsed_s", "is not a duration"))?,
-                run_id: f.run_id,
+                run_id: f.run_id.into(),
                 pipeline: f.pipeline,
                 steps: f
                     .steps
