@@ -7,6 +7,7 @@ use nexa_shared::artifact::{self, Miss};
 use nexa_shared::cache::KeyMaterial;
 use nexa_shared::dag::Dag;
 use nexa_shared::handlers::{self, Availability};
+use nexa_shared::ids::CacheKey;
 use nexa_shared::spec::{ExecParams, Pipeline, Step};
 use nexa_shared::{digest, paths, shard};
 use std::collections::BTreeMap;
@@ -80,7 +81,7 @@ pub struct ShardUnit {
     /// 0-based index.
     pub index: u32,
     /// Its own cache key.
-    pub cache_key: String,
+    pub cache_key: CacheKey,
     /// The part, standing in for the `over` input.
     pub part: ResolvedInput,
     /// Records in the part.
@@ -97,7 +98,7 @@ pub struct StepPlan {
     /// Step index.
     pub step: usize,
     /// Step cache key.
-    pub cache_key: String,
+    pub cache_key: CacheKey,
     /// Inputs, sorted by name.
     pub inputs: Vec<ResolvedInput>,
     /// Output name → absolute artifact path.
@@ -114,7 +115,7 @@ pub enum Plan {
     /// Reuse the sealed artifacts.
     Skipped {
         /// The key they were sealed under.
-        cache_key: String,
+        cache_key: CacheKey,
         /// Output name → artifact.
         outputs: BTreeMap<String, ArtifactInfo>,
     },
@@ -123,13 +124,13 @@ pub enum Plan {
     /// Cannot run (missing input, handler not available, ...): not retryable.
     Failed {
         /// The key, when it got that far.
-        cache_key: Option<String>,
+        cache_key: Option<CacheKey>,
         /// Why.
         error: String,
     },
 }
 
-fn fail(cache_key: Option<String>, error: String) -> Plan {
+fn fail(cache_key: Option<CacheKey>, error: String) -> Plan {
     Plan::Failed { cache_key, error }
 }
 
@@ -236,7 +237,7 @@ fn key_for(
     inputs: &[ResolvedInput],
     replace: Option<(&str, &str)>,
     shard: Option<(u32, u32)>,
-) -> String {
+) -> CacheKey {
     let material = KeyMaterial {
         uses: &step.uses.value,
         backend: step.backend.as_deref(),
@@ -374,7 +375,7 @@ fn plan_shards(
             Some((over, &part.digest)),
             Some((part.index, count)),
         );
-        let dir = shard_root.join(&key);
+        let dir = shard_root.join(key.as_str());
         if let Err(e) = artifact::recover(&dir) {
             return Err(format!("recovering shard {}: {e}", part.index));
         }

@@ -44,8 +44,8 @@ impl KeyMaterial<'_> {
     }
 
     /// The key: lowercase hex SHA-256 of [`Self::canonical`].
-    pub fn key(&self) -> String {
-        hex::encode(Sha256::digest(self.canonical()))
+    pub fn key(&self) -> crate::ids::CacheKey {
+        crate::ids::CacheKey::from(hex::encode(Sha256::digest(self.canonical())))
     }
 }
 

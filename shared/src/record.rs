@@ -75,7 +75,7 @@ pub struct ShardRecord {
     /// Its status.
     pub status: StepStatus,
     /// Its cache key.
-    pub cache_key: Option<String>,
+    pub cache_key: Option<crate::ids::CacheKey>,
     /// Its payload hash once sealed.
     pub hash: Option<String>,
     /// The worker's public key (hex) that produced it.
@@ -94,7 +94,7 @@ pub struct StepRecord {
     /// Status.
     pub status: StepStatus,
     /// Cache key, once computed.
-    pub cache_key: Option<String>,
+    pub cache_key: Option<crate::ids::CacheKey>,
     /// Output name → sealed artifact.
     pub outputs: BTreeMap<String, ArtifactInfo>,
     /// The run that last touched it.

@@ -77,7 +77,7 @@ pub struct ShardSealed {
     /// 0-based index.
     pub index: u32,
     /// Its cache key.
-    pub cache_key: String,
+    pub cache_key: nexa_shared::ids::CacheKey,
     /// Its payload hash.
     pub hash: String,
     /// Records in its input part.

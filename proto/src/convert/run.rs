@@ -76,7 +76,7 @@ impl From<&ShardRecord> for v1::ShardRecord {
         Self {
             index: s.index,
             status: v1::StepState::from(s.status) as i32,
-            cache_key: s.cache_key.clone(),
+            cache_key: s.cache_key.as_ref().map(|k| k.to_string()),
             hash: s.hash.clone(),
             worker: s.worker.clone(),
             attempts: s.attempts,
@@ -92,7 +92,7 @@ impl TryFrom<v1::ShardRecord> for ShardRecord {
         Ok(Self {
             index: s.index,
             status: status_from_wire("ShardRecord", "status", s.status)?,
-            cache_key: s.cache_key,
+            cache_key: s.cache_key.map(Into::into),
             hash: s.hash,
             worker: s.worker,
             attempts: s.attempts,
@@ -106,7 +106,7 @@ impl From<&StepRecord> for v1::StepRecord {
         Self {
             id: r.id.clone(),
             status: v1::StepState::from(r.status) as i32,
-            cache_key: r.cache_key.clone(),
+            cache_key: r.cache_key.as_ref().map(|k| k.to_string()),
             outputs: r
                 .outputs
                 .iter()
@@ -141,7 +141,7 @@ impl TryFrom<v1::StepRecord> for StepRecord {
         Ok(Self {
             status: status_from_wire(M, "status", r.status)?,
             id: r.id,
-            cache_key: r.cache_key,
+            cache_key: r.cache_key.map(Into::into),
             outputs: r
                 .outputs
                 .into_iter()
