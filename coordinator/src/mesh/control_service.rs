@@ -481,7 +481,7 @@ impl ControlService for ControlApi {
             .await?
             .into_iter()
             .map(|w| v1::WorkerStatus {
-                worker_id: w.id,
+                worker_id: w.id.into_string(),
                 name: w.name.clone(),
                 state: v1::WorkerState::from(w.state) as i32,
                 profile: Some(v1::HardwareProfile::from(&w.profile)),

@@ -228,7 +228,7 @@ pub struct WorkerInfo {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct WorkerView {
     /// Id (from its key).
-    pub id: String,
+    pub id: WorkerId,
     /// The name it gave.
     pub name: String,
     /// How it stands.

@@ -8,20 +8,20 @@ pub enum Event {
     /// Start a run.
     Submit(Box<RunRequest>, oneshot::Sender<Result<RunHandle>>),
     /// A worker joined with its public key, hardware profile and slots.
-    RegisterWorker(String, Box<WorkerInfo>),
+    RegisterWorker(WorkerId, Box<WorkerInfo>),
     /// A worker has a free slot and waits for a lease.
-    LeaseRequest(String, oneshot::Sender<Option<Lease>>),
+    LeaseRequest(WorkerId, oneshot::Sender<Option<Lease>>),
     /// A worker is alive and runs these `(job, generation)`; the reply lists the ones it
     /// must kill.
     Heartbeat(
-        String,
+        WorkerId,
         Vec<(JobId, u64)>,
         Option<Box<Profile>>,
         oneshot::Sender<Option<Vec<(JobId, u64)>>>,
     ),
     /// Is `(job, generation)` leased to this worker right now? Uploads and input fetches
     /// are served only for live leases.
-    LeaseLive(String, String, u64, oneshot::Sender<LeaseCheck>),
+    LeaseLive(WorkerId, JobId, u64, oneshot::Sender<LeaseCheck>),
     /// Time passed: expire leases whose deadline is gone.
     Tick,
     /// The grace period of a step no worker could run is over.
@@ -30,7 +30,7 @@ pub enum Event {
     /// A result and the verdict on its signature against the worker's enrolled key,
     /// checked by the caller so that the loop never spends time on curve arithmetic.
     Report(
-        String,
+        WorkerId,
         Box<JobResult>,
         std::result::Result<(), String>,
         Option<oneshot::Sender<std::result::Result<(), String>>>,
@@ -84,7 +84,7 @@ pub enum Unsaved {
     /// The refusal counters.
     Refusals,
     /// These workers' records.
-    Workers(Vec<String>),
+    Workers(Vec<WorkerId>),
     /// These steps of a run.
     Steps(String, Vec<usize>),
 }

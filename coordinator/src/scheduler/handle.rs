@@ -82,13 +82,13 @@ impl Coordinator {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.to_string(), info.key);
-        self.send(Event::RegisterWorker(id.to_string(), Box::new(info)))
+        self.send(Event::RegisterWorker(WorkerId::from(id), Box::new(info)))
     }
 
     /// Waits for a lease for `worker`; `None` when the coordinator shuts down.
     pub async fn lease(&self, worker: &str) -> Option<Lease> {
         let (tx, rx) = oneshot::channel();
-        self.call(Event::LeaseRequest(worker.to_string(), tx))
+        self.call(Event::LeaseRequest(WorkerId::from(worker), tx))
             .await
             .ok()?;
         rx.await.ok().flatten()
@@ -105,7 +105,7 @@ impl Coordinator {
     ) -> Result<Option<Vec<(JobId, u64)>>> {
         let (tx, rx) = oneshot::channel();
         self.call(Event::Heartbeat(
-            worker.to_string(),
+            WorkerId::from(worker),
             running,
             profile.map(Box::new),
             tx,
@@ -119,7 +119,7 @@ impl Coordinator {
     pub fn report(&self, worker: &str, result: JobResult) -> Result<()> {
         let verdict = self.verify(worker, &result);
         self.send(Event::Report(
-            worker.to_string(),
+            WorkerId::from(worker),
             Box::new(result),
             verdict,
             None,
@@ -136,7 +136,7 @@ impl Coordinator {
         let verdict = self.verify(worker, &result);
         let (tx, rx) = oneshot::channel();
         self.call(Event::Report(
-            worker.to_string(),
+            WorkerId::from(worker),
             Box::new(result),
             verdict,
             Some(tx),
@@ -168,8 +168,8 @@ impl Coordinator {
     pub async fn lease_live(&self, worker: &str, job: &str, generation: u64) -> Result<LeaseCheck> {
         let (tx, rx) = oneshot::channel();
         self.call(Event::LeaseLive(
-            worker.to_string(),
-            job.to_string(),
+            WorkerId::from(worker),
+            JobId::from(job),
             generation,
             tx,
         ))
@@ -260,11 +260,11 @@ impl Engine {
         let generations = generations::Generations::start(store.as_ref(), META_TREE);
         // Workers known before a restart come back offline, with their admin state and
         // record, until they enrol again.
-        let workers: HashMap<String, Worker> = match state::load_workers(store.as_ref()) {
+        let workers: HashMap<WorkerId, Worker> = match state::load_workers(store.as_ref()) {
             Ok(records) => records
                 .into_iter()
                 .filter_map(|r| {
-                    let id = r.id.clone();
+                    let id = WorkerId::from(r.id.as_str());
                     Worker::from_record(r).map(|w| (id, w))
                 })
                 .collect(),

@@ -2,6 +2,7 @@
 //! changes between them).
 
 use super::Credit;
+use nexa_shared::ids::WorkerId;
 use nexa_shared::job::JobSpec;
 use tokio::time::Instant;
 
@@ -49,7 +50,7 @@ pub(super) struct Job {
     pub(super) spec: JobSpec,
     pub(super) attempt: u32,
     pub(super) generation: u64,
-    pub(super) worker: Option<String>,
+    pub(super) worker: Option<WorkerId>,
     pub(super) state: JobState,
     pub(super) started: Option<Instant>,
     pub(super) deadline: Option<Instant>,

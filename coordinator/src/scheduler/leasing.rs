@@ -207,7 +207,7 @@ impl Engine {
         }
         if let Some(w) = self.workers.get_mut(worker) {
             w.record(ok, worker);
-            self.dirty_workers.insert(worker.to_string());
+            self.dirty_workers.insert(WorkerId::from(worker));
         }
     }
 

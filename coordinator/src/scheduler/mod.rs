@@ -32,7 +32,7 @@ use crate::{Error, Result, Store, mirror};
 use finish::{cleanup_failed, requirements_of, write_mirror};
 use jobs::{Job, JobState};
 use nexa_shared::hardware::{self, Profile, Requirements};
-use nexa_shared::ids::{JobId, RunId};
+use nexa_shared::ids::{JobId, RunId, WorkerId};
 use nexa_shared::job::{JobInput, JobResult, JobSpec, Lease, Outcome};
 use nexa_shared::spec::Loaded;
 use nexa_shared::{paths, signing};
@@ -141,7 +141,7 @@ struct Engine {
     /// Runs with step records waiting for the write-behind round.
     dirty_runs: Vec<String>,
     /// Workers whose records changed since the last round.
-    dirty_workers: std::collections::BTreeSet<String>,
+    dirty_workers: std::collections::BTreeSet<WorkerId>,
     /// Runs that are over but whose final state the store has not taken yet.
     finishing: std::collections::BTreeSet<String>,
     /// Replicated units waiting for their quorum, by unit id.
@@ -160,14 +160,14 @@ struct Engine {
     /// Callers' events (bounded).
     calls: mpsc::Receiver<Event>,
     cancels: Arc<Mutex<HashMap<String, watch::Sender<bool>>>>,
-    workers: HashMap<String, Worker>,
+    workers: HashMap<WorkerId, Worker>,
     config: EngineConfig,
     /// Leases granted per active run (fair share).
     granted: HashMap<String, u64>,
     runs: HashMap<RunId, Run>,
     jobs: HashMap<JobId, Job>,
     queue: VecDeque<JobId>,
-    waiting: VecDeque<(String, oneshot::Sender<Option<Lease>>)>,
+    waiting: VecDeque<(WorkerId, oneshot::Sender<Option<Lease>>)>,
     /// Lease generations (fencing tokens that only grow).
     generations: generations::Generations,
     refusals: Refusals,

@@ -7,7 +7,7 @@
 use super::{Credit, Engine, Job, JobState, Refused};
 use crate::quorum::{self, Trust};
 use nexa_shared::hardware::Profile;
-use nexa_shared::ids::JobId;
+use nexa_shared::ids::{JobId, WorkerId};
 use nexa_shared::job::{JobResult, JobSpec};
 use nexa_shared::spec::Validation;
 use std::collections::BTreeSet;
@@ -268,7 +268,7 @@ impl Engine {
             };
             self.workers
                 .iter()
-                .any(|(id, w)| !w.lost && !v.workers.contains(id))
+                .any(|(id, w)| !w.lost && !v.workers.contains(id.as_str()))
         };
         if made < limit && fresh {
             self.add_replica(&unit);
@@ -377,7 +377,7 @@ impl Engine {
             } else {
                 t.invalidated();
             }
-            self.dirty_workers.insert(worker.to_string());
+            self.dirty_workers.insert(WorkerId::from(worker));
         }
         if !agreed {
             self.refusals.count(Refused::Outvoted);
@@ -408,7 +408,7 @@ impl Engine {
                     w.credit.cpu_seconds += c.cpu_seconds;
                     w.credit.gpu_seconds += c.gpu_seconds;
                 }
-                self.dirty_workers.insert(worker.clone());
+                self.dirty_workers.insert(WorkerId::from(worker.as_str()));
             }
             if !agreed {
                 self.refusals.count(Refused::Outvoted);

@@ -275,7 +275,7 @@ impl Engine {
             }));
         }
         if !self.dirty_workers.is_empty() {
-            let ids: Vec<String> = std::mem::take(&mut self.dirty_workers)
+            let ids: Vec<WorkerId> = std::mem::take(&mut self.dirty_workers)
                 .into_iter()
                 .collect();
             let recs: Vec<state::WorkerRecord> = ids

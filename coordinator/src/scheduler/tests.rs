@@ -185,7 +185,7 @@ impl Harness {
         let (tx, mut rx) = oneshot::channel();
         self.send(Event::LeaseLive(
             worker.into(),
-            lease.job.job_id.to_string(),
+            lease.job.job_id.clone(),
             lease.generation,
             tx,
         ));
