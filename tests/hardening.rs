@@ -143,7 +143,7 @@ fn uploads_and_fetches_need_a_live_lease_and_refusals_leave_nothing() {
         let lease = w.lease(20).await;
         let mut other = thief;
         let mut holder = (w, ());
-        let digest = lease.job.inputs[0].digest.clone();
+        let digest = lease.job.inputs[0].digest.to_string();
         let e = other
             .upload(&lease, "out", "f", b"x")
             .await
@@ -971,7 +971,7 @@ fn a_late_stale_report_leaves_the_newer_lease_its_inputs() {
             .expect("report")
             .into_inner();
         assert!(!stale.accepted);
-        let digest = new.job.inputs[0].digest.clone();
+        let digest = new.job.inputs[0].digest.to_string();
         let req = w.authed(v1::FetchRequest { digest });
         let mut s = w
             .client

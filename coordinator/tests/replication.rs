@@ -97,7 +97,7 @@ fn spawn_worker_on(
                     output: "out".into(),
                     path: "answer".into(),
                     size: body.len() as u64,
-                    digest: digest::format(&blake3::hash(&body)),
+                    digest: digest::format(&blake3::hash(&body)).into(),
                 }],
                 started_ms: 1_000,
                 ended_ms: 3_000,

@@ -1,5 +1,6 @@
-//! Every message the coordinator decodes from a worker or an operator, and the
-//! conversions to domain types: any bytes decode or fail, never panic.
+//! Every message the coordinator decodes from a worker or an operator (and the CLI from
+//! a coordinator), and the conversions to domain types: any bytes decode or fail, never
+//! panic.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -10,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&which, bytes)) = data.split_first() else {
         return;
     };
-    match which % 12 {
+    match which % 14 {
         0 => {
             if let Ok(m) = v1::JobResult::decode(bytes) {
                 let _ = nexa_shared::job::JobResult::try_from(m);
@@ -51,6 +52,19 @@ fuzz_target!(|data: &[u8]| {
         }
         10 => {
             let _ = v1::WatchRequest::decode(bytes);
+        }
+        // What the CLI reads back from a coordinator: run events and step records.
+        11 => {
+            if let Ok(m) = v1::RunEvent::decode(bytes) {
+                let _ = nexa_shared::record::Progress::try_from(m);
+            }
+        }
+        12 => {
+            if let Ok(m) = v1::StatusResponse::decode(bytes) {
+                for s in m.steps {
+                    let _ = nexa_shared::record::StepRecord::try_from(s);
+                }
+            }
         }
         _ => {
             let _ = v1::PullRequest::decode(bytes);

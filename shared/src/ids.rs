@@ -83,6 +83,18 @@ macro_rules! string_id {
             }
         }
 
+        impl PartialEq<String> for $name {
+            fn eq(&self, other: &String) -> bool {
+                &self.0 == other
+            }
+        }
+
+        impl PartialEq<$name> for String {
+            fn eq(&self, other: &$name) -> bool {
+                self == &other.0
+            }
+        }
+
         impl PartialEq<&str> for $name {
             fn eq(&self, other: &&str) -> bool {
                 self.0 == *other
@@ -108,6 +120,18 @@ string_id!(
     /// A step's or shard's cache key (a content digest over its inputs and parameters).
     CacheKey
 );
+
+string_id!(
+    /// A content digest, `blake3:<hex>` (see `digest::format` and `digest::parse`).
+    Digest
+);
+
+impl Digest {
+    /// The digest of content that hashed to `hash`.
+    pub fn of(hash: &blake3::Hash) -> Self {
+        Self(crate::digest::format(hash))
+    }
+}
 
 /// Marks a replica job within its unit.
 const REPLICA: &str = "~r";

@@ -11,7 +11,7 @@ pub struct JobInput {
     /// The step's name for it.
     pub name: String,
     /// `blake3:<hex>`.
-    pub digest: String,
+    pub digest: crate::ids::Digest,
     /// Whether it is a directory tree.
     pub is_dir: bool,
     /// Where the coordinator holds it (the worker fetches by digest from here).
@@ -93,7 +93,7 @@ pub struct OutputFile {
     /// Size in bytes.
     pub size: u64,
     /// `blake3:<hex>`.
-    pub digest: String,
+    pub digest: crate::ids::Digest,
 }
 
 /// What a worker reports for a lease.

@@ -85,7 +85,7 @@ impl Signed {
             .map(|o| FileEntry {
                 path: format!("{prefix}{}", o.path),
                 size: o.size,
-                digest: o.digest.clone(),
+                digest: o.digest.to_string(),
             })
             .collect()
     }
@@ -154,7 +154,7 @@ pub fn verify_artifact(out: &Path) -> Result<Verified> {
                 .map(|o| FileEntry {
                     path: format!("{}/{}", o.output, o.path),
                     size: o.size,
-                    digest: o.digest.clone(),
+                    digest: o.digest.to_string(),
                 })
                 .collect()
         } else {

@@ -564,7 +564,7 @@ impl RawWorker {
                 output: output.into(),
                 path: path.into(),
                 size: content.len() as u64,
-                digest: nexa_shared::digest::format(&blake3::hash(content)),
+                digest: nexa_shared::digest::format(&blake3::hash(content)).into(),
             }],
             started_ms: 1,
             ended_ms: 2,

@@ -20,7 +20,7 @@ pub fn hash_outputs(out_root: &Path, names: &[String]) -> Result<Vec<OutputFile>
                 output: name.clone(),
                 path: rel,
                 size,
-                digest: digest::format(&h),
+                digest: nexa_shared::ids::Digest::of(&h),
             });
         }
     }

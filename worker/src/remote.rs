@@ -334,7 +334,7 @@ impl GrpcLink {
                     output: LOG_OUTPUT.into(),
                     path: "log".into(),
                     size: meta.len(),
-                    digest: nexa_shared::digest::format(&h),
+                    digest: nexa_shared::ids::Digest::of(&h),
                 });
             }
         }
@@ -352,7 +352,7 @@ impl GrpcLink {
                         offset,
                         data: data.to_vec(),
                         size: o.size,
-                        digest: o.digest.clone(),
+                        digest: o.digest.to_string(),
                     })
                     .is_ok()
                 })
@@ -452,7 +452,7 @@ impl CoordinatorLink for GrpcLink {
             .retrying(5, || {
                 let mut c = client.clone();
                 let req = self.authed(v1::FetchRequest {
-                    digest: input.digest.clone(),
+                    digest: input.digest.to_string(),
                 });
                 async move { c.fetch(req).await }
             })

@@ -315,7 +315,7 @@ impl WorkerService for WorkerApi {
             let now = Instant::now();
             for i in &lease.job.inputs {
                 served.insert(
-                    i.digest.clone(),
+                    i.digest.to_string(),
                     Served {
                         path: i.source.clone(),
                         is_dir: i.is_dir,
@@ -331,7 +331,7 @@ impl WorkerService for WorkerApi {
             let mut leased = lock(&self.leased_inputs);
             let mine = leased.entry(worker.clone()).or_default();
             for i in &lease.job.inputs {
-                let attempts = mine.entry(i.digest.clone()).or_default();
+                let attempts = mine.entry(i.digest.to_string()).or_default();
                 if attempts.len() >= MAX_ATTEMPTS_PER_INPUT {
                     attempts.remove(0);
                 }

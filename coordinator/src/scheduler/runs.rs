@@ -445,7 +445,7 @@ impl Engine {
                 };
                 JobInput {
                     name: r.name.clone(),
-                    digest: r.digest.clone(),
+                    digest: r.digest.clone().into(),
                     is_dir: r.is_dir,
                     source: r.path.clone(),
                 }

@@ -207,7 +207,7 @@ impl Harness {
                 output: "out".into(),
                 path: "x.txt".into(),
                 size: content.len() as u64,
-                digest: nexa_shared::digest::format(&blake3::hash(content)),
+                digest: nexa_shared::digest::format(&blake3::hash(content)).into(),
             }],
             staging: Some(staging),
             ..failed(lease, "")

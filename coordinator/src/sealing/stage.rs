@@ -117,7 +117,7 @@ fn expected_files(
             Ok(FileEntry {
                 path: format!("{prefix}{}", o.path),
                 size: o.size,
-                digest: o.digest.clone(),
+                digest: o.digest.to_string(),
             })
         })
         .collect()

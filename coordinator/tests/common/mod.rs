@@ -45,7 +45,7 @@ pub fn result_for(lease: &Lease, staging: &Path, content: &[u8]) -> JobResult {
             output: "out".into(),
             path: "x.txt".into(),
             size: content.len() as u64,
-            digest: digest::format(&blake3::hash(content)),
+            digest: digest::format(&blake3::hash(content)).into(),
         }],
         started_ms: 1,
         ended_ms: 2,

@@ -150,7 +150,7 @@ impl From<&JobSpec> for v1::JobSpec {
                 .iter()
                 .map(|i| v1::JobInput {
                     name: i.name.clone(),
-                    digest: i.digest.clone(),
+                    digest: i.digest.to_string(),
                     is_dir: i.is_dir,
                     file_name: i
                         .source
@@ -185,7 +185,7 @@ impl TryFrom<v1::JobSpec> for JobSpec {
             let file_name = nexa_shared::paths::safe_component(&i.file_name);
             inputs.push(JobInput {
                 name: i.name,
-                digest: i.digest,
+                digest: i.digest.into(),
                 is_dir: i.is_dir,
                 source: PathBuf::from(file_name),
             });
@@ -251,7 +251,7 @@ impl From<&JobResult> for v1::JobResult {
                     output: o.output.clone(),
                     path: o.path.clone(),
                     size: o.size,
-                    digest: o.digest.clone(),
+                    digest: o.digest.to_string(),
                 })
                 .collect(),
             started_unix_ms: r.started_ms,
@@ -302,7 +302,7 @@ impl TryFrom<v1::JobResult> for JobResult {
                     output: o.output,
                     path: o.path,
                     size: o.size,
-                    digest: o.digest,
+                    digest: o.digest.into(),
                 })
                 .collect(),
             started_ms: r.started_unix_ms,
@@ -367,7 +367,7 @@ mod tests {
             params: serde_json::json!({"cmd": ["true"]}),
             inputs: vec![JobInput {
                 name: "data".into(),
-                digest: format!("blake3:{}", "0".repeat(64)),
+                digest: format!("blake3:{}", "0".repeat(64)).into(),
                 is_dir: false,
                 source: PathBuf::from("x.csv"),
             }],
