@@ -65,6 +65,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Loads a submitted pipeline against `root` (on the blocking pool): valid, and reading
+/// only what lies inside its project.
+async fn load_confined(file: &str, yaml: &str, root: &Path) -> Result<spec::Loaded, Status> {
+    let (file, yaml, root) = (file.to_string(), yaml.to_string(), root.to_path_buf());
+    status::blocking(move || {
+        spec::load_str(&file, &yaml, &root)
+            .and_then(|l| spec::check_confined_inputs(&file, &l).map(|()| l))
+            .map_err(status::domain)
+    })
+    .await
+}
+
 /// Puts each submitted file (`(file, its place in the project, its blob)`) in place,
 /// hard-linked from the blob store or copied; a file already there with that content is
 /// left alone.
@@ -139,9 +151,7 @@ impl ControlApi {
     /// Verifies a received blob and moves it to its name in the blob store.
     async fn keep_blob(&self, digest: &str, r: Receiving) -> Result<u64, Status> {
         let dest = self.blob_path(digest)?;
-        tokio::task::spawn_blocking(move || r.verify()?.rename_to(&dest))
-            .await
-            .map_err(status::join)?
+        status::blocking(move || r.verify()?.rename_to(&dest)).await
     }
 
     /// Writes and flushes a submission's record (on the blocking pool).
@@ -161,14 +171,7 @@ impl ControlApi {
     /// Starts a run and relays its progress to watchers; records it for resumption.
     async fn start(&self, sub: Submission) -> Result<String, Status> {
         let project = Self::project_dir(&self.cfg.data_dir, &sub.pipeline);
-        let (file, yaml, root) = (sub.file_name.clone(), sub.yaml.clone(), project.clone());
-        let loaded = tokio::task::spawn_blocking(move || {
-            spec::load_str(&file, &yaml, &root)
-                .and_then(|l| spec::check_confined_inputs(&file, &l).map(|()| l))
-        })
-        .await
-        .map_err(status::join)?
-        .map_err(status::domain)?;
+        let loaded = load_confined(&sub.file_name, &sub.yaml, &project).await?;
         // The submission is durable before the run starts: a run the store refused is
         // refused whole, never left running unacknowledged (where a resubmission would
         // race it over the same artifacts).
@@ -364,15 +367,15 @@ impl ControlService for ControlApi {
                 }
                 self.blob_path(&c.digest)?;
                 let (dir, d, size) = (dir.clone(), c.digest.clone(), c.size);
-                let r = tokio::task::spawn_blocking(move || {
-                    Receiving::create(format!("blob {d}"), &dir, size, d)
-                })
-                .await
-                .map_err(status::join)??;
+                let r =
+                    status::blocking(move || Receiving::create(format!("blob {d}"), &dir, size, d))
+                        .await?;
                 cur = Some((c.digest.clone(), r));
             }
             if let Some((d, r)) = cur.take() {
-                cur = Some((d, r.write_off_runtime(c.offset, c.data).await?));
+                let mut r = r;
+                let r = status::blocking(move || r.write(c.offset, &c.data).map(|()| r)).await?;
+                cur = Some((d, r));
             }
         }
         if let Some((d, r)) = cur.take() {
@@ -396,14 +399,7 @@ impl ControlService for ControlApi {
         // Validate first, against a scratch root, so a bad file is refused before any
         // copy; then lay the project out from the blobs. Both on the blocking pool.
         let scratch = self.cfg.data_dir.join("projects").join("_validate");
-        let (file, yaml) = (r.file_name.clone(), r.pipeline_yaml.clone());
-        let loaded = tokio::task::spawn_blocking(move || {
-            spec::load_str(&file, &yaml, &scratch)
-                .and_then(|l| spec::check_confined_inputs(&file, &l).map(|()| l))
-        })
-        .await
-        .map_err(status::join)?
-        .map_err(status::domain)?;
+        let loaded = load_confined(&r.file_name, &r.pipeline_yaml, &scratch).await?;
         let pipeline = loaded.pipeline.name.clone();
         let project = Self::project_dir(&self.cfg.data_dir, &pipeline);
         let mut files = Vec::with_capacity(r.files.len());
@@ -412,9 +408,7 @@ impl ControlService for ControlApi {
                 .map_err(|e| Status::invalid_argument(format!("file {:?}: {e}", f.path)))?;
             files.push((f.clone(), project.join(rel), self.blob_path(&f.digest)?));
         }
-        tokio::task::spawn_blocking(move || lay_out(&files))
-            .await
-            .map_err(status::join)??;
+        status::blocking(move || lay_out(&files)).await?;
         let run_id = self
             .start(Submission {
                 run_id: String::new(),

@@ -2,8 +2,7 @@
 //! file, hashed as it arrives, and checked against its declared size and digest before
 //! it may take its name. Worker uploads (`uploads.rs`) and the operator's blob uploads
 //! (`control_service.rs`) both receive through it. Handlers run its file I/O on the
-//! blocking pool ([`Receiving::write_off_runtime`], `spawn_blocking` around
-//! [`Receiving::verify`]), never on the async runtime.
+//! blocking pool (`status::blocking`), never on the async runtime.
 
 use super::status;
 use std::io::Write;
@@ -76,17 +75,6 @@ impl Receiving {
             .map_err(|e| status::io("write", Path::new(&self.name))(e))?;
         self.written += data.len() as u64;
         Ok(())
-    }
-
-    /// [`Receiving::write`] on the blocking pool.
-    pub(super) async fn write_off_runtime(
-        mut self,
-        offset: u64,
-        data: Vec<u8>,
-    ) -> Result<Self, Status> {
-        tokio::task::spawn_blocking(move || self.write(offset, &data).map(|()| self))
-            .await
-            .map_err(status::join)?
     }
 
     /// Checks size and digest and makes the bytes durable. A mismatch is `DATA_LOSS`.

@@ -23,6 +23,14 @@ pub fn io<'a>(
     move |e| domain(nexa_shared::Error::io(op, path, e))
 }
 
+/// Runs a handler's blocking work (file and store I/O) on the blocking pool, never on
+/// the runtime; a task that did not finish is INTERNAL.
+pub async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(work).await.map_err(join)?
+}
+
 /// A blocking task of a handler that did not finish (it panicked or was cancelled).
 pub fn join(e: tokio::task::JoinError) -> Status {
     Status::internal(format!("a blocking task failed: {e}"))

@@ -162,17 +162,6 @@ impl Incoming {
         self.receiving.write(offset, data)
     }
 
-    /// [`Incoming::write`] on the blocking pool.
-    pub(super) async fn write_off_runtime(
-        mut self,
-        offset: u64,
-        data: Vec<u8>,
-    ) -> Result<Self, Status> {
-        tokio::task::spawn_blocking(move || self.write(offset, &data).map(|()| self))
-            .await
-            .map_err(status::join)?
-    }
-
     /// Checks size and digest, makes the bytes durable and moves the file to its place
     /// in the staging tree, unless the attempt was reported meanwhile. A mismatch is
     /// `DATA_LOSS`.

@@ -440,15 +440,20 @@ impl WorkerService for WorkerApi {
                 let (size, digest) = (c.size, c.digest.clone());
                 // File I/O runs on the blocking pool, never on the runtime.
                 current = Some(
-                    tokio::task::spawn_blocking(move || {
+                    super::status::blocking(move || {
                         Incoming::create(name, &staging, dest, size, digest, gate)
                     })
-                    .await
-                    .map_err(super::status::join)??,
+                    .await?,
                 );
             }
             let Some(f) = current.take() else { continue };
-            current = Some(f.write_off_runtime(c.offset, c.data).await?);
+            current = Some(
+                super::status::blocking(move || {
+                    let mut f = f;
+                    f.write(c.offset, &c.data).map(|()| f)
+                })
+                .await?,
+            );
         }
         if let Some(f) = current.take() {
             bytes += self.finish(f).await?;
