@@ -48,16 +48,8 @@ impl Engine {
                 }
             }
             Some(k) => {
-                let s = &mut run.records[i].shards[k];
-                s.status = status;
-                s.error = Some(error);
-                run.emit(Progress::Shard {
-                    step: run.records[i].id.clone(),
-                    index: run.records[i].shards[k].index,
-                    status,
-                });
-                self.persist(&run_id, i);
-                self.shard_settled(&run_id, i);
+                run.records[i].shards[k].error = Some(error);
+                self.set_shard_status(&run_id, i, k, status);
             }
         }
         self.maybe_finish(&run_id);

@@ -139,19 +139,11 @@ impl Engine {
             if let Some(run) = self.runs.get_mut(&run_id) {
                 match shard {
                     None => run.records[step].attempts = attempt,
-                    Some(k) => {
-                        let s = &mut run.records[step].shards[k];
-                        s.attempts = attempt;
-                        s.status = StepStatus::Running;
-                        let index = s.index;
-                        let id = run.records[step].id.clone();
-                        run.emit(Progress::Shard {
-                            step: id,
-                            index,
-                            status: StepStatus::Running,
-                        });
-                    }
+                    Some(k) => run.records[step].shards[k].attempts = attempt,
                 }
+            }
+            if let Some(k) = shard {
+                self.set_shard_status(&run_id, step, k, StepStatus::Running);
             }
         }
         self.waiting = still_waiting;

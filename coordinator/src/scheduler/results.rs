@@ -267,21 +267,14 @@ impl Engine {
                 };
                 let k = shard.unwrap_or(0);
                 let s = &mut run.records[i].shards[k];
-                s.status = StepStatus::Complete;
                 s.hash = Some(sealed.hash.clone());
                 s.error = None;
                 if s.worker.is_none() {
                     s.worker =
                         worker.and_then(|w| self.workers.get(&w).map(|i| hex::encode(i.info.key)));
                 }
-                run.emit(Progress::Shard {
-                    step: run.records[i].id.clone(),
-                    index: sealed.index,
-                    status: StepStatus::Complete,
-                });
                 run.shard_results[i].insert(k, *sealed);
-                self.persist(&run_id, i);
-                self.shard_settled(&run_id, i);
+                self.set_shard_status(&run_id, i, k, StepStatus::Complete);
             }
         }
         self.maybe_finish(&run_id);

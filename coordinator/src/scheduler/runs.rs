@@ -173,6 +173,32 @@ impl Engine {
         }
     }
 
+    /// Moves shard `k` of step `i` to `status` and tells the run's watchers; a final
+    /// status is persisted and may settle the step (all its shards final).
+    pub(super) fn set_shard_status(
+        &mut self,
+        run_id: &str,
+        i: usize,
+        k: usize,
+        status: StepStatus,
+    ) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let s = &mut run.records[i].shards[k];
+        s.status = status;
+        let index = s.index;
+        run.emit(Progress::Shard {
+            step: run.records[i].id.clone(),
+            index,
+            status,
+        });
+        if status.is_final() {
+            self.persist(run_id, i);
+            self.shard_settled(run_id, i);
+        }
+    }
+
     pub(super) fn set_status(
         &mut self,
         run_id: &str,
