@@ -2,7 +2,7 @@
 //! the workers: a liar is outvoted and never becomes the artifact; honest workers earn
 //! trust and are then only spot-checked, which bounds the extra work.
 
-use nexa_coordinator::scheduler::{EngineConfig, Progress, RunOutcome, RunRequest, WorkerInfo};
+use nexa_coordinator::scheduler::{EngineConfig, Progress, RunOutcome, WorkerInfo};
 use nexa_coordinator::{Coordinator, SledStore};
 use nexa_shared::digest;
 use nexa_shared::job::{JobResult, Lease, Outcome, OutputFile};
@@ -11,6 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+mod common;
 
 /// `steps` steps with `validation` (a YAML mapping, or none), independent or (`chain`)
 /// each after the previous.
@@ -118,18 +119,7 @@ fn spawn_worker_on(
 
 async fn run(coord: &Coordinator, project: &Path, yaml: &str) -> RunOutcome {
     let loaded = nexa_shared::spec::load_str("r.yaml", yaml, project).expect("valid");
-    let mut h = coord
-        .submit(RunRequest {
-            loaded,
-            project: project.to_path_buf(),
-            verify: false,
-            from: None,
-            git_sha: None,
-            run_id: None,
-            confined: false,
-        })
-        .await
-        .expect("submit");
+    let mut h = common::submit(coord, project, loaded).await;
     loop {
         match tokio::time::timeout(Duration::from_secs(120), h.progress.recv()).await {
             Ok(Some(Progress::Finished(s))) => return s.outcome,
