@@ -430,7 +430,7 @@ fn run(project: &Path, args: RunArgs, from: Option<String>) -> anyhow::Result<Ex
         tokio::pin!(ctrl_c);
         loop {
             tokio::select! {
-                p = handle.progress.recv() => match p {
+                p = handle.recv() => match p {
                     Some(Progress::Finished(s)) => {
                         renderer.show(&Progress::Finished(s.clone()));
                         summary = Some(s);

@@ -121,7 +121,7 @@ async fn run(coord: &Coordinator, project: &Path, yaml: &str) -> RunOutcome {
     let loaded = nexa_shared::spec::load_str("r.yaml", yaml, project).expect("valid");
     let mut h = common::submit(coord, project, loaded).await;
     loop {
-        match tokio::time::timeout(Duration::from_secs(120), h.progress.recv()).await {
+        match tokio::time::timeout(Duration::from_secs(120), h.recv()).await {
             Ok(Some(Progress::Finished(s))) => return s.outcome,
             Ok(Some(_)) => {}
             Ok(None) | Err(_) => panic!("the run did not finish"),

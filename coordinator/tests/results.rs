@@ -120,7 +120,7 @@ async fn untrusted_results_are_refused_and_counted() {
     honest.sign_result(&mut good);
     coord.report("w1", good.clone()).expect("report");
     let summary = loop {
-        match tokio::time::timeout(Duration::from_secs(10), run.progress.recv()).await {
+        match tokio::time::timeout(Duration::from_secs(10), run.recv()).await {
             Ok(Some(Progress::Finished(s))) => break s,
             Ok(Some(_)) => continue,
             other => panic!("run did not finish: {other:?}"),
@@ -182,7 +182,7 @@ async fn a_cancelled_run_is_never_leased_or_sealed_again() {
     silent.sign_result(&mut r);
     coord.report("w1", r).expect("report");
     let summary = loop {
-        match tokio::time::timeout(Duration::from_secs(10), run.progress.recv()).await {
+        match tokio::time::timeout(Duration::from_secs(10), run.recv()).await {
             Ok(Some(Progress::Finished(s))) => break s,
             Ok(Some(_)) => continue,
             other => panic!("run did not finish: {other:?}"),

@@ -94,7 +94,7 @@ async fn a_run_whose_final_state_the_store_refused_is_not_reported_until_it_is_s
     // Sealed, but the store refuses the run's final state: nobody is told it finished.
     let told = tokio::time::timeout(Duration::from_millis(1500), async {
         loop {
-            match run.progress.recv().await {
+            match run.recv().await {
                 Some(Progress::Finished(_)) | None => return,
                 Some(_) => {}
             }
@@ -109,7 +109,7 @@ async fn a_run_whose_final_state_the_store_refused_is_not_reported_until_it_is_s
     // Space returns: the next tick writes it, and only then is the run reported.
     store.refusing.store(false, Ordering::SeqCst);
     let summary = loop {
-        match tokio::time::timeout(Duration::from_secs(5), run.progress.recv()).await {
+        match tokio::time::timeout(Duration::from_secs(5), run.recv()).await {
             Ok(Some(Progress::Finished(s))) => break s,
             Ok(Some(_)) => continue,
             other => panic!("run did not finish once the store took it: {other:?}"),

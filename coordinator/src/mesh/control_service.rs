@@ -213,7 +213,7 @@ impl ControlApi {
         );
         let feeds = self.feeds.clone();
         let store = self.store.clone();
-        let mut progress = handle.progress;
+        let mut progress = handle;
         tokio::spawn(async move {
             while let Some(p) = progress.recv().await {
                 let finished = matches!(p, Progress::Finished(_));

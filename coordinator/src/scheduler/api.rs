@@ -24,13 +24,88 @@ pub struct RunRequest {
     pub confined: bool,
 }
 
-/// A submitted run: its id and its progress stream.
+/// A submitted run: its id, its progress and, at its end, its summary.
+///
+/// Progress is bounded ([`PROGRESS`] lines waiting): a reader that falls behind misses
+/// progress lines, never the summary, and never slows the scheduler.
 #[derive(Debug)]
 pub struct RunHandle {
     /// Run id.
     pub run_id: RunId,
-    /// Progress, ending with [`Progress::Finished`].
-    pub progress: mpsc::UnboundedReceiver<Progress>,
+    progress: mpsc::Receiver<Progress>,
+    done: oneshot::Receiver<RunSummary>,
+    /// The summary, once it came, until the lines sent before it are read.
+    summary: Option<RunSummary>,
+    /// `done` answered (the summary, or the engine went).
+    answered: bool,
+    /// Nothing more comes.
+    over: bool,
+}
+
+impl RunHandle {
+    pub(super) fn new(
+        run_id: RunId,
+        progress: mpsc::Receiver<Progress>,
+        done: oneshot::Receiver<RunSummary>,
+    ) -> Self {
+        Self {
+            run_id,
+            progress,
+            done,
+            summary: None,
+            answered: false,
+            over: false,
+        }
+    }
+
+    /// The run's next progress line; its last is [`Progress::Finished`] with its
+    /// summary, after every line sent before it. `None` after that, or when the
+    /// coordinator stopped before the run finished.
+    pub async fn recv(&mut self) -> Option<Progress> {
+        loop {
+            if let Some(p) = self.try_recv() {
+                return Some(p);
+            }
+            if self.over {
+                return None;
+            }
+            tokio::select! {
+                biased;
+                Some(p) = self.progress.recv() => return Some(p),
+                done = &mut self.done, if !self.answered => {
+                    self.answered = true;
+                    self.summary = done.ok();
+                }
+                else => {
+                    self.over = true;
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// [`RunHandle::recv`] without waiting: `None` when nothing is ready.
+    pub fn try_recv(&mut self) -> Option<Progress> {
+        if self.over {
+            return None;
+        }
+        if !self.answered {
+            match self.done.try_recv() {
+                Ok(s) => (self.answered, self.summary) = (true, Some(s)),
+                Err(oneshot::error::TryRecvError::Closed) => self.answered = true,
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
+        }
+        // Looked at after the summary: every line sent before it is in the channel.
+        if let Ok(p) = self.progress.try_recv() {
+            return Some(p);
+        }
+        if self.answered {
+            self.over = true;
+            return self.summary.take().map(Progress::Finished);
+        }
+        None
+    }
 }
 
 /// Counters of refused results, by reason. Kept in the store, so they survive restarts.

@@ -12,7 +12,7 @@ impl Engine {
             return;
         };
         let retries = run.ctx.pipeline.steps[i].retries;
-        if retryable && !run.cancelled && job.attempt <= retries.count {
+        if retryable && !run.cancelled() && job.attempt <= retries.count {
             let delay = retries.delay(job.attempt);
             job.attempt += 1;
             job.set_state(JobState::Backoff);
@@ -34,7 +34,7 @@ impl Engine {
         let Some(run) = self.runs.get_mut(&run_id) else {
             return;
         };
-        let status = if run.cancelled {
+        let status = if run.cancelled() {
             StepStatus::Cancelled
         } else {
             StepStatus::Failed
@@ -91,10 +91,11 @@ impl Engine {
         let Some(run) = self.runs.get_mut(run_id) else {
             return;
         };
-        if run.cancelled {
+        // A cancel after the run ended (it is being saved) changes nothing.
+        if !run.phase().may_become(RunPhase::Cancelling) {
             return;
         }
-        run.cancelled = true;
+        run.set_phase(RunPhase::Cancelling);
         tracing::info!(run = %run_id, "cancelling run");
         if let Some(tx) = self
             .cancels
@@ -151,25 +152,19 @@ impl Engine {
         if self.jobs.values().any(|j| j.run_id == run_id) {
             return;
         }
-        let outcome = if run.cancelled
-            || run
-                .records
-                .iter()
-                .any(|r| r.status == StepStatus::Cancelled)
-        {
-            RunOutcome::Cancelled
-        } else if run
-            .records
-            .iter()
-            .any(|r| r.status == StepStatus::Failed || r.status == StepStatus::Blocked)
-        {
-            RunOutcome::Failed
-        } else {
-            RunOutcome::Succeeded
+        let outcome = match run.phase() {
+            // The store refused it before: the same outcome is saved again.
+            RunPhase::Unsaved(o) => o,
+            RunPhase::Running | RunPhase::Cancelling => outcome_of(run),
+            // Being saved (or already over): nothing to do.
+            _ => return,
         };
         // The run is over only once the store says so: until its final state is durable
         // nobody is told, and the tick tries again (a full disk, an I/O error).
-        if !self.saving.insert(run_id.to_string()) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        if !run.set_phase(RunPhase::Saving(outcome)) {
             return;
         }
         let rec = RunRecord {
@@ -199,14 +194,17 @@ impl Engine {
         outcome: RunOutcome,
         saved: std::result::Result<(), String>,
     ) {
-        self.saving.remove(run_id);
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
         if let Err(e) = saved {
-            if self.finishing.insert(run_id.to_string()) {
+            run.set_phase(RunPhase::Unsaved(outcome));
+            run.unsaved += 1;
+            if run.unsaved == 1 {
                 tracing::error!(error = %e, run = %run_id, "saving the finished run; retried every tick, nobody is told before it is saved");
             }
             return;
         }
-        self.finishing.remove(run_id);
         let Some(mut run) = self.runs.remove(run_id) else {
             return;
         };
@@ -218,13 +216,34 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .remove(run_id);
         tracing::info!(run = %run_id, ?outcome, elapsed_ms = run.started.elapsed().as_millis() as u64, "run finished");
-        run.emit(Progress::Finished(RunSummary {
+        let summary = RunSummary {
             run_id: RunId::from(run_id),
             pipeline: run.ctx.pipeline.name.clone(),
             outcome,
             steps: run.records.clone(),
             elapsed: run.started.elapsed(),
-        }));
+        };
+        run.finish(summary);
+    }
+}
+
+/// How a run whose steps are all final ended.
+fn outcome_of(run: &Run) -> RunOutcome {
+    if run.cancelled()
+        || run
+            .records
+            .iter()
+            .any(|r| r.status == StepStatus::Cancelled)
+    {
+        RunOutcome::Cancelled
+    } else if run
+        .records
+        .iter()
+        .any(|r| r.status == StepStatus::Failed || r.status == StepStatus::Blocked)
+    {
+        RunOutcome::Failed
+    } else {
+        RunOutcome::Succeeded
     }
 }
 

@@ -286,11 +286,9 @@ impl Engine {
         };
         Engine {
             saved_refusals: Some(refusals),
-            saving: Default::default(),
             submitting: HashMap::new(),
             dirty_runs: Vec::new(),
             dirty_workers: Default::default(),
-            finishing: Default::default(),
             votes: HashMap::new(),
             decided: HashMap::new(),
             replication: Default::default(),

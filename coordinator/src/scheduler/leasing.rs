@@ -243,7 +243,7 @@ impl Engine {
                         && j.worker.as_deref() == Some(worker) =>
                 {
                     j.deadline = ttl.map(|t| Instant::now() + t);
-                    let cancelled = self.runs.get(&j.run_id).is_some_and(|r| r.cancelled);
+                    let cancelled = self.runs.get(&j.run_id).is_some_and(|r| r.cancelled());
                     if cancelled {
                         cancel.push((job_id.clone(), *generation));
                     }
@@ -258,7 +258,13 @@ impl Engine {
 
     pub(super) fn on_tick(&mut self) {
         // Runs whose final state the store refused: try again.
-        for run_id in self.finishing.clone() {
+        let unsaved: Vec<RunId> = self
+            .runs
+            .iter()
+            .filter(|(_, r)| matches!(r.phase(), RunPhase::Unsaved(_)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for run_id in unsaved {
             self.maybe_finish(&run_id);
         }
         let Some(ttl) = self.config.lease_ttl else {
@@ -288,7 +294,7 @@ impl Engine {
             };
             self.refusals.count(Refused::LeaseExpired);
             // A cancelled run's job is never leased again: its lease ending ends it.
-            if self.runs.get(&j.run_id).is_some_and(|r| r.cancelled) {
+            if self.runs.get(&j.run_id).is_some_and(|r| r.cancelled()) {
                 tracing::info!(job = %job_id, "lease of a cancelled run's job expired; dropping it");
                 self.job_failed(&job_id, "cancelled".into(), false);
                 continue;

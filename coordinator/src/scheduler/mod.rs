@@ -21,6 +21,7 @@ mod leasing;
 mod placement;
 mod replication;
 mod results;
+mod run;
 mod runs;
 mod tasks;
 #[cfg(test)]
@@ -36,6 +37,7 @@ use nexa_shared::ids::{JobId, RunId, WorkerId};
 use nexa_shared::job::{JobInput, JobResult, JobSpec, Lease, Outcome};
 use nexa_shared::spec::Loaded;
 use nexa_shared::{paths, signing};
+use run::{Run, RunPhase};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -58,6 +60,9 @@ const RECENT: usize = 12;
 /// How many callers' events may wait for the loop; beyond, calls are refused as an
 /// overload (UNAVAILABLE) or wait (`Coordinator::call`).
 pub const CALLS: usize = 65_536;
+
+/// How many progress lines may wait for a run's reader (see [`RunHandle`]).
+pub const PROGRESS: usize = 4096;
 
 /// The most events handled between two write-behind rounds.
 const BURST: usize = 512;
@@ -103,47 +108,12 @@ struct Worker {
     throttled_until: Option<Instant>,
 }
 
-struct Run {
-    ctx: Arc<RunContext>,
-    records: Vec<StepRecord>,
-    plans: Vec<Option<Arc<StepPlan>>>,
-    shard_results: Vec<BTreeMap<usize, ShardSealed>>,
-    busy: Vec<bool>,
-    progress: mpsc::UnboundedSender<Progress>,
-    cancelled: bool,
-    started: Instant,
-    started_at: String,
-    last_mirror: Option<Instant>,
-    in_flight: usize,
-    /// Steps changed since the last write-behind round (see `Engine::flush_dirty`).
-    dirty: Vec<usize>,
-    /// Steps not yet in a final state (kept by `set_status`, so finishing is O(1)).
-    unfinished: usize,
-}
-
-impl Run {
-    fn emit(&self, p: Progress) {
-        let _ = self.progress.send(p);
-    }
-
-    /// The sealed outputs of step `i`'s dependencies (all the planner may read).
-    fn upstream_outputs(&self, i: usize) -> BTreeMap<usize, BTreeMap<String, ArtifactInfo>> {
-        self.ctx.dag.deps[i]
-            .iter()
-            .filter(|&&d| self.records[d].status.is_done())
-            .map(|&d| (d, self.records[d].outputs.clone()))
-            .collect()
-    }
-}
-
 struct Engine {
     store: Arc<dyn Store>,
     /// Runs with step records waiting for the write-behind round.
     dirty_runs: Vec<String>,
     /// Workers whose records changed since the last round.
     dirty_workers: std::collections::BTreeSet<WorkerId>,
-    /// Runs that are over but whose final state the store has not taken yet.
-    finishing: std::collections::BTreeSet<String>,
     /// Replicated units waiting for their quorum, by unit id.
     /// (Snapshot for metrics: see `snapshot`.)
     votes: HashMap<String, replication::Vote>,
@@ -175,8 +145,6 @@ struct Engine {
     blame: blame::Blame,
     /// The refusal counters as last queued for the store; `None`: that write failed.
     saved_refusals: Option<Refusals>,
-    /// Finished runs whose final state is being written.
-    saving: std::collections::BTreeSet<String>,
     /// Submitted runs whose records are being written, with the caller's handle and
     /// reply: they start once written.
     submitting: HashMap<RunId, (Run, RunHandle, oneshot::Sender<Result<RunHandle>>)>,
@@ -302,7 +270,7 @@ impl Engine {
                         if j.state == JobState::Leased
                             && j.generation == generation
                             && j.worker.as_deref() == Some(worker.as_str())
-                            && !self.runs.get(&j.run_id).is_some_and(|r| r.cancelled) =>
+                            && !self.runs.get(&j.run_id).is_some_and(|r| r.cancelled()) =>
                     {
                         LeaseCheck::Live
                     }

@@ -38,7 +38,7 @@ impl Engine {
             verdict: &verdict,
             cancelled: job
                 .and_then(|j| self.runs.get(&j.run_id))
-                .is_some_and(|r| r.cancelled),
+                .is_some_and(|r| r.cancelled()),
         };
         let refusal = match acceptance::judge(worker, result, &facts) {
             Ok(()) => {
@@ -294,7 +294,7 @@ impl Engine {
             .filter(|s| s.status == StepStatus::Failed)
             .map(|s| format!("shard {}: {}", s.index, s.error.clone().unwrap_or_default()))
             .collect();
-        if run.cancelled || shards.iter().any(|s| s.status == StepStatus::Cancelled) {
+        if run.cancelled() || shards.iter().any(|s| s.status == StepStatus::Cancelled) {
             self.set_status(
                 run_id,
                 i,

@@ -47,6 +47,8 @@ impl Engine {
             let _ = reply.send(Err(e));
             return;
         }
+        let mut run = run;
+        run.set_phase(RunPhase::Running);
         tracing::info!(run = %run_id, pipeline = %run.ctx.pipeline.name, steps = run.records.len(), "run submitted");
         self.runs.insert(RunId::from(run_id), run);
         self.plan_prefix(run_id);
@@ -84,7 +86,8 @@ impl Engine {
             .iter()
             .map(|s| StepRecord::pending(&s.id.value, &run_id))
             .collect();
-        let (ptx, prx) = mpsc::unbounded_channel();
+        let (ptx, prx) = mpsc::channel(PROGRESS);
+        let (done_tx, done_rx) = oneshot::channel();
         let ctx = RunContext {
             run_id: run_id.to_string(),
             pipeline: req.loaded.pipeline,
@@ -96,34 +99,13 @@ impl Engine {
             git_sha: req.git_sha,
             confined: req.confined,
         };
-        let started_at = now_rfc3339();
         self.cancels
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(run_id.to_string())
             .or_insert_with(|| watch::channel(false).0);
-        let run = Run {
-            ctx: Arc::new(ctx),
-            records,
-            plans: vec![None; n],
-            shard_results: vec![BTreeMap::new(); n],
-            busy: vec![false; n],
-            progress: ptx,
-            cancelled: false,
-            started: Instant::now(),
-            started_at,
-            last_mirror: None,
-            in_flight: 0,
-            dirty: Vec::new(),
-            unfinished: n,
-        };
-        Ok((
-            run,
-            RunHandle {
-                run_id,
-                progress: prx,
-            },
-        ))
+        let run = Run::submitted(ctx, records, ptx, done_tx, now_rfc3339());
+        Ok((run, RunHandle::new(run_id, prx, done_rx)))
     }
 
     /// Plans every PENDING step whose dependencies are all done.
@@ -131,7 +113,7 @@ impl Engine {
         let Some(run) = self.runs.get_mut(run_id) else {
             return;
         };
-        if run.cancelled {
+        if run.cancelled() {
             return;
         }
         let all: Vec<usize>;
@@ -422,7 +404,7 @@ impl Engine {
         run.last_mirror = None;
         run.busy.iter_mut().for_each(|b| *b = false);
         // Nothing is busy now: every step not started of a cancelled run is cancelled.
-        if run.cancelled {
+        if run.cancelled() {
             self.cancel_pending(run_id);
         }
         self.schedule_ready(run_id, None);
@@ -433,7 +415,7 @@ impl Engine {
         let Some(run) = self.runs.get_mut(run_id) else {
             return;
         };
-        if run.cancelled {
+        if run.cancelled() {
             self.set_status(
                 run_id,
                 i,

@@ -258,7 +258,7 @@ fn steps(name: &str, n: usize, extra: &str) -> String {
 fn drain(run: &mut RunHandle) -> (Vec<Progress>, Option<RunSummary>) {
     let mut seen = Vec::new();
     let mut end = None;
-    while let Ok(p) = run.progress.try_recv() {
+    while let Some(p) = run.try_recv() {
         if let Progress::Finished(s) = &p {
             end = Some(s.clone());
         }
@@ -532,4 +532,29 @@ async fn a_full_call_queue_is_an_overload_not_a_backlog() {
         .expect("listed");
     assert!(workers.is_empty());
     coord.cancel("no-such-run").expect("room again");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reader_that_never_reads_misses_progress_lines_but_never_the_summary() {
+    let mut h = Harness::mesh(Duration::from_secs(30));
+    // More steps than progress lines may wait: each one's changes are lines.
+    let n = super::PROGRESS + 500;
+    let mut run = h.submit(&steps("lagging", n, ""));
+    h.send(Event::Cancel(run.run_id.to_string()));
+    let (seen, end) = drain(&mut run);
+    let end = end.expect("the summary comes whatever was missed");
+    assert_eq!(end.outcome, RunOutcome::Cancelled);
+    assert_eq!(end.steps.len(), n);
+    assert!(
+        end.steps.iter().all(|s| s.status == StepStatus::Cancelled),
+        "the summary is whole"
+    );
+    // What waited for the reader was capped; the summary came after it.
+    assert_eq!(
+        seen.len(),
+        super::PROGRESS + 1,
+        "capped lines, then the summary"
+    );
+    assert!(matches!(seen.last(), Some(Progress::Finished(_))));
+    assert!(run.try_recv().is_none(), "nothing after the summary");
 }
