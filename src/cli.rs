@@ -642,7 +642,7 @@ async fn leaderboard(r: &crate::remote::Remote, json: bool) -> anyhow::Result<Ex
             .iter()
             .enumerate()
             .map(|(i, w)| {
-                serde_json::json!({"rank": i + 1, "id": w.worker_id, "name": w.name,
+                serde_json::json!({"rank": i + 1, "id": w.id, "name": w.name,
                     "gpu_seconds": w.gpu_seconds, "cpu_seconds": w.cpu_seconds,
                     "valid": w.valid, "invalid": w.invalid})
             })
@@ -658,7 +658,7 @@ async fn leaderboard(r: &crate::remote::Remote, json: bool) -> anyhow::Result<Ex
         println!(
             "{:>4}  {:<18} {:<16} {:>12.1} {:>12.1} {:>7} {:>7}",
             i + 1,
-            w.worker_id,
+            w.id.as_str(),
             w.name,
             w.gpu_seconds,
             w.cpu_seconds,
@@ -684,25 +684,17 @@ async fn workers(
         }
     }
     let ws = crate::remote::workers(r).await?;
-    let states = ws
-        .iter()
-        .map(|w| nexa_proto::convert::worker_state_from_wire(w.state))
-        .collect::<Result<Vec<_>, _>>()?;
     if json {
         let v: Vec<serde_json::Value> = ws
             .iter()
-            .zip(&states)
-            .map(|(w, state)| {
-                let p = w.profile.clone().map(nexa_shared::hardware::Profile::from).unwrap_or_default();
-                let total = w.succeeded + w.failed;
+            .map(|w| {
                 serde_json::json!({
-                    "id": w.worker_id, "name": w.name, "state": state, "slots": w.slots, "running": w.running,
-                    "succeeded": w.succeeded, "failed": w.failed,
-                    "error_rate": if total == 0 { 0.0 } else { w.failed as f64 / total as f64 },
+                    "id": w.id, "name": w.name, "state": w.state, "slots": w.slots, "running": w.running,
+                    "succeeded": w.succeeded, "failed": w.failed, "error_rate": w.error_rate(),
                     "valid": w.valid, "invalid": w.invalid, "trusted_for": w.trusted_for,
                     "credit": {"cpu_seconds": w.cpu_seconds, "gpu_seconds": w.gpu_seconds},
-                    "public_key": w.public_key.iter().map(|b| format!("{b:02x}")).collect::<String>(),
-                    "profile": p,
+                    "public_key": hex::encode(w.key),
+                    "profile": w.profile,
                 })
             })
             .collect();
@@ -721,17 +713,13 @@ async fn workers(
         "CPU-s",
         "GPU-s"
     );
-    for (w, state) in ws.iter().zip(&states) {
-        let p = w
-            .profile
-            .clone()
-            .map(nexa_shared::hardware::Profile::from)
-            .unwrap_or_default();
+    for w in &ws {
+        let p = &w.profile;
         let total = w.succeeded + w.failed;
         let rate = if total == 0 {
             "-".to_string()
         } else {
-            format!("{:.0}%", 100.0 * w.failed as f64 / total as f64)
+            format!("{:.0}%", 100.0 * w.error_rate())
         };
         let gpus: Vec<String> = p
             .gpus
@@ -752,9 +740,9 @@ async fn workers(
         };
         println!(
             "{:<18} {:<16} {:<11} {:>5} {:>7} {:>9} {:>13} {:>9.1} {:>9.1}  {}",
-            w.worker_id,
+            w.id.as_str(),
             w.name,
-            state.as_str(),
+            w.state.as_str(),
             w.slots,
             w.running,
             rate,

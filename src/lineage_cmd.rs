@@ -188,7 +188,7 @@ pub async fn lineage_remote(
     format: Format,
 ) -> anyhow::Result<ExitCode> {
     let depth = u32::try_from(depth).unwrap_or(0);
-    let (json, project) = crate::remote::lineage(
+    let (g, project) = crate::remote::lineage(
         remote,
         pipeline,
         &artifact.display().to_string(),
@@ -196,7 +196,6 @@ pub async fn lineage_remote(
         depth,
     )
     .await?;
-    let g: Graph = serde_json::from_str(&json)?;
     render(Path::new(&project), &g, !down, format)
 }
 

@@ -5,6 +5,7 @@ use anyhow::Context;
 use clap::Subcommand;
 use nexa_coordinator::SledStore;
 use nexa_coordinator::registry::{Bump, Model, Registry};
+use nexa_shared::models::RegistryAnswer;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -175,30 +176,40 @@ pub async fn run_remote(
             "on a coordinator, models are registered by pipelines' core.registry.register steps; register and delete work on this project's registry (without --coordinator)"
         ),
         ModelsCommand::Resolve { reference, json } => {
-            let v = serde_json::from_str(&models(remote, "resolve", &reference, "", "").await?)?;
+            let RegistryAnswer::Version(v) = models(remote, "resolve", &reference, "", "").await?
+            else {
+                anyhow::bail!("the coordinator did not answer 'resolve' with a version");
+            };
             print_version(&v, json)?;
         }
         ModelsCommand::Promote { name, version, tag } => {
-            let p: nexa_coordinator::registry::Promotion =
-                serde_json::from_str(&models(remote, "promote", &name, &version, &tag).await?)?;
+            let RegistryAnswer::Promotion(p) =
+                models(remote, "promote", &name, &version, &tag).await?
+            else {
+                anyhow::bail!("the coordinator did not answer 'promote' with a promotion");
+            };
             println!("promoted {name}:{} to {tag} (verified)", p.version);
         }
         ModelsCommand::List { json } => {
-            let list: Vec<Model> =
-                serde_json::from_str(&models(remote, "list", "", "", "").await?)?;
+            let RegistryAnswer::List(list) = models(remote, "list", "", "", "").await? else {
+                anyhow::bail!("the coordinator did not answer 'list' with models");
+            };
             print_list(&list, json)?
         }
-        ModelsCommand::Show { name, json } => print_model(
-            &serde_json::from_str(&models(remote, "show", &name, "", "").await?)?,
-            json,
-        )?,
-        ModelsCommand::History { name, tag, json } => print_history(
-            &serde_json::from_str(&models(remote, "show", &name, "", "").await?)?,
-            tag,
-            json,
-        )?,
+        ModelsCommand::Show { name, json } => print_model(&shown(remote, &name).await?, json)?,
+        ModelsCommand::History { name, tag, json } => {
+            print_history(&shown(remote, &name).await?, tag, json)?
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The coordinator's `show` of a model.
+async fn shown(remote: &crate::remote::Remote, name: &str) -> anyhow::Result<Model> {
+    match crate::remote::models(remote, "show", name, "", "").await? {
+        RegistryAnswer::Model(m) => Ok(m),
+        _ => anyhow::bail!("the coordinator did not answer 'show' with a model"),
+    }
 }
 
 fn print_version(v: &nexa_coordinator::registry::Version, json: bool) -> anyhow::Result<()> {

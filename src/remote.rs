@@ -364,14 +364,19 @@ async fn follow_once(
 }
 
 /// `nexa workers`: every enrolled worker.
-pub async fn workers(remote: &Remote) -> anyhow::Result<Vec<v1::WorkerStatus>> {
+pub async fn workers(remote: &Remote) -> anyhow::Result<Vec<nexa_shared::record::WorkerSummary>> {
     let mut c = Control::connect(remote).await?;
-    Ok(c.client
+    let workers = c
+        .client
         .list_workers(c.req(v1::ListWorkersRequest {}))
         .await
         .map_err(status_err)?
         .into_inner()
-        .workers)
+        .workers;
+    Ok(workers
+        .into_iter()
+        .map(TryInto::try_into)
+        .collect::<Result<_, _>>()?)
 }
 
 /// Refusals and lease expiries so far, by reason.
@@ -397,9 +402,10 @@ pub async fn models(
     name: &str,
     version: &str,
     tag: &str,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<nexa_shared::models::RegistryAnswer> {
     let mut c = Control::connect(remote).await?;
-    Ok(c.client
+    let answer = c
+        .client
         .models(c.req(v1::ModelsRequest {
             op: op.into(),
             name: name.into(),
@@ -408,18 +414,18 @@ pub async fn models(
         }))
         .await
         .map_err(status_err)?
-        .into_inner()
-        .json)
+        .into_inner();
+    Ok(answer.try_into()?)
 }
 
-/// Lineage of a pipeline's artifact on the coordinator: (graph as JSON, project dir).
+/// Lineage of a pipeline's artifact on the coordinator: (graph, project dir).
 pub async fn lineage(
     remote: &Remote,
     pipeline: &str,
     path: &str,
     down: bool,
     depth: u32,
-) -> anyhow::Result<(String, String)> {
+) -> anyhow::Result<(nexa_shared::lineage::Graph, String)> {
     let mut c = Control::connect(remote).await?;
     let r = c
         .client
@@ -432,7 +438,10 @@ pub async fn lineage(
         .await
         .map_err(status_err)?
         .into_inner();
-    Ok((r.graph_json, r.project))
+    let graph = r
+        .graph
+        .ok_or_else(|| anyhow::anyhow!("the coordinator's LineageResponse has no graph"))?;
+    Ok((graph.try_into()?, r.project))
 }
 
 /// Drains, bans or re-activates a worker.

@@ -261,12 +261,16 @@ points! {
     mirror_write_fails, mirror_write_crash => "mirror.write";
 }
 
-/// A scheduler task that panics (the planner; a sharded step's assembly) fails its step
-/// with the reason, and the run ends: it used to send nothing back, and the run waited
-/// for it for ever.
+/// A scheduler task that panics (the planner; a sharded step's assembly; a group on the
+/// sealing thread) fails its step with the reason, and the run ends: it used to send
+/// nothing back, and the run waited for it for ever.
 #[test]
 fn a_panicking_planner_or_assembly_fails_its_step_instead_of_hanging_the_run() {
-    for (point, failing) in [("planner.plan", "gen"), ("sealer.assemble", "fan")] {
+    for (point, failing) in [
+        ("planner.plan", "gen"),
+        ("sealer.assemble", "fan"),
+        ("sealer.group", "gen"),
+    ] {
         let p = Project::new();
         pipeline(&p);
         let data = p.path().join("coord");

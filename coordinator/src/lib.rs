@@ -20,6 +20,7 @@ pub mod scheduler;
 pub mod sealing;
 pub mod state;
 pub mod store;
+pub mod tasks;
 
 pub use error::{Error, Result};
 pub use scheduler::{Coordinator, Progress, RunRequest, RunSummary};

@@ -8,66 +8,12 @@
 //! version (deleting a tagged version is refused inside the same swap).
 
 use crate::{Error, Result, Store};
+pub use nexa_shared::models::{Model, Promotion, Tag, Version};
 use nexa_shared::{artifact, provenance};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// The store tree holding models, keyed by name.
 pub const REGISTRY_TREE: &str = "registry";
-
-/// A registered model: its versions, tags and promotion history.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Model {
-    /// The model's name.
-    pub name: String,
-    /// Versions by their semantic version string.
-    pub versions: BTreeMap<String, Version>,
-    /// Tags (`prod`, `staging`, ...) and the version each names now.
-    pub tags: BTreeMap<String, Tag>,
-    /// Every promotion: which version held which tag, from when to when.
-    pub history: Vec<Promotion>,
-}
-
-/// One registered version.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Version {
-    /// The model's name.
-    pub name: String,
-    /// Semantic version (`1.2.0`).
-    pub version: String,
-    /// Where the artifact is (`file://` + absolute path).
-    pub uri: String,
-    /// The artifact's payload hash at registration (from its `meta.json`).
-    pub hash: Option<String>,
-    /// Free-form metadata given at registration.
-    pub meta: serde_json::Value,
-    /// RFC 3339.
-    pub registered_at: String,
-    /// RFC 3339, once deleted (the record is kept for the history).
-    pub deleted_at: Option<String>,
-}
-
-/// A tag's current holder.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Tag {
-    /// The version it names.
-    pub version: String,
-    /// Since when (RFC 3339).
-    pub since: String,
-}
-
-/// One stretch of a tag on a version.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Promotion {
-    /// The tag.
-    pub tag: String,
-    /// The version that held it.
-    pub version: String,
-    /// From (RFC 3339).
-    pub from: String,
-    /// Until (RFC 3339); `None` while it still holds the tag.
-    pub to: Option<String>,
-}
 
 /// Which part of the version a registration bumps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -119,41 +65,23 @@ pub fn uri_path(uri: &str) -> PathBuf {
     PathBuf::from(uri.strip_prefix("file://").unwrap_or(uri))
 }
 
-impl Model {
-    /// Live (not deleted) versions, oldest first by semantic version.
-    pub fn live_versions(&self) -> Vec<&Version> {
-        let mut v: Vec<(semver::Version, &Version)> = self
-            .versions
-            .values()
-            .filter(|v| v.deleted_at.is_none())
-            .filter_map(|v| semver::Version::parse(&v.version).ok().map(|s| (s, v)))
-            .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v.into_iter().map(|(_, v)| v).collect()
-    }
-
-    /// The highest live version.
-    pub fn latest(&self) -> Option<&Version> {
-        self.live_versions().pop()
-    }
-
-    fn next_version(&self, bump: Bump) -> String {
-        // Deleted versions count too: a version number is never handed out twice.
-        let highest = self
-            .versions
-            .keys()
-            .filter_map(|v| semver::Version::parse(v).ok())
-            .max();
-        let next = match (highest, bump) {
-            (None, Bump::Patch) => semver::Version::new(0, 1, 0),
-            (None, Bump::Minor) => semver::Version::new(0, 1, 0),
-            (None, Bump::Major) => semver::Version::new(1, 0, 0),
-            (Some(h), Bump::Patch) => semver::Version::new(h.major, h.minor, h.patch + 1),
-            (Some(h), Bump::Minor) => semver::Version::new(h.major, h.minor + 1, 0),
-            (Some(h), Bump::Major) => semver::Version::new(h.major + 1, 0, 0),
-        };
-        next.to_string()
-    }
+/// The version a new registration gets. Deleted versions count too: a version number
+/// is never handed out twice.
+fn next_version(model: &Model, bump: Bump) -> String {
+    let highest = model
+        .versions
+        .keys()
+        .filter_map(|v| semver::Version::parse(v).ok())
+        .max();
+    let next = match (highest, bump) {
+        (None, Bump::Patch) => semver::Version::new(0, 1, 0),
+        (None, Bump::Minor) => semver::Version::new(0, 1, 0),
+        (None, Bump::Major) => semver::Version::new(1, 0, 0),
+        (Some(h), Bump::Patch) => semver::Version::new(h.major, h.minor, h.patch + 1),
+        (Some(h), Bump::Minor) => semver::Version::new(h.major, h.minor + 1, 0),
+        (Some(h), Bump::Major) => semver::Version::new(h.major + 1, 0, 0),
+    };
+    next.to_string()
 }
 
 /// The registry over a store.
@@ -243,7 +171,7 @@ impl<'a> Registry<'a> {
         check_name("model name", name)?;
         let (uri, hash) = canonical_artifact(uri)?;
         self.update(name, |m| {
-            let version = m.next_version(bump);
+            let version = next_version(m, bump);
             let v = Version {
                 name: name.to_string(),
                 version: version.clone(),

@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&which, bytes)) = data.split_first() else {
         return;
     };
-    match which % 14 {
+    match which % 17 {
         0 => {
             if let Ok(m) = v1::JobResult::decode(bytes) {
                 let _ = nexa_shared::job::JobResult::try_from(m);
@@ -64,6 +64,24 @@ fuzz_target!(|data: &[u8]| {
                 for s in m.steps {
                     let _ = nexa_shared::record::StepRecord::try_from(s);
                 }
+            }
+        }
+        // The operator's views: workers, the registry's answers, lineage graphs.
+        13 => {
+            if let Ok(m) = v1::ListWorkersResponse::decode(bytes) {
+                for w in m.workers {
+                    let _ = nexa_shared::record::WorkerSummary::try_from(w);
+                }
+            }
+        }
+        14 => {
+            if let Ok(m) = v1::ModelsResponse::decode(bytes) {
+                let _ = nexa_shared::models::RegistryAnswer::try_from(m);
+            }
+        }
+        15 => {
+            if let Ok(m) = v1::LineageResponse::decode(bytes) {
+                let _ = m.graph.map(nexa_shared::lineage::Graph::try_from);
             }
         }
         _ => {

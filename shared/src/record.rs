@@ -251,6 +251,52 @@ impl AdminState {
     }
 }
 
+/// A worker as an operator sees it (`nexa workers`, the leaderboard): what the
+/// coordinator's `ListWorkers` answers, and the wire's `WorkerStatus`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerSummary {
+    /// Id (from its key).
+    pub id: crate::ids::WorkerId,
+    /// The name it gave.
+    pub name: String,
+    /// How it stands.
+    pub state: WorkerState,
+    /// Its hardware.
+    pub profile: crate::hardware::Profile,
+    /// Jobs it runs at once.
+    pub slots: u32,
+    /// Jobs leased to it now.
+    pub running: u32,
+    /// Results accepted.
+    pub succeeded: u64,
+    /// Failed or refused results.
+    pub failed: u64,
+    /// Its Ed25519 public key.
+    pub key: [u8; 32],
+    /// Results a quorum agreed with, over every kind of job.
+    pub valid: u64,
+    /// Results a quorum disagreed with.
+    pub invalid: u64,
+    /// Kinds of job (`uses`) it is trusted for: its results are only spot-checked.
+    pub trusted_for: Vec<String>,
+    /// Credit: CPU-seconds of accepted (validated where that applies) work.
+    pub cpu_seconds: f64,
+    /// Credit: GPU-seconds.
+    pub gpu_seconds: f64,
+}
+
+impl WorkerSummary {
+    /// Failed results over all results; 0 before the first.
+    pub fn error_rate(&self) -> f64 {
+        let total = self.succeeded + self.failed;
+        if total == 0 {
+            0.0
+        } else {
+            self.failed as f64 / total as f64
+        }
+    }
+}
+
 /// How a worker stands, as `nexa workers` shows it: the operator's say first, then its
 /// health.
 #[derive(

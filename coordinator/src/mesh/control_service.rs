@@ -214,7 +214,7 @@ impl ControlApi {
         let feeds = self.feeds.clone();
         let store = self.store.clone();
         let mut progress = handle;
-        tokio::spawn(async move {
+        self.coord.tasks().spawn("run feed", async move {
             while let Some(p) = progress.recv().await {
                 let finished = matches!(p, Progress::Finished(_));
                 let e = v1::RunEvent::from(&p);
@@ -440,7 +440,7 @@ impl ControlService for ControlApi {
         };
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let cfg = self.cfg.clone();
-        tokio::spawn(async move {
+        self.coord.tasks().spawn("watch stream", async move {
             // A stopping coordinator ends the stream (UNAVAILABLE: the CLI reconnects to
             // the restarted one) rather than hold its shutdown until the run ends.
             tokio::select! {
@@ -474,27 +474,7 @@ impl ControlService for ControlApi {
             .list_workers()
             .await?
             .into_iter()
-            .map(|w| v1::WorkerStatus {
-                worker_id: w.id.into_string(),
-                name: w.name.clone(),
-                state: v1::WorkerState::from(w.state) as i32,
-                profile: Some(v1::HardwareProfile::from(&w.profile)),
-                slots: w.slots,
-                running: w.running,
-                succeeded: w.succeeded,
-                failed: w.failed,
-                public_key: w.key.to_vec(),
-                valid: w.trust.values().map(|t| t.valid).sum(),
-                invalid: w.trust.values().map(|t| t.invalid).sum(),
-                trusted_for: w
-                    .trust
-                    .iter()
-                    .filter(|(_, t)| t.trusted())
-                    .map(|(k, _)| k.clone())
-                    .collect(),
-                cpu_seconds: w.credit.cpu_seconds,
-                gpu_seconds: w.credit.gpu_seconds,
-            })
+            .map(|w| v1::WorkerStatus::from(&w.summary()))
             .collect();
         Ok(Response::new(v1::ListWorkersResponse { workers }))
     }
@@ -540,23 +520,22 @@ impl ControlService for ControlApi {
         let r = req.into_inner();
         let store = self.store.clone();
         let mirror = self.cfg.data_dir.join(crate::recover::REGISTRY_MIRROR);
-        let json = tokio::task::spawn_blocking(move || {
+        let answer = status::blocking(move || {
+            use nexa_shared::models::RegistryAnswer as A;
             let reg = crate::registry::Registry::new(store.as_ref()).mirrored_in(Some(mirror));
-            match r.op.as_str() {
-                "list" => serde_json::to_string(&reg.list()?).map_err(Into::into),
-                "show" => serde_json::to_string(&reg.show(&r.name)?).map_err(Into::into),
-                "resolve" => serde_json::to_string(&reg.resolve(&r.name)?).map_err(Into::into),
-                "promote" => serde_json::to_string(&reg.promote(&r.name, &r.version, &r.tag)?)
-                    .map_err(Into::into),
+            let answer = match r.op.as_str() {
+                "list" => reg.list().map(A::List),
+                "show" => reg.show(&r.name).map(A::Model),
+                "resolve" => reg.resolve(&r.name).map(A::Version),
+                "promote" => reg.promote(&r.name, &r.version, &r.tag).map(A::Promotion),
                 other => Err(crate::Error::Registry(format!(
                     "unknown registry operation '{other}'"
                 ))),
-            }
+            };
+            answer.map_err(Status::from)
         })
-        .await
-        .map_err(status::join)?
-        .map_err(|e: crate::Error| Status::from(e))?;
-        Ok(Response::new(v1::ModelsResponse { json }))
+        .await?;
+        Ok(Response::new(v1::ModelsResponse::from(&answer)))
     }
 
     async fn lineage(
@@ -576,21 +555,20 @@ impl ControlService for ControlApi {
         }
         let store = self.store.clone();
         let proj = project.clone();
-        let graph = tokio::task::spawn_blocking(move || -> crate::Result<String> {
+        let graph = status::blocking(move || {
             let mut idx = crate::sealing::lineage::Index::new(&proj);
-            idx.add(crate::sealing::lineage::dump(store.as_ref())?);
+            idx.add(crate::sealing::lineage::dump(store.as_ref()).map_err(Status::from)?);
             let depth = if r.depth == 0 {
                 usize::MAX
             } else {
                 r.depth as usize
             };
             let root = format!("file://{}", out.display());
-            Ok(serde_json::to_string(&idx.walk(&root, !r.down, depth))?)
+            Ok(idx.walk(&root, !r.down, depth))
         })
-        .await
-        .map_err(status::join)??;
+        .await?;
         Ok(Response::new(v1::LineageResponse {
-            graph_json: graph,
+            graph: Some(v1::LineageGraph::from(&graph)),
             project: std::path::absolute(&project)
                 .unwrap_or(project)
                 .display()
@@ -632,7 +610,7 @@ impl ControlService for ControlApi {
         }
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let metrics = self.cfg.metrics.clone();
-        tokio::task::spawn_blocking(move || {
+        self.coord.tasks().spawn_blocking("artifact pull", move || {
             let files = match digest::list_files(&dir, &[]) {
                 Ok(f) => f,
                 Err(e) => {

@@ -126,7 +126,7 @@ pub async fn serve_opened(
         let http = super::http::serve_http(l, coord.clone(), exported, size, disk, async {
             let _ = http_stopped.await;
         });
-        tokio::spawn(async move {
+        coord.tasks().spawn("metrics endpoint", async move {
             if let Err(e) = http.await {
                 tracing::error!(error = %e, "metrics endpoint");
             }

@@ -530,7 +530,7 @@ impl WorkerService for WorkerApi {
             .ok_or_else(|| Status::not_found(format!("no input {digest} is being served")))?;
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let metrics = self.cfg.metrics.clone();
-        tokio::task::spawn_blocking(move || {
+        self.coord.tasks().spawn_blocking("input fetch", move || {
             let send = |c: Result<v1::FetchChunk, Status>| tx.blocking_send(c).is_ok();
             let files: Vec<(String, PathBuf)> = if is_dir {
                 match nexa_shared::artifact::input_files(&path) {

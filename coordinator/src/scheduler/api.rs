@@ -2,7 +2,9 @@
 //! worker views, refusal counters and the engine's configuration.
 
 use super::*;
-pub use nexa_shared::record::{AdminState, Progress, RunOutcome, RunSummary, WorkerState};
+pub use nexa_shared::record::{
+    AdminState, Progress, RunOutcome, RunSummary, WorkerState, WorkerSummary,
+};
 
 /// What to run.
 #[derive(Debug)]
@@ -324,6 +326,33 @@ pub struct WorkerView {
     pub trust: BTreeMap<String, crate::quorum::Trust>,
     /// Credit for accepted work.
     pub credit: Credit,
+}
+
+impl WorkerView {
+    /// What an operator is shown of it: its trust summed over the kinds of job.
+    pub fn summary(&self) -> WorkerSummary {
+        WorkerSummary {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            state: self.state,
+            profile: self.profile.clone(),
+            slots: self.slots,
+            running: self.running,
+            succeeded: self.succeeded,
+            failed: self.failed,
+            key: self.key,
+            valid: self.trust.values().map(|t| t.valid).sum(),
+            invalid: self.trust.values().map(|t| t.invalid).sum(),
+            trusted_for: self
+                .trust
+                .iter()
+                .filter(|(_, t)| t.trusted())
+                .map(|(k, _)| k.clone())
+                .collect(),
+            cpu_seconds: self.credit.cpu_seconds,
+            gpu_seconds: self.credit.gpu_seconds,
+        }
+    }
 }
 
 /// Credit for accepted work: CPU-seconds (duration × CPU slots) and GPU-seconds

@@ -12,9 +12,10 @@ use std::sync::mpsc;
 use std::time::Duration;
 use tokio::sync::mpsc::UnboundedSender;
 
-/// Work for off the loop (planning, assembly, a `core.registry.*` step): it makes the
-/// event that reports its outcome, its panic included (see `tasks::blocking`).
-pub(super) type Work = Box<dyn FnOnce() -> Event + Send>;
+/// Work for off the loop (planning, assembly, a `core.registry.*` step, a failed job's
+/// clean-up): it makes the event that reports its outcome, its panic included (see
+/// `tasks::blocking`), or none when nobody waits on it.
+pub(super) type Work = Box<dyn FnOnce() -> Option<Event> + Send>;
 
 /// A store or mirror write, run in order with the others on the writer thread; the event
 /// it returns (a failure to retry, a save to act on) goes back to the loop.
@@ -35,8 +36,11 @@ pub(super) trait Effects: Send {
     fn seal(&self, task: SealTask) -> bool;
 }
 
-/// The production effects: the blocking pool, tokio timers and the group-sealing thread.
+/// The production effects: the blocking pool and tokio timers (owned by the
+/// coordinator's task supervisor), the group-sealing thread and the write-behind thread.
 pub(super) struct Spawned {
+    /// The owner of every task started here.
+    pub(super) tasks: crate::tasks::Tasks,
     /// The loop's own queue.
     pub(super) tx: UnboundedSender<Event>,
     /// The group-sealing thread.
@@ -79,20 +83,16 @@ impl Writer {
 impl Effects for Spawned {
     fn spawn(&self, work: Work) {
         let tx = self.tx.clone();
-        let handle = tokio::task::spawn_blocking(move || {
-            let _ = tx.send(work());
-        });
-        // `work` reports its own panic; a task the runtime dropped (shutdown) is logged.
-        tokio::spawn(async move {
-            if let Err(e) = handle.await {
-                tracing::error!(error = %e, "a blocking task of the scheduler did not finish");
+        self.tasks.spawn_blocking("scheduler work", move || {
+            if let Some(ev) = work() {
+                let _ = tx.send(ev);
             }
         });
     }
 
     fn later(&self, delay: Duration, event: Event) {
         let tx = self.tx.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn("scheduler timer", async move {
             tokio::time::sleep(delay).await;
             let _ = tx.send(event);
         });

@@ -247,15 +247,20 @@ fn outcome_of(run: &Run) -> RunOutcome {
     }
 }
 
-/// Keeps a job's log with the run state (`.nexa_state/<pipeline>/logs`).
-/// After a failed job: keep its log, drop what it staged (off the scheduler task).
-pub(super) fn cleanup_failed(log: Option<(PathBuf, PathBuf)>, staging: Option<PathBuf>) {
-    tokio::task::spawn_blocking(move || {
+/// After a failed job: keep its log with the run state (`.nexa_state/<pipeline>/logs`)
+/// and drop what it staged, off the loop.
+pub(super) fn cleanup_failed(
+    fx: &dyn effects::Effects,
+    log: Option<(PathBuf, PathBuf)>,
+    staging: Option<PathBuf>,
+) {
+    fx.spawn(Box::new(move || {
         keep_log(log);
         if let Some(s) = staging {
             let _ = nexa_shared::artifact::remove_tree(&s);
         }
-    });
+        None
+    }));
 }
 
 /// Queues a rewrite of the run's `pipeline_state.json` (behind the store writes).

@@ -14,11 +14,12 @@ impl Coordinator {
         let (tx, rx) = mpsc::unbounded_channel();
         let (calls, calls_rx) = mpsc::channel(CALLS);
         let cancels = Arc::new(Mutex::new(HashMap::new()));
+        let tasks = crate::tasks::Tasks::start();
         // The tick expires leases (on the mesh) and retries what the store refused
         // (everywhere).
         {
             let tick = tx.clone();
-            tokio::spawn(async move {
+            tasks.spawn("scheduler tick", async move {
                 let mut every = tokio::time::interval(Duration::from_millis(250));
                 every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
@@ -37,6 +38,7 @@ impl Coordinator {
             }),
         );
         let fx = Box::new(effects::Spawned {
+            tasks: tasks.clone(),
             tx: tx.clone(),
             sealer,
             writer: effects::Writer::start(tx.clone()),
@@ -50,9 +52,16 @@ impl Coordinator {
                 calls,
                 cancels,
                 keys,
+                tasks,
             },
             handle,
         )
+    }
+
+    /// The owner of the coordinator's background tasks: the mesh edge starts its own
+    /// (progress relays, the metrics endpoint) through it too.
+    pub fn tasks(&self) -> &crate::tasks::Tasks {
+        &self.tasks
     }
 
     /// Queues a call without waiting: a full queue is an overload (UNAVAILABLE, which

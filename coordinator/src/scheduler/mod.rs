@@ -77,6 +77,8 @@ pub struct Coordinator {
     cancels: Arc<Mutex<HashMap<String, watch::Sender<bool>>>>,
     /// Enrolled workers' public keys, for checking result signatures off the loop.
     keys: Arc<std::sync::RwLock<HashMap<String, [u8; 32]>>>,
+    /// The owner of every background task (see `crate::tasks`).
+    tasks: crate::tasks::Tasks,
 }
 
 /// What one leased job holds on its worker.

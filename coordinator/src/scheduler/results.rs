@@ -15,7 +15,7 @@ impl Engine {
     ) -> std::result::Result<(), String> {
         if let Err(why) = self.admit(worker, &result, verdict) {
             // Nothing of a refused result is kept.
-            cleanup_failed(None, result.staging.clone());
+            cleanup_failed(self.fx.as_ref(), None, result.staging.clone());
             return Err(why);
         }
         self.accept(worker, result);
@@ -111,7 +111,7 @@ impl Engine {
         if job.unit.is_some() && result.outcome != Outcome::Succeeded {
             let job_id = result.job_id.clone();
             if self.drop_late_replica(&job_id) {
-                cleanup_failed(None, result.staging.clone());
+                cleanup_failed(self.fx.as_ref(), None, result.staging.clone());
                 return;
             }
         }
@@ -154,16 +154,16 @@ impl Engine {
                 self.start_sealing(&job_id, result, log_copy);
             }
             Outcome::Cancelled => {
-                cleanup_failed(log_copy, result.staging.clone());
+                cleanup_failed(self.fx.as_ref(), log_copy, result.staging.clone());
                 self.job_failed(&result.job_id, "cancelled".into(), false)
             }
             Outcome::TimedOut => {
-                cleanup_failed(log_copy, result.staging.clone());
+                cleanup_failed(self.fx.as_ref(), log_copy, result.staging.clone());
                 let msg = format!("timed out; {}", tail(&result.error, 2000));
                 self.job_failed(&result.job_id, msg, true)
             }
             Outcome::Failed => {
-                cleanup_failed(log_copy, result.staging.clone());
+                cleanup_failed(self.fx.as_ref(), log_copy, result.staging.clone());
                 let msg = match (result.exit_code, result.error.is_empty()) {
                     (Some(c), true) => format!("exit status {c}"),
                     (Some(c), false) => format!("exit status {c}: {}", tail(&result.error, 2000)),

@@ -15,19 +15,13 @@ pub(super) fn blocking<T: 'static>(
 ) {
     fx.spawn(Box::new(move || {
         let out = std::panic::catch_unwind(AssertUnwindSafe(work)).map_err(|payload| {
-            let why = format!("panicked: {}", panic_message(payload.as_ref()));
+            let why = format!(
+                "panicked: {}",
+                crate::tasks::panic_message(payload.as_ref())
+            );
             tracing::error!(reason = %why, "a blocking task of the scheduler failed");
             why
         });
-        to_event(out)
+        Some(to_event(out))
     }));
-}
-
-/// A panic's message, where it has one.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "no message".into())
 }

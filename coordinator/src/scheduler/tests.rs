@@ -22,7 +22,9 @@ struct Inline {
 
 impl Effects for Inline {
     fn spawn(&self, work: Work) {
-        let _ = self.tx.send(work());
+        if let Some(ev) = work() {
+            let _ = self.tx.send(ev);
+        }
     }
 
     fn later(&self, delay: Duration, event: Event) {

@@ -95,7 +95,7 @@ impl SealQueue {
 
 /// Seals one task on the calling thread (the scheduler's synchronous test effects).
 pub fn seal_one(task: SealTask, store: &dyn crate::Store, done: &Done) {
-    seal_tasks(vec![task], store, done);
+    seal_guarded(vec![task], store, done);
 }
 
 fn run(rx: &mpsc::Receiver<SealTask>, store: &dyn crate::Store, done: &Done) {
@@ -126,7 +126,27 @@ fn run(rx: &mpsc::Receiver<SealTask>, store: &dyn crate::Store, done: &Done) {
         }
         later.extend(deferred.drain(..));
         deferred = later;
-        seal_tasks(group, store, done);
+        seal_guarded(group, store, done);
+    }
+}
+
+/// [`seal_tasks`], owned: should it panic, every task of the group is reported failed
+/// with the reason (the coordinator's fault, not the worker's) and the thread goes on,
+/// so no job waits for ever on a seal that will not come.
+fn seal_guarded(group: Vec<SealTask>, store: &dyn crate::Store, done: &Done) {
+    let ids: Vec<String> = group.iter().map(|t| t.job_id.clone()).collect();
+    let sealed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        seal_tasks(group, store, done)
+    }));
+    if let Err(payload) = sealed {
+        let why = format!(
+            "sealing panicked: {}",
+            crate::tasks::panic_message(payload.as_ref())
+        );
+        tracing::error!(reason = %why, jobs = ids.len(), "a sealing group failed");
+        for id in ids {
+            done(id, Err(SealFailure::ours(why.clone())));
+        }
     }
 }
 
@@ -149,6 +169,7 @@ fn seal_tasks(group: Vec<SealTask>, store: &dyn crate::Store, done: &Done) {
         }
         staged.push(s);
     }
+    nexa_shared::fail_point!("sealer.group");
     let mut sealed = artifact::seal_group(requests).into_iter();
     let mut nodes = Vec::new();
     let mut outcomes = Vec::with_capacity(group.len());

@@ -2,6 +2,8 @@
 //! `TryFrom` and fail naming the field that is missing or malformed. This file holds
 //! hardware, jobs, leases and results; `run.rs` holds run progress and step records, `workers.rs` worker states.
 
+mod lineage;
+mod models;
 mod run;
 mod workers;
 

@@ -2,7 +2,7 @@
 
 use super::{ConvertError, err};
 use crate::v1;
-use nexa_shared::record::{AdminState, WorkerState};
+use nexa_shared::record::{AdminState, WorkerState, WorkerSummary};
 
 impl From<AdminState> for v1::WorkerAdminState {
     fn from(s: AdminState) -> Self {
@@ -60,6 +60,56 @@ pub fn worker_state_from_wire(v: i32) -> Result<WorkerState, ConvertError> {
     })
 }
 
+impl From<&WorkerSummary> for v1::WorkerStatus {
+    fn from(w: &WorkerSummary) -> Self {
+        v1::WorkerStatus {
+            worker_id: w.id.to_string(),
+            name: w.name.clone(),
+            state: v1::WorkerState::from(w.state) as i32,
+            profile: Some(v1::HardwareProfile::from(&w.profile)),
+            slots: w.slots,
+            running: w.running,
+            succeeded: w.succeeded,
+            failed: w.failed,
+            public_key: w.key.to_vec(),
+            valid: w.valid,
+            invalid: w.invalid,
+            trusted_for: w.trusted_for.clone(),
+            cpu_seconds: w.cpu_seconds,
+            gpu_seconds: w.gpu_seconds,
+        }
+    }
+}
+
+impl TryFrom<v1::WorkerStatus> for WorkerSummary {
+    type Error = ConvertError;
+    fn try_from(w: v1::WorkerStatus) -> Result<Self, ConvertError> {
+        let key: [u8; 32] = w.public_key.as_slice().try_into().map_err(|_| {
+            err(
+                "WorkerStatus",
+                "public_key",
+                format!("{} bytes, not 32", w.public_key.len()),
+            )
+        })?;
+        Ok(WorkerSummary {
+            id: w.worker_id.into(),
+            name: w.name,
+            state: worker_state_from_wire(w.state)?,
+            profile: w.profile.map(Into::into).unwrap_or_default(),
+            slots: w.slots,
+            running: w.running,
+            succeeded: w.succeeded,
+            failed: w.failed,
+            key,
+            valid: w.valid,
+            invalid: w.invalid,
+            trusted_for: w.trusted_for,
+            cpu_seconds: w.cpu_seconds,
+            gpu_seconds: w.gpu_seconds,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,5 +129,34 @@ mod tests {
             "state"
         );
         assert!(admin_state_from_wire(42).is_err());
+    }
+
+    #[test]
+    fn a_worker_summary_survives_the_wire_and_a_bad_key_is_refused() {
+        let w = WorkerSummary {
+            id: "w-1".into(),
+            name: "box".into(),
+            state: WorkerState::Throttled,
+            profile: nexa_shared::hardware::Profile {
+                hostname: "h".into(),
+                cores: 8,
+                ..Default::default()
+            },
+            slots: 2,
+            running: 1,
+            succeeded: 10,
+            failed: 3,
+            key: [7; 32],
+            valid: 4,
+            invalid: 1,
+            trusted_for: vec!["exec".into()],
+            cpu_seconds: 12.5,
+            gpu_seconds: 3.0,
+        };
+        let mut wire = v1::WorkerStatus::from(&w);
+        assert_eq!(WorkerSummary::try_from(wire.clone()).expect("converts"), w);
+        wire.public_key.pop();
+        let e = WorkerSummary::try_from(wire).unwrap_err();
+        assert_eq!((e.message, e.field), ("WorkerStatus", "public_key"));
     }
 }
