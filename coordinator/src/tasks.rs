@@ -51,19 +51,18 @@ impl Tasks {
 
     /// Runs `task` on the runtime, owned by the supervisor.
     pub fn spawn(&self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
-        self.counts.started.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(Task::Async(name, Box::pin(task))).is_err() {
-            tracing::warn!(
-                task = name,
-                "the task supervisor is gone; a task was not started"
-            );
-        }
+        self.hand_over(name, Task::Async(name, Box::pin(task)));
     }
 
     /// Runs `work` on the blocking pool, owned by the supervisor.
     pub fn spawn_blocking(&self, name: &'static str, work: impl FnOnce() + Send + 'static) {
+        self.hand_over(name, Task::Blocking(name, Box::new(work)));
+    }
+
+    fn hand_over(&self, name: &'static str, task: Task) {
         self.counts.started.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(Task::Blocking(name, Box::new(work))).is_err() {
+        if self.tx.send(task).is_err() {
+            self.counts.ended.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 task = name,
                 "the task supervisor is gone; a task was not started"
