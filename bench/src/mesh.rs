@@ -108,7 +108,7 @@ async fn bench(
         link.enrol_until_done()
             .await
             .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
-        link.spawn_heartbeats();
+        let _heartbeats = link.spawn_heartbeats();
         for _ in 0..slots {
             let link = link.clone();
             let identity = identity.clone();

@@ -232,7 +232,7 @@ fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
                 Some(m)
             }
         };
-        link.spawn_heartbeats();
+        let heartbeats = link.spawn_heartbeats();
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -250,8 +250,18 @@ fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
             executor,
             metrics,
         };
-        crate::run(link, cfg, identity, rx).await;
-        Ok(())
+        // Without heartbeats every lease would expire under the worker: should their
+        // task die (a bug), the worker stops with the reason, to be restarted.
+        tokio::select! {
+            () = crate::run(link, cfg, identity, rx) => Ok(()),
+            ended = heartbeats => Err(anyhow::anyhow!(
+                "the heartbeat task stopped ({}); the worker exits so that it can be restarted",
+                match ended {
+                    Err(e) if e.is_panic() => "it panicked",
+                    _ => "it ended",
+                }
+            )),
+        }
     })
 }
 

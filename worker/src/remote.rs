@@ -250,8 +250,9 @@ impl GrpcLink {
     }
 
     /// Sends heartbeats until the process ends: they keep leases alive, refresh the
-    /// profile now and then, and deliver cancellations.
-    pub fn spawn_heartbeats(self: &Arc<Self>) {
+    /// profile now and then, and deliver cancellations. The loop never ends by itself:
+    /// its owner treats the end of the returned task (a panic) as the worker's end.
+    pub fn spawn_heartbeats(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let link = self.clone();
         tokio::spawn(async move {
             let mut n: u64 = 0;
@@ -313,7 +314,7 @@ impl GrpcLink {
                     Err(s) => tracing::debug!(error = %s.message(), "heartbeat failed"),
                 }
             }
-        });
+        })
     }
 
     async fn upload(&self, result: &JobResult) -> Result<(), Status> {
