@@ -107,6 +107,7 @@ pub async fn serve_opened(
             registry_mirror: Some(cfg.mesh.data_dir.join(crate::recover::REGISTRY_MIRROR)),
             default_validation: cfg.default_validation,
             metrics: Some(exported.clone()),
+            progress_lines: crate::scheduler::PROGRESS,
         },
     );
     let operator_token = cfg.operator_token.clone();

@@ -256,6 +256,9 @@ pub struct EngineConfig {
     pub default_validation: Option<nexa_shared::spec::Validation>,
     /// Where dispatch latency and job durations are observed.
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// How many progress lines may wait for a run's reader before lines are dropped
+    /// (never its summary): [`PROGRESS`] unless a test wants fewer.
+    pub progress_lines: usize,
 }
 
 impl std::fmt::Debug for EngineConfig {
@@ -269,6 +272,7 @@ impl std::fmt::Debug for EngineConfig {
                 &self.registry.as_ref().map(|_| "coordinator store"),
             )
             .field("default_validation", &self.default_validation)
+            .field("progress_lines", &self.progress_lines)
             .finish()
     }
 }
@@ -284,6 +288,7 @@ impl EngineConfig {
             registry_mirror: None,
             default_validation: None,
             metrics: None,
+            progress_lines: PROGRESS,
         }
     }
 }

@@ -61,8 +61,9 @@ const RECENT: usize = 12;
 /// overload (UNAVAILABLE) or wait (`Coordinator::call`).
 pub const CALLS: usize = 65_536;
 
-/// How many progress lines may wait for a run's reader (see [`RunHandle`]).
-pub const PROGRESS: usize = 4096;
+/// How many progress lines may wait for a run's reader (see [`RunHandle`]): enough for
+/// a burst of every step of a 10,000-step pipeline skipped at once, a few lines each.
+pub const PROGRESS: usize = 65_536;
 
 /// The most events handled between two write-behind rounds.
 const BURST: usize = 512;

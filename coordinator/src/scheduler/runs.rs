@@ -86,7 +86,7 @@ impl Engine {
             .iter()
             .map(|s| StepRecord::pending(&s.id.value, &run_id))
             .collect();
-        let (ptx, prx) = mpsc::channel(PROGRESS);
+        let (ptx, prx) = mpsc::channel(self.config.progress_lines.max(1));
         let (done_tx, done_rx) = oneshot::channel();
         let ctx = RunContext {
             run_id: run_id.to_string(),

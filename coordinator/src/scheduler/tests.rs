@@ -538,9 +538,15 @@ async fn a_full_call_queue_is_an_overload_not_a_backlog() {
 
 #[tokio::test(start_paused = true)]
 async fn a_reader_that_never_reads_misses_progress_lines_but_never_the_summary() {
-    let mut h = Harness::mesh(Duration::from_secs(30));
+    let lines = 64;
+    let mut h = Harness::new(EngineConfig {
+        lease_ttl: Some(Duration::from_secs(30)),
+        unfit_grace: Duration::from_secs(60),
+        progress_lines: lines,
+        ..EngineConfig::embedded()
+    });
     // More steps than progress lines may wait: each one's changes are lines.
-    let n = super::PROGRESS + 500;
+    let n = lines + 50;
     let mut run = h.submit(&steps("lagging", n, ""));
     h.send(Event::Cancel(run.run_id.to_string()));
     let (seen, end) = drain(&mut run);
@@ -552,11 +558,7 @@ async fn a_reader_that_never_reads_misses_progress_lines_but_never_the_summary()
         "the summary is whole"
     );
     // What waited for the reader was capped; the summary came after it.
-    assert_eq!(
-        seen.len(),
-        super::PROGRESS + 1,
-        "capped lines, then the summary"
-    );
+    assert_eq!(seen.len(), lines + 1, "capped lines, then the summary");
     assert!(matches!(seen.last(), Some(Progress::Finished(_))));
     assert!(run.try_recv().is_none(), "nothing after the summary");
 }
