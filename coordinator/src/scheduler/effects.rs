@@ -8,7 +8,8 @@
 use super::Event;
 use crate::sealing::group::{SealQueue, SealTask};
 use std::panic::AssertUnwindSafe;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -31,6 +32,10 @@ pub(super) trait Effects: Send {
     fn persist(&self, write: Write);
     /// Waits until every queued write is done (at shutdown).
     fn drain(&self);
+    /// Writes queued and not yet done: the write-behind rounds wait while it is
+    /// [`WRITE_BACKLOG`] or more (back-pressure from a slow disk; what is dirty stays
+    /// dirty, and a later round writes it).
+    fn backlog(&self) -> usize;
     /// Queues a verified result for sealing; `Event::Sealed` reports it. False when
     /// sealing has stopped.
     fn seal(&self, task: SealTask) -> bool;
@@ -49,9 +54,17 @@ pub(super) struct Spawned {
     pub(super) writer: Writer,
 }
 
+/// How many writes may wait for the writer thread before the write-behind rounds hold
+/// back (see [`Effects::backlog`]). Writes that acknowledge something (a submit, a
+/// finished run, an operator's decision) are always queued: there are at most as many
+/// as callers waiting.
+pub(super) const WRITE_BACKLOG: usize = 64;
+
 /// The write-behind thread: runs [`Write`]s one after the other, in the order queued.
 pub(super) struct Writer {
     tx: mpsc::Sender<Write>,
+    /// Writes queued and not yet done.
+    queued: Arc<AtomicUsize>,
 }
 
 impl Writer {
@@ -60,11 +73,15 @@ impl Writer {
     /// start a thread.
     pub(super) fn start(events: UnboundedSender<Event>) -> Self {
         let (tx, rx) = mpsc::channel::<Write>();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let done = queued.clone();
         let spawned = std::thread::Builder::new()
             .name("nexa-writer".into())
             .spawn(move || {
                 while let Ok(write) = rx.recv() {
-                    match std::panic::catch_unwind(AssertUnwindSafe(write)) {
+                    let outcome = std::panic::catch_unwind(AssertUnwindSafe(write));
+                    done.fetch_sub(1, Ordering::AcqRel);
+                    match outcome {
                         Ok(Some(ev)) => {
                             let _ = events.send(ev);
                         }
@@ -76,7 +93,7 @@ impl Writer {
         if let Err(e) = spawned {
             panic!("starting the writer thread: {e}");
         }
-        Self { tx }
+        Self { tx, queued }
     }
 }
 
@@ -103,9 +120,15 @@ impl Effects for Spawned {
     }
 
     fn persist(&self, write: Write) {
+        self.writer.queued.fetch_add(1, Ordering::AcqRel);
         if self.writer.tx.send(write).is_err() {
+            self.writer.queued.fetch_sub(1, Ordering::AcqRel);
             tracing::error!("the writer thread is gone; a store write was dropped");
         }
+    }
+
+    fn backlog(&self) -> usize {
+        self.writer.queued.load(Ordering::Acquire)
     }
 
     fn drain(&self) {

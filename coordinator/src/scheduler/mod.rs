@@ -228,7 +228,10 @@ impl Engine {
         for (_, w) in self.waiting.drain(..) {
             let _ = w.send(None);
         }
-        // What is queued for the store is written before the last flush.
+        // What is queued for the store is written before the last flush; then what the
+        // last rounds held back (a writer that was behind), and that too is waited for.
+        self.fx.drain();
+        self.flush_dirty();
         self.fx.drain();
         if let Err(e) = self.store.flush() {
             tracing::error!(error = %format!("{e:#}"), "flushing the store at shutdown");

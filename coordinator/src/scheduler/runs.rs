@@ -270,6 +270,12 @@ impl Engine {
     /// again in the next round: a store that failed once (a full disk, an I/O error) is
     /// caught up when it works.
     pub(super) fn flush_dirty(&mut self) {
+        // A slow disk: the writer is behind, so this round waits (what is dirty stays
+        // dirty, and is written whole by a later round: the tick makes one at least
+        // every 250 ms).
+        if self.fx.backlog() >= effects::WRITE_BACKLOG {
+            return;
+        }
         if self.saved_refusals != Some(self.refusals) {
             self.saved_refusals = Some(self.refusals);
             let (store, refusals) = (self.store.clone(), self.refusals);

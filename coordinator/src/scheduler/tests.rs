@@ -18,6 +18,8 @@ struct Inline {
     tx: mpsc::UnboundedSender<Event>,
     store: Arc<dyn Store>,
     timers: Timers,
+    /// The writer's backlog the engine is shown (a slow disk, when set high).
+    backlog: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Effects for Inline {
@@ -42,6 +44,10 @@ impl Effects for Inline {
 
     fn drain(&self) {}
 
+    fn backlog(&self) -> usize {
+        self.backlog.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn seal(&self, task: SealTask) -> bool {
         let tx = self.tx.clone();
         group::seal_one(
@@ -59,6 +65,8 @@ impl Effects for Inline {
 struct Harness {
     engine: Engine,
     timers: Timers,
+    backlog: Arc<std::sync::atomic::AtomicUsize>,
+    store: Arc<dyn Store>,
     project: tempfile::TempDir,
 }
 
@@ -67,17 +75,21 @@ impl Harness {
         let store: Arc<dyn Store> = Arc::new(MemStore::default());
         let (tx, rx) = mpsc::unbounded_channel();
         let timers: Timers = Arc::default();
+        let backlog = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let fx = Box::new(Inline {
             tx,
             store: store.clone(),
             timers: timers.clone(),
+            backlog: backlog.clone(),
         });
         // Callers' lane unused: the tests hand events to the engine directly.
         let (_, calls) = mpsc::channel(1);
-        let engine = Engine::new(store, config, fx, (rx, calls), Arc::default());
+        let engine = Engine::new(store.clone(), config, fx, (rx, calls), Arc::default());
         Harness {
             engine,
             timers,
+            backlog,
+            store,
             project: tempfile::tempdir().expect("tempdir"),
         }
     }
@@ -503,6 +515,7 @@ fn a_panicking_task_becomes_the_event_that_says_why() {
         tx,
         store: Arc::new(MemStore::default()),
         timers: Arc::default(),
+        backlog: Arc::default(),
     };
     tasks::blocking(
         &fx,
@@ -561,4 +574,37 @@ async fn a_reader_that_never_reads_misses_progress_lines_but_never_the_summary()
     assert_eq!(seen.len(), lines + 1, "capped lines, then the summary");
     assert!(matches!(seen.last(), Some(Progress::Finished(_))));
     assert!(run.try_recv().is_none(), "nothing after the summary");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_writer_that_is_behind_holds_the_rounds_back_and_loses_no_change() {
+    let mut h = Harness::mesh(Duration::from_secs(30));
+    let run = h.submit(&steps("slow", 2, ""));
+    h.enrol("w1", 1);
+    let stored = |h: &Harness| -> Vec<StepStatus> {
+        // By step id, in order.
+        state::load_steps(h.store.as_ref(), "slow")
+            .expect("load")
+            .into_values()
+            .map(|r| r.status)
+            .collect()
+    };
+    let before = stored(&h);
+    assert!(!before.contains(&StepStatus::Complete), "{before:?}");
+    // The disk is slow: the writer has a backlog. A step finishes, but the round holds
+    // back: nothing more is queued for the writer.
+    h.backlog
+        .store(effects::WRITE_BACKLOG, std::sync::atomic::Ordering::Relaxed);
+    let l = h.lease("w1");
+    let done = h.succeeded(&l, b"out");
+    h.report("w1", done).expect("admitted");
+    assert_eq!(stored(&h), before, "held back");
+    h.advance(Duration::from_secs(1)).await;
+    assert_eq!(stored(&h), before, "still held back");
+    // The writer caught up: the next round (the tick's) writes what changed meanwhile.
+    h.backlog.store(0, std::sync::atomic::Ordering::Relaxed);
+    h.advance(Duration::from_millis(250)).await;
+    let after = stored(&h);
+    assert!(after.contains(&StepStatus::Complete), "{after:?}");
+    drop(run);
 }
