@@ -945,6 +945,9 @@ fn the_metrics_port_serves_prometheus_text_health_and_readiness() {
         0.0
     );
     assert!(value("nexa_store_size_bytes") > 0.0);
+    // The tick at least runs in the background, and nothing of it panicked.
+    assert!(value("nexa_background_tasks") >= 1.0);
+    assert_eq!(value("nexa_background_task_panics_total"), 0.0);
     // Each step uploaded its output and its log.
     assert!(value("nexa_artifact_bytes_total{direction=\"in\"}") >= 8.0);
     // Low cardinality: no run, job or worker id ever becomes a label.

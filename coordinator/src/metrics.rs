@@ -59,6 +59,10 @@ pub struct Metrics {
     pub disk_floor: IntGauge,
     /// 1 while the data disk is below its floor (no new work is taken).
     pub disk_low: IntGauge,
+    /// Background tasks running now (timers, feeds, blocking work; see `crate::tasks`).
+    pub background_tasks: IntGauge,
+    /// Background tasks that panicked since the coordinator started.
+    pub background_task_panics: prometheus::IntCounter,
     refused: IntCounterVec,
     replication: IntCounterVec,
     /// Seconds from a job being queued to its lease.
@@ -181,6 +185,19 @@ impl Metrics {
                 "disk_low",
                 "1 while the data disk is below its free-space floor",
             )?,
+            background_tasks: gauge(
+                &r,
+                "background_tasks",
+                "Background tasks of the coordinator running now",
+            )?,
+            background_task_panics: {
+                let c = prometheus::IntCounter::new(
+                    "background_task_panics_total",
+                    "Background tasks of the coordinator that panicked",
+                )?;
+                r.register(Box::new(c.clone()))?;
+                c
+            },
             dispatch_latency: histogram(
                 &r,
                 "dispatch_latency_seconds",

@@ -34,6 +34,10 @@ async fn metrics_handler(
     h.metrics.disk_free.set(to_i64(h.disk.free()));
     h.metrics.disk_floor.set(to_i64(h.disk.floor()));
     h.metrics.disk_low.set(i64::from(h.disk.is_low()));
+    let tasks = h.coord.tasks();
+    h.metrics.background_tasks.set(to_i64(tasks.running()));
+    let panics = &h.metrics.background_task_panics;
+    panics.inc_by(tasks.panicked().saturating_sub(panics.get()));
     let body = h
         .metrics
         .render(&snap, &refusals.counts(), replication, (h.store_size)());
