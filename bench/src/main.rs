@@ -4,8 +4,11 @@
 //!   (process start, YAML, validation, sled, planning, state writes: what a user waits for).
 //! - `hash`: artifact hashing throughput on one file and on a tree, against `b3sum` and
 //!   `sha256sum` on the same bytes, in one run.
+//! - `seal`: sealing a large checkpoint (the worker's hash and signature, the
+//!   coordinator's check, fsync, rename and `COMPLETE`), phase by phase.
 
 mod mesh;
+mod seal;
 
 /// mimalloc: the coordinator allocates many small, short-lived buffers from several
 /// threads (protobuf messages, paths, JSON), where glibc's allocator spent ~14% of the
@@ -62,6 +65,22 @@ enum Cmd {
         #[arg(long)]
         scratch: Option<PathBuf>,
     },
+    /// Sealing a large checkpoint: hash, sign, verify, fsync, rename, COMPLETE.
+    Seal {
+        /// Checkpoint size (e.g. 2GiB).
+        #[arg(long, default_value = "2GiB")]
+        size: String,
+        /// Files it is split into (sharded weights).
+        #[arg(long, default_value_t = 4)]
+        files: usize,
+        /// Timed repetitions (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Where the checkpoints are written (default: the system temp dir). It must
+        /// hold `size` twice over.
+        #[arg(long)]
+        scratch: Option<PathBuf>,
+    },
     /// Hashing throughput.
     Hash {
         /// Bytes to hash (e.g. 1GiB).
@@ -78,6 +97,18 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Cached { steps, runs, nexa } => cached(steps, runs, nexa, cli.json),
         Cmd::Hash { size, reps } => hash(&size, reps, cli.json),
+        Cmd::Seal {
+            size,
+            files,
+            reps,
+            scratch,
+        } => seal::run(
+            &size,
+            files,
+            reps,
+            &scratch.unwrap_or_else(std::env::temp_dir),
+            cli.json,
+        ),
         Cmd::Mesh {
             workers,
             slots,
