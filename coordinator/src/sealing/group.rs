@@ -65,6 +65,10 @@ impl SealTask {
 pub type Done = Box<dyn Fn(String, Result<SealedJob, SealFailure>) + Send>;
 
 /// The queue in front of the sealing thread; cheap to clone.
+///
+/// Bounded by the leases: the scheduler queues one task per admitted result, and only a
+/// job in `Sealing` has one, so at most as many wait as there are worker slots (and a
+/// quorum's replicas). It never has to refuse or block the loop.
 #[derive(Debug, Clone)]
 pub struct SealQueue {
     tx: mpsc::Sender<SealTask>,
