@@ -70,9 +70,11 @@ impl Tasks {
         }
     }
 
-    /// Tasks started and not yet seen to end.
+    /// Tasks started and not yet seen to end (a moment's count: one that starts and
+    /// ends between the two reads is not counted).
     pub fn running(&self) -> u64 {
-        self.counts.started.load(Ordering::Relaxed) - self.counts.ended.load(Ordering::Relaxed)
+        let started = self.counts.started.load(Ordering::Acquire);
+        started.saturating_sub(self.counts.ended.load(Ordering::Acquire))
     }
 
     /// Tasks that panicked.
