@@ -198,6 +198,34 @@ fn cached(steps: usize, runs: usize, nexa: Option<PathBuf>, json: bool) -> anyho
     Ok(())
 }
 
+/// A successful result for `job_id`'s attempt with `outputs`, signed by `identity`, as
+/// a worker reports it.
+fn signed_result(
+    identity: &nexa_shared::signing::Identity,
+    job_id: nexa_shared::ids::JobId,
+    (generation, attempt): (u64, u32),
+    outputs: Vec<nexa_shared::job::OutputFile>,
+) -> nexa_shared::job::JobResult {
+    let now = nexa_shared::job::now_ms();
+    let mut r = nexa_shared::job::JobResult {
+        job_id,
+        generation,
+        attempt,
+        outcome: nexa_shared::job::Outcome::Succeeded,
+        exit_code: Some(0),
+        outputs,
+        started_ms: now,
+        ended_ms: now,
+        error: String::new(),
+        staging: None,
+        log: None,
+        worker_key: [0; 32],
+        signature: Vec::new(),
+    };
+    identity.sign_result(&mut r);
+    r
+}
+
 fn fill(path: &Path, bytes: u64) -> anyhow::Result<()> {
     // Incompressible content from BLAKE3's XOF, so no tool gets an easy ride.
     let mut xof = blake3::Hasher::new().update(b"nexa-bench").finalize_xof();

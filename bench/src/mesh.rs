@@ -5,7 +5,6 @@
 use nexa_coordinator::mesh::{MeshConfig, ServeConfig};
 use nexa_proto::v1;
 use nexa_shared::hardware::Profile;
-use nexa_shared::job::{JobResult, Outcome, now_ms};
 use nexa_shared::signing::Identity;
 use nexa_worker::CoordinatorLink;
 use nexa_worker::remote::{Enrolment, GrpcLink};
@@ -124,23 +123,12 @@ async fn bench(
                         d.push(waited);
                     }
                     let _cancel = link.cancellation(&lease);
-                    let now = now_ms();
-                    let mut r = JobResult {
-                        job_id: lease.job.job_id.clone(),
-                        generation: lease.generation,
-                        attempt: lease.attempt,
-                        outcome: Outcome::Succeeded,
-                        exit_code: Some(0),
-                        outputs: Vec::new(),
-                        started_ms: now,
-                        ended_ms: now,
-                        error: String::new(),
-                        staging: None,
-                        log: None,
-                        worker_key: [0; 32],
-                        signature: Vec::new(),
-                    };
-                    identity.sign_result(&mut r);
+                    let r = super::signed_result(
+                        &identity,
+                        lease.job.job_id.clone(),
+                        (lease.generation, lease.attempt),
+                        Vec::new(),
+                    );
                     link.report(r).await;
                 }
             }));

@@ -8,7 +8,6 @@
 
 use nexa_shared::artifact::{self, SealRequest};
 use nexa_shared::digest::FileEntry;
-use nexa_shared::job::{JobResult, Outcome};
 use std::path::Path;
 use std::time::Instant;
 
@@ -46,45 +45,28 @@ pub fn run(
         }
         // As an upload leaves it: written, on disk, in the page cache.
         sync_all();
+        // The worker: its output files hashed (its own code), the result signed.
         let t = Instant::now();
-        let listed = nexa_shared::digest::list_files(&tmp, &[])?;
-        let mut entries = Vec::with_capacity(listed.len());
-        for (rel, path, _) in listed {
-            let (h, size) = nexa_shared::digest::hash_file(&path)?;
-            entries.push(FileEntry {
-                path: rel,
-                size,
-                digest: nexa_shared::digest::format(&h),
-            });
-        }
+        let name = tmp
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let outputs =
+            nexa_worker::outputs::hash_outputs(dir.path(), &[name]).map_err(anyhow::Error::msg)?;
         let hash = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let mut result = JobResult {
-            job_id: "bench/checkpoint".into(),
-            generation: 1,
-            attempt: 1,
-            outcome: Outcome::Succeeded,
-            exit_code: Some(0),
-            outputs: entries
-                .iter()
-                .map(|e| nexa_shared::job::OutputFile {
-                    output: "model".into(),
-                    path: e.path.clone(),
-                    size: e.size,
-                    digest: e.digest.clone().into(),
-                })
-                .collect(),
-            started_ms: 0,
-            ended_ms: 0,
-            error: String::new(),
-            staging: None,
-            log: None,
-            worker_key: [0; 32],
-            signature: Vec::new(),
-        };
-        identity.sign_result(&mut result);
+        let entries: Vec<FileEntry> = outputs
+            .iter()
+            .map(|o| FileEntry {
+                path: o.path.clone(),
+                size: o.size,
+                digest: o.digest.to_string(),
+            })
+            .collect();
+        let result = super::signed_result(&identity, "bench/checkpoint".into(), (1, 1), outputs);
         nexa_shared::signing::verify_result(&identity.public_key(), &result)?;
         let sign = t.elapsed().as_secs_f64();
+        // The coordinator: the payload checked against the signed list, then sealed.
         let t = Instant::now();
         let req = SealRequest {
             kind: "checkpoint".into(),
