@@ -409,7 +409,12 @@ fn run(project: &Path, args: RunArgs, from: Option<String>) -> anyhow::Result<Ex
         if containers {
             nexa_worker::sandbox::reap_orphans("docker", &work_dir);
         }
-        let emb = Embedded::start(Arc::new(store), work_dir, &key, slots, containers)?;
+        let python = loaded
+            .pipeline
+            .steps
+            .iter()
+            .any(|s| nexa_shared::runners::is_runner(&s.uses.value));
+        let emb = Embedded::start(Arc::new(store), work_dir, &key, slots, containers, python)?;
         let n = loaded.pipeline.steps.len();
         let order: Vec<usize> = loaded.dag.topo_order().unwrap_or_else(|| (0..n).collect());
         let mut handle = emb

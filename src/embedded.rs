@@ -67,13 +67,15 @@ pub fn open_store(project: &Path, pipeline: &str) -> nexa_coordinator::Result<Sl
 impl Embedded {
     /// Starts a coordinator on `store` and a worker with `slots` slots working in
     /// `work_dir`, identified by the key at `key_path`; with `containers`, the worker
-    /// offers the local docker for steps that name an image.
+    /// offers the local docker for steps that name an image; with `python`, it probes the
+    /// job interpreter's packages (labels `python.*`) for the ML runners' steps.
     pub fn start(
         store: Arc<dyn Store>,
         work_dir: PathBuf,
         key_path: &Path,
         slots: usize,
         containers: bool,
+        python: bool,
     ) -> anyhow::Result<Self> {
         let identity = Arc::new(Identity::load_or_create(key_path)?);
         let (coordinator, engine) =
@@ -81,6 +83,9 @@ impl Embedded {
         let name = "local".to_string();
         std::fs::create_dir_all(&work_dir)?;
         let mut profile = nexa_worker::profile::profile(&work_dir, false);
+        if python {
+            profile.labels.extend(nexa_worker::profile::python_labels());
+        }
         if containers && let Ok(v) = nexa_worker::sandbox::docker_works("docker") {
             profile
                 .labels

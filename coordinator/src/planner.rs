@@ -9,7 +9,7 @@ use nexa_shared::dag::Dag;
 use nexa_shared::handlers::{self, Availability};
 use nexa_shared::ids::CacheKey;
 use nexa_shared::spec::{ExecParams, Pipeline, Step};
-use nexa_shared::{digest, paths, shard};
+use nexa_shared::{digest, paths, runners, shard};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,9 +38,41 @@ pub struct RunContext {
 }
 
 impl RunContext {
-    /// The labels every artifact of this run carries.
-    pub fn labels(&self, step: &Step, cache_key: &str) -> BTreeMap<String, String> {
+    /// The labels every artifact of this run carries; a runner's also name its model and
+    /// dataset (`base_model`, `dataset`, `dataset_digest`).
+    pub fn labels(
+        &self,
+        step: &Step,
+        cache_key: &str,
+        inputs: &[ResolvedInput],
+    ) -> BTreeMap<String, String> {
         let mut l = BTreeMap::new();
+        if runners::is_runner(&step.uses.value) {
+            let input = |name: &str| inputs.iter().find(|r| r.name == name);
+            let model = match step.params.get("model") {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                Some(m) => m
+                    .pointer("/config/model_type")
+                    .and_then(|t| t.as_str())
+                    .map(|t| format!("config:{t}")),
+                None => input("model")
+                    .or_else(|| input("checkpoint"))
+                    .map(|r| format!("{} ({})", r.uri, r.digest)),
+            };
+            if let Some(m) = model {
+                l.insert("base_model".into(), m);
+            }
+            match (input("dataset"), step.params.get("dataset")) {
+                (Some(d), _) => {
+                    l.insert("dataset".into(), d.uri.clone());
+                    l.insert("dataset_digest".into(), d.digest.clone());
+                }
+                (None, Some(serde_json::Value::String(d))) => {
+                    l.insert("dataset".into(), d.clone());
+                }
+                _ => {}
+            }
+        }
         l.insert("pipeline".into(), self.pipeline.name.clone());
         l.insert("run_id".into(), self.run_id.clone());
         l.insert("step_id".into(), step.id.value.clone());
@@ -159,12 +191,26 @@ pub fn plan_step(
                 .map(|rel| (n.to_string(), ctx.project.join(rel)))
         })
         .collect();
+    if runners::is_runner(&step.uses.value) {
+        // The driver is one more input: its digest is in the cache key, so editing it
+        // re-runs exactly the steps that use it.
+        match runner_input(ctx, &step.uses.value) {
+            Ok(r) => {
+                inputs.push(r);
+                inputs.sort_by(|a, b| a.name.cmp(&b.name));
+            }
+            Err(e) => return fail(None, e),
+        }
+    }
     let cache_key = key_for(step, &inputs, None, None);
     if handlers::lookup(&step.uses.value) != Some(Availability::Available) {
         return fail(
             Some(cache_key),
             handlers::not_available_message(&step.uses.value),
         );
+    }
+    if let Some(why) = runners::unavailable(&step.uses.value, step.backend.as_deref()) {
+        return fail(Some(cache_key), why);
     }
     if let Some(sched) = step.scheduler.as_deref()
         && sched != "local"
@@ -211,10 +257,14 @@ pub fn plan_step(
             };
         }
     }
-    let kind = ExecParams::from_json(&step.params)
-        .ok()
-        .and_then(|p| p.kind)
-        .unwrap_or_else(|| "dataset".to_string());
+    let kind = if runners::is_runner(&step.uses.value) {
+        runners::kind(&step.uses.value).to_string()
+    } else {
+        ExecParams::from_json(&step.params)
+            .ok()
+            .and_then(|p| p.kind)
+            .unwrap_or_else(|| "dataset".to_string())
+    };
     let shards = match &step.shards {
         None => None,
         Some(sh) => match plan_shards(ctx, step, &inputs, &sh.over.value, sh.count) {
@@ -326,6 +376,21 @@ fn resolve_input(
         uri: written.into(),
         digest,
         path,
+        is_dir,
+    })
+}
+
+/// The runner's driver folder, written under the run's state directory, as an input.
+fn runner_input(ctx: &RunContext, uses: &str) -> Result<ResolvedInput, String> {
+    let dir = runners::materialise(&ctx.state_dir.join("runners"), uses)
+        .map_err(|e| format!("staging the driver of '{uses}': {e}"))?;
+    let (digest, _, is_dir) =
+        artifact::input_digest(&dir).map_err(|e| format!("hashing the driver of '{uses}': {e}"))?;
+    Ok(ResolvedInput {
+        name: runners::RUNNER_INPUT.into(),
+        uri: format!("nexa:{uses}"),
+        digest,
+        path: dir,
         is_dir,
     })
 }

@@ -19,8 +19,9 @@ pub const PROMOTE: &str = "core.registry.promote";
 /// Every `uses` name validation accepts, with its availability.
 pub const KNOWN: &[(&str, Availability)] = &[
     (EXEC, Availability::Available),
-    ("runners.train", Availability::NotYetAvailable),
-    ("runners.eval", Availability::NotYetAvailable),
+    ("runners.train", Availability::Available),
+    ("runners.eval", Availability::Available),
+    ("runners.infer", Availability::Available),
     ("runners.serve", Availability::NotYetAvailable),
     (REGISTER, Availability::Available),
     (PROMOTE, Availability::Available),

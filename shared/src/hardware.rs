@@ -143,7 +143,16 @@ pub struct Assignment {
 }
 
 fn labels_ok(req: &Requirements, p: &Profile) -> bool {
-    req.labels.iter().all(|(k, v)| p.labels.get(k) == Some(v)) && executor_ok(req, p)
+    req.labels.iter().all(|(k, v)| label_ok(p, k, v)) && executor_ok(req, p)
+}
+
+/// A worker carries label `k` with value `v`, or with any value when `v` is
+/// [`crate::runners::ANY`].
+fn label_ok(p: &Profile, k: &str, v: &str) -> bool {
+    match p.labels.get(k) {
+        Some(have) => v == crate::runners::ANY || have == v,
+        None => false,
+    }
 }
 
 /// A job naming an image needs a container runtime; a sandbox-only worker takes a job
@@ -281,10 +290,35 @@ pub fn why_unfit<'a>(
             ));
         }
     }
+    let mut missing_python = Vec::new();
     for (k, v) in &req.labels {
-        if !profiles.iter().any(|(p, _)| p.labels.get(k) == Some(v)) {
-            why.push(format!("needs label {k}={v}; no worker has it"));
+        if profiles.iter().any(|(p, _)| label_ok(p, k, v)) {
+            continue;
         }
+        match k.strip_prefix("python.") {
+            Some(package) if v == crate::runners::ANY => missing_python.push(package),
+            _ => why.push(format!("needs label {k}={v}; no worker has it")),
+        }
+    }
+    if !missing_python.is_empty() {
+        let labels: Vec<String> = missing_python
+            .iter()
+            .map(|p| format!("python.{p}"))
+            .collect();
+        why.push(format!(
+            "needs the Python package{} {} (label {}); no worker has {}: on a worker, `{}` \
+             into the interpreter it runs ($NEXA_PYTHON, else python3), or `bash \
+             python/setup.sh` in the Nexa repo and NEXA_PYTHON set to what it prints",
+            if missing_python.len() == 1 { "" } else { "s" },
+            missing_python.join(", "),
+            labels.join(", "),
+            if missing_python.len() == 1 {
+                "it"
+            } else {
+                "them"
+            },
+            crate::runners::pip_line(&missing_python),
+        ));
     }
     if req.container
         && !profiles

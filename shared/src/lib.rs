@@ -23,6 +23,7 @@ pub mod models;
 pub mod paths;
 pub mod provenance;
 pub mod record;
+pub mod runners;
 pub mod shard;
 pub mod signing;
 pub mod spec;

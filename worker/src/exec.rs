@@ -137,10 +137,16 @@ pub async fn run_job<L: CoordinatorLink>(
 ) -> JobResult {
     let started = now_ms();
     let job = &lease.job;
-    if job.uses != handlers::EXEC {
+    let runner = nexa_shared::runners::is_runner(&job.uses);
+    if job.uses != handlers::EXEC && !runner {
         return failed(lease, started, handlers::not_available_message(&job.uses));
     }
-    let params = match ExecParams::from_json(&job.params) {
+    let parsed = if runner {
+        crate::runners::exec_params(job)
+    } else {
+        ExecParams::from_json(&job.params)
+    };
+    let params = match parsed {
         Ok(p) => p,
         Err(e) => return failed(lease, started, e),
     };
@@ -148,6 +154,17 @@ pub async fn run_job<L: CoordinatorLink>(
         Ok(i) => i,
         Err(e) => return failed(lease, started, e),
     };
+    if runner && image.is_some() {
+        return failed(
+            lease,
+            started,
+            format!(
+                "'{}' runs on the worker's own Python ($NEXA_PYTHON), and this worker runs \
+                 every job in a container (--executor docker)",
+                job.uses
+            ),
+        );
+    }
     if image.is_some() && params.network && !host.executor.allow_network {
         return failed(
             lease,

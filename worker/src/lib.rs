@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod outputs;
 pub mod profile;
 pub mod remote;
+pub mod runners;
 pub mod sandbox;
 
 pub use error::{Error, Result};

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 /// Profiles the machine; `work_dir` is where free disk is measured. `runtimes` also
-/// probes python3 (and whether it imports torch / transformers) and docker, which takes
-/// a few hundred milliseconds.
+/// probes the job interpreter's Python packages ([`python_labels`]) and docker, which
+/// takes a few hundred milliseconds.
 pub fn profile(work_dir: &Path, runtimes: bool) -> Profile {
     profile_with(work_dir, runtimes, cfg!(feature = "fake-gpus"))
 }
@@ -170,35 +170,52 @@ fn runs(cmd: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// One python3 run that reports its version and, when they import, torch (with its
-/// CUDA build) and transformers: importing torch takes seconds, so it is done once.
+/// One run of the job interpreter ([`crate::runners::python`]) that reports its version
+/// and the versions of the packages the ML runners use, without importing them
+/// (importing torch takes seconds): `python`, `python.torch` (and `python.torch.cuda`
+/// for a CUDA build), `python.transformers`, `python.peft`, `python.axolotl`,
+/// `python.vllm`, ...
 const PY_PROBE: &str = r#"
-import json, sys
-out = {"python3": "%d.%d" % sys.version_info[:2]}
-try:
-    import torch
-    out["torch"] = torch.__version__
-    if torch.version.cuda:
-        out["torch_cuda"] = torch.version.cuda
-except Exception:
-    pass
-try:
-    import transformers
-    out["transformers"] = transformers.__version__
-except Exception:
-    pass
+import importlib.metadata as md, importlib.util as u, json, os, re, sys
+out = {"python": "%d.%d" % sys.version_info[:2]}
+for mod, dist in [("torch", "torch"), ("transformers", "transformers"), ("peft", "peft"),
+                  ("accelerate", "accelerate"), ("tokenizers", "tokenizers"),
+                  ("axolotl", "axolotl"), ("vllm", "vllm")]:
+    try:
+        spec = u.find_spec(mod)
+    except Exception:
+        spec = None
+    if spec is None:
+        continue
+    try:
+        out["python." + mod] = md.version(dist)
+    except Exception:
+        out["python." + mod] = "unknown"
+    if mod == "torch" and spec.submodule_search_locations:
+        try:
+            text = open(os.path.join(list(spec.submodule_search_locations)[0], "version.py")).read()
+            m = re.search(r"^cuda[^=]*=\s*['\"]([^'\"]+)['\"]", text, re.M)
+            if m:
+                out["python.torch.cuda"] = m.group(1)
+        except OSError:
+            pass
 print(json.dumps(out))
 "#;
 
 /// Runtimes this worker can offer jobs, as labels.
 fn probe_runtimes() -> BTreeMap<String, String> {
-    let mut l: BTreeMap<String, String> = runs("python3", &["-c", PY_PROBE])
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default();
+    let mut l = python_labels();
     if let Some(v) = runs("docker", &["version", "--format", "{{.Server.Version}}"]) {
         l.insert("docker".into(), v);
     }
     l
+}
+
+/// The `python.*` labels of the job interpreter (empty when it does not run).
+pub fn python_labels() -> BTreeMap<String, String> {
+    runs(&crate::runners::python(), &["-c", PY_PROBE])
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -281,10 +281,17 @@ pub(super) fn write_mirror(fx: &dyn effects::Effects, run: &mut Run) {
     }));
 }
 
-/// What a step's jobs need from a worker: its resources, and a container runtime when
-/// it names an image.
+/// What a step's jobs need from a worker: its resources, a container runtime when it
+/// names an image, and the Python packages of its runner (labels `python.<package>`,
+/// any version).
 pub(super) fn requirements_of(step: &nexa_shared::spec::Step) -> Requirements {
+    use nexa_shared::runners;
     let mut r = Requirements::from(&step.resources);
     r.container = step.image().is_some();
+    if runners::is_runner(&step.uses.value) {
+        for p in runners::packages(&step.uses.value, step.backend.as_deref(), &step.params) {
+            r.labels.insert(runners::label(p), runners::ANY.into());
+        }
+    }
     r
 }

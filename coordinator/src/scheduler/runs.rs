@@ -510,7 +510,15 @@ impl Engine {
             step_id: step.id.value.clone(),
             shard: None,
             uses: step.uses.value.clone(),
-            params: step.params.clone(),
+            params: if nexa_shared::runners::is_runner(&step.uses.value) {
+                nexa_shared::runners::job_params(
+                    &step.uses.value,
+                    step.backend.as_deref(),
+                    &step.params,
+                )
+            } else {
+                step.params.clone()
+            },
             inputs: Vec::new(),
             outputs: plan.outputs.keys().cloned().collect(),
             timeout: step.timeout,

@@ -210,7 +210,7 @@ pub fn stage_step(
     for (name, out) in &plan.outputs {
         let tmp = artifact::tmp_path(out);
         move_dir(&staging.join(name), &tmp)?;
-        let mut labels = ctx.labels(step, &plan.cache_key);
+        let mut labels = ctx.labels(step, &plan.cache_key, &plan.inputs);
         worker_labels(&mut labels, result, name);
         staged.push(Staged {
             output: name.clone(),
@@ -247,7 +247,7 @@ pub fn stage_shard(
         move_dir(&staging.join(name), &tmp.join(name))?;
         expected.extend(expected_files(result, name, &format!("{name}/"))?);
     }
-    let mut labels = ctx.labels(step, &unit.cache_key);
+    let mut labels = ctx.labels(step, &unit.cache_key, &plan.inputs);
     worker_labels(&mut labels, result, "");
     labels.insert(
         "shard".into(),
@@ -354,7 +354,7 @@ pub fn assemble(
         });
         let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| e.to_string())?;
         fs::write(tmp.join("manifest.json"), bytes).map_err(|e| format!("write manifest: {e}"))?;
-        let mut labels = ctx.labels(step, &plan.cache_key);
+        let mut labels = ctx.labels(step, &plan.cache_key, &plan.inputs);
         labels.insert("shards".into(), units.len().to_string());
         let signed: Vec<(u32, &provenance::Signed)> = shards
             .iter()

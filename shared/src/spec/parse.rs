@@ -376,6 +376,16 @@ pub(super) fn parse_step(node: &Node, index: usize, d: &mut Diagnostics) -> Opti
     }
 
     if let Some(u) = &uses
+        && crate::runners::is_runner(&u.value)
+    {
+        let pos = get("params").map(|p| p.pos).unwrap_or(node.pos);
+        let names: Vec<&str> = inputs.keys().map(String::as_str).collect();
+        for msg in crate::runners::check(&u.value, backend.as_deref(), &params, &names) {
+            d.push(pos, format!("{label}: {msg}"));
+        }
+    }
+
+    if let Some(u) = &uses
         && handlers::runs_on_coordinator(&u.value)
     {
         let pos = get("params").map(|p| p.pos).unwrap_or(node.pos);

@@ -37,7 +37,7 @@ pipeline:
       params: {cmd: [cat], env: {K: 1}}
       out: artifacts/c
     - id: d
-      uses: runners.train
+      uses: runners.serve
       out: artifacts/d
 "#;
     let l = load_str("p.yaml", src, Path::new("/proj")).expect("valid");

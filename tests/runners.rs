@@ -1,0 +1,405 @@
+//! The ML runners for real, on the CPU, offline: the shipped `general_e2e` and `distill`
+//! pipelines train with transformers' Trainer, evaluate, label over shards and register,
+//! through the real `nexa` binary. The Python side is the repo's venv
+//! (`python/setup.sh`: installed once, cached by its requirements' hash; CI installs it
+//! before the tests).
+
+mod common;
+
+use common::{Project, pairs, text};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The interpreter with torch and transformers: `bash python/setup.sh` (instant once
+/// installed).
+fn python() -> &'static str {
+    static PY: OnceLock<String> = OnceLock::new();
+    PY.get_or_init(|| {
+        let setup = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/setup.sh");
+        let out = Command::new("bash")
+            .arg(&setup)
+            .output()
+            .expect("run python/setup.sh");
+        assert!(
+            out.status.success(),
+            "python/setup.sh failed: {}",
+            text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    })
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read dir").flatten() {
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        if src.is_dir() {
+            copy_tree(&src, &dst);
+        } else {
+            std::fs::copy(&src, &dst).expect("copy");
+        }
+    }
+}
+
+/// A project holding a copy of the repo's `pipelines/` (its data and configs included).
+fn project() -> Project {
+    let p = Project::new();
+    copy_tree(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines"),
+        &p.path().join("pipelines"),
+    );
+    p
+}
+
+fn run(p: &Project, args: &[&str]) -> std::process::Output {
+    p.cmd(args)
+        .env("NEXA_PYTHON", python())
+        .output()
+        .expect("run nexa")
+}
+
+fn json(p: &Project, rel: &str) -> serde_json::Value {
+    serde_json::from_str(&p.read(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+fn accuracy(p: &Project, rel: &str) -> f64 {
+    json(p, rel)["accuracy"].as_f64().expect("accuracy")
+}
+
+#[test]
+fn general_e2e_trains_a_classifier_that_beats_chance_evaluates_registers_and_promotes_it() {
+    let p = project();
+    let out = run(&p, &["pipeline", "run", "pipelines/general_e2e.yaml"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // The checkpoint: a save_pretrained folder with its metrics and arguments.
+    let ck = "artifacts/checkpoints/hf_baseline";
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "metrics.json",
+        "training_args.json",
+        "COMPLETE",
+    ] {
+        assert!(p.path().join(ck).join(f).is_file(), "{ck}/{f} missing");
+    }
+    let meta = json(&p, &format!("{ck}/meta.json"));
+    assert_eq!(meta["kind"], "checkpoint");
+    assert_eq!(meta["labels"]["base_model"], "config:bert");
+    assert_eq!(
+        meta["labels"]["dataset"],
+        "pipelines/data/reviews/train.jsonl"
+    );
+    assert!(
+        meta["labels"]["dataset_digest"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("blake3:")),
+        "{meta}"
+    );
+    let metrics = json(&p, &format!("{ck}/metrics.json"));
+    let curve = metrics["loss_curve"].as_array().expect("loss curve");
+    assert!(curve.len() >= 5, "{metrics}");
+    let first = curve[0]["loss"].as_f64().expect("loss");
+    let last = curve[curve.len() - 1]["loss"].as_f64().expect("loss");
+    assert!(last < first * 0.7, "the loss fell: {first} -> {last}");
+    assert_eq!(metrics["steps"], 300);
+    assert!(
+        metrics["samples_per_second"]
+            .as_f64()
+            .is_some_and(|s| s > 0.0)
+    );
+    assert!(
+        metrics["eval"]["accuracy"]
+            .as_f64()
+            .is_some_and(|a| a >= 0.75)
+    );
+
+    // The evaluation on the held-out test set, with what a person reads.
+    let ev = "artifacts/eval/hf_baseline";
+    let acc = accuracy(&p, &format!("{ev}/eval_report.json"));
+    assert!(acc >= 0.75, "held-out accuracy {acc}");
+    let report = json(&p, &format!("{ev}/eval_report.json"));
+    for k in ["precision", "recall", "f1"] {
+        assert!(report[k].as_f64().is_some_and(|v| v > 0.5), "{k}: {report}");
+    }
+    assert_eq!(report["samples"], 400);
+    assert_eq!(
+        p.read(&format!("{ev}/predictions.jsonl")).lines().count(),
+        400
+    );
+    assert!(
+        p.read(&format!("{ev}/confusion_matrix.svg"))
+            .starts_with("<svg")
+    );
+    assert!(p.read(&format!("{ev}/report.md")).contains("accuracy"));
+    assert_eq!(json(&p, &format!("{ev}/meta.json"))["kind"], "eval_report");
+
+    // Registered and promoted.
+    let out = p.nexa(&["models", "resolve", "reviews-classifier:prod"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("hf_baseline"),
+        "{}",
+        text(&out)
+    );
+
+    // Everything is cached; an edited eval driver re-runs exactly the eval step.
+    let out = run(&p, &["pipeline", "run", "pipelines/general_e2e.yaml"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("0 complete, 4 skipped"),
+        "{}",
+        text(&out)
+    );
+    let drivers = p.path().join("drivers");
+    copy_tree(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("python/nexa_runners"),
+        &drivers,
+    );
+    let eval_py = drivers.join("evaluate.py");
+    let edited = std::fs::read_to_string(&eval_py).expect("read") + "\n# edited\n";
+    std::fs::write(&eval_py, edited).expect("write");
+    let out = p
+        .cmd(&["pipeline", "run", "pipelines/general_e2e.yaml"])
+        .env("NEXA_PYTHON", python())
+        .env("NEXA_RUNNERS_DIR", &drivers)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = |id: &str| {
+        stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{id} ")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(line("train_hf").contains("SKIPPED"), "{stdout}");
+    assert!(line("eval_hf").contains("COMPLETE"), "{stdout}");
+}
+
+/// Rewrites a JSONL file with its labels shuffled (a fixed permutation).
+fn shuffle_labels(path: &Path) {
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(path)
+        .expect("read")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let mut labels: Vec<serde_json::Value> = rows.iter().map(|r| r["label"].clone()).collect();
+    // A fixed pseudo-random permutation (an LCG), so the control is the same every run.
+    let mut s: u64 = 0x5eed;
+    for i in (1..labels.len()).rev() {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        labels.swap(i, (s >> 33) as usize % (i + 1));
+    }
+    let text: String = rows
+        .into_iter()
+        .zip(labels)
+        .map(|(mut r, l)| {
+            r["label"] = l;
+            format!("{r}\n")
+        })
+        .collect();
+    std::fs::write(path, text).expect("write");
+}
+
+#[test]
+fn with_shuffled_labels_the_same_pipeline_stays_near_chance_so_the_accuracy_means_learning() {
+    let p = project();
+    for f in ["train.jsonl", "test.jsonl"] {
+        shuffle_labels(&p.path().join("pipelines/data/reviews").join(f));
+    }
+    let out = run(&p, &["pipeline", "run", "pipelines/general_e2e.yaml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let acc = accuracy(&p, "artifacts/eval/hf_baseline/eval_report.json");
+    assert!(
+        (0.35..=0.65).contains(&acc),
+        "shuffled-label accuracy {acc}"
+    );
+}
+
+const SMALL_TRAIN: &str = r#"
+pipeline:
+  name: small
+  steps:
+    - id: train
+      uses: runners.train
+      in: {dataset: pipelines/data/reviews/train.jsonl}
+      params:
+        model: {config: {model_type: bert, hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64}}
+        max_length: 48
+        batch_size: 32
+        max_steps: 200
+        learning_rate: 0.002
+        logging_steps: 10
+        seed: 7
+      out: artifacts/small
+"#;
+
+#[test]
+fn the_same_inputs_and_seed_give_the_same_metrics_on_cpu() {
+    let runs: Vec<serde_json::Value> = (0..2)
+        .map(|_| {
+            let p = project();
+            p.write("small.yaml", SMALL_TRAIN);
+            let out = run(&p, &["pipeline", "run", "small.yaml"]);
+            assert!(out.status.success(), "{}", text(&out));
+            json(&p, "artifacts/small/metrics.json")
+        })
+        .collect();
+    let loss = |m: &serde_json::Value| m["train_loss"].as_f64().expect("train_loss");
+    assert!(
+        (loss(&runs[0]) - loss(&runs[1])).abs() < 1e-6,
+        "{} vs {}",
+        loss(&runs[0]),
+        loss(&runs[1])
+    );
+    assert_eq!(runs[0]["eval"]["accuracy"], runs[1]["eval"]["accuracy"]);
+    assert_eq!(runs[0]["loss_curve"].as_array().map(Vec::len), Some(20));
+    assert!(
+        runs[0]["eval"]["accuracy"]
+            .as_f64()
+            .is_some_and(|a| a > 0.6)
+    );
+}
+
+#[test]
+fn a_runner_step_missing_its_model_or_dataset_is_refused_with_file_and_line() {
+    let p = Project::new();
+    p.write(
+        "bad.yaml",
+        "pipeline:\n  name: bad\n  steps:\n    - id: train\n      uses: runners.train\n      backend: hf\n      params: {epochs: 1}\n      out: artifacts/ckpt\n    - id: ev\n      uses: runners.eval\n      in: {checkpoint: artifacts/ckpt}\n      out: artifacts/ev\n",
+    );
+    let out = p.nexa(&["pipeline", "validate", "bad.yaml"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.yaml:7:"), "{err}");
+    assert!(err.contains("needs a model"), "{err}");
+    assert!(err.contains("needs a dataset"), "{err}");
+    assert!(
+        err.contains("bad.yaml:9:") && err.contains("'config'"),
+        "{err}"
+    );
+}
+
+#[test]
+fn without_torch_the_step_fails_at_once_with_the_exact_pip_line() {
+    let p = project();
+    let bare = PathBuf::from("python3");
+    let out = p
+        .cmd(&["pipeline", "run", "pipelines/general_e2e.yaml"])
+        .env("NEXA_PYTHON", &bare)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pip install torch==2.15.0"), "{err}");
+    assert!(err.contains("python.torch"), "{err}");
+    assert_eq!(
+        p.statuses("pipelines/general_e2e.yaml")[0],
+        ("train_hf".to_string(), "FAILED".to_string())
+    );
+}
+
+#[test]
+fn infer_over_four_shards_seals_each_and_a_failed_shard_reruns_alone() {
+    let p = project();
+    p.write("small.yaml", SMALL_TRAIN);
+    let records = p.path().join("records.jsonl");
+    let good = p.read("pipelines/data/reviews/unlabelled.jsonl");
+    let lines: Vec<&str> = good.lines().take(200).collect();
+    // Record 130 (in the third of four parts) is broken.
+    let mut broken = lines.clone();
+    broken[130] = "{not json";
+    std::fs::write(&records, broken.join("\n") + "\n").expect("write");
+    p.write(
+        "infer.yaml",
+        &(SMALL_TRAIN.to_string()
+            + r#"    - id: label
+      uses: runners.infer
+      in: {checkpoint: artifacts/small, dataset: records.jsonl}
+      shards: {over: dataset, count: 4}
+      params: {batch_size: 32, max_length: 48}
+      out: artifacts/labels
+"#)
+        .replace("name: small", "name: infer"),
+    );
+    let out = run(&p, &["pipeline", "run", "infer.yaml", "--slots", "2"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("1 of 4 shards failed"), "{}", text(&out));
+    assert!(err.contains("not JSON"), "{}", text(&out));
+    let shard_status = |p: &Project| -> Vec<String> {
+        p.status_json("infer.yaml")["steps"][1]["shards"]
+            .as_array()
+            .expect("shards")
+            .iter()
+            .map(|s| s["status"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert_eq!(
+        shard_status(&p),
+        ["COMPLETE", "COMPLETE", "FAILED", "COMPLETE"]
+    );
+
+    // Mend the record: only the failed shard runs again (the others are sealed and
+    // cached on their own), and the step seals all four.
+    std::fs::write(&records, lines.join("\n") + "\n").expect("write");
+    let out = run(&p, &["pipeline", "run", "infer.yaml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        shard_status(&p),
+        ["SKIPPED", "SKIPPED", "COMPLETE", "SKIPPED"],
+        "only shard 2 ran again"
+    );
+    let total: usize = (0..4)
+        .map(|i| {
+            p.read(&format!("artifacts/labels/shard-{i:05}/predictions.jsonl"))
+                .lines()
+                .count()
+        })
+        .sum();
+    assert_eq!(total, 200);
+    assert_eq!(
+        json(&p, "artifacts/labels/meta.json")["kind"],
+        "predictions"
+    );
+}
+
+#[test]
+fn distill_labels_with_the_teacher_trains_a_smaller_student_and_compares_them() {
+    let p = project();
+    let out = run(&p, &["pipeline", "run", "pipelines/distill.yaml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        p.statuses("pipelines/distill.yaml"),
+        pairs(&[
+            ("teacher", "COMPLETE"),
+            ("label", "COMPLETE"),
+            ("student", "COMPLETE"),
+            ("eval_teacher", "COMPLETE"),
+            ("eval_student", "COMPLETE"),
+            ("compare", "COMPLETE"),
+        ])
+    );
+    let c = json(&p, "artifacts/distill/report/comparison.json");
+    let teacher = c["teacher"]["accuracy"].as_f64().expect("teacher");
+    let student = c["student"]["accuracy"].as_f64().expect("student");
+    assert!(teacher >= 0.75, "{c}");
+    assert!(
+        student >= 0.7,
+        "the student learned from the teacher's labels: {c}"
+    );
+    assert!(
+        c["student_vs_teacher"]["size_ratio"]
+            .as_f64()
+            .is_some_and(|r| r < 0.5)
+    );
+    assert!(
+        p.read("artifacts/distill/report/report.md")
+            .contains("| student |")
+    );
+}
