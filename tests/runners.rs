@@ -403,3 +403,85 @@ fn distill_labels_with_the_teacher_trains_a_smaller_student_and_compares_them() 
             .contains("| student |")
     );
 }
+
+#[test]
+fn on_the_mesh_a_gpu_train_step_goes_only_to_the_gpu_worker_and_the_embedded_cache_carries_over() {
+    use common::mesh::{Coord, Worker, fake_gpu, remote, remote_status, step, wait_workers};
+    let p = project();
+    // Embedded first: the cache that will move to the mesh.
+    let out = run(&p, &["pipeline", "run", "pipelines/general_e2e.yaml"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let coord = Coord::open(&p.path().join("coord"));
+    let url = coord.url("http");
+    let env = [("NEXA_PYTHON", python())];
+    let _cpu = Worker::start_env(&url, &p.path().join("cpu"), 2, None, &[], &env);
+    let gpu = Worker::start_env(
+        &url,
+        &p.path().join("gpu"),
+        2,
+        Some(&serde_json::json!([fake_gpu(0, "GPU-fake", "Fake L4", 24, (8, 9))]).to_string()),
+        &[],
+        &env,
+    );
+    wait_workers(&p, &coord, 2);
+    let workers = common::mesh::workers_json(&p, &coord);
+    assert!(
+        workers
+            .iter()
+            .all(|w| w.to_string().contains("python.torch")),
+        "both workers carry python.torch: {workers:?}"
+    );
+
+    // The same pipeline, its train step asking for a GPU.
+    let gpu_yaml = p
+        .read("pipelines/general_e2e.yaml")
+        .replace(
+            "      timeout: 30m\n",
+            "      timeout: 30m\n      resources: {gpus: 1}\n",
+        )
+        .replace("name: general_e2e", "name: general_e2e_gpu");
+    assert!(gpu_yaml.contains("resources: {gpus: 1}"));
+    p.write("pipelines/general_e2e_gpu.yaml", &gpu_yaml);
+    let out = remote(
+        &p,
+        &coord,
+        &["pipeline", "run", "pipelines/general_e2e_gpu.yaml"],
+    )
+    .output()
+    .expect("run");
+    assert!(out.status.success(), "{}", text(&out));
+    let st = remote_status(&p, &coord, "pipelines/general_e2e_gpu.yaml");
+    assert_eq!(step(&st, "train_hf")["worker"], gpu.public_key(), "{st}");
+    let art = coord.data.join("projects/general_e2e_gpu/artifacts");
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(art.join("eval/hf_baseline/eval_report.json")).expect("report"),
+    )
+    .expect("json");
+    assert!(
+        report["accuracy"].as_f64().is_some_and(|a| a >= 0.75),
+        "{report}"
+    );
+
+    // The embedded run's artifacts, moved to the coordinator's project: the mesh finds
+    // them under the same cache keys and runs nothing.
+    let keys = |st: &serde_json::Value, id: &str| step(st, id)["cache_key"].clone();
+    let embedded = p.status_json("pipelines/general_e2e.yaml");
+    copy_tree(
+        &p.path().join("artifacts"),
+        &coord.data.join("projects/general_e2e/artifacts"),
+    );
+    let out = remote(
+        &p,
+        &coord,
+        &["pipeline", "run", "pipelines/general_e2e.yaml"],
+    )
+    .output()
+    .expect("run");
+    assert!(out.status.success(), "{}", text(&out));
+    let st = remote_status(&p, &coord, "pipelines/general_e2e.yaml");
+    for id in ["train_hf", "eval_hf"] {
+        assert_eq!(step(&st, id)["status"], "SKIPPED", "{id}: {st}");
+        assert_eq!(keys(&st, id), keys(&embedded, id), "{id}");
+    }
+}

@@ -395,6 +395,43 @@ mod tests {
         assert!(why_unfit(&plain, [(&sandbox, 4), (&bare, 4)]).is_none());
     }
 
+    #[test]
+    fn python_package_labels_match_any_version_and_their_absence_names_the_pip_line() {
+        let with = |labels: &[(&str, &str)]| Profile {
+            cores: 4,
+            memory_total: GIB,
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Profile::default()
+        };
+        let torch = with(&[
+            ("python.torch", "2.15.0"),
+            ("python.transformers", "5.24.0"),
+        ]);
+        let bare = with(&[("python", "3.11")]);
+        let mut req = Requirements::from(&Resources::default());
+        for p in ["torch", "transformers", "peft"] {
+            req.labels
+                .insert(crate::runners::label(p), crate::runners::ANY.into());
+        }
+        let why = why_unfit(&req, [(&torch, 4), (&bare, 4)]).expect("no worker has peft");
+        assert!(why.contains("python.peft"), "{why}");
+        assert!(why.contains("pip install peft=="), "{why}");
+        assert!(!why.contains("python.torch"), "someone has torch: {why}");
+        req.labels.remove("python.peft");
+        assert!(
+            why_unfit(&req, [(&torch, 4)]).is_none(),
+            "any version matches"
+        );
+        assert!(why_unfit(&req, [(&bare, 4)]).is_some());
+        // An exact value still means that value.
+        req.labels.insert("python.torch".into(), "2.0.0".into());
+        let why = why_unfit(&req, [(&torch, 4)]).expect("wrong version");
+        assert!(why.contains("needs label python.torch=2.0.0"), "{why}");
+    }
+
     fn gpu(i: u32, mem_gib: u64, cc: (u32, u32)) -> Gpu {
         Gpu {
             index: i,

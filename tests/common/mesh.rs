@@ -262,6 +262,18 @@ impl Worker {
         fake_gpus: Option<&str>,
         extra: &[&str],
     ) -> Worker {
+        Self::start_env(url, dir, slots, fake_gpus, extra, &[])
+    }
+
+    /// [`Worker::start`] with extra environment variables (e.g. `NEXA_PYTHON`).
+    pub fn start_env(
+        url: &str,
+        dir: &Path,
+        slots: u32,
+        fake_gpus: Option<&str>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Worker {
         std::fs::create_dir_all(dir).expect("worker dir");
         // The test-only build, which honours NEXA_FAKE_GPUS; the real one never does.
         let mut c = Command::new(bin("nexa-worker-test"));
@@ -282,6 +294,7 @@ impl Worker {
             Some(g) => c.env("NEXA_FAKE_GPUS", g),
             None => c.env_remove("NEXA_FAKE_GPUS"),
         };
+        c.envs(env.iter().copied());
         Worker {
             child: c.spawn().expect("start worker"),
             dir: dir.to_path_buf(),
