@@ -98,6 +98,12 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::models::ModelsCommand,
     },
+    /// Model servers: start (returns once healthy), list, health, stop.
+    Serve {
+        /// The serve command.
+        #[command(subcommand)]
+        command: crate::serve::ServeCommand,
+    },
     /// Artifacts on a coordinator.
     Artifacts {
         /// The artifacts command.
@@ -261,6 +267,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Serve { command } => {
+            if remote.is_some() {
+                anyhow::bail!(
+                    "nexa serve runs services on this machine in this build (no --coordinator): \
+                     a mesh worker cannot yet be told to stop a service it started"
+                );
+            }
+            crate::serve::run(&project, command)
+        }
         Command::Models { command } => match &remote {
             Some(r) => runtime()?.block_on(crate::models::run_remote(r, command)),
             None => crate::models::run(&project, command),
@@ -372,6 +387,19 @@ fn load(file: &Path, project: &Path) -> Result<Loaded, ExitCode> {
     }
 }
 
+/// Runs a pipeline file embedded, as `nexa pipeline run FILE` does.
+pub fn run_file(project: &Path, file: PathBuf) -> anyhow::Result<ExitCode> {
+    run(
+        project,
+        RunArgs {
+            file,
+            slots: None,
+            verify: false,
+        },
+        None,
+    )
+}
+
 fn run(project: &Path, args: RunArgs, from: Option<String>) -> anyhow::Result<ExitCode> {
     let loaded = match load(&args.file, project) {
         Ok(l) => l,
@@ -383,6 +411,9 @@ fn run(project: &Path, args: RunArgs, from: Option<String>) -> anyhow::Result<Ex
         eprintln!("error: --from {f}: no such step in {}", args.file.display());
         return Ok(ExitCode::from(2));
     }
+    // Services the run will start again are stopped first: a re-run replaces them.
+    crate::serve::before_run(project, &loaded)?;
+    let serving = loaded.clone();
     let slots = args.slots.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -461,6 +492,9 @@ fn run(project: &Path, args: RunArgs, from: Option<String>) -> anyhow::Result<Ex
             anyhow::bail!("the coordinator stopped before the run finished");
         };
         print_summary(&summary, &file_display, &order);
+        for line in crate::serve::after_run(project, &serving)? {
+            println!("{line}");
+        }
         Ok(match summary.outcome {
             RunOutcome::Succeeded => ExitCode::SUCCESS,
             RunOutcome::Failed => ExitCode::from(1),

@@ -112,6 +112,7 @@ impl Embedded {
             profile,
             executor: nexa_worker::sandbox::Executor::process(),
             metrics: None,
+            services: true,
         };
         let worker = tokio::spawn(nexa_worker::run(link, cfg, identity, rx));
         Ok(Self {

@@ -8,4 +8,5 @@ pub mod lineage_cmd;
 pub mod models;
 pub mod remote;
 pub mod render;
+pub mod serve;
 pub mod viz;

@@ -59,6 +59,24 @@ fn run(p: &Project, args: &[&str]) -> std::process::Output {
         .expect("run nexa")
 }
 
+/// Stops the named services when the test ends, however it ends.
+struct Services<'a>(&'a Project, &'a [&'a str]);
+
+impl Drop for Services<'_> {
+    fn drop(&mut self) {
+        for name in self.1 {
+            let _ = self.0.nexa(&["serve", "stop", name, "--grace", "2s"]);
+        }
+    }
+}
+
+/// The repo's general_e2e without its serve step (for runs that need no server).
+fn without_serve(p: &Project) {
+    let yaml = p.read("pipelines/general_e2e.yaml");
+    let cut = yaml.find("\n    - id: serve").expect("a serve step");
+    p.write("pipelines/general_e2e.yaml", &yaml[..cut + 1]);
+}
+
 fn json(p: &Project, rel: &str) -> serde_json::Value {
     serde_json::from_str(&p.read(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
 }
@@ -68,10 +86,11 @@ fn accuracy(p: &Project, rel: &str) -> f64 {
 }
 
 #[test]
-fn general_e2e_trains_a_classifier_that_beats_chance_evaluates_registers_and_promotes_it() {
+fn general_e2e_trains_evaluates_registers_promotes_and_serves_a_classifier_that_beats_chance() {
     let p = project();
-    let out = run(&p, &["pipeline", "run", "pipelines/general_e2e.yaml"]);
-    assert!(out.status.success(), "{}", text(&out));
+    let _stop = Services(&p, &["reviews-classifier"]);
+    let ran = run(&p, &["pipeline", "run", "pipelines/general_e2e.yaml"]);
+    assert!(ran.status.success(), "{}", text(&ran));
 
     // The checkpoint: a save_pretrained folder with its metrics and arguments.
     let ck = "artifacts/checkpoints/hf_baseline";
@@ -145,10 +164,76 @@ fn general_e2e_trains_a_classifier_that_beats_chance_evaluates_registers_and_pro
         text(&out)
     );
 
-    // Everything is cached; an edited eval driver re-runs exactly the eval step.
+    // Served: healthy, answering, and stopped from a new process.
+    assert!(
+        String::from_utf8_lossy(&ran.stdout).contains("nexa serve stop reviews-classifier"),
+        "{}",
+        text(&ran)
+    );
+    let h = json(&p, "artifacts/serve/reviews-classifier/handle.json");
+    assert_eq!(h["status"], "healthy");
+    assert_eq!(h["backend"], "hf_runtime");
+    assert_eq!(
+        h["model_digest"],
+        json(&p, "artifacts/checkpoints/hf_baseline/meta.json")["hash"]
+    );
+    assert_eq!(
+        json(&p, "artifacts/serve/reviews-classifier/meta.json")["kind"],
+        "service"
+    );
+    let endpoint = h["endpoint"].as_str().expect("endpoint").to_string();
+    assert_eq!(http(&endpoint, "GET", "/health", "").0, 200);
+    let (status, models) = http(&endpoint, "GET", "/v1/models", "");
+    assert_eq!(status, 200);
+    assert_eq!(models["data"][0]["id"], "reviews-classifier");
+    let (status, got) = http(
+        &endpoint,
+        "POST",
+        "/v1/classify",
+        r#"{"model": "reviews-classifier", "input": ["Overall the kettle was wonderful. It was a gift.", "Such a dreadful purchase. The box was blue."]}"#,
+    );
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["data"][0]["label"], "1", "{got}");
+    assert_eq!(got["data"][1]["label"], "0", "{got}");
+    let (status, err) = http(
+        &endpoint,
+        "POST",
+        "/v1/completions",
+        r#"{"model": "reviews-classifier", "prompt": "x"}"#,
+    );
+    assert_eq!(status, 400);
+    assert_eq!(err["error"]["type"], "BadRequestError", "{err}");
+
+    // From a new process: listed healthy, then stopped for good.
+    let out = p.nexa(&["serve", "list"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("healthy"),
+        "{}",
+        text(&out)
+    );
+    let out = p.nexa(&["serve", "stop", "reviews-classifier"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("stopped (SIGTERM)"),
+        "{}",
+        text(&out)
+    );
+    let pid = h["pid"].as_i64().expect("pid");
+    let gone =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z"));
+    assert!(gone, "the server process is gone");
+    assert!(
+        std::net::TcpStream::connect(endpoint.trim_start_matches("http://")).is_err(),
+        "nothing listens on {endpoint} any more"
+    );
+    let out = p.nexa(&["serve", "health", "reviews-classifier"]);
+    assert!(!out.status.success(), "{}", text(&out));
+
+    // Everything is cached but the service (a process, started afresh each run); an
+    // edited eval driver re-runs exactly the eval step.
     let out = run(&p, &["pipeline", "run", "pipelines/general_e2e.yaml"]);
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("0 complete, 4 skipped"),
+        String::from_utf8_lossy(&out.stdout).contains("1 complete, 4 skipped"),
         "{}",
         text(&out)
     );
@@ -209,6 +294,7 @@ fn shuffle_labels(path: &Path) {
 #[test]
 fn with_shuffled_labels_the_same_pipeline_stays_near_chance_so_the_accuracy_means_learning() {
     let p = project();
+    without_serve(&p);
     for f in ["train.jsonl", "test.jsonl"] {
         shuffle_labels(&p.path().join("pipelines/data/reviews").join(f));
     }
@@ -408,6 +494,8 @@ fn distill_labels_with_the_teacher_trains_a_smaller_student_and_compares_them() 
 fn on_the_mesh_a_gpu_train_step_goes_only_to_the_gpu_worker_and_the_embedded_cache_carries_over() {
     use common::mesh::{Coord, Worker, fake_gpu, remote, remote_status, step, wait_workers};
     let p = project();
+    // A service is started embedded only (a mesh worker refuses runners.serve).
+    without_serve(&p);
     // Embedded first: the cache that will move to the mesh.
     let out = run(&p, &["pipeline", "run", "pipelines/general_e2e.yaml"]);
     assert!(out.status.success(), "{}", text(&out));
@@ -484,4 +572,204 @@ fn on_the_mesh_a_gpu_train_step_goes_only_to_the_gpu_worker_and_the_embedded_cac
         assert_eq!(step(&st, id)["status"], "SKIPPED", "{id}: {st}");
         assert_eq!(keys(&st, id), keys(&embedded, id), "{id}");
     }
+}
+
+/// A plain HTTP/1.1 request: (status, body as JSON or Null).
+fn http(endpoint: &str, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let addr = endpoint.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .expect("timeout");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).expect("read");
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    let json = buf
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
+#[test]
+fn serve_start_runs_an_openai_compatible_lm_server_and_a_dead_one_is_reported_unhealthy() {
+    let p = project();
+    p.write(
+        "lm.yaml",
+        r#"
+pipeline:
+  name: lm
+  steps:
+    - id: lm
+      uses: runners.train
+      in: {dataset: pipelines/data/reviews/train.jsonl}
+      params:
+        model: {config: {model_type: gpt2, n_embd: 32, n_layer: 1, n_head: 2}}
+        task: causal-lm
+        max_length: 48
+        batch_size: 16
+        max_steps: 30
+        learning_rate: 0.003
+        logging_steps: 10
+      out: artifacts/lm
+"#,
+    );
+    let out = run(&p, &["pipeline", "run", "lm.yaml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let ppl = json(&p, "artifacts/lm/metrics.json")["eval"]["perplexity"].as_f64();
+    assert!(ppl.is_some_and(|v| v > 1.0), "{ppl:?}");
+
+    let out = run(
+        &p,
+        &[
+            "serve",
+            "start",
+            "--backend",
+            "hf_runtime",
+            "--model",
+            "artifacts/lm",
+            "--name",
+            "tiny-lm",
+            "--port",
+            "0",
+        ],
+    );
+    let _stop = Services(&p, &["tiny-lm"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let endpoint = stdout
+        .lines()
+        .last()
+        .and_then(|l| l.strip_prefix("tiny-lm "))
+        .expect("start prints the name and endpoint")
+        .trim()
+        .to_string();
+    let (status, c) = http(
+        &endpoint,
+        "POST",
+        "/v1/completions",
+        r#"{"model": "tiny-lm", "prompt": "The kettle is", "max_tokens": 5}"#,
+    );
+    assert_eq!(status, 200, "{c}");
+    assert_eq!(c["object"], "text_completion");
+    assert!(c["choices"][0]["text"].is_string(), "{c}");
+    let used = c["usage"]["completion_tokens"].as_u64().expect("usage");
+    assert!((1..=5).contains(&used), "{c}");
+    let (status, chat) = http(
+        &endpoint,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"model": "tiny-lm", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}"#,
+    );
+    assert_eq!(status, 200, "{chat}");
+    assert_eq!(chat["choices"][0]["message"]["role"], "assistant");
+    let (status, err) = http(
+        &endpoint,
+        "POST",
+        "/v1/completions",
+        r#"{"model": "gpt-4", "prompt": "x"}"#,
+    );
+    assert_eq!(status, 404);
+    assert_eq!(err["error"]["type"], "NotFoundError", "{err}");
+    assert_eq!(err["error"]["code"], 404);
+
+    // A server that dies is reported unhealthy, not silently gone.
+    let h = json(&p, "artifacts/serve/tiny-lm/handle.json");
+    let pid = h["pid"].as_i64().expect("pid") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    common::mesh::wait_for(
+        "the server to die",
+        std::time::Duration::from_secs(10),
+        || std::net::TcpStream::connect(endpoint.trim_start_matches("http://")).is_err(),
+    );
+    let out = p.nexa(&["serve", "health", "tiny-lm"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("unhealthy"),
+        "{}",
+        text(&out)
+    );
+    let out = p.nexa(&["serve", "stop", "tiny-lm"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("already stopped"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn vllm_is_built_with_the_seeds_arguments_and_refused_where_no_worker_has_it() {
+    let p = project();
+    let out = p.nexa(&[
+        "serve",
+        "start",
+        "--backend",
+        "vllm",
+        "--model",
+        "meta-llama/Llama-3.2-1B",
+        "--name",
+        "llama",
+        "--port",
+        "8011",
+        "--tensor-parallel",
+        "2",
+        "--dry-run",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let h = json(&p, "artifacts/serve/llama/handle.json");
+    assert_eq!(h["status"], "dry_run");
+    let cmd: Vec<&str> = h["command"]
+        .as_array()
+        .expect("command")
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    assert_eq!(
+        cmd[1..],
+        [
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            "meta-llama/Llama-3.2-1B",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "8011",
+            "--served-model-name",
+            "llama",
+            "--tensor-parallel-size",
+            "2"
+        ]
+    );
+    // For real, it needs a worker with vllm: none here, and the error says what to do.
+    let out = p.nexa(&[
+        "serve",
+        "start",
+        "--backend",
+        "vllm",
+        "--model",
+        "meta-llama/Llama-3.2-1B",
+        "--name",
+        "llama2",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("label python.vllm") && err.contains("pip install vllm"),
+        "{err}"
+    );
 }

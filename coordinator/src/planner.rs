@@ -229,7 +229,7 @@ pub fn plan_step(
             return fail(Some(cache_key), format!("recovering {}: {e}", ctx.rel(out)));
         }
     }
-    if !ctx.forced[i] && !outputs.is_empty() {
+    if !ctx.forced[i] && !outputs.is_empty() && !runners::never_cached(&step.uses.value) {
         let mut reused = BTreeMap::new();
         for (name, out) in &outputs {
             match artifact::check_cached(out, &cache_key, ctx.verify) {

@@ -16,7 +16,7 @@ import common  # noqa: E402
 
 def main() -> None:
     if len(sys.argv) != 2:
-        common.fail("usage: run.py <runners.train|runners.eval|runners.infer>")
+        common.fail("usage: run.py <runners.train|runners.eval|runners.infer|runners.serve>")
     uses = sys.argv[1]
     if uses == "runners.train":
         import train_hf as mod
@@ -24,6 +24,8 @@ def main() -> None:
         import evaluate as mod
     elif uses == "runners.infer":
         import infer as mod
+    elif uses == "runners.serve":
+        import serve as mod
     else:
         common.fail(f"this driver does not run {uses!r}")
     mod.main(common.Job.from_env())

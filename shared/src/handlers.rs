@@ -22,7 +22,7 @@ pub const KNOWN: &[(&str, Availability)] = &[
     ("runners.train", Availability::Available),
     ("runners.eval", Availability::Available),
     ("runners.infer", Availability::Available),
-    ("runners.serve", Availability::NotYetAvailable),
+    ("runners.serve", Availability::Available),
     (REGISTER, Availability::Available),
     (PROMOTE, Availability::Available),
 ];

@@ -307,8 +307,7 @@ pub fn why_unfit<'a>(
             .collect();
         why.push(format!(
             "needs the Python package{} {} (label {}); no worker has {}: on a worker, `{}` \
-             into the interpreter it runs ($NEXA_PYTHON, else python3), or `bash \
-             python/setup.sh` in the Nexa repo and NEXA_PYTHON set to what it prints",
+             into the interpreter it runs ($NEXA_PYTHON, else python3){}",
             if missing_python.len() == 1 { "" } else { "s" },
             missing_python.join(", "),
             labels.join(", "),
@@ -318,6 +317,12 @@ pub fn why_unfit<'a>(
                 "them"
             },
             crate::runners::pip_line(&missing_python),
+            if crate::runners::in_setup(&missing_python) {
+                ", or `bash python/setup.sh` in the Nexa repo and NEXA_PYTHON set to what it \
+                 prints"
+            } else {
+                ""
+            },
         ));
     }
     if req.container

@@ -1,4 +1,4 @@
-//! The ML runners (`runners.train`, `runners.eval`, `runners.infer`): which Python
+//! The ML runners (`runners.train`, `runners.eval`, `runners.infer`, `runners.serve`): which Python
 //! packages each needs, how their params are checked, and the driver scripts that ship
 //! with this build.
 //!
@@ -39,6 +39,8 @@ const TRAIN_HF_PY: &str = include_str!("../../python/nexa_runners/train_hf.py");
 const EVALUATE_PY: &str = include_str!("../../python/nexa_runners/evaluate.py");
 const INFER_PY: &str = include_str!("../../python/nexa_runners/infer.py");
 const CHECKPOINT_PY: &str = include_str!("../../python/nexa_runners/checkpoint.py");
+const SERVE_PY: &str = include_str!("../../python/nexa_runners/serve.py");
+const HF_RUNTIME_PY: &str = include_str!("../../python/nexa_runners/hf_runtime.py");
 
 /// True for the `uses` names this module runs.
 pub fn is_runner(uses: &str) -> bool {
@@ -62,7 +64,7 @@ pub fn backends(uses: &str) -> &'static [(&'static str, handlers::Availability)]
     match uses {
         TRAIN => &[("hf", Available), ("axolotl", NotYetAvailable)],
         EVAL | INFER => &[("hf", Available)],
-        SERVE => &[("hf_runtime", NotYetAvailable), ("vllm", NotYetAvailable)],
+        SERVE => &[("hf_runtime", Available), ("vllm", Available)],
         _ => &[],
     }
 }
@@ -72,8 +74,18 @@ pub fn backend_of<'a>(uses: &str, backend: Option<&'a str>) -> Option<&'a str> {
     backend.or_else(|| backends(uses).first().map(|(b, _)| *b))
 }
 
+/// True for a step that is never reused from the cache: a service is a running
+/// process, not content, so each run starts it afresh.
+pub fn never_cached(uses: &str) -> bool {
+    uses == SERVE
+}
+
 /// The Python packages (labels `python.<package>`) a runner step needs on its worker.
 pub fn packages(uses: &str, backend: Option<&str>, params: &Value) -> Vec<&'static str> {
+    if uses == SERVE && params.get("dry_run").and_then(Value::as_bool) == Some(true) {
+        // Records the command only: any worker can.
+        return Vec::new();
+    }
     let mut p = vec!["torch", "transformers"];
     match backend_of(uses, backend) {
         Some("axolotl") => p.push("axolotl"),
@@ -99,6 +111,16 @@ pub fn pip_line(packages: &[&str]) -> String {
         })
         .collect();
     format!("pip install {}", pinned.join(" "))
+}
+
+/// True when every one of `packages` is pinned in [`REQUIREMENTS`] (so the repo's
+/// `python/setup.sh` installs it).
+pub fn in_setup(packages: &[&str]) -> bool {
+    packages.iter().all(|p| {
+        REQUIREMENTS
+            .lines()
+            .any(|l| l.trim().starts_with(&format!("{p}==")))
+    })
 }
 
 /// The label a worker carries for a Python package.
@@ -149,6 +171,16 @@ const EVAL_PARAMS: &[&str] = &[
     "task",
     "network",
 ];
+const SERVE_PARAMS: &[&str] = &[
+    "model",
+    "name",
+    "host",
+    "port",
+    "tensor_parallel",
+    "dry_run",
+    "ready_timeout",
+    "network",
+];
 const INFER_PARAMS: &[&str] = &[
     "text_column",
     "id_column",
@@ -189,16 +221,14 @@ pub fn check(uses: &str, backend: Option<&str>, params: &Value, inputs: &[&str])
         TRAIN => TRAIN_PARAMS,
         EVAL => EVAL_PARAMS,
         INFER => INFER_PARAMS,
-        _ => &[][..],
+        _ => SERVE_PARAMS,
     };
-    if uses != SERVE {
-        for k in obj.keys() {
-            if !allowed.contains(&k.as_str()) {
-                errors.push(format!(
-                    "unknown param '{k}' for '{uses}' (expected {})",
-                    allowed.join(", ")
-                ));
-            }
+    for k in obj.keys() {
+        if !allowed.contains(&k.as_str()) {
+            errors.push(format!(
+                "unknown param '{k}' for '{uses}' (expected {})",
+                allowed.join(", ")
+            ));
         }
     }
     let has = |name: &str| inputs.contains(&name);
@@ -281,6 +311,38 @@ pub fn check(uses: &str, backend: Option<&str>, params: &Value, inputs: &[&str])
                 }
             }
         }
+        SERVE => {
+            let named = obj
+                .get("model")
+                .is_some_and(|m| m.as_str().is_some_and(|s| !s.is_empty()));
+            if !named && !has("model") && !has("checkpoint") {
+                errors.push(
+                    "runners.serve needs a model: an input named 'model' or 'checkpoint' (a \
+                     save_pretrained folder), or 'params.model' (a hub id)"
+                        .into(),
+                );
+            }
+            if let Some(port) = obj.get("port")
+                && port.as_u64().is_none_or(|p| p > 65_535)
+            {
+                errors.push("'params.port' must be a port number (0: any free port)".into());
+            }
+            if let Some(tp) = obj.get("tensor_parallel")
+                && tp.as_u64().is_none_or(|t| t < 1)
+            {
+                errors.push("'params.tensor_parallel' must be a whole number, at least 1".into());
+            }
+            if let Some(name) = obj.get("name")
+                && !name.as_str().is_some_and(|n| {
+                    !n.is_empty()
+                        && n.len() <= 64
+                        && n.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                })
+            {
+                errors.push("'params.name' must be 1-64 letters, digits, '-', '_' or '.'".into());
+            }
+        }
         _ => {}
     }
     errors
@@ -327,6 +389,11 @@ fn files(uses: &str) -> Vec<(&'static str, &'static str)> {
             ("data.py", DATA_PY),
             ("checkpoint.py", CHECKPOINT_PY),
             ("infer.py", INFER_PY),
+        ]),
+        SERVE => f.extend([
+            ("checkpoint.py", CHECKPOINT_PY),
+            ("serve.py", SERVE_PY),
+            ("hf_runtime.py", HF_RUNTIME_PY),
         ]),
         _ => {}
     }

@@ -249,6 +249,7 @@ fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
             profile,
             executor,
             metrics,
+            services: false,
         };
         // Without heartbeats every lease would expire under the worker: should their
         // task die (a bug), the worker stops with the reason, to be restarted.

@@ -88,6 +88,8 @@ pub struct Host<'a> {
     /// The memory limit of a container job that asked for none (the worker's memory
     /// over its slots).
     pub memory_share: u64,
+    /// Whether `runners.serve` jobs may start services ([`crate::WorkerConfig::services`]).
+    pub services: bool,
 }
 
 /// Maps the worker's paths to the ones a job sees: the same paths for a process, the
@@ -154,6 +156,15 @@ pub async fn run_job<L: CoordinatorLink>(
         Ok(i) => i,
         Err(e) => return failed(lease, started, e),
     };
+    if job.uses == nexa_shared::runners::SERVE && !host.services {
+        return failed(
+            lease,
+            started,
+            "runners.serve runs embedded (nexa pipeline run, nexa serve start) in this build: \
+             a mesh worker cannot yet be told to stop a service it started"
+                .into(),
+        );
+    }
     if runner && image.is_some() {
         return failed(
             lease,
@@ -190,10 +201,16 @@ pub async fn run_job<L: CoordinatorLink>(
     let mut env: Vec<(String, String)> = Vec::new();
     for input in &job.inputs {
         match host.cas.stage(link, input).await {
-            Ok(p) => env.push((
-                format!("NEXA_IN_{}", paths::env_name(&input.name)),
-                map.input(&input.name, &p),
-            )),
+            Ok(p) => {
+                env.push((
+                    format!("NEXA_IN_{}", paths::env_name(&input.name)),
+                    map.input(&input.name, &p),
+                ));
+                env.push((
+                    format!("NEXA_DIGEST_{}", paths::env_name(&input.name)),
+                    input.digest.to_string(),
+                ));
+            }
             Err(e) => return failed(lease, started, e.to_string()),
         }
     }
@@ -220,6 +237,12 @@ pub async fn run_job<L: CoordinatorLink>(
             scratch.display().to_string()
         },
     ));
+    if job.uses == nexa_shared::runners::SERVE {
+        env.push((
+            "NEXA_SERVICES_DIR".into(),
+            host.work_dir.join("services").display().to_string(),
+        ));
+    }
     env.push(("NEXA_JOB_ID".into(), job.job_id.to_string()));
     env.push(("NEXA_RUN_ID".into(), job.run_id.to_string()));
     env.push(("NEXA_STEP_ID".into(), job.step_id.clone()));

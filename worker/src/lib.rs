@@ -55,6 +55,10 @@ pub struct WorkerConfig {
     pub executor: sandbox::Executor,
     /// The worker's own metrics, when exported.
     pub metrics: Option<Arc<metrics::WorkerMetrics>>,
+    /// Whether `runners.serve` jobs may start services that outlive them (the embedded
+    /// worker, whose user stops them with `nexa serve stop`; a mesh worker has no way
+    /// yet to be told to stop one, so it refuses them).
+    pub services: bool,
 }
 
 /// Runs `cfg.slots` job loops until `shutdown` turns true or the link closes.
@@ -94,6 +98,7 @@ pub async fn run<L: CoordinatorLink>(
                         work_dir: &cfg.work_dir,
                         executor: &cfg.executor,
                         memory_share: cfg.profile.memory_total / cfg.slots.max(1) as u64,
+                        services: cfg.services,
                     },
                     &lease,
                     cancel,
