@@ -491,8 +491,11 @@ fn run(project: &Path, args: RunArgs, from: Option<String>) -> anyhow::Result<Ex
         let Some(summary) = summary else {
             anyhow::bail!("the coordinator stopped before the run finished");
         };
+        // Handles are stored before anything is printed (a closed stdout must not lose
+        // a running service).
+        let serving = crate::serve::after_run(project, &serving)?;
         print_summary(&summary, &file_display, &order);
-        for line in crate::serve::after_run(project, &serving)? {
+        for line in serving {
             println!("{line}");
         }
         Ok(match summary.outcome {
@@ -616,6 +619,7 @@ fn print_status(
                 "error": r.and_then(|r| r.error.clone()),
                 "run_id": r.map(|r| &r.run_id),
                 "worker": r.and_then(|r| r.worker.clone()),
+                "progress": r.and_then(|r| r.progress.clone()),
             })
         })
         .collect();

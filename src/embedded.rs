@@ -28,6 +28,15 @@ impl CoordinatorLink for LocalLink {
         }
     }
 
+    fn progress(&self, lease: &Lease, progress: nexa_shared::job::JobProgress) {
+        let _ = self.coord.job_progress(
+            &self.worker,
+            lease.job.job_id.clone(),
+            lease.generation,
+            progress,
+        );
+    }
+
     fn cancellation(&self, lease: &Lease) -> watch::Receiver<bool> {
         self.coord.cancellation(&lease.job.run_id)
     }

@@ -10,7 +10,12 @@ use std::time::Instant;
 pub struct Renderer {
     start: Instant,
     bars: Option<Bars>,
+    /// When each job's progress was last printed as a line (no terminal).
+    said: HashMap<(String, Option<u32>), Instant>,
 }
+
+/// Plain progress lines per job at most this often (the last one always shows).
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 struct Bars {
     multi: MultiProgress,
@@ -40,6 +45,7 @@ impl Renderer {
         Self {
             start: Instant::now(),
             bars,
+            said: HashMap::new(),
         }
     }
 
@@ -129,6 +135,32 @@ impl Renderer {
                     "{job}: attempt {attempt} {when} after: {}",
                     error.lines().last().unwrap_or("")
                 ));
+            }
+            Progress::Job {
+                step,
+                shard,
+                progress,
+            } => {
+                let who = match shard {
+                    Some(k) => format!("{step} shard {k}"),
+                    None => step.clone(),
+                };
+                let what = progress.describe();
+                if let Some(b) = &self.bars {
+                    b.steps.set_message(format!("{who}: {what}"));
+                    return;
+                }
+                let done = progress.total.is_some()
+                    && progress.step.or(progress.records) == progress.total;
+                let key = (step.clone(), *shard);
+                let due = self
+                    .said
+                    .get(&key)
+                    .is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
+                if due || done {
+                    self.said.insert(key, Instant::now());
+                    self.line(format!("{who:<20} {what}"));
+                }
             }
             Progress::Finished(_) => {
                 if let Some(b) = &self.bars {

@@ -91,6 +91,21 @@ fn general_e2e_trains_evaluates_registers_promotes_and_serves_a_classifier_that_
     let _stop = Services(&p, &["reviews-classifier"]);
     let ran = run(&p, &["pipeline", "run", "pipelines/general_e2e.yaml"]);
     assert!(ran.status.success(), "{}", text(&ran));
+    // Progress: from the driver's lines, through the worker, to the bar and the status.
+    let shown = String::from_utf8_lossy(&ran.stderr);
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.contains("train_hf") && l.contains("step 300/300, loss")),
+        "{shown}"
+    );
+    assert!(shown.contains("400/400 records"), "{shown}");
+    let st = p.status_json("pipelines/general_e2e.yaml");
+    assert_eq!(st["steps"][0]["progress"]["step"], 300, "{st}");
+    assert!(
+        st["steps"][0]["progress"]["loss"].as_f64().is_some(),
+        "{st}"
+    );
 
     // The checkpoint: a save_pretrained folder with its metrics and arguments.
     let ck = "artifacts/checkpoints/hf_baseline";
@@ -541,6 +556,8 @@ fn on_the_mesh_a_gpu_train_step_goes_only_to_the_gpu_worker_and_the_embedded_cac
     assert!(out.status.success(), "{}", text(&out));
     let st = remote_status(&p, &coord, "pipelines/general_e2e_gpu.yaml");
     assert_eq!(step(&st, "train_hf")["worker"], gpu.public_key(), "{st}");
+    // Progress crossed the mesh with the heartbeats.
+    assert_eq!(step(&st, "train_hf")["progress"]["total"], 300, "{st}");
     let art = coord.data.join("projects/general_e2e_gpu/artifacts");
     let report: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(art.join("eval/hf_baseline/eval_report.json")).expect("report"),

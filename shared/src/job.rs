@@ -134,3 +134,85 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// The prefix of a progress line a job prints (any job: `exec` scripts too):
+/// `::nexa-progress:: {"step": 150, "total": 300, "loss": 0.31, "records": 4800}`.
+pub const PROGRESS_PREFIX: &str = "::nexa-progress::";
+
+/// How far a running job is, as it last said (every field optional).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct JobProgress {
+    /// Steps done (training).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u64>,
+    /// Steps or records in all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+    /// The last training loss (finite).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    /// Records done (inference, evaluation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub records: Option<u64>,
+}
+
+// `loss` is never NaN: `parse_line` keeps finite numbers only.
+impl Eq for JobProgress {}
+
+impl JobProgress {
+    /// Reads one line of a job's output; `None` unless it is a well-formed progress line.
+    pub fn parse_line(line: &str) -> Option<Self> {
+        let json = line.trim().strip_prefix(PROGRESS_PREFIX)?;
+        let v: serde_json::Value = serde_json::from_str(json.trim()).ok()?;
+        let count = |k: &str| v.get(k).and_then(serde_json::Value::as_u64);
+        let p = Self {
+            step: count("step"),
+            total: count("total"),
+            loss: v
+                .get("loss")
+                .and_then(serde_json::Value::as_f64)
+                .filter(|l| l.is_finite()),
+            records: count("records"),
+        };
+        (p != Self::default()).then_some(p)
+    }
+
+    /// `step 150/300, loss 0.3100` or `4800/10000 records`, for people.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        match (self.step, self.records, self.total) {
+            (Some(s), _, Some(t)) => parts.push(format!("step {s}/{t}")),
+            (Some(s), _, None) => parts.push(format!("step {s}")),
+            (None, Some(r), Some(t)) => parts.push(format!("{r}/{t} records")),
+            (None, Some(r), None) => parts.push(format!("{r} records")),
+            _ => {}
+        }
+        if let Some(l) = self.loss {
+            parts.push(format!("loss {l:.4}"));
+        }
+        parts.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines_are_read_and_anything_else_is_ignored() {
+        let p = JobProgress::parse_line(
+            r#"::nexa-progress:: {"loss": 0.5, "step": 10, "t": 1.0, "total": 300}"#,
+        )
+        .expect("a progress line");
+        assert_eq!((p.step, p.total, p.loss), (Some(10), Some(300), Some(0.5)));
+        assert_eq!(p.describe(), "step 10/300, loss 0.5000");
+        for junk in [
+            "step 10",
+            "::nexa-progress:: not json",
+            "::nexa-progress:: {}",
+            r#"::nexa-progress:: {"loss": "NaN"}"#,
+        ] {
+            assert_eq!(JobProgress::parse_line(junk), None, "{junk}");
+        }
+    }
+}

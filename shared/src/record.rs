@@ -111,6 +111,9 @@ pub struct StepRecord {
     pub shards: Vec<ShardRecord>,
     /// Wall time in ms of the last execution.
     pub duration_ms: Option<u64>,
+    /// What its running job last said of its progress (unsharded steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<crate::job::JobProgress>,
 }
 
 impl StepRecord {
@@ -128,6 +131,7 @@ impl StepRecord {
             log: None,
             shards: Vec::new(),
             duration_ms: None,
+            progress: None,
         }
     }
 }
@@ -199,6 +203,15 @@ pub enum Progress {
         delay: Duration,
         /// Why the last one failed.
         error: String,
+    },
+    /// A running job said how far it is.
+    Job {
+        /// Step id.
+        step: String,
+        /// Shard index, for a shard's job.
+        shard: Option<u32>,
+        /// What it said.
+        progress: crate::job::JobProgress,
     },
     /// The run ended.
     Finished(RunSummary),

@@ -383,6 +383,7 @@ pub async fn run_job<L: CoordinatorLink>(
         s = child.wait() => End::Exited(s),
         _ = timeout => End::TimedOut,
         _ = cancel.wait_for(|c| *c) => End::Cancelled,
+        never = watch_progress(link, lease, &log_path) => match never {},
     };
     // Whatever happened, nothing the job started outlives it: killing the docker
     // client does not stop its container, so that is removed by name.
@@ -452,6 +453,56 @@ pub async fn run_job<L: CoordinatorLink>(
     }
     r.ended_ms = now_ms();
     r
+}
+
+/// Reads the job's log as it grows and tells the coordinator each new
+/// `::nexa-progress::` line (the latest of each second). Never returns.
+async fn watch_progress<L: CoordinatorLink>(
+    link: &L,
+    lease: &Lease,
+    log: &Path,
+) -> std::convert::Infallible {
+    use nexa_shared::job::JobProgress;
+    use std::io::{Read, Seek, SeekFrom};
+    const MAX_READ: u64 = 1 << 20;
+    let mut offset = 0u64;
+    let mut partial = Vec::new();
+    let mut last: Option<JobProgress> = None;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let Ok(mut f) = std::fs::File::open(log) else {
+            continue;
+        };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if len > offset + MAX_READ {
+            // Far behind (a chatty job): skip to the last part, dropping a cut line.
+            offset = len - MAX_READ;
+            partial.clear();
+        }
+        if f.seek(SeekFrom::Start(offset)).is_err() {
+            continue;
+        }
+        let mut buf = Vec::new();
+        if f.take(MAX_READ).read_to_end(&mut buf).is_err() {
+            continue;
+        }
+        offset += buf.len() as u64;
+        partial.extend_from_slice(&buf);
+        let Some(end) = partial.iter().rposition(|b| *b == b'\n') else {
+            continue;
+        };
+        let newest = String::from_utf8_lossy(&partial[..end])
+            .lines()
+            .rev()
+            .find_map(JobProgress::parse_line);
+        partial.drain(..=end);
+        if let Some(p) = newest
+            && last.as_ref() != Some(&p)
+        {
+            link.progress(lease, p.clone());
+            last = Some(p);
+        }
+    }
 }
 
 /// Completes a job's container with its user and its output root as the one writable

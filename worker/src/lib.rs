@@ -32,6 +32,9 @@ pub trait CoordinatorLink: Send + Sync + 'static {
     /// A signal that turns `true` when the leased job must be killed (its run was
     /// cancelled, or the lease was lost).
     fn cancellation(&self, lease: &Lease) -> watch::Receiver<bool>;
+    /// The leased job said how far it is (a `::nexa-progress::` line in its output);
+    /// best effort, never blocks.
+    fn progress(&self, lease: &Lease, progress: nexa_shared::job::JobProgress);
     /// Writes the content of `input` to `dest` (a file, or a directory tree).
     fn fetch_input(
         &self,

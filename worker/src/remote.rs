@@ -58,6 +58,8 @@ pub struct GrpcLink {
     /// Attempts running here, by (job, generation): a job can be leased here again
     /// while its older attempt is still being killed.
     running: Mutex<HashMap<(String, u64), watch::Sender<bool>>>,
+    /// What running attempts said of their progress since the last heartbeat.
+    progress: Mutex<HashMap<(String, u64), nexa_shared::job::JobProgress>>,
     metrics: Mutex<Option<Arc<crate::metrics::WorkerMetrics>>>,
     /// One enrolment at a time: the heartbeat and every slot notice a lost session at
     /// once, and concurrent challenges would void each other.
@@ -120,6 +122,7 @@ impl GrpcLink {
             enrolment: Mutex::new(enrolment),
             session: Mutex::new(Session::default()),
             running: Mutex::new(HashMap::new()),
+            progress: Mutex::new(HashMap::new()),
             metrics: Mutex::new(None),
             enrolling: tokio::sync::Mutex::new(()),
             enrolments: std::sync::atomic::AtomicU64::new(0),
@@ -262,11 +265,15 @@ impl GrpcLink {
                     .max(Duration::from_millis(100));
                 tokio::time::sleep(every).await;
                 n += 1;
+                let mut said = std::mem::take(&mut *lock(&link.progress));
                 let running: Vec<v1::RunningJob> = lock(&link.running)
                     .keys()
                     .map(|(j, g)| v1::RunningJob {
                         job_id: j.clone(),
                         generation: *g,
+                        progress: said
+                            .remove(&(j.clone(), *g))
+                            .map(|p| v1::JobProgress::from(&p)),
                     })
                     .collect();
                 let profile = if n.is_multiple_of(15) {
@@ -375,6 +382,11 @@ impl GrpcLink {
 }
 
 impl CoordinatorLink for GrpcLink {
+    fn progress(&self, lease: &Lease, progress: nexa_shared::job::JobProgress) {
+        // Sent with the next heartbeat; only the latest counts.
+        lock(&self.progress).insert((lease.job.job_id.to_string(), lease.generation), progress);
+    }
+
     async fn next_lease(&self) -> Option<Lease> {
         let mut attempt = 0;
         loop {

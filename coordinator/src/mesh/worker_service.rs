@@ -350,6 +350,19 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
         let worker = self.worker(&req)?;
         let r = req.into_inner();
+        for j in &r.running {
+            if let Some(p) = &j.progress
+                && let Ok(p) = nexa_shared::job::JobProgress::try_from(*p)
+            {
+                // Best effort: progress lost to an overloaded loop is only a stale bar.
+                let _ = self.coord.job_progress(
+                    &worker,
+                    JobId::from(j.job_id.clone()),
+                    j.generation,
+                    p,
+                );
+            }
+        }
         let running = r
             .running
             .into_iter()
@@ -372,6 +385,7 @@ impl WorkerService for WorkerApi {
                 .map(|(job_id, generation)| v1::RunningJob {
                     job_id: job_id.into_string(),
                     generation,
+                    progress: None,
                 })
                 .collect(),
         }))

@@ -19,6 +19,9 @@ pub enum Event {
         Option<Box<Profile>>,
         oneshot::Sender<Option<Vec<(JobId, u64)>>>,
     ),
+    /// A running job said how far it is; kept only when `(job, generation)` is leased
+    /// to this worker.
+    JobProgress(WorkerId, JobId, u64, Box<nexa_shared::job::JobProgress>),
     /// Is `(job, generation)` leased to this worker right now? Uploads and input fetches
     /// are served only for live leases.
     LeaseLive(WorkerId, JobId, u64, oneshot::Sender<LeaseCheck>),

@@ -125,6 +125,22 @@ impl Coordinator {
 
     /// Reports a job result. The signature is checked here, on the caller's thread,
     /// against the key the worker enrolled with; the loop acts on the verdict.
+    pub fn job_progress(
+        &self,
+        worker: &str,
+        job: JobId,
+        generation: u64,
+        progress: nexa_shared::job::JobProgress,
+    ) -> Result<()> {
+        self.send(Event::JobProgress(
+            WorkerId::from(worker),
+            job,
+            generation,
+            Box::new(progress),
+        ))
+    }
+
+    /// Reports a finished job (fire-and-forget).
     pub fn report(&self, worker: &str, result: JobResult) -> Result<()> {
         let verdict = self.verify(worker, &result);
         self.send(Event::Report(

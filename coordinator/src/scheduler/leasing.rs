@@ -256,6 +256,42 @@ impl Engine {
         cancel
     }
 
+    /// A running job's progress: kept on its step's record (unsharded steps) and sent to
+    /// the run's watchers, unless the job is not leased to `worker` under `generation`
+    /// (a stale attempt, or a worker speaking of a job it does not hold).
+    pub(super) fn on_job_progress(
+        &mut self,
+        worker: &str,
+        job_id: &JobId,
+        generation: u64,
+        progress: nexa_shared::job::JobProgress,
+    ) {
+        let Some(j) = self.jobs.get(job_id) else {
+            return;
+        };
+        if j.state != JobState::Leased
+            || j.generation != generation
+            || j.worker.as_deref() != Some(worker)
+        {
+            return;
+        }
+        let (run_id, step, shard) = (j.run_id.clone(), j.step, j.spec.shard);
+        let Some(run) = self.runs.get_mut(&run_id) else {
+            return;
+        };
+        if shard.is_none() {
+            run.records[step].progress = Some(progress.clone());
+        }
+        run.emit(Progress::Job {
+            step: run.records[step].id.clone(),
+            shard: shard.map(|(index, _)| index),
+            progress,
+        });
+        if shard.is_none() {
+            self.persist(&run_id, step);
+        }
+    }
+
     pub(super) fn on_tick(&mut self) {
         // Runs whose final state the store refused: try again.
         let unsaved: Vec<RunId> = self

@@ -261,6 +261,9 @@ impl Engine {
                 self.dirty_workers.insert(id);
                 self.dispatch();
             }
+            Event::JobProgress(worker, job, generation, progress) => {
+                self.on_job_progress(&worker, &job, generation, *progress);
+            }
             Event::Heartbeat(worker, running, profile, reply) => {
                 let banned = self
                     .workers

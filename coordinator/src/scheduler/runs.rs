@@ -504,6 +504,7 @@ impl Engine {
         rec.attempts = 0;
         rec.worker = None;
         rec.log = None;
+        rec.progress = None;
         let base = JobSpec {
             job_id: JobId::default(),
             run_id: RunId::from(run_id),

@@ -4,6 +4,7 @@
 
 use super::{ConvertError, err};
 use crate::v1;
+use nexa_shared::job::JobProgress;
 use nexa_shared::record::{
     ArtifactInfo, Progress, RunOutcome, RunSummary, ShardRecord, StepRecord, StepStatus,
 };
@@ -126,6 +127,7 @@ impl From<&StepRecord> for v1::StepRecord {
             log: r.log.clone(),
             shards: r.shards.iter().map(v1::ShardRecord::from).collect(),
             duration_ms: r.duration_ms,
+            progress: r.progress.as_ref().map(v1::JobProgress::from),
         }
     }
 }
@@ -165,6 +167,7 @@ impl TryFrom<v1::StepRecord> for StepRecord {
                 .map(ShardRecord::try_from)
                 .collect::<Result<_, _>>()?,
             duration_ms: r.duration_ms,
+            progress: r.progress.map(JobProgress::try_from).transpose()?,
         })
     }
 }
@@ -211,6 +214,15 @@ impl From<&Progress> for v1::RunEvent {
                 delay_s: delay.as_secs_f64(),
                 error: error.clone(),
             }),
+            Progress::Job {
+                step,
+                shard,
+                progress,
+            } => E::Progress(v1::JobProgressed {
+                step: step.clone(),
+                shard: *shard,
+                progress: Some(v1::JobProgress::from(progress)),
+            }),
             Progress::Finished(s) => E::Finished(v1::RunFinished {
                 run_id: s.run_id.to_string(),
                 pipeline: s.pipeline.clone(),
@@ -251,6 +263,15 @@ impl TryFrom<v1::RunEvent> for Progress {
                 job: r.job,
                 attempt: r.attempt,
                 error: r.error,
+            },
+            Some(E::Progress(p)) => Progress::Job {
+                step: p.step,
+                shard: p.shard,
+                progress: p
+                    .progress
+                    .map(JobProgress::try_from)
+                    .transpose()?
+                    .ok_or_else(|| err("JobProgressed", "progress", "is missing"))?,
             },
             Some(E::Finished(f)) => Progress::Finished(RunSummary {
                 outcome: outcome_from_wire(f.outcome)?,
@@ -358,5 +379,32 @@ mod tests {
         r.shards[0].status = 99;
         let e = StepRecord::try_from(r).expect_err("unknown shard state");
         assert_eq!((e.message, e.field), ("ShardRecord", "status"));
+    }
+}
+
+impl From<&JobProgress> for v1::JobProgress {
+    fn from(p: &JobProgress) -> Self {
+        Self {
+            step: p.step,
+            total: p.total,
+            loss: p.loss,
+            records: p.records,
+        }
+    }
+}
+
+impl TryFrom<v1::JobProgress> for JobProgress {
+    type Error = ConvertError;
+
+    fn try_from(p: v1::JobProgress) -> Result<Self, ConvertError> {
+        if p.loss.is_some_and(|l| !l.is_finite()) {
+            return Err(err("JobProgress", "loss", "is not a finite number"));
+        }
+        Ok(Self {
+            step: p.step,
+            total: p.total,
+            loss: p.loss,
+            records: p.records,
+        })
     }
 }
