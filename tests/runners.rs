@@ -30,6 +30,26 @@ fn python() -> &'static str {
     })
 }
 
+/// The interpreter of the axolotl venv (`python/requirements-axolotl.txt`: axolotl pins
+/// its own torch and transformers).
+fn python_axolotl() -> &'static str {
+    static PY: OnceLock<String> = OnceLock::new();
+    PY.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = Command::new("bash")
+            .arg(root.join("python/setup.sh"))
+            .arg(root.join("python/requirements-axolotl.txt"))
+            .output()
+            .expect("run python/setup.sh");
+        assert!(
+            out.status.success(),
+            "python/setup.sh failed: {}",
+            text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    })
+}
+
 fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("mkdir");
     for e in std::fs::read_dir(from).expect("read dir").flatten() {
@@ -789,4 +809,57 @@ fn vllm_is_built_with_the_seeds_arguments_and_refused_where_no_worker_has_it() {
         err.contains("label python.vllm") && err.contains("pip install vllm"),
         "{err}"
     );
+}
+
+#[test]
+fn axolotl_trains_a_lora_adapter_on_a_tiny_model_and_refuses_a_bad_config_before_training() {
+    let p = project();
+    let ax = |file: &str| {
+        p.cmd(&["pipeline", "run", file])
+            .env("NEXA_PYTHON", python_axolotl())
+            .output()
+            .expect("run nexa")
+    };
+    let out = ax("pipelines/tiny_axolotl_demo.yaml");
+    assert!(out.status.success(), "{}", text(&out));
+    let lora = "artifacts/axolotl/lora";
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "axolotl_config.yml",
+        "metrics.json",
+    ] {
+        assert!(p.path().join(lora).join(f).is_file(), "{lora}/{f} missing");
+    }
+    assert_eq!(json(&p, &format!("{lora}/meta.json"))["kind"], "checkpoint");
+    let m = json(&p, &format!("{lora}/metrics.json"));
+    assert_eq!(m["steps"], 5, "{m}");
+    assert_eq!(m["adapter"], "lora");
+    let adapter = json(&p, &format!("{lora}/adapter_config.json"));
+    assert_eq!(adapter["r"], 4, "the recipe's lora_r: {adapter}");
+    // Nexa set the staged paths, the recipe and params.config were merged.
+    let merged = p.read(&format!("{lora}/axolotl_config.yml"));
+    assert!(
+        merged.contains("max_steps: 5") && merged.contains("lora_r: 4"),
+        "{merged}"
+    );
+    assert!(!merged.contains("pipelines/axolotl"), "{merged}");
+
+    // A bad value: axolotl's loader refuses it, and nothing is trained.
+    let bad = p
+        .read("pipelines/tiny_axolotl_demo.yaml")
+        .replace(
+            "config: {max_steps: 5}",
+            "config: {max_steps: 5, micro_batch_size: lots}",
+        )
+        .replace("artifacts/axolotl/lora", "artifacts/axolotl/bad");
+    p.write("bad.yaml", &bad);
+    let out = ax("bad.yaml");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("axolotl refused the config"), "{err}");
+    assert!(err.contains("micro_batch_size"), "{err}");
+    assert!(!p.path().join("artifacts/axolotl/bad").exists());
+    let log = p.read(".nexa_state/tiny_axolotl_demo/logs/lora.log");
+    assert!(!log.contains("Starting trainer"), "{log}");
 }

@@ -194,7 +194,7 @@ pub fn plan_step(
     if runners::is_runner(&step.uses.value) {
         // The driver is one more input: its digest is in the cache key, so editing it
         // re-runs exactly the steps that use it.
-        match runner_input(ctx, &step.uses.value) {
+        match runner_input(ctx, &step.uses.value, step.backend.as_deref()) {
             Ok(r) => {
                 inputs.push(r);
                 inputs.sort_by(|a, b| a.name.cmp(&b.name));
@@ -381,8 +381,12 @@ fn resolve_input(
 }
 
 /// The runner's driver folder, written under the run's state directory, as an input.
-fn runner_input(ctx: &RunContext, uses: &str) -> Result<ResolvedInput, String> {
-    let dir = runners::materialise(&ctx.state_dir.join("runners"), uses)
+fn runner_input(
+    ctx: &RunContext,
+    uses: &str,
+    backend: Option<&str>,
+) -> Result<ResolvedInput, String> {
+    let dir = runners::materialise(&ctx.state_dir.join("runners"), uses, backend)
         .map_err(|e| format!("staging the driver of '{uses}': {e}"))?;
     let (digest, _, is_dir) =
         artifact::input_digest(&dir).map_err(|e| format!("hashing the driver of '{uses}': {e}"))?;

@@ -18,7 +18,10 @@ def main() -> None:
     if len(sys.argv) != 2:
         common.fail("usage: run.py <runners.train|runners.eval|runners.infer|runners.serve>")
     uses = sys.argv[1]
-    if uses == "runners.train":
+    job = common.Job.from_env()
+    if uses == "runners.train" and job.get("backend") == "axolotl":
+        import train_axolotl as mod
+    elif uses == "runners.train":
         import train_hf as mod
     elif uses == "runners.eval":
         import evaluate as mod
@@ -28,7 +31,7 @@ def main() -> None:
         import serve as mod
     else:
         common.fail(f"this driver does not run {uses!r}")
-    mod.main(common.Job.from_env())
+    mod.main(job)
 
 
 if __name__ == "__main__":

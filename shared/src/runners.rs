@@ -36,6 +36,7 @@ const RUN_PY: &str = include_str!("../../python/nexa_runners/run.py");
 const COMMON_PY: &str = include_str!("../../python/nexa_runners/common.py");
 const DATA_PY: &str = include_str!("../../python/nexa_runners/data.py");
 const TRAIN_HF_PY: &str = include_str!("../../python/nexa_runners/train_hf.py");
+const TRAIN_AXOLOTL_PY: &str = include_str!("../../python/nexa_runners/train_axolotl.py");
 const EVALUATE_PY: &str = include_str!("../../python/nexa_runners/evaluate.py");
 const INFER_PY: &str = include_str!("../../python/nexa_runners/infer.py");
 const CHECKPOINT_PY: &str = include_str!("../../python/nexa_runners/checkpoint.py");
@@ -62,7 +63,7 @@ pub fn kind(uses: &str) -> &'static str {
 pub fn backends(uses: &str) -> &'static [(&'static str, handlers::Availability)] {
     use handlers::Availability::*;
     match uses {
-        TRAIN => &[("hf", Available), ("axolotl", NotYetAvailable)],
+        TRAIN => &[("hf", Available), ("axolotl", Available)],
         EVAL | INFER => &[("hf", Available)],
         SERVE => &[("hf_runtime", Available), ("vllm", Available)],
         _ => &[],
@@ -162,6 +163,7 @@ const TRAIN_PARAMS: &[&str] = &[
     "network",
     "tags",
 ];
+const AXOLOTL_PARAMS: &[&str] = &["recipe", "config", "model", "text_column", "network"];
 const EVAL_PARAMS: &[&str] = &[
     "text_column",
     "label_column",
@@ -217,7 +219,9 @@ pub fn check(uses: &str, backend: Option<&str>, params: &Value, inputs: &[&str])
             return errors;
         }
     };
+    let axolotl = uses == TRAIN && backend_of(uses, backend) == Some("axolotl");
     let allowed = match uses {
+        TRAIN if axolotl => AXOLOTL_PARAMS,
         TRAIN => TRAIN_PARAMS,
         EVAL => EVAL_PARAMS,
         INFER => INFER_PARAMS,
@@ -241,6 +245,22 @@ pub fn check(uses: &str, backend: Option<&str>, params: &Value, inputs: &[&str])
         ));
     }
     match uses {
+        TRAIN if axolotl => {
+            let recipe = obj
+                .get("recipe")
+                .and_then(Value::as_str)
+                .unwrap_or("recipe");
+            if !has(recipe) && !obj.get("config").is_some_and(Value::is_object) {
+                errors.push(
+                    "runners.train backend axolotl needs a recipe: an input named 'recipe' (or \
+                     the input params.recipe names), or params.config"
+                        .into(),
+                );
+            }
+            if obj.get("config").is_some_and(|c| !c.is_object()) {
+                errors.push("'params.config' must be a mapping (axolotl config keys)".into());
+            }
+        }
         TRAIN => {
             match obj.get("model") {
                 None if !has("model") => errors.push(
@@ -371,14 +391,18 @@ pub fn job_params(uses: &str, backend: Option<&str>, params: &Value) -> Value {
     Value::Object(obj)
 }
 
-/// The driver files a runner needs, as `(file name, text)`.
-fn files(uses: &str) -> Vec<(&'static str, &'static str)> {
+/// The driver files a runner needs, as `(file name, text)`: only its backend's, so
+/// editing one backend's driver re-runs only the steps that use that backend.
+fn files(uses: &str, backend: Option<&str>) -> Vec<(&'static str, &'static str)> {
     let mut f = vec![
         ("run.py", RUN_PY),
         ("common.py", COMMON_PY),
         ("requirements.txt", REQUIREMENTS),
     ];
     match uses {
+        TRAIN if backend_of(uses, backend) == Some("axolotl") => {
+            f.push(("train_axolotl.py", TRAIN_AXOLOTL_PY));
+        }
         TRAIN => f.extend([("data.py", DATA_PY), ("train_hf.py", TRAIN_HF_PY)]),
         EVAL => f.extend([
             ("data.py", DATA_PY),
@@ -405,10 +429,10 @@ fn files(uses: &str) -> Vec<(&'static str, &'static str)> {
 /// to a folder holding the same file names (this repo's `python/nexa_runners`), those
 /// files are used instead of the built-in ones, so a driver can be edited and re-run
 /// without a rebuild.
-pub fn materialise(root: &Path, uses: &str) -> crate::Result<PathBuf> {
+pub fn materialise(root: &Path, uses: &str, backend: Option<&str>) -> crate::Result<PathBuf> {
     let overrides = std::env::var_os("NEXA_RUNNERS_DIR").map(PathBuf::from);
     let mut contents: Vec<(&str, Vec<u8>)> = Vec::new();
-    for (name, text) in files(uses) {
+    for (name, text) in files(uses, backend) {
         let bytes = match &overrides {
             Some(dir) if name != "requirements.txt" => {
                 let p = dir.join(name);
@@ -503,12 +527,14 @@ mod tests {
     #[test]
     fn the_driver_folder_is_written_once_per_content() {
         let d = tempfile::tempdir().expect("tempdir");
-        let a = materialise(d.path(), TRAIN).expect("write");
-        let b = materialise(d.path(), TRAIN).expect("write");
+        let a = materialise(d.path(), TRAIN, None).expect("write");
+        let b = materialise(d.path(), TRAIN, None).expect("write");
         assert_eq!(a, b);
         assert!(a.join("run.py").is_file() && a.join("train_hf.py").is_file());
-        let e = materialise(d.path(), EVAL).expect("write");
+        let e = materialise(d.path(), EVAL, None).expect("write");
         assert_ne!(a, e);
         assert!(!e.join("train_hf.py").exists());
+        let ax = materialise(d.path(), TRAIN, Some("axolotl")).expect("write");
+        assert!(ax.join("train_axolotl.py").is_file() && !ax.join("train_hf.py").exists());
     }
 }
