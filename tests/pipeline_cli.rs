@@ -473,21 +473,21 @@ pipeline:
 }
 
 #[test]
-fn handlers_not_in_this_build_fail_clearly_and_never_complete() {
+fn schedulers_not_in_this_build_fail_clearly_and_never_complete() {
     let p = Project::new();
     p.write(
         "t.yaml",
-        "pipeline:\n  name: later\n  steps:\n    - id: serve\n      uses: runners.serve\n      backend: vllm\n      params: {model: distilbert-base-uncased}\n      out: artifacts/ckpt\n",
+        "pipeline:\n  name: later\n  steps:\n    - id: train\n      uses: exec\n      scheduler: slurm\n      params: {run: 'touch \"$NEXA_OUT/x\"'}\n      out: artifacts/ckpt\n",
     );
     let out = p.nexa(&["pipeline", "run", "t.yaml"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr)
-            .contains("'runners.serve' is not available yet in this build"),
+            .contains("scheduler 'slurm' is not available yet in this build"),
         "{}",
         text(&out)
     );
-    assert_eq!(p.statuses("t.yaml"), pairs(&[("serve", "FAILED")]));
+    assert_eq!(p.statuses("t.yaml"), pairs(&[("train", "FAILED")]));
     assert!(!p.path().join("artifacts/ckpt").exists());
 }
 

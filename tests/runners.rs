@@ -863,3 +863,127 @@ fn axolotl_trains_a_lora_adapter_on_a_tiny_model_and_refuses_a_bad_config_before
     let log = p.read(".nexa_state/tiny_axolotl_demo/logs/lora.log");
     assert!(!log.contains("Starting trainer"), "{log}");
 }
+
+#[test]
+fn a_lora_run_on_csv_saves_the_merged_model_and_its_adapter_and_eval_reads_parquet() {
+    let p = project();
+    // The reviews as CSV (training) and Parquet (evaluation), written here.
+    let rows: Vec<serde_json::Value> = p
+        .read("pipelines/data/reviews/train.jsonl")
+        .lines()
+        .take(600)
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let mut csv = String::from("id,label,text\n");
+    for r in &rows {
+        csv.push_str(&format!(
+            "{},{},\"{}\"\n",
+            r["id"].as_str().expect("id"),
+            r["label"],
+            r["text"].as_str().expect("text").replace('"', "\"\"")
+        ));
+    }
+    p.write("data/train.csv", &csv);
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(
+            "import json, sys, pyarrow as pa, pyarrow.parquet as pq\n\
+             rows = [json.loads(l) for l in open(sys.argv[1])][:200]\n\
+             pq.write_table(pa.Table.from_pylist(rows), sys.argv[2])",
+        )
+        .arg(p.path().join("pipelines/data/reviews/test.jsonl"))
+        .arg(p.path().join("data/test.parquet"))
+        .output()
+        .expect("write parquet");
+    assert!(out.status.success(), "{}", text(&out));
+    p.write(
+        "lora.yaml",
+        r#"
+pipeline:
+  name: lora
+  steps:
+    - id: base
+      uses: runners.train
+      in: {dataset: data/train.csv}
+      params:
+        model: {config: {model_type: bert, hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 128}}
+        max_length: 48
+        batch_size: 32
+        max_steps: 150
+        learning_rate: 0.002
+      out: artifacts/base
+    - id: tune
+      uses: runners.train
+      in: {model: artifacts/base, dataset: data/train.csv}
+      params:
+        lora: {r: 4, alpha: 8, dropout: 0.0, target_modules: [query, value]}
+        max_length: 48
+        batch_size: 32
+        max_steps: 30
+        learning_rate: 0.002
+      out: artifacts/tuned
+    - id: eval
+      uses: runners.eval
+      in: {checkpoint: artifacts/tuned, dataset: data/test.parquet}
+      params: {max_length: 48}
+      out: artifacts/eval
+"#,
+    );
+    let out = run(&p, &["pipeline", "run", "lora.yaml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ] {
+        assert!(p.path().join("artifacts/tuned").join(f).is_file(), "{f}");
+    }
+    let m = json(&p, "artifacts/tuned/metrics.json");
+    assert_eq!(m["lora"], true, "{m}");
+    assert_eq!(m["base_model"], "input:model", "{m}");
+    let adapter = json(&p, "artifacts/tuned/adapter/adapter_config.json");
+    assert_eq!(adapter["r"], 4, "{adapter}");
+    let labels = json(&p, "artifacts/tuned/meta.json")["labels"].clone();
+    assert!(
+        labels["base_model"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("artifacts/base (blake3:")),
+        "{labels}"
+    );
+    let report = json(&p, "artifacts/eval/eval_report.json");
+    assert_eq!(report["samples"], 200, "{report}");
+    assert!(
+        report["accuracy"].as_f64().is_some_and(|a| a >= 0.7),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_hub_model_without_the_network_fails_naming_what_to_prefetch() {
+    let p = project();
+    let home = p.path().join("hf-home");
+    p.write(
+        "hub.yaml",
+        "pipeline:\n  name: hub\n  steps:\n    - id: train\n      uses: runners.train\n      in: {dataset: pipelines/data/reviews/train.jsonl}\n      params: {model: distilbert-base-uncased, max_steps: 1}\n      out: artifacts/ckpt\n",
+    );
+    let out = p
+        .cmd(&["pipeline", "run", "hub.yaml"])
+        .env("NEXA_PYTHON", python())
+        // An empty hub cache: the model is not there, and the step has no network.
+        .env("HF_HOME", &home)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot load model 'distilbert-base-uncased'"),
+        "{err}"
+    );
+    assert!(
+        err.contains("huggingface-cli download distilbert-base-uncased")
+            && err.contains("params.network: true"),
+        "{err}"
+    );
+    assert!(!p.path().join("artifacts/ckpt").exists());
+}

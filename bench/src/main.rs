@@ -4,10 +4,13 @@
 //!   (process start, YAML, validation, sled, planning, state writes: what a user waits for).
 //! - `hash`: artifact hashing throughput on one file and on a tree, against `b3sum` and
 //!   `sha256sum` on the same bytes, in one run.
+//! - `runner`: a training run through `nexa pipeline run` against the same driver run
+//!   directly (Nexa's overhead).
 //! - `seal`: sealing a large checkpoint (the worker's hash and signature, the
 //!   coordinator's check, fsync, rename and `COMPLETE`), phase by phase.
 
 mod mesh;
+mod runner;
 mod seal;
 
 /// mimalloc: the coordinator allocates many small, short-lived buffers from several
@@ -81,6 +84,25 @@ enum Cmd {
         #[arg(long)]
         scratch: Option<PathBuf>,
     },
+    /// Nexa's overhead on a training run: the runners.train driver directly vs
+    /// `nexa pipeline run` (needs NEXA_PYTHON or --python with torch and transformers).
+    Runner {
+        /// Training steps.
+        #[arg(long, default_value_t = 300)]
+        steps: u32,
+        /// Timed runs of each, interleaved (the medians are compared).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// The interpreter (default: $NEXA_PYTHON, else python3).
+        #[arg(long, env = "NEXA_PYTHON", default_value = "python3")]
+        python: String,
+        /// The nexa binary (default: next to this one).
+        #[arg(long)]
+        nexa: Option<PathBuf>,
+        /// A labelled JSONL file (default: the repo's pipelines/data/reviews/train.jsonl).
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
     /// Hashing throughput.
     Hash {
         /// Bytes to hash (e.g. 1GiB).
@@ -97,6 +119,22 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Cached { steps, runs, nexa } => cached(steps, runs, nexa, cli.json),
         Cmd::Hash { size, reps } => hash(&size, reps, cli.json),
+        Cmd::Runner {
+            steps,
+            reps,
+            python,
+            nexa,
+            data,
+        } => runner::run(
+            steps,
+            reps,
+            &python,
+            &nexa_binary(nexa)?,
+            &data.unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/data/reviews/train.jsonl")
+            }),
+            cli.json,
+        ),
         Cmd::Seal {
             size,
             files,

@@ -38,6 +38,7 @@ pipeline:
       out: artifacts/c
     - id: d
       uses: runners.serve
+      params: {model: distilbert-base-uncased}
       out: artifacts/d
 "#;
     let l = load_str("p.yaml", src, Path::new("/proj")).expect("valid");
