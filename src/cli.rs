@@ -493,7 +493,7 @@ fn run(project: &Path, args: RunArgs, from: Option<String>) -> anyhow::Result<Ex
         };
         // Handles are stored before anything is printed (a closed stdout must not lose
         // a running service).
-        let serving = crate::serve::after_run(project, &serving)?;
+        let serving = crate::serve::after_run(project, &serving, summary.run_id.as_str())?;
         print_summary(&summary, &file_display, &order);
         for line in serving {
             println!("{line}");

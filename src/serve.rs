@@ -267,9 +267,10 @@ pub fn before_run(project: &Path, loaded: &Loaded) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// After a pipeline ran: the handles its serve steps sealed are kept in the store.
-/// Returns what to tell the user.
-pub fn after_run(project: &Path, loaded: &Loaded) -> anyhow::Result<Vec<String>> {
+/// After run `run_id` of a pipeline: the handles its serve steps sealed in that run are
+/// kept in the store (an artifact left by an earlier run, whose server was stopped
+/// when this one began, is not). Returns what to tell the user.
+pub fn after_run(project: &Path, loaded: &Loaded, run_id: &str) -> anyhow::Result<Vec<String>> {
     let steps = serve_steps(project, loaded);
     if steps.is_empty() {
         return Ok(Vec::new());
@@ -277,6 +278,11 @@ pub fn after_run(project: &Path, loaded: &Loaded) -> anyhow::Result<Vec<String>>
     let store = open(project)?;
     let mut lines = Vec::new();
     for (name, dir) in steps {
+        let sealed_now = nexa_shared::artifact::read_meta(&dir)
+            .is_ok_and(|m| m.labels.get("run_id").map(String::as_str) == Some(run_id));
+        if !sealed_now {
+            continue;
+        }
         let Ok(text) = std::fs::read(dir.join("handle.json")) else {
             continue;
         };

@@ -297,6 +297,29 @@ fn general_e2e_trains_evaluates_registers_promotes_and_serves_a_classifier_that_
     };
     assert!(line("train_hf").contains("SKIPPED"), "{stdout}");
     assert!(line("eval_hf").contains("COMPLETE"), "{stdout}");
+
+    // A serve step that fails (its port is taken) leaves no handle behind: the artifact
+    // an earlier run sealed names a server this run stopped, and is not taken for a
+    // live one.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let yaml = p
+        .read("pipelines/general_e2e.yaml")
+        .replace("port: 0}", &format!("port: {port}, ready_timeout: 60}}"));
+    p.write("pipelines/general_e2e.yaml", &yaml);
+    let out = run(&p, &["pipeline", "run", "pipelines/general_e2e.yaml"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("serving reviews-classifier"),
+        "{}",
+        text(&out)
+    );
+    let out = p.nexa(&["serve", "list"]);
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("reviews-classifier"),
+        "{}",
+        text(&out)
+    );
 }
 
 /// Rewrites a JSONL file with its labels shuffled (a fixed permutation).
