@@ -11,43 +11,33 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// The interpreter with torch and transformers: `bash python/setup.sh` (instant once
-/// installed).
-fn python() -> &'static str {
-    static PY: OnceLock<String> = OnceLock::new();
-    PY.get_or_init(|| {
-        let setup = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/setup.sh");
-        let out = Command::new("bash")
-            .arg(&setup)
-            .output()
-            .expect("run python/setup.sh");
-        assert!(
-            out.status.success(),
-            "python/setup.sh failed: {}",
-            text(&out)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    })
+/// The interpreter of the repo's venv for `requirements` (`python/setup.sh`: installed
+/// once, then instant).
+fn venv(requirements: &str) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("bash")
+        .arg(root.join("python/setup.sh"))
+        .arg(root.join("python").join(requirements))
+        .output()
+        .expect("run python/setup.sh");
+    assert!(
+        out.status.success(),
+        "python/setup.sh failed: {}",
+        text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// The interpreter of the axolotl venv (`python/requirements-axolotl.txt`: axolotl pins
-/// its own torch and transformers).
+/// The interpreter with torch and transformers.
+fn python() -> &'static str {
+    static PY: OnceLock<String> = OnceLock::new();
+    PY.get_or_init(|| venv("requirements.txt"))
+}
+
+/// The interpreter of the axolotl venv (axolotl pins its own torch and transformers).
 fn python_axolotl() -> &'static str {
     static PY: OnceLock<String> = OnceLock::new();
-    PY.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let out = Command::new("bash")
-            .arg(root.join("python/setup.sh"))
-            .arg(root.join("python/requirements-axolotl.txt"))
-            .output()
-            .expect("run python/setup.sh");
-        assert!(
-            out.status.success(),
-            "python/setup.sh failed: {}",
-            text(&out)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    })
+    PY.get_or_init(|| venv("requirements-axolotl.txt"))
 }
 
 fn copy_tree(from: &Path, to: &Path) {

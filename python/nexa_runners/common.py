@@ -53,6 +53,20 @@ def progress(**fields) -> None:
     print(PROGRESS_PREFIX + " " + json.dumps(fields, sort_keys=True), flush=True)
 
 
+def read_yaml_mapping(path: str, what: str) -> dict:
+    """A YAML file that must hold a mapping (an empty file is an empty one)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise RunnerError(f"{what} {os.path.basename(path)}: {e}")
+    if not isinstance(value, dict):
+        raise RunnerError(f"{what} {os.path.basename(path)} must be a mapping")
+    return value
+
+
 def write_json(path: str, value) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(value, f, indent=2, sort_keys=True)

@@ -18,15 +18,7 @@ def options(job) -> dict:
     opts = {"split": "test", "batch_size": 32, "max_length": 256, "text_column": "text", "label_column": "label"}
     cfg_path = job.input("config")
     if cfg_path:
-        import yaml
-
-        try:
-            with open(cfg_path, encoding="utf-8") as f:
-                cfg = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise RunnerError(f"the eval config {os.path.basename(cfg_path)}: {e}")
-        if not isinstance(cfg, dict):
-            raise RunnerError(f"the eval config {os.path.basename(cfg_path)} must be a mapping")
+        cfg = common.read_yaml_mapping(cfg_path, "the eval config")
         cfg = cfg.get("eval", cfg)
         opts.update({k: v for k, v in cfg.items() if v is not None})
     opts.update({k: v for k, v in job.params.items() if v is not None and k != "backend"})

@@ -28,19 +28,11 @@ def deep_merge(base, over):
 
 
 def merged_config(job) -> dict:
-    import yaml
-
     recipe_name = job.get("recipe", "recipe")
     path = job.input(str(recipe_name))
     cfg = {}
     if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                cfg = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise RunnerError(f"the axolotl recipe {os.path.basename(path)}: {e}")
-        if not isinstance(cfg, dict):
-            raise RunnerError(f"the axolotl recipe {os.path.basename(path)} must be a mapping")
+        cfg = common.read_yaml_mapping(path, "the axolotl recipe")
     elif job.get("recipe"):
         raise RunnerError(f"params.recipe names the input '{recipe_name}', which the step does not have")
     cfg = deep_merge(cfg, job.get("config", {}) or {})

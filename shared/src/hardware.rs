@@ -352,9 +352,9 @@ mod tests {
 
     const GIB: u64 = 1 << 30;
 
-    #[test]
-    fn container_jobs_need_docker_and_sandbox_workers_take_only_what_they_can_contain() {
-        let with = |labels: &[(&str, &str)]| Profile {
+    /// A 4-core, 1 GiB worker carrying these labels.
+    fn with(labels: &[(&str, &str)]) -> Profile {
+        Profile {
             cores: 4,
             memory_total: GIB,
             labels: labels
@@ -362,7 +362,11 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             ..Profile::default()
-        };
+        }
+    }
+
+    #[test]
+    fn container_jobs_need_docker_and_sandbox_workers_take_only_what_they_can_contain() {
         let bare = with(&[]);
         let docker = with(&[(DOCKER_LABEL, "28.2")]);
         let sandbox = with(&[(DOCKER_LABEL, "28.2"), (SANDBOX_LABEL, "docker")]);
@@ -402,15 +406,6 @@ mod tests {
 
     #[test]
     fn python_package_labels_match_any_version_and_their_absence_names_the_pip_line() {
-        let with = |labels: &[(&str, &str)]| Profile {
-            cores: 4,
-            memory_total: GIB,
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            ..Profile::default()
-        };
         let torch = with(&[
             ("python.torch", "2.15.0"),
             ("python.transformers", "5.24.0"),
