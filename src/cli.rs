@@ -274,7 +274,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                      a mesh worker cannot yet be told to stop a service it started"
                 );
             }
-            crate::serve::run(&project, command)
+            crate::serve::run(&project, command, &run_file)
         }
         Command::Models { command } => match &remote {
             Some(r) => runtime()?.block_on(crate::models::run_remote(r, command)),

@@ -87,8 +87,16 @@ fn handle(store: &SledStore, name: &str) -> anyhow::Result<serde_json::Value> {
     serde_json::from_slice(&bytes).with_context(|| format!("the handle of '{name}' is not JSON"))
 }
 
-/// Runs `nexa serve ...` against the project's store.
-pub fn run(project: &Path, command: ServeCommand) -> anyhow::Result<ExitCode> {
+/// Runs a pipeline file embedded (`nexa pipeline run FILE`), as the CLI does.
+pub type RunFile<'a> = &'a dyn Fn(&Path, PathBuf) -> anyhow::Result<ExitCode>;
+
+/// Runs `nexa serve ...` against the project's store; `run_file` runs the one-step
+/// pipeline `start` writes.
+pub fn run(
+    project: &Path,
+    command: ServeCommand,
+    run_file: RunFile<'_>,
+) -> anyhow::Result<ExitCode> {
     match command {
         ServeCommand::Start {
             backend,
@@ -100,6 +108,7 @@ pub fn run(project: &Path, command: ServeCommand) -> anyhow::Result<ExitCode> {
             dry_run,
         } => start(
             project,
+            run_file,
             &backend,
             &model,
             name,
@@ -168,6 +177,7 @@ pub fn run(project: &Path, command: ServeCommand) -> anyhow::Result<ExitCode> {
 #[allow(clippy::too_many_arguments)]
 fn start(
     project: &Path,
+    run_file: RunFile<'_>,
     backend: &str,
     model: &str,
     name: Option<String>,
@@ -211,7 +221,7 @@ fn start(
         nexa_shared::paths::safe_component(&name)
     ));
     std::fs::write(&file, yaml).with_context(|| format!("writing {}", file.display()))?;
-    let code = crate::cli::run_file(project, file)?;
+    let code = run_file(project, file)?;
     if code != ExitCode::SUCCESS {
         return Ok(code);
     }
