@@ -844,3 +844,30 @@ fn verify_checks_hashes_and_the_workers_signatures_offline() {
         text(&out)
     );
 }
+
+#[test]
+fn a_failed_steps_log_is_kept_before_the_run_reports_its_end() {
+    // The failure message names .nexa_state/<pipeline>/logs/<step>.log: by the time
+    // `nexa pipeline run` returns, that file must hold this run's log, not be missing
+    // or an earlier run's.
+    let p = Project::new();
+    p.write(
+        "f.yaml",
+        "pipeline:\n  name: failing\n  steps:\n    - id: noisy\n      uses: exec\n      params: {run: 'head -c 60000000 /dev/zero | tr \"\\\\0\" x; echo; echo \"marker $NEXA_RUN_ID\"; exit 3'}\n      out: artifacts/noisy\n",
+    );
+    for _ in 0..2 {
+        let out = p.nexa(&["pipeline", "run", "f.yaml"]);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let run_id = p.status_json("f.yaml")["steps"][0]["run_id"]
+            .as_str()
+            .expect("run id")
+            .to_string();
+        let log =
+            std::fs::read(p.path().join(".nexa_state/failing/logs/noisy.log")).unwrap_or_default();
+        let tail = String::from_utf8_lossy(&log[log.len().saturating_sub(200)..]).into_owned();
+        assert!(
+            tail.contains(&format!("marker {run_id}")),
+            "the kept log is this run's ({run_id}): ...{tail}"
+        );
+    }
+}

@@ -873,7 +873,9 @@ fn axolotl_trains_a_lora_adapter_on_a_tiny_model_and_refuses_a_bad_config_before
     assert!(err.contains("axolotl refused the config"), "{err}");
     assert!(err.contains("micro_batch_size"), "{err}");
     assert!(!p.path().join("artifacts/axolotl/bad").exists());
+    // The kept log is this failed run's (not the earlier one's), and trained nothing.
     let log = p.read(".nexa_state/tiny_axolotl_demo/logs/lora.log");
+    assert!(log.contains("axolotl refused the config"), "{log}");
     assert!(!log.contains("Starting trainer"), "{log}");
 }
 

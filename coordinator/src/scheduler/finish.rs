@@ -248,13 +248,16 @@ fn outcome_of(run: &Run) -> RunOutcome {
 }
 
 /// After a failed job: keep its log with the run state (`.nexa_state/<pipeline>/logs`)
-/// and drop what it staged, off the loop.
+/// and drop what it staged, off the loop. Both go on the write-behind thread, in order
+/// before the run's own final save: when the run reports its end (naming that log), the
+/// log is there. As a task on the blocking pool, it could still be waiting when the run
+/// ended, and be dropped at shutdown (seen in CI: the log of an earlier run was read).
 pub(super) fn cleanup_failed(
     fx: &dyn effects::Effects,
     log: Option<(PathBuf, PathBuf)>,
     staging: Option<PathBuf>,
 ) {
-    fx.spawn(Box::new(move || {
+    fx.persist(Box::new(move || {
         keep_log(log);
         if let Some(s) = staging {
             let _ = nexa_shared::artifact::remove_tree(&s);
