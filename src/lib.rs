@@ -9,4 +9,5 @@ pub mod models;
 pub mod remote;
 pub mod render;
 pub mod serve;
+pub mod summary;
 pub mod viz;
