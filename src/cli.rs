@@ -413,8 +413,8 @@ fn run(project: &Path, args: RunArgs, from: Option<String>) -> anyhow::Result<Ex
         return Ok(ExitCode::from(2));
     }
     // Services the run will start again are stopped first: a re-run replaces them.
-    crate::serve::before_run(project, &loaded)?;
-    let serving = loaded.clone();
+    let serve_steps = crate::serve::serve_steps(project, &loaded);
+    crate::serve::before_run(project, &serve_steps)?;
     let slots = args.slots.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -494,7 +494,12 @@ fn run(project: &Path, args: RunArgs, from: Option<String>) -> anyhow::Result<Ex
         };
         // Handles are stored before anything is printed (a closed stdout must not lose
         // a running service).
-        let serving = crate::serve::after_run(project, &serving, summary.run_id.as_str())?;
+        let serving = crate::serve::after_run(
+            project,
+            &summary.pipeline,
+            &serve_steps,
+            summary.run_id.as_str(),
+        )?;
         print_summary(&summary, &file_display, &order);
         for line in serving {
             println!("{line}");

@@ -238,8 +238,9 @@ fn start(
     Ok(ExitCode::SUCCESS)
 }
 
-/// The `runners.serve` steps of a pipeline, as (service name, artifact path).
-fn serve_steps(project: &Path, loaded: &Loaded) -> Vec<(String, PathBuf)> {
+/// The `runners.serve` steps of a pipeline, as (service name, artifact path); read once
+/// before a run, for [`before_run`] and [`after_run`].
+pub fn serve_steps(project: &Path, loaded: &Loaded) -> Vec<(String, PathBuf)> {
     loaded
         .pipeline
         .steps
@@ -260,35 +261,38 @@ fn serve_steps(project: &Path, loaded: &Loaded) -> Vec<(String, PathBuf)> {
 
 /// Before a pipeline with serve steps runs: the services it will start again are
 /// stopped, so a re-run replaces them instead of failing on a taken port.
-pub fn before_run(project: &Path, loaded: &Loaded) -> anyhow::Result<()> {
-    let steps = serve_steps(project, loaded);
+pub fn before_run(project: &Path, steps: &[(String, PathBuf)]) -> anyhow::Result<()> {
     if steps.is_empty() {
         return Ok(());
     }
     let store = open(project)?;
     for (name, _) in steps {
-        if let Ok(h) = handle(&store, &name) {
+        if let Ok(h) = handle(&store, name) {
             let how = stop(&h, Duration::from_secs(10));
             tracing::info!(service = %name, how, "replacing the service");
-            store.remove(TREE, &name)?;
+            store.remove(TREE, name)?;
         }
     }
     store.flush()?;
     Ok(())
 }
 
-/// After run `run_id` of a pipeline: the handles its serve steps sealed in that run are
+/// After run `run_id` of `pipeline`: the handles its serve steps sealed in that run are
 /// kept in the store (an artifact left by an earlier run, whose server was stopped
 /// when this one began, is not). Returns what to tell the user.
-pub fn after_run(project: &Path, loaded: &Loaded, run_id: &str) -> anyhow::Result<Vec<String>> {
-    let steps = serve_steps(project, loaded);
+pub fn after_run(
+    project: &Path,
+    pipeline: &str,
+    steps: &[(String, PathBuf)],
+    run_id: &str,
+) -> anyhow::Result<Vec<String>> {
     if steps.is_empty() {
         return Ok(Vec::new());
     }
     let store = open(project)?;
     let mut lines = Vec::new();
     for (name, dir) in steps {
-        let sealed_now = nexa_shared::artifact::read_meta(&dir)
+        let sealed_now = nexa_shared::artifact::read_meta(dir)
             .is_ok_and(|m| m.labels.get("run_id").map(String::as_str) == Some(run_id));
         if !sealed_now {
             continue;
@@ -299,9 +303,9 @@ pub fn after_run(project: &Path, loaded: &Loaded, run_id: &str) -> anyhow::Resul
         let Ok(mut h) = serde_json::from_slice::<serde_json::Value>(&text) else {
             continue;
         };
-        h["pipeline"] = serde_json::Value::String(loaded.pipeline.name.clone());
+        h["pipeline"] = serde_json::Value::String(pipeline.to_string());
         h["artifact"] = serde_json::Value::String(dir.display().to_string());
-        store.put(TREE, &name, &serde_json::to_vec(&h)?)?;
+        store.put(TREE, name, &serde_json::to_vec(&h)?)?;
         if h["status"] == "healthy" {
             lines.push(format!(
                 "serving {name} at {} (nexa serve stop {name})",
@@ -323,10 +327,8 @@ fn alive(h: &serde_json::Value) -> bool {
     let (Some(pid), Some(id)) = (pid_of(h), h["service_id"].as_str()) else {
         return false;
     };
-    let marker = format!("NEXA_SERVICE_ID={id}");
-    let ours = std::fs::read(format!("/proc/{pid}/environ"))
-        .map(|env| env.split(|b| *b == 0).any(|kv| kv == marker.as_bytes()))
-        .unwrap_or(false);
+    let ours = u32::try_from(pid)
+        .is_ok_and(|p| nexa_worker::exec::environ_has(p, &format!("NEXA_SERVICE_ID={id}")));
     ours && !exited(pid)
 }
 

@@ -557,17 +557,21 @@ pub fn reap_orphans(work_dir: &Path) -> usize {
         ) else {
             continue;
         };
-        let marker = format!("NEXA_JOB_ID={job}");
-        let ours = std::fs::read(format!("/proc/{pid}/environ"))
-            .map(|env| env.split(|b| *b == 0).any(|kv| kv == marker.as_bytes()))
-            .unwrap_or(false);
-        if ours {
+        if environ_has(pid, &format!("NEXA_JOB_ID={job}")) {
             tracing::info!(pid, job, "killing a job left running by a previous worker");
             kill_group(Some(pid));
             killed += 1;
         }
     }
     killed
+}
+
+/// True when process `pid`'s environment holds exactly `entry` (`KEY=VALUE`): how a
+/// job's or a service's process is told from an unrelated one that reused its pid.
+pub fn environ_has(pid: u32, entry: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|env| env.split(|b| *b == 0).any(|kv| kv == entry.as_bytes()))
+        .unwrap_or(false)
 }
 
 /// Expands `${NAME}` in an argv element from the job's environment (the `NEXA_*`
