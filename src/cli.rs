@@ -268,15 +268,30 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Serve { command } => {
-            if remote.is_some() {
-                anyhow::bail!(
-                    "nexa serve runs services on this machine in this build (no --coordinator): \
-                     a mesh worker cannot yet be told to stop a service it started"
-                );
+        Command::Serve { command } => match &remote {
+            Some(r) => {
+                let on_coordinator = |project: &Path, file: PathBuf| {
+                    let args = RunArgs {
+                        file,
+                        slots: None,
+                        verify: false,
+                    };
+                    run_remote(r, project, args, None)
+                };
+                crate::serve::run(
+                    crate::serve::Place::Coordinator(r),
+                    &project,
+                    command,
+                    &on_coordinator,
+                )
             }
-            crate::serve::run(&project, command, &run_file)
-        }
+            None => crate::serve::run(
+                crate::serve::Place::Project(&project),
+                &project,
+                command,
+                &run_file,
+            ),
+        },
         Command::Models { command } => match &remote {
             Some(r) => runtime()?.block_on(crate::models::run_remote(r, command)),
             None => crate::models::run(&project, command),
@@ -446,7 +461,16 @@ fn run(project: &Path, args: RunArgs, from: Option<String>) -> anyhow::Result<Ex
             .steps
             .iter()
             .any(|s| nexa_shared::runners::is_runner(&s.uses.value));
-        let emb = Embedded::start(Arc::new(store), work_dir, &key, slots, containers, python)?;
+        let held = || crate::serve::held_gpus(project);
+        let emb = Embedded::start(
+            Arc::new(store),
+            work_dir,
+            &key,
+            slots,
+            containers,
+            python,
+            &held,
+        )?;
         let n = loaded.pipeline.steps.len();
         let order: Vec<usize> = loaded.dag.topo_order().unwrap_or_else(|| (0..n).collect());
         let mut handle = emb

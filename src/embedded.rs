@@ -77,7 +77,9 @@ impl Embedded {
     /// Starts a coordinator on `store` and a worker with `slots` slots working in
     /// `work_dir`, identified by the key at `key_path`; with `containers`, the worker
     /// offers the local docker for steps that name an image; with `python`, it probes the
-    /// job interpreter's packages (labels `python.*`) for the ML runners' steps.
+    /// job interpreter's packages (labels `python.*`) for the ML runners' steps;
+    /// `held_gpus` names (by UUID) the GPUs services started earlier still hold, which
+    /// this run's jobs do not get (asked only when the machine has GPUs).
     pub fn start(
         store: Arc<dyn Store>,
         work_dir: PathBuf,
@@ -85,6 +87,7 @@ impl Embedded {
         slots: usize,
         containers: bool,
         python: bool,
+        held_gpus: &dyn Fn() -> Vec<String>,
     ) -> anyhow::Result<Self> {
         let identity = Arc::new(Identity::load_or_create(key_path)?);
         let (coordinator, engine) =
@@ -95,6 +98,16 @@ impl Embedded {
         if python {
             profile.labels.extend(nexa_worker::profile::python_labels());
         }
+        if !profile.gpus.is_empty() {
+            let held = held_gpus();
+            if !held.is_empty() {
+                tracing::info!(gpus = ?held, "GPUs held by running services are left out");
+                profile.gpus.retain(|g| !held.contains(&g.uuid));
+            }
+        }
+        profile
+            .labels
+            .insert(nexa_shared::hardware::SERVICES_LABEL.into(), "yes".into());
         if containers && let Ok(v) = nexa_worker::sandbox::docker_works("docker") {
             profile
                 .labels
@@ -121,7 +134,7 @@ impl Embedded {
             profile,
             executor: nexa_worker::sandbox::Executor::process(),
             metrics: None,
-            services: true,
+            services: Some(nexa_worker::services::ServiceTable::new()),
         };
         let worker = tokio::spawn(nexa_worker::run(link, cfg, identity, rx));
         Ok(Self {

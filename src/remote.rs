@@ -535,3 +535,28 @@ pub async fn pull(
     std::fs::rename(&tmp, dest)?;
     Ok(meta)
 }
+
+/// The coordinator's service handles (all, or the one named), with their states.
+pub async fn services(remote: &Remote, name: &str) -> anyhow::Result<Vec<v1::Service>> {
+    let mut c = Control::connect(remote).await?;
+    Ok(c.client
+        .services(c.req(v1::ServicesRequest { name: name.into() }))
+        .await
+        .map_err(status_err)?
+        .into_inner()
+        .services)
+}
+
+/// Stops a service through its worker; returns what happened.
+pub async fn stop_service(remote: &Remote, name: &str, grace: Duration) -> anyhow::Result<String> {
+    let mut c = Control::connect(remote).await?;
+    Ok(c.client
+        .stop_service(c.req(v1::StopServiceRequest {
+            name: name.into(),
+            grace_ms: grace.as_millis() as u64,
+        }))
+        .await
+        .map_err(status_err)?
+        .into_inner()
+        .outcome)
+}

@@ -1,22 +1,28 @@
 //! `nexa serve start|list|health|stop`: model servers as durable handles.
 //!
 //! A service is started by a `runners.serve` step (its own, or the one-step pipeline
-//! `serve start` writes), which seals a `handle.json` once the server is healthy. The
-//! handle is then kept in the project's store (`.nexa_state/registry`, tree
+//! `serve start` writes), which seals a `handle.json` once the server is healthy.
+//!
+//! Embedded, the handle is kept in the project's store (`.nexa_state/registry`, tree
 //! `services`), so `health` and `stop` work from any later process. A stop checks that
 //! the pid still carries the service's `NEXA_SERVICE_ID` before it signals anything (a
 //! reused pid is never hit), sends SIGTERM to the server's process group and SIGKILL
-//! after the grace period.
+//! after the grace period (`nexa_worker::services`).
+//!
+//! With `--coordinator`, the coordinator's store keeps the handle and the worker that
+//! runs the service reports its health in its heartbeats; `stop` goes to the worker
+//! through them and returns once the worker no longer runs it.
 
+use crate::remote::Remote;
 use anyhow::Context;
 use clap::Subcommand;
 use nexa_coordinator::store::{SledStore, Store};
 use nexa_shared::runners;
 use nexa_shared::spec::Loaded;
-use std::io::{Read, Write};
+use nexa_worker::services;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const TREE: &str = "services";
 
@@ -43,6 +49,9 @@ pub enum ServeCommand {
         /// vLLM's --tensor-parallel-size.
         #[arg(long, default_value_t = 1)]
         tensor_parallel: u32,
+        /// GPUs the server holds while it runs [default: vllm --tensor-parallel, else 0].
+        #[arg(long)]
+        gpus: Option<u32>,
         /// Record the command without starting anything.
         #[arg(long)]
         dry_run: bool,
@@ -87,12 +96,96 @@ fn handle(store: &SledStore, name: &str) -> anyhow::Result<serde_json::Value> {
     serde_json::from_slice(&bytes).with_context(|| format!("the handle of '{name}' is not JSON"))
 }
 
-/// Runs a pipeline file embedded (`nexa pipeline run FILE`), as the CLI does.
+/// Where the handles are kept.
+#[derive(Clone, Copy)]
+pub enum Place<'a> {
+    /// The project's store: services on this machine, checked and signalled here.
+    Project(&'a Path),
+    /// A coordinator's store: services on its workers, checked by them and stopped
+    /// through their heartbeats.
+    Coordinator(&'a Remote),
+}
+
+/// A handle and its state now: healthy, unhealthy, stopping, lost, stopped or dry_run.
+struct Row {
+    handle: serde_json::Value,
+    state: String,
+    detail: String,
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
+
+impl Place<'_> {
+    /// Every handle, or the one named.
+    fn rows(&self, name: Option<&str>) -> anyhow::Result<Vec<Row>> {
+        match self {
+            Place::Project(project) => {
+                let store = open(project)?;
+                let list = match name {
+                    Some(n) => vec![handle(&store, n)?],
+                    None => handles(&store)?,
+                };
+                Ok(list
+                    .into_iter()
+                    .map(|handle| {
+                        let (state, detail) = if handle["status"] == "dry_run" {
+                            ("dry_run", "a dry run: nothing was started".to_string())
+                        } else {
+                            match services::health(&handle) {
+                                Ok(()) => ("healthy", String::new()),
+                                Err(why) => ("unhealthy", why),
+                            }
+                        };
+                        Row {
+                            handle,
+                            state: state.into(),
+                            detail,
+                        }
+                    })
+                    .collect())
+            }
+            Place::Coordinator(r) => {
+                let list = block_on(crate::remote::services(r, name.unwrap_or_default()))?;
+                Ok(list
+                    .into_iter()
+                    .map(|s| Row {
+                        handle: serde_json::from_str(&s.handle_json).unwrap_or_default(),
+                        state: s.state,
+                        detail: s.detail,
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    /// Stops the named service and forgets its handle; returns what happened.
+    fn stop(&self, name: &str, grace: Duration) -> anyhow::Result<String> {
+        match self {
+            Place::Project(project) => {
+                let store = open(project)?;
+                let h = handle(&store, name)?;
+                let how = services::stop(&h, grace);
+                store.remove(TREE, name)?;
+                store.flush()?;
+                Ok(how.into())
+            }
+            Place::Coordinator(r) => block_on(crate::remote::stop_service(r, name, grace)),
+        }
+    }
+}
+
+/// Runs a pipeline file (`nexa pipeline run FILE`, embedded or on the coordinator).
 pub type RunFile<'a> = &'a dyn Fn(&Path, PathBuf) -> anyhow::Result<ExitCode>;
 
-/// Runs `nexa serve ...` against the project's store; `run_file` runs the one-step
-/// pipeline `start` writes.
+/// Runs `nexa serve ...` against the handles in `place`; `run_file` runs the one-step
+/// pipeline `start` writes in `project`.
 pub fn run(
+    place: Place<'_>,
     project: &Path,
     command: ServeCommand,
     run_file: RunFile<'_>,
@@ -105,69 +198,73 @@ pub fn run(
             host,
             port,
             tensor_parallel,
+            gpus,
             dry_run,
-        } => start(
-            project,
-            run_file,
-            &backend,
-            &model,
-            name,
-            &host,
-            port,
-            tensor_parallel,
-            dry_run,
-        ),
+        } => {
+            let gpus = gpus.unwrap_or(if backend == "vllm" {
+                tensor_parallel
+            } else {
+                0
+            });
+            start(
+                place,
+                project,
+                run_file,
+                &backend,
+                &model,
+                name,
+                &host,
+                (port, tensor_parallel, gpus),
+                dry_run,
+            )
+        }
         ServeCommand::List { json } => {
-            let store = open(project)?;
-            let mut rows = Vec::new();
-            for mut h in handles(&store)? {
-                let healthy = is_healthy(&h);
-                h["healthy"] = serde_json::Value::Bool(healthy);
-                rows.push(h);
-            }
+            let rows = place.rows(None)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                let list: Vec<serde_json::Value> = rows
+                    .into_iter()
+                    .map(|r| {
+                        let mut h = r.handle;
+                        h["healthy"] = serde_json::Value::Bool(r.state == "healthy");
+                        h["state"] = serde_json::Value::String(r.state);
+                        h["detail"] = serde_json::Value::String(r.detail);
+                        h
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
             } else if rows.is_empty() {
                 println!("no services");
             } else {
-                for h in &rows {
+                for r in &rows {
+                    let h = &r.handle;
                     println!(
-                        "{:<24} {:<10} {:<28} {}",
+                        "{:<24} {:<10} {:<28} {:<10} {}",
                         h["name"].as_str().unwrap_or("?"),
                         h["backend"].as_str().unwrap_or("?"),
                         h["endpoint"].as_str().unwrap_or("?"),
-                        if h["healthy"] == true {
-                            "healthy"
-                        } else {
-                            "unhealthy"
-                        }
+                        r.state,
+                        h["worker"].as_str().unwrap_or("")
                     );
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
         ServeCommand::Health { name } => {
-            let h = handle(&open(project)?, &name)?;
-            let endpoint = h["endpoint"].as_str().unwrap_or_default();
-            if is_healthy(&h) {
+            let rows = place.rows(Some(&name))?;
+            let Some(r) = rows.first() else {
+                anyhow::bail!("no service named '{name}' (nexa serve list)");
+            };
+            let endpoint = r.handle["endpoint"].as_str().unwrap_or_default();
+            if r.state == "healthy" {
                 println!("{name}: healthy at {endpoint}");
                 Ok(ExitCode::SUCCESS)
             } else {
-                let why = if alive(&h) {
-                    "the process runs but does not answer /health with the model listed"
-                } else {
-                    "its process is gone"
-                };
-                println!("{name}: unhealthy at {endpoint} ({why})");
+                println!("{name}: {} at {endpoint} ({})", r.state, r.detail);
                 Ok(ExitCode::from(1))
             }
         }
         ServeCommand::Stop { name, grace } => {
-            let store = open(project)?;
-            let h = handle(&store, &name)?;
-            let how = stop(&h, grace);
-            store.remove(TREE, &name)?;
-            store.flush()?;
+            let how = place.stop(&name, grace)?;
             println!("{name}: {how}");
             Ok(ExitCode::SUCCESS)
         }
@@ -176,14 +273,14 @@ pub fn run(
 
 #[allow(clippy::too_many_arguments)]
 fn start(
+    place: Place<'_>,
     project: &Path,
     run_file: RunFile<'_>,
     backend: &str,
     model: &str,
     name: Option<String>,
     host: &str,
-    port: u16,
-    tensor_parallel: u32,
+    (port, tensor_parallel, gpus): (u16, u32, u32),
     dry_run: bool,
 ) -> anyhow::Result<ExitCode> {
     let local = project.join(model);
@@ -207,9 +304,14 @@ fn start(
     if !local.exists() {
         params.push_str(&format!(", model: {}", q(model)));
     }
+    let resources = if gpus > 0 {
+        format!("      resources: {{gpus: {gpus}}}\n")
+    } else {
+        String::new()
+    };
     let pipeline_name = format!("serve-{name}");
     let yaml = format!(
-        "pipeline:\n  name: {}\n  steps:\n    - id: serve\n      uses: runners.serve\n      backend: {}\n{model_line}      params: {{{params}}}\n      out: {}\n",
+        "pipeline:\n  name: {}\n  steps:\n    - id: serve\n      uses: runners.serve\n      backend: {}\n{model_line}{resources}      params: {{{params}}}\n      out: {}\n",
         q(&pipeline_name),
         q(backend),
         q(&format!("artifacts/serve/{name}"))
@@ -225,7 +327,10 @@ fn start(
     if code != ExitCode::SUCCESS {
         return Ok(code);
     }
-    let h = handle(&open(project)?, &name)?;
+    let rows = place.rows(Some(&name))?;
+    let Some(h) = rows.first().map(|r| &r.handle) else {
+        anyhow::bail!("the serve step succeeded and left no handle named '{name}'");
+    };
     println!(
         "{name} {}{}",
         h["endpoint"].as_str().unwrap_or_default(),
@@ -236,6 +341,28 @@ fn start(
         }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The GPUs (by UUID) that services running on this machine hold, from the project's
+/// handles: an embedded run leaves them out.
+pub fn held_gpus(project: &Path) -> Vec<String> {
+    let Ok(store) = open(project) else {
+        return Vec::new();
+    };
+    handles(&store)
+        .unwrap_or_default()
+        .iter()
+        .filter(|h| services::alive(h))
+        .flat_map(|h| {
+            h["gpus"]
+                .as_str()
+                .unwrap_or_default()
+                .split(',')
+                .filter(|u| !u.is_empty())
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// The `runners.serve` steps of a pipeline, as (service name, artifact path); read once
@@ -268,7 +395,7 @@ pub fn before_run(project: &Path, steps: &[(String, PathBuf)]) -> anyhow::Result
     let store = open(project)?;
     for (name, _) in steps {
         if let Ok(h) = handle(&store, name) {
-            let how = stop(&h, Duration::from_secs(10));
+            let how = services::stop(&h, Duration::from_secs(10));
             tracing::info!(service = %name, how, "replacing the service");
             store.remove(TREE, name)?;
         }
@@ -315,93 +442,4 @@ pub fn after_run(
     }
     store.flush()?;
     Ok(lines)
-}
-
-fn pid_of(h: &serde_json::Value) -> Option<i32> {
-    h["pid"].as_i64().and_then(|p| i32::try_from(p).ok())
-}
-
-/// The handle's process still runs and is that service (its environment carries the
-/// service id), not a zombie.
-fn alive(h: &serde_json::Value) -> bool {
-    let (Some(pid), Some(id)) = (pid_of(h), h["service_id"].as_str()) else {
-        return false;
-    };
-    let ours = u32::try_from(pid)
-        .is_ok_and(|p| nexa_worker::exec::environ_has(p, &format!("NEXA_SERVICE_ID={id}")));
-    ours && !exited(pid)
-}
-
-/// The process is gone, or has exited and waits only to be reaped.
-fn exited(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
-        })
-        .unwrap_or(true)
-}
-
-/// Stops the service; returns what happened.
-fn stop(h: &serde_json::Value, grace: Duration) -> &'static str {
-    use nix::sys::signal::{Signal, killpg};
-    use nix::unistd::Pid;
-    if !alive(h) {
-        return "already stopped";
-    }
-    let Some(pid) = pid_of(h) else {
-        return "already stopped";
-    };
-    let _ = killpg(Pid::from_raw(pid), Signal::SIGTERM);
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        // Its environment goes before the process does: wait for the exit itself.
-        if exited(pid) {
-            return "stopped (SIGTERM)";
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-    "killed (SIGKILL after the grace period)"
-}
-
-/// `GET /health` is 200 and `GET /v1/models` lists the handle's name.
-fn is_healthy(h: &serde_json::Value) -> bool {
-    let (Some(endpoint), Some(name)) = (h["endpoint"].as_str(), h["name"].as_str()) else {
-        return false;
-    };
-    let Some(addr) = endpoint.strip_prefix("http://") else {
-        return false;
-    };
-    let ok = |path: &str| get(addr, path).filter(|(status, _)| *status == 200);
-    if ok("/health").is_none() {
-        return false;
-    }
-    ok("/v1/models")
-        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
-        .and_then(|v| v["data"].as_array().cloned())
-        .is_some_and(|models| models.iter().any(|m| m["id"] == name))
-}
-
-/// A plain HTTP/1.1 GET with a short timeout: (status, body).
-pub fn get(addr: &str, path: &str) -> Option<(u16, String)> {
-    use std::net::ToSocketAddrs;
-    let sock = addr.to_socket_addrs().ok()?.next()?;
-    let mut s = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = Vec::new();
-    s.take(4 << 20).read_to_end(&mut buf).ok()?;
-    let text = String::from_utf8_lossy(&buf);
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((status, body))
 }

@@ -1002,3 +1002,188 @@ fn a_hub_model_without_the_network_fails_naming_what_to_prefetch() {
     );
     assert!(!p.path().join("artifacts/ckpt").exists());
 }
+
+/// `nexa serve list --json --coordinator`: the named service's row.
+fn mesh_service(p: &Project, coord: &common::mesh::Coord, name: &str) -> serde_json::Value {
+    let out = common::mesh::remote(p, coord, &["serve", "list", "--json"])
+        .output()
+        .expect("serve list");
+    assert!(out.status.success(), "{}", text(&out));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
+    rows.into_iter()
+        .find(|r| r["name"] == name)
+        .unwrap_or(serde_json::Value::Null)
+}
+
+#[test]
+fn on_the_mesh_a_service_holds_its_gpu_reports_its_health_in_heartbeats_and_stops_from_a_new_process()
+ {
+    use common::mesh::{Coord, Worker, fake_gpu, remote, wait_for, wait_workers};
+    use std::time::Duration;
+    let p = project();
+    p.write(
+        "lm.yaml",
+        r#"
+pipeline:
+  name: lm
+  steps:
+    - id: lm
+      uses: runners.train
+      in: {dataset: pipelines/data/reviews/train.jsonl}
+      params:
+        model: {config: {model_type: gpt2, n_embd: 32, n_layer: 1, n_head: 2}}
+        task: causal-lm
+        max_length: 32
+        batch_size: 16
+        max_steps: 5
+      out: artifacts/lm
+"#,
+    );
+    let out = run(&p, &["pipeline", "run", "lm.yaml"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let coord = Coord::open(&p.path().join("coord"));
+    let url = coord.url("http");
+    let env = [("NEXA_PYTHON", python())];
+    // The one GPU worker hosts services; the other does not, and never gets one.
+    let host = Worker::start_env(
+        &url,
+        &p.path().join("host"),
+        2,
+        Some(&serde_json::json!([fake_gpu(0, "GPU-svc", "Fake L4", 24, (8, 9))]).to_string()),
+        &["--services", "--name", "host"],
+        &env,
+    );
+    let _plain = Worker::start_env(
+        &url,
+        &p.path().join("plain"),
+        2,
+        None,
+        &["--name", "plain"],
+        &env,
+    );
+    wait_workers(&p, &coord, 2);
+    let start = |name: &str, gpus: &str| {
+        let out = remote(
+            &p,
+            &coord,
+            &[
+                "serve",
+                "start",
+                "--model",
+                "artifacts/lm",
+                "--name",
+                name,
+                "--port",
+                "0",
+                "--gpus",
+                gpus,
+            ],
+        )
+        .env("NEXA_PYTHON", python())
+        .output()
+        .expect("serve start");
+        assert!(out.status.success(), "{}\n{}", text(&out), host.log());
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        stdout
+            .lines()
+            .last()
+            .and_then(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("start prints the name and endpoint: {stdout}"))
+            .trim()
+            .to_string()
+    };
+    let endpoint = start("mesh-lm", "1");
+    let row = mesh_service(&p, &coord, "mesh-lm");
+    assert_eq!(row["state"], "healthy", "{row}");
+    assert_eq!(row["worker"], "host", "{row}");
+    assert_eq!(row["gpus"], "GPU-svc", "the job's GPU: {row}");
+    let (status, c) = http(
+        &endpoint,
+        "POST",
+        "/v1/completions",
+        r#"{"model": "mesh-lm", "prompt": "The kettle is", "max_tokens": 3}"#,
+    );
+    assert_eq!(status, 200, "{c}");
+    assert_eq!(c["object"], "text_completion", "{c}");
+
+    // While it runs, the service holds its GPU: a GPU job waits for it.
+    p.write(
+        "gpu_job.yaml",
+        r#"
+pipeline:
+  name: gpu_job
+  steps:
+    - id: g
+      uses: exec
+      params: {run: 'echo "$CUDA_VISIBLE_DEVICES" > "$NEXA_OUT/gpu.txt"'}
+      resources: {gpus: 1}
+      out: artifacts/g
+"#,
+    );
+    let mut gpu_run = remote(&p, &coord, &["pipeline", "run", "gpu_job.yaml"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("gpu run");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        gpu_run.try_wait().expect("wait").is_none(),
+        "the GPU job ran while the service held the only GPU"
+    );
+
+    // A server that dies is reported unhealthy by its worker's heartbeats.
+    let _second = start("mesh-lm-2", "0");
+    let second = mesh_service(&p, &coord, "mesh-lm-2");
+    assert_eq!(second["state"], "healthy", "{second}");
+    let pid = second["pid"].as_i64().expect("pid") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    wait_for("the dead server reported", Duration::from_secs(15), || {
+        mesh_service(&p, &coord, "mesh-lm-2")["state"] == "unhealthy"
+    });
+    let row = mesh_service(&p, &coord, "mesh-lm-2");
+    assert!(
+        row["detail"].as_str().is_some_and(|d| d.contains("gone")),
+        "{row}"
+    );
+    let out = remote(&p, &coord, &["serve", "health", "mesh-lm-2"])
+        .output()
+        .expect("health");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+
+    // `stop` from a new process: the worker ends the server and frees its GPU, and the
+    // waiting GPU job runs.
+    let out = remote(&p, &coord, &["serve", "stop", "mesh-lm", "--grace", "5s"])
+        .output()
+        .expect("stop");
+    assert!(out.status.success(), "{}\n{}", text(&out), host.log());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("mesh-lm: stopped"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        std::net::TcpStream::connect(endpoint.trim_start_matches("http://")).is_err(),
+        "the server still answers after stop"
+    );
+    let done = gpu_run.wait_with_output().expect("gpu run");
+    assert!(done.status.success(), "{}", text(&done));
+    assert_eq!(
+        std::fs::read_to_string(coord.data.join("projects/gpu_job/artifacts/g/gpu.txt"))
+            .expect("gpu.txt")
+            .trim(),
+        "GPU-svc"
+    );
+    let out = remote(&p, &coord, &["serve", "stop", "mesh-lm-2"])
+        .output()
+        .expect("stop");
+    assert!(out.status.success(), "{}", text(&out));
+    let out = remote(&p, &coord, &["serve", "list"])
+        .output()
+        .expect("list");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "no services");
+}

@@ -18,6 +18,7 @@ pub mod recover;
 pub mod registry;
 pub mod scheduler;
 pub mod sealing;
+pub mod services;
 pub mod state;
 pub mod store;
 pub mod tasks;

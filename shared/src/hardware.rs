@@ -85,6 +85,9 @@ pub const DOCKER_LABEL: &str = "docker";
 /// The label a worker carries when it runs every job in a container
 /// (`nexa-worker join --executor docker`); value `docker`.
 pub const SANDBOX_LABEL: &str = "sandbox";
+/// The label a worker carries when it hosts the servers `runners.serve` steps start
+/// (embedded, or `nexa-worker join --services`); value `yes`. Serve steps need it.
+pub const SERVICES_LABEL: &str = "services";
 /// The label naming the image such a worker uses for steps that name none.
 pub const DEFAULT_IMAGE_LABEL: &str = "sandbox.default-image";
 
@@ -297,6 +300,10 @@ pub fn why_unfit<'a>(
         }
         match k.strip_prefix("python.") {
             Some(package) if v == crate::runners::ANY => missing_python.push(package),
+            _ if k == SERVICES_LABEL => why.push(
+                "starts a service, and no worker hosts services: start one with                  `nexa-worker join --services` (label services)"
+                    .into(),
+            ),
             _ => why.push(format!("needs label {k}={v}; no worker has it")),
         }
     }

@@ -68,6 +68,11 @@ struct JoinArgs {
     /// [default: no job gets one].
     #[arg(long)]
     allow_job_network: bool,
+    /// Host the model servers `runners.serve` steps start: they run on after their
+    /// job, hold their GPUs, are reported in heartbeats and stopped by the coordinator
+    /// (`nexa serve stop --coordinator`) [default: serve steps go to other workers].
+    #[arg(long)]
+    services: bool,
     /// Serve this worker's /metrics, /healthz and /readyz here (e.g. 127.0.0.1:9101).
     #[arg(long, env = "NEXA_WORKER_METRICS_LISTEN")]
     metrics_listen: Option<String>,
@@ -152,6 +157,11 @@ fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
     let gpus_filter = parse_gpu_filter(&a.gpus)?;
     apply_gpu_filter(&mut profile, &gpus_filter);
     profile.labels.extend(a.labels);
+    if a.services {
+        profile
+            .labels
+            .insert(nexa_shared::hardware::SERVICES_LABEL.into(), "yes".into());
+    }
     let executor = executor_of(a.executor, a.default_image, a.allow_job_network)?;
     {
         use nexa_shared::hardware::{DEFAULT_IMAGE_LABEL, DOCKER_LABEL, SANDBOX_LABEL};
@@ -232,6 +242,11 @@ fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
                 Some(m)
             }
         };
+        let services = a.services.then(crate::services::ServiceTable::new);
+        if let Some(table) = &services {
+            link.set_services(table.clone());
+            table.spawn_checks(std::time::Duration::from_secs(1));
+        }
         let heartbeats = link.spawn_heartbeats();
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
@@ -249,7 +264,7 @@ fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
             profile,
             executor,
             metrics,
-            services: false,
+            services,
         };
         // Without heartbeats every lease would expire under the worker: should their
         // task die (a bug), the worker stops with the reason, to be restarted.

@@ -160,8 +160,8 @@ pub async fn run_job<L: CoordinatorLink>(
         return failed(
             lease,
             started,
-            "runners.serve runs embedded (nexa pipeline run, nexa serve start) in this build: \
-             a mesh worker cannot yet be told to stop a service it started"
+            "runners.serve starts a service, and this worker does not host services \
+             (nexa-worker join --services)"
                 .into(),
         );
     }

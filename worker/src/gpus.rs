@@ -121,6 +121,32 @@ impl GpuPool {
         }
     }
 
+    /// Marks the GPUs named by UUID busy with no lease (a service holds them until
+    /// [`GpuPool::release`]); returns their indices. Unknown UUIDs are skipped.
+    pub fn hold(&self, uuids: &[String]) -> Vec<usize> {
+        let indices: Vec<usize> = uuids
+            .iter()
+            .filter_map(|u| self.profile.gpus.iter().position(|g| &g.uuid == u))
+            .collect();
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        for &i in &indices {
+            busy[i] = true;
+        }
+        indices
+    }
+
+    /// Frees GPUs [`GpuPool::hold`] took.
+    pub fn release(&self, indices: &[usize]) {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        for &i in indices {
+            if let Some(b) = busy.get_mut(i) {
+                *b = false;
+            }
+        }
+        drop(busy);
+        self.freed.notify_waiters();
+    }
+
     /// Waits until GPUs for `req` are free and takes them. Fails at once when this worker
     /// could never satisfy `req`.
     pub async fn acquire(&self, req: &Requirements) -> Result<GpuLease<'_>, String> {
@@ -195,6 +221,19 @@ mod tests {
         drop(a);
         let c = pool.acquire(&one).await.expect("after release");
         assert_eq!(c.cuda_visible_devices(), "GPU-1");
+        drop(c);
+        // A service holds GPU-1 past its job: jobs wait for the other one.
+        let held = pool.hold(&["GPU-1".to_string()]);
+        drop(b);
+        let d = pool.acquire(&one).await.expect("the free one");
+        assert_eq!(d.cuda_visible_devices(), "GPU-0");
+        let waiting =
+            tokio::time::timeout(std::time::Duration::from_millis(50), pool.acquire(&one)).await;
+        assert!(waiting.is_err(), "GPU-1 stays held by the service");
+        pool.release(&held);
+        let e = pool.acquire(&one).await.expect("after the service stopped");
+        assert_eq!(e.cuda_visible_devices(), "GPU-1");
+        drop((d, e));
         let three = Requirements {
             gpus: 3,
             ..Requirements::default()

@@ -13,6 +13,7 @@ pub mod profile;
 pub mod remote;
 pub mod runners;
 pub mod sandbox;
+pub mod services;
 
 pub use error::{Error, Result};
 
@@ -58,10 +59,11 @@ pub struct WorkerConfig {
     pub executor: sandbox::Executor,
     /// The worker's own metrics, when exported.
     pub metrics: Option<Arc<metrics::WorkerMetrics>>,
-    /// Whether `runners.serve` jobs may start services that outlive them (the embedded
-    /// worker, whose user stops them with `nexa serve stop`; a mesh worker has no way
-    /// yet to be told to stop one, so it refuses them).
-    pub services: bool,
+    /// Where the servers `runners.serve` jobs leave running are kept, when this worker
+    /// hosts services at all: embedded (the user stops them with `nexa serve stop`, by
+    /// handle) or `nexa-worker join --services` (the coordinator stops them through
+    /// heartbeats). `None`: serve jobs are refused.
+    pub services: Option<Arc<services::ServiceTable>>,
 }
 
 /// Runs `cfg.slots` job loops until `shutdown` turns true or the link closes.
@@ -101,12 +103,21 @@ pub async fn run<L: CoordinatorLink>(
                         work_dir: &cfg.work_dir,
                         executor: &cfg.executor,
                         memory_share: cfg.profile.memory_total / cfg.slots.max(1) as u64,
-                        services: cfg.services,
+                        services: cfg.services.is_some(),
                     },
                     &lease,
                     cancel,
                 )
                 .await;
+                if let Some(table) = &cfg.services
+                    && lease.job.uses == nexa_shared::runners::SERVE
+                    && result.outcome == nexa_shared::job::Outcome::Succeeded
+                    && let (Some(staging), [output]) =
+                        (&result.staging, lease.job.outputs.as_slice())
+                    && let Err(e) = table.adopt(&lease, &staging.join(output), &gpus)
+                {
+                    tracing::warn!(job = %lease.job.job_id, error = %e, "could not adopt the service");
+                }
                 if let Some(m) = &cfg.metrics {
                     m.running.dec();
                     let secs = result.ended_ms.saturating_sub(result.started_ms) as f64 / 1e3;

@@ -61,6 +61,8 @@ pub struct GrpcLink {
     /// What running attempts said of their progress since the last heartbeat.
     progress: Mutex<HashMap<(String, u64), nexa_shared::job::JobProgress>>,
     metrics: Mutex<Option<Arc<crate::metrics::WorkerMetrics>>>,
+    /// The services this worker hosts (`--services`), reported in every heartbeat.
+    services: Mutex<Option<Arc<crate::services::ServiceTable>>>,
     /// One enrolment at a time: the heartbeat and every slot notice a lost session at
     /// once, and concurrent challenges would void each other.
     enrolling: tokio::sync::Mutex<()>,
@@ -124,6 +126,7 @@ impl GrpcLink {
             running: Mutex::new(HashMap::new()),
             progress: Mutex::new(HashMap::new()),
             metrics: Mutex::new(None),
+            services: Mutex::new(None),
             enrolling: tokio::sync::Mutex::new(()),
             enrolments: std::sync::atomic::AtomicU64::new(0),
         }))
@@ -132,6 +135,12 @@ impl GrpcLink {
     /// Exports heartbeat outcomes to `m` (connected, failures).
     pub fn set_metrics(&self, m: Arc<crate::metrics::WorkerMetrics>) {
         *lock(&self.metrics) = Some(m);
+    }
+
+    /// Reports `table`'s services in heartbeats and stops them when the coordinator
+    /// says so.
+    pub fn set_services(&self, table: Arc<crate::services::ServiceTable>) {
+        *lock(&self.services) = Some(table);
     }
 
     /// Sets how heartbeats re-read the hardware (every 15th one).
@@ -291,8 +300,28 @@ impl GrpcLink {
                 } else {
                     None
                 };
+                let table = lock(&link.services).clone();
+                let services = table
+                    .as_ref()
+                    .map(|t| {
+                        t.snapshot()
+                            .into_iter()
+                            .map(|((job_id, generation), s)| v1::ServiceBeat {
+                                job_id,
+                                generation,
+                                healthy: s.healthy,
+                                detail: s.detail,
+                                gpu_uuids: s.gpu_uuids,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 let mut client = link.client.clone();
-                let mut req = link.authed(v1::HeartbeatRequest { running, profile });
+                let mut req = link.authed(v1::HeartbeatRequest {
+                    running,
+                    profile,
+                    services,
+                });
                 // A heartbeat that cannot arrive in time is as good as lost.
                 req.set_timeout(every.saturating_mul(3));
                 let outcome = client.heartbeat(req).await;
@@ -304,8 +333,20 @@ impl GrpcLink {
                 }
                 match outcome {
                     Ok(resp) => {
+                        let resp = resp.into_inner();
+                        if let Some(t) = &table {
+                            for s in resp.stop_services {
+                                let t = t.clone();
+                                let grace = Duration::from_millis(s.grace_ms);
+                                tracing::info!(job = %s.job_id, generation = s.generation, "coordinator asked to stop a service");
+                                // Off the heartbeat: the grace period may be long.
+                                tokio::task::spawn_blocking(move || {
+                                    t.stop(&s.job_id, s.generation, grace)
+                                });
+                            }
+                        }
                         let running = lock(&link.running);
-                        for c in resp.into_inner().cancel {
+                        for c in resp.cancel {
                             let attempt = (c.job_id, c.generation);
                             if let Some(tx) = running.get(&attempt) {
                                 tracing::info!(job = %attempt.0, generation = attempt.1, "coordinator cancelled the job");

@@ -630,4 +630,33 @@ impl ControlService for ControlApi {
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
+
+    async fn services(
+        &self,
+        req: Request<v1::ServicesRequest>,
+    ) -> Result<Response<v1::ServicesResponse>, Status> {
+        self.check(&req)?;
+        let name = req.into_inner().name;
+        super::service_control::services(&self.coord, self.store.clone(), name)
+            .await
+            .map(Response::new)
+    }
+
+    async fn stop_service(
+        &self,
+        req: Request<v1::StopServiceRequest>,
+    ) -> Result<Response<v1::StopServiceResponse>, Status> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let grace = std::time::Duration::from_millis(r.grace_ms.min(600_000));
+        super::service_control::stop(
+            &self.coord,
+            self.store.clone(),
+            r.name,
+            grace,
+            self.cfg.heartbeat_interval,
+        )
+        .await
+        .map(Response::new)
+    }
 }

@@ -8,6 +8,7 @@ mod http;
 mod large_requests;
 mod receive;
 mod server;
+mod service_control;
 pub mod status;
 mod uploads;
 mod worker_service;

@@ -368,11 +368,23 @@ impl WorkerService for WorkerApi {
             .into_iter()
             .map(|j| (JobId::from(j.job_id), j.generation))
             .collect();
-        let Some(cancel) = self
-            .coord
-            .heartbeat(&worker, running, r.profile.map(Profile::from))
-            .await?
-        else {
+        let services = r
+            .services
+            .into_iter()
+            .map(|s| crate::scheduler::ServiceBeat {
+                job_id: JobId::from(s.job_id),
+                generation: s.generation,
+                healthy: s.healthy,
+                detail: s.detail,
+                gpu_uuids: s.gpu_uuids,
+            })
+            .collect();
+        let beat = crate::scheduler::Beat {
+            running,
+            services,
+            profile: r.profile.map(Profile::from),
+        };
+        let Some(answer) = self.coord.beat(&worker, beat).await? else {
             // Its leases are not extended (they expire and its jobs move); it stays
             // enrolled, so that an operator who re-activates it gets it back at once.
             return Err(Status::permission_denied(
@@ -380,12 +392,22 @@ impl WorkerService for WorkerApi {
             ));
         };
         Ok(Response::new(v1::HeartbeatResponse {
-            cancel: cancel
+            cancel: answer
+                .cancel
                 .into_iter()
                 .map(|(job_id, generation)| v1::RunningJob {
                     job_id: job_id.into_string(),
                     generation,
                     progress: None,
+                })
+                .collect(),
+            stop_services: answer
+                .stop_services
+                .into_iter()
+                .map(|(job_id, generation, grace)| v1::StopService {
+                    job_id: job_id.into_string(),
+                    generation,
+                    grace_ms: grace.as_millis() as u64,
                 })
                 .collect(),
         }))

@@ -11,14 +11,18 @@ pub enum Event {
     RegisterWorker(WorkerId, Box<WorkerInfo>),
     /// A worker has a free slot and waits for a lease.
     LeaseRequest(WorkerId, oneshot::Sender<Option<Lease>>),
-    /// A worker is alive and runs these `(job, generation)`; the reply lists the ones it
-    /// must kill.
+    /// A worker is alive and runs these jobs and services; the reply lists the attempts
+    /// it must kill and the services it must stop (`None`: it is banned).
     Heartbeat(
         WorkerId,
-        Vec<(JobId, u64)>,
-        Option<Box<Profile>>,
-        oneshot::Sender<Option<Vec<(JobId, u64)>>>,
+        Box<Beat>,
+        oneshot::Sender<Option<HeartbeatAnswer>>,
     ),
+    /// An operator asks a worker to stop the service of `(job, generation)` within a
+    /// grace period; the reply says whether the engine knows that service.
+    StopService(WorkerId, JobId, u64, Duration, oneshot::Sender<bool>),
+    /// The services the engine holds.
+    Services(oneshot::Sender<Vec<ServiceView>>),
     /// A running job said how far it is; kept only when `(job, generation)` is leased
     /// to this worker.
     JobProgress(WorkerId, JobId, u64, Box<nexa_shared::job::JobProgress>),

@@ -296,5 +296,11 @@ pub(super) fn requirements_of(step: &nexa_shared::spec::Step) -> Requirements {
             r.labels.insert(runners::label(p), runners::ANY.into());
         }
     }
+    if step.uses.value == runners::SERVE {
+        r.labels.insert(
+            hardware::SERVICES_LABEL.into(),
+            nexa_shared::runners::ANY.into(),
+        );
+    }
     r
 }

@@ -112,14 +112,49 @@ impl Coordinator {
         running: Vec<(JobId, u64)>,
         profile: Option<Profile>,
     ) -> Result<Option<Vec<(JobId, u64)>>> {
-        let (tx, rx) = oneshot::channel();
-        self.call(Event::Heartbeat(
-            WorkerId::from(worker),
+        let beat = Beat {
             running,
-            profile.map(Box::new),
+            services: Vec::new(),
+            profile,
+        };
+        Ok(self.beat(worker, beat).await?.map(|a| a.cancel))
+    }
+
+    /// A worker's whole heartbeat: its attempts and its services. The answer lists the
+    /// attempts to kill and the services to stop; `None` when the worker is banned.
+    pub async fn beat(&self, worker: &str, beat: Beat) -> Result<Option<HeartbeatAnswer>> {
+        let (tx, rx) = oneshot::channel();
+        self.call(Event::Heartbeat(WorkerId::from(worker), Box::new(beat), tx))
+            .await?;
+        rx.await.map_err(|_| Error::ShutDown)
+    }
+
+    /// Asks `worker` (through its next heartbeat) to stop the service that job
+    /// `(job, generation)` started, SIGKILL after `grace`. False when no such service
+    /// is held (it has stopped, or its worker never reported it).
+    pub async fn stop_service(
+        &self,
+        worker: &str,
+        job: JobId,
+        generation: u64,
+        grace: Duration,
+    ) -> Result<bool> {
+        let (tx, rx) = oneshot::channel();
+        self.call(Event::StopService(
+            WorkerId::from(worker),
+            job,
+            generation,
+            grace,
             tx,
         ))
         .await?;
+        rx.await.map_err(|_| Error::ShutDown)
+    }
+
+    /// The services running on workers, as their heartbeats last said.
+    pub async fn services(&self) -> Result<Vec<ServiceView>> {
+        let (tx, rx) = oneshot::channel();
+        self.call(Event::Services(tx)).await?;
         rx.await.map_err(|_| Error::ShutDown)
     }
 

@@ -7,6 +7,7 @@ pub use crate::sealing::group::{SealFailure, SealedJob, WrongResult};
 use crate::sealing::group::{SealQueue, SealTask, keep_log};
 pub use api::*;
 pub use event::{Event, Unsaved};
+pub use services::{Beat, HeartbeatAnswer, ServiceBeat, ServiceView};
 
 mod acceptance;
 mod api;
@@ -23,6 +24,9 @@ mod replication;
 mod results;
 mod run;
 mod runs;
+#[cfg(test)]
+mod service_tests;
+mod services;
 mod tasks;
 #[cfg(test)]
 mod tests;
@@ -94,6 +98,8 @@ struct Alloc {
 struct Worker {
     info: WorkerInfo,
     alloc: HashMap<JobId, Alloc>,
+    /// Services it runs, by the `(job, generation)` that started them (see `services`).
+    services: HashMap<(JobId, u64), services::Held>,
     /// GPUs handed to jobs since the last profile refresh: their reported free memory
     /// may show our own job, which the exclusive reservation already accounts for.
     touched_gpus: std::collections::BTreeSet<usize>,
@@ -264,13 +270,29 @@ impl Engine {
             Event::JobProgress(worker, job, generation, progress) => {
                 self.on_job_progress(&worker, &job, generation, *progress);
             }
-            Event::Heartbeat(worker, running, profile, reply) => {
+            Event::Heartbeat(worker, beat, reply) => {
                 let banned = self
                     .workers
                     .get(&worker)
                     .is_some_and(|w| w.admin == AdminState::Ban);
-                let answer = (!banned).then(|| self.on_heartbeat(&worker, &running, profile));
+                let answer = (!banned).then(|| {
+                    let Beat {
+                        running,
+                        services,
+                        profile,
+                    } = *beat;
+                    HeartbeatAnswer {
+                        cancel: self.on_heartbeat(&worker, &running, profile.map(Box::new)),
+                        stop_services: self.on_service_beats(&worker, &services),
+                    }
+                });
                 let _ = reply.send(answer);
+            }
+            Event::StopService(worker, job, generation, grace, reply) => {
+                let _ = reply.send(self.stop_service(&worker, &job, generation, grace));
+            }
+            Event::Services(reply) => {
+                let _ = reply.send(self.services());
             }
             Event::LeaseLive(worker, job, generation, reply) => {
                 let check = match self.jobs.get(&job) {

@@ -42,8 +42,13 @@ impl Engine {
         };
         let refusal = match acceptance::judge(worker, result, &facts) {
             Ok(()) => {
-                // The job no longer runs on the worker, whatever the result says.
-                self.release(&result.job_id);
+                // The job no longer runs on the worker, whatever the result says; a
+                // server it left running keeps the job's GPUs.
+                if job.is_some_and(|j| services::starts_service(&j.spec, result)) {
+                    self.hold_for_service(&result.job_id, result.generation);
+                } else {
+                    self.release(&result.job_id);
+                }
                 return Ok(());
             }
             Err(r) => r,
@@ -193,6 +198,23 @@ impl Engine {
             return;
         };
         run.in_flight += 1;
+        // On the mesh the coordinator's store keeps the handle of a server the job left
+        // running (embedded, the CLI keeps it in the project's store).
+        let service = (self.config.registry.is_some()
+            && services::starts_service(&job.spec, &result))
+        .then(|| {
+            let worker_id = job.worker.clone().unwrap_or_default();
+            crate::services::Owner {
+                worker_name: self
+                    .workers
+                    .get(worker_id.as_str())
+                    .map(|w| w.info.name.clone())
+                    .unwrap_or_default(),
+                worker_id: worker_id.to_string(),
+                job_id: job_id.to_string(),
+                generation: result.generation,
+            }
+        });
         let task = SealTask {
             job_id: job_id.to_string(),
             ctx: run.ctx.clone(),
@@ -200,6 +222,7 @@ impl Engine {
             shard: job.shard,
             result,
             log_copy,
+            service,
         };
         if !self.fx.seal(task) {
             tracing::error!("the sealing thread is gone");
@@ -247,6 +270,7 @@ impl Engine {
                     self.refusals.count(Refused::Digest);
                 }
                 tracing::warn!(job = %job_id, error = %e, "sealing failed");
+                self.stop_services_of(job_id);
                 self.job_failed(job_id, format!("sealing outputs: {e}"), true);
             }
             Ok(SealedJob::Step(outputs)) => {

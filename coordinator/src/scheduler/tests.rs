@@ -62,8 +62,8 @@ impl Effects for Inline {
 }
 
 /// An engine, its timers and a project directory.
-struct Harness {
-    engine: Engine,
+pub(super) struct Harness {
+    pub(super) engine: Engine,
     timers: Timers,
     backlog: Arc<std::sync::atomic::AtomicUsize>,
     store: Arc<dyn Store>,
@@ -71,7 +71,7 @@ struct Harness {
 }
 
 impl Harness {
-    fn new(config: EngineConfig) -> Harness {
+    pub(super) fn new(config: EngineConfig) -> Harness {
         let store: Arc<dyn Store> = Arc::new(MemStore::default());
         let (tx, rx) = mpsc::unbounded_channel();
         let timers: Timers = Arc::default();
@@ -95,7 +95,7 @@ impl Harness {
     }
 
     /// A mesh-like engine: leases live `ttl` without a heartbeat.
-    fn mesh(ttl: Duration) -> Harness {
+    pub(super) fn mesh(ttl: Duration) -> Harness {
         Harness::new(EngineConfig {
             lease_ttl: Some(ttl),
             unfit_grace: Duration::from_secs(60),
@@ -104,7 +104,7 @@ impl Harness {
     }
 
     /// Handles `ev` and everything it caused, then the write-behind round.
-    fn send(&mut self, ev: Event) {
+    pub(super) fn send(&mut self, ev: Event) {
         self.engine.handle(ev);
         while let Ok(ev) = self.engine.rx.try_recv() {
             self.engine.handle(ev);
@@ -114,7 +114,7 @@ impl Harness {
 
     /// Moves the paused clock on by `d`, fires the timers that are due (in order), then
     /// ticks.
-    async fn advance(&mut self, d: Duration) {
+    pub(super) async fn advance(&mut self, d: Duration) {
         tokio::time::advance(d).await;
         let now = Instant::now();
         let due: Vec<Event> = {
@@ -129,7 +129,7 @@ impl Harness {
         self.send(Event::Tick);
     }
 
-    fn submit(&mut self, yaml: &str) -> RunHandle {
+    pub(super) fn submit(&mut self, yaml: &str) -> RunHandle {
         let loaded =
             nexa_shared::spec::load_str("t.yaml", yaml, self.project.path()).expect("valid");
         let (tx, mut rx) = oneshot::channel();
@@ -148,7 +148,7 @@ impl Harness {
         rx.try_recv().expect("answered").expect("submitted")
     }
 
-    fn enrol(&mut self, id: &str, slots: u32) {
+    pub(super) fn enrol(&mut self, id: &str, slots: u32) {
         let info = WorkerInfo {
             name: id.into(),
             key: key_of(id),
@@ -163,13 +163,13 @@ impl Harness {
     }
 
     /// Asks for a lease for `worker`; the receiver holds it once one is granted.
-    fn ask(&mut self, worker: &str) -> oneshot::Receiver<Option<Lease>> {
+    pub(super) fn ask(&mut self, worker: &str) -> oneshot::Receiver<Option<Lease>> {
         let (tx, rx) = oneshot::channel();
         self.send(Event::LeaseRequest(worker.into(), tx));
         rx
     }
 
-    fn lease(&mut self, worker: &str) -> Lease {
+    pub(super) fn lease(&mut self, worker: &str) -> Lease {
         self.ask(worker)
             .try_recv()
             .expect("a lease at once")
@@ -177,7 +177,11 @@ impl Harness {
     }
 
     /// Reports `result` from `worker` (signature checked by the caller: good).
-    fn report(&mut self, worker: &str, mut result: JobResult) -> std::result::Result<(), String> {
+    pub(super) fn report(
+        &mut self,
+        worker: &str,
+        mut result: JobResult,
+    ) -> std::result::Result<(), String> {
         result.worker_key = key_of(worker);
         let (tx, mut rx) = oneshot::channel();
         self.send(Event::Report(
@@ -189,13 +193,21 @@ impl Harness {
         rx.try_recv().expect("answered")
     }
 
-    fn heartbeat(&mut self, worker: &str, running: &[(JobId, u64)]) -> Vec<(JobId, u64)> {
+    pub(super) fn heartbeat(
+        &mut self,
+        worker: &str,
+        running: &[(JobId, u64)],
+    ) -> Vec<(JobId, u64)> {
         let (tx, mut rx) = oneshot::channel();
-        self.send(Event::Heartbeat(worker.into(), running.to_vec(), None, tx));
-        rx.try_recv().expect("answered").expect("not banned")
+        let beat = Beat {
+            running: running.to_vec(),
+            ..Beat::default()
+        };
+        self.send(Event::Heartbeat(worker.into(), Box::new(beat), tx));
+        rx.try_recv().expect("answered").expect("not banned").cancel
     }
 
-    fn live(&mut self, worker: &str, lease: &Lease) -> LeaseCheck {
+    pub(super) fn live(&mut self, worker: &str, lease: &Lease) -> LeaseCheck {
         let (tx, mut rx) = oneshot::channel();
         self.send(Event::LeaseLive(
             worker.into(),
@@ -207,7 +219,7 @@ impl Harness {
     }
 
     /// A successful result of `lease` whose output `out` holds `x.txt` = `content`.
-    fn succeeded(&self, lease: &Lease, content: &[u8]) -> JobResult {
+    pub(super) fn succeeded(&self, lease: &Lease, content: &[u8]) -> JobResult {
         let staging = self
             .project
             .path()
@@ -230,7 +242,7 @@ impl Harness {
 }
 
 /// A worker's public key, made from its id.
-fn key_of(id: &str) -> [u8; 32] {
+pub(super) fn key_of(id: &str) -> [u8; 32] {
     *blake3::hash(id.as_bytes()).as_bytes()
 }
 
@@ -269,7 +281,7 @@ fn steps(name: &str, n: usize, extra: &str) -> String {
 }
 
 /// Everything the run has streamed so far; its summary if it finished.
-fn drain(run: &mut RunHandle) -> (Vec<Progress>, Option<RunSummary>) {
+pub(super) fn drain(run: &mut RunHandle) -> (Vec<Progress>, Option<RunSummary>) {
     let mut seen = Vec::new();
     let mut end = None;
     while let Some(p) = run.try_recv() {

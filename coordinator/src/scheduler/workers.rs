@@ -48,6 +48,7 @@ impl Worker {
         Self {
             info,
             alloc: HashMap::new(),
+            services: HashMap::new(),
             touched_gpus: Default::default(),
             trust: BTreeMap::new(),
             credit: Credit::default(),
@@ -70,6 +71,7 @@ impl Worker {
             .alloc
             .values()
             .flat_map(|a| a.gpus.iter().copied())
+            .chain(self.service_gpus())
             .collect();
         for &g in self.touched_gpus.iter().chain(&ours) {
             if let Some(gpu) = p.gpus.get_mut(g) {
@@ -140,6 +142,7 @@ impl Worker {
             .alloc
             .values()
             .flat_map(|a| a.gpus.iter().copied())
+            .chain(self.service_gpus())
             .collect();
         hardware::Free {
             worker: "",

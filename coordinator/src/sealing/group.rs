@@ -43,6 +43,9 @@ pub struct SealTask {
     pub result: JobResult,
     /// The job log to keep: (staged log, destination).
     pub log_copy: Option<(PathBuf, PathBuf)>,
+    /// The job left a server running whose handle the coordinator's store keeps (see
+    /// `crate::services`): where it runs.
+    pub service: Option<crate::services::Owner>,
 }
 
 impl SealTask {
@@ -201,6 +204,11 @@ fn seal_tasks(group: Vec<SealTask>, store: &dyn crate::Store, done: &Done) {
                         .iter()
                         .map(|(x, meta)| lineage::node_of(&t.ctx.project, &x.out, meta)),
                 );
+            }
+            if let Some(owner) = &t.service
+                && let Some((x, _)) = metas.first()
+            {
+                crate::services::record(store, &t.ctx, &x.out, owner);
             }
             finish(&t, metas)
         });
