@@ -49,7 +49,8 @@ pub enum ServeCommand {
         /// vLLM's --tensor-parallel-size.
         #[arg(long, default_value_t = 1)]
         tensor_parallel: u32,
-        /// GPUs the server holds while it runs [default: vllm --tensor-parallel, else 0].
+        /// GPUs the server holds while it runs [default: vllm --tensor-parallel (none for
+        /// a dry run), else 0].
         #[arg(long)]
         gpus: Option<u32>,
         /// Record the command without starting anything.
@@ -201,7 +202,8 @@ pub fn run(
             gpus,
             dry_run,
         } => {
-            let gpus = gpus.unwrap_or(if backend == "vllm" {
+            // A dry run starts nothing, so it holds no GPUs.
+            let gpus = gpus.unwrap_or(if backend == "vllm" && !dry_run {
                 tensor_parallel
             } else {
                 0

@@ -521,6 +521,31 @@ fn the_real_worker_never_honours_fake_gpus() {
 }
 
 #[test]
+fn a_worker_hosting_services_cannot_be_sandbox_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(bin("nexa-worker"))
+        .args([
+            "join",
+            "http://127.0.0.1:9",
+            "--services",
+            "--executor",
+            "docker",
+        ])
+        .arg("--work-dir")
+        .arg(dir.path().join("work"))
+        .arg("--key")
+        .arg(dir.path().join("worker.key"))
+        .output()
+        .expect("join");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not go with --executor docker"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
 fn banned_and_drained_workers_get_no_new_work() {
     let p = Project::new();
     let listen = fixed_listen();

@@ -1187,3 +1187,40 @@ pipeline:
         .expect("list");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "no services");
 }
+
+#[test]
+fn the_axolotl_driver_refuses_a_run_that_saved_no_weights_and_takes_sharded_ones() {
+    // axolotl itself always saves on a CPU run, so the refusal is exercised on the
+    // driver's own check, over real folders: what a run left is either weights (one
+    // file or save_pretrained's shards) or a refusal, never a sealed empty checkpoint.
+    let p = Project::new();
+    let script = r#"
+import os, sys, train_axolotl as t
+d = sys.argv[1]
+open(os.path.join(d, "config.json"), "w").write("{}")
+open(os.path.join(d, "README.md"), "w").write("x")
+try:
+    t.require_weights(d)
+    print("sealed an empty checkpoint")
+    sys.exit(1)
+except t.RunnerError as e:
+    assert "refusing to seal an empty checkpoint" in str(e), e
+for n in ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]:
+    open(os.path.join(d, n), "w").write("x")
+t.require_weights(d)
+assert t.weights_in(d) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"], t.weights_in(d)
+e = os.path.join(d, "lora"); os.mkdir(e)
+open(os.path.join(e, "adapter_model.safetensors"), "w").write("x")
+assert t.weights_in(e) == ["adapter_model.safetensors"]
+print("ok")
+"#;
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(p.path())
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("python/nexa_runners"))
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+}

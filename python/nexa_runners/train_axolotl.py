@@ -14,7 +14,9 @@ import sys
 import common
 from common import RunnerError
 
-WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "pytorch_model.bin")
+# A checkpoint's weights: one file, or shards (save_pretrained splits a model above its
+# max_shard_size, 50 GB, into NAME-00001-of-0000N.EXT with NAME.EXT.index.json).
+WEIGHTS = re.compile(r"^(adapter_model|model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)$")
 LOSS = re.compile(r"\{'loss': '?([0-9.eE+-]+)'?")
 
 
@@ -52,6 +54,21 @@ def merged_config(job) -> dict:
     return cfg
 
 
+def weights_in(folder: str) -> list:
+    """The weight files in a save_pretrained folder (shards included)."""
+    return sorted(n for n in os.listdir(folder)
+                  if WEIGHTS.match(n) and os.path.isfile(os.path.join(folder, n)))
+
+
+def require_weights(folder: str) -> None:
+    """Refuses a run that saved no weights: nothing is sealed (the seed wrote a
+    placeholder instead)."""
+    if not weights_in(folder):
+        raise RunnerError(
+            f"axolotl finished but wrote no weights (adapter_model.*, model.* or pytorch_model.*, "
+            f".safetensors or .bin, shards included) to {folder}: refusing to seal an empty checkpoint")
+
+
 def main(job) -> None:
     common.require("axolotl", "yaml")
     job.offline()
@@ -84,8 +101,7 @@ def main(job) -> None:
     if proc.wait() != 0:
         raise RunnerError(f"axolotl training failed (exit {proc.returncode}); its output is in the step's log")
     produced = cfg["output_dir"]
-    if not any(os.path.isfile(os.path.join(produced, w)) for w in WEIGHTS):
-        raise RunnerError(f"axolotl finished but wrote no weights ({', '.join(WEIGHTS)}) to its output: refusing to seal an empty checkpoint")
+    require_weights(produced)
     for name in sorted(os.listdir(produced)):
         src = os.path.join(produced, name)
         if os.path.isfile(src) and name not in ("debug.log", "README.md"):

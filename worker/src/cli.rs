@@ -157,6 +157,12 @@ fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
     let gpus_filter = parse_gpu_filter(&a.gpus)?;
     apply_gpu_filter(&mut profile, &gpus_filter);
     profile.labels.extend(a.labels);
+    if a.services && a.executor == ExecutorKind::Docker {
+        anyhow::bail!(
+            "--services runs model servers on this host with its own Python; it does not go \
+             with --executor docker, which runs nothing on the host"
+        );
+    }
     if a.services {
         profile
             .labels

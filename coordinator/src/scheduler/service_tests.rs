@@ -85,6 +85,16 @@ async fn a_service_holds_its_gpu_until_its_worker_stops_reporting_it_and_a_stop_
     let v = views(&mut h);
     assert_eq!(v.len(), 1, "{v:?}");
     assert_eq!((v[0].healthy, v[0].stopping), (Some(true), false));
+    assert!(!v[0].worker_lost);
+
+    // A worker that stops heartbeating: its service is lost, not silently gone, and
+    // it is back with the worker's next heartbeat.
+    h.advance(Duration::from_secs(31)).await;
+    let v = views(&mut h);
+    assert_eq!(v.len(), 1, "a lost worker's service is still known: {v:?}");
+    assert!(v[0].worker_lost, "{v:?}");
+    beat(&mut h, "w", vec![me.clone()]);
+    assert!(!views(&mut h)[0].worker_lost);
 
     // Its worker says it died: unhealthy, still holding the GPU until it is stopped.
     let dead = ServiceBeat {
