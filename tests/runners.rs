@@ -651,31 +651,38 @@ fn http(endpoint: &str, method: &str, path: &str, body: &str) -> (u16, serde_jso
     (status, json)
 }
 
-#[test]
-fn serve_start_runs_an_openai_compatible_lm_server_and_a_dead_one_is_reported_unhealthy() {
-    let p = project();
+/// Trains a 1-layer GPT-2 built from a config for `steps` steps into `artifacts/lm`.
+fn train_tiny_lm(p: &Project, steps: u32) {
     p.write(
         "lm.yaml",
-        r#"
+        &format!(
+            r#"
 pipeline:
   name: lm
   steps:
     - id: lm
       uses: runners.train
-      in: {dataset: pipelines/data/reviews/train.jsonl}
+      in: {{dataset: pipelines/data/reviews/train.jsonl}}
       params:
-        model: {config: {model_type: gpt2, n_embd: 32, n_layer: 1, n_head: 2}}
+        model: {{config: {{model_type: gpt2, n_embd: 32, n_layer: 1, n_head: 2}}}}
         task: causal-lm
         max_length: 48
         batch_size: 16
-        max_steps: 30
+        max_steps: {steps}
         learning_rate: 0.003
         logging_steps: 10
       out: artifacts/lm
-"#,
+"#
+        ),
     );
-    let out = run(&p, &["pipeline", "run", "lm.yaml"]);
+    let out = run(p, &["pipeline", "run", "lm.yaml"]);
     assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn serve_start_runs_an_openai_compatible_lm_server_and_a_dead_one_is_reported_unhealthy() {
+    let p = project();
+    train_tiny_lm(&p, 30);
     let ppl = json(&p, "artifacts/lm/metrics.json")["eval"]["perplexity"].as_f64();
     assert!(ppl.is_some_and(|v| v > 1.0), "{ppl:?}");
 
@@ -1021,26 +1028,7 @@ fn on_the_mesh_a_service_holds_its_gpu_reports_its_health_in_heartbeats_and_stop
     use common::mesh::{Coord, Worker, fake_gpu, remote, wait_for, wait_workers};
     use std::time::Duration;
     let p = project();
-    p.write(
-        "lm.yaml",
-        r#"
-pipeline:
-  name: lm
-  steps:
-    - id: lm
-      uses: runners.train
-      in: {dataset: pipelines/data/reviews/train.jsonl}
-      params:
-        model: {config: {model_type: gpt2, n_embd: 32, n_layer: 1, n_head: 2}}
-        task: causal-lm
-        max_length: 32
-        batch_size: 16
-        max_steps: 5
-      out: artifacts/lm
-"#,
-    );
-    let out = run(&p, &["pipeline", "run", "lm.yaml"]);
-    assert!(out.status.success(), "{}", text(&out));
+    train_tiny_lm(&p, 5);
 
     let coord = Coord::open(&p.path().join("coord"));
     let url = coord.url("http");

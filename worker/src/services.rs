@@ -63,13 +63,25 @@ impl ServiceTable {
         if handle["status"] != "healthy" {
             return Ok(());
         }
-        let gpu_uuids: Vec<String> = handle["gpus"]
-            .as_str()
-            .unwrap_or_default()
-            .split(',')
-            .filter(|u| !u.is_empty())
-            .map(str::to_string)
-            .collect();
+        // The GPUs the job was given, not whatever its handle claims: a job cannot make
+        // this worker hold GPUs it was not leased.
+        let gpu_uuids: Vec<String> = if lease.job.requirements.gpus == 0 {
+            Vec::new()
+        } else if lease.gpus.is_empty() {
+            let given: Vec<&str> = handle["gpus"]
+                .as_str()
+                .unwrap_or_default()
+                .split(',')
+                .collect();
+            pool.profile()
+                .gpus
+                .iter()
+                .filter(|g| given.contains(&g.uuid.as_str()))
+                .map(|g| g.uuid.clone())
+                .collect()
+        } else {
+            lease.gpus.clone()
+        };
         let name = handle["name"].as_str().unwrap_or("?").to_string();
         let gpus = pool.hold(&gpu_uuids);
         *lock(&self.pool) = Some(pool.clone());

@@ -51,6 +51,19 @@ fn views(h: &mut Harness) -> Vec<ServiceView> {
     rx.try_recv().expect("answered")
 }
 
+/// An operator's stop of the service `l` started, grace 5 s: whether the engine knew it.
+fn stop(h: &mut Harness, l: &Lease) -> bool {
+    let (tx, mut rx) = oneshot::channel();
+    h.send(Event::StopService(
+        "w".into(),
+        l.job.job_id.clone(),
+        l.generation,
+        Duration::from_secs(5),
+        tx,
+    ));
+    rx.try_recv().expect("answered")
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_service_holds_its_gpu_until_its_worker_stops_reporting_it_and_a_stop_rides_the_heartbeat()
  {
@@ -109,15 +122,7 @@ async fn a_service_holds_its_gpu_until_its_worker_stops_reporting_it_and_a_stop_
 
     // An operator's stop reaches the worker with its grace period, every heartbeat
     // until the worker no longer lists the service.
-    let (tx, mut rx) = oneshot::channel();
-    h.send(Event::StopService(
-        "w".into(),
-        l.job.job_id.clone(),
-        l.generation,
-        Duration::from_secs(5),
-        tx,
-    ));
-    assert!(rx.try_recv().expect("answered"), "the engine knows it");
+    assert!(stop(&mut h, &l), "the engine knows it");
     for _ in 0..2 {
         let answer = beat(&mut h, "w", vec![dead.clone()]);
         assert_eq!(
@@ -135,15 +140,7 @@ async fn a_service_holds_its_gpu_until_its_worker_stops_reporting_it_and_a_stop_
         .expect("leased once the service stopped")
         .expect("a lease");
     assert_eq!(lease.gpus, ["GPU-0"]);
-    let (tx, mut rx) = oneshot::channel();
-    h.send(Event::StopService(
-        "w".into(),
-        l.job.job_id.clone(),
-        l.generation,
-        Duration::from_secs(5),
-        tx,
-    ));
-    assert!(!rx.try_recv().expect("answered"), "already stopped");
+    assert!(!stop(&mut h, &l), "already stopped");
 }
 
 #[tokio::test(start_paused = true)]
