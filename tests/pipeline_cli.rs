@@ -473,7 +473,7 @@ pipeline:
 }
 
 #[test]
-fn schedulers_not_in_this_build_fail_clearly_and_never_complete() {
+fn a_slurm_step_with_no_pilot_fails_clearly_and_never_runs_on_the_local_pool() {
     let p = Project::new();
     p.write(
         "t.yaml",
@@ -483,7 +483,7 @@ fn schedulers_not_in_this_build_fail_clearly_and_never_complete() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr)
-            .contains("scheduler 'slurm' is not available yet in this build"),
+            .contains("has scheduler: slurm, and no enrolled worker is one of its workers (label scheduler=slurm)"),
         "{}",
         text(&out)
     );

@@ -212,18 +212,6 @@ pub fn plan_step(
     if let Some(why) = runners::unavailable(&step.uses.value, step.backend.as_deref()) {
         return fail(Some(cache_key), why);
     }
-    if let Some(sched) = step.scheduler.as_deref()
-        && sched != "local"
-    {
-        // Running a step meant for Slurm or Kubernetes here instead would surprise its
-        // owner (wrong hardware, wrong accounting): refuse until those schedulers land.
-        return fail(
-            Some(cache_key),
-            format!(
-                "scheduler '{sched}' is not available yet in this build (use 'local' or leave it out)"
-            ),
-        );
-    }
     for out in outputs.values() {
         if let Err(e) = artifact::recover(out) {
             return fail(Some(cache_key), format!("recovering {}: {e}", ctx.rel(out)));

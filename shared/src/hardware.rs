@@ -88,6 +88,10 @@ pub const SANDBOX_LABEL: &str = "sandbox";
 /// The label a worker carries when it hosts the servers `runners.serve` steps start
 /// (embedded, or `nexa-worker join --services`); value `yes`. Serve steps need it.
 pub const SERVICES_LABEL: &str = "services";
+/// The label of a worker reserved for one cluster scheduler's steps: `slurm` (a pilot
+/// worker inside a Slurm allocation) or `k8s` (a Kubernetes worker pool). A step with
+/// `scheduler: slurm|k8s` needs it; such a worker takes no other step.
+pub const SCHEDULER_LABEL: &str = "scheduler";
 /// The label naming the image such a worker uses for steps that name none.
 pub const DEFAULT_IMAGE_LABEL: &str = "sandbox.default-image";
 
@@ -146,7 +150,17 @@ pub struct Assignment {
 }
 
 fn labels_ok(req: &Requirements, p: &Profile) -> bool {
-    req.labels.iter().all(|(k, v)| label_ok(p, k, v)) && executor_ok(req, p)
+    req.labels.iter().all(|(k, v)| label_ok(p, k, v)) && executor_ok(req, p) && reserved_ok(req, p)
+}
+
+/// A worker reserved for a cluster scheduler's steps (label [`SCHEDULER_LABEL`], e.g. a
+/// Slurm pilot) takes only steps that name that scheduler; every other worker is the
+/// ordinary pool.
+fn reserved_ok(req: &Requirements, p: &Profile) -> bool {
+    match p.labels.get(SCHEDULER_LABEL) {
+        Some(s) if s != "local" => req.labels.get(SCHEDULER_LABEL) == Some(s),
+        _ => true,
+    }
 }
 
 /// A worker carries label `k` with value `v`, or with any value when `v` is
@@ -300,6 +314,17 @@ pub fn why_unfit<'a>(
         }
         match k.strip_prefix("python.") {
             Some(package) if v == crate::runners::ANY => missing_python.push(package),
+            _ if k == SCHEDULER_LABEL => why.push(format!(
+                "has scheduler: {v}, and no enrolled worker is one of its workers (label \
+                 scheduler={v}){}",
+                if v == "slurm" {
+                    ": a Slurm pilot is `nexa-worker join URL --label scheduler=slurm` run in an \
+                     sbatch job, against a coordinator (nexa --coordinator URL); this build \
+                     submits no pilots itself"
+                } else {
+                    ": deploy/k8s/ runs such a pool"
+                }
+            )),
             _ if k == SERVICES_LABEL => why.push(
                 "starts a service, and no worker hosts services: start one with                  `nexa-worker join --services` (label services)"
                     .into(),
@@ -331,6 +356,15 @@ pub fn why_unfit<'a>(
                 ""
             },
         ));
+    }
+    if !req.labels.contains_key(SCHEDULER_LABEL)
+        && !profiles.iter().any(|(p, _)| reserved_ok(req, p))
+    {
+        why.push(
+            "runs on the ordinary pool (scheduler: local), and every enrolled worker is \
+             reserved for a cluster scheduler's steps (label scheduler)"
+                .into(),
+        );
     }
     if req.container
         && !profiles
@@ -409,6 +443,39 @@ mod tests {
         let why = why_unfit(&plain, [(&sandbox, 4)]).expect("unfit");
         assert!(why.contains("--default-image"), "{why}");
         assert!(why_unfit(&plain, [(&sandbox, 4), (&bare, 4)]).is_none());
+    }
+
+    #[test]
+    fn cluster_workers_take_only_their_schedulers_steps_and_such_steps_go_only_to_them() {
+        let pilot = with(&[(SCHEDULER_LABEL, "slurm")]);
+        let pod = with(&[(SCHEDULER_LABEL, "k8s")]);
+        let ordinary = with(&[]);
+        let named_local = with(&[(SCHEDULER_LABEL, "local")]);
+        let local = Requirements::from(&Resources::default());
+        let mut slurm = local.clone();
+        slurm.labels.insert(SCHEDULER_LABEL.into(), "slurm".into());
+        let fits = |req: &Requirements, p: &Profile| {
+            let free = Free {
+                worker: "w",
+                profile: p,
+                slots: 4,
+                memory: GIB,
+                free_gpus: Vec::new(),
+            };
+            assign(req, std::slice::from_ref(&free)).is_some()
+        };
+        assert!(fits(&slurm, &pilot));
+        assert!(!fits(&slurm, &ordinary) && !fits(&slurm, &pod));
+        assert!(!fits(&local, &pilot), "a pilot is reserved for slurm steps");
+        assert!(fits(&local, &ordinary) && fits(&local, &named_local));
+        let why = why_unfit(&slurm, [(&ordinary, 4)]).expect("no pilot");
+        assert!(
+            why.contains("scheduler: slurm") && why.contains("--label scheduler=slurm"),
+            "{why}"
+        );
+        let why = why_unfit(&local, [(&pilot, 4), (&pod, 4)]).expect("all reserved");
+        assert!(why.contains("reserved for a cluster scheduler"), "{why}");
+        assert!(why_unfit(&local, [(&pilot, 4), (&ordinary, 4)]).is_none());
     }
 
     #[test]

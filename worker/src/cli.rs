@@ -45,7 +45,7 @@ struct JoinArgs {
     #[arg(long, default_value = "all")]
     gpus: String,
     /// Extra labels jobs can ask for, k=v (repeatable).
-    #[arg(long = "labels", value_parser = parse_label)]
+    #[arg(long = "labels", alias = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
     /// Where job directories and the input cache live.
     #[arg(long, env = "NEXA_WORK_DIR", default_value = "nexa-worker")]
@@ -157,6 +157,16 @@ fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
     let gpus_filter = parse_gpu_filter(&a.gpus)?;
     apply_gpu_filter(&mut profile, &gpus_filter);
     profile.labels.extend(a.labels);
+    // Inside a Slurm allocation (a pilot): which one, for the operator's view.
+    for (var, label) in [
+        ("SLURM_JOB_ID", "slurm.job_id"),
+        ("SLURM_JOB_PARTITION", "slurm.partition"),
+        ("SLURMD_NODENAME", "slurm.node"),
+    ] {
+        if let Ok(v) = std::env::var(var) {
+            profile.labels.entry(label.into()).or_insert(v);
+        }
+    }
     if a.services && a.executor == ExecutorKind::Docker {
         anyhow::bail!(
             "--services runs model servers on this host with its own Python; it does not go \

@@ -296,6 +296,12 @@ pub(super) fn requirements_of(step: &nexa_shared::spec::Step) -> Requirements {
             r.labels.insert(runners::label(p), runners::ANY.into());
         }
     }
+    if let Some(s) = step.scheduler.as_deref()
+        && matches!(s, "slurm" | "k8s")
+    {
+        r.labels
+            .insert(hardware::SCHEDULER_LABEL.into(), s.to_string());
+    }
     if step.uses.value == runners::SERVE {
         r.labels.insert(
             hardware::SERVICES_LABEL.into(),
