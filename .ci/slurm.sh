@@ -30,20 +30,11 @@ fi
 running() {
   [ -f "$dir/$1.pid" ] && grep -qv '^[^)]*) [ZX]' "/proc/$(cat "$dir/$1.pid")/stat" 2>/dev/null
 }
-# (sinfo waits out its timeouts when no controller runs: ask it only when one does.)
-if running slurmctld && running slurmd && sinfo -h -o %T 2>/dev/null | grep -qE 'idle|mix|alloc'; then
-  echo "$SLURM_CONF"
-  exit 0
-fi
-
 $SUDO mkdir -p "$dir/state" "$dir/spool" "$dir/log"
 host="$(hostname -s)"
 cpus="$(nproc)"
 mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))
-for i in 0 1; do
-  [ -e "$dir/fakegpu$i" ] || $SUDO mknod "$dir/fakegpu$i" c 1 3
-done
-$SUDO tee "$dir/slurm.conf" >/dev/null <<EOF
+conf="$(cat <<EOF
 ClusterName=nexa-ci
 SlurmctldHost=$host
 SlurmUser=root
@@ -63,11 +54,31 @@ JobCompType=jobcomp/filetxt
 JobCompLoc=$dir/log/jobcomp.txt
 SchedulerParameters=batch_sched_delay=0
 MinJobAge=300
+# A cancelled job is killed 1 s after its SIGTERM (a pilot scancelled mid-job dies then).
+KillWait=1
 ReturnToService=2
 GresTypes=gpu
 NodeName=$host CPUs=$cpus RealMemory=$mem_mb Gres=gpu:fake:2 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
+)"
+# A running one with this very configuration is reused (sinfo waits out its timeouts
+# when no controller runs: it is asked only when one does); any other is restarted.
+if running slurmctld && running slurmd && [ "$(cat "$SLURM_CONF" 2>/dev/null)" = "$conf" ] \
+    && sinfo -h -o %T 2>/dev/null | grep -qE 'idle|mix|alloc'; then
+  echo "$SLURM_CONF"
+  exit 0
+fi
+for d in slurmd slurmctld; do
+  if running "$d"; then
+    $SUDO kill "$(cat "$dir/$d.pid")" 2>/dev/null || true
+    for _ in $(seq 1 50); do running "$d" || break; sleep 0.1; done
+  fi
+done
+for i in 0 1; do
+  [ -e "$dir/fakegpu$i" ] || $SUDO mknod "$dir/fakegpu$i" c 1 3
+done
+printf '%s\n' "$conf" | $SUDO tee "$SLURM_CONF" >/dev/null
 $SUDO tee "$dir/gres.conf" >/dev/null <<EOF
 Name=gpu Type=fake File=$dir/fakegpu[0-1]
 EOF

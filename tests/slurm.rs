@@ -1,7 +1,8 @@
 //! Against a real single-node Slurm (`.ci/slurm.sh` installs and starts one, without
 //! systemd): `scheduler: slurm` steps run only on pilot workers, `nexa-worker join`
 //! inside sbatch allocations, and a step keeps its cache when it moves between the
-//! ordinary pool and Slurm.
+//! ordinary pool and Slurm; a pilot scancelled mid-job loses its lease and the job
+//! completes in another.
 
 mod common;
 
@@ -76,7 +77,8 @@ impl Drop for Pilots {
 }
 
 #[test]
-fn a_slurm_step_runs_in_slurm_allocations_across_pilots_and_keeps_its_cache_when_it_moves() {
+fn a_slurm_step_runs_in_slurm_allocations_across_pilots_keeps_its_cache_when_it_moves_and_survives_a_scancel()
+ {
     let conf = slurm();
     let p = Project::new();
     let coord = Coord::open(&p.path().join("coord"));
@@ -174,6 +176,57 @@ pipeline:
             "{id}"
         );
     }
+
+    // A pilot scancelled mid-job (Slurm kills it KillWait = 1 s after its SIGTERM): its
+    // lease is lost and the job completes in the other pilot's allocation.
+    let started = p.path().join("started");
+    p.write(
+        "long.yaml",
+        &format!(
+            r#"
+pipeline:
+  name: long
+  steps:
+    - id: long
+      uses: exec
+      scheduler: slurm
+      params: {{run: 'echo "$SLURM_JOB_ID" >> {started}; sleep 6; echo "$SLURM_JOB_ID" > "$NEXA_OUT/where"'}}
+      out: artifacts/long
+"#,
+            started = started.display()
+        ),
+    );
+    let run = remote(&p, &coord, &["pipeline", "run", "long.yaml"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run");
+    common::mesh::wait_for(
+        "the job to start in a pilot",
+        std::time::Duration::from_secs(30),
+        || started.exists(),
+    );
+    let victim = std::fs::read_to_string(&started)
+        .expect("started")
+        .trim()
+        .to_string();
+    assert!(ids.contains(&victim), "{victim} is not a pilot of {ids:?}");
+    let out = Command::new("scancel")
+        .env("SLURM_CONF", &pilots.conf)
+        .arg(&victim)
+        .output()
+        .expect("scancel");
+    assert!(out.status.success(), "{}", text(&out));
+    let done = run.wait_with_output().expect("run");
+    assert!(done.status.success(), "{}", text(&done));
+    let survivor = std::fs::read_to_string(coord.data.join("projects/long/artifacts/long/where"))
+        .expect("where")
+        .trim()
+        .to_string();
+    assert!(
+        ids.contains(&survivor) && survivor != victim,
+        "the job finished in {survivor}, not in the other pilot ({ids:?}, {victim} cancelled)"
+    );
     drop(pilots);
     let left = Pilots {
         conf: slurm(),

@@ -109,6 +109,20 @@ pub async fn run<L: CoordinatorLink>(
                     cancel,
                 )
                 .await;
+                if *shutdown.borrow()
+                    && result.outcome == nexa_shared::job::Outcome::Failed
+                    && result.exit_code.is_none()
+                {
+                    // Killed by a signal while this worker stops (a Slurm pilot
+                    // scancelled or preempted: Slurm signals the whole allocation). Not
+                    // the job's failure: it is not reported, its lease expires once this
+                    // worker is gone, and it runs elsewhere.
+                    tracing::warn!(job = %lease.job.job_id, "the job was killed as this worker stops: left to run elsewhere");
+                    if let Some(m) = &cfg.metrics {
+                        m.running.dec();
+                    }
+                    break;
+                }
                 if let Some(table) = &cfg.services
                     && lease.job.uses == nexa_shared::runners::SERVE
                     && result.outcome == nexa_shared::job::Outcome::Succeeded
