@@ -394,6 +394,18 @@ mod tests {
     const GIB: u64 = 1 << 30;
 
     /// A 4-core, 1 GiB worker carrying these labels.
+    /// Whether `req` fits worker `p` with 4 free slots, 1 GiB and no GPUs.
+    fn fits(req: &Requirements, p: &Profile) -> bool {
+        let free = Free {
+            worker: "w",
+            profile: p,
+            slots: 4,
+            memory: GIB,
+            free_gpus: Vec::new(),
+        };
+        assign(req, std::slice::from_ref(&free)).is_some()
+    }
+
     fn with(labels: &[(&str, &str)]) -> Profile {
         Profile {
             cores: 4,
@@ -421,16 +433,6 @@ mod tests {
             container: true,
             ..plain.clone()
         };
-        let fits = |req: &Requirements, p: &Profile| {
-            let free = Free {
-                worker: "w",
-                profile: p,
-                slots: 4,
-                memory: GIB,
-                free_gpus: Vec::new(),
-            };
-            assign(req, std::slice::from_ref(&free)).is_some()
-        };
         assert!(fits(&plain, &bare) && fits(&plain, &docker) && fits(&plain, &sandbox_default));
         assert!(
             !fits(&plain, &sandbox),
@@ -454,16 +456,6 @@ mod tests {
         let local = Requirements::from(&Resources::default());
         let mut slurm = local.clone();
         slurm.labels.insert(SCHEDULER_LABEL.into(), "slurm".into());
-        let fits = |req: &Requirements, p: &Profile| {
-            let free = Free {
-                worker: "w",
-                profile: p,
-                slots: 4,
-                memory: GIB,
-                free_gpus: Vec::new(),
-            };
-            assign(req, std::slice::from_ref(&free)).is_some()
-        };
         assert!(fits(&slurm, &pilot));
         assert!(!fits(&slurm, &ordinary) && !fits(&slurm, &pod));
         assert!(!fits(&local, &pilot), "a pilot is reserved for slurm steps");

@@ -66,6 +66,15 @@ pub struct WorkerConfig {
     pub services: Option<Arc<services::ServiceTable>>,
 }
 
+/// Whether this worker is stopping, or starts to within a second: a signal that ends
+/// the worker's allocation (Slurm's scancel, a preemption) reaches its jobs and the
+/// worker at once, and a job may die of it before the worker has noticed.
+async fn stopping_soon(shutdown: &mut watch::Receiver<bool>) -> bool {
+    tokio::time::timeout(std::time::Duration::from_secs(1), shutdown.wait_for(|s| *s))
+        .await
+        .is_ok_and(|r| r.is_ok())
+}
+
 /// Runs `cfg.slots` job loops until `shutdown` turns true or the link closes.
 pub async fn run<L: CoordinatorLink>(
     link: Arc<L>,
@@ -109,9 +118,9 @@ pub async fn run<L: CoordinatorLink>(
                     cancel,
                 )
                 .await;
-                if *shutdown.borrow()
-                    && result.outcome == nexa_shared::job::Outcome::Failed
+                if result.outcome == nexa_shared::job::Outcome::Failed
                     && result.exit_code.is_none()
+                    && stopping_soon(&mut shutdown).await
                 {
                     // Killed by a signal while this worker stops (a Slurm pilot
                     // scancelled or preempted: Slurm signals the whole allocation). Not
@@ -146,5 +155,122 @@ pub async fn run<L: CoordinatorLink>(
         if let Err(e) = t.await {
             tracing::error!(error = %e, "worker slot panicked");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A coordinator that hands out one lease, then none, and keeps what is reported.
+    struct OneLease {
+        lease: Mutex<Option<Lease>>,
+        reported: Mutex<Vec<JobResult>>,
+        /// Kept so that the job is never cancelled.
+        cancels: Mutex<Vec<watch::Sender<bool>>>,
+    }
+
+    impl CoordinatorLink for OneLease {
+        async fn next_lease(&self) -> Option<Lease> {
+            let next = self.lease.lock().unwrap_or_else(|p| p.into_inner()).take();
+            match next {
+                Some(l) => Some(l),
+                None => std::future::pending().await,
+            }
+        }
+        async fn report(&self, result: JobResult) {
+            self.reported
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(result);
+        }
+        fn cancellation(&self, _: &Lease) -> watch::Receiver<bool> {
+            let (tx, rx) = watch::channel(false);
+            self.cancels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(tx);
+            rx
+        }
+        fn progress(&self, _: &Lease, _: nexa_shared::job::JobProgress) {}
+        async fn fetch_input(&self, _: &JobInput, _: &Path) -> std::result::Result<(), String> {
+            Err("no inputs here".into())
+        }
+    }
+
+    /// Runs one job that kills itself with SIGTERM; the worker is told to stop
+    /// `stop_after` after the job starts (never, when `None`). Returns what it reported.
+    async fn killed_job(stop_after: Option<std::time::Duration>) -> Vec<JobResult> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let lease = Lease {
+            job: nexa_shared::job::JobSpec {
+                job_id: "j".to_string().into(),
+                run_id: "r".to_string().into(),
+                step_id: "s".into(),
+                uses: "exec".into(),
+                params: serde_json::json!({"run": "sleep 0.2; kill -TERM $$"}),
+                outputs: vec!["out".into()],
+                ..Default::default()
+            },
+            generation: 1,
+            attempt: 1,
+            gpus: Vec::new(),
+        };
+        let link = Arc::new(OneLease {
+            lease: Mutex::new(Some(lease)),
+            reported: Mutex::new(Vec::new()),
+            cancels: Mutex::new(Vec::new()),
+        });
+        let cfg = WorkerConfig {
+            name: "w".into(),
+            slots: 1,
+            work_dir: dir.path().to_path_buf(),
+            profile: nexa_shared::hardware::Profile::default(),
+            executor: sandbox::Executor::process(),
+            metrics: None,
+            services: None,
+        };
+        let identity = Arc::new(Identity::load_or_create(&dir.path().join("key")).expect("key"));
+        let (tx, rx) = watch::channel(false);
+        let worker = tokio::spawn(run(link.clone(), cfg, identity, rx));
+        if let Some(d) = stop_after {
+            tokio::time::sleep(d).await;
+            let _ = tx.send(true);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let reported = !link
+                .reported
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty();
+            if worker.is_finished() || reported || std::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let _ = tx.send(true);
+        let _ = worker.await;
+        let reported = link
+            .reported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        reported
+    }
+
+    #[tokio::test]
+    async fn a_job_killed_as_its_worker_stops_is_left_to_run_elsewhere_and_any_other_is_reported() {
+        // The signal reached the job first and the worker a moment later, as when
+        // Slurm ends a pilot's allocation: nothing is reported, the lease is left to
+        // expire.
+        let left = killed_job(Some(std::time::Duration::from_millis(400))).await;
+        assert!(left.is_empty(), "reported: {left:?}");
+        // No stop: a job that died of a signal is the job's failure, reported.
+        let failed = killed_job(None).await;
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!(failed[0].outcome, nexa_shared::job::Outcome::Failed);
+        assert_eq!(failed[0].exit_code, None);
     }
 }
