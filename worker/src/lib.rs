@@ -252,12 +252,10 @@ mod tests {
         }
         let _ = tx.send(true);
         let _ = worker.await;
-        let reported = link
-            .reported
+        link.reported
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        reported
+            .clone()
     }
 
     #[tokio::test]
