@@ -355,15 +355,7 @@ pub fn held_gpus(project: &Path) -> Vec<String> {
         .unwrap_or_default()
         .iter()
         .filter(|h| services::alive(h))
-        .flat_map(|h| {
-            h["gpus"]
-                .as_str()
-                .unwrap_or_default()
-                .split(',')
-                .filter(|u| !u.is_empty())
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        })
+        .flat_map(services::gpus_of)
         .collect()
 }
 

@@ -68,15 +68,11 @@ impl ServiceTable {
         let gpu_uuids: Vec<String> = if lease.job.requirements.gpus == 0 {
             Vec::new()
         } else if lease.gpus.is_empty() {
-            let given: Vec<&str> = handle["gpus"]
-                .as_str()
-                .unwrap_or_default()
-                .split(',')
-                .collect();
+            let given = gpus_of(&handle);
             pool.profile()
                 .gpus
                 .iter()
-                .filter(|g| given.contains(&g.uuid.as_str()))
+                .filter(|g| given.contains(&g.uuid))
                 .map(|g| g.uuid.clone())
                 .collect()
         } else {
@@ -157,6 +153,17 @@ impl ServiceTable {
             pool.release(&s.gpus);
         }
     }
+}
+
+/// The GPUs a handle names (`CUDA_VISIBLE_DEVICES` of its job: UUIDs, comma-separated).
+pub fn gpus_of(h: &serde_json::Value) -> Vec<String> {
+    h["gpus"]
+        .as_str()
+        .unwrap_or_default()
+        .split(',')
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 fn pid_of(h: &serde_json::Value) -> Option<i32> {
