@@ -135,6 +135,7 @@ impl Embedded {
             executor: nexa_worker::sandbox::Executor::process(),
             metrics: None,
             services: Some(nexa_worker::services::ServiceTable::new()),
+            max_idle: None,
         };
         let worker = tokio::spawn(nexa_worker::run(link, cfg, identity, rx));
         Ok(Self {

@@ -238,3 +238,357 @@ pipeline:
         || left.squeue().is_empty(),
     );
 }
+
+/// A coordinator with the Slurm provider on: pilots run the test worker (which honours
+/// `NEXA_FAKE_GPUS`: the node's "GPUs", of which Slurm hands out its two gres devices).
+fn provider_coord(data: &Path, conf: &str, extra: &[&str]) -> Coord {
+    let worker = bin("nexa-worker-test").display().to_string();
+    let gpus = serde_json::json!([
+        common::mesh::fake_gpu(0, "GPU-fake-0", "Fake A100", 40, (8, 0)),
+        common::mesh::fake_gpu(1, "GPU-fake-1", "Fake A100", 40, (8, 0)),
+    ])
+    .to_string();
+    let mut args = vec![
+        "--open-enrolment",
+        "--slurm-worker",
+        &worker,
+        "--slurm-idle-timeout",
+        "20s",
+        "--slurm-min-memory",
+        "256MiB",
+    ];
+    args.extend_from_slice(extra);
+    Coord::try_start_exe(
+        &bin("nexa-coordinator"),
+        &[("SLURM_CONF", conf), ("NEXA_FAKE_GPUS", &gpus)],
+        data,
+        "127.0.0.1:0",
+        &args,
+    )
+    .unwrap_or_else(|| {
+        panic!(
+            "the coordinator did not start:\n{}",
+            std::fs::read_to_string(data.with_extension("log")).unwrap_or_default()
+        )
+    })
+}
+
+/// The pilots of the coordinator with data dir `data`, as squeue lists them:
+/// (job id, state, tres per node).
+fn provider_pilots(conf: &str, data: &Path) -> Vec<(String, String, String)> {
+    let Ok(id) = std::fs::read_to_string(data.join("slurm.id")) else {
+        return Vec::new();
+    };
+    let out = Command::new("squeue")
+        .env("SLURM_CONF", conf)
+        .args([
+            "-h",
+            "-n",
+            &format!("nexa-pilot-{}", id.trim()),
+            "-o",
+            "%i|%T|%b",
+        ])
+        .output()
+        .expect("squeue");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split('|');
+            Some((
+                f.next()?.to_string(),
+                f.next()?.to_string(),
+                f.next()?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// Cancels a provider's pilots whatever happens to the test.
+struct CancelPilots(String, std::path::PathBuf);
+
+impl Drop for CancelPilots {
+    fn drop(&mut self) {
+        for (id, _, _) in provider_pilots(&self.0, &self.1) {
+            let _ = Command::new("scancel")
+                .env("SLURM_CONF", &self.0)
+                .arg(id)
+                .status();
+        }
+    }
+}
+
+#[test]
+fn the_provider_shapes_pilots_from_resources_spreads_shards_gives_gpu_steps_only_gpu_pilots_and_ctrl_c_leaves_none()
+ {
+    let conf = slurm();
+    let p = Project::new();
+    let data = p.path().join("coord");
+    let mut coord = provider_coord(&data, &conf, &["--slurm-max-pilots", "3"]);
+    let _cleanup = CancelPilots(conf.clone(), data.clone());
+    let _ordinary = Worker::start(&coord.url("http"), &p.path().join("ordinary"), 2, None, &[]);
+    p.write("items.txt", "a\nb\nc\nd\n");
+    p.write(
+        "cluster.yaml",
+        r#"
+pipeline:
+  name: provided
+  steps:
+    - id: prep
+      uses: exec
+      params: {run: 'echo "${SLURM_JOB_ID:-none}" > "$NEXA_OUT/where"'}
+      out: artifacts/prep
+    - id: fan
+      uses: exec
+      scheduler: slurm
+      after: [prep]
+      in: {items: items.txt}
+      shards: {over: items, count: 4}
+      resources: {cpus: 1, memory: 300MiB}
+      params: {run: 'sleep 1; echo "$SLURM_JOB_ID" > "$NEXA_OUT/where"'}
+      out: artifacts/fan
+    - id: gpu
+      uses: exec
+      scheduler: slurm
+      after: [prep]
+      resources: {gpus: 1}
+      timeout: 5m
+      params: {run: 'echo "$SLURM_JOB_ID $SLURM_JOB_GPUS $CUDA_VISIBLE_DEVICES" > "$NEXA_OUT/where"'}
+      out: artifacts/gpu
+"#,
+    );
+    let started = std::time::Instant::now();
+    let out = remote(&p, &coord, &["pipeline", "run", "cluster.yaml"])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}\ncoordinator log:\n{}",
+        text(&out),
+        std::fs::read_to_string(data.with_extension("log")).unwrap_or_default()
+    );
+    eprintln!("the pipeline ran through pilots in {:?}", started.elapsed());
+    let art = data.join("projects/provided/artifacts");
+    let read = |rel: &str| {
+        std::fs::read_to_string(art.join(rel))
+            .unwrap_or_else(|e| panic!("{rel}: {e}"))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(read("prep/where"), "none", "a local step stays off Slurm");
+    let pilots = provider_pilots(&conf, &data);
+    let tres: std::collections::BTreeMap<String, String> = pilots
+        .iter()
+        .map(|(i, _, t)| (i.clone(), t.clone()))
+        .collect();
+    let mut used = std::collections::BTreeSet::new();
+    for k in 0..4 {
+        let job = read(&format!("fan/shard-{k:05}/where"));
+        assert!(!job.is_empty(), "shard {k} ran outside Slurm");
+        used.insert(job);
+    }
+    assert!(used.len() >= 2, "the shards spread over pilots: {used:?}");
+    let gpu = read("gpu/where");
+    let mut f = gpu.split_whitespace();
+    let (gpu_job, slurm_gpus, visible) = (
+        f.next().unwrap_or(""),
+        f.next().unwrap_or(""),
+        f.next().unwrap_or(""),
+    );
+    assert!(
+        !slurm_gpus.is_empty() && visible.starts_with("GPU-fake-"),
+        "the GPU step ran with a GPU Slurm allocated: {gpu:?}"
+    );
+    if let Some(t) = tres.get(gpu_job) {
+        assert!(t.contains("gpu:1"), "its pilot asked for gres: {t}");
+    }
+    // The pilots without gres offered no GPU, though the node "has" two.
+    let workers = coord.workers(&p);
+    let mut cpu_pilots = 0;
+    for w in &workers {
+        let labels = &w["profile"]["labels"];
+        if labels["scheduler"] != "slurm" {
+            continue;
+        }
+        let job = labels["slurm.job_id"].as_str().unwrap_or("");
+        let gpus = w["profile"]["gpus"].as_array().map_or(0, Vec::len);
+        if job == gpu_job {
+            assert_eq!(gpus, 1, "the GPU pilot offers the one GPU it got: {w}");
+        } else if gpus == 0 {
+            cpu_pilots += 1;
+        } else {
+            panic!("a pilot without gres offered GPUs: {w}");
+        }
+        assert!(
+            labels["slurm.end"]
+                .as_str()
+                .is_some_and(|e| e.parse::<u64>().is_ok()),
+            "a pilot says when its allocation ends: {w}"
+        );
+    }
+    assert!(cpu_pilots >= 1, "{workers:?}");
+    assert!(pilots.len() <= 3, "at most --slurm-max-pilots: {pilots:?}");
+
+    // Ctrl-C: the coordinator cancels every pilot it submitted before it exits.
+    assert!(
+        !provider_pilots(&conf, &data).is_empty(),
+        "pilots idle, not gone yet"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(coord.child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT");
+    let status = coord.child.wait().expect("wait");
+    assert!(status.success(), "{status:?}");
+    let left = provider_pilots(&conf, &data);
+    assert!(
+        left.iter().all(|(_, s, _)| s == "COMPLETING"),
+        "squeue shows no pilot after Ctrl-C: {left:?}"
+    );
+    common::mesh::wait_for(
+        "the cancelled pilots to leave squeue",
+        std::time::Duration::from_secs(20),
+        || provider_pilots(&conf, &data).is_empty(),
+    );
+}
+
+#[test]
+fn a_step_slurm_cannot_run_fails_with_its_reason_and_a_killed_coordinators_pilots_are_found_again_not_leaked()
+ {
+    let conf = slurm();
+    let p = Project::new();
+    let data = p.path().join("coord");
+    let mut coord = provider_coord(&data, &conf, &[]);
+    let _cleanup = CancelPilots(conf.clone(), data.clone());
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get()) + 1;
+    p.write(
+        "hopeless.yaml",
+        &format!(
+            r#"
+pipeline:
+  name: hopeless
+  steps:
+    - id: wide
+      uses: exec
+      scheduler: slurm
+      resources: {{cpus: {cpus}}}
+      params: {{cmd: [true]}}
+      out: artifacts/wide
+    - id: nowhere
+      uses: exec
+      scheduler: slurm
+      after: []
+      slurm: {{partition: no-such-partition}}
+      params: {{cmd: [true]}}
+      out: artifacts/nowhere
+"#
+        ),
+    );
+    let started = std::time::Instant::now();
+    let out = remote(&p, &coord, &["pipeline", "run", "hopeless.yaml"])
+        .output()
+        .expect("run");
+    let took = started.elapsed();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        took < std::time::Duration::from_secs(60),
+        "failed within a minute: {took:?}"
+    );
+    let status = remote_status(&p, &coord, "hopeless.yaml");
+    let wide = step(&status, "wide");
+    assert_eq!(wide["status"], "FAILED", "{status}");
+    let why = wide["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("Reason=PartitionConfig") && why.contains(&format!("{cpus} CPUs")),
+        "Slurm's reason and the request: {why}"
+    );
+    let nowhere = step(&status, "nowhere");
+    assert_eq!(nowhere["status"], "FAILED", "{status}");
+    let why = nowhere["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("sbatch refused") && why.contains("invalid partition"),
+        "sbatch's own message: {why}"
+    );
+    let left = provider_pilots(&conf, &data);
+    assert!(
+        left.iter().all(|(_, s, _)| s != "PENDING"),
+        "the hopeless pilot was cancelled: {left:?}"
+    );
+
+    // Pilots running, then the coordinator is killed: they outlive it, and the next
+    // coordinator on the same data dir finds them, reuses them and, when it stops,
+    // cancels them.
+    p.write(
+        "sleepy.yaml",
+        r#"
+pipeline:
+  name: sleepy
+  steps:
+    - id: nap
+      uses: exec
+      scheduler: slurm
+      params: {run: 'echo "$SLURM_JOB_ID" > "$NEXA_OUT/where"'}
+      out: artifacts/nap
+"#,
+    );
+    let out = remote(&p, &coord, &["pipeline", "run", "sleepy.yaml"])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", text(&out));
+    let first = std::fs::read_to_string(data.join("projects/sleepy/artifacts/nap/where"))
+        .expect("where")
+        .trim()
+        .to_string();
+    let addr = coord.addr.clone();
+    coord.sigkill();
+    let orphans = provider_pilots(&conf, &data);
+    assert!(
+        orphans
+            .iter()
+            .any(|(id, s, _)| *id == first && s == "RUNNING"),
+        "the pilot outlives a SIGKILLed coordinator: {orphans:?}"
+    );
+    let mut coord = Coord::try_start_exe(
+        &bin("nexa-coordinator"),
+        &[("SLURM_CONF", &conf)],
+        &data,
+        &addr,
+        &[
+            "--open-enrolment",
+            "--slurm-worker",
+            &bin("nexa-worker-test").display().to_string(),
+            "--slurm-idle-timeout",
+            "20s",
+        ],
+    )
+    .expect("restarted on the same address");
+    // A new step (not the cached one) needs a pilot again.
+    p.write(
+        "sleepy.yaml",
+        &p.read("sleepy.yaml")
+            .replace("id: nap", "id: nap\n      cache_hint: again"),
+    );
+    let out = remote(&p, &coord, &["pipeline", "run", "sleepy.yaml"])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", text(&out));
+    let second = std::fs::read_to_string(data.join("projects/sleepy/artifacts/nap/where"))
+        .expect("where")
+        .trim()
+        .to_string();
+    assert_eq!(
+        second, first,
+        "the restarted coordinator reused its predecessor's pilot"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(coord.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    assert!(coord.child.wait().expect("wait").success());
+    common::mesh::wait_for(
+        "no pilot of either coordinator in squeue",
+        std::time::Duration::from_secs(20),
+        || provider_pilots(&conf, &data).is_empty(),
+    );
+}

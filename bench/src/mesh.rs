@@ -76,6 +76,7 @@ async fn bench(
         unfit_grace: Duration::from_secs(30),
         default_validation: None,
         tls: None,
+        slurm: None,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(nexa_coordinator::mesh::serve(listener, cfg, async {

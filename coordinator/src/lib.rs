@@ -19,6 +19,7 @@ pub mod registry;
 pub mod scheduler;
 pub mod sealing;
 pub mod services;
+pub mod slurm;
 pub mod state;
 pub mod store;
 pub mod tasks;

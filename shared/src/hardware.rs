@@ -94,6 +94,32 @@ pub const SERVICES_LABEL: &str = "services";
 pub const SCHEDULER_LABEL: &str = "scheduler";
 /// The label naming the image such a worker uses for steps that name none.
 pub const DEFAULT_IMAGE_LABEL: &str = "sandbox.default-image";
+/// The label of a worker whose allocation ends at a known time (a Slurm pilot): Unix
+/// seconds. Such a worker takes only jobs whose timeout ends before it
+/// ([`walltime_ok`]).
+pub const WALLTIME_END_LABEL: &str = "slurm.end";
+/// Seconds kept between the end of a job's timeout and the end of its worker's
+/// allocation: the time to upload and report its result.
+pub const WALLTIME_SLACK_S: u64 = 30;
+
+/// Whether a job with this timeout, started now (`now_unix`), ends before the
+/// allocation of worker `p` does ([`WALLTIME_END_LABEL`]), with [`WALLTIME_SLACK_S`] to
+/// spare. A worker without an end takes anything; a job without a timeout may go to a
+/// worker with an end (it may be cut short, and then it runs again elsewhere).
+pub fn walltime_ok(timeout: Option<std::time::Duration>, p: &Profile, now_unix: u64) -> bool {
+    let (Some(t), Some(end)) = (
+        timeout,
+        p.labels
+            .get(WALLTIME_END_LABEL)
+            .and_then(|e| e.parse::<u64>().ok()),
+    ) else {
+        return true;
+    };
+    now_unix
+        .saturating_add(t.as_secs())
+        .saturating_add(WALLTIME_SLACK_S)
+        <= end
+}
 
 impl From<&Resources> for Requirements {
     fn from(r: &Resources) -> Self {
@@ -468,6 +494,33 @@ mod tests {
         let why = why_unfit(&local, [(&pilot, 4), (&pod, 4)]).expect("all reserved");
         assert!(why.contains("reserved for a cluster scheduler"), "{why}");
         assert!(why_unfit(&local, [(&pilot, 4), (&ordinary, 4)]).is_none());
+    }
+
+    #[test]
+    fn a_worker_with_an_allocation_end_takes_only_jobs_whose_timeout_ends_before_it() {
+        let pilot = with(&[(WALLTIME_END_LABEL, "10000")]);
+        let hour = Some(std::time::Duration::from_secs(3600));
+        let minute = Some(std::time::Duration::from_secs(60));
+        assert!(walltime_ok(minute, &pilot, 10000 - 60 - WALLTIME_SLACK_S));
+        assert!(!walltime_ok(
+            minute,
+            &pilot,
+            10000 - 60 - WALLTIME_SLACK_S + 1
+        ));
+        assert!(
+            !walltime_ok(hour, &pilot, 9000),
+            "an hour does not fit in 1000 s"
+        );
+        assert!(
+            walltime_ok(None, &pilot, 9999),
+            "no timeout: no promise to keep"
+        );
+        assert!(walltime_ok(hour, &with(&[]), 9999), "no end: anything");
+        let garbled = with(&[(WALLTIME_END_LABEL, "soon")]);
+        assert!(
+            walltime_ok(hour, &garbled, 0),
+            "an end that is not a number is none"
+        );
     }
 
     #[test]

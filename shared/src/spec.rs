@@ -20,6 +20,7 @@ pub mod graph;
 mod parse;
 mod validate;
 use parse::parse;
+pub use parse::{SLURM_FIELDS, check_slurm_value};
 pub use validate::output_paths;
 use validate::validate;
 
@@ -175,6 +176,9 @@ pub struct Step {
     pub shards: Option<Shards>,
     /// Replication and quorum.
     pub validation: Option<Validation>,
+    /// Overrides for the Slurm pilots that run a `scheduler: slurm` step: `partition`,
+    /// `account`, `qos`, `constraint` (see [`SLURM_FIELDS`]); not in the cache key.
+    pub slurm: BTreeMap<String, String>,
     /// Where the step starts in the file.
     pub pos: Pos,
 }

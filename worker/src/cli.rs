@@ -73,6 +73,10 @@ struct JoinArgs {
     /// (`nexa serve stop --coordinator`) [default: serve steps go to other workers].
     #[arg(long)]
     services: bool,
+    /// Exit once no job has run for this long, e.g. `2m` (a Slurm pilot gives its
+    /// allocation back) [default: never].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    max_idle: Option<std::time::Duration>,
     /// Serve this worker's /metrics, /healthz and /readyz here (e.g. 127.0.0.1:9101).
     #[arg(long, env = "NEXA_WORKER_METRICS_LISTEN")]
     metrics_listen: Option<String>,
@@ -157,15 +161,10 @@ fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
     let gpus_filter = parse_gpu_filter(&a.gpus)?;
     apply_gpu_filter(&mut profile, &gpus_filter);
     profile.labels.extend(a.labels);
-    // Inside a Slurm allocation (a pilot): which one, for the operator's view.
-    for (var, label) in [
-        ("SLURM_JOB_ID", "slurm.job_id"),
-        ("SLURM_JOB_PARTITION", "slurm.partition"),
-        ("SLURMD_NODENAME", "slurm.node"),
-    ] {
-        if let Ok(v) = std::env::var(var) {
-            profile.labels.entry(label.into()).or_insert(v);
-        }
+    // Inside a Slurm allocation (a pilot): only what it holds, labelled with it.
+    let allocation = crate::allocation::Allocation::from_env();
+    if let Some(alloc) = &allocation {
+        alloc.apply(&mut profile, a.gpus != "all");
     }
     if a.services && a.executor == ExecutorKind::Docker {
         anyhow::bail!(
@@ -197,7 +196,10 @@ fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
             eprintln!("removed {reaped} job container(s) left by a previous run");
         }
     }
-    let slots = a.slots.unwrap_or(profile.cores.max(1));
+    let slots = a
+        .slots
+        .or(allocation.as_ref().and_then(|al| al.cpus))
+        .unwrap_or(profile.cores.max(1));
     let name = a.name.unwrap_or_else(|| profile.hostname.clone());
     let ca = a.ca.map(std::fs::read).transpose()?;
     eprintln!(
@@ -229,9 +231,13 @@ fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
         eprintln!("joined {} as {}", a.url, link.worker_id());
         {
             let (dir, gpus_arg) = (work_dir.clone(), gpus_filter.clone());
+            let (alloc, explicit) = (allocation.clone(), a.gpus != "all");
             link.set_profiler(Arc::new(move || {
                 let mut p = crate::profile::profile_with(&dir, false, allow_fake_gpus);
                 apply_gpu_filter(&mut p, &gpus_arg);
+                if let Some(al) = &alloc {
+                    al.apply(&mut p, explicit);
+                }
                 p
             }));
         }
@@ -281,6 +287,7 @@ fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
             executor,
             metrics,
             services,
+            max_idle: a.max_idle,
         };
         // Without heartbeats every lease would expire under the worker: should their
         // task die (a bug), the worker stops with the reason, to be restarted.

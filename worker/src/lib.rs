@@ -2,6 +2,7 @@
 //! a local content-addressed cache, runs the job, hashes and signs its outputs, and
 //! reports. The same loop serves the embedded engine (in-process link) and the mesh.
 
+pub mod allocation;
 pub mod cas;
 pub mod cli;
 pub mod error;
@@ -64,6 +65,80 @@ pub struct WorkerConfig {
     /// handle) or `nexa-worker join --services` (the coordinator stops them through
     /// heartbeats). `None`: serve jobs are refused.
     pub services: Option<Arc<services::ServiceTable>>,
+    /// Stop once no job has run for this long (a Slurm pilot gives its allocation
+    /// back); `None`: never.
+    pub max_idle: Option<std::time::Duration>,
+}
+
+/// How many jobs run now and when the last one ended: what `max_idle` watches.
+#[derive(Debug)]
+struct Activity {
+    busy: std::sync::atomic::AtomicUsize,
+    last: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            busy: std::sync::atomic::AtomicUsize::new(0),
+            last: std::sync::Mutex::new(std::time::Instant::now()),
+        }
+    }
+}
+
+/// A job running; dropped when it ends.
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *self.0.last.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
+        self.0
+            .busy
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Activity {
+    fn busy(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Busy(self.clone())
+    }
+
+    fn idle_for(&self) -> Option<std::time::Duration> {
+        (self.busy.load(std::sync::atomic::Ordering::SeqCst) == 0).then(|| {
+            self.last
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .elapsed()
+        })
+    }
+
+    /// A stop signal that turns true with `outer`, or once no job has run for `max`.
+    fn stop_when_idle(
+        self: Arc<Self>,
+        max: std::time::Duration,
+        mut outer: watch::Receiver<bool>,
+    ) -> watch::Receiver<bool> {
+        let (tx, rx) = watch::channel(*outer.borrow());
+        tokio::spawn(async move {
+            let step = (max / 4).clamp(
+                std::time::Duration::from_millis(50),
+                std::time::Duration::from_secs(1),
+            );
+            loop {
+                tokio::select! {
+                    _ = outer.wait_for(|s| *s) => break,
+                    _ = tokio::time::sleep(step) => {}
+                }
+                if self.idle_for().is_some_and(|idle| idle >= max) {
+                    tracing::info!(idle = ?max, "no job for the idle limit: stopping");
+                    break;
+                }
+            }
+            let _ = tx.send(true);
+        });
+        rx
+    }
 }
 
 /// Whether this worker is stopping, or starts to within a second: a signal that ends
@@ -84,6 +159,11 @@ pub async fn run<L: CoordinatorLink>(
 ) {
     let cas = Arc::new(cas::Cas::new(cfg.work_dir.join("cas")));
     let gpus = Arc::new(gpus::GpuPool::new(cfg.profile.clone()));
+    let activity = Arc::new(Activity::default());
+    let shutdown = match cfg.max_idle {
+        Some(max) => activity.clone().stop_when_idle(max, shutdown),
+        None => shutdown,
+    };
     let mut tasks = Vec::new();
     for slot in 0..cfg.slots.max(1) {
         let link = link.clone();
@@ -92,13 +172,19 @@ pub async fn run<L: CoordinatorLink>(
         let cas = cas.clone();
         let gpus = gpus.clone();
         let mut shutdown = shutdown.clone();
+        let activity = activity.clone();
         tasks.push(tokio::spawn(async move {
             loop {
+                if *shutdown.borrow() {
+                    break;
+                }
                 let lease = tokio::select! {
-                    l = link.next_lease() => l,
+                    biased;
                     _ = shutdown.wait_for(|s| *s) => None,
+                    l = link.next_lease() => l,
                 };
                 let Some(lease) = lease else { break };
+                let _busy = activity.busy();
                 tracing::debug!(worker = %cfg.name, slot, job = %lease.job.job_id, "running job");
                 let cancel = link.cancellation(&lease);
                 if let Some(m) = &cfg.metrics {
@@ -230,6 +316,7 @@ mod tests {
             executor: sandbox::Executor::process(),
             metrics: None,
             services: None,
+            max_idle: None,
         };
         let identity = Arc::new(Identity::load_or_create(&dir.path().join("key")).expect("key"));
         let (tx, rx) = watch::channel(false);
@@ -270,5 +357,63 @@ mod tests {
         assert_eq!(failed.len(), 1, "{failed:?}");
         assert_eq!(failed[0].outcome, nexa_shared::job::Outcome::Failed);
         assert_eq!(failed[0].exit_code, None);
+    }
+
+    #[tokio::test]
+    async fn a_worker_with_max_idle_stops_once_no_job_ran_that_long_and_not_while_one_runs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let lease = Lease {
+            job: nexa_shared::job::JobSpec {
+                job_id: "j".to_string().into(),
+                run_id: "r".to_string().into(),
+                step_id: "s".into(),
+                uses: "exec".into(),
+                params: serde_json::json!({"run": "sleep 0.6"}),
+                outputs: vec!["out".into()],
+                ..Default::default()
+            },
+            generation: 1,
+            attempt: 1,
+            gpus: Vec::new(),
+        };
+        let link = Arc::new(OneLease {
+            lease: Mutex::new(Some(lease)),
+            reported: Mutex::new(Vec::new()),
+            cancels: Mutex::new(Vec::new()),
+        });
+        let cfg = WorkerConfig {
+            name: "w".into(),
+            slots: 2,
+            work_dir: dir.path().to_path_buf(),
+            profile: nexa_shared::hardware::Profile::default(),
+            executor: sandbox::Executor::process(),
+            metrics: None,
+            services: None,
+            max_idle: Some(std::time::Duration::from_millis(300)),
+        };
+        let identity = Arc::new(Identity::load_or_create(&dir.path().join("key")).expect("key"));
+        let (_tx, rx) = watch::channel(false);
+        let started = std::time::Instant::now();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            run(link.clone(), cfg, identity, rx),
+        )
+        .await
+        .expect("the idle worker stopped by itself");
+        let took = started.elapsed();
+        let reported = link
+            .reported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len();
+        assert_eq!(
+            reported, 1,
+            "the running job finished and was reported first"
+        );
+        // 0.6 s of job, then 0.3 s idle (checked every 75 ms).
+        assert!(
+            took >= std::time::Duration::from_millis(850),
+            "stopped while its job ran, or before its idle time: {took:?}"
+        );
     }
 }

@@ -22,6 +22,8 @@ pub struct ServeConfig {
     pub default_validation: Option<nexa_shared::spec::Validation>,
     /// PEM certificate chain and key for TLS; plain HTTP/2 when absent.
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
+    /// Start pilot workers in Slurm allocations for `scheduler: slurm` steps.
+    pub slurm: Option<crate::slurm::SlurmConfig>,
 }
 
 /// Serves on `listener` until `shutdown` resolves, then stops taking calls, stops the
@@ -108,6 +110,11 @@ pub async fn serve_opened(
             default_validation: cfg.default_validation,
             metrics: Some(exported.clone()),
             progress_lines: crate::scheduler::PROGRESS,
+            provided_schedulers: cfg
+                .slurm
+                .iter()
+                .map(|_| crate::slurm::provider::SCHEDULER.to_string())
+                .collect(),
         },
     );
     let operator_token = cfg.operator_token.clone();
@@ -117,6 +124,12 @@ pub async fn serve_opened(
         cfg.mesh.clone(),
         cfg.operator_token.clone(),
     );
+    // Before resumed runs queue jobs: the provider first finds the pilots a previous
+    // process left.
+    let provider = cfg
+        .slurm
+        .clone()
+        .map(|s| crate::slurm::Provider::spawn(coord.clone(), s));
     let resumed = control.resume_unfinished().await;
     if resumed > 0 {
         tracing::info!(runs = resumed, "resumed unfinished runs");
@@ -164,6 +177,9 @@ pub async fn serve_opened(
         .await;
     let _ = stop_http.send(());
     disk_watch.abort();
+    if let Some(p) = provider {
+        p.stop().await;
+    }
     coord.shutdown();
     let _ = engine.await;
     result.map_err(|e| crate::Error::Server(e.to_string()))

@@ -259,6 +259,10 @@ pub struct EngineConfig {
     /// How many progress lines may wait for a run's reader before lines are dropped
     /// (never its summary): [`PROGRESS`] unless a test wants fewer.
     pub progress_lines: usize,
+    /// Cluster schedulers (`slurm`) whose steps a provider starts workers for: such a
+    /// step waits for them however long, and the provider fails it when they cannot
+    /// run (see [`Coordinator::fail_steps`]).
+    pub provided_schedulers: Vec<String>,
 }
 
 impl std::fmt::Debug for EngineConfig {
@@ -273,6 +277,7 @@ impl std::fmt::Debug for EngineConfig {
             )
             .field("default_validation", &self.default_validation)
             .field("progress_lines", &self.progress_lines)
+            .field("provided_schedulers", &self.provided_schedulers)
             .finish()
     }
 }
@@ -289,6 +294,7 @@ impl EngineConfig {
             default_validation: None,
             metrics: None,
             progress_lines: PROGRESS,
+            provided_schedulers: Vec::new(),
         }
     }
 }

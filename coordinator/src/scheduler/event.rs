@@ -81,6 +81,11 @@ pub enum Event {
     SubmitSaved(RunId, Result<()>),
     /// A finished run's final state was written and flushed, or why not.
     RunSaved(String, RunOutcome, std::result::Result<(), String>),
+    /// The waiting jobs of one cluster scheduler's steps, by shape (its provider asks).
+    Demand(String, oneshot::Sender<Vec<Demand>>),
+    /// Fail these steps (run, index), if none of their jobs has started, with this
+    /// reason (a provider whose workers cannot run them).
+    FailSteps(Vec<(String, usize)>, String),
     /// Stop the loop.
     Shutdown,
 }

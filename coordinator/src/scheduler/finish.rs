@@ -302,6 +302,11 @@ pub(super) fn requirements_of(step: &nexa_shared::spec::Step) -> Requirements {
         r.labels
             .insert(hardware::SCHEDULER_LABEL.into(), s.to_string());
     }
+    // A step's Slurm overrides go to pilots submitted with them: a pilot carries its
+    // partition (from Slurm) and the account, QOS and constraint it was submitted with.
+    for (k, v) in &step.slurm {
+        r.labels.insert(format!("slurm.{k}"), v.clone());
+    }
     if step.uses.value == runners::SERVE {
         r.labels.insert(
             hardware::SERVICES_LABEL.into(),

@@ -151,6 +151,21 @@ impl Coordinator {
         rx.await.map_err(|_| Error::ShutDown)
     }
 
+    /// The waiting jobs of `scheduler`'s steps (`slurm`), one entry per shape: what a
+    /// provider starts workers for.
+    pub async fn demand(&self, scheduler: &str) -> Result<Vec<Demand>> {
+        let (tx, rx) = oneshot::channel();
+        self.call(Event::Demand(scheduler.to_string(), tx)).await?;
+        rx.await.map_err(|_| Error::ShutDown)
+    }
+
+    /// Fails these steps `(run, index)` with `reason` if none of their jobs has
+    /// started: a provider's workers cannot run them (Slurm refused or will never
+    /// start their pilots).
+    pub async fn fail_steps(&self, steps: Vec<(String, usize)>, reason: String) -> Result<()> {
+        self.call(Event::FailSteps(steps, reason)).await
+    }
+
     /// The services running on workers, as their heartbeats last said.
     pub async fn services(&self) -> Result<Vec<ServiceView>> {
         let (tx, rx) = oneshot::channel();

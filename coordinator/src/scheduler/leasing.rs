@@ -12,6 +12,10 @@ impl Engine {
             return None;
         }
         let free = w.free();
+        let now_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let mut leased: HashMap<&str, usize> = HashMap::new();
         for ws in self.workers.values() {
             for job_id in ws.alloc.keys() {
@@ -33,6 +37,10 @@ impl Engine {
                 if let Some(u) = &job.unit
                     && !self.replica_ok(u, worker)
                 {
+                    return None;
+                }
+                // A pilot near the end of its allocation takes only what ends in time.
+                if !hardware::walltime_ok(job.spec.timeout, &w.info.profile, now_unix) {
                     return None;
                 }
                 hardware::assign(&job.spec.requirements, std::slice::from_ref(&free))
@@ -159,6 +167,15 @@ impl Engine {
             return;
         }
         let requirements = requirements_of(&run.ctx.pipeline.steps[i]);
+        // A cluster scheduler with a provider (Slurm) has workers coming: the provider
+        // fails the step when its pilots cannot run.
+        if requirements
+            .labels
+            .get(hardware::SCHEDULER_LABEL)
+            .is_some_and(|s| self.config.provided_schedulers.contains(s))
+        {
+            return;
+        }
         let Some(why) = hardware::why_unfit(
             &requirements,
             self.workers
@@ -168,29 +185,11 @@ impl Engine {
         ) else {
             return;
         };
-        let mine: Vec<JobId> = self
-            .jobs
-            .iter()
-            .filter(|(_, j)| j.run_id == run_id && j.step == i)
-            .map(|(id, _)| id.clone())
-            .collect();
-        let started = mine.iter().any(|id| {
-            self.jobs
-                .get(id)
-                .is_some_and(|j| !matches!(j.state, JobState::Queued | JobState::Backoff))
-        });
-        if started {
-            return;
-        }
-        for id in mine {
-            self.jobs.remove(&id);
-        }
-        self.step_failed(
+        self.fail_waiting_step(
             run_id,
             i,
             format!("no enrolled worker can run this step: {why}"),
         );
-        self.maybe_finish(run_id);
     }
 
     pub(super) fn record_outcome(&mut self, worker: &str, ok: bool) {

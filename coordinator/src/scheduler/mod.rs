@@ -6,12 +6,14 @@ use crate::planner::{self, Plan, RunContext, StepPlan};
 pub use crate::sealing::group::{SealFailure, SealedJob, WrongResult};
 use crate::sealing::group::{SealQueue, SealTask, keep_log};
 pub use api::*;
+pub use clusters::Demand;
 pub use event::{Event, Unsaved};
 pub use services::{Beat, HeartbeatAnswer, ServiceBeat, ServiceView};
 
 mod acceptance;
 mod api;
 mod blame;
+mod clusters;
 mod effects;
 mod event;
 mod finish;
@@ -401,6 +403,10 @@ impl Engine {
                 }));
                 self.dispatch();
             }
+            Event::Demand(scheduler, reply) => {
+                let _ = reply.send(self.demand(&scheduler));
+            }
+            Event::FailSteps(steps, reason) => self.fail_steps(&steps, &reason),
             Event::Shutdown => {}
         }
     }

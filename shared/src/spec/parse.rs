@@ -18,7 +18,12 @@ const STEP_FIELDS: &[&str] = &[
     "resources",
     "shards",
     "validation",
+    "slurm",
 ];
+
+/// The fields of a step's `slurm:` overrides (each becomes an sbatch option of the
+/// pilots that run it).
+pub const SLURM_FIELDS: &[&str] = &["partition", "account", "qos", "constraint"];
 
 pub(super) fn map_entries<'a>(
     node: &'a Node,
@@ -365,6 +370,9 @@ pub(super) fn parse_step(node: &Node, index: usize, d: &mut Diagnostics) -> Opti
         .unwrap_or_default();
     let shards = get("shards").and_then(|v| parse_shards(v, &label, d));
     let validation = get("validation").and_then(|v| parse_validation(v, &label, d));
+    let slurm = get("slurm")
+        .map(|v| parse_slurm(v, &label, scheduler.as_deref(), d))
+        .unwrap_or_default();
 
     // Handler-specific params, checked where the positions are known.
     if let Some(u) = &uses
@@ -444,6 +452,7 @@ pub(super) fn parse_step(node: &Node, index: usize, d: &mut Diagnostics) -> Opti
         resources,
         shards,
         validation,
+        slurm,
         pos: node.pos,
     })
 }
@@ -501,6 +510,79 @@ pub(super) fn parse_retries(v: &Node, label: &str, d: &mut Diagnostics) -> Retri
         ),
     }
     r
+}
+
+/// A step's `slurm:` overrides: only with `scheduler: slurm`, only the known fields,
+/// each a value sbatch reads as one word (no spaces, quotes or newlines: it goes into a
+/// batch script's `#SBATCH` line).
+pub(super) fn parse_slurm(
+    v: &Node,
+    label: &str,
+    scheduler: Option<&str>,
+    d: &mut Diagnostics,
+) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    if scheduler != Some("slurm") {
+        d.push(
+            v.pos,
+            format!("{label}: 'slurm' options go with 'scheduler: slurm'"),
+        );
+    }
+    let Some(es) = map_entries(v, "slurm", d) else {
+        return out;
+    };
+    check_duplicate_keys(es, "slurm", d);
+    for (k, val) in es {
+        let Some(name) = k.as_str().filter(|n| SLURM_FIELDS.contains(n)) else {
+            unknown_field(d, k, &format!("{label}'s slurm"), SLURM_FIELDS);
+            continue;
+        };
+        let Some(text) = string_of(val, &format!("slurm.{name}"), d) else {
+            continue;
+        };
+        if let Err(e) = check_slurm_value(&text.value) {
+            d.push(val.pos, format!("{label}: 'slurm.{name}': {e}"));
+            continue;
+        }
+        out.insert(name.to_string(), text.value);
+    }
+    out
+}
+
+/// A value for an sbatch option written into a batch script: 1–200 characters of
+/// letters, digits and `_ - . , : | & ! * [ ] ( ) = @ +` (partition lists, constraint
+/// expressions, QOS and account names).
+pub fn check_slurm_value(v: &str) -> std::result::Result<(), String> {
+    let ok = !v.is_empty()
+        && v.len() <= 200
+        && v.chars().all(|c| {
+            c.is_ascii_alphanumeric()
+                || matches!(
+                    c,
+                    '_' | '-'
+                        | '.'
+                        | ','
+                        | ':'
+                        | '|'
+                        | '&'
+                        | '!'
+                        | '*'
+                        | '['
+                        | ']'
+                        | '('
+                        | ')'
+                        | '='
+                        | '@'
+                        | '+'
+                )
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{v:?} is not a Slurm name or expression (letters, digits and _-.,:|&!*[]()=@+ only, at most 200)"
+        ))
+    }
 }
 
 pub(super) fn parse_resources(v: &Node, label: &str, d: &mut Diagnostics) -> Resources {

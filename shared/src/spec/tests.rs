@@ -356,3 +356,49 @@ fn names_and_out_paths_too_long_for_the_file_system_are_refused_up_front() {
     );
     assert!(has(&all, "p.yaml:15:13: step 'c': output name"), "{all:?}");
 }
+
+#[test]
+fn slurm_overrides_go_with_scheduler_slurm_name_known_fields_and_refuse_what_would_break_a_batch_script()
+ {
+    let src = r#"
+pipeline:
+  name: cluster
+  steps:
+    - id: ok
+      uses: exec
+      scheduler: slurm
+      slurm: {partition: gpu, account: proj-42, qos: normal, constraint: "a100&ib"}
+      params: {cmd: [true]}
+      out: artifacts/ok
+    - id: local
+      uses: exec
+      slurm: {partition: gpu}
+      params: {cmd: [true]}
+      out: artifacts/local
+    - id: bad
+      uses: exec
+      scheduler: slurm
+      slurm: {partition: "gpu\n#SBATCH --uid=0", colour: red}
+      params: {cmd: [true]}
+      out: artifacts/bad
+"#;
+    let d = diags(src);
+    let expect = [
+        "p.yaml:13:14: step 'local': 'slurm' options go with 'scheduler: slurm'",
+        "p.yaml:19:26: step 'bad': 'slurm.partition': \"gpu\\n#SBATCH --uid=0\" is not a Slurm name",
+        "p.yaml:19:50: unknown field 'colour' in step 'bad''s slurm (expected one of: partition, account, qos, constraint)",
+    ];
+    for e in expect {
+        assert!(has(&d, e), "missing {e:?} in:\n{}", d.join("\n"));
+    }
+    assert_eq!(d.len(), expect.len(), "extra: {}", d.join("\n"));
+    let fine = src.split("    - id: local").next().unwrap_or_default();
+    let loaded = load_str("p.yaml", fine, Path::new("/proj")).expect("loads");
+    let step = &loaded.pipeline.steps[0];
+    assert_eq!(step.slurm.get("partition").map(String::as_str), Some("gpu"));
+    assert_eq!(
+        step.slurm.get("constraint").map(String::as_str),
+        Some("a100&ib")
+    );
+    assert_eq!(step.slurm.len(), 4);
+}
