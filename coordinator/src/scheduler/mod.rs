@@ -13,6 +13,8 @@ pub use services::{Beat, HeartbeatAnswer, ServiceBeat, ServiceView};
 mod acceptance;
 mod api;
 mod blame;
+#[cfg(test)]
+mod cluster_tests;
 mod clusters;
 mod effects;
 mod event;

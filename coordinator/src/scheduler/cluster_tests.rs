@@ -1,0 +1,159 @@
+//! The engine's side of a cluster provider: a provided scheduler's steps wait past the
+//! unfit grace, their waiting jobs are reported by shape, a provider can fail them, and
+//! a pilot near the end of its walltime gets only what ends in time.
+
+use super::tests::{Harness, drain, key_of};
+use super::*;
+
+/// Enrols a Slurm pilot whose allocation ends `ends_in` from now.
+fn enrol_pilot(h: &mut Harness, id: &str, ends_in: Duration) {
+    let end = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        + ends_in.as_secs();
+    let info = WorkerInfo {
+        name: id.into(),
+        key: key_of(id),
+        profile: Profile {
+            cores: 8,
+            memory_total: 8 << 30,
+            labels: [
+                (hardware::SCHEDULER_LABEL.to_string(), "slurm".to_string()),
+                (hardware::WALLTIME_END_LABEL.to_string(), end.to_string()),
+            ]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        },
+        slots: 4,
+    };
+    h.send(Event::RegisterWorker(id.into(), Box::new(info)));
+}
+
+const TWO_SHAPES: &str = r#"
+pipeline:
+  name: cluster
+  steps:
+    - id: wide
+      uses: exec
+      scheduler: slurm
+      after: []
+      timeout: 10m
+      resources: {cpus: 2}
+      slurm: {partition: big}
+      params: {cmd: [echo, wide]}
+      out: artifacts/wide
+    - id: small
+      uses: exec
+      scheduler: slurm
+      after: []
+      params: {cmd: [echo, small]}
+      out: artifacts/small
+"#;
+
+#[tokio::test(start_paused = true)]
+async fn a_provided_schedulers_steps_wait_are_reported_by_shape_and_fail_only_when_the_provider_says()
+ {
+    let mut h = Harness::new(EngineConfig {
+        lease_ttl: Some(Duration::from_secs(30)),
+        unfit_grace: Duration::from_secs(5),
+        provided_schedulers: vec!["slurm".into()],
+        ..EngineConfig::embedded()
+    });
+    h.enrol("ordinary", 4);
+    let mut run = h.submit(TWO_SHAPES);
+    h.advance(Duration::from_secs(60)).await;
+    assert!(
+        drain(&mut run).1.is_none(),
+        "no pilot yet, but a provider: the steps wait past the unfit grace"
+    );
+    let mut demand = h.engine.demand("slurm");
+    demand.sort_by_key(|d| d.requirements.cpus);
+    assert_eq!(demand.len(), 2, "{demand:?}");
+    assert_eq!(
+        (
+            demand[0].requirements.cpus,
+            demand[0].queued,
+            demand[0].timeout
+        ),
+        (1, 1, None)
+    );
+    let wide = &demand[1];
+    assert_eq!((wide.requirements.cpus, wide.queued), (2, 1));
+    assert_eq!(wide.timeout, Some(Duration::from_secs(600)));
+    assert_eq!(
+        wide.requirements
+            .labels
+            .get("slurm.partition")
+            .map(String::as_str),
+        Some("big"),
+        "the step's override reaches the provider and the matching"
+    );
+    assert_eq!(
+        wide.steps,
+        vec![(run.run_id.to_string(), 0, "wide".to_string())]
+    );
+    assert!(h.engine.demand("k8s").is_empty());
+
+    // The provider learns Slurm will never start the wide step's pilot.
+    h.send(Event::FailSteps(
+        vec![(run.run_id.to_string(), 0)],
+        "Slurm will never start this step's pilot: Reason=PartitionConfig".into(),
+    ));
+    assert_eq!(
+        h.engine.demand("slurm").len(),
+        1,
+        "only the small step waits now"
+    );
+    // A pilot whose allocation ends in 100 s takes the small step (no timeout).
+    enrol_pilot(&mut h, "pilot", Duration::from_secs(100));
+    let lease = h.lease("pilot");
+    assert_eq!(lease.job.step_id, "small");
+    h.report("pilot", h.succeeded(&lease, b"small"))
+        .expect("admitted");
+    let end = drain(&mut run).1.expect("finished");
+    assert_eq!(end.outcome, RunOutcome::Failed);
+    let wide = end.steps.iter().find(|s| s.id == "wide").expect("wide");
+    assert!(
+        wide.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("Reason=PartitionConfig"),
+        "{wide:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pilot_near_the_end_of_its_walltime_gets_only_a_job_that_ends_in_time() {
+    let mut h = Harness::new(EngineConfig {
+        lease_ttl: Some(Duration::from_secs(30)),
+        unfit_grace: Duration::from_secs(5),
+        provided_schedulers: vec!["slurm".into()],
+        ..EngineConfig::embedded()
+    });
+    let mut run = h.submit(&TWO_SHAPES.replace(
+        "      resources: {cpus: 2}\n      slurm: {partition: big}\n",
+        "",
+    ));
+    // 10 minutes of timeout do not fit in 5 minutes of allocation.
+    enrol_pilot(&mut h, "ending", Duration::from_secs(300));
+    let first = h.lease("ending");
+    assert_eq!(first.job.step_id, "small", "the one without a timeout");
+    let mut waiting = h.ask("ending");
+    assert!(
+        waiting.try_recv().is_err(),
+        "the 10-minute job is not leased to a pilot with 5 minutes left"
+    );
+    enrol_pilot(&mut h, "fresh", Duration::from_secs(3600));
+    let wide = h.lease("fresh");
+    assert_eq!(wide.job.step_id, "wide");
+    h.report("ending", h.succeeded(&first, b"small"))
+        .expect("admitted");
+    h.report("fresh", h.succeeded(&wide, b"wide"))
+        .expect("admitted");
+    assert_eq!(
+        drain(&mut run).1.expect("finished").outcome,
+        RunOutcome::Succeeded
+    );
+}
