@@ -12,6 +12,7 @@
 mod mesh;
 mod runner;
 mod seal;
+mod slurm;
 
 /// mimalloc: the coordinator allocates many small, short-lived buffers from several
 /// threads (protobuf messages, paths, JSON), where glibc's allocator spent ~14% of the
@@ -103,6 +104,16 @@ enum Cmd {
         #[arg(long)]
         data: Option<PathBuf>,
     },
+    /// Trivial jobs on a real Slurm: plain sbatch jobs vs one `scheduler: slurm` step
+    /// of as many shards through the Slurm provider's pilots, in one run.
+    Slurm {
+        /// Jobs on each side.
+        #[arg(long, default_value_t = 500)]
+        jobs: usize,
+        /// The most pilots the provider submits.
+        #[arg(long, default_value_t = 4)]
+        pilots: u32,
+    },
     /// Hashing throughput.
     Hash {
         /// Bytes to hash (e.g. 1GiB).
@@ -153,6 +164,11 @@ fn main() -> anyhow::Result<()> {
             jobs,
             scratch,
         } => mesh::run(workers, slots, jobs, scratch, cli.json),
+        Cmd::Slurm { jobs, pilots } => {
+            let nexa = nexa_binary(None)?;
+            let dir = nexa.parent().map(Path::to_path_buf).unwrap_or_default();
+            slurm::run(jobs, pilots, &dir, cli.json)
+        }
     }
 }
 

@@ -26,6 +26,9 @@ use tokio::sync::watch;
 /// The scheduler name whose steps the provider serves.
 pub const SCHEDULER: &str = "slurm";
 
+/// How often the engine is asked what waits.
+pub const DEMAND_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// A running Slurm provider.
 #[derive(Debug)]
 pub struct Provider {
@@ -62,12 +65,13 @@ impl Provider {
                 coord,
                 cfg,
                 pilots: BTreeMap::new(),
+                last_squeue: None,
             };
             loop {
                 p.round().await;
                 tokio::select! {
                     _ = stopped.wait_for(|s| *s) => break,
-                    _ = tokio::time::sleep(p.cfg.poll) => {}
+                    _ = tokio::time::sleep(DEMAND_POLL.min(p.cfg.poll)) => {}
                 }
             }
         });
@@ -95,25 +99,40 @@ struct Loop {
     coord: Coordinator,
     cfg: SlurmConfig,
     pilots: BTreeMap<String, Pilot>,
+    /// When squeue was last read.
+    last_squeue: Option<std::time::Instant>,
 }
 
 /// A pilot's worker as the engine sees it: (running jobs, slots, lost).
 type Enrolled = HashMap<String, (u32, u32, bool)>;
 
 impl Loop {
+    /// One round: squeue when the last read is `poll` old (or never was), the engine
+    /// every round (every [`DEMAND_POLL`]: a step that starts waiting gets its pilots
+    /// at once, while Slurm is asked no more often than `poll`).
     async fn round(&mut self) {
-        let listed = match commands::squeue(&self.cfg.job_name).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "squeue failed; the pilots are scaled next round");
-                return;
+        let fresh = self
+            .last_squeue
+            .is_none_or(|t| t.elapsed() >= self.cfg.poll);
+        if fresh {
+            match commands::squeue(&self.cfg.job_name).await {
+                Ok(listed) => {
+                    self.update(&listed);
+                    self.last_squeue = Some(std::time::Instant::now());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "squeue failed; the pilots are scaled next round");
+                    return;
+                }
             }
+        }
+        let Ok(demand) = self.coord.demand(SCHEDULER).await else {
+            return;
         };
-        self.update(&listed);
-        let (Ok(demand), Ok(workers)) = (
-            self.coord.demand(SCHEDULER).await,
-            self.coord.list_workers().await,
-        ) else {
+        if demand.is_empty() && !fresh {
+            return;
+        }
+        let Ok(workers) = self.coord.list_workers().await else {
             return;
         };
         let enrolled = enrolled(&workers);
@@ -125,7 +144,9 @@ impl Loop {
         let failed = self.fail_hopeless(&shaped).await;
         shaped.retain(|(s, _)| !failed.contains(&s.key()));
         self.scale_up(&shaped, &enrolled).await;
-        self.scale_down(&shaped).await;
+        if fresh {
+            self.scale_down(&shaped).await;
+        }
     }
 
     /// Takes squeue's word for which pilots exist and how they stand.
