@@ -301,6 +301,27 @@ impl Worker {
         }
     }
 
+    /// `nexa-worker join URL ARGS` exactly as given (its log in `dir`).
+    pub fn start_raw(url: &str, dir: &Path, args: &[&str]) -> Worker {
+        std::fs::create_dir_all(dir).expect("worker dir");
+        let child = Command::new(bin("nexa-worker-test"))
+            .arg("join")
+            .arg(url)
+            .args(args)
+            .env("NEXA_LOG", "info")
+            .env_remove("NEXA_FAKE_GPUS")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.join("worker.log")).expect("worker log"),
+            ))
+            .spawn()
+            .expect("start worker");
+        Worker {
+            child,
+            dir: dir.to_path_buf(),
+        }
+    }
+
     pub fn public_key(&self) -> String {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
