@@ -139,6 +139,9 @@ pub struct RunArgs {
     /// Re-hash cached artifacts before reusing them (default: check COMPLETE, key and size).
     #[arg(long)]
     pub verify: bool,
+    /// Slurm pilots for `scheduler: slurm` steps.
+    #[command(flatten)]
+    pub slurm: Box<crate::slurm::Flags>,
 }
 
 /// `nexa pipeline ...`.
@@ -275,6 +278,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                         file,
                         slots: None,
                         verify: false,
+                        slurm: Default::default(),
                     };
                     run_remote(r, project, args, None)
                 };
@@ -411,6 +415,7 @@ pub fn run_file(project: &Path, file: PathBuf) -> anyhow::Result<ExitCode> {
             file,
             slots: None,
             verify: false,
+            slurm: Default::default(),
         },
         None,
     )
@@ -462,15 +467,23 @@ fn run(project: &Path, args: RunArgs, from: Option<String>) -> anyhow::Result<Ex
             .iter()
             .any(|s| nexa_shared::runners::is_runner(&s.uses.value));
         let held = || crate::serve::held_gpus(project);
+        let cluster = crate::slurm::wanted(&loaded, &args.slurm);
         let emb = Embedded::start(
             Arc::new(store),
-            work_dir,
-            &key,
-            slots,
-            containers,
-            python,
+            crate::slurm::engine_config(cluster),
+            embedded::LocalWorker {
+                work_dir,
+                key_path: key,
+                slots,
+                containers,
+                python,
+            },
             &held,
         )?;
+        let pilots = match cluster {
+            true => Some(crate::slurm::start(&emb.coordinator, *args.slurm, &state_dir).await?),
+            false => None,
+        };
         let n = loaded.pipeline.steps.len();
         let order: Vec<usize> = loaded.dag.topo_order().unwrap_or_else(|| (0..n).collect());
         let mut handle = emb
@@ -503,6 +516,9 @@ fn run(project: &Path, args: RunArgs, from: Option<String>) -> anyhow::Result<Ex
                 _ = &mut ctrl_c => {
                     if cancelled {
                         eprintln!("aborting");
+                        if let Some(p) = &pilots {
+                            p.cancel_now();
+                        }
                         std::process::exit(130);
                     }
                     cancelled = true;
@@ -511,6 +527,9 @@ fn run(project: &Path, args: RunArgs, from: Option<String>) -> anyhow::Result<Ex
                     ctrl_c.set(tokio::signal::ctrl_c());
                 }
             }
+        }
+        if let Some(p) = pilots {
+            p.stop().await;
         }
         emb.stop().await;
         let Some(summary) = summary else {

@@ -49,6 +49,24 @@ impl CoordinatorLink for LocalLink {
     }
 }
 
+/// The embedded worker's id.
+pub const LOCAL_WORKER: &str = "local";
+
+/// The embedded worker: where it works, who it is, what it offers.
+#[derive(Debug, Clone)]
+pub struct LocalWorker {
+    /// Its job directories and input cache.
+    pub work_dir: PathBuf,
+    /// Its identity key.
+    pub key_path: PathBuf,
+    /// Jobs at once.
+    pub slots: usize,
+    /// Offer the local docker for steps that name an image.
+    pub containers: bool,
+    /// Probe the job interpreter's packages (labels `python.*`) for the ML runners.
+    pub python: bool,
+}
+
 /// A running embedded engine.
 pub struct Embedded {
     /// The coordinator handle.
@@ -74,25 +92,26 @@ pub fn open_store(project: &Path, pipeline: &str) -> nexa_coordinator::Result<Sl
 }
 
 impl Embedded {
-    /// Starts a coordinator on `store` and a worker with `slots` slots working in
-    /// `work_dir`, identified by the key at `key_path`; with `containers`, the worker
-    /// offers the local docker for steps that name an image; with `python`, it probes the
-    /// job interpreter's packages (labels `python.*`) for the ML runners' steps;
-    /// `held_gpus` names (by UUID) the GPUs services started earlier still hold, which
-    /// this run's jobs do not get (asked only when the machine has GPUs).
+    /// Starts a coordinator on `store` (with `engine`'s settings) and the local worker
+    /// `local` describes; `held_gpus` names (by UUID) the GPUs services started earlier
+    /// still hold, which this run's jobs do not get (asked only when the machine has
+    /// GPUs).
     pub fn start(
         store: Arc<dyn Store>,
-        work_dir: PathBuf,
-        key_path: &Path,
-        slots: usize,
-        containers: bool,
-        python: bool,
+        engine: nexa_coordinator::scheduler::EngineConfig,
+        local: LocalWorker,
         held_gpus: &dyn Fn() -> Vec<String>,
     ) -> anyhow::Result<Self> {
-        let identity = Arc::new(Identity::load_or_create(key_path)?);
-        let (coordinator, engine) =
-            Coordinator::start(store, nexa_coordinator::scheduler::EngineConfig::embedded());
-        let name = "local".to_string();
+        let LocalWorker {
+            work_dir,
+            key_path,
+            slots,
+            containers,
+            python,
+        } = local;
+        let identity = Arc::new(Identity::load_or_create(&key_path)?);
+        let (coordinator, engine) = Coordinator::start(store, engine);
+        let name = LOCAL_WORKER.to_string();
         std::fs::create_dir_all(&work_dir)?;
         let mut profile = nexa_worker::profile::profile(&work_dir, false);
         if python {

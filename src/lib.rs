@@ -9,5 +9,6 @@ pub mod models;
 pub mod remote;
 pub mod render;
 pub mod serve;
+pub mod slurm;
 pub mod summary;
 pub mod viz;

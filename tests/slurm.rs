@@ -592,3 +592,109 @@ pipeline:
         || provider_pilots(&conf, &data).is_empty(),
     );
 }
+
+#[test]
+fn an_embedded_run_on_a_login_node_sends_its_slurm_steps_to_pilots_it_submits_and_ctrl_c_cancels_them()
+ {
+    let conf = slurm();
+    let p = Project::new();
+    let state = p.path().join(".nexa_state/login/mesh");
+    let _cleanup = CancelPilots(conf.clone(), state.clone());
+    let worker = bin("nexa-worker-test").display().to_string();
+    let flags = [
+        "--slurm-listen",
+        "127.0.0.1:0",
+        "--slurm-worker",
+        worker.as_str(),
+        "--slurm-min-memory",
+        "256MiB",
+    ];
+    p.write("items.txt", "a\nb\n");
+    p.write(
+        "login.yaml",
+        r#"
+pipeline:
+  name: login
+  steps:
+    - id: here
+      uses: exec
+      params: {run: 'echo "${SLURM_JOB_ID:-none}" > "$NEXA_OUT/where"'}
+      out: artifacts/here
+    - id: there
+      uses: exec
+      scheduler: slurm
+      in: {items: items.txt, here: artifacts/here}
+      shards: {over: items, count: 2}
+      params: {run: 'cat "$NEXA_IN_ITEMS" > "$NEXA_OUT/items"; echo "$SLURM_JOB_ID" > "$NEXA_OUT/where"'}
+      out: artifacts/there
+"#,
+    );
+    let mut args = vec!["pipeline", "run", "login.yaml"];
+    args.extend_from_slice(&flags);
+    let out = p.cmd(&args).env("SLURM_CONF", &conf).output().expect("run");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        p.read("artifacts/here/where").trim(),
+        "none",
+        "the local step ran here"
+    );
+    for k in 0..2 {
+        let job = p.read(&format!("artifacts/there/shard-{k:05}/where"));
+        assert!(
+            !job.trim().is_empty() && job.trim() != "none",
+            "shard {k} ran in a Slurm allocation: {job:?}"
+        );
+        assert!(
+            !p.read(&format!("artifacts/there/shard-{k:05}/items"))
+                .is_empty()
+        );
+    }
+    common::mesh::wait_for(
+        "the run's pilots to leave squeue",
+        std::time::Duration::from_secs(20),
+        || provider_pilots(&conf, &state).is_empty(),
+    );
+
+    // Ctrl-C while a pilot runs a job: the run is cancelled and its pilots scancelled.
+    let started = p.path().join("started");
+    p.write(
+        "login.yaml",
+        &p.read("login.yaml").replace(
+            "cat \"$NEXA_IN_ITEMS\"",
+            &format!(
+                "touch {}; sleep 60; cat \"$NEXA_IN_ITEMS\"",
+                started.display()
+            ),
+        ),
+    );
+    let mut run = p
+        .cmd(&args)
+        .env("SLURM_CONF", &conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run");
+    common::mesh::wait_for(
+        "a job to start in a pilot",
+        std::time::Duration::from_secs(60),
+        || started.exists(),
+    );
+    assert!(!provider_pilots(&conf, &state).is_empty());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(run.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT");
+    let status = run.wait().expect("wait");
+    assert_eq!(status.code(), Some(130), "cancelled: {status:?}");
+    let left = provider_pilots(&conf, &state);
+    assert!(
+        left.iter().all(|(_, s, _)| s == "COMPLETING"),
+        "no pilot left after Ctrl-C: {left:?}"
+    );
+    common::mesh::wait_for(
+        "the cancelled pilots to leave squeue",
+        std::time::Duration::from_secs(20),
+        || provider_pilots(&conf, &state).is_empty(),
+    );
+}

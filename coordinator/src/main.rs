@@ -117,159 +117,11 @@ struct ServeArgs {
     /// The Slurm provider's settings from the flags.
     #[command(flatten)]
     #[serde(skip)]
-    slurm_flags: SlurmArgs,
+    slurm_flags: nexa_coordinator::slurm::SlurmArgs,
     /// The `[slurm]` section of the file.
     #[arg(skip)]
     #[serde(rename = "slurm")]
-    slurm_file: Option<SlurmArgs>,
-}
-
-/// The Slurm provider: flags `--slurm-<key>`, or `<key>` in the file's `[slurm]`.
-#[derive(clap::Args, Default, Clone, Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct SlurmArgs {
-    /// Partition for pilots of steps that name none [default: the cluster's default].
-    #[arg(long = "slurm-partition")]
-    partition: Option<String>,
-    /// Account pilots are charged to [default: the user's default].
-    #[arg(long = "slurm-account")]
-    account: Option<String>,
-    /// QOS of the pilots.
-    #[arg(long = "slurm-qos")]
-    qos: Option<String>,
-    /// Node features the pilots need (`--constraint`).
-    #[arg(long = "slurm-constraint")]
-    constraint: Option<String>,
-    /// One more sbatch option for every pilot, e.g. `--reservation=r1` (repeatable).
-    #[arg(long = "slurm-sbatch", allow_hyphen_values = true)]
-    #[serde(default)]
-    sbatch: Vec<String>,
-    /// Pilots kept even when nothing waits [default: 0].
-    #[arg(long = "slurm-min-pilots")]
-    min_pilots: Option<u32>,
-    /// The most pilots at once [default: 16].
-    #[arg(long = "slurm-max-pilots")]
-    max_pilots: Option<u32>,
-    /// A pilot's walltime, e.g. `4h` [default: 1h; longer for a step whose timeout needs it].
-    #[arg(long = "slurm-walltime")]
-    walltime: Option<String>,
-    /// A pilot with no job for this long gives its allocation back [default: 60s].
-    #[arg(long = "slurm-idle-timeout")]
-    idle_timeout: Option<String>,
-    /// How long before its walltime a pilot stops taking jobs [default: 60s].
-    #[arg(long = "slurm-drain")]
-    drain: Option<String>,
-    /// The worker command on the compute nodes [default: nexa-worker beside this binary].
-    #[arg(long = "slurm-worker")]
-    worker: Option<String>,
-    /// One more argument for the pilots' `nexa-worker join` (repeatable).
-    #[arg(long = "slurm-worker-arg", allow_hyphen_values = true)]
-    #[serde(default)]
-    worker_arg: Vec<String>,
-    /// The coordinator's URL as compute nodes reach it [default: this host's name and
-    /// the port it listens on].
-    #[arg(long = "slurm-url")]
-    url: Option<String>,
-    /// Where pilots write their logs; must exist on the compute nodes [default:
-    /// <data-dir>/slurm-logs].
-    #[arg(long = "slurm-log-dir")]
-    log_dir: Option<PathBuf>,
-    /// Memory a pilot asks for when its step names none [default: 1GiB].
-    #[arg(long = "slurm-min-memory")]
-    min_memory: Option<String>,
-}
-
-impl SlurmArgs {
-    /// Flags win over the file's `[slurm]`.
-    fn or(mut self, file: SlurmArgs) -> Self {
-        macro_rules! fill {
-            ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f; } )* };
-        }
-        fill!(
-            partition,
-            account,
-            qos,
-            constraint,
-            min_pilots,
-            max_pilots,
-            walltime,
-            idle_timeout,
-            drain,
-            worker,
-            url,
-            log_dir,
-            min_memory
-        );
-        if self.sbatch.is_empty() {
-            self.sbatch = file.sbatch;
-        }
-        if self.worker_arg.is_empty() {
-            self.worker_arg = file.worker_arg;
-        }
-        self
-    }
-
-    /// Whether any setting is given.
-    fn any(&self) -> bool {
-        self.partition.is_some()
-            || self.account.is_some()
-            || self.qos.is_some()
-            || self.constraint.is_some()
-            || !self.sbatch.is_empty()
-            || self.min_pilots.is_some()
-            || self.max_pilots.is_some()
-            || self.walltime.is_some()
-            || self.idle_timeout.is_some()
-            || self.drain.is_some()
-            || self.worker.is_some()
-            || !self.worker_arg.is_empty()
-            || self.url.is_some()
-            || self.log_dir.is_some()
-            || self.min_memory.is_some()
-    }
-
-    /// The provider's configuration; `url` is where pilots reach this coordinator.
-    fn config(
-        self,
-        data_dir: &Path,
-        url: String,
-        token: Option<String>,
-    ) -> anyhow::Result<nexa_coordinator::slurm::SlurmConfig> {
-        let job_name = nexa_coordinator::slurm::job_name(data_dir)
-            .with_context(|| format!("keeping the pilots' id in {}", data_dir.display()))?;
-        let mut c = nexa_coordinator::slurm::SlurmConfig::new(self.url.unwrap_or(url), job_name);
-        let duration = |v: Option<String>, what: &str, default: Duration| match v {
-            Some(t) => humantime::parse_duration(&t).with_context(|| format!("slurm {what} {t:?}")),
-            None => Ok(default),
-        };
-        c.partition = self.partition;
-        c.account = self.account;
-        c.qos = self.qos;
-        c.constraint = self.constraint;
-        c.sbatch_lines = self.sbatch;
-        c.min_pilots = self.min_pilots.unwrap_or(c.min_pilots);
-        c.max_pilots = self.max_pilots.unwrap_or(c.max_pilots);
-        c.walltime = duration(self.walltime, "walltime", c.walltime)?;
-        c.idle_timeout = duration(self.idle_timeout, "idle-timeout", c.idle_timeout)?;
-        c.drain = duration(self.drain, "drain", c.drain)?;
-        if let Some(w) = self.worker {
-            c.worker = w;
-        }
-        c.worker_args = self.worker_arg;
-        if let Some(m) = &self.min_memory {
-            c.min_memory = nexa_shared::units::parse_size(m)
-                .with_context(|| format!("slurm min-memory {m:?}"))?;
-        }
-        c.log_dir = match self.log_dir {
-            Some(d) => d,
-            None => std::path::absolute(data_dir.join("slurm-logs"))?,
-        };
-        std::fs::create_dir_all(&c.log_dir)
-            .with_context(|| format!("creating {}", c.log_dir.display()))?;
-        c.token = token;
-        c.check().map_err(anyhow::Error::msg)?;
-        Ok(c)
-    }
+    slurm_file: Option<nexa_coordinator::slurm::SlurmArgs>,
 }
 
 impl ServeArgs {
@@ -451,19 +303,10 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("listening on {listen}"))?;
         let mut cfg = cfg;
         if let Some(s) = slurm {
-            let bound = listener.local_addr()?;
-            let scheme = if cfg.tls.is_some() { "https" } else { "http" };
-            let host = if bound.ip().is_unspecified() {
-                std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .map(|h| h.trim().to_string())
-                    .ok()
-                    .filter(|h| !h.is_empty())
-                    .unwrap_or_else(|| "localhost".into())
-            } else {
-                bound.ip().to_string()
-            };
-            let url = format!("{scheme}://{host}:{}", bound.port());
-            let c = s.config(&cfg.mesh.data_dir, url, cfg.mesh.enrol_token.clone())?;
+            let url = nexa_coordinator::slurm::url_of(listener.local_addr()?, cfg.tls.is_some());
+            let c = s
+                .config(&cfg.mesh.data_dir, url, cfg.mesh.enrol_token.clone())
+                .map_err(anyhow::Error::msg)?;
             eprintln!("Slurm pilots ({}) reach this coordinator at {}", c.job_name, c.url);
             cfg.slurm = Some(c);
         }
@@ -531,5 +374,56 @@ mod tests {
             err.contains("colour"),
             "unknown keys are refused by name: {err}"
         );
+    }
+
+    #[test]
+    fn the_files_slurm_section_turns_the_provider_on_and_its_flags_win_over_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("nexa.toml");
+        std::fs::write(
+            &file,
+            "[slurm]\npartition = \"gpu\"\nmax-pilots = 4\nsbatch = [\"--reservation=r1\"]\nwalltime = \"2h\"\n",
+        )
+        .expect("write");
+        let cli = Cli::parse_from([
+            "nexa-coordinator",
+            "serve",
+            "--config",
+            file.to_str().expect("utf8"),
+            "--slurm-partition",
+            "batch",
+        ]);
+        let Cmd::Serve(args) = cli.command else {
+            panic!("serve expected")
+        };
+        let a = args.layered().expect("layered");
+        assert!(a.slurm, "a [slurm] section turns the provider on");
+        let c = a
+            .slurm_flags
+            .config(dir.path(), "http://login:7070".into(), Some("t".into()))
+            .expect("config");
+        assert_eq!(c.partition.as_deref(), Some("batch"), "the flag wins");
+        assert_eq!(c.max_pilots, 4, "from the file");
+        assert_eq!(c.sbatch_lines, ["--reservation=r1"]);
+        assert_eq!(c.walltime, Duration::from_secs(7200));
+        assert!(c.job_name.starts_with("nexa-pilot-"), "{}", c.job_name);
+        std::fs::write(&file, "[slurm]\npartition = \"gpu\\n#SBATCH --uid=0\"\n").expect("write");
+        let cli = Cli::parse_from([
+            "nexa-coordinator",
+            "serve",
+            "--config",
+            file.to_str().expect("utf8"),
+        ]);
+        let Cmd::Serve(args) = cli.command else {
+            panic!("serve expected")
+        };
+        let err = args
+            .layered()
+            .expect("layered")
+            .slurm_flags
+            .config(dir.path(), "http://login:7070".into(), None)
+            .err()
+            .unwrap_or_default();
+        assert!(err.contains("slurm partition"), "refused: {err}");
     }
 }

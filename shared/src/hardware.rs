@@ -344,9 +344,9 @@ pub fn why_unfit<'a>(
                 "has scheduler: {v}, and no enrolled worker is one of its workers (label \
                  scheduler={v}){}",
                 if v == "slurm" {
-                    ": a Slurm pilot is `nexa-worker join URL --label scheduler=slurm` run in an \
-                     sbatch job, against a coordinator (nexa --coordinator URL); this build \
-                     submits no pilots itself"
+                    ": Nexa submits pilots itself with sbatch on PATH (embedded) or from \
+                     `nexa-coordinator serve --slurm`; by hand, a pilot is `nexa-worker join URL \
+                     --label scheduler=slurm` run in an sbatch job"
                 } else {
                     ": deploy/k8s/ runs such a pool"
                 }

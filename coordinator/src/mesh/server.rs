@@ -115,6 +115,7 @@ pub async fn serve_opened(
                 .iter()
                 .map(|_| crate::slurm::provider::SCHEDULER.to_string())
                 .collect(),
+            resident_workers: Vec::new(),
         },
     );
     let operator_token = cfg.operator_token.clone();

@@ -263,6 +263,10 @@ pub struct EngineConfig {
     /// step waits for them however long, and the provider fails it when they cannot
     /// run (see [`Coordinator::fail_steps`]).
     pub provided_schedulers: Vec<String>,
+    /// Workers in this process (the embedded worker when pilots join the embedded
+    /// engine): they send no heartbeats, so their leases never expire and they are
+    /// never lost.
+    pub resident_workers: Vec<String>,
 }
 
 impl std::fmt::Debug for EngineConfig {
@@ -278,6 +282,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("default_validation", &self.default_validation)
             .field("progress_lines", &self.progress_lines)
             .field("provided_schedulers", &self.provided_schedulers)
+            .field("resident_workers", &self.resident_workers)
             .finish()
     }
 }
@@ -295,6 +300,7 @@ impl EngineConfig {
             metrics: None,
             progress_lines: PROGRESS,
             provided_schedulers: Vec::new(),
+            resident_workers: Vec::new(),
         }
     }
 }

@@ -157,3 +157,42 @@ async fn a_pilot_near_the_end_of_its_walltime_gets_only_a_job_that_ends_in_time(
         RunOutcome::Succeeded
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn embedded_with_a_provider_a_slurm_step_is_queued_for_pilots_not_failed_at_once() {
+    // The embedded engine fails an unfit step at once (no grace); a provided
+    // scheduler's step is queued instead, for the pilots the provider submits.
+    let mut h = Harness::new(EngineConfig {
+        lease_ttl: Some(Duration::from_secs(6)),
+        provided_schedulers: vec!["slurm".into()],
+        resident_workers: vec!["local".into()],
+        ..EngineConfig::embedded()
+    });
+    h.enrol("local", 2);
+    let mut run = h.submit(&TWO_SHAPES.replace(
+        "      resources: {cpus: 2}\n      slurm: {partition: big}\n",
+        "",
+    ));
+    assert!(drain(&mut run).1.is_none(), "not failed");
+    assert_eq!(
+        h.engine
+            .demand("slurm")
+            .iter()
+            .map(|d| d.queued)
+            .sum::<usize>(),
+        2,
+        "both steps wait in the queue for pilots"
+    );
+    // The resident worker sends no heartbeats: it is never lost.
+    h.advance(Duration::from_secs(60)).await;
+    assert!(h.engine.workers.get("local").is_some_and(|w| !w.lost));
+    enrol_pilot(&mut h, "pilot", Duration::from_secs(3600));
+    let a = h.lease("pilot");
+    h.report("pilot", h.succeeded(&a, b"a")).expect("admitted");
+    let b = h.lease("pilot");
+    h.report("pilot", h.succeeded(&b, b"b")).expect("admitted");
+    assert_eq!(
+        drain(&mut run).1.expect("finished").outcome,
+        RunOutcome::Succeeded
+    );
+}

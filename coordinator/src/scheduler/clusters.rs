@@ -16,6 +16,14 @@ pub struct Demand {
     pub steps: Vec<(String, usize, String)>,
 }
 
+/// Whether a job needing `req` belongs to a scheduler a provider starts workers for
+/// (under `config`): it waits for them, and only the provider fails it.
+pub(super) fn provided(config: &EngineConfig, req: &Requirements) -> bool {
+    req.labels
+        .get(hardware::SCHEDULER_LABEL)
+        .is_some_and(|s| config.provided_schedulers.contains(s))
+}
+
 impl Engine {
     /// The waiting jobs of `scheduler`'s steps, one entry per shape.
     pub(super) fn demand(&self, scheduler: &str) -> Vec<Demand> {

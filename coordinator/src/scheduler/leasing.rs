@@ -99,7 +99,17 @@ impl Engine {
             job.worker = Some(worker.clone());
             job.set_state(JobState::Leased);
             job.started = Some(Instant::now());
-            job.deadline = self.config.lease_ttl.map(|t| Instant::now() + t);
+            job.deadline = self
+                .config
+                .lease_ttl
+                .filter(|_| {
+                    !self
+                        .config
+                        .resident_workers
+                        .iter()
+                        .any(|r| r.as_str() == worker.as_str())
+                })
+                .map(|t| Instant::now() + t);
             let w = self.workers.get_mut(&worker);
             let gpus: Vec<String> = w
                 .as_ref()
@@ -169,11 +179,7 @@ impl Engine {
         let requirements = requirements_of(&run.ctx.pipeline.steps[i]);
         // A cluster scheduler with a provider (Slurm) has workers coming: the provider
         // fails the step when its pilots cannot run.
-        if requirements
-            .labels
-            .get(hardware::SCHEDULER_LABEL)
-            .is_some_and(|s| self.config.provided_schedulers.contains(s))
-        {
+        if super::clusters::provided(&self.config, &requirements) {
             return;
         }
         let Some(why) = hardware::why_unfit(
@@ -307,7 +313,14 @@ impl Engine {
         };
         let now = Instant::now();
         for (id, w) in &mut self.workers {
-            if !w.lost && now.duration_since(w.last_seen) > ttl {
+            if !w.lost
+                && now.duration_since(w.last_seen) > ttl
+                && !self
+                    .config
+                    .resident_workers
+                    .iter()
+                    .any(|r| r.as_str() == id.as_str())
+            {
                 w.lost = true;
                 tracing::warn!(worker = %id, "worker lost: no heartbeat within the lease ttl");
             }

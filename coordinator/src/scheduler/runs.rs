@@ -476,16 +476,19 @@ impl Engine {
             return;
         }
         let requirements = requirements_of(&run.ctx.pipeline.steps[i]);
+        let provided = super::clusters::provided(&self.config, &requirements);
         // A job no enrolled worker could ever run fails, saying why, instead of waiting
-        // forever: at once embedded, after a grace period for workers to join on a mesh.
-        if hardware::why_unfit(
-            &requirements,
-            self.workers
-                .values()
-                .filter(|w| !w.lost)
-                .map(|w| (&w.info.profile, w.info.slots)),
-        )
-        .is_some()
+        // forever: at once embedded, after a grace period for workers to join on a mesh;
+        // a provided scheduler's job waits for the workers its provider starts.
+        if !provided
+            && hardware::why_unfit(
+                &requirements,
+                self.workers
+                    .values()
+                    .filter(|w| !w.lost)
+                    .map(|w| (&w.info.profile, w.info.slots)),
+            )
+            .is_some()
         {
             if self.config.unfit_grace.is_zero() {
                 run.records[i].cache_key = Some(plan.cache_key.clone());

@@ -11,11 +11,13 @@
 //! `nexa-pilot-<id>` (the id kept in the data directory), so that a restarted
 //! coordinator finds the ones its predecessor left.
 //!
+//! - [`args`]: its settings as flags and as a `[slurm]` section.
 //! - [`shape`]: what one pilot asks Slurm for, from a step's requirements.
 //! - [`script`]: the batch script of a pilot.
 //! - [`commands`]: sbatch, squeue and scancel.
 //! - [`provider`]: the loop that scales pilots up and down.
 
+pub mod args;
 pub mod commands;
 pub mod provider;
 pub mod script;
@@ -24,6 +26,7 @@ pub mod shape;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use args::SlurmArgs;
 pub use provider::Provider;
 pub use shape::Shape;
 
@@ -166,4 +169,20 @@ pub fn job_name(data_dir: &std::path::Path) -> std::io::Result<String> {
     let id = hex::encode(b);
     std::fs::write(&path, &id)?;
     Ok(format!("nexa-pilot-{id}"))
+}
+
+/// The URL pilots reach a coordinator bound to `bound` at: the address itself, or this
+/// host's name when it listens on every interface.
+pub fn url_of(bound: std::net::SocketAddr, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    let host = if bound.ip().is_unspecified() {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into())
+    } else {
+        bound.ip().to_string()
+    };
+    format!("{scheme}://{host}:{}", bound.port())
 }
