@@ -474,12 +474,14 @@ pipeline:
 
 #[test]
 fn a_slurm_step_with_no_pilot_fails_clearly_and_never_runs_on_the_local_pool() {
+    // --no-slurm: where sbatch is on PATH (CI), the run would submit pilots itself
+    // (tests/slurm.rs tests that).
     let p = Project::new();
     p.write(
         "t.yaml",
         "pipeline:\n  name: later\n  steps:\n    - id: train\n      uses: exec\n      scheduler: slurm\n      params: {run: 'touch \"$NEXA_OUT/x\"'}\n      out: artifacts/ckpt\n",
     );
-    let out = p.nexa(&["pipeline", "run", "t.yaml"]);
+    let out = p.nexa(&["pipeline", "run", "t.yaml", "--no-slurm"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr)

@@ -629,9 +629,14 @@ pipeline:
       out: artifacts/there
 "#,
     );
-    let mut args = vec!["pipeline", "run", "login.yaml"];
-    args.extend_from_slice(&flags);
-    let out = p.cmd(&args).env("SLURM_CONF", &conf).output().expect("run");
+    // No flag at all: sbatch is on PATH, so the run submits pilots (the real
+    // nexa-worker beside nexa, reaching this host's name on any port).
+    bin("nexa-worker");
+    let out = p
+        .cmd(&["pipeline", "run", "login.yaml"])
+        .env("SLURM_CONF", &conf)
+        .output()
+        .expect("run");
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(
         p.read("artifacts/here/where").trim(),
@@ -667,6 +672,8 @@ pipeline:
             ),
         ),
     );
+    let mut args = vec!["pipeline", "run", "login.yaml"];
+    args.extend_from_slice(&flags);
     let mut run = p
         .cmd(&args)
         .env("SLURM_CONF", &conf)
