@@ -705,3 +705,90 @@ pipeline:
         || provider_pilots(&conf, &state).is_empty(),
     );
 }
+
+#[test]
+fn a_pilot_told_its_walltime_is_near_finishes_its_job_takes_no_other_and_leaves() {
+    let conf = slurm();
+    let p = Project::new();
+    let data = p.path().join("coord");
+    let coord = provider_coord(&data, &conf, &["--slurm-max-pilots", "1"]);
+    let _cleanup = CancelPilots(conf.clone(), data.clone());
+    let started = p.path().join("started");
+    p.write(
+        "drain.yaml",
+        &format!(
+            r#"
+pipeline:
+  name: drain
+  steps:
+    - id: long
+      uses: exec
+      scheduler: slurm
+      params: {{run: 'touch {started}; sleep 4; echo "$SLURM_JOB_ID" > "$NEXA_OUT/where"'}}
+      out: artifacts/long
+    - id: next
+      uses: exec
+      scheduler: slurm
+      params: {{run: 'echo "$SLURM_JOB_ID" > "$NEXA_OUT/where"'}}
+      out: artifacts/next
+"#,
+            started = started.display()
+        ),
+    );
+    let run = remote(&p, &coord, &["pipeline", "run", "drain.yaml"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run");
+    common::mesh::wait_for(
+        "the job to start in a pilot",
+        std::time::Duration::from_secs(60),
+        || started.exists(),
+    );
+    let pilots = provider_pilots(&conf, &data);
+    assert_eq!(pilots.len(), 1, "{pilots:?}");
+    let pilot = pilots[0].0.clone();
+    // What `--signal=B:TERM@<drain>` does before the walltime: TERM to the batch shell
+    // only, which hands it to the worker.
+    let out = Command::new("scancel")
+        .env("SLURM_CONF", &conf)
+        .args(["--batch", "--signal=TERM", &pilot])
+        .output()
+        .expect("scancel");
+    assert!(out.status.success(), "{}", text(&out));
+    let done = run.wait_with_output().expect("run");
+    assert!(done.status.success(), "{}", text(&done));
+    let ran_in = std::fs::read_to_string(data.join("projects/drain/artifacts/long/where"))
+        .expect("where")
+        .trim()
+        .to_string();
+    assert_eq!(ran_in, pilot, "the draining pilot finished its own job");
+    let next = std::fs::read_to_string(data.join("projects/drain/artifacts/next/where"))
+        .expect("where")
+        .trim()
+        .to_string();
+    assert!(
+        !next.is_empty() && next != pilot,
+        "the next job went to a new pilot, not the draining one ({pilot}): {next:?}"
+    );
+    common::mesh::wait_for(
+        "the drained pilot to leave",
+        std::time::Duration::from_secs(20),
+        || {
+            provider_pilots(&conf, &data)
+                .iter()
+                .all(|(id, _, _)| *id != pilot)
+        },
+    );
+    let log = std::fs::read_to_string(data.join("slurm-logs").join(format!(
+        "{}-{pilot}.log",
+        std::fs::read_to_string(data.join("slurm.id"))
+            .map(|i| format!("nexa-pilot-{}", i.trim()))
+            .unwrap_or_default()
+    )))
+    .unwrap_or_default();
+    assert!(
+        !log.contains("left to run elsewhere"),
+        "the job was not killed by the drain: {log}"
+    );
+}
