@@ -196,16 +196,7 @@ pipeline:
             started = started.display()
         ),
     );
-    let run = remote(&p, &coord, &["pipeline", "run", "long.yaml"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run");
-    common::mesh::wait_for(
-        "the job to start in a pilot",
-        std::time::Duration::from_secs(30),
-        || started.exists(),
-    );
+    let run = run_until_started(&p, &coord, "long.yaml", &started);
     let victim = std::fs::read_to_string(&started)
         .expect("started")
         .trim()
@@ -237,6 +228,27 @@ pipeline:
         std::time::Duration::from_secs(15),
         || left.squeue().is_empty(),
     );
+}
+
+/// Starts `nexa pipeline run FILE` against `coord` and waits until its job has made
+/// `started` (it runs in a pilot, which pilots take a moment to be for).
+fn run_until_started(
+    p: &Project,
+    coord: &Coord,
+    file: &str,
+    started: &Path,
+) -> std::process::Child {
+    let run = remote(p, coord, &["pipeline", "run", file])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run");
+    common::mesh::wait_for(
+        "the job to start in a pilot",
+        std::time::Duration::from_secs(60),
+        || started.exists(),
+    );
+    run
 }
 
 /// A coordinator with the Slurm provider on: pilots run the test worker (which honours
@@ -735,16 +747,7 @@ pipeline:
             started = started.display()
         ),
     );
-    let run = remote(&p, &coord, &["pipeline", "run", "drain.yaml"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run");
-    common::mesh::wait_for(
-        "the job to start in a pilot",
-        std::time::Duration::from_secs(60),
-        || started.exists(),
-    );
+    let run = run_until_started(&p, &coord, "drain.yaml", &started);
     let pilots = provider_pilots(&conf, &data);
     assert_eq!(pilots.len(), 1, "{pilots:?}");
     let pilot = pilots[0].0.clone();

@@ -285,17 +285,21 @@ mod tests {
         }
     }
 
-    /// Runs one job that kills itself with SIGTERM; the worker is told to stop
-    /// `stop_after` after the job starts (never, when `None`). Returns what it reported.
-    async fn killed_job(stop_after: Option<std::time::Duration>) -> Vec<JobResult> {
-        let dir = tempfile::tempdir().expect("tempdir");
+    /// A link holding one exec job running `script`, a one-slot worker config in `dir`
+    /// (`slots`, `max_idle`), and an identity.
+    fn one_job(
+        dir: &Path,
+        script: &str,
+        slots: usize,
+        max_idle: Option<std::time::Duration>,
+    ) -> (Arc<OneLease>, WorkerConfig, Arc<Identity>) {
         let lease = Lease {
             job: nexa_shared::job::JobSpec {
                 job_id: "j".to_string().into(),
                 run_id: "r".to_string().into(),
                 step_id: "s".into(),
                 uses: "exec".into(),
-                params: serde_json::json!({"run": "sleep 0.2; kill -TERM $$"}),
+                params: serde_json::json!({ "run": script }),
                 outputs: vec!["out".into()],
                 ..Default::default()
             },
@@ -310,15 +314,23 @@ mod tests {
         });
         let cfg = WorkerConfig {
             name: "w".into(),
-            slots: 1,
-            work_dir: dir.path().to_path_buf(),
+            slots,
+            work_dir: dir.to_path_buf(),
             profile: nexa_shared::hardware::Profile::default(),
             executor: sandbox::Executor::process(),
             metrics: None,
             services: None,
-            max_idle: None,
+            max_idle,
         };
-        let identity = Arc::new(Identity::load_or_create(&dir.path().join("key")).expect("key"));
+        let identity = Arc::new(Identity::load_or_create(&dir.join("key")).expect("key"));
+        (link, cfg, identity)
+    }
+
+    /// Runs one job that kills itself with SIGTERM; the worker is told to stop
+    /// `stop_after` after the job starts (never, when `None`). Returns what it reported.
+    async fn killed_job(stop_after: Option<std::time::Duration>) -> Vec<JobResult> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (link, cfg, identity) = one_job(dir.path(), "sleep 0.2; kill -TERM $$", 1, None);
         let (tx, rx) = watch::channel(false);
         let worker = tokio::spawn(run(link.clone(), cfg, identity, rx));
         if let Some(d) = stop_after {
@@ -362,36 +374,8 @@ mod tests {
     #[tokio::test]
     async fn a_worker_with_max_idle_stops_once_no_job_ran_that_long_and_not_while_one_runs() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let lease = Lease {
-            job: nexa_shared::job::JobSpec {
-                job_id: "j".to_string().into(),
-                run_id: "r".to_string().into(),
-                step_id: "s".into(),
-                uses: "exec".into(),
-                params: serde_json::json!({"run": "sleep 0.6"}),
-                outputs: vec!["out".into()],
-                ..Default::default()
-            },
-            generation: 1,
-            attempt: 1,
-            gpus: Vec::new(),
-        };
-        let link = Arc::new(OneLease {
-            lease: Mutex::new(Some(lease)),
-            reported: Mutex::new(Vec::new()),
-            cancels: Mutex::new(Vec::new()),
-        });
-        let cfg = WorkerConfig {
-            name: "w".into(),
-            slots: 2,
-            work_dir: dir.path().to_path_buf(),
-            profile: nexa_shared::hardware::Profile::default(),
-            executor: sandbox::Executor::process(),
-            metrics: None,
-            services: None,
-            max_idle: Some(std::time::Duration::from_millis(300)),
-        };
-        let identity = Arc::new(Identity::load_or_create(&dir.path().join("key")).expect("key"));
+        let idle = Some(std::time::Duration::from_millis(300));
+        let (link, cfg, identity) = one_job(dir.path(), "sleep 0.6", 2, idle);
         let (_tx, rx) = watch::channel(false);
         let started = std::time::Instant::now();
         tokio::time::timeout(

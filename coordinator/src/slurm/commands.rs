@@ -33,6 +33,20 @@ pub const HOPELESS: &[&str] = &[
     "PartitionInactive",
 ];
 
+/// Whether sbatch's message says the controller could not be reached for a moment
+/// (retried next round) rather than that it refused the pilot (the steps fail).
+pub fn transient(message: &str) -> bool {
+    [
+        "Socket timed out",
+        "Unable to contact slurm controller",
+        "Slurm temporarily unable to accept job",
+        "Resource temporarily unavailable",
+        "Connection refused",
+    ]
+    .iter()
+    .any(|m| message.contains(m))
+}
+
 /// Submits `script`; the new job's id, or sbatch's own message.
 pub async fn sbatch(script: &str, token: Option<&str>) -> Result<String, String> {
     let mut cmd = tokio::process::Command::new("sbatch");
@@ -82,20 +96,8 @@ pub async fn sbatch(script: &str, token: Option<&str>) -> Result<String, String>
 
 /// The jobs named `name`, as squeue lists them now.
 pub async fn squeue(name: &str) -> Result<Vec<Listed>, String> {
-    let out = tokio::process::Command::new("squeue")
-        .args(["-h", "-n", name, "-o", "%i|%T|%r|%k"])
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| format!("cannot run squeue: {e}"))?;
-    if !out.status.success() {
-        return Err(one_line(
-            &String::from_utf8_lossy(&out.stderr),
-            &String::from_utf8_lossy(&out.stdout),
-        ));
-    }
-    Ok(parse_squeue(&String::from_utf8_lossy(&out.stdout)))
+    let args = ["-h", "-n", name, "-o", "%i|%T|%r|%k"].map(str::to_string);
+    Ok(parse_squeue(&run("squeue", &args).await?))
 }
 
 /// squeue's `%i|%T|%r|%k` lines.
@@ -122,39 +124,30 @@ pub async fn scancel(ids: &[String]) -> Result<(), String> {
     if ids.is_empty() {
         return Ok(());
     }
-    let out = tokio::process::Command::new("scancel")
-        .args(ids)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| format!("cannot run scancel: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(one_line(
-            &String::from_utf8_lossy(&out.stderr),
-            &String::from_utf8_lossy(&out.stdout),
-        ))
-    }
+    run("scancel", ids).await.map(drop)
 }
 
 /// Cancels every job named `name` (the pilots of this coordinator).
 pub async fn scancel_named(name: &str) -> Result<(), String> {
-    let out = tokio::process::Command::new("scancel")
-        .args(["-n", name])
+    run("scancel", &["-n".to_string(), name.to_string()])
+        .await
+        .map(drop)
+}
+
+/// Runs a Slurm command; its stdout, or its message when it fails.
+async fn run(cmd: &str, args: &[String]) -> Result<String, String> {
+    let out = tokio::process::Command::new(cmd)
+        .args(args)
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output()
         .await
-        .map_err(|e| format!("cannot run scancel: {e}"))?;
+        .map_err(|e| format!("cannot run {cmd}: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     if out.status.success() {
-        Ok(())
+        Ok(stdout)
     } else {
-        Err(one_line(
-            &String::from_utf8_lossy(&out.stderr),
-            &String::from_utf8_lossy(&out.stdout),
-        ))
+        Err(one_line(&String::from_utf8_lossy(&out.stderr), &stdout))
     }
 }
 
@@ -191,6 +184,12 @@ mod tests {
         assert_eq!(l[0].reason, "PartitionConfig");
         assert_eq!(l[0].comment, "nexa-pilot:shape=abc");
         assert_eq!(l[1].state, "RUNNING");
+        assert!(transient(
+            "sbatch: error: Batch job submission failed: Socket timed out on send/recv operation"
+        ));
+        assert!(!transient(
+            "sbatch: error: Batch job submission failed: Invalid partition name specified"
+        ));
         assert_eq!(
             one_line(
                 "sbatch: error: invalid partition specified: nope\nsbatch: error: Batch job submission failed\n",

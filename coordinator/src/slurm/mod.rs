@@ -104,16 +104,10 @@ impl SlurmConfig {
     /// Checks what goes into batch scripts: every Slurm value one word of safe
     /// characters, no extra line breaking out of its `#SBATCH` line.
     pub fn check(&self) -> Result<(), String> {
-        for (what, v) in [
-            ("partition", &self.partition),
-            ("account", &self.account),
-            ("qos", &self.qos),
-            ("constraint", &self.constraint),
-        ] {
-            if let Some(v) = v {
-                nexa_shared::spec::check_slurm_value(v)
-                    .map_err(|e| format!("slurm {what}: {e}"))?;
-            }
+        for (what, v) in
+            shape::placement(&self.partition, &self.account, &self.qos, &self.constraint)
+        {
+            nexa_shared::spec::check_slurm_value(v).map_err(|e| format!("slurm {what}: {e}"))?;
         }
         for l in &self.sbatch_lines {
             if !l.starts_with("--") || l.contains(['\n', '\r']) {

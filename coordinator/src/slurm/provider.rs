@@ -264,6 +264,10 @@ impl Loop {
                 need[g] -= 1;
                 if let Err(e) = self.submit(shape, true).await {
                     refused[g] = true;
+                    if commands::transient(&e) {
+                        tracing::warn!(error = %e, "sbatch could not reach Slurm; trying again next round");
+                        continue;
+                    }
                     let steps: Vec<(String, usize)> =
                         d.steps.iter().map(|(r, i, _)| (r.clone(), *i)).collect();
                     let why = format!(

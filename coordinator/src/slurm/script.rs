@@ -42,15 +42,8 @@ pub fn render(shape: &Shape, cfg: &SlurmConfig, max_idle: Option<std::time::Dura
     if shape.gpus > 0 {
         opt(format!("--gres=gpu:{}", shape.gpus));
     }
-    for (what, v) in [
-        ("partition", &shape.partition),
-        ("account", &shape.account),
-        ("qos", &shape.qos),
-        ("constraint", &shape.constraint),
-    ] {
-        if let Some(v) = v {
-            opt(format!("--{what}={v}"));
-        }
+    for (what, v) in shape.placement() {
+        opt(format!("--{what}={v}"));
     }
     // The batch shell (the worker) hears TERM this long before the walltime: it takes
     // no more jobs and lets the running ones end.
@@ -76,15 +69,10 @@ pub fn render(shape: &Shape, cfg: &SlurmConfig, max_idle: Option<std::time::Dura
         "--label".into(),
         format!("{}=\"$end\"", nexa_shared::hardware::WALLTIME_END_LABEL),
     ];
-    for (what, v) in [
-        ("account", &shape.account),
-        ("qos", &shape.qos),
-        ("constraint", &shape.constraint),
-    ] {
-        if let Some(v) = v {
-            join.push("--label".into());
-            join.push(quote(&format!("slurm.{what}={v}")));
-        }
+    // The partition is the pilot's own label (from Slurm); the rest are given.
+    for (what, v) in shape.placement().filter(|(k, _)| *k != "partition") {
+        join.push("--label".into());
+        join.push(quote(&format!("slurm.{what}={v}")));
     }
     if let Some(idle) = max_idle {
         join.push("--max-idle".into());

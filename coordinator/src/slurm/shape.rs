@@ -29,6 +29,12 @@ pub struct Shape {
 }
 
 impl Shape {
+    /// Where the pilot goes: its sbatch options named by their flags (`partition`,
+    /// `account`, `qos`, `constraint`), those given.
+    pub fn placement(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        placement(&self.partition, &self.account, &self.qos, &self.constraint)
+    }
+
     /// The pilot for jobs needing `req` with `timeout`, under `cfg`.
     pub fn of(req: &Requirements, timeout: Option<Duration>, cfg: &SlurmConfig) -> Self {
         let label = |k: &str| req.labels.get(&format!("slurm.{k}")).cloned();
@@ -77,18 +83,28 @@ impl Shape {
             ));
         }
         s.push_str(&format!(", {} min", self.minutes));
-        for (what, v) in [
-            ("partition", &self.partition),
-            ("account", &self.account),
-            ("qos", &self.qos),
-            ("constraint", &self.constraint),
-        ] {
-            if let Some(v) = v {
-                s.push_str(&format!(", {what} {v}"));
-            }
+        for (what, v) in self.placement() {
+            s.push_str(&format!(", {what} {v}"));
         }
         s
     }
+}
+
+/// The given ones of partition, account, qos and constraint, by their sbatch names.
+pub fn placement<'a>(
+    partition: &'a Option<String>,
+    account: &'a Option<String>,
+    qos: &'a Option<String>,
+    constraint: &'a Option<String>,
+) -> impl Iterator<Item = (&'static str, &'a str)> {
+    [
+        ("partition", partition),
+        ("account", account),
+        ("qos", qos),
+        ("constraint", constraint),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)))
 }
 
 #[cfg(test)]
