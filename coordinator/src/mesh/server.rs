@@ -172,7 +172,10 @@ pub async fn serve_opened(
             },
         ))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // TCP_NODELAY on every accepted connection: the builder's tcp_nodelay
+            // applies only to listeners tonic binds itself, and without it a streamed
+            // response's second small frame waits ~40 ms for the peer's delayed ACK.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
         )
         .await;
