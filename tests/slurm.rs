@@ -315,6 +315,21 @@ fn provider_pilots(conf: &str, data: &Path) -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// Right after a stop: every pilot of `data` is cancelled (at most still completing),
+/// and soon none is in squeue.
+fn no_pilot_left(conf: &str, data: &Path) {
+    let left = provider_pilots(conf, data);
+    assert!(
+        left.iter().all(|(_, s, _)| s == "COMPLETING"),
+        "squeue shows no pilot after Ctrl-C: {left:?}"
+    );
+    common::mesh::wait_for(
+        "the cancelled pilots to leave squeue",
+        std::time::Duration::from_secs(20),
+        || provider_pilots(conf, data).is_empty(),
+    );
+}
+
 /// Cancels a provider's pilots whatever happens to the test.
 struct CancelPilots(String, std::path::PathBuf);
 
@@ -452,16 +467,7 @@ pipeline:
     .expect("SIGINT");
     let status = coord.child.wait().expect("wait");
     assert!(status.success(), "{status:?}");
-    let left = provider_pilots(&conf, &data);
-    assert!(
-        left.iter().all(|(_, s, _)| s == "COMPLETING"),
-        "squeue shows no pilot after Ctrl-C: {left:?}"
-    );
-    common::mesh::wait_for(
-        "the cancelled pilots to leave squeue",
-        std::time::Duration::from_secs(20),
-        || provider_pilots(&conf, &data).is_empty(),
-    );
+    no_pilot_left(&conf, &data);
 }
 
 #[test]
@@ -706,16 +712,7 @@ pipeline:
     .expect("SIGINT");
     let status = run.wait().expect("wait");
     assert_eq!(status.code(), Some(130), "cancelled: {status:?}");
-    let left = provider_pilots(&conf, &state);
-    assert!(
-        left.iter().all(|(_, s, _)| s == "COMPLETING"),
-        "no pilot left after Ctrl-C: {left:?}"
-    );
-    common::mesh::wait_for(
-        "the cancelled pilots to leave squeue",
-        std::time::Duration::from_secs(20),
-        || provider_pilots(&conf, &state).is_empty(),
-    );
+    no_pilot_left(&conf, &state);
 }
 
 #[test]
