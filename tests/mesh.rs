@@ -1058,3 +1058,57 @@ fn a_worker_serves_its_own_metrics_and_readiness() {
         "{body}"
     );
 }
+
+#[test]
+fn a_worker_enrols_and_runs_jobs_while_it_probes_its_runtimes_and_their_labels_follow() {
+    let p = Project::new();
+    let coord = Coord::open(&p.path().join("coord"));
+    let url = coord.url("http");
+    // A job interpreter that answers only once the test opens the gate: the worker's
+    // probe of its packages (which runs it) is held back as long as the test likes.
+    let gate = p.path().join("gate");
+    let python = p.path().join("gated-python");
+    std::fs::write(
+        &python,
+        format!(
+            // (At most 60 s, so that a failed test leaves no loop behind.)
+            "#!/bin/sh\ni=0\nwhile [ ! -e '{}' ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done\nexec python3 \"$@\"\n",
+            gate.display()
+        ),
+    )
+    .expect("write");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let python = python.display().to_string();
+    let _w = Worker::start_env(
+        &url,
+        &p.path().join("w"),
+        1,
+        None,
+        &[],
+        &[("NEXA_PYTHON", python.as_str())],
+    );
+    wait_workers(&p, &coord, 1);
+    let profile = |p: &Project| workers_json(p, &coord)[0]["profile"].clone();
+    let before = profile(&p);
+    assert_eq!(before["runtimes_pending"], true, "{before}");
+    assert!(before["labels"].get("python").is_none(), "{before}");
+    // It takes work while its probe is still held.
+    p.write(
+        "plain.yaml",
+        &numbered_pipeline("plain", 2, true, |i| format!("echo {i} > \"$NEXA_OUT/x\"")),
+    );
+    let out = remote(&p, &coord, &["pipeline", "run", "plain.yaml"])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(profile(&p)["runtimes_pending"], true);
+    // The probe finishes: its labels reach the coordinator in a heartbeat sent at once.
+    std::fs::write(&gate, "").expect("open the gate");
+    wait_for("the probed labels", Duration::from_secs(15), || {
+        let now = profile(&p);
+        now["runtimes_pending"] == false && now["labels"]["python"].is_string()
+    });
+}

@@ -561,6 +561,7 @@ fn on_the_mesh_a_gpu_train_step_goes_only_to_the_gpu_worker_and_the_embedded_cac
         &env,
     );
     wait_workers(&p, &coord, 2);
+    common::mesh::wait_probed(&p, &coord, 2);
     let workers = common::mesh::workers_json(&p, &coord);
     assert!(
         workers

@@ -16,7 +16,10 @@ pub fn send_file(path: &Path, mut send: impl FnMut(u64, &[u8]) -> bool) -> std::
         std::io::Error::new(e.kind(), format!("{op} {}: {e}", path.display()))
     };
     let mut f = std::fs::File::open(path).map_err(|e| named("open", e))?;
-    let mut buf = vec![0u8; CHUNK_BYTES];
+    // A buffer no larger than the file (most outputs and inputs are small): a zeroed
+    // 1 MiB allocation per file showed in profiles of many small jobs.
+    let len = f.metadata().map(|m| m.len()).unwrap_or(CHUNK_BYTES as u64);
+    let mut buf = vec![0u8; (len.saturating_add(1)).min(CHUNK_BYTES as u64) as usize];
     let mut offset = 0u64;
     loop {
         let n = match f.read(&mut buf) {

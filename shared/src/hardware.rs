@@ -56,6 +56,11 @@ pub struct Profile {
     pub gpu_note: Option<String>,
     /// Labels: runtimes found (`python3`, `torch`, `docker`) and the operator's own.
     pub labels: BTreeMap<String, String>,
+    /// The worker is still probing its runtimes (the job interpreter's packages,
+    /// docker): their labels come in a later heartbeat. Until then no step is failed
+    /// as one no worker can run for want of such a label.
+    #[serde(default)]
+    pub runtimes_pending: bool,
 }
 
 /// What a job needs (from `resources` in the pipeline).

@@ -440,6 +440,22 @@ pub fn wait_workers(p: &super::Project, coord: &Coord, n: usize) {
     });
 }
 
+/// Waits until `n` workers are active and have sent what their runtime probe found
+/// (a worker enrols first and sends its runtimes' labels in a heartbeat after).
+pub fn wait_probed(p: &super::Project, coord: &Coord, n: usize) {
+    wait_for(
+        "workers to send their runtimes",
+        Duration::from_secs(30),
+        || {
+            workers_json(p, coord)
+                .iter()
+                .filter(|w| w["state"] == "active" && w["profile"]["runtimes_pending"] == false)
+                .count()
+                >= n
+        },
+    );
+}
+
 /// One step's entry in a status JSON.
 pub fn step<'a>(status: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
     status["steps"]

@@ -139,6 +139,11 @@ fn lock_exclusive(
 fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
     use crate::remote::{Enrolment, GrpcLink};
     use std::sync::Arc;
+    // Probing the job interpreter's packages and docker takes a few hundred
+    // milliseconds of CPU (a Slurm pilot's start, many of them at once on a node): it
+    // runs beside the rest of the start and enrolment, and its labels follow in a
+    // heartbeat (the profile says `runtimes_pending` until then).
+    let probe = std::thread::spawn(crate::profile::probe_runtimes);
     std::fs::create_dir_all(&a.work_dir)?;
     let work_dir = std::path::absolute(&a.work_dir)?;
     let key_path = a.key.unwrap_or_else(default_key_path);
@@ -157,7 +162,8 @@ fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
         )
     })?;
     let identity = Arc::new(nexa_shared::signing::Identity::load_or_create(&key_path)?);
-    let mut profile = crate::profile::profile_with(&work_dir, true, allow_fake_gpus);
+    let mut profile = crate::profile::profile_with(&work_dir, false, allow_fake_gpus);
+    profile.runtimes_pending = true;
     let gpus_filter = parse_gpu_filter(&a.gpus)?;
     apply_gpu_filter(&mut profile, &gpus_filter);
     profile.labels.extend(a.labels);
@@ -229,6 +235,18 @@ fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
             anyhow::bail!("enrolment refused: {}", s.message());
         }
         eprintln!("joined {} as {}", a.url, link.worker_id());
+        {
+            let link = link.clone();
+            tokio::spawn(async move {
+                let labels = tokio::task::spawn_blocking(move || probe.join())
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .unwrap_or_default();
+                tracing::info!(labels = ?labels, "runtimes probed");
+                link.runtimes_probed(labels);
+            });
+        }
         {
             let (dir, gpus_arg) = (work_dir.clone(), gpus_filter.clone());
             let (alloc, explicit) = (allocation.clone(), a.gpus != "all");

@@ -202,8 +202,9 @@ for mod, dist in [("torch", "torch"), ("transformers", "transformers"), ("peft",
 print(json.dumps(out))
 "#;
 
-/// Runtimes this worker can offer jobs, as labels.
-fn probe_runtimes() -> BTreeMap<String, String> {
+/// Runtimes this worker can offer jobs, as labels (a few hundred milliseconds: it runs
+/// the job interpreter and docker).
+pub fn probe_runtimes() -> BTreeMap<String, String> {
     let mut l = python_labels();
     if let Some(v) = runs("docker", &["version", "--format", "{{.Server.Version}}"]) {
         l.insert("docker".into(), v);

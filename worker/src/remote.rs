@@ -68,6 +68,10 @@ pub struct GrpcLink {
     enrolling: tokio::sync::Mutex<()>,
     /// Counts successful enrolments, so a caller that waited knows one just happened.
     enrolments: std::sync::atomic::AtomicU64,
+    /// The profile changed (runtimes probed after enrolment): the next heartbeat
+    /// carries it, and is sent at once ([`GrpcLink::runtimes_probed`]).
+    profile_due: std::sync::atomic::AtomicBool,
+    beat_now: tokio::sync::Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -129,6 +133,8 @@ impl GrpcLink {
             services: Mutex::new(None),
             enrolling: tokio::sync::Mutex::new(()),
             enrolments: std::sync::atomic::AtomicU64::new(0),
+            profile_due: std::sync::atomic::AtomicBool::new(false),
+            beat_now: tokio::sync::Notify::new(),
         }))
     }
 
@@ -146,6 +152,22 @@ impl GrpcLink {
     /// Sets how heartbeats re-read the hardware (every 15th one).
     pub fn set_profiler(&self, p: Profiler) {
         *lock(&self.profiler) = Some(p);
+    }
+
+    /// The runtimes probed after enrolment (their labels; one the operator set with
+    /// `--label` is kept): the profile stops being `runtimes_pending` and goes to the
+    /// coordinator in a heartbeat sent now.
+    pub fn runtimes_probed(&self, labels: std::collections::BTreeMap<String, String>) {
+        {
+            let mut e = lock(&self.enrolment);
+            for (k, v) in labels {
+                e.profile.labels.entry(k).or_insert(v);
+            }
+            e.profile.runtimes_pending = false;
+        }
+        self.profile_due
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.beat_now.notify_one();
     }
 
     /// The id the coordinator gave this worker (empty before enrolment).
@@ -272,8 +294,14 @@ impl GrpcLink {
                 let every = lock(&link.session)
                     .heartbeat
                     .max(Duration::from_millis(100));
-                tokio::time::sleep(every).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = link.beat_now.notified() => {}
+                }
                 n += 1;
+                let due = link
+                    .profile_due
+                    .swap(false, std::sync::atomic::Ordering::SeqCst);
                 let mut said = std::mem::take(&mut *lock(&link.progress));
                 let running: Vec<v1::RunningJob> = lock(&link.running)
                     .keys()
@@ -285,7 +313,7 @@ impl GrpcLink {
                             .map(|p| v1::JobProgress::from(&p)),
                     })
                     .collect();
-                let profile = if n.is_multiple_of(15) {
+                let profile = if n.is_multiple_of(15) || due {
                     // Re-read the hardware so the coordinator sees current free memory;
                     // keep the labels found at start (probing runtimes is slow).
                     let profiler = lock(&link.profiler).clone();
@@ -294,6 +322,7 @@ impl GrpcLink {
                     {
                         let mut e = lock(&link.enrolment);
                         fresh.labels = e.profile.labels.clone();
+                        fresh.runtimes_pending = e.profile.runtimes_pending;
                         e.profile = fresh;
                     }
                     Some(v1::HardwareProfile::from(&lock(&link.enrolment).profile))
@@ -325,6 +354,12 @@ impl GrpcLink {
                 // A heartbeat that cannot arrive in time is as good as lost.
                 req.set_timeout(every.saturating_mul(3));
                 let outcome = client.heartbeat(req).await;
+                if due && outcome.is_err() {
+                    // Not delivered: the next heartbeat carries it (a re-enrolment
+                    // presents it too).
+                    link.profile_due
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                }
                 if let Some(m) = lock(&link.metrics).as_ref() {
                     m.connected.set(i64::from(outcome.is_ok()));
                     if outcome.is_err() {

@@ -196,3 +196,150 @@ async fn embedded_with_a_provider_a_slurm_step_is_queued_for_pilots_not_failed_a
         RunOutcome::Succeeded
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn jobs_of_a_provided_scheduler_that_start_waiting_wake_the_provider_and_others_do_not() {
+    let mut h = Harness::new(EngineConfig {
+        lease_ttl: Some(Duration::from_secs(30)),
+        unfit_grace: Duration::from_secs(5),
+        provided_schedulers: vec!["slurm".into()],
+        ..EngineConfig::embedded()
+    });
+    let waker = h.engine.demand_waker.clone();
+    h.enrol("ordinary", 4);
+    let mut local = h.submit(&one_shape().replace("scheduler: slurm", "scheduler: local"));
+    assert!(!woken(&waker).await, "local steps are not the provider's");
+    let a = h.lease("ordinary");
+    h.report("ordinary", h.succeeded(&a, b"a"))
+        .expect("admitted");
+    let b = h.lease("ordinary");
+    h.report("ordinary", h.succeeded(&b, b"b"))
+        .expect("admitted");
+    assert!(drain(&mut local).1.is_some());
+
+    // (Other commands: the same ones would be cached, scheduler is not in the key.)
+    let _run = h.submit(&TWO_SHAPES.replace("echo, ", "echo, again-"));
+    assert!(
+        woken(&waker).await,
+        "slurm jobs queued: the provider is woken"
+    );
+    assert!(
+        !woken(&waker).await,
+        "one wake for one burst of queued jobs"
+    );
+    // A pilot's lease expires: its job waits again, and the provider hears of it.
+    enrol_pilot(&mut h, "pilot", Duration::from_secs(3600));
+    let _lease = h.lease("pilot");
+    assert!(!woken(&waker).await);
+    h.advance(Duration::from_secs(31)).await;
+    assert!(woken(&waker).await, "a requeued job wakes the provider too");
+}
+
+/// [`TWO_SHAPES`] without the wide step's resources and Slurm override.
+fn one_shape() -> String {
+    TWO_SHAPES.replace(
+        "      resources: {cpus: 2}\n      slurm: {partition: big}\n",
+        "",
+    )
+}
+
+/// Whether `w` holds a wake-up now (taking it).
+async fn woken(w: &tokio::sync::Notify) -> bool {
+    tokio::time::timeout(Duration::ZERO, w.notified())
+        .await
+        .is_ok()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_waits_for_a_worker_still_probing_its_runtimes_and_runs_once_its_labels_arrive() {
+    let mut h = Harness::new(EngineConfig {
+        lease_ttl: Some(Duration::from_secs(30)),
+        unfit_grace: Duration::from_secs(2),
+        ..EngineConfig::embedded()
+    });
+    // Enrolled before its runtimes were probed: no labels yet.
+    let mut probing = Profile {
+        cores: 8,
+        memory_total: 8 << 30,
+        runtimes_pending: true,
+        ..Default::default()
+    };
+    h.send(Event::RegisterWorker(
+        "w".into(),
+        Box::new(WorkerInfo {
+            name: "w".into(),
+            key: key_of("w"),
+            profile: probing.clone(),
+            slots: 4,
+        }),
+    ));
+    // The step needs a label only a probe could add (any label works the same way).
+    let yaml = one_shape().replace("scheduler: slurm", "scheduler: k8s");
+    let mut run = h.submit(&yaml);
+    let mut waiting = h.ask("w");
+    h.advance(Duration::from_secs(10)).await;
+    assert!(
+        drain(&mut run).1.is_none(),
+        "not failed as unfit while the only worker is still probing"
+    );
+    assert!(waiting.try_recv().is_err(), "nothing it can run yet");
+    // The probe's labels arrive in a heartbeat: the waiting slot gets a job at once.
+    probing.runtimes_pending = false;
+    probing
+        .labels
+        .insert(hardware::SCHEDULER_LABEL.into(), "k8s".into());
+    let (tx, _rx) = oneshot::channel();
+    h.send(Event::Heartbeat(
+        "w".into(),
+        Box::new(Beat {
+            profile: Some(probing.clone()),
+            ..Beat::default()
+        }),
+        tx,
+    ));
+    let lease = waiting
+        .try_recv()
+        .expect("leased on the heartbeat that brought the labels")
+        .expect("a lease");
+    h.report("w", h.succeeded(&lease, b"x")).expect("admitted");
+    let other = h.lease("w");
+    h.report("w", h.succeeded(&other, b"y")).expect("admitted");
+    assert_eq!(
+        drain(&mut run).1.expect("finished").outcome,
+        RunOutcome::Succeeded
+    );
+
+    // A probe that found nothing: the step fails as unfit at the next look.
+    let mut bare = Profile {
+        cores: 8,
+        memory_total: 8 << 30,
+        runtimes_pending: true,
+        ..Default::default()
+    };
+    h.send(Event::RegisterWorker(
+        "w".into(),
+        Box::new(WorkerInfo {
+            name: "w".into(),
+            key: key_of("w"),
+            profile: bare.clone(),
+            slots: 4,
+        }),
+    ));
+    // Other commands: the same ones would be cached.
+    let mut run = h.submit(&yaml.replace("echo, ", "echo, again-"));
+    h.advance(Duration::from_secs(5)).await;
+    assert!(drain(&mut run).1.is_none(), "still probing");
+    bare.runtimes_pending = false;
+    let (tx, _rx) = oneshot::channel();
+    h.send(Event::Heartbeat(
+        "w".into(),
+        Box::new(Beat {
+            profile: Some(bare),
+            ..Beat::default()
+        }),
+        tx,
+    ));
+    h.advance(Duration::from_secs(1)).await;
+    let end = drain(&mut run).1.expect("failed once the probe was done");
+    assert_eq!(end.outcome, RunOutcome::Failed);
+}

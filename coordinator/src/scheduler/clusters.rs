@@ -25,6 +25,14 @@ pub(super) fn provided(config: &EngineConfig, req: &Requirements) -> bool {
 }
 
 impl Engine {
+    /// A job needing `req` started waiting: if a provider starts workers for it, wake
+    /// the provider ([`Coordinator::demand_changed`]).
+    pub(super) fn wake_provider(&self, req: &Requirements) {
+        if provided(&self.config, req) {
+            self.demand_waker.notify_one();
+        }
+    }
+
     /// The waiting jobs of `scheduler`'s steps, one entry per shape.
     pub(super) fn demand(&self, scheduler: &str) -> Vec<Demand> {
         let mut out: Vec<Demand> = Vec::new();

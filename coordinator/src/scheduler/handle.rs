@@ -44,6 +44,7 @@ impl Coordinator {
             writer: effects::Writer::start(tx.clone()),
         });
         let engine = Engine::new(store, config, fx, (rx, calls_rx), cancels.clone());
+        let demand_waker = engine.demand_waker.clone();
         let handle = tokio::spawn(engine.run());
         let keys = Arc::new(std::sync::RwLock::new(HashMap::new()));
         (
@@ -51,6 +52,7 @@ impl Coordinator {
                 tx,
                 calls,
                 cancels,
+                demand_waker,
                 keys,
                 tasks,
             },
@@ -157,6 +159,13 @@ impl Coordinator {
         let (tx, rx) = oneshot::channel();
         self.call(Event::Demand(scheduler.to_string(), tx)).await?;
         rx.await.map_err(|_| Error::ShutDown)
+    }
+
+    /// Resolves when jobs of a provided scheduler's steps have started waiting since
+    /// the last time it resolved (a permit is kept when nobody waits), so a provider
+    /// asks [`Coordinator::demand`] at once instead of at its next poll.
+    pub async fn demand_changed(&self) {
+        self.demand_waker.notified().await
     }
 
     /// Fails these steps `(run, index)` with `reason` if none of their jobs has
@@ -386,6 +395,7 @@ impl Engine {
             generations,
             refusals,
             blame: blame::Blame::default(),
+            demand_waker: Arc::default(),
         }
     }
 }

@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// How soon a step no enrolled worker can run is looked at again while a worker is
+/// still probing its runtimes ([`Profile::runtimes_pending`]).
+const RUNTIMES_RECHECK: Duration = Duration::from_millis(500);
+
 impl Engine {
     /// The first queued job (in order) that fits `worker`'s free capacity, with the
     /// GPUs it gets. Drops stale queue entries it passes.
@@ -191,6 +195,17 @@ impl Engine {
         ) else {
             return;
         };
+        if self
+            .workers
+            .values()
+            .any(|w| !w.lost && w.info.profile.runtimes_pending)
+        {
+            // A worker still probing its runtimes may yet carry the labels this step
+            // needs: look again once its profile has had time to arrive.
+            self.fx
+                .later(RUNTIMES_RECHECK, Event::UnfitCheck(run_id.to_string(), i));
+            return;
+        }
         self.fail_waiting_step(
             run_id,
             i,
@@ -236,7 +251,9 @@ impl Engine {
             tracing::info!(worker, "worker is back");
             w.lost = false;
         }
+        let mut relabelled = false;
         if let Some(p) = profile {
+            relabelled = p.labels != w.info.profile.labels;
             w.refresh_profile(*p);
         }
         let mut cancel = Vec::new();
@@ -257,6 +274,10 @@ impl Engine {
                 // attempt (only that one: the same job may be leased here again).
                 _ => cancel.push((job_id.clone(), *generation)),
             }
+        }
+        if relabelled {
+            // New labels (runtimes probed after enrolment): waiting jobs may fit now.
+            self.dispatch();
         }
         cancel
     }
@@ -350,6 +371,9 @@ impl Engine {
             tracing::warn!(job = %job_id, worker = ?j.worker, generation = j.generation, "lease expired; requeueing");
             j.attempt += 1;
             j.set_state(JobState::Queued);
+            if super::clusters::provided(&self.config, &j.spec.requirements) {
+                self.demand_waker.notify_one();
+            }
             j.worker = None;
             j.deadline = None;
             j.queued_at = Instant::now();

@@ -84,6 +84,9 @@ pub struct Coordinator {
     /// Callers' lane, bounded ([`CALLS`]).
     calls: mpsc::Sender<Event>,
     cancels: Arc<Mutex<HashMap<String, watch::Sender<bool>>>>,
+    /// Woken when jobs of a provided scheduler's steps start waiting (see
+    /// [`Coordinator::demand_changed`]).
+    demand_waker: Arc<tokio::sync::Notify>,
     /// Enrolled workers' public keys, for checking result signatures off the loop.
     keys: Arc<std::sync::RwLock<HashMap<String, [u8; 32]>>>,
     /// The owner of every background task (see `crate::tasks`).
@@ -156,6 +159,8 @@ struct Engine {
     refusals: Refusals,
     /// Whose fault failed jobs are.
     blame: blame::Blame,
+    /// Wakes a cluster provider when jobs of its scheduler start waiting.
+    demand_waker: Arc<tokio::sync::Notify>,
     /// The refusal counters as last queued for the store; `None`: that write failed.
     saved_refusals: Option<Refusals>,
     /// Submitted runs whose records are being written, with the caller's handle and

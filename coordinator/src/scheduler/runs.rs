@@ -604,6 +604,7 @@ impl Engine {
                 unit
             });
             let id = spec.job_id.clone();
+            self.wake_provider(&spec.requirements);
             self.jobs
                 .insert(id.clone(), Job::queued(run_id, i, shard, spec, unit));
             self.queue.push_back(id);

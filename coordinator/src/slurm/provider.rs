@@ -72,6 +72,8 @@ impl Provider {
                 tokio::select! {
                     _ = stopped.wait_for(|s| *s) => break,
                     _ = tokio::time::sleep(DEMAND_POLL.min(p.cfg.poll)) => {}
+                    // Jobs started waiting: scale now, not at the next poll.
+                    _ = p.coord.demand_changed() => {}
                 }
             }
         });

@@ -84,6 +84,7 @@ impl From<&Profile> for v1::HardwareProfile {
             cuda_version: p.cuda_version.clone().unwrap_or_default(),
             gpu_note: p.gpu_note.clone().unwrap_or_default(),
             labels: p.labels.clone().into_iter().collect(),
+            runtimes_pending: p.runtimes_pending,
         }
     }
 }
@@ -104,6 +105,7 @@ impl From<v1::HardwareProfile> for Profile {
             cuda_version: opt(p.cuda_version),
             gpu_note: opt(p.gpu_note),
             labels: p.labels.into_iter().collect(),
+            runtimes_pending: p.runtimes_pending,
         }
     }
 }
@@ -397,6 +399,7 @@ mod tests {
                 mig_enabled: false,
             }],
             driver_version: Some("580".into()),
+            runtimes_pending: true,
             ..Profile::default()
         };
         assert_eq!(Profile::from(v1::HardwareProfile::from(&p)), p);
