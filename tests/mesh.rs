@@ -1082,19 +1082,38 @@ fn a_worker_enrols_and_runs_jobs_while_it_probes_its_runtimes_and_their_labels_f
         std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     }
     let python = python.display().to_string();
+    let env = [("NEXA_PYTHON", python.as_str())];
     let _w = Worker::start_env(
         &url,
         &p.path().join("w"),
         1,
         None,
-        &[],
-        &[("NEXA_PYTHON", python.as_str())],
+        &["--name", "probing"],
+        &env,
     );
-    wait_workers(&p, &coord, 1);
-    let profile = |p: &Project| workers_json(p, &coord)[0]["profile"].clone();
+    // A worker told not to probe (a Slurm pilot for steps that need no runtime).
+    let _bare = Worker::start_env(
+        &url,
+        &p.path().join("bare"),
+        1,
+        None,
+        &["--name", "bare", "--no-probe"],
+        &env,
+    );
+    wait_workers(&p, &coord, 2);
+    let named = |p: &Project, name: &str| {
+        workers_json(p, &coord)
+            .into_iter()
+            .find(|w| w["name"] == name)
+            .map(|w| w["profile"].clone())
+            .expect("enrolled")
+    };
+    let profile = |p: &Project| named(p, "probing");
     let before = profile(&p);
     assert_eq!(before["runtimes_pending"], true, "{before}");
     assert!(before["labels"].get("python").is_none(), "{before}");
+    let bare = named(&p, "bare");
+    assert_eq!(bare["runtimes_pending"], false, "{bare}");
     // It takes work while its probe is still held.
     p.write(
         "plain.yaml",
@@ -1111,4 +1130,9 @@ fn a_worker_enrols_and_runs_jobs_while_it_probes_its_runtimes_and_their_labels_f
         let now = profile(&p);
         now["runtimes_pending"] == false && now["labels"]["python"].is_string()
     });
+    let bare = named(&p, "bare");
+    assert!(
+        bare["labels"].get("python").is_none(),
+        "never probed: {bare}"
+    );
 }

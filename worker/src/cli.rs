@@ -77,6 +77,12 @@ struct JoinArgs {
     /// allocation back) [default: never].
     #[arg(long, value_parser = humantime::parse_duration)]
     max_idle: Option<std::time::Duration>,
+    /// Do not look for the job interpreter's packages or docker: this worker offers
+    /// neither, and takes no ML runner step and no step naming an image unless its
+    /// `--label`s say so (a Slurm pilot for steps that need neither) [default: probe,
+    /// beside enrolment].
+    #[arg(long)]
+    no_probe: bool,
     /// Serve this worker's /metrics, /healthz and /readyz here (e.g. 127.0.0.1:9101).
     #[arg(long, env = "NEXA_WORKER_METRICS_LISTEN")]
     metrics_listen: Option<String>,
@@ -143,7 +149,7 @@ fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
     // milliseconds of CPU (a Slurm pilot's start, many of them at once on a node): it
     // runs beside the rest of the start and enrolment, and its labels follow in a
     // heartbeat (the profile says `runtimes_pending` until then).
-    let probe = std::thread::spawn(crate::profile::probe_runtimes);
+    let probe = (!a.no_probe).then(|| std::thread::spawn(crate::profile::probe_runtimes));
     std::fs::create_dir_all(&a.work_dir)?;
     let work_dir = std::path::absolute(&a.work_dir)?;
     let key_path = a.key.unwrap_or_else(default_key_path);
@@ -163,7 +169,7 @@ fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
     })?;
     let identity = Arc::new(nexa_shared::signing::Identity::load_or_create(&key_path)?);
     let mut profile = crate::profile::profile_with(&work_dir, false, allow_fake_gpus);
-    profile.runtimes_pending = true;
+    profile.runtimes_pending = probe.is_some();
     let gpus_filter = parse_gpu_filter(&a.gpus)?;
     apply_gpu_filter(&mut profile, &gpus_filter);
     profile.labels.extend(a.labels);
@@ -235,7 +241,7 @@ fn join(a: JoinArgs, allow_fake_gpus: bool) -> anyhow::Result<()> {
             anyhow::bail!("enrolment refused: {}", s.message());
         }
         eprintln!("joined {} as {}", a.url, link.worker_id());
-        {
+        if let Some(probe) = probe {
             let link = link.clone();
             tokio::spawn(async move {
                 let labels = tokio::task::spawn_blocking(move || probe.join())

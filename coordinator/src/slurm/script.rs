@@ -74,6 +74,9 @@ pub fn render(shape: &Shape, cfg: &SlurmConfig, max_idle: Option<std::time::Dura
         join.push("--label".into());
         join.push(quote(&format!("slurm.{what}={v}")));
     }
+    if !shape.runtimes {
+        join.push("--no-probe".into());
+    }
     if let Some(idle) = max_idle {
         join.push("--max-idle".into());
         join.push(format!("{}s", idle.as_secs().max(1)));
@@ -122,8 +125,16 @@ mod tests {
             account: Some("proj".into()),
             qos: None,
             constraint: Some("a100&ib".into()),
+            runtimes: false,
         };
         let s = render(&shape, &cfg, Some(cfg.idle_timeout));
+        assert!(s.contains(" --no-probe"), "nothing needs the probe");
+        let probing = Shape {
+            runtimes: true,
+            ..shape.clone()
+        };
+        assert!(!render(&probing, &cfg, None).contains("--no-probe"));
+        assert_ne!(probing.key(), shape.key(), "not interchangeable");
         assert!(
             !render(&shape, &cfg, None).contains("--max-idle"),
             "kept for min-pilots"

@@ -26,6 +26,10 @@ pub struct Shape {
     pub qos: Option<String>,
     /// `--constraint`.
     pub constraint: Option<String>,
+    /// Its jobs need what the worker's runtime probe finds (an ML runner's Python
+    /// packages, a container runtime); without, the pilot's worker skips the probe
+    /// (`--no-probe`), a few hundred milliseconds of CPU at each pilot's start.
+    pub runtimes: bool,
 }
 
 impl Shape {
@@ -52,6 +56,11 @@ impl Shape {
             account: label("account").or_else(|| cfg.account.clone()),
             qos: label("qos").or_else(|| cfg.qos.clone()),
             constraint: label("constraint").or_else(|| cfg.constraint.clone()),
+            runtimes: req.container
+                || req
+                    .labels
+                    .keys()
+                    .any(|k| k == "python" || k.starts_with("python.")),
         }
     }
 
@@ -150,5 +159,19 @@ mod tests {
             "--mem always"
         );
         assert!(s.describe().contains("partition gpu"), "{}", s.describe());
+        // Only steps that need what the runtime probe finds get pilots that probe.
+        assert!(!s.runtimes && !idle.runtimes);
+        let mut ml = req.clone();
+        ml.labels
+            .insert(nexa_shared::runners::label("torch"), "*".into());
+        assert!(Shape::of(&ml, None, &cfg).runtimes, "an ML runner step");
+        let image = Requirements {
+            container: true,
+            ..req.clone()
+        };
+        assert!(
+            Shape::of(&image, None, &cfg).runtimes,
+            "a step naming an image"
+        );
     }
 }
