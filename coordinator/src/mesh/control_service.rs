@@ -151,7 +151,8 @@ impl ControlApi {
     /// Verifies a received blob and moves it to its name in the blob store.
     async fn keep_blob(&self, digest: &str, r: Receiving) -> Result<u64, Status> {
         let dest = self.blob_path(digest)?;
-        status::blocking(move || r.verify()?.rename_to(&dest)).await
+        // Durable before it is acknowledged: a submitted run names it.
+        status::blocking(move || r.verify(true)?.rename_to(&dest)).await
     }
 
     /// Writes and flushes a submission's record (on the blocking pool).

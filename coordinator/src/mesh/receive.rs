@@ -77,8 +77,9 @@ impl Receiving {
         Ok(())
     }
 
-    /// Checks size and digest and makes the bytes durable. A mismatch is `DATA_LOSS`.
-    pub(super) fn verify(mut self) -> Result<Verified, Status> {
+    /// Checks size and digest and, when `durable`, fsyncs the bytes. A mismatch is
+    /// `DATA_LOSS`.
+    pub(super) fn verify(mut self, durable: bool) -> Result<Verified, Status> {
         if self.written != self.size {
             return Err(Status::data_loss(format!(
                 "upload of {} ended at {} of {} bytes",
@@ -92,7 +93,9 @@ impl Receiving {
                 self.name, self.digest
             )));
         }
-        if let Some(file) = self.file.take() {
+        if let Some(file) = self.file.take()
+            && durable
+        {
             file.sync_all()
                 .map_err(|e| status::io("fsync", Path::new(&self.name))(e))?;
         }
@@ -113,7 +116,7 @@ impl Drop for Receiving {
     }
 }
 
-/// A complete, verified, durable part file, waiting to take its name; removed if it
+/// A complete, verified part file (fsynced when asked), waiting to take its name; removed if it
 /// never does.
 pub(super) struct Verified {
     part: PathBuf,
