@@ -27,16 +27,76 @@ pub struct RunRecord {
     pub outcome: RunState,
 }
 
-/// Writes step records in one batch.
-pub fn save_steps(store: &dyn Store, pipeline: &str, records: &[&StepRecord]) -> Result<()> {
-    let entries = records
-        .iter()
-        .map(|r| Ok((format!("{pipeline}/{}", r.id), serde_json::to_vec(r)?)))
-        .collect::<Result<Vec<_>>>()?;
-    store.put_batch(STEPS_TREE, &entries)
+/// The store tree holding shard records, keyed `<pipeline>/<step>/<index, 10 digits>`:
+/// a fanned-out step's shards are written one by one as they change, never all again
+/// with every change of one (a step record holds none of them).
+pub const SHARDS_TREE: &str = "shards";
+
+fn shard_key(pipeline: &str, step: &str, index: u32) -> String {
+    format!("{pipeline}/{step}/{index:010}")
 }
 
-/// Reads every step record of a pipeline, by step id.
+/// Writes step records whole, with all their shards, in one batch each (a run's
+/// start and end, `store recover`); shard keys beyond a step's shards are removed.
+pub fn save_steps(store: &dyn Store, pipeline: &str, records: &[&StepRecord]) -> Result<()> {
+    let mut shards = Vec::new();
+    let mut steps = Vec::new();
+    for r in records {
+        for s in &r.shards {
+            shards.push((shard_key(pipeline, &r.id, s.index), serde_json::to_vec(s)?));
+        }
+        remove_shards_from(store, pipeline, &r.id, r.shards.len())?;
+        steps.push((format!("{pipeline}/{}", r.id), step_bytes(r)?));
+    }
+    store.put_batch(SHARDS_TREE, &shards)?;
+    store.put_batch(STEPS_TREE, &steps)
+}
+
+/// What one write-behind round saves of a run: the step records that changed (their
+/// shards left out) and the shard records that changed, as `(step id, shard)`.
+pub fn save_progress(
+    store: &dyn Store,
+    pipeline: &str,
+    steps: &[StepRecord],
+    shards: &[(String, ShardRecord)],
+) -> Result<()> {
+    let shards = shards
+        .iter()
+        .map(|(step, s)| Ok((shard_key(pipeline, step, s.index), serde_json::to_vec(s)?)))
+        .collect::<Result<Vec<_>>>()?;
+    store.put_batch(SHARDS_TREE, &shards)?;
+    let steps = steps
+        .iter()
+        .map(|r| Ok((format!("{pipeline}/{}", r.id), step_bytes(r)?)))
+        .collect::<Result<Vec<_>>>()?;
+    store.put_batch(STEPS_TREE, &steps)
+}
+
+/// A step record as stored: without its shards (they have their own tree).
+fn step_bytes(r: &StepRecord) -> Result<Vec<u8>> {
+    if r.shards.is_empty() {
+        return Ok(serde_json::to_vec(r)?);
+    }
+    let bare = StepRecord {
+        shards: Vec::new(),
+        ..r.clone()
+    };
+    Ok(serde_json::to_vec(&bare)?)
+}
+
+/// Removes a step's shard records from index `from` on (left by a run with more).
+fn remove_shards_from(store: &dyn Store, pipeline: &str, step: &str, from: usize) -> Result<()> {
+    let prefix = format!("{pipeline}/{step}/");
+    for (k, _) in store.scan_prefix(SHARDS_TREE, &prefix)? {
+        let index = k[prefix.len()..].parse::<usize>().unwrap_or(usize::MAX);
+        if index >= from {
+            store.remove(SHARDS_TREE, &k)?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads every step record of a pipeline, by step id, with its shards.
 pub fn load_steps(store: &dyn Store, pipeline: &str) -> Result<BTreeMap<String, StepRecord>> {
     let mut out = BTreeMap::new();
     for (_, v) in store.scan_prefix(STEPS_TREE, &format!("{pipeline}/"))? {
@@ -44,6 +104,18 @@ pub fn load_steps(store: &dyn Store, pipeline: &str) -> Result<BTreeMap<String, 
         if let Ok(r) = serde_json::from_slice::<StepRecord>(&v) {
             out.insert(r.id.clone(), r);
         }
+    }
+    for r in out.values_mut() {
+        let stored = store.scan_prefix(SHARDS_TREE, &format!("{pipeline}/{}/", r.id))?;
+        if stored.is_empty() {
+            // Written before shards had their own tree: inline, as they were.
+            continue;
+        }
+        r.shards = stored
+            .iter()
+            .filter_map(|(_, v)| serde_json::from_slice::<ShardRecord>(v).ok())
+            .collect();
+        r.shards.sort_by_key(|s| s.index);
     }
     Ok(out)
 }
@@ -110,4 +182,77 @@ pub fn load_workers(store: &dyn Store) -> Result<Vec<WorkerRecord>> {
         .into_iter()
         .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemStore;
+
+    fn shard(index: u32, status: StepStatus) -> ShardRecord {
+        ShardRecord {
+            index,
+            status,
+            cache_key: None,
+            hash: None,
+            worker: None,
+            attempts: 0,
+            error: None,
+        }
+    }
+
+    fn step(id: &str, shards: usize) -> StepRecord {
+        StepRecord {
+            shards: (0..shards as u32)
+                .map(|k| shard(k, StepStatus::Pending))
+                .collect(),
+            ..StepRecord::pending(id, "r1")
+        }
+    }
+
+    #[test]
+    fn shards_are_stored_apart_changed_one_by_one_and_a_smaller_run_leaves_none_behind() {
+        let store = MemStore::default();
+        save_steps(&store, "p", &[&step("fan", 5), &step("one", 0)]).expect("save");
+        // The step record itself holds no shard.
+        let raw = store.get(STEPS_TREE, "p/fan").expect("get").expect("there");
+        let bare: StepRecord = serde_json::from_slice(&raw).expect("json");
+        assert!(bare.shards.is_empty());
+        // One round: the step (bare) and the one shard that changed.
+        let mut fan = step("fan", 0);
+        fan.status = StepStatus::Running;
+        save_progress(
+            &store,
+            "p",
+            &[fan],
+            &[("fan".into(), shard(3, StepStatus::Complete))],
+        )
+        .expect("progress");
+        let back = load_steps(&store, "p").expect("load");
+        assert_eq!(back["fan"].status, StepStatus::Running);
+        let statuses: Vec<StepStatus> = back["fan"].shards.iter().map(|s| s.status).collect();
+        use StepStatus::{Complete, Pending};
+        assert_eq!(statuses, [Pending, Pending, Pending, Complete, Pending]);
+        assert!(back["one"].shards.is_empty());
+        // A later run with 2 shards: the old 3..5 are gone.
+        save_steps(&store, "p", &[&step("fan", 2)]).expect("save");
+        assert_eq!(
+            load_steps(&store, "p").expect("load")["fan"].shards.len(),
+            2
+        );
+    }
+
+    #[test]
+    fn a_step_record_written_with_its_shards_inline_still_reads_with_them() {
+        let store = MemStore::default();
+        let old = step("fan", 3);
+        store
+            .put(
+                STEPS_TREE,
+                "p/fan",
+                &serde_json::to_vec(&old).expect("json"),
+            )
+            .expect("put");
+        assert_eq!(load_steps(&store, "p").expect("load")["fan"], old);
+    }
 }

@@ -24,7 +24,7 @@ struct Refusing {
 impl Refusing {
     fn check(&self, tree: &str) -> Result<()> {
         if self.refusing.load(Ordering::SeqCst)
-            && (tree == state::STEPS_TREE || tree == state::RUNS_TREE)
+            && (tree == state::STEPS_TREE || tree == state::SHARDS_TREE || tree == state::RUNS_TREE)
         {
             return Err(Error::Store("No space left on device (os error 28)".into()));
         }

@@ -64,6 +64,10 @@ pub(super) struct Run {
     pub(super) in_flight: usize,
     /// Steps changed since the last write-behind round (see `Engine::flush_dirty`).
     pub(super) dirty: Vec<usize>,
+    /// Shards `(step, shard)` changed since the last round: written one by one.
+    pub(super) dirty_shards: Vec<(usize, usize)>,
+    /// Steps whose shards were all replaced (planned, cleared): written whole.
+    pub(super) reset_shards: Vec<usize>,
     /// Steps not yet in a final state (kept by `set_status`, so finishing is O(1)).
     pub(super) unfinished: usize,
 }
@@ -93,8 +97,15 @@ impl Run {
             last_mirror: None,
             in_flight: 0,
             dirty: Vec::new(),
+            dirty_shards: Vec::new(),
+            reset_shards: Vec::new(),
             unfinished: n,
         }
+    }
+
+    /// Nothing of it waits for the next write-behind round.
+    pub(super) fn is_clean(&self) -> bool {
+        self.dirty.is_empty() && self.dirty_shards.is_empty() && self.reset_shards.is_empty()
     }
 
     /// Where the run is in its life.

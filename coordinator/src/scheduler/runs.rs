@@ -175,6 +175,7 @@ impl Engine {
             index,
             status,
         });
+        self.persist_shard(run_id, i, k);
         if status.is_final() {
             self.persist(run_id, i);
             self.shard_settled(run_id, i);
@@ -252,15 +253,39 @@ impl Engine {
         s
     }
 
-    /// Marks a step record for the next write-behind round.
+    /// Marks a step record (without its shards) for the next write-behind round.
     pub(super) fn persist(&mut self, run_id: &str, i: usize) {
         let Some(run) = self.runs.get_mut(run_id) else {
             return;
         };
-        if run.dirty.is_empty() {
+        if run.is_clean() {
             self.dirty_runs.push(run_id.to_string());
         }
         run.dirty.push(i);
+    }
+
+    /// Marks shard `k` of step `i` for the next write-behind round (that shard alone:
+    /// a fan-out's round writes what changed, not every shard again).
+    pub(super) fn persist_shard(&mut self, run_id: &str, i: usize, k: usize) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        if run.is_clean() {
+            self.dirty_runs.push(run_id.to_string());
+        }
+        run.dirty_shards.push((i, k));
+    }
+
+    /// Marks step `i` to be written whole, every shard with it (its shards were
+    /// replaced: planned, or cleared).
+    pub(super) fn persist_all_shards(&mut self, run_id: &str, i: usize) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        if run.is_clean() {
+            self.dirty_runs.push(run_id.to_string());
+        }
+        run.reset_shards.push(i);
     }
 
     /// Queues a write of every step record changed since the last round, one batch per
@@ -308,19 +333,49 @@ impl Engine {
                 continue;
             };
             let mut dirty = std::mem::take(&mut run.dirty);
-            dirty.sort_unstable();
-            dirty.dedup();
-            let recs: Vec<StepRecord> = dirty.iter().map(|&i| run.records[i].clone()).collect();
+            let mut reset = std::mem::take(&mut run.reset_shards);
+            let mut shards = std::mem::take(&mut run.dirty_shards);
+            for v in [&mut dirty, &mut reset] {
+                v.sort_unstable();
+                v.dedup();
+            }
+            shards.sort_unstable();
+            shards.dedup();
+            // Steps whose shards were replaced go whole; the others without their
+            // shards (a cheap copy), with only the shards that changed.
+            let whole: Vec<StepRecord> = reset.iter().map(|&i| run.records[i].clone()).collect();
+            let bare: Vec<StepRecord> = dirty
+                .iter()
+                .filter(|i| reset.binary_search(i).is_err())
+                .map(|&i| without_shards(&mut run.records[i]))
+                .collect();
+            let changed: Vec<(String, state::ShardRecord)> = shards
+                .iter()
+                .filter(|(i, _)| reset.binary_search(i).is_err())
+                .filter_map(|&(i, k)| {
+                    let rec = &run.records[i];
+                    rec.shards.get(k).map(|s| (rec.id.clone(), s.clone()))
+                })
+                .collect();
+            let mut touched = dirty;
+            touched.extend(reset);
+            touched.extend(shards.iter().map(|&(i, _)| i));
+            touched.sort_unstable();
+            touched.dedup();
             let (store, pipeline) = (self.store.clone(), run.ctx.pipeline.name.clone());
             self.fx.persist(Box::new(move || {
-                let refs: Vec<&StepRecord> = recs.iter().collect();
-                let e = state::save_steps(store.as_ref(), &pipeline, &refs).err()?;
+                let refs: Vec<&StepRecord> = whole.iter().collect();
+                let e = state::save_steps(store.as_ref(), &pipeline, &refs)
+                    .and_then(|()| state::save_progress(store.as_ref(), &pipeline, &bare, &changed))
+                    .err()?;
                 tracing::error!(error = %format!("{e:#}"), run = %run_id, "saving step state; retried with the next round");
-                Some(Event::Unsaved(Unsaved::Steps(run_id, dirty)))
+                Some(Event::Unsaved(Unsaved::Steps(run_id, touched)))
             }));
             // The mirror is rewritten whole: space the writes out as the pipeline grows
-            // (every 250 ms up to 1,000 steps, proportionally longer beyond).
-            let every = Duration::from_millis(250) * (run.records.len() / 1000).max(1) as u32;
+            // (every 250 ms up to 1,000 steps and shards, proportionally longer beyond).
+            let size =
+                run.records.len() + run.records.iter().map(|r| r.shards.len()).sum::<usize>();
+            let every = Duration::from_millis(250) * (size / 1000).max(1) as u32;
             if run.last_mirror.is_none_or(|t| t.elapsed() >= every) {
                 write_mirror(self.fx.as_ref(), run);
             }
@@ -336,10 +391,12 @@ impl Engine {
                 let Some(run) = self.runs.get_mut(&run_id) else {
                     return;
                 };
-                if run.dirty.is_empty() {
+                if run.is_clean() {
                     self.dirty_runs.push(run_id);
                 }
-                run.dirty.extend(steps);
+                // Written whole next round: which of their shards changed is not kept.
+                run.dirty.extend(steps.iter().copied());
+                run.reset_shards.extend(steps);
             }
         }
     }
@@ -435,6 +492,7 @@ impl Engine {
                 run.records[i].cache_key = Some(cache_key);
                 run.records[i].outputs = outputs;
                 run.records[i].shards.clear();
+                self.persist_all_shards(run_id, i);
                 self.set_status(run_id, i, StepStatus::Skipped, Some("cache hit".into()));
                 self.step_done(run_id, i);
             }
@@ -580,6 +638,7 @@ impl Engine {
             }
         }
         run.plans[i] = Some(plan);
+        self.persist_all_shards(run_id, i);
         self.set_status(run_id, i, StepStatus::Running, None);
         if new_jobs.is_empty() {
             // Every shard came from cache: assemble straight away.
@@ -611,4 +670,13 @@ impl Engine {
         }
         self.dispatch();
     }
+}
+
+/// A copy of `rec` without its shards (they are written on their own), made without
+/// copying them.
+fn without_shards(rec: &mut StepRecord) -> StepRecord {
+    let shards = std::mem::take(&mut rec.shards);
+    let copy = rec.clone();
+    rec.shards = shards;
+    copy
 }

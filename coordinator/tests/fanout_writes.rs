@@ -1,0 +1,117 @@
+//! A fanned-out step's progress costs the store what changed, not the whole step again:
+//! each write-behind round writes the shards that changed, so a run of N shards writes
+//! O(N) shard records, not O(N²) (a 4,000-shard step once grew sled to 1.4 GB). A real
+//! sled store, counting what is written to it; the test plays a one-slot worker.
+
+mod common;
+
+use common::{result_for, worker_info};
+use nexa_coordinator::scheduler::{Progress, RunOutcome};
+use nexa_coordinator::state::{self, StepStatus};
+use nexa_coordinator::{Coordinator, Result, SledStore, Store};
+use nexa_shared::signing::Identity;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// sled, counting the bytes put into the step and shard trees.
+struct Counting {
+    inner: SledStore,
+    written: AtomicU64,
+}
+
+impl Store for Counting {
+    fn get(&self, tree: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        self.inner.get(tree, key)
+    }
+    fn put_batch(&self, tree: &str, entries: &[(String, Vec<u8>)]) -> Result<()> {
+        if tree == state::STEPS_TREE || tree == state::SHARDS_TREE {
+            let n: usize = entries.iter().map(|(k, v)| k.len() + v.len()).sum();
+            self.written.fetch_add(n as u64, Ordering::SeqCst);
+        }
+        self.inner.put_batch(tree, entries)
+    }
+    fn remove(&self, tree: &str, key: &str) -> Result<()> {
+        self.inner.remove(tree, key)
+    }
+    fn scan_prefix(&self, tree: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        self.inner.scan_prefix(tree, prefix)
+    }
+    fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
+    fn compare_and_swap(
+        &self,
+        tree: &str,
+        key: &str,
+        old: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<bool> {
+        self.inner.compare_and_swap(tree, key, old, new)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_writes_each_shard_a_few_times_not_every_shard_at_every_change() {
+    const SHARDS: usize = 200;
+    let project = tempfile::tempdir().expect("tempdir");
+    let items: String = (0..SHARDS).map(|i| format!("{i}\n")).collect();
+    std::fs::write(project.path().join("items.txt"), items).expect("items");
+    let yaml = format!(
+        "pipeline:\n  name: fan\n  steps:\n    - id: fan\n      uses: exec\n      in: {{items: items.txt}}\n      shards: {{over: items, count: {SHARDS}}}\n      params: {{cmd: [\"true\"]}}\n      out: artifacts/fan\n"
+    );
+    let loaded = nexa_shared::spec::load_str("f.yaml", &yaml, project.path()).expect("valid");
+    let store = Arc::new(Counting {
+        inner: SledStore::open(&project.path().join("store")).expect("store"),
+        written: AtomicU64::new(0),
+    });
+    let (coord, _task) = Coordinator::start(
+        store.clone(),
+        nexa_coordinator::scheduler::EngineConfig::embedded(),
+    );
+    let id = Identity::generate();
+    coord
+        .register_worker("w1", worker_info(&id))
+        .expect("register");
+    let mut run = common::submit(&coord, project.path(), loaded).await;
+    for n in 0..SHARDS {
+        let lease = tokio::time::timeout(Duration::from_secs(20), coord.lease("w1"))
+            .await
+            .expect("a lease in time")
+            .expect("a lease");
+        let staging = project.path().join(format!("staging/{n}"));
+        let mut result = result_for(&lease, &staging, format!("{n}").as_bytes());
+        id.sign_result(&mut result);
+        coord.report("w1", result).expect("report");
+    }
+    let summary = loop {
+        match tokio::time::timeout(Duration::from_secs(30), run.recv()).await {
+            Ok(Some(Progress::Finished(s))) => break s,
+            Ok(Some(_)) => continue,
+            other => panic!("the run did not finish: {other:?}"),
+        }
+    };
+    assert_eq!(summary.outcome, RunOutcome::Succeeded);
+
+    let steps = state::load_steps(store.as_ref(), "fan").expect("steps");
+    let fan = &steps["fan"];
+    assert_eq!(fan.status, StepStatus::Complete);
+    assert_eq!(fan.shards.len(), SHARDS, "every shard read back");
+    assert!(
+        fan.shards
+            .iter()
+            .enumerate()
+            .all(|(k, s)| s.index as usize == k && s.status == StepStatus::Complete),
+        "{:?}",
+        fan.shards
+    );
+    // The whole step with its shards, as one record: what every round wrote before.
+    let whole = serde_json::to_vec(fan).expect("json").len() as u64;
+    let written = store.written.load(Ordering::SeqCst);
+    eprintln!("{written} bytes written to the step and shard trees for a {whole}-byte step");
+    assert!(
+        written < 10 * whole,
+        "{written} bytes written for a {whole}-byte step: every round rewrote every shard"
+    );
+    coord.shutdown();
+}
