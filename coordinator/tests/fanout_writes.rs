@@ -5,51 +5,14 @@
 
 mod common;
 
-use common::{result_for, worker_info};
+use common::{Watched, result_for, worker_info};
 use nexa_coordinator::scheduler::{Progress, RunOutcome};
 use nexa_coordinator::state::{self, StepStatus};
-use nexa_coordinator::{Coordinator, Result, SledStore, Store};
+use nexa_coordinator::{Coordinator, SledStore};
 use nexa_shared::signing::Identity;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-
-/// sled, counting the bytes put into the step and shard trees.
-struct Counting {
-    inner: SledStore,
-    written: AtomicU64,
-}
-
-impl Store for Counting {
-    fn get(&self, tree: &str, key: &str) -> Result<Option<Vec<u8>>> {
-        self.inner.get(tree, key)
-    }
-    fn put_batch(&self, tree: &str, entries: &[(String, Vec<u8>)]) -> Result<()> {
-        if tree == state::STEPS_TREE || tree == state::SHARDS_TREE {
-            let n: usize = entries.iter().map(|(k, v)| k.len() + v.len()).sum();
-            self.written.fetch_add(n as u64, Ordering::SeqCst);
-        }
-        self.inner.put_batch(tree, entries)
-    }
-    fn remove(&self, tree: &str, key: &str) -> Result<()> {
-        self.inner.remove(tree, key)
-    }
-    fn scan_prefix(&self, tree: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
-        self.inner.scan_prefix(tree, prefix)
-    }
-    fn flush(&self) -> Result<()> {
-        self.inner.flush()
-    }
-    fn compare_and_swap(
-        &self,
-        tree: &str,
-        key: &str,
-        old: Option<&[u8]>,
-        new: Option<&[u8]>,
-    ) -> Result<bool> {
-        self.inner.compare_and_swap(tree, key, old, new)
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fan_out_writes_each_shard_a_few_times_not_every_shard_at_every_change() {
@@ -61,9 +24,19 @@ async fn a_fan_out_writes_each_shard_a_few_times_not_every_shard_at_every_change
         "pipeline:\n  name: fan\n  steps:\n    - id: fan\n      uses: exec\n      in: {{items: items.txt}}\n      shards: {{over: items, count: {SHARDS}}}\n      params: {{cmd: [\"true\"]}}\n      out: artifacts/fan\n"
     );
     let loaded = nexa_shared::spec::load_str("f.yaml", &yaml, project.path()).expect("valid");
-    let store = Arc::new(Counting {
+    // Counting the bytes put into the step and shard trees.
+    let written = Arc::new(AtomicU64::new(0));
+    let store = Arc::new(Watched {
         inner: SledStore::open(&project.path().join("store")).expect("store"),
-        written: AtomicU64::new(0),
+        watch: {
+            let written = written.clone();
+            move |tree: &str, bytes: usize| {
+                if tree == state::STEPS_TREE || tree == state::SHARDS_TREE {
+                    written.fetch_add(bytes as u64, Ordering::SeqCst);
+                }
+                Ok(())
+            }
+        },
     });
     let (coord, _task) = Coordinator::start(
         store.clone(),
@@ -107,7 +80,7 @@ async fn a_fan_out_writes_each_shard_a_few_times_not_every_shard_at_every_change
     );
     // The whole step with its shards, as one record: what every round wrote before.
     let whole = serde_json::to_vec(fan).expect("json").len() as u64;
-    let written = store.written.load(Ordering::SeqCst);
+    let written = written.load(Ordering::SeqCst);
     eprintln!("{written} bytes written to the step and shard trees for a {whole}-byte step");
     assert!(
         written < 10 * whole,

@@ -6,70 +6,34 @@
 
 mod common;
 
-use common::{result_for, worker_info};
+use common::{Watched, result_for, worker_info};
 use nexa_coordinator::scheduler::{Progress, RunOutcome};
 use nexa_coordinator::state::{self, StepStatus};
-use nexa_coordinator::{Coordinator, Error, Result, SledStore, Store};
+use nexa_coordinator::{Coordinator, Error, SledStore, Store};
 use nexa_shared::signing::Identity;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-
-/// sled, with writes to the step and run trees refused while `refusing` is set.
-struct Refusing {
-    inner: SledStore,
-    refusing: AtomicBool,
-}
-
-impl Refusing {
-    fn check(&self, tree: &str) -> Result<()> {
-        if self.refusing.load(Ordering::SeqCst)
-            && (tree == state::STEPS_TREE || tree == state::SHARDS_TREE || tree == state::RUNS_TREE)
-        {
-            return Err(Error::Store("No space left on device (os error 28)".into()));
-        }
-        Ok(())
-    }
-}
-
-impl Store for Refusing {
-    fn get(&self, tree: &str, key: &str) -> Result<Option<Vec<u8>>> {
-        self.inner.get(tree, key)
-    }
-    fn put_batch(&self, tree: &str, entries: &[(String, Vec<u8>)]) -> Result<()> {
-        self.check(tree)?;
-        self.inner.put_batch(tree, entries)
-    }
-    fn remove(&self, tree: &str, key: &str) -> Result<()> {
-        self.check(tree)?;
-        self.inner.remove(tree, key)
-    }
-    fn scan_prefix(&self, tree: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
-        self.inner.scan_prefix(tree, prefix)
-    }
-    fn flush(&self) -> Result<()> {
-        self.inner.flush()
-    }
-    fn compare_and_swap(
-        &self,
-        tree: &str,
-        key: &str,
-        old: Option<&[u8]>,
-        new: Option<&[u8]>,
-    ) -> Result<bool> {
-        self.check(tree)?;
-        self.inner.compare_and_swap(tree, key, old, new)
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_whose_final_state_the_store_refused_is_not_reported_until_it_is_saved() {
     let project = tempfile::tempdir().expect("tempdir");
     let yaml = "pipeline:\n  name: full\n  steps:\n    - id: a\n      uses: exec\n      params: {cmd: [\"true\"]}\n      out: artifacts/a\n";
     let loaded = nexa_shared::spec::load_str("f.yaml", yaml, project.path()).expect("valid");
-    let store = Arc::new(Refusing {
+    // Writes to the run-state trees refused while `refusing` is set.
+    let refusing = Arc::new(AtomicBool::new(false));
+    let store = Arc::new(Watched {
         inner: SledStore::open(&project.path().join("store")).expect("store"),
-        refusing: AtomicBool::new(false),
+        watch: {
+            let refusing = refusing.clone();
+            move |tree: &str, _: usize| {
+                let run_state = [state::STEPS_TREE, state::SHARDS_TREE, state::RUNS_TREE];
+                if refusing.load(Ordering::SeqCst) && run_state.contains(&tree) {
+                    return Err(Error::Store("No space left on device (os error 28)".into()));
+                }
+                Ok(())
+            }
+        },
     });
     let (coord, _task) = Coordinator::start(
         store.clone(),
@@ -86,7 +50,7 @@ async fn a_run_whose_final_state_the_store_refused_is_not_reported_until_it_is_s
         .expect("a lease");
 
     // The disk fills just as the result comes in.
-    store.refusing.store(true, Ordering::SeqCst);
+    refusing.store(true, Ordering::SeqCst);
     let mut result = result_for(&lease, &project.path().join("staging"), b"hello");
     id.sign_result(&mut result);
     coord.report("w1", result).expect("report");
@@ -107,7 +71,7 @@ async fn a_run_whose_final_state_the_store_refused_is_not_reported_until_it_is_s
     );
 
     // Space returns: the next tick writes it, and only then is the run reported.
-    store.refusing.store(false, Ordering::SeqCst);
+    refusing.store(false, Ordering::SeqCst);
     let summary = loop {
         match tokio::time::timeout(Duration::from_secs(5), run.recv()).await {
             Ok(Some(Progress::Finished(s))) => break s,

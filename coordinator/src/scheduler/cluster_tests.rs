@@ -264,15 +264,7 @@ async fn a_step_waits_for_a_worker_still_probing_its_runtimes_and_runs_once_its_
         runtimes_pending: true,
         ..Default::default()
     };
-    h.send(Event::RegisterWorker(
-        "w".into(),
-        Box::new(WorkerInfo {
-            name: "w".into(),
-            key: key_of("w"),
-            profile: probing.clone(),
-            slots: 4,
-        }),
-    ));
+    register(&mut h, probing.clone());
     // The step needs a label only a probe could add (any label works the same way).
     let yaml = one_shape().replace("scheduler: slurm", "scheduler: k8s");
     let mut run = h.submit(&yaml);
@@ -288,15 +280,7 @@ async fn a_step_waits_for_a_worker_still_probing_its_runtimes_and_runs_once_its_
     probing
         .labels
         .insert(hardware::SCHEDULER_LABEL.into(), "k8s".into());
-    let (tx, _rx) = oneshot::channel();
-    h.send(Event::Heartbeat(
-        "w".into(),
-        Box::new(Beat {
-            profile: Some(probing.clone()),
-            ..Beat::default()
-        }),
-        tx,
-    ));
+    beat_with(&mut h, probing.clone());
     let lease = waiting
         .try_recv()
         .expect("leased on the heartbeat that brought the labels")
@@ -316,30 +300,40 @@ async fn a_step_waits_for_a_worker_still_probing_its_runtimes_and_runs_once_its_
         runtimes_pending: true,
         ..Default::default()
     };
-    h.send(Event::RegisterWorker(
-        "w".into(),
-        Box::new(WorkerInfo {
-            name: "w".into(),
-            key: key_of("w"),
-            profile: bare.clone(),
-            slots: 4,
-        }),
-    ));
+    register(&mut h, bare.clone());
     // Other commands: the same ones would be cached.
     let mut run = h.submit(&yaml.replace("echo, ", "echo, again-"));
     h.advance(Duration::from_secs(5)).await;
     assert!(drain(&mut run).1.is_none(), "still probing");
     bare.runtimes_pending = false;
+    beat_with(&mut h, bare);
+    h.advance(Duration::from_secs(1)).await;
+    let end = drain(&mut run).1.expect("failed once the probe was done");
+    assert_eq!(end.outcome, RunOutcome::Failed);
+}
+
+/// Enrols worker `w` (4 slots) with `profile`.
+fn register(h: &mut Harness, profile: Profile) {
+    h.send(Event::RegisterWorker(
+        "w".into(),
+        Box::new(WorkerInfo {
+            name: "w".into(),
+            key: key_of("w"),
+            profile,
+            slots: 4,
+        }),
+    ));
+}
+
+/// A heartbeat from worker `w` carrying `profile`.
+fn beat_with(h: &mut Harness, profile: Profile) {
     let (tx, _rx) = oneshot::channel();
     h.send(Event::Heartbeat(
         "w".into(),
         Box::new(Beat {
-            profile: Some(bare),
+            profile: Some(profile),
             ..Beat::default()
         }),
         tx,
     ));
-    h.advance(Duration::from_secs(1)).await;
-    let end = drain(&mut run).1.expect("failed once the probe was done");
-    assert_eq!(end.outcome, RunOutcome::Failed);
 }

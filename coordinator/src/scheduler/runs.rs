@@ -255,37 +255,35 @@ impl Engine {
 
     /// Marks a step record (without its shards) for the next write-behind round.
     pub(super) fn persist(&mut self, run_id: &str, i: usize) {
-        let Some(run) = self.runs.get_mut(run_id) else {
-            return;
-        };
+        if let Some(run) = self.dirty_run(run_id) {
+            run.dirty.push(i);
+        }
+    }
+
+    /// The run `run_id`, listed for the next write-behind round (what of it to write
+    /// is for the caller to add).
+    fn dirty_run(&mut self, run_id: &str) -> Option<&mut Run> {
+        let run = self.runs.get_mut(run_id)?;
         if run.is_clean() {
             self.dirty_runs.push(run_id.to_string());
         }
-        run.dirty.push(i);
+        Some(run)
     }
 
     /// Marks shard `k` of step `i` for the next write-behind round (that shard alone:
     /// a fan-out's round writes what changed, not every shard again).
     pub(super) fn persist_shard(&mut self, run_id: &str, i: usize, k: usize) {
-        let Some(run) = self.runs.get_mut(run_id) else {
-            return;
-        };
-        if run.is_clean() {
-            self.dirty_runs.push(run_id.to_string());
+        if let Some(run) = self.dirty_run(run_id) {
+            run.dirty_shards.push((i, k));
         }
-        run.dirty_shards.push((i, k));
     }
 
     /// Marks step `i` to be written whole, every shard with it (its shards were
     /// replaced: planned, or cleared).
     pub(super) fn persist_all_shards(&mut self, run_id: &str, i: usize) {
-        let Some(run) = self.runs.get_mut(run_id) else {
-            return;
-        };
-        if run.is_clean() {
-            self.dirty_runs.push(run_id.to_string());
+        if let Some(run) = self.dirty_run(run_id) {
+            run.reset_shards.push(i);
         }
-        run.reset_shards.push(i);
     }
 
     /// Queues a write of every step record changed since the last round, one batch per

@@ -2,8 +2,8 @@
 
 #![allow(dead_code)]
 
-use nexa_coordinator::Coordinator;
 use nexa_coordinator::scheduler::{RunHandle, RunRequest};
+use nexa_coordinator::{Coordinator, Result, SledStore, Store};
 use nexa_shared::digest;
 use nexa_shared::job::{JobResult, Lease, Outcome, OutputFile};
 use nexa_shared::signing::Identity;
@@ -68,5 +68,42 @@ pub fn worker_info(id: &Identity) -> nexa_coordinator::scheduler::WorkerInfo {
             ..Default::default()
         },
         slots: 1,
+    }
+}
+
+/// sled, with every write (`put_batch`, `remove`, `compare_and_swap`) shown first to
+/// `watch(tree, bytes)`, which may refuse it (a full disk) or count it.
+pub struct Watched<F> {
+    pub inner: SledStore,
+    pub watch: F,
+}
+
+impl<F: Fn(&str, usize) -> Result<()> + Send + Sync + 'static> Store for Watched<F> {
+    fn get(&self, tree: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        self.inner.get(tree, key)
+    }
+    fn put_batch(&self, tree: &str, entries: &[(String, Vec<u8>)]) -> Result<()> {
+        (self.watch)(tree, entries.iter().map(|(k, v)| k.len() + v.len()).sum())?;
+        self.inner.put_batch(tree, entries)
+    }
+    fn remove(&self, tree: &str, key: &str) -> Result<()> {
+        (self.watch)(tree, 0)?;
+        self.inner.remove(tree, key)
+    }
+    fn scan_prefix(&self, tree: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        self.inner.scan_prefix(tree, prefix)
+    }
+    fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
+    fn compare_and_swap(
+        &self,
+        tree: &str,
+        key: &str,
+        old: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<bool> {
+        (self.watch)(tree, new.map_or(0, <[u8]>::len))?;
+        self.inner.compare_and_swap(tree, key, old, new)
     }
 }
