@@ -6,13 +6,12 @@
 mod common;
 
 use common::{Watched, result_for, worker_info};
-use nexa_coordinator::scheduler::{Progress, RunOutcome};
+use nexa_coordinator::scheduler::RunOutcome;
 use nexa_coordinator::state::{self, StepStatus};
 use nexa_coordinator::{Coordinator, SledStore};
 use nexa_shared::signing::Identity;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fan_out_writes_each_shard_a_few_times_not_every_shard_at_every_change() {
@@ -48,22 +47,13 @@ async fn a_fan_out_writes_each_shard_a_few_times_not_every_shard_at_every_change
         .expect("register");
     let mut run = common::submit(&coord, project.path(), loaded).await;
     for n in 0..SHARDS {
-        let lease = tokio::time::timeout(Duration::from_secs(20), coord.lease("w1"))
-            .await
-            .expect("a lease in time")
-            .expect("a lease");
+        let lease = common::lease(&coord, 20).await;
         let staging = project.path().join(format!("staging/{n}"));
         let mut result = result_for(&lease, &staging, format!("{n}").as_bytes());
         id.sign_result(&mut result);
         coord.report("w1", result).expect("report");
     }
-    let summary = loop {
-        match tokio::time::timeout(Duration::from_secs(30), run.recv()).await {
-            Ok(Some(Progress::Finished(s))) => break s,
-            Ok(Some(_)) => continue,
-            other => panic!("the run did not finish: {other:?}"),
-        }
-    };
+    let summary = common::finished(&mut run, 30).await;
     assert_eq!(summary.outcome, RunOutcome::Succeeded);
 
     let steps = state::load_steps(store.as_ref(), "fan").expect("steps");

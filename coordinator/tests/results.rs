@@ -3,22 +3,14 @@
 //! a worker to kill a stale attempt by its generation, never a newer lease of that job. A real
 //! coordinator loop on a real sled store; the test plays the worker.
 
-use nexa_coordinator::scheduler::{Progress, RunOutcome};
+use nexa_coordinator::scheduler::RunOutcome;
 use nexa_coordinator::{Coordinator, SledStore};
-use nexa_shared::job::Lease;
 use nexa_shared::signing::{self, Identity};
 mod common;
 
 use common::{result_for, worker_info};
 use std::sync::Arc;
 use std::time::Duration;
-
-async fn lease(c: &Coordinator) -> Lease {
-    tokio::time::timeout(Duration::from_secs(10), c.lease("w1"))
-        .await
-        .expect("a lease in time")
-        .expect("a lease")
-}
 
 async fn wait_refusals(
     c: &Coordinator,
@@ -64,7 +56,7 @@ async fn untrusted_results_are_refused_and_counted() {
     let staging_root = project.path().join("staging");
 
     // 1. A forged signature: signed by a key that is not the worker's enrolled key.
-    let l1 = lease(&coord).await;
+    let l1 = common::lease(&coord, 10).await;
     let mut forged = result_for(&l1, &staging_root.join("1"), b"hello");
     forger.sign_result(&mut forged);
     coord.report("w1", forged.clone()).expect("report");
@@ -75,7 +67,7 @@ async fn untrusted_results_are_refused_and_counted() {
     assert_eq!(r.signature, 1);
 
     // The job is retried under a new, higher generation.
-    let l2 = lease(&coord).await;
+    let l2 = common::lease(&coord, 10).await;
     assert!(l2.generation > l1.generation);
     assert_eq!(l2.attempt, 2);
 
@@ -115,17 +107,11 @@ async fn untrusted_results_are_refused_and_counted() {
     );
 
     // 4. The honest answer is accepted and sealed with the worker's key and signature.
-    let l3 = lease(&coord).await;
+    let l3 = common::lease(&coord, 10).await;
     let mut good = result_for(&l3, &staging_root.join("4"), b"hello");
     honest.sign_result(&mut good);
     coord.report("w1", good.clone()).expect("report");
-    let summary = loop {
-        match tokio::time::timeout(Duration::from_secs(10), run.recv()).await {
-            Ok(Some(Progress::Finished(s))) => break s,
-            Ok(Some(_)) => continue,
-            other => panic!("run did not finish: {other:?}"),
-        }
-    };
+    let summary = common::finished(&mut run, 10).await;
     assert_eq!(summary.outcome, RunOutcome::Succeeded);
     let meta = nexa_shared::artifact::verify(&project.path().join("artifacts/a"))
         .expect("sealed and verified");
@@ -164,7 +150,7 @@ async fn a_cancelled_run_is_never_leased_or_sealed_again() {
         .register_worker("w1", worker_info(&silent))
         .expect("register");
     let mut run = common::submit(&coord, project.path(), loaded).await;
-    let l1 = lease(&coord).await;
+    let l1 = common::lease(&coord, 10).await;
     coord.cancel(&run.run_id).expect("cancel");
     // w1 goes silent past its lease; a fresh worker joins and asks for work.
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -181,13 +167,7 @@ async fn a_cancelled_run_is_never_leased_or_sealed_again() {
     let mut r = result_for(&l1, &project.path().join("staging/1"), b"late");
     silent.sign_result(&mut r);
     coord.report("w1", r).expect("report");
-    let summary = loop {
-        match tokio::time::timeout(Duration::from_secs(10), run.recv()).await {
-            Ok(Some(Progress::Finished(s))) => break s,
-            Ok(Some(_)) => continue,
-            other => panic!("run did not finish: {other:?}"),
-        }
-    };
+    let summary = common::finished(&mut run, 10).await;
     assert_eq!(summary.outcome, RunOutcome::Cancelled);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(

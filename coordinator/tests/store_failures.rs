@@ -44,10 +44,7 @@ async fn a_run_whose_final_state_the_store_refused_is_not_reported_until_it_is_s
         .register_worker("w1", worker_info(&id))
         .expect("register");
     let mut run = common::submit(&coord, project.path(), loaded).await;
-    let lease = tokio::time::timeout(Duration::from_secs(10), coord.lease("w1"))
-        .await
-        .expect("a lease in time")
-        .expect("a lease");
+    let lease = common::lease(&coord, 10).await;
 
     // The disk fills just as the result comes in.
     refusing.store(true, Ordering::SeqCst);
@@ -72,13 +69,7 @@ async fn a_run_whose_final_state_the_store_refused_is_not_reported_until_it_is_s
 
     // Space returns: the next tick writes it, and only then is the run reported.
     refusing.store(false, Ordering::SeqCst);
-    let summary = loop {
-        match tokio::time::timeout(Duration::from_secs(5), run.recv()).await {
-            Ok(Some(Progress::Finished(s))) => break s,
-            Ok(Some(_)) => continue,
-            other => panic!("run did not finish once the store took it: {other:?}"),
-        }
-    };
+    let summary = common::finished(&mut run, 5).await;
     assert_eq!(summary.outcome, RunOutcome::Succeeded);
     let steps = state::load_steps(store.as_ref(), "full").expect("steps");
     assert_eq!(steps["a"].status, StepStatus::Complete, "{steps:?}");

@@ -489,8 +489,10 @@ impl Engine {
             Plan::Skipped { cache_key, outputs } => {
                 run.records[i].cache_key = Some(cache_key);
                 run.records[i].outputs = outputs;
-                run.records[i].shards.clear();
-                self.persist_all_shards(run_id, i);
+                if !run.records[i].shards.is_empty() {
+                    run.records[i].shards.clear();
+                    self.persist_all_shards(run_id, i);
+                }
                 self.set_status(run_id, i, StepStatus::Skipped, Some("cache hit".into()));
                 self.step_done(run_id, i);
             }
@@ -585,6 +587,7 @@ impl Engine {
             requirements,
         };
         let mut new_jobs = Vec::new();
+        let had_shards = !rec.shards.is_empty();
         match &plan.shards {
             None => {
                 rec.shards.clear();
@@ -635,8 +638,13 @@ impl Engine {
                 });
             }
         }
+        // Shards made (or an earlier plan's cleared): the step is written whole once;
+        // later rounds write the shards that change.
+        let planned_shards = plan.shards.is_some() || had_shards;
         run.plans[i] = Some(plan);
-        self.persist_all_shards(run_id, i);
+        if planned_shards {
+            self.persist_all_shards(run_id, i);
+        }
         self.set_status(run_id, i, StepStatus::Running, None);
         if new_jobs.is_empty() {
             // Every shard came from cache: assemble straight away.

@@ -2,7 +2,7 @@
 
 #![allow(dead_code)]
 
-use nexa_coordinator::scheduler::{RunHandle, RunRequest};
+use nexa_coordinator::scheduler::{Progress, RunHandle, RunRequest, RunSummary};
 use nexa_coordinator::{Coordinator, Result, SledStore, Store};
 use nexa_shared::digest;
 use nexa_shared::job::{JobResult, Lease, Outcome, OutputFile};
@@ -27,6 +27,26 @@ pub async fn submit(
         })
         .await
         .expect("submit")
+}
+
+/// The next lease for worker `w1`, within `secs` seconds.
+pub async fn lease(coord: &Coordinator, secs: u64) -> Lease {
+    tokio::time::timeout(std::time::Duration::from_secs(secs), coord.lease("w1"))
+        .await
+        .expect("a lease in time")
+        .expect("a lease")
+}
+
+/// The run's summary, once it is reported finished within `secs` seconds of the last
+/// progress line.
+pub async fn finished(run: &mut RunHandle, secs: u64) -> RunSummary {
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(secs), run.recv()).await {
+            Ok(Some(Progress::Finished(s))) => return s,
+            Ok(Some(_)) => continue,
+            other => panic!("the run did not finish: {other:?}"),
+        }
+    }
 }
 
 /// A successful, unsigned result of `lease` whose output `out` holds `x.txt` =
