@@ -313,3 +313,43 @@ fn a_panicking_planner_or_assembly_fails_its_step_instead_of_hanging_the_run() {
         );
     }
 }
+
+/// A coordinator from before `Exchange` (the call armed to answer UNIMPLEMENTED): the
+/// worker notices on its first call, falls back to one `Lease` and one `Report` call per
+/// job, and the run finishes as on any coordinator.
+#[test]
+fn a_worker_falls_back_to_single_calls_on_a_coordinator_without_exchange() {
+    let p = Project::new();
+    pipeline(&p);
+    let data = p.path().join("coord");
+    let coord = Coord::try_start_exe(
+        &failpoints_bin(),
+        &[("FAILPOINTS", "exchange.call=return")],
+        &data,
+        "127.0.0.1:0",
+        &["--open-enrolment"],
+    )
+    .expect("coordinator");
+    let w = Worker::start(&coord.url("http"), &p.path().join("w"), 2, None, &[]);
+    let mut run = client(&p, &coord, 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = run.try_wait().expect("client") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the run hangs:\n{}", w.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let said = std::fs::read_to_string(p.path().join("client0.log")).unwrap_or_default();
+    assert!(status.success(), "{said}\nworker:\n{}", w.log());
+    let log = std::fs::read_to_string(data.with_extension("log")).unwrap_or_default();
+    assert!(log.contains("fail point exchange.call fired"), "{log}");
+    assert!(w.log().contains("does not know Exchange"), "{}", w.log());
+    let out = remote(&p, &coord, &["pipeline", "status", "fp.yaml", "--json"])
+        .output()
+        .expect("status");
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    for s in STEPS {
+        assert_eq!(step(&st, s)["status"], "COMPLETE", "{st}");
+    }
+}

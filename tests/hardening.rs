@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::mesh::{Coord, RawWorker, remote, remote_status, step, wait_for};
+use common::mesh::{Coord, RawWorker, Via, remote, remote_status, step, wait_for};
 use common::{Project, text};
 use std::process::Stdio;
 use std::time::Duration;
@@ -51,12 +51,28 @@ fn one_step(p: &Project, name: &str, retries: u32) {
     );
 }
 
+/// Runs a wire test against the single `Lease`/`Report` calls and against `Exchange`.
+macro_rules! on_both_paths {
+    ($body:ident: $single:ident, $exchange:ident) => {
+        #[test]
+        fn $single() {
+            $body(Via::Single);
+        }
+
+        #[test]
+        fn $exchange() {
+            $body(Via::Exchange);
+        }
+    };
+}
+
+on_both_paths!(sealed_artifact_stream: a_worker_cannot_write_into_a_sealed_artifact_through_a_stream_left_open, nor_through_exchange);
+
 /// Defect 1: a worker opens an upload declaring 18 bytes, sends 5, reports a signed
 /// 5-byte result and then sends the other 13 on the still-open stream. The late bytes
 /// must never reach what is sealed: the short file is not in the staging tree when the
 /// result is judged, the late rename is refused, and what is sealed verifies.
-#[test]
-fn a_worker_cannot_write_into_a_sealed_artifact_through_a_stream_left_open() {
+fn sealed_artifact_stream(via: Via) {
     let p = Project::new();
     let coord = Coord::open(&p.path().join("coord"));
     let url = coord.url("http");
@@ -64,7 +80,7 @@ fn a_worker_cannot_write_into_a_sealed_artifact_through_a_stream_left_open() {
     let client = run_in_background(&p, &coord, "tamper.yaml");
     let rt = tokio::runtime::Runtime::new().expect("rt");
     rt.block_on(async {
-        let mut w = RawWorker::enrol(&url).await;
+        let mut w = RawWorker::enrol_via(&url, via).await;
         let l1 = w.lease(20).await;
         let full = b"eighteen bytes!!!!";
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -77,8 +93,7 @@ fn a_worker_cannot_write_into_a_sealed_artifact_through_a_stream_left_open() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         // The signed result names the 5 bytes that arrived so far.
         let r = w.result(&l1, "out", "f", &full[..5]);
-        w.client
-            .report(w.authed(r))
+        w.report(r)
             .await
             .expect("the report is taken (and judged by the engine)");
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -97,7 +112,7 @@ fn a_worker_cannot_write_into_a_sealed_artifact_through_a_stream_left_open() {
             .await
             .expect("honest upload");
         let r = w.result(&l2, "out", "f", b"hello");
-        w.client.report(w.authed(r)).await.expect("report");
+        w.report(r).await.expect("report");
     });
     let out = client.wait_with_output().expect("client");
     assert!(out.status.success(), "{}", text(&out));
@@ -116,10 +131,11 @@ fn a_worker_cannot_write_into_a_sealed_artifact_through_a_stream_left_open() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
+on_both_paths!(live_lease_only: uploads_and_fetches_need_a_live_lease_and_refusals_leave_nothing, and_over_exchange_too);
+
 /// Defect 10: uploads and fetches need a live lease of the caller for that job; refused
 /// uploads leave no staging directory behind.
-#[test]
-fn uploads_and_fetches_need_a_live_lease_and_refusals_leave_nothing() {
+fn live_lease_only(via: Via) {
     let p = Project::new();
     let coord = Coord::open(&p.path().join("coord"));
     let url = coord.url("http");
@@ -129,7 +145,7 @@ fn uploads_and_fetches_need_a_live_lease_and_refusals_leave_nothing() {
     rt.block_on(async {
         use nexa_proto::v1;
         let mut thief = RawWorker::enrol(&url).await;
-        let mut w = RawWorker::enrol(&url).await;
+        let mut w = RawWorker::enrol_via(&url, via).await;
         // A 2 MiB upload for a job that does not exist is refused before it is kept.
         let fake = made_up_lease("no-such-job");
         let big = vec![7u8; 2 << 20];
@@ -182,23 +198,11 @@ fn uploads_and_fetches_need_a_live_lease_and_refusals_leave_nothing() {
             .await
             .expect("upload");
         let r = holder.0.result(&lease, "out", "f", b"ok");
-        let first = holder
-            .0
-            .client
-            .report(holder.0.authed(r.clone()))
-            .await
-            .expect("report")
-            .into_inner();
+        let first = holder.0.report(r.clone()).await.expect("report");
         assert!(first.accepted, "{first:?}");
         // The same result again is refused, and the response says so (13: `accepted`
         // used to be always true).
-        let replay = holder
-            .0
-            .client
-            .report(holder.0.authed(r))
-            .await
-            .expect("report")
-            .into_inner();
+        let replay = holder.0.report(r).await.expect("report");
         assert!(!replay.accepted && !replay.reason.is_empty(), "{replay:?}");
         // Reported: the lease is over, and with it the right to fetch its input.
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -941,11 +945,12 @@ fn a_jobs_uploads_are_limited_in_total() {
     drop(client);
 }
 
+on_both_paths!(late_stale_report: a_late_stale_report_leaves_the_newer_lease_its_inputs, also_over_exchange);
+
 /// Found by the soak: a stale attempt reporting late (after its lease expired and the
 /// same job was leased again to the same worker) must not take the inputs away from the
 /// newer lease.
-#[test]
-fn a_late_stale_report_leaves_the_newer_lease_its_inputs() {
+fn late_stale_report(via: Via) {
     use nexa_proto::v1;
     let p = Project::new();
     let coord = Coord::open(&p.path().join("coord"));
@@ -954,7 +959,7 @@ fn a_late_stale_report_leaves_the_newer_lease_its_inputs() {
     let client = run_in_background(&p, &coord, "stale.yaml");
     let rt = tokio::runtime::Runtime::new().expect("rt");
     rt.block_on(async {
-        let mut w = RawWorker::enrol(&url).await;
+        let mut w = RawWorker::enrol_via(&url, via).await;
         let old = w.lease(20).await;
         // No heartbeats: the lease (900 ms) expires; w heartbeats again (running
         // nothing, so it is back but the old lease stays expired) and gets the job again.
@@ -964,12 +969,7 @@ fn a_late_stale_report_leaves_the_newer_lease_its_inputs() {
         let new = w.lease(20).await;
         assert!(new.generation > old.generation);
         let r = w.result(&old, "out", "f", b"late");
-        let stale = w
-            .client
-            .report(w.authed(r))
-            .await
-            .expect("report")
-            .into_inner();
+        let stale = w.report(r).await.expect("report");
         assert!(!stale.accepted);
         let digest = new.job.inputs[0].digest.to_string();
         let req = w.authed(v1::FetchRequest { digest });

@@ -393,6 +393,45 @@ fn wire_level_forgeries_are_refused() {
             .await
             .expect_err("no session");
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        let e = c
+            .exchange(v1::ExchangeRequest {
+                results: Vec::new(),
+                want: 1,
+                wait_ms: 10,
+            })
+            .await
+            .expect_err("no session");
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        // An exchange is bounded: more than 1,024 leases asked for is refused whole.
+        let mut req = tonic::Request::new(v1::ExchangeRequest {
+            results: Vec::new(),
+            want: 100_000,
+            wait_ms: 10,
+        });
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {session}").parse().expect("header"),
+        );
+        let e = c.exchange(req).await.expect_err("too many");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        // A malformed result in an exchange is refused on its own, with why.
+        let mut req = tonic::Request::new(v1::ExchangeRequest {
+            results: vec![v1::JobResult {
+                job_id: "j".into(),
+                signature: vec![1, 2, 3],
+                ..Default::default()
+            }],
+            want: 0,
+            wait_ms: 0,
+        });
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {session}").parse().expect("header"),
+        );
+        let r = c.exchange(req).await.expect("judged").into_inner();
+        assert_eq!(r.verdicts.len(), 1);
+        assert!(!r.verdicts[0].accepted, "{r:?}");
+        assert!(r.verdicts[0].reason.contains("malformed"), "{r:?}");
     });
     assert!(!p.path().join("evil").exists() && !coord.data.join("evil").exists());
 }

@@ -521,6 +521,14 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     (code, body)
 }
 
+/// How a [`RawWorker`] asks for leases and reports: one `Lease` and one `Report` call
+/// each, or `Exchange` (what `nexa-worker` uses). Wire tests run against both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Single,
+    Exchange,
+}
+
 /// A hand-driven worker over the real gRPC API: it enrols properly, then does whatever a
 /// test (playing a malicious volunteer) tells it.
 pub struct RawWorker {
@@ -528,11 +536,17 @@ pub struct RawWorker {
         nexa_proto::v1::worker_service_client::WorkerServiceClient<tonic::transport::Channel>,
     pub session: String,
     pub id: nexa_shared::signing::Identity,
+    pub via: Via,
 }
 
 impl RawWorker {
-    /// Connects to `url` and enrols with a fresh key.
+    /// Connects to `url` and enrols with a fresh key; leases and reports with single calls.
     pub async fn enrol(url: &str) -> RawWorker {
+        Self::enrol_via(url, Via::Single).await
+    }
+
+    /// Connects to `url` and enrols with a fresh key; leases and reports `via`.
+    pub async fn enrol_via(url: &str, via: Via) -> RawWorker {
         use nexa_proto::v1;
         let mut client = v1::worker_service_client::WorkerServiceClient::connect(url.to_string())
             .await
@@ -570,6 +584,33 @@ impl RawWorker {
             client,
             session,
             id,
+            via,
+        }
+    }
+
+    /// Reports `result` with `Report`, or alone in an `Exchange` that asks for nothing;
+    /// the coordinator's verdict.
+    pub async fn report(
+        &mut self,
+        result: nexa_proto::v1::JobResult,
+    ) -> Result<nexa_proto::v1::ReportResponse, tonic::Status> {
+        use nexa_proto::v1;
+        match self.via {
+            Via::Single => {
+                let req = self.authed(result);
+                self.client.report(req).await.map(|r| r.into_inner())
+            }
+            Via::Exchange => {
+                let req = self.authed(v1::ExchangeRequest {
+                    results: vec![result],
+                    want: 0,
+                    wait_ms: 0,
+                });
+                let mut r = self.client.exchange(req).await?.into_inner();
+                assert_eq!(r.verdicts.len(), 1, "one verdict per result");
+                assert!(r.leases.is_empty(), "no lease was asked for");
+                Ok(r.verdicts.remove(0))
+            }
         }
     }
 
@@ -587,8 +628,23 @@ impl RawWorker {
     pub async fn lease(&mut self, secs: u64) -> nexa_shared::job::Lease {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
-            let req = self.authed(nexa_proto::v1::LeaseRequest { wait_ms: 1000 });
-            let r = self.client.lease(req).await.expect("lease").into_inner();
+            let r = match self.via {
+                Via::Single => {
+                    let req = self.authed(nexa_proto::v1::LeaseRequest { wait_ms: 1000 });
+                    self.client.lease(req).await.expect("lease").into_inner()
+                }
+                Via::Exchange => {
+                    let req = self.authed(nexa_proto::v1::ExchangeRequest {
+                        results: Vec::new(),
+                        want: 1,
+                        wait_ms: 1000,
+                    });
+                    let r = self.client.exchange(req).await.expect("exchange");
+                    let mut leases = r.into_inner().leases;
+                    assert!(leases.len() <= 1, "one lease asked for");
+                    leases.pop().unwrap_or_default()
+                }
+            };
             if let Some(l) = r.lease {
                 return nexa_proto::convert::lease_from_wire(l, r.gpu_uuids).expect("lease");
             }

@@ -6,6 +6,7 @@ pub mod allocation;
 pub mod cas;
 pub mod cli;
 pub mod error;
+mod exchanger;
 pub mod exec;
 pub mod gpus;
 pub mod metrics;
@@ -25,12 +26,37 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::sync::watch;
 
+/// A lease asked for and still to come.
+pub struct NextLease<'a>(std::pin::Pin<Box<dyn Future<Output = Option<Lease>> + Send + 'a>>);
+
+impl<'a> NextLease<'a> {
+    /// The ask that `lease` answers.
+    pub fn new(lease: impl Future<Output = Option<Lease>> + Send + 'a) -> Self {
+        Self(Box::pin(lease))
+    }
+
+    /// Waits for the lease; `None` when the coordinator is going away.
+    pub async fn lease(self) -> Option<Lease> {
+        self.0.await
+    }
+}
+
 /// What a worker needs from its coordinator, whatever carries it.
 pub trait CoordinatorLink: Send + Sync + 'static {
     /// Waits for the next lease; `None` when the coordinator is going away.
     fn next_lease(&self) -> impl Future<Output = Option<Lease>> + Send;
     /// Reports a finished job.
     fn report(&self, result: JobResult) -> impl Future<Output = ()> + Send;
+    /// Reports a finished job and asks for the next lease with it, in one call where
+    /// the link can (the mesh's `Exchange`). Resolves once the result is delivered, as
+    /// [`CoordinatorLink::report`] does, with the ask still open: waiting for the lease
+    /// may be given up (the worker stops) without losing the result.
+    fn report_and_ask(&self, result: JobResult) -> impl Future<Output = NextLease<'_>> + Send {
+        async move {
+            self.report(result).await;
+            NextLease::new(self.next_lease())
+        }
+    }
     /// A signal that turns `true` when the leased job must be killed (its run was
     /// cancelled, or the lease was lost).
     fn cancellation(&self, lease: &Lease) -> watch::Receiver<bool>;
@@ -174,14 +200,22 @@ pub async fn run<L: CoordinatorLink>(
         let mut shutdown = shutdown.clone();
         let activity = activity.clone();
         tasks.push(tokio::spawn(async move {
+            // The lease asked for with the last report.
+            let mut asked: Option<NextLease<'_>> = None;
             loop {
                 if *shutdown.borrow() {
                     break;
                 }
+                let next = asked.take();
                 let lease = tokio::select! {
                     biased;
                     _ = shutdown.wait_for(|s| *s) => None,
-                    l = link.next_lease() => l,
+                    l = async {
+                        match next {
+                            Some(n) => n.lease().await,
+                            None => link.next_lease().await,
+                        }
+                    } => l,
                 };
                 let Some(lease) = lease else { break };
                 let _busy = activity.busy();
@@ -233,7 +267,11 @@ pub async fn run<L: CoordinatorLink>(
                     m.finished(result.outcome.as_str(), secs);
                 }
                 identity.sign_result(&mut result);
-                link.report(result).await;
+                if *shutdown.borrow() {
+                    link.report(result).await;
+                } else {
+                    asked = Some(link.report_and_ask(result).await);
+                }
             }
         }));
     }

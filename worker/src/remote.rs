@@ -72,6 +72,16 @@ pub struct GrpcLink {
     /// carries it, and is sent at once ([`GrpcLink::runtimes_probed`]).
     profile_due: std::sync::atomic::AtomicBool,
     beat_now: tokio::sync::Notify,
+    /// Reports and lease asks batched into `Exchange` calls.
+    pump: crate::exchanger::Pump,
+    /// This link, for the pump's task.
+    me: std::sync::Weak<GrpcLink>,
+}
+
+impl Drop for GrpcLink {
+    fn drop(&mut self) {
+        self.pump.close();
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -105,7 +115,7 @@ pub fn channel_endpoint(
 }
 
 /// Exponential backoff from 100 ms to 10 s.
-fn backoff(attempt: u32) -> Duration {
+pub(crate) fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(100u64.saturating_mul(1 << attempt.min(7))).min(Duration::from_secs(10))
 }
 
@@ -121,7 +131,7 @@ impl GrpcLink {
         let endpoint = channel_endpoint(url, ca_pem)?;
         let client =
             WorkerServiceClient::new(endpoint.connect_lazy()).max_decoding_message_size(8 << 20);
-        Ok(Arc::new(Self {
+        Ok(Arc::new_cyclic(|me| Self {
             profiler: Mutex::new(None),
             client,
             identity,
@@ -135,7 +145,40 @@ impl GrpcLink {
             enrolments: std::sync::atomic::AtomicU64::new(0),
             profile_due: std::sync::atomic::AtomicBool::new(false),
             beat_now: tokio::sync::Notify::new(),
+            pump: crate::exchanger::Pump::default(),
+            me: me.clone(),
         }))
+    }
+
+    /// This link, weakly (the pump's task must not keep it alive).
+    pub(crate) fn weak(&self) -> std::sync::Weak<GrpcLink> {
+        self.me.clone()
+    }
+
+    /// One `Exchange` call with the session.
+    pub(crate) async fn exchange(
+        &self,
+        req: v1::ExchangeRequest,
+    ) -> Result<v1::ExchangeResponse, Status> {
+        let mut client = self.client.clone();
+        Ok(client.exchange(self.authed(req)).await?.into_inner())
+    }
+
+    /// Reports one result with `Report` (a coordinator that does not know `Exchange`),
+    /// retried as any report.
+    pub(crate) async fn report_alone(&self, result: &v1::JobResult) -> crate::exchanger::Delivered {
+        let resp = self
+            .retrying(8, || async {
+                let mut client = self.client.clone();
+                client.report(self.authed(result.clone())).await
+            })
+            .await?
+            .into_inner();
+        Ok(if resp.accepted {
+            Ok(())
+        } else {
+            Err(resp.reason)
+        })
     }
 
     /// Exports heartbeat outcomes to `m` (connected, failures).
@@ -256,7 +299,7 @@ impl GrpcLink {
 
     /// Runs `call` with the session; on an unknown session (the coordinator restarted)
     /// enrols again; on other errors backs off and retries, up to `tries` times.
-    async fn retrying<T, F, Fut>(&self, tries: u32, mut call: F) -> Result<T, Status>
+    pub(crate) async fn retrying<T, F, Fut>(&self, tries: u32, mut call: F) -> Result<T, Status>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
@@ -455,15 +498,10 @@ impl GrpcLink {
         sent?;
         read.map_err(Status::internal)
     }
-}
 
-impl CoordinatorLink for GrpcLink {
-    fn progress(&self, lease: &Lease, progress: nexa_shared::job::JobProgress) {
-        // Sent with the next heartbeat; only the latest counts.
-        lock(&self.progress).insert((lease.job.job_id.to_string(), lease.generation), progress);
-    }
-
-    async fn next_lease(&self) -> Option<Lease> {
+    /// Waits for a lease with `Lease` calls (a coordinator that does not know
+    /// `Exchange`), forever; re-enrols when the session is gone.
+    pub(crate) async fn lease_alone(&self) -> Option<Lease> {
         let mut attempt = 0;
         loop {
             let mut client = self.client.clone();
@@ -499,7 +537,9 @@ impl CoordinatorLink for GrpcLink {
         }
     }
 
-    async fn report(&self, result: JobResult) {
+    /// Uploads `result`'s files, then sends it (with `ask`, the slot's ask for its next
+    /// lease, when given); waits for its verdict.
+    async fn deliver(&self, result: JobResult, ask: Option<tokio::sync::oneshot::Sender<Lease>>) {
         let job_dir = result
             .staging
             .as_ref()
@@ -509,24 +549,69 @@ impl CoordinatorLink for GrpcLink {
         // to judge it, or died judging it) is sent again alone, never after a re-upload
         // that a closed attempt would refuse.
         let outcome = match self.retrying(8, || self.upload(&result)).await {
-            Ok(()) => {
-                self.retrying(8, || async {
-                    let mut client = self.client.clone();
-                    client
-                        .report(self.authed(v1::JobResult::from(&result)))
-                        .await
-                })
-                .await
+            Ok(()) if self.pump.unsupported() => {
+                if let Some(ask) = ask {
+                    self.pump.ask(self, ask);
+                }
+                self.report_alone(&v1::JobResult::from(&result)).await
             }
-            Err(s) => Err(s),
+            Ok(()) => {
+                let wire = v1::JobResult::from(&result);
+                match self.pump.report(self, wire, ask).await {
+                    Ok(delivered) => delivered,
+                    Err(_) => Err(Status::unavailable("the link closed")),
+                }
+            }
+            Err(s) => {
+                if let Some(ask) = ask {
+                    self.pump.ask(self, ask);
+                }
+                Err(s)
+            }
         };
-        if let Err(s) = outcome {
-            tracing::warn!(job = %result.job_id, error = %s.message(), "could not deliver the result; the lease will expire and the job move");
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => {
+                tracing::warn!(job = %result.job_id, reason = %reason, "the coordinator refused the result");
+            }
+            Err(s) => {
+                tracing::warn!(job = %result.job_id, error = %s.message(), "could not deliver the result; the lease will expire and the job move");
+            }
         }
         lock(&self.running).remove(&(result.job_id.to_string(), result.generation));
         if let Some(d) = job_dir {
             let _ = tokio::fs::remove_dir_all(d).await;
         }
+    }
+}
+
+impl CoordinatorLink for GrpcLink {
+    fn progress(&self, lease: &Lease, progress: nexa_shared::job::JobProgress) {
+        // Sent with the next heartbeat; only the latest counts.
+        lock(&self.progress).insert((lease.job.job_id.to_string(), lease.generation), progress);
+    }
+
+    async fn next_lease(&self) -> Option<Lease> {
+        if self.pump.unsupported() {
+            return self.lease_alone().await;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.pump.ask(self, tx);
+        rx.await.ok()
+    }
+
+    async fn report(&self, result: JobResult) {
+        self.deliver(result, None).await;
+    }
+
+    async fn report_and_ask(&self, result: JobResult) -> crate::NextLease<'_> {
+        if self.pump.unsupported() {
+            self.deliver(result, None).await;
+            return crate::NextLease::new(self.next_lease());
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.deliver(result, Some(tx)).await;
+        crate::NextLease::new(async move { rx.await.ok() })
     }
 
     fn cancellation(&self, lease: &Lease) -> watch::Receiver<bool> {

@@ -4,6 +4,7 @@
 
 mod auth;
 mod control_service;
+mod exchange;
 mod http;
 mod large_requests;
 mod receive;

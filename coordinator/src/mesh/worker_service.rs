@@ -3,7 +3,7 @@
 use super::MeshConfig;
 use super::uploads::{Gates, Incoming};
 use crate::Coordinator;
-use crate::scheduler::{EdgeRefusal, LeaseCheck};
+use crate::scheduler::{EdgeRefusal, LeaseCheck, Want};
 use nexa_proto::v1;
 use nexa_proto::v1::worker_service_server::WorkerService;
 use nexa_shared::hardware::Profile;
@@ -38,37 +38,37 @@ struct Session {
 /// The worker service's state.
 #[derive(Debug)]
 pub struct WorkerApi {
-    coord: Coordinator,
-    cfg: MeshConfig,
+    pub(super) coord: Coordinator,
+    pub(super) cfg: MeshConfig,
     nonces: Mutex<HashMap<[u8; 32], IssuedChallenge>>,
     sessions: Mutex<HashMap<String, Session>>,
-    served: Mutex<HashMap<String, Served>>,
+    pub(super) served: Mutex<HashMap<String, Served>>,
     /// Per worker: the digests its leases named, with the attempts that named them.
-    leased_inputs: Mutex<HashMap<String, LeasedInputs>>,
-    gates: Gates,
+    pub(super) leased_inputs: Mutex<HashMap<String, LeasedInputs>>,
+    pub(super) gates: Gates,
 }
 
 /// One worker's leased inputs: digest → the `(job, generation)` attempts that named it.
-type LeasedInputs = HashMap<String, Vec<(String, u64)>>;
+pub(super) type LeasedInputs = HashMap<String, Vec<(String, u64)>>;
 
 /// How many attempts per (worker, input) are remembered; an attempt that expired
 /// without a report is forgotten first.
-const MAX_ATTEMPTS_PER_INPUT: usize = 64;
+pub(super) const MAX_ATTEMPTS_PER_INPUT: usize = 64;
 
 /// An input a lease named, so that its worker may fetch it by digest.
 #[derive(Debug, Clone)]
-struct Served {
-    path: PathBuf,
-    is_dir: bool,
+pub(super) struct Served {
+    pub(super) path: PathBuf,
+    pub(super) is_dir: bool,
     /// When a lease last named it.
-    at: Instant,
+    pub(super) at: Instant,
 }
 
 /// How many inputs are kept fetchable before the least recently leased are forgotten
 /// (a forgotten input is fetchable again as soon as another lease names it).
-const MAX_SERVED: usize = 65_536;
+pub(super) const MAX_SERVED: usize = 65_536;
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -93,7 +93,7 @@ impl WorkerApi {
     }
 
     /// The worker id behind the call's session token.
-    fn worker<T>(&self, req: &Request<T>) -> Result<String, Status> {
+    pub(super) fn worker<T>(&self, req: &Request<T>) -> Result<String, Status> {
         let token = super::auth::bearer(req.metadata())
             .ok_or_else(|| Status::unauthenticated("missing session token: enrol first"))?;
         let idle = self.session_idle();
@@ -147,7 +147,7 @@ impl WorkerApi {
     /// Forgets the inputs the attempt `(job, generation)` named for `worker` (its result
     /// came in). Only that attempt: a stale attempt reporting late must not take the
     /// inputs away from a newer lease of the same job on the same worker.
-    fn forget_inputs(&self, worker: &str, job: &str, generation: u64) {
+    pub(super) fn forget_inputs(&self, worker: &str, job: &str, generation: u64) {
         let mut leased = lock(&self.leased_inputs);
         if let Some(mine) = leased.get_mut(worker) {
             mine.retain(|_, attempts| {
@@ -157,7 +157,7 @@ impl WorkerApi {
         }
     }
 
-    fn staging(&self, worker: &str, job_id: &str, generation: u64) -> PathBuf {
+    pub(super) fn staging(&self, worker: &str, job_id: &str, generation: u64) -> PathBuf {
         self.cfg
             .data_dir
             .join("staging")
@@ -170,7 +170,7 @@ impl WorkerApi {
 }
 
 /// Keeps the `keep` most recently leased inputs.
-fn forget_oldest(served: &mut HashMap<String, Served>, keep: usize) {
+pub(super) fn forget_oldest(served: &mut HashMap<String, Served>, keep: usize) {
     let mut ages: Vec<Instant> = served.values().map(|s| s.at).collect();
     ages.sort_unstable_by(|a, b| b.cmp(a));
     if let Some(&cutoff) = ages.get(keep) {
@@ -294,54 +294,13 @@ impl WorkerService for WorkerApi {
         req: Request<v1::LeaseRequest>,
     ) -> Result<Response<v1::LeaseResponse>, Status> {
         let worker = self.worker(&req)?;
-        let wait = Duration::from_millis(req.get_ref().wait_ms).min(self.cfg.max_lease_wait);
-        // Below the disk's floor nothing is leased: its outputs would have nowhere to go.
-        // The worker asks again; the jobs stay queued.
-        if self.cfg.disk.as_ref().is_some_and(|g| g.is_low()) {
-            tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
-            return Ok(Response::new(v1::LeaseResponse::default()));
-        }
-        let waited = tokio::select! {
-            r = tokio::time::timeout(wait, self.coord.lease(&worker)) => r,
-            () = self.cfg.stopped() => Ok(None),
+        let wait = Duration::from_millis(req.get_ref().wait_ms);
+        let one = Want {
+            slots: 1,
+            wait: true,
         };
-        let lease = match waited {
-            Ok(Some(l)) => l,
-            Ok(None) => return Err(Status::unavailable("the coordinator is shutting down")),
-            Err(_) => return Ok(Response::new(v1::LeaseResponse::default())),
-        };
-        {
-            let mut served = lock(&self.served);
-            let now = Instant::now();
-            for i in &lease.job.inputs {
-                served.insert(
-                    i.digest.to_string(),
-                    Served {
-                        path: i.source.clone(),
-                        is_dir: i.is_dir,
-                        at: now,
-                    },
-                );
-            }
-            if served.len() > MAX_SERVED {
-                forget_oldest(&mut served, MAX_SERVED / 2);
-            }
-        }
-        {
-            let mut leased = lock(&self.leased_inputs);
-            let mine = leased.entry(worker.clone()).or_default();
-            for i in &lease.job.inputs {
-                let attempts = mine.entry(i.digest.to_string()).or_default();
-                if attempts.len() >= MAX_ATTEMPTS_PER_INPUT {
-                    attempts.remove(0);
-                }
-                attempts.push((lease.job.job_id.to_string(), lease.generation));
-            }
-        }
-        Ok(Response::new(v1::LeaseResponse {
-            lease: Some(v1::Lease::from(&lease)),
-            gpu_uuids: lease.gpus.clone(),
-        }))
+        let leases = self.leases(&worker, one, wait).await?;
+        Ok(Response::new(leases.into_iter().next().unwrap_or_default()))
     }
 
     async fn heartbeat(
@@ -504,33 +463,29 @@ impl WorkerService for WorkerApi {
         req: Request<v1::JobResult>,
     ) -> Result<Response<v1::ReportResponse>, Status> {
         let worker = self.worker(&req)?;
-        let mut result = JobResult::try_from(req.into_inner())
+        let result = JobResult::try_from(req.into_inner())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        // Uploads created the staging directory; a job with no files and no log has none
-        // (the sealer then seals an empty payload).
-        let staging = self.staging(&worker, &result.job_id, result.generation);
-        // From here on nothing can be added to the attempt's staging tree.
-        self.gates.close(&staging);
-        self.forget_inputs(&worker, &result.job_id, result.generation);
-        let log = staging.join(".log").join("log");
-        let parts = super::uploads::parts_dir(&staging);
-        // What unfinished streams left, and whether there is a log: off the runtime.
-        result.log = tokio::task::spawn_blocking(move || {
-            let _ = std::fs::remove_dir_all(parts);
-            log.is_file().then_some(log)
-        })
-        .await
-        .map_err(super::status::join)?;
-        result.staging = Some(staging);
-        nexa_shared::fail_point!(
-            "report.judge",
-            Status::unavailable(nexa_shared::failpoint::injected("report.judge").to_string())
-        );
+        let result = self.prepare_report(&worker, result).await?;
         let verdict = self.coord.report_judged(&worker, result).await?;
         Ok(Response::new(v1::ReportResponse {
             accepted: verdict.is_ok(),
             reason: verdict.err().unwrap_or_default(),
         }))
+    }
+
+    async fn exchange(
+        &self,
+        req: Request<v1::ExchangeRequest>,
+    ) -> Result<Response<v1::ExchangeResponse>, Status> {
+        let worker = self.worker(&req)?;
+        // Armed, it plays a coordinator from before `Exchange` (workers fall back).
+        nexa_shared::fail_point!(
+            "exchange.call",
+            Status::unimplemented("exchange is not served (fail point exchange.call)")
+        );
+        self.exchange_for(&worker, req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     type FetchStream = FetchStream;

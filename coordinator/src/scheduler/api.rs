@@ -208,6 +208,26 @@ impl Refusals {
     }
 }
 
+/// What a worker asks the loop for: up to `slots` leases at once (its free slots).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Want {
+    /// The most leases wanted (at least one is asked for).
+    pub slots: usize,
+    /// Wait for the first lease when nothing fits now; else answer at once, maybe with
+    /// none (a worker that reported results in the same call wants its verdicts back).
+    pub wait: bool,
+}
+
+/// A worker waiting in the loop for leases.
+#[derive(Debug)]
+pub(super) struct Waiter {
+    pub(super) worker: WorkerId,
+    pub(super) slots: usize,
+    /// An empty answer: the loop is stopping (or, for one that does not wait, nothing
+    /// fits now).
+    pub(super) reply: oneshot::Sender<Vec<Lease>>,
+}
+
 /// Whether an attempt is leased to a worker now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseCheck {

@@ -9,8 +9,8 @@ pub enum Event {
     Submit(Box<RunRequest>, oneshot::Sender<Result<RunHandle>>),
     /// A worker joined with its public key, hardware profile and slots.
     RegisterWorker(WorkerId, Box<WorkerInfo>),
-    /// A worker has a free slot and waits for a lease.
-    LeaseRequest(WorkerId, oneshot::Sender<Option<Lease>>),
+    /// A worker has free slots and asks for leases (up to [`Want::slots`]).
+    LeaseRequest(WorkerId, Want, oneshot::Sender<Vec<Lease>>),
     /// A worker is alive and runs these jobs and services; the reply lists the attempts
     /// it must kill and the services it must stop (`None`: it is banned).
     Heartbeat(

@@ -98,11 +98,25 @@ impl Coordinator {
 
     /// Waits for a lease for `worker`; `None` when the coordinator shuts down.
     pub async fn lease(&self, worker: &str) -> Option<Lease> {
+        let want = Want {
+            slots: 1,
+            wait: true,
+        };
+        self.lease_many(worker, want).await.into_iter().next()
+    }
+
+    /// Up to `want.slots` leases for `worker` in one answer: waits for the first when
+    /// `want.wait` (empty: the coordinator shuts down), else answers at once.
+    pub async fn lease_many(&self, worker: &str, want: Want) -> Vec<Lease> {
         let (tx, rx) = oneshot::channel();
-        self.call(Event::LeaseRequest(WorkerId::from(worker), tx))
+        if self
+            .call(Event::LeaseRequest(WorkerId::from(worker), want, tx))
             .await
-            .ok()?;
-        rx.await.ok().flatten()
+            .is_err()
+        {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
     }
 
     /// A worker's heartbeat: it runs these `(job, generation)`; returns those it must
@@ -227,6 +241,49 @@ impl Coordinator {
         ))
         .await?;
         rx.await.map_err(|_| Error::ShutDown)
+    }
+
+    /// [`Coordinator::report_judged`] for many results of one worker: their signatures
+    /// checked as one batch ([`signing::verify_results`]), then each judged by the loop
+    /// in order; one verdict each, in order.
+    pub async fn report_batch(
+        &self,
+        worker: &str,
+        results: Vec<JobResult>,
+    ) -> Result<Vec<std::result::Result<(), String>>> {
+        let key = self
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(worker)
+            .copied();
+        let signed: Vec<std::result::Result<(), String>> = match key {
+            None => vec![Err("worker is not enrolled".to_string()); results.len()],
+            Some(key) => {
+                let refs: Vec<&JobResult> = results.iter().collect();
+                signing::verify_results(&key, &refs)
+                    .into_iter()
+                    .map(|v| v.map_err(|e| e.to_string()))
+                    .collect()
+            }
+        };
+        let mut answers = Vec::with_capacity(results.len());
+        for (result, verdict) in results.into_iter().zip(signed) {
+            let (tx, rx) = oneshot::channel();
+            self.call(Event::Report(
+                WorkerId::from(worker),
+                Box::new(result),
+                verdict,
+                Some(tx),
+            ))
+            .await?;
+            answers.push(rx);
+        }
+        let mut verdicts = Vec::with_capacity(answers.len());
+        for rx in answers {
+            verdicts.push(rx.await.map_err(|_| Error::ShutDown)?);
+        }
+        Ok(verdicts)
     }
 
     /// Checks `result`'s signature against the key `worker` enrolled with.

@@ -66,85 +66,42 @@ impl Engine {
     /// Hands queued jobs to waiting workers, each job to a worker it fits.
     pub(super) fn dispatch(&mut self) {
         let mut still_waiting = VecDeque::new();
-        while let Some((worker, reply)) = self.waiting.pop_front() {
-            if reply.is_closed() {
+        while let Some(w) = self.waiting.pop_front() {
+            if w.reply.is_closed() {
                 continue;
             }
             if self.queue.is_empty() {
-                still_waiting.push_back((worker, reply));
+                still_waiting.push_back(w);
                 continue;
             }
-            let Some((job_id, gpu_idx)) = self.pick_job(&worker) else {
-                still_waiting.push_back((worker, reply));
-                continue;
-            };
-            let Some(job) = self.jobs.get_mut(&job_id) else {
-                still_waiting.push_back((worker, reply));
-                continue;
-            };
-            if let Some(m) = &self.config.metrics {
-                m.dispatch_latency
-                    .observe(job.queued_at.elapsed().as_secs_f64());
+            if let Some(w) = self.grant(w) {
+                still_waiting.push_back(w);
             }
-            job.generation = self.generations.take(self.store.as_ref(), META_TREE);
-            if let Some(mark) = self.generations.ahead() {
-                let store = self.store.clone();
-                self.fx.persist(Box::new(move || {
-                    let written = store
-                        .put(META_TREE, generations::KEY, &mark.to_be_bytes())
-                        .and_then(|()| store.flush());
-                    if let Err(e) = &written {
-                        tracing::error!(error = %format!("{e:#}"), "reserving lease generations ahead");
-                    }
-                    Some(Event::GenerationsReserved(written.ok().map(|()| mark)))
-                }));
-            }
-            *self.granted.entry(job.run_id.clone()).or_default() += 1;
-            job.worker = Some(worker.clone());
-            job.set_state(JobState::Leased);
-            job.started = Some(Instant::now());
-            job.deadline = self
-                .config
-                .lease_ttl
-                .filter(|_| {
-                    !self
-                        .config
-                        .resident_workers
-                        .iter()
-                        .any(|r| r.as_str() == worker.as_str())
-                })
-                .map(|t| Instant::now() + t);
-            let w = self.workers.get_mut(&worker);
-            let gpus: Vec<String> = w
-                .as_ref()
-                .map(|w| {
-                    gpu_idx
-                        .iter()
-                        .filter_map(|&g| w.info.profile.gpus.get(g).map(|x| x.uuid.clone()))
-                        .collect()
-                })
-                .unwrap_or_default();
-            let lease = Lease {
-                job: job.spec.clone(),
-                generation: job.generation,
-                attempt: job.attempt,
-                gpus,
+        }
+        self.waiting = still_waiting;
+    }
+
+    /// Leases up to `w.slots` queued jobs that fit `w`'s worker and sends them in one
+    /// answer. Gives the waiter back when none fits; a worker that went away meanwhile
+    /// gets its jobs put back at the head of the queue, in order.
+    pub(super) fn grant(&mut self, w: Waiter) -> Option<Waiter> {
+        let mut granted: Vec<(JobId, Lease)> = Vec::new();
+        while granted.len() < w.slots {
+            let Some((job_id, gpu_idx)) = self.pick_job(&w.worker) else {
+                break;
             };
-            if let Some(w) = w {
-                w.touched_gpus.extend(gpu_idx.iter().copied());
-                w.alloc.insert(
-                    job_id.clone(),
-                    Alloc {
-                        cpus: job.spec.requirements.cpus.max(1),
-                        memory: job.spec.requirements.memory,
-                        gpus: gpu_idx,
-                    },
-                );
-            }
-            let (run_id, step, shard, attempt) =
-                (job.run_id.clone(), job.step, job.shard, job.attempt);
-            if reply.send(Some(lease)).is_err() {
-                // The worker went away between asking and now: put the job back.
+            let Some(lease) = self.lease_job(&w.worker, &job_id, gpu_idx) else {
+                break;
+            };
+            granted.push((job_id, lease));
+        }
+        if granted.is_empty() {
+            return Some(w);
+        }
+        let (ids, leases): (Vec<JobId>, Vec<Lease>) = granted.into_iter().unzip();
+        if w.reply.send(leases).is_err() {
+            // The worker went away between asking and now: put the jobs back.
+            for job_id in ids.into_iter().rev() {
                 self.release(&job_id);
                 if let Some(j) = self.jobs.get_mut(&job_id) {
                     j.set_state(JobState::Queued);
@@ -152,23 +109,106 @@ impl Engine {
                     j.deadline = None;
                 }
                 self.queue.push_front(job_id);
-                continue;
             }
-            tracing::debug!(job = %job_id, worker = %worker, attempt, "leased");
-            if let Some(unit) = self.jobs.get(&job_id).and_then(|j| j.unit.clone()) {
-                self.on_replica_leased(&unit, &worker);
-            }
-            if let Some(run) = self.runs.get_mut(&run_id) {
-                match shard {
-                    None => run.records[step].attempts = attempt,
-                    Some(k) => run.records[step].shards[k].attempts = attempt,
+            return None;
+        }
+        for job_id in &ids {
+            self.on_leased(&w.worker, job_id);
+        }
+        None
+    }
+
+    /// Leases `job_id` to `worker` with the GPUs `gpu_idx` (a new generation, its
+    /// deadline, the worker's allocation) and returns the lease to send.
+    fn lease_job(
+        &mut self,
+        worker: &WorkerId,
+        job_id: &JobId,
+        gpu_idx: Vec<usize>,
+    ) -> Option<Lease> {
+        let job = self.jobs.get_mut(job_id)?;
+        if let Some(m) = &self.config.metrics {
+            m.dispatch_latency
+                .observe(job.queued_at.elapsed().as_secs_f64());
+        }
+        job.generation = self.generations.take(self.store.as_ref(), META_TREE);
+        if let Some(mark) = self.generations.ahead() {
+            let store = self.store.clone();
+            self.fx.persist(Box::new(move || {
+                let written = store
+                    .put(META_TREE, generations::KEY, &mark.to_be_bytes())
+                    .and_then(|()| store.flush());
+                if let Err(e) = &written {
+                    tracing::error!(error = %format!("{e:#}"), "reserving lease generations ahead");
                 }
-            }
-            if let Some(k) = shard {
-                self.set_shard_status(&run_id, step, k, StepStatus::Running);
+                Some(Event::GenerationsReserved(written.ok().map(|()| mark)))
+            }));
+        }
+        *self.granted.entry(job.run_id.clone()).or_default() += 1;
+        job.worker = Some(worker.clone());
+        job.set_state(JobState::Leased);
+        job.started = Some(Instant::now());
+        job.deadline = self
+            .config
+            .lease_ttl
+            .filter(|_| {
+                !self
+                    .config
+                    .resident_workers
+                    .iter()
+                    .any(|r| r.as_str() == worker.as_str())
+            })
+            .map(|t| Instant::now() + t);
+        let w = self.workers.get_mut(worker);
+        let gpus: Vec<String> = w
+            .as_ref()
+            .map(|w| {
+                gpu_idx
+                    .iter()
+                    .filter_map(|&g| w.info.profile.gpus.get(g).map(|x| x.uuid.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let lease = Lease {
+            job: job.spec.clone(),
+            generation: job.generation,
+            attempt: job.attempt,
+            gpus,
+        };
+        if let Some(w) = w {
+            w.touched_gpus.extend(gpu_idx.iter().copied());
+            w.alloc.insert(
+                job_id.clone(),
+                Alloc {
+                    cpus: job.spec.requirements.cpus.max(1),
+                    memory: job.spec.requirements.memory,
+                    gpus: gpu_idx,
+                },
+            );
+        }
+        Some(lease)
+    }
+
+    /// What follows a lease the worker received: replica bookkeeping, attempts on the
+    /// step's record, a shard's status.
+    fn on_leased(&mut self, worker: &WorkerId, job_id: &JobId) {
+        let Some(job) = self.jobs.get(job_id) else {
+            return;
+        };
+        let (run_id, step, shard, attempt) = (job.run_id.clone(), job.step, job.shard, job.attempt);
+        tracing::debug!(job = %job_id, worker = %worker, attempt, "leased");
+        if let Some(unit) = job.unit.clone() {
+            self.on_replica_leased(&unit, worker);
+        }
+        if let Some(run) = self.runs.get_mut(&run_id) {
+            match shard {
+                None => run.records[step].attempts = attempt,
+                Some(k) => run.records[step].shards[k].attempts = attempt,
             }
         }
-        self.waiting = still_waiting;
+        if let Some(k) = shard {
+            self.set_shard_status(&run_id, step, k, StepStatus::Running);
+        }
     }
 
     /// Fails step `i` of a run when no enrolled worker could ever run it and none of its

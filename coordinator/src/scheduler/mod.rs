@@ -153,7 +153,7 @@ struct Engine {
     runs: HashMap<RunId, Run>,
     jobs: HashMap<JobId, Job>,
     queue: VecDeque<JobId>,
-    waiting: VecDeque<(WorkerId, oneshot::Sender<Option<Lease>>)>,
+    waiting: VecDeque<Waiter>,
     /// Lease generations (fencing tokens that only grow).
     generations: generations::Generations,
     refusals: Refusals,
@@ -240,8 +240,8 @@ impl Engine {
     /// The end of the loop: waiting workers hear there is no more work; the store is
     /// flushed.
     fn stop(mut self) {
-        for (_, w) in self.waiting.drain(..) {
-            let _ = w.send(None);
+        for w in self.waiting.drain(..) {
+            let _ = w.reply.send(Vec::new());
         }
         // What is queued for the store is written before the last flush; then what the
         // last rounds held back (a writer that was behind), and that too is waited for.
@@ -320,9 +320,18 @@ impl Engine {
             }
             Event::Tick => self.on_tick(),
             Event::UnfitCheck(run, step) => self.fail_unfit(&run, step),
-            Event::LeaseRequest(worker, reply) => {
-                self.waiting.push_back((worker, reply));
-                self.dispatch();
+            Event::LeaseRequest(worker, want, reply) => {
+                let w = Waiter {
+                    worker,
+                    slots: want.slots.max(1),
+                    reply,
+                };
+                if want.wait {
+                    self.waiting.push_back(w);
+                    self.dispatch();
+                } else if let Some(w) = self.grant(w) {
+                    let _ = w.reply.send(Vec::new());
+                }
             }
             Event::Report(worker, result, verdict, reply) => {
                 let admitted = self.on_report(&worker, *result, verdict);

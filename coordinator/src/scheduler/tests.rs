@@ -62,6 +62,22 @@ impl Effects for Inline {
 }
 
 /// An engine, its timers and a project directory.
+/// The answer to a lease request the harness sent.
+pub(super) struct Asked(oneshot::Receiver<Vec<Lease>>);
+
+impl Asked {
+    /// The first lease granted, `None` for an empty answer (the loop stopped, or nothing
+    /// fitted a request that does not wait); an error while none came yet.
+    pub(super) fn try_recv(&mut self) -> Result<Option<Lease>, oneshot::error::TryRecvError> {
+        self.0.try_recv().map(|v| v.into_iter().next())
+    }
+
+    /// Every lease granted in the answer.
+    pub(super) fn all(&mut self) -> Vec<Lease> {
+        self.0.try_recv().expect("an answer at once")
+    }
+}
+
 pub(super) struct Harness {
     pub(super) engine: Engine,
     timers: Timers,
@@ -163,10 +179,15 @@ impl Harness {
     }
 
     /// Asks for a lease for `worker`; the receiver holds it once one is granted.
-    pub(super) fn ask(&mut self, worker: &str) -> oneshot::Receiver<Option<Lease>> {
+    pub(super) fn ask(&mut self, worker: &str) -> Asked {
+        self.ask_many(worker, 1, true)
+    }
+
+    /// Asks for up to `slots` leases for `worker`, waiting for the first or not.
+    pub(super) fn ask_many(&mut self, worker: &str, slots: usize, wait: bool) -> Asked {
         let (tx, rx) = oneshot::channel();
-        self.send(Event::LeaseRequest(worker.into(), tx));
-        rx
+        self.send(Event::LeaseRequest(worker.into(), Want { slots, wait }, tx));
+        Asked(rx)
     }
 
     pub(super) fn lease(&mut self, worker: &str) -> Lease {
@@ -619,4 +640,49 @@ async fn a_writer_that_is_behind_holds_the_rounds_back_and_loses_no_change() {
     let after = stored(&h);
     assert!(after.contains(&StepStatus::Complete), "{after:?}");
     drop(run);
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_ask_gets_as_many_leases_as_free_slots_and_one_that_does_not_wait_is_answered_at_once()
+{
+    let mut h = Harness::mesh(Duration::from_secs(30));
+    let mut run = h.submit(&steps("many", 5, ""));
+    h.enrol("w", 3);
+    // Eight wanted, three slots free: three leases in one answer, each its own job.
+    let first = h.ask_many("w", 8, true).all();
+    assert_eq!(first.len(), 3, "as many as the worker's free slots");
+    let mut ids: Vec<String> = first.iter().map(|l| l.job.job_id.to_string()).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "three different jobs");
+    assert!(first.windows(2).all(|p| p[0].generation < p[1].generation));
+    for l in &first {
+        assert_eq!(h.live("w", l), LeaseCheck::Live);
+    }
+    // No slot free: an ask that does not wait is answered at once, empty, and not kept.
+    assert!(h.ask_many("w", 8, false).all().is_empty());
+    assert!(h.engine.waiting.is_empty(), "nothing left waiting");
+    // One result in: one slot free, one lease.
+    let done = h.succeeded(&first[0], b"0");
+    h.report("w", done).expect("admitted");
+    let second = h.ask_many("w", 8, false).all();
+    assert_eq!(second.len(), 1);
+    // Another worker takes the last queued job; then the queue is empty.
+    h.enrol("v", 8);
+    let last = h.ask_many("v", 8, false).all();
+    assert_eq!(last.len(), 1, "one job left");
+    assert!(h.ask_many("v", 8, false).all().is_empty());
+    // With nothing queued, an ask that waits is kept waiting.
+    let mut waiting = h.ask_many("v", 8, true);
+    assert!(waiting.try_recv().is_err(), "waits");
+    for l in first[1..].iter().chain(&second).chain(&last) {
+        let r = h.succeeded(l, b"x");
+        let worker = if last.contains(l) { "v" } else { "w" };
+        h.report(worker, r).expect("admitted");
+    }
+    let (_, end) = drain(&mut run);
+    assert_eq!(end.expect("finished").outcome, RunOutcome::Succeeded);
+    assert!(
+        waiting.try_recv().is_err(),
+        "nothing more to lease: still waiting"
+    );
 }
