@@ -114,9 +114,16 @@ async fn bench(
             let identity = identity.clone();
             let dispatch = dispatch.clone();
             tasks.push(tokio::spawn(async move {
+                // As the worker's loop does: each report carries the slot's ask for its
+                // next lease (one `Exchange`). The dispatch wait runs from the slot being
+                // free (its result in hand, not yet reported) to its next lease in hand.
+                let mut asked: Option<(Instant, nexa_worker::NextLease<'_>)> = None;
                 loop {
-                    let t = Instant::now();
-                    let Some(lease) = link.next_lease().await else {
+                    let (t, next) = match asked.take() {
+                        Some((t, n)) => (t, n.lease().await),
+                        None => (Instant::now(), link.next_lease().await),
+                    };
+                    let Some(lease) = next else {
                         break;
                     };
                     let waited = t.elapsed().as_secs_f64() * 1000.0;
@@ -130,7 +137,8 @@ async fn bench(
                         (lease.generation, lease.attempt),
                         Vec::new(),
                     );
-                    link.report(r).await;
+                    let free = Instant::now();
+                    asked = Some((free, link.report_and_ask(r).await));
                 }
             }));
         }
