@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// Why a result from a worker with no enrolled key is refused.
+const NOT_ENROLLED: &str = "worker is not enrolled";
+
 impl Coordinator {
     /// Starts the loop on the current tokio runtime.
     pub fn start(
@@ -232,15 +235,10 @@ impl Coordinator {
         result: JobResult,
     ) -> Result<std::result::Result<(), String>> {
         let verdict = self.verify(worker, &result);
-        let (tx, rx) = oneshot::channel();
-        self.call(Event::Report(
-            WorkerId::from(worker),
-            Box::new(result),
-            verdict,
-            Some(tx),
-        ))
-        .await?;
-        rx.await.map_err(|_| Error::ShutDown)
+        self.judge(worker, result, verdict)
+            .await?
+            .await
+            .map_err(|_| Error::ShutDown)
     }
 
     /// [`Coordinator::report_judged`] for many results of one worker: their signatures
@@ -251,14 +249,8 @@ impl Coordinator {
         worker: &str,
         results: Vec<JobResult>,
     ) -> Result<Vec<std::result::Result<(), String>>> {
-        let key = self
-            .keys
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(worker)
-            .copied();
-        let signed: Vec<std::result::Result<(), String>> = match key {
-            None => vec![Err("worker is not enrolled".to_string()); results.len()],
+        let signed: Vec<std::result::Result<(), String>> = match self.enrolled_key(worker) {
+            None => vec![Err(NOT_ENROLLED.to_string()); results.len()],
             Some(key) => {
                 let refs: Vec<&JobResult> = results.iter().collect();
                 signing::verify_results(&key, &refs)
@@ -269,15 +261,7 @@ impl Coordinator {
         };
         let mut answers = Vec::with_capacity(results.len());
         for (result, verdict) in results.into_iter().zip(signed) {
-            let (tx, rx) = oneshot::channel();
-            self.call(Event::Report(
-                WorkerId::from(worker),
-                Box::new(result),
-                verdict,
-                Some(tx),
-            ))
-            .await?;
-            answers.push(rx);
+            answers.push(self.judge(worker, result, verdict).await?);
         }
         let mut verdicts = Vec::with_capacity(answers.len());
         for rx in answers {
@@ -286,20 +270,42 @@ impl Coordinator {
         Ok(verdicts)
     }
 
+    /// Hands `result`, with the verdict on its signature, to the loop to judge; the
+    /// receiver gets the loop's verdict.
+    async fn judge(
+        &self,
+        worker: &str,
+        result: JobResult,
+        signature: std::result::Result<(), String>,
+    ) -> Result<oneshot::Receiver<std::result::Result<(), String>>> {
+        let (tx, rx) = oneshot::channel();
+        self.call(Event::Report(
+            WorkerId::from(worker),
+            Box::new(result),
+            signature,
+            Some(tx),
+        ))
+        .await?;
+        Ok(rx)
+    }
+
+    /// The key `worker` enrolled with.
+    fn enrolled_key(&self, worker: &str) -> Option<[u8; 32]> {
+        self.keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(worker)
+            .copied()
+    }
+
     /// Checks `result`'s signature against the key `worker` enrolled with.
     pub(super) fn verify(
         &self,
         worker: &str,
         result: &JobResult,
     ) -> std::result::Result<(), String> {
-        let key = self
-            .keys
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(worker)
-            .copied();
-        match key {
-            None => Err("worker is not enrolled".to_string()),
+        match self.enrolled_key(worker) {
+            None => Err(NOT_ENROLLED.to_string()),
             Some(key) => signing::verify_result(&key, result).map_err(|e| e.to_string()),
         }
     }
