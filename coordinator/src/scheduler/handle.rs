@@ -446,6 +446,7 @@ impl Engine {
             config,
             fx,
             granted: HashMap::new(),
+            held_by_run: HashMap::new(),
             store,
             rx,
             calls,

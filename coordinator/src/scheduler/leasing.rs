@@ -20,14 +20,6 @@ impl Engine {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let mut leased: HashMap<&str, usize> = HashMap::new();
-        for ws in self.workers.values() {
-            for job_id in ws.alloc.keys() {
-                if let Some(j) = self.jobs.get(job_id) {
-                    *leased.entry(j.run_id.as_str()).or_default() += 1;
-                }
-            }
-        }
         // Lazily: placement stops a few entries in, however long the queue.
         let queued = |id: &JobId| self.jobs.get(id).filter(|j| j.state == JobState::Queued);
         let choice = placement::pick(
@@ -50,7 +42,7 @@ impl Engine {
                 hardware::assign(&job.spec.requirements, std::slice::from_ref(&free))
                     .map(|a| a.gpus)
             },
-            |run| leased.get(run).copied().unwrap_or(0),
+            |run| self.held_by_run.get(run).copied().unwrap_or(0),
             |run| self.granted.get(run).copied().unwrap_or(0),
         );
         let (pos, gpus) = choice.chosen?;
@@ -177,7 +169,7 @@ impl Engine {
         };
         if let Some(w) = w {
             w.touched_gpus.extend(gpu_idx.iter().copied());
-            w.alloc.insert(
+            let before = w.alloc.insert(
                 job_id.clone(),
                 Alloc {
                     cpus: job.spec.requirements.cpus.max(1),
@@ -185,6 +177,9 @@ impl Engine {
                     gpus: gpu_idx,
                 },
             );
+            if before.is_none() {
+                *self.held_by_run.entry(job.run_id.to_string()).or_default() += 1;
+            }
         }
         Some(lease)
     }
@@ -271,8 +266,22 @@ impl Engine {
         if let Some(w) = self.workers.get_mut(&worker)
             && w.alloc.remove(job_id).is_some()
         {
+            self.unhold(job_id);
             // Capacity came back: someone waiting may fit now.
             self.dispatch();
+        }
+    }
+
+    /// Counts `job_id` off its run's jobs held on workers (its allocation was freed).
+    pub(super) fn unhold(&mut self, job_id: &str) {
+        let Some(run) = self.jobs.get(job_id).map(|j| j.run_id.to_string()) else {
+            return;
+        };
+        if let Some(n) = self.held_by_run.get_mut(&run) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.held_by_run.remove(&run);
+            }
         }
     }
 

@@ -150,6 +150,9 @@ struct Engine {
     config: EngineConfig,
     /// Leases granted per active run (fair share).
     granted: HashMap<String, u64>,
+    /// Jobs held on workers now (in their allocations), per run: fair share's running
+    /// count, kept as allocations change instead of counted over every worker per pick.
+    held_by_run: HashMap<String, usize>,
     runs: HashMap<RunId, Run>,
     jobs: HashMap<JobId, Job>,
     queue: VecDeque<JobId>,

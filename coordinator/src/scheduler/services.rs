@@ -143,6 +143,7 @@ impl Engine {
                 stop: None,
             },
         );
+        self.unhold(job_id);
         // Its CPUs and memory came back.
         self.dispatch();
     }

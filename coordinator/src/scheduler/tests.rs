@@ -126,6 +126,16 @@ impl Harness {
             self.engine.handle(ev);
         }
         self.engine.flush_dirty();
+        // Every engine test checks the running count fair share reads.
+        let mut held: HashMap<String, usize> = HashMap::new();
+        for w in self.engine.workers.values() {
+            for job_id in w.alloc.keys() {
+                if let Some(j) = self.engine.jobs.get(job_id) {
+                    *held.entry(j.run_id.to_string()).or_default() += 1;
+                }
+            }
+        }
+        assert_eq!(self.engine.held_by_run, held, "jobs held per run");
     }
 
     /// Moves the paused clock on by `d`, fires the timers that are due (in order), then
