@@ -6,7 +6,6 @@ pub mod allocation;
 pub mod cas;
 pub mod cli;
 pub mod error;
-mod exchanger;
 pub mod exec;
 pub mod gpus;
 pub mod metrics;

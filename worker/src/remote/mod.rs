@@ -4,6 +4,8 @@
 //! out in chunks, and re-enrols or backs off and retries whenever the coordinator is
 //! away, forever.
 
+mod exchanger;
+
 use crate::CoordinatorLink;
 use nexa_proto::convert;
 use nexa_proto::retry::{OnError, on_error};
@@ -73,7 +75,7 @@ pub struct GrpcLink {
     profile_due: std::sync::atomic::AtomicBool,
     beat_now: tokio::sync::Notify,
     /// Reports and lease asks batched into `Exchange` calls.
-    pump: crate::exchanger::Pump,
+    pump: exchanger::Pump,
     /// This link, for the pump's task.
     me: std::sync::Weak<GrpcLink>,
 }
@@ -145,7 +147,7 @@ impl GrpcLink {
             enrolments: std::sync::atomic::AtomicU64::new(0),
             profile_due: std::sync::atomic::AtomicBool::new(false),
             beat_now: tokio::sync::Notify::new(),
-            pump: crate::exchanger::Pump::default(),
+            pump: exchanger::Pump::default(),
             me: me.clone(),
         }))
     }
@@ -166,7 +168,7 @@ impl GrpcLink {
 
     /// Reports one result with `Report` (a coordinator that does not know `Exchange`),
     /// retried as any report.
-    pub(crate) async fn report_alone(&self, result: &v1::JobResult) -> crate::exchanger::Delivered {
+    pub(crate) async fn report_alone(&self, result: &v1::JobResult) -> exchanger::Delivered {
         let resp = self
             .retrying(8, || async {
                 let mut client = self.client.clone();

@@ -8,7 +8,7 @@
 //! to a slot that asked. A coordinator that does not know `Exchange` (an older one)
 //! turns the link back to one `Lease` and one `Report` call per job, for good.
 
-use crate::remote::GrpcLink;
+use super::GrpcLink;
 use nexa_proto::convert;
 use nexa_proto::retry::{OnError, on_error};
 use nexa_proto::v1;
@@ -258,11 +258,11 @@ async fn poll(shared: &Shared, link: &GrpcLink, want: usize) {
             if on_error(s.code()) == OnError::Reenrol {
                 if let Err(e) = link.enrol().await {
                     tracing::warn!(error = %e.message(), "re-enrolment failed");
-                    tokio::time::sleep(crate::remote::backoff(failures)).await;
+                    tokio::time::sleep(super::backoff(failures)).await;
                 }
             } else {
                 tracing::debug!(error = %s.message(), "lease call failed; retrying");
-                tokio::time::sleep(crate::remote::backoff(failures)).await;
+                tokio::time::sleep(super::backoff(failures)).await;
             }
             failures
         }
