@@ -13,6 +13,7 @@ use nexa_proto::convert;
 use nexa_proto::retry::{OnError, on_error};
 use nexa_proto::v1;
 use nexa_shared::job::Lease;
+use prost::Message;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, Weak};
 use tokio::sync::{Notify, oneshot};
@@ -21,8 +22,13 @@ use tonic::{Code, Status};
 /// The most results one call carries (the coordinator takes up to 1,024).
 const MAX_RESULTS: usize = 512;
 
-/// The most leases one call asks for (the coordinator grants up to 1,024).
-const MAX_WANT: usize = 1_024;
+/// The most bytes of results one call carries: half of what the coordinator decodes
+/// (8 MiB), so that batching never makes a call too large that alone would pass.
+const MAX_RESULT_BYTES: usize = 4 << 20;
+
+/// The most leases one call asks for (the coordinator grants up to 1,024): the answer
+/// must fit what this link decodes (8 MiB); more slots are filled over more calls.
+const MAX_WANT: usize = 64;
 
 /// How long a long poll for leases may be held open by the coordinator.
 const POLL_WAIT_MS: u64 = 15_000;
@@ -156,6 +162,22 @@ impl Pump {
     }
 }
 
+/// How many of the queued results (of these encoded sizes) go in the next call: at most
+/// `max` of them and `max_bytes` in all, and always at least one (one result too large
+/// alone is refused as it would be by `Report`, not held back for ever).
+fn batch_len(sizes: impl Iterator<Item = usize>, max: usize, max_bytes: usize) -> usize {
+    let mut total = 0usize;
+    let mut n = 0;
+    for size in sizes.take(max) {
+        total = total.saturating_add(size);
+        if n > 0 && total > max_bytes {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
 /// The pump's task: one results call at a time, a long poll beside it.
 async fn run(shared: Arc<Shared>, link: Weak<GrpcLink>) {
     loop {
@@ -166,7 +188,11 @@ async fn run(shared: Arc<Shared>, link: Weak<GrpcLink>) {
             }
             s.give_ready();
             if !s.outbox.is_empty() {
-                let n = s.outbox.len().min(MAX_RESULTS);
+                let n = batch_len(
+                    s.outbox.iter().map(|o| o.result.encoded_len()),
+                    MAX_RESULTS,
+                    MAX_RESULT_BYTES,
+                );
                 let batch: Vec<Outgoing> = s.outbox.drain(..n).collect();
                 let want = s.wanting.len().saturating_sub(s.polled).min(MAX_WANT);
                 Work::Results(batch, want)
@@ -311,5 +337,22 @@ fn fall_back(shared: &Shared, link: &GrpcLink) {
                 let _ = slot.send(lease);
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batch_len;
+
+    #[test]
+    fn a_batch_is_bounded_by_count_and_bytes_and_never_empty() {
+        assert_eq!(batch_len([10; 5].into_iter(), 3, 100), 3, "by count");
+        assert_eq!(batch_len([40; 5].into_iter(), 10, 100), 2, "by bytes");
+        assert_eq!(
+            batch_len([500, 1].into_iter(), 10, 100),
+            1,
+            "one too large goes alone"
+        );
+        assert_eq!(batch_len(std::iter::empty(), 10, 100), 0);
     }
 }
