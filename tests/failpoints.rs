@@ -261,6 +261,39 @@ points! {
     mirror_write_fails, mirror_write_crash => "mirror.write";
 }
 
+/// The fail-point pipeline in a new project, and a coordinator built with its fail
+/// points, armed with `spec`, on a data dir of that project.
+fn armed_run(spec: &str) -> (Project, std::path::PathBuf, Coord) {
+    let p = Project::new();
+    pipeline(&p);
+    let data = p.path().join("coord");
+    let coord = Coord::try_start_exe(
+        &failpoints_bin(),
+        &[("FAILPOINTS", spec)],
+        &data,
+        "127.0.0.1:0",
+        &["--open-enrolment"],
+    )
+    .expect("coordinator");
+    (p, data, coord)
+}
+
+/// How the client `run` ended, within a minute; else it is killed and the test fails
+/// with `hangs()`.
+fn finished(run: &mut Child, hangs: impl Fn() -> String) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(s) = run.try_wait().expect("client") {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = run.kill();
+            panic!("{}", hangs());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A scheduler task that panics (the planner; a sharded step's assembly; a group on the
 /// sealing thread) fails its step with the reason, and the run ends: it used to send
 /// nothing back, and the run waited for it for ever.
@@ -271,34 +304,15 @@ fn a_panicking_planner_or_assembly_fails_its_step_instead_of_hanging_the_run() {
         ("sealer.assemble", "fan"),
         ("sealer.group", "gen"),
     ] {
-        let p = Project::new();
-        pipeline(&p);
-        let data = p.path().join("coord");
-        let armed = format!("{point}=panic");
-        let coord = Coord::try_start_exe(
-            &failpoints_bin(),
-            &[("FAILPOINTS", &armed)],
-            &data,
-            "127.0.0.1:0",
-            &["--open-enrolment"],
-        )
-        .expect("coordinator");
+        let (p, data, coord) = armed_run(&format!("{point}=panic"));
         let _w = Worker::start(&coord.url("http"), &p.path().join("w"), 2, None, &[]);
         let mut run = client(&p, &coord, 0);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(s) = run.try_wait().expect("client") {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = run.kill();
-                panic!(
-                    "{point}: the run hangs after the task panicked.\n{}",
-                    std::fs::read_to_string(data.with_extension("log")).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let status = finished(&mut run, || {
+            format!(
+                "{point}: the run hangs after the task panicked.\n{}",
+                std::fs::read_to_string(data.with_extension("log")).unwrap_or_default()
+            )
+        });
         let said = std::fs::read_to_string(p.path().join("client0.log")).unwrap_or_default();
         assert!(!status.success(), "{point}: the run succeeded:\n{said}");
         let out = remote(&p, &coord, &["pipeline", "status", "fp.yaml", "--json"])
@@ -319,27 +333,10 @@ fn a_panicking_planner_or_assembly_fails_its_step_instead_of_hanging_the_run() {
 /// job, and the run finishes as on any coordinator.
 #[test]
 fn a_worker_falls_back_to_single_calls_on_a_coordinator_without_exchange() {
-    let p = Project::new();
-    pipeline(&p);
-    let data = p.path().join("coord");
-    let coord = Coord::try_start_exe(
-        &failpoints_bin(),
-        &[("FAILPOINTS", "exchange.call=return")],
-        &data,
-        "127.0.0.1:0",
-        &["--open-enrolment"],
-    )
-    .expect("coordinator");
+    let (p, data, coord) = armed_run("exchange.call=return");
     let w = Worker::start(&coord.url("http"), &p.path().join("w"), 2, None, &[]);
     let mut run = client(&p, &coord, 0);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = run.try_wait().expect("client") {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the run hangs:\n{}", w.log());
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = finished(&mut run, || format!("the run hangs:\n{}", w.log()));
     let said = std::fs::read_to_string(p.path().join("client0.log")).unwrap_or_default();
     assert!(status.success(), "{said}\nworker:\n{}", w.log());
     let log = std::fs::read_to_string(data.with_extension("log")).unwrap_or_default();

@@ -351,6 +351,15 @@ fn wire_level_forgeries_are_refused() {
             .expect("enrol")
             .into_inner()
             .session_token;
+        // `msg` with the session's token.
+        let authed = |msg| {
+            let mut req = tonic::Request::new(msg);
+            req.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {session}").parse().expect("header"),
+            );
+            req
+        };
         let upload = |output: &str, path: &str, data: &[u8], digest: String| {
             let chunk = v1::UploadChunk {
                 job_id: "j".into(),
@@ -403,19 +412,15 @@ fn wire_level_forgeries_are_refused() {
             .expect_err("no session");
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
         // An exchange is bounded: more than 1,024 leases asked for is refused whole.
-        let mut req = tonic::Request::new(v1::ExchangeRequest {
+        let req = authed(v1::ExchangeRequest {
             results: Vec::new(),
             want: 100_000,
             wait_ms: 10,
         });
-        req.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {session}").parse().expect("header"),
-        );
         let e = c.exchange(req).await.expect_err("too many");
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
         // A malformed result in an exchange is refused on its own, with why.
-        let mut req = tonic::Request::new(v1::ExchangeRequest {
+        let req = authed(v1::ExchangeRequest {
             results: vec![v1::JobResult {
                 job_id: "j".into(),
                 signature: vec![1, 2, 3],
@@ -424,10 +429,6 @@ fn wire_level_forgeries_are_refused() {
             want: 0,
             wait_ms: 0,
         });
-        req.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {session}").parse().expect("header"),
-        );
         let r = c.exchange(req).await.expect("judged").into_inner();
         assert_eq!(r.verdicts.len(), 1);
         assert!(!r.verdicts[0].accepted, "{r:?}");

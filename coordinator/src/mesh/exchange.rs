@@ -98,29 +98,54 @@ impl WorkerApi {
     pub(super) async fn prepare_report(
         &self,
         worker: &str,
-        mut result: JobResult,
+        result: JobResult,
     ) -> Result<JobResult, Status> {
-        // Uploads created the staging directory; a job with no files and no log has none
-        // (the sealer then seals an empty payload).
-        let staging = self.staging(worker, &result.job_id, result.generation);
-        // From here on nothing can be added to the attempt's staging tree.
-        self.gates.close(&staging);
-        self.forget_inputs(worker, &result.job_id, result.generation);
-        let log = staging.join(".log").join("log");
-        let parts = super::uploads::parts_dir(&staging);
+        let mut ready = self.prepare_reports(worker, vec![result]).await?;
+        ready
+            .pop()
+            .ok_or_else(|| Status::internal("a result was lost readying it"))
+    }
+
+    /// [`WorkerApi::prepare_report`] for many results, their file system work in one
+    /// trip to the blocking pool.
+    async fn prepare_reports(
+        &self,
+        worker: &str,
+        mut results: Vec<JobResult>,
+    ) -> Result<Vec<JobResult>, Status> {
+        let mut trees = Vec::with_capacity(results.len());
+        for result in &results {
+            // Uploads created the staging directory; a job with no files and no log has
+            // none (the sealer then seals an empty payload).
+            let staging = self.staging(worker, &result.job_id, result.generation);
+            // From here on nothing can be added to the attempt's staging tree.
+            self.gates.close(&staging);
+            self.forget_inputs(worker, &result.job_id, result.generation);
+            trees.push(staging);
+        }
         // What unfinished streams left, and whether there is a log: off the runtime.
-        result.log = tokio::task::spawn_blocking(move || {
-            let _ = std::fs::remove_dir_all(parts);
-            log.is_file().then_some(log)
+        let (trees, logs) = tokio::task::spawn_blocking(move || {
+            let logs: Vec<_> = trees
+                .iter()
+                .map(|staging| {
+                    let _ = std::fs::remove_dir_all(super::uploads::parts_dir(staging));
+                    let log = staging.join(".log").join("log");
+                    log.is_file().then_some(log)
+                })
+                .collect();
+            (trees, logs)
         })
         .await
         .map_err(super::status::join)?;
-        result.staging = Some(staging);
+        for ((result, staging), log) in results.iter_mut().zip(trees).zip(logs) {
+            result.log = log;
+            result.staging = Some(staging);
+        }
         nexa_shared::fail_point!(
             "report.judge",
             Status::unavailable(nexa_shared::failpoint::injected("report.judge").to_string())
         );
-        Ok(result)
+        Ok(results)
     }
 
     /// One `Exchange` call of `worker`: its results judged first, each exactly as one
@@ -147,13 +172,14 @@ impl WorkerApi {
         for (i, r) in req.results.into_iter().enumerate() {
             match JobResult::try_from(r) {
                 Ok(result) => {
-                    judged.push(self.prepare_report(worker, result).await?);
+                    judged.push(result);
                     slots.push(i);
                 }
                 Err(e) => verdicts[i] = Some(Err(format!("malformed result: {e}"))),
             }
         }
         if !judged.is_empty() {
+            let judged = self.prepare_reports(worker, judged).await?;
             let answers = self.coord.report_batch(worker, judged).await?;
             for (i, verdict) in slots.into_iter().zip(answers) {
                 verdicts[i] = Some(verdict);
