@@ -10,8 +10,8 @@ use std::time::Instant;
 pub struct Renderer {
     start: Instant,
     bars: Option<Bars>,
-    /// When each job's progress was last printed as a line (no terminal).
-    said: HashMap<(String, Option<u32>), Instant>,
+    /// When each job's progress was last printed as a line (no terminal), and what.
+    said: HashMap<(String, Option<u32>), (Instant, String)>,
 }
 
 /// Plain progress lines per job at most this often (the last one always shows).
@@ -153,13 +153,13 @@ impl Renderer {
                 let done = progress.total.is_some()
                     && progress.step.or(progress.records) == progress.total;
                 let key = (step.clone(), *shard);
-                let due = self
-                    .said
-                    .get(&key)
-                    .is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
-                if due || done {
-                    self.said.insert(key, Instant::now());
+                let last = self.said.get(&key);
+                // A repeat (a heartbeat's word, then the result's) is never printed twice.
+                let repeat = last.is_some_and(|(_, w)| *w == what);
+                let due = last.is_none_or(|(t, _)| t.elapsed() >= PROGRESS_EVERY);
+                if !repeat && (due || done) {
                     self.line(format!("{who:<20} {what}"));
+                    self.said.insert(key, (Instant::now(), what));
                 }
             }
             Progress::Finished(_) => {

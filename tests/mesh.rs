@@ -535,6 +535,45 @@ fn runs_share_the_workers_fairly() {
     );
 }
 
+/// A job whose last progress line comes just before it ends (under the watcher's one
+/// look a second): the result carries it, so it is shown and kept either way.
+#[test]
+fn a_jobs_last_progress_line_is_shown_and_kept_though_it_ends_at_once_embedded_and_on_the_mesh() {
+    let p = Project::new();
+    p.write(
+        "said.yaml",
+        r#"
+pipeline:
+  name: said
+  steps:
+    - id: count
+      uses: exec
+      params: {run: 'echo "::nexa-progress:: {\"records\": 4, \"total\": 9}"; echo "::nexa-progress:: {\"records\": 9, \"total\": 9}"; echo 9 > "$NEXA_OUT/n"'}
+      out: artifacts/count
+"#,
+    );
+    let shown = |out: &std::process::Output, st: &serde_json::Value| {
+        assert!(out.status.success(), "{}", text(out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("9/9 records"),
+            "{}",
+            text(out)
+        );
+        assert_eq!(step(st, "count")["progress"]["records"], 9, "{st}");
+    };
+    let out = p.nexa(&["pipeline", "run", "said.yaml"]);
+    shown(&out, &p.status_json("said.yaml"));
+
+    let coord = Coord::open(&p.path().join("coord"));
+    let url = coord.url("http");
+    let _w = Worker::start(&url, &p.path().join("w"), 1, None, &[]);
+    wait_workers(&p, &coord, 1);
+    let out = remote(&p, &coord, &["pipeline", "run", "said.yaml"])
+        .output()
+        .expect("run");
+    shown(&out, &remote_status(&p, &coord, "said.yaml"));
+}
+
 #[test]
 fn the_real_worker_never_honours_fake_gpus() {
     let fake = serde_json::json!([fake_gpu(0, "GPU-fake", "Fake", 80, (9, 0))]).to_string();

@@ -273,6 +273,7 @@ fn signed_result(
         error: String::new(),
         staging: None,
         log: None,
+        progress: None,
         worker_key: [0; 32],
         signature: Vec::new(),
     };

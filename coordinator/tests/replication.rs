@@ -105,6 +105,7 @@ fn spawn_worker_on(
                 error: String::new(),
                 staging: Some(staging),
                 log: None,
+                progress: None,
                 worker_key: [0; 32],
                 signature: Vec::new(),
             };

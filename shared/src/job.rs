@@ -121,6 +121,9 @@ pub struct JobResult {
     pub staging: Option<PathBuf>,
     /// The job's combined stdout/stderr on a shared filesystem (embedded); not signed.
     pub log: Option<PathBuf>,
+    /// The newest `::nexa-progress::` line the job printed, read after it ended (a
+    /// heartbeat can miss the last one); not signed: it is shown, never sealed.
+    pub progress: Option<JobProgress>,
     /// The worker's Ed25519 public key.
     pub worker_key: [u8; 32],
     /// Ed25519 signature over [`crate::signing::result_message`].

@@ -70,6 +70,7 @@ impl Signed {
             error: String::new(),
             staging: None,
             log: None,
+            progress: None,
             worker_key: key,
             signature,
         };

@@ -245,6 +245,7 @@ mod tests {
             error: String::new(),
             staging: None,
             log: None,
+            progress: None,
             worker_key: [0; 32],
             signature: Vec::new(),
         }

@@ -677,6 +677,7 @@ impl RawWorker {
             error: String::new(),
             staging: None,
             log: None,
+            progress: None,
             worker_key: [0; 32],
             signature: Vec::new(),
         };

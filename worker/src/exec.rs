@@ -33,6 +33,7 @@ fn result(lease: &Lease, outcome: Outcome, started: u64) -> JobResult {
         error: String::new(),
         staging: None,
         log: None,
+        progress: None,
         worker_key: [0; 32],
         signature: Vec::new(),
     }
@@ -379,11 +380,12 @@ pub async fn run_job<L: CoordinatorLink>(
         TimedOut,
         Cancelled,
     }
+    let mut said = ProgressTail::default();
     let end = tokio::select! {
         s = child.wait() => End::Exited(s),
         _ = timeout => End::TimedOut,
         _ = cancel.wait_for(|c| *c) => End::Cancelled,
-        never = watch_progress(link, lease, &log_path) => match never {},
+        never = watch_progress(link, lease, &log_path, &mut said) => match never {},
     };
     // Whatever happened, nothing the job started outlives it: killing the docker
     // client does not stop its container, so that is removed by name.
@@ -446,6 +448,10 @@ pub async fn run_job<L: CoordinatorLink>(
             }
         }
     }
+    // The lines printed since the watcher's last look (a short job's only ones, a
+    // long one's `400/400`): the result carries the newest, for the last word.
+    said.read(&log_path);
+    r.progress = said.newest;
     r.log = Some(log_path);
     // Set for failures too, so a remote link can send the log from the job directory.
     if r.staging.is_none() {
@@ -461,47 +467,52 @@ async fn watch_progress<L: CoordinatorLink>(
     link: &L,
     lease: &Lease,
     log: &Path,
+    said: &mut ProgressTail,
 ) -> std::convert::Infallible {
-    use nexa_shared::job::JobProgress;
-    use std::io::{Read, Seek, SeekFrom};
-    const MAX_READ: u64 = 1 << 20;
-    let mut offset = 0u64;
-    let mut partial = Vec::new();
-    let mut last: Option<JobProgress> = None;
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        let Ok(mut f) = std::fs::File::open(log) else {
-            continue;
-        };
+        if let Some(p) = said.read(log) {
+            link.progress(lease, p);
+        }
+    }
+}
+
+/// Where a job's log has been read to, and the newest progress line found in it.
+#[derive(Default)]
+struct ProgressTail {
+    offset: u64,
+    partial: Vec<u8>,
+    newest: Option<nexa_shared::job::JobProgress>,
+}
+
+impl ProgressTail {
+    /// Reads what the log gained since the last call; returns the newest progress line
+    /// in it when that differs from the one before.
+    fn read(&mut self, log: &Path) -> Option<nexa_shared::job::JobProgress> {
+        use nexa_shared::job::JobProgress;
+        use std::io::{Read, Seek, SeekFrom};
+        const MAX_READ: u64 = 1 << 20;
+        let mut f = std::fs::File::open(log).ok()?;
         let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        if len > offset + MAX_READ {
+        if len > self.offset + MAX_READ {
             // Far behind (a chatty job): skip to the last part, dropping a cut line.
-            offset = len - MAX_READ;
-            partial.clear();
+            self.offset = len - MAX_READ;
+            self.partial.clear();
         }
-        if f.seek(SeekFrom::Start(offset)).is_err() {
-            continue;
-        }
+        f.seek(SeekFrom::Start(self.offset)).ok()?;
         let mut buf = Vec::new();
-        if f.take(MAX_READ).read_to_end(&mut buf).is_err() {
-            continue;
-        }
-        offset += buf.len() as u64;
-        partial.extend_from_slice(&buf);
-        let Some(end) = partial.iter().rposition(|b| *b == b'\n') else {
-            continue;
-        };
-        let newest = String::from_utf8_lossy(&partial[..end])
+        f.take(MAX_READ).read_to_end(&mut buf).ok()?;
+        self.offset += buf.len() as u64;
+        self.partial.extend_from_slice(&buf);
+        let end = self.partial.iter().rposition(|b| *b == b'\n')?;
+        let found = String::from_utf8_lossy(&self.partial[..end])
             .lines()
             .rev()
             .find_map(JobProgress::parse_line);
-        partial.drain(..=end);
-        if let Some(p) = newest
-            && last.as_ref() != Some(&p)
-        {
-            link.progress(lease, p.clone());
-            last = Some(p);
-        }
+        self.partial.drain(..=end);
+        let p = found.filter(|p| self.newest.as_ref() != Some(p))?;
+        self.newest = Some(p.clone());
+        Some(p)
     }
 }
 

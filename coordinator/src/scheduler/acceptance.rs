@@ -127,6 +127,7 @@ mod tests {
             error: String::new(),
             staging: None,
             log: None,
+            progress: None,
             worker_key: key,
             signature: Vec::new(),
         }

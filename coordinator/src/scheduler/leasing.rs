@@ -350,11 +350,28 @@ impl Engine {
         {
             return;
         }
+        self.record_progress(job_id, progress);
+    }
+
+    /// Keeps what a job said of its progress on its step's record (unless it is one
+    /// shard of many) and tells the run's watchers; a repeat of the last word is kept
+    /// quiet.
+    pub(super) fn record_progress(
+        &mut self,
+        job_id: &JobId,
+        progress: nexa_shared::job::JobProgress,
+    ) {
+        let Some(j) = self.jobs.get(job_id) else {
+            return;
+        };
         let (run_id, step, shard) = (j.run_id.clone(), j.step, j.spec.shard);
         let Some(run) = self.runs.get_mut(&run_id) else {
             return;
         };
         if shard.is_none() {
+            if run.records[step].progress.as_ref() == Some(&progress) {
+                return;
+            }
             run.records[step].progress = Some(progress.clone());
         }
         run.emit(Progress::Job {

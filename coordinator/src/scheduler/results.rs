@@ -18,6 +18,10 @@ impl Engine {
             cleanup_failed(self.fx.as_ref(), None, result.staging.clone());
             return Err(why);
         }
+        if let Some(p) = result.progress.clone() {
+            // Before the step changes state, so the job's last word is shown first.
+            self.record_progress(&result.job_id, p);
+        }
         self.accept(worker, result);
         Ok(())
     }

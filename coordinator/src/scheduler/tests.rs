@@ -295,6 +295,7 @@ fn failed(lease: &Lease, error: &str) -> JobResult {
         error: error.into(),
         staging: None,
         log: None,
+        progress: None,
         worker_key: [0; 32],
         signature: Vec::new(),
     }

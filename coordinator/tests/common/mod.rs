@@ -72,6 +72,7 @@ pub fn result_for(lease: &Lease, staging: &Path, content: &[u8]) -> JobResult {
         error: String::new(),
         staging: Some(staging.to_path_buf()),
         log: None,
+        progress: None,
         worker_key: [0; 32],
         signature: Vec::new(),
     }

@@ -263,6 +263,7 @@ impl From<&JobResult> for v1::JobResult {
             error: r.error.clone(),
             worker_public_key: r.worker_key.to_vec(),
             signature: r.signature.clone(),
+            progress: r.progress.as_ref().map(v1::JobProgress::from),
         }
     }
 }
@@ -314,6 +315,10 @@ impl TryFrom<v1::JobResult> for JobResult {
             error: r.error,
             staging: None,
             log: None,
+            progress: r
+                .progress
+                .map(nexa_shared::job::JobProgress::try_from)
+                .transpose()?,
             worker_key,
             signature: r.signature,
         })
@@ -343,6 +348,11 @@ mod tests {
             error: "boom".into(),
             staging: None,
             log: None,
+            progress: Some(nexa_shared::job::JobProgress {
+                records: Some(400),
+                total: Some(400),
+                ..Default::default()
+            }),
             worker_key: [9; 32],
             signature: vec![1, 2],
         };
