@@ -92,6 +92,13 @@ pub enum Command {
         /// A leaderboard by credit: verified GPU-seconds, then CPU-seconds.
         #[arg(long)]
         credit: bool,
+        /// Show only the first N workers by id (they are read a page at a time).
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+        /// Workers per page read from the coordinator (as kubectl's --chunk-size; the
+        /// coordinator holds a page to 1,000).
+        #[arg(long, value_name = "N", default_value_t = 1000)]
+        chunk_size: u32,
     },
     /// The model registry: register, resolve, promote, list, show, history.
     Models {
@@ -245,12 +252,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             ban,
             activate,
             credit,
+            limit,
+            chunk_size,
         } => {
             let r = remote.context("nexa workers needs --coordinator and --token")?;
             if credit {
-                return runtime()?.block_on(leaderboard(&r, json));
+                return runtime()?.block_on(crate::workers_cmd::leaderboard(&r, json, chunk_size));
             }
-            runtime()?.block_on(workers(&r, json, drain, ban, activate))
+            runtime()?.block_on(crate::workers_cmd::list(
+                &r, json, (limit, chunk_size), drain, ban, activate,
+            ))
         }
         Command::Artifacts {
             command:
@@ -581,137 +592,4 @@ fn run_remote(
         RunOutcome::Failed => ExitCode::from(1),
         RunOutcome::Cancelled => ExitCode::from(130),
     })
-}
-
-/// `nexa workers --credit`: who did the most verified work.
-async fn leaderboard(r: &crate::remote::Remote, json: bool) -> anyhow::Result<ExitCode> {
-    let mut ws = crate::remote::workers(r).await?;
-    ws.sort_by(|a, b| {
-        (b.gpu_seconds, b.cpu_seconds)
-            .partial_cmp(&(a.gpu_seconds, a.cpu_seconds))
-            .unwrap_or(std::cmp::Ordering::Equal)
-    });
-    if json {
-        let v: Vec<serde_json::Value> = ws
-            .iter()
-            .enumerate()
-            .map(|(i, w)| {
-                serde_json::json!({"rank": i + 1, "id": w.id, "name": w.name,
-                    "gpu_seconds": w.gpu_seconds, "cpu_seconds": w.cpu_seconds,
-                    "valid": w.valid, "invalid": w.invalid})
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!(
-        "{:>4}  {:<18} {:<16} {:>12} {:>12} {:>7} {:>7}",
-        "rank", "worker", "name", "GPU-s", "CPU-s", "valid", "invalid"
-    );
-    for (i, w) in ws.iter().enumerate() {
-        println!(
-            "{:>4}  {:<18} {:<16} {:>12.1} {:>12.1} {:>7} {:>7}",
-            i + 1,
-            w.id.as_str(),
-            w.name,
-            w.gpu_seconds,
-            w.cpu_seconds,
-            w.valid,
-            w.invalid
-        );
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-async fn workers(
-    r: &crate::remote::Remote,
-    json: bool,
-    drain: Option<String>,
-    ban: Option<String>,
-    activate: Option<String>,
-) -> anyhow::Result<ExitCode> {
-    use nexa_shared::record::AdminState as S;
-    for (id, state) in [(drain, S::Drain), (ban, S::Ban), (activate, S::Active)] {
-        if let Some(id) = id {
-            crate::remote::set_worker_state(r, &id, state).await?;
-            println!("worker {id}: {}", state.as_str());
-        }
-    }
-    let ws = crate::remote::workers(r).await?;
-    if json {
-        let v: Vec<serde_json::Value> = ws
-            .iter()
-            .map(|w| {
-                serde_json::json!({
-                    "id": w.id, "name": w.name, "state": w.state, "slots": w.slots, "running": w.running,
-                    "succeeded": w.succeeded, "failed": w.failed, "error_rate": w.error_rate(),
-                    "valid": w.valid, "invalid": w.invalid, "trusted_for": w.trusted_for,
-                    "credit": {"cpu_seconds": w.cpu_seconds, "gpu_seconds": w.gpu_seconds},
-                    "public_key": hex::encode(w.key),
-                    "profile": w.profile,
-                })
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!(
-        "{:<18} {:<16} {:<11} {:>5} {:>7} {:>9} {:>13} {:>9} {:>9}  gpus",
-        "worker",
-        "name",
-        "state",
-        "slots",
-        "running",
-        "err rate",
-        "valid/invalid",
-        "CPU-s",
-        "GPU-s"
-    );
-    for w in &ws {
-        let p = &w.profile;
-        let total = w.succeeded + w.failed;
-        let rate = if total == 0 {
-            "-".to_string()
-        } else {
-            format!("{:.0}%", 100.0 * w.error_rate())
-        };
-        let gpus: Vec<String> = p
-            .gpus
-            .iter()
-            .map(|g| {
-                format!(
-                    "{} ({}, {} free)",
-                    g.name,
-                    nexa_shared::units::format_size(g.memory_total),
-                    nexa_shared::units::format_size(g.memory_free)
-                )
-            })
-            .collect();
-        let trust = if w.trusted_for.is_empty() {
-            format!("{}/{}", w.valid, w.invalid)
-        } else {
-            format!("{}/{} T", w.valid, w.invalid)
-        };
-        println!(
-            "{:<18} {:<16} {:<11} {:>5} {:>7} {:>9} {:>13} {:>9.1} {:>9.1}  {}",
-            w.id.as_str(),
-            w.name,
-            w.state.as_str(),
-            w.slots,
-            w.running,
-            rate,
-            trust,
-            w.cpu_seconds,
-            w.gpu_seconds,
-            if gpus.is_empty() {
-                "-".to_string()
-            } else {
-                gpus.join(", ")
-            }
-        );
-    }
-    let refused = crate::remote::refusals(r).await?;
-    let line: Vec<String> = refused.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    println!("refused or expired: {}", line.join(" "));
-    Ok(ExitCode::SUCCESS)
 }

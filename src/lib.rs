@@ -12,3 +12,4 @@ pub mod serve;
 pub mod slurm;
 pub mod summary;
 pub mod viz;
+pub mod workers_cmd;

@@ -363,20 +363,50 @@ async fn follow_once(
     }
 }
 
-/// `nexa workers`: every enrolled worker.
-pub async fn workers(remote: &Remote) -> anyhow::Result<Vec<nexa_shared::record::WorkerSummary>> {
+/// `nexa workers`: every enrolled worker, by id (read page by page).
+pub async fn workers(
+    remote: &Remote,
+    chunk: u32,
+) -> anyhow::Result<Vec<nexa_shared::record::WorkerSummary>> {
+    let mut all = Vec::new();
+    worker_pages(remote, chunk, |page, _| {
+        all.extend(page);
+        true
+    })
+    .await?;
+    Ok(all)
+}
+
+/// Reads the workers `chunk` (the coordinator holds it to 1,000) at a time, by id,
+/// handing each page and the number enrolled in all to `each` until it returns false
+/// or the last page came.
+pub async fn worker_pages(
+    remote: &Remote,
+    chunk: u32,
+    mut each: impl FnMut(Vec<nexa_shared::record::WorkerSummary>, u64) -> bool,
+) -> anyhow::Result<()> {
     let mut c = Control::connect(remote).await?;
-    let workers = c
-        .client
-        .list_workers(c.req(v1::ListWorkersRequest {}))
-        .await
-        .map_err(status_err)?
-        .into_inner()
-        .workers;
-    Ok(workers
-        .into_iter()
-        .map(TryInto::try_into)
-        .collect::<Result<_, _>>()?)
+    let mut after = String::new();
+    loop {
+        let r = c
+            .client
+            .list_workers(c.req(v1::ListWorkersRequest {
+                after: after.clone(),
+                limit: chunk,
+            }))
+            .await
+            .map_err(status_err)?
+            .into_inner();
+        let page = r
+            .workers
+            .into_iter()
+            .map(TryInto::try_into)
+            .collect::<Result<Vec<_>, _>>()?;
+        if !each(page, r.total) || r.next_after.is_empty() || r.next_after <= after {
+            return Ok(());
+        }
+        after = r.next_after;
+    }
 }
 
 /// Refusals and lease expiries so far, by reason.

@@ -574,6 +574,60 @@ pipeline:
     shown(&out, &remote_status(&p, &coord, "said.yaml"));
 }
 
+/// More workers than a page holds: `nexa workers` reads them page by page, every one
+/// once and in id order, and `--limit` stops early and says how many there are.
+#[test]
+fn workers_are_listed_page_by_page_each_once_and_limit_says_how_many_are_left() {
+    let p = Project::new();
+    let coord = Coord::open(&p.path().join("coord"));
+    let url = coord.url("http");
+    const N: usize = 25;
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let _held: Vec<_> = rt.block_on(async {
+        let mut v = Vec::new();
+        for _ in 0..N {
+            v.push(common::mesh::RawWorker::enrol(&url).await);
+        }
+        v
+    });
+    let rows = |out: &std::process::Output| -> Vec<String> {
+        assert!(out.status.success(), "{}", text(out));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(" raw "))
+            .filter_map(|l| l.split_whitespace().next().map(String::from))
+            .collect()
+    };
+    let json = remote(&p, &coord, &["workers", "--json", "--chunk-size", "10"])
+        .output()
+        .expect("workers");
+    assert!(json.status.success(), "{}", text(&json));
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&json.stdout).expect("json");
+    let ids: Vec<String> = listed
+        .iter()
+        .filter_map(|w| w["id"].as_str().map(String::from))
+        .collect();
+    assert_eq!(ids.len(), N, "every worker, across three pages");
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "in id order, none twice");
+
+    let table = remote(&p, &coord, &["workers", "--chunk-size", "10"])
+        .output()
+        .expect("workers");
+    assert_eq!(rows(&table), ids);
+    let out = String::from_utf8_lossy(&table.stdout);
+    assert!(out.contains(&format!("{N} workers ({N} active)")), "{out}");
+    // The coordinator's own page (1,000) holds them all: the same list.
+    let one_page = remote(&p, &coord, &["workers"]).output().expect("workers");
+    assert_eq!(rows(&one_page), ids);
+
+    let some = remote(&p, &coord, &["workers", "--limit", "13", "--chunk-size", "5"])
+        .output()
+        .expect("workers");
+    assert_eq!(rows(&some), ids[..13].to_vec(), "the first 13 by id");
+    let out = String::from_utf8_lossy(&some.stdout);
+    assert!(out.contains(&format!("13 of {N} workers shown")), "{out}");
+}
+
 #[test]
 fn the_real_worker_never_honours_fake_gpus() {
     let fake = serde_json::json!([fake_gpu(0, "GPU-fake", "Fake", 80, (9, 0))]).to_string();

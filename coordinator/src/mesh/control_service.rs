@@ -18,6 +18,9 @@ use tokio::sync::broadcast;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+/// The most workers one `ListWorkers` answer holds (about 1 KiB each).
+const WORKER_PAGE: usize = 1_000;
+
 /// The store tree of submitted runs, keyed by run id.
 pub const SUBMISSIONS_TREE: &str = "submissions";
 
@@ -470,14 +473,29 @@ impl ControlService for ControlApi {
         req: Request<v1::ListWorkersRequest>,
     ) -> Result<Response<v1::ListWorkersResponse>, Status> {
         self.check(&req)?;
-        let workers = self
-            .coord
-            .list_workers()
-            .await?
-            .into_iter()
+        let r = req.into_inner();
+        let limit = match r.limit {
+            0 => WORKER_PAGE,
+            n => (n as usize).min(WORKER_PAGE),
+        };
+        let page = crate::scheduler::WorkerPage {
+            after: (!r.after.is_empty()).then(|| r.after.into()),
+            limit,
+        };
+        let (views, total) = self.coord.worker_page(page).await?;
+        let next_after = match views.last() {
+            Some(last) if views.len() == limit => last.id.to_string(),
+            _ => String::new(),
+        };
+        let workers = views
+            .iter()
             .map(|w| v1::WorkerStatus::from(&w.summary()))
             .collect();
-        Ok(Response::new(v1::ListWorkersResponse { workers }))
+        Ok(Response::new(v1::ListWorkersResponse {
+            workers,
+            next_after,
+            total: total as u64,
+        }))
     }
 
     async fn set_worker_state(

@@ -338,6 +338,16 @@ pub struct WorkerInfo {
     pub slots: u32,
 }
 
+/// Which workers a listing returns: ordered by id, those after `after`, at most
+/// `limit` (`nexa workers` asks page by page, so 10,000 workers are never one answer).
+#[derive(Debug, Clone, Default)]
+pub struct WorkerPage {
+    /// The last id of the page before; `None`: from the start.
+    pub after: Option<WorkerId>,
+    /// The most workers to return.
+    pub limit: usize,
+}
+
 /// A worker as `nexa workers` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct WorkerView {

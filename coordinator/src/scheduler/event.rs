@@ -69,8 +69,8 @@ pub enum Event {
     Refusals(oneshot::Sender<Refusals>),
     /// Count a refusal made at the gRPC edge.
     Refused(EdgeRefusal),
-    /// List workers.
-    ListWorkers(oneshot::Sender<Vec<WorkerView>>),
+    /// One page of the workers, by id: those after `after`, at most `limit`.
+    ListWorkers(WorkerPage, oneshot::Sender<(Vec<WorkerView>, usize)>),
     /// Drain, ban or re-activate a worker.
     SetWorkerState(String, AdminState, oneshot::Sender<bool>),
     /// The lease generation mark written ahead is durable (`Some`) or not.

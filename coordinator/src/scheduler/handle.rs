@@ -368,10 +368,19 @@ impl Coordinator {
         rx.await.map_err(|_| Error::ShutDown)
     }
 
-    /// Every enrolled worker.
+    /// Every enrolled worker, by id.
     pub async fn list_workers(&self) -> Result<Vec<WorkerView>> {
+        let page = WorkerPage {
+            after: None,
+            limit: usize::MAX,
+        };
+        Ok(self.worker_page(page).await?.0)
+    }
+
+    /// One page of the workers, by id, and how many are enrolled in all.
+    pub async fn worker_page(&self, page: WorkerPage) -> Result<(Vec<WorkerView>, usize)> {
         let (tx, rx) = oneshot::channel();
-        self.call(Event::ListWorkers(tx)).await?;
+        self.call(Event::ListWorkers(page, tx)).await?;
         rx.await.map_err(|_| Error::ShutDown)
     }
 
@@ -447,6 +456,7 @@ impl Engine {
             fx,
             granted: HashMap::new(),
             held_by_run: HashMap::new(),
+            deadlines: Default::default(),
             store,
             rx,
             calls,

@@ -56,21 +56,24 @@ impl Engine {
     }
 
     /// Hands queued jobs to waiting workers, each job to a worker it fits.
+    /// Waiters are looked at only while jobs are queued, so an event costs nothing per
+    /// idle worker; those that got nothing keep their places.
     pub(super) fn dispatch(&mut self) {
-        let mut still_waiting = VecDeque::new();
-        while let Some(w) = self.waiting.pop_front() {
+        let mut unserved = Vec::new();
+        while !self.queue.is_empty() {
+            let Some(w) = self.waiting.pop_front() else {
+                break;
+            };
             if w.reply.is_closed() {
                 continue;
             }
-            if self.queue.is_empty() {
-                still_waiting.push_back(w);
-                continue;
-            }
             if let Some(w) = self.grant(w) {
-                still_waiting.push_back(w);
+                unserved.push(w);
             }
         }
-        self.waiting = still_waiting;
+        for w in unserved.into_iter().rev() {
+            self.waiting.push_front(w);
+        }
     }
 
     /// Leases up to `w.slots` queued jobs that fit `w`'s worker and sends them in one
@@ -118,6 +121,7 @@ impl Engine {
         job_id: &JobId,
         gpu_idx: Vec<usize>,
     ) -> Option<Lease> {
+        let resident = self.is_resident(worker);
         let job = self.jobs.get_mut(job_id)?;
         if let Some(m) = &self.config.metrics {
             m.dispatch_latency
@@ -143,14 +147,11 @@ impl Engine {
         job.deadline = self
             .config
             .lease_ttl
-            .filter(|_| {
-                !self
-                    .config
-                    .resident_workers
-                    .iter()
-                    .any(|r| r.as_str() == worker.as_str())
-            })
+            .filter(|_| !resident)
             .map(|t| Instant::now() + t);
+        if let Some(d) = job.deadline {
+            self.deadlines.lease(d, job_id.clone(), job.generation);
+        }
         let w = self.workers.get_mut(worker);
         let gpus: Vec<String> = w
             .as_ref()
@@ -296,14 +297,17 @@ impl Engine {
             return running.to_vec();
         };
         w.last_seen = Instant::now();
-        if w.lost {
-            tracing::info!(worker, "worker is back");
-            w.lost = false;
-        }
+        let back = w.lost;
+        w.lost = false;
         let mut relabelled = false;
         if let Some(p) = profile {
             relabelled = p.labels != w.info.profile.labels;
             w.refresh_profile(*p);
+        }
+        if back {
+            tracing::info!(worker, "worker is back");
+            // Its reminder went when it was found lost.
+            self.watch_silence(&WorkerId::from(worker));
         }
         let mut cancel = Vec::new();
         for (job_id, generation) in running {
@@ -384,6 +388,25 @@ impl Engine {
         }
     }
 
+    /// A worker whose leases never expire (the embedded one).
+    fn is_resident(&self, worker: &str) -> bool {
+        self.config.resident_workers.iter().any(|r| r == worker)
+    }
+
+    /// Sets the reminder to see whether `worker` fell silent, one ttl after it was last
+    /// heard from (on the mesh; never for a resident worker).
+    pub(super) fn watch_silence(&mut self, worker: &WorkerId) {
+        let Some(ttl) = self.config.lease_ttl else {
+            return;
+        };
+        if self.is_resident(worker.as_str()) {
+            return;
+        }
+        if let Some(w) = self.workers.get(worker) {
+            self.deadlines.silence(w.last_seen + ttl, worker.clone());
+        }
+    }
+
     pub(super) fn on_tick(&mut self) {
         // Runs whose final state the store refused: try again.
         let unsaved: Vec<RunId> = self
@@ -395,29 +418,44 @@ impl Engine {
         for run_id in unsaved {
             self.maybe_finish(&run_id);
         }
+        // Waiters whose callers went away (dispatch skips the queue-less case).
+        self.waiting.retain(|w| !w.reply.is_closed());
         let Some(ttl) = self.config.lease_ttl else {
             return;
         };
         let now = Instant::now();
-        for (id, w) in &mut self.workers {
-            if !w.lost
-                && now.duration_since(w.last_seen) > ttl
-                && !self
-                    .config
-                    .resident_workers
-                    .iter()
-                    .any(|r| r.as_str() == id.as_str())
-            {
-                w.lost = true;
-                tracing::warn!(worker = %id, "worker lost: no heartbeat within the lease ttl");
+        for id in self.deadlines.due_silences(now) {
+            let resident = self.is_resident(&id);
+            let Some(w) = self.workers.get_mut(&id) else {
+                continue;
+            };
+            if w.lost || resident {
+                continue;
+            }
+            let due = w.last_seen + ttl;
+            if now <= due {
+                // Heard from since the reminder was set: remind again at the new time.
+                self.deadlines.silence(due, id);
+                continue;
+            }
+            w.lost = true;
+            tracing::warn!(worker = %id, "worker lost: no heartbeat within the lease ttl");
+        }
+        let mut expired = Vec::new();
+        for (job_id, generation) in self.deadlines.due_leases(now) {
+            let Some(j) = self.jobs.get(&job_id) else {
+                continue;
+            };
+            if j.state != JobState::Leased || j.generation != generation {
+                // Finished, released or leased again since: another reminder (or none).
+                continue;
+            }
+            match j.deadline {
+                Some(d) if d < now => expired.push(job_id),
+                Some(d) => self.deadlines.lease(d, job_id, generation),
+                None => {}
             }
         }
-        let expired: Vec<JobId> = self
-            .jobs
-            .iter()
-            .filter(|(_, j)| j.state == JobState::Leased && j.deadline.is_some_and(|d| d < now))
-            .map(|(id, _)| id.clone())
-            .collect();
         for job_id in expired {
             if self.drop_late_replica(&job_id) {
                 self.refusals.count(Refused::LeaseExpired);

@@ -16,6 +16,7 @@ mod blame;
 #[cfg(test)]
 mod cluster_tests;
 mod clusters;
+mod deadlines;
 mod effects;
 mod event;
 mod finish;
@@ -153,6 +154,8 @@ struct Engine {
     /// Jobs held on workers now (in their allocations), per run: fair share's running
     /// count, kept as allocations change instead of counted over every worker per pick.
     held_by_run: HashMap<String, usize>,
+    /// When leases run out and silent workers count as lost (the tick's reminders).
+    deadlines: deadlines::Deadlines,
     runs: HashMap<RunId, Run>,
     jobs: HashMap<JobId, Job>,
     queue: VecDeque<JobId>,
@@ -276,6 +279,7 @@ impl Engine {
                         self.workers.insert(id.clone(), Worker::new(*info));
                     }
                 }
+                self.watch_silence(&id);
                 self.dirty_workers.insert(id);
                 self.dispatch();
             }
@@ -370,27 +374,8 @@ impl Engine {
             Event::Refusals(reply) => {
                 let _ = reply.send(self.refusals);
             }
-            Event::ListWorkers(reply) => {
-                let now = Instant::now();
-                let mut v: Vec<WorkerView> = self
-                    .workers
-                    .iter()
-                    .map(|(id, w)| WorkerView {
-                        id: id.clone(),
-                        name: w.info.name.clone(),
-                        state: w.state(now),
-                        profile: w.info.profile.clone(),
-                        slots: w.info.slots,
-                        running: w.alloc.len() as u32,
-                        succeeded: w.succeeded,
-                        failed: w.failed,
-                        key: w.info.key,
-                        trust: w.trust.clone(),
-                        credit: w.credit,
-                    })
-                    .collect();
-                v.sort_by(|a, b| a.id.cmp(&b.id));
-                let _ = reply.send(v);
+            Event::ListWorkers(page, reply) => {
+                let _ = reply.send(self.worker_page(&page));
             }
             Event::SetWorkerState(id, state, reply) => {
                 let found = match self.workers.get_mut(&id) {

@@ -384,6 +384,65 @@ async fn a_heartbeat_keeps_a_lease_alive_and_names_the_stale_attempts_to_kill() 
     );
 }
 
+/// Expiry is kept as reminders (see `deadlines`): a heartbeat only moves the deadline,
+/// the early reminder is put back, and a worker lost, back and silent again is lost
+/// again; a job leased again is not expired by its first lease's reminder.
+#[tokio::test(start_paused = true)]
+async fn silent_workers_are_lost_each_time_and_renewed_leases_outlive_their_first_reminder() {
+    let ttl = Duration::from_secs(30);
+    let mut h = Harness::mesh(ttl);
+    let _run = h.submit(&steps("rem", 1, ""));
+    h.enrol("w1", 1);
+    h.enrol("w2", 1);
+    let lost = |h: &Harness, w: &str| h.engine.workers.get(w).is_some_and(|w| w.lost);
+    let l1 = h.lease("w1");
+    let running = vec![(l1.job.job_id.clone(), l1.generation)];
+    // w1 beats every 10 s for 100 s; w2 says nothing.
+    for _ in 0..10 {
+        h.advance(Duration::from_secs(10)).await;
+        h.heartbeat("w1", &running);
+    }
+    assert_eq!(
+        h.live("w1", &l1),
+        LeaseCheck::Live,
+        "renewed past its first deadline"
+    );
+    assert!(!lost(&h, "w1"));
+    assert!(lost(&h, "w2"), "silent past the ttl");
+    assert_eq!(
+        h.engine.deadlines.len().1,
+        1,
+        "w1's one reminder; w2's went"
+    );
+    // Back, then silent again: lost again.
+    h.heartbeat("w2", &[]);
+    assert!(!lost(&h, "w2"));
+    h.advance(Duration::from_secs(10)).await;
+    h.heartbeat("w1", &running);
+    assert!(!lost(&h, "w2"), "within its ttl");
+    h.advance(Duration::from_secs(25)).await;
+    assert!(lost(&h, "w2"), "silent again");
+    assert_eq!(h.engine.deadlines.len().0, 1, "one reminder per live lease");
+
+    // w1 stops: its lease expires; the job's next lease (w2, back) is not expired by
+    // the first lease's reminders.
+    h.heartbeat("w2", &[]);
+    let again = h.ask("w2");
+    h.advance(Duration::from_secs(20)).await;
+    h.heartbeat("w2", &[]);
+    h.advance(Duration::from_secs(11)).await;
+    assert_eq!(h.live("w1", &l1), LeaseCheck::Stale);
+    let l2 = { again }.try_recv().expect("w2 leased").expect("a lease");
+    assert_eq!(l2.job.job_id, l1.job.job_id);
+    let running2 = vec![(l2.job.job_id.clone(), l2.generation)];
+    for _ in 0..5 {
+        h.advance(Duration::from_secs(10)).await;
+        h.heartbeat("w2", &running2);
+    }
+    assert_eq!(h.live("w2", &l2), LeaseCheck::Live);
+    assert_eq!(h.engine.refusals.lease_expiries, 1, "only w1's");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_failed_attempt_is_retried_after_its_backoff_and_not_before() {
     let mut h = Harness::mesh(Duration::from_secs(600));

@@ -3,7 +3,48 @@
 
 use super::*;
 
+impl Engine {
+    /// One page of the workers by id (see [`WorkerPage`]) and how many are enrolled in
+    /// all. Only the page's workers are described; the ids are sorted, not the views.
+    pub(super) fn worker_page(&self, page: &WorkerPage) -> (Vec<WorkerView>, usize) {
+        let mut ids: Vec<&WorkerId> = self
+            .workers
+            .keys()
+            .filter(|id| page.after.as_ref().is_none_or(|a| *id > a))
+            .collect();
+        let limit = page.limit.min(ids.len());
+        if limit < ids.len() {
+            ids.select_nth_unstable(limit);
+            ids.truncate(limit);
+        }
+        ids.sort_unstable();
+        let now = Instant::now();
+        let views = ids
+            .into_iter()
+            .filter_map(|id| self.workers.get(id).map(|w| w.view(id, now)))
+            .collect();
+        (views, self.workers.len())
+    }
+}
+
 impl Worker {
+    /// What `nexa workers` shows of it.
+    fn view(&self, id: &WorkerId, now: Instant) -> WorkerView {
+        WorkerView {
+            id: id.clone(),
+            name: self.info.name.clone(),
+            state: self.state(now),
+            profile: self.info.profile.clone(),
+            slots: self.info.slots,
+            running: self.alloc.len() as u32,
+            succeeded: self.succeeded,
+            failed: self.failed,
+            key: self.info.key,
+            trust: self.trust.clone(),
+            credit: self.credit,
+        }
+    }
+
     /// The part of the state that is stored.
     pub(super) fn record_of(&self, id: &str) -> state::WorkerRecord {
         state::WorkerRecord {
