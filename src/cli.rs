@@ -260,7 +260,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 return runtime()?.block_on(crate::workers_cmd::leaderboard(&r, json, chunk_size));
             }
             runtime()?.block_on(crate::workers_cmd::list(
-                &r, json, (limit, chunk_size), drain, ban, activate,
+                &r,
+                json,
+                (limit, chunk_size),
+                drain,
+                ban,
+                activate,
             ))
         }
         Command::Artifacts {

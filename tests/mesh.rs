@@ -608,7 +608,10 @@ fn workers_are_listed_page_by_page_each_once_and_limit_says_how_many_are_left() 
         .filter_map(|w| w["id"].as_str().map(String::from))
         .collect();
     assert_eq!(ids.len(), N, "every worker, across three pages");
-    assert!(ids.windows(2).all(|w| w[0] < w[1]), "in id order, none twice");
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "in id order, none twice"
+    );
 
     let table = remote(&p, &coord, &["workers", "--chunk-size", "10"])
         .output()
@@ -620,9 +623,13 @@ fn workers_are_listed_page_by_page_each_once_and_limit_says_how_many_are_left() 
     let one_page = remote(&p, &coord, &["workers"]).output().expect("workers");
     assert_eq!(rows(&one_page), ids);
 
-    let some = remote(&p, &coord, &["workers", "--limit", "13", "--chunk-size", "5"])
-        .output()
-        .expect("workers");
+    let some = remote(
+        &p,
+        &coord,
+        &["workers", "--limit", "13", "--chunk-size", "5"],
+    )
+    .output()
+    .expect("workers");
     assert_eq!(rows(&some), ids[..13].to_vec(), "the first 13 by id");
     let out = String::from_utf8_lossy(&some.stdout);
     assert!(out.contains(&format!("13 of {N} workers shown")), "{out}");

@@ -50,8 +50,30 @@ fn a_destroyed_store_is_rebuilt_from_the_artifacts_and_mirrors() {
     let hash_a = step(&before, "a")["hash"].clone();
     assert!(hash_a.is_string(), "{before}");
 
-    // The store is destroyed: every file in it overwritten with garbage.
     coord.sigkill();
+    // What the store holds, against its size on disk.
+    let stats = Command::new(bin("nexa-coordinator"))
+        .args(["store", "stats", "--json", "--data-dir"])
+        .arg(&data)
+        .output()
+        .expect("stats");
+    assert!(stats.status.success(), "{}", text(&stats));
+    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).expect("json");
+    let tree = |name: &str| {
+        stats["trees"]
+            .as_array()
+            .and_then(|t| t.iter().find(|t| t["name"] == name))
+            .unwrap_or_else(|| panic!("no tree {name}: {stats}"))
+            .clone()
+    };
+    assert_eq!(tree("steps")["records"], 4, "{stats}");
+    assert_eq!(tree("runs")["records"], 1, "{stats}");
+    assert!(
+        stats["amplification"].as_f64().is_some_and(|a| a > 0.0),
+        "{stats}"
+    );
+
+    // The store is destroyed: every file in it overwritten with garbage.
     let store = data.join("store");
     for e in std::fs::read_dir(&store).expect("store").flatten() {
         if e.path().is_file() {

@@ -6,6 +6,10 @@
 //!   `sha256sum` on the same bytes, in one run.
 //! - `runner`: a training run through `nexa pipeline run` against the same driver run
 //!   directly (Nexa's overhead).
+//! - `workers`: many idle workers (own connections, keys, heartbeats) on one
+//!   coordinator process: heartbeats handled per second, its CPU and RSS.
+//! - `store`: the run-state store at a million records: write rate, space
+//!   amplification after writing and rewriting, reopen and read-back time.
 //! - `seal`: sealing a large checkpoint (the worker's hash and signature, the
 //!   coordinator's check, fsync, rename and `COMPLETE`), phase by phase.
 
@@ -13,6 +17,8 @@ mod mesh;
 mod runner;
 mod seal;
 mod slurm;
+mod store;
+mod workers;
 
 /// mimalloc: the coordinator allocates many small, short-lived buffers from several
 /// threads (protobuf messages, paths, JSON), where glibc's allocator spent ~14% of the
@@ -114,6 +120,32 @@ enum Cmd {
         #[arg(long, default_value_t = 4)]
         pilots: u32,
     },
+    /// Idle workers on one coordinator process: enrolment, heartbeats handled per
+    /// second, the coordinator's CPU and RSS, and reading the whole list back.
+    Workers {
+        /// Simulated workers, each with its own connection and key.
+        #[arg(long, default_value_t = 10_000)]
+        workers: usize,
+        /// Seconds of heartbeats measured.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// The coordinator's heartbeat interval.
+        #[arg(long, default_value_t = 2000)]
+        heartbeat_ms: u64,
+        /// Enrolments in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// The coordinator binary (default: next to this one).
+        #[arg(long)]
+        coordinator: Option<PathBuf>,
+    },
+    /// The run-state store (sled) at many records: write rate, size on disk against
+    /// the live bytes, reopening and reading every record back.
+    Store {
+        /// Step-sized records.
+        #[arg(long, default_value_t = 1_000_000)]
+        records: usize,
+    },
     /// Hashing throughput.
     Hash {
         /// Bytes to hash (e.g. 1GiB).
@@ -164,12 +196,45 @@ fn main() -> anyhow::Result<()> {
             jobs,
             scratch,
         } => mesh::run(workers, slots, jobs, scratch, cli.json),
+        Cmd::Store { records } => store::run(records, &target_dir()?, cli.json),
+        Cmd::Workers {
+            workers,
+            seconds,
+            heartbeat_ms,
+            concurrency,
+            coordinator,
+        } => {
+            let scratch = target_dir()?;
+            workers::run(
+                workers::Args {
+                    workers,
+                    seconds,
+                    heartbeat_ms,
+                    concurrency,
+                    coordinator,
+                },
+                &scratch,
+                cli.json,
+            )
+        }
         Cmd::Slurm { jobs, pilots } => {
             let nexa = nexa_binary(None)?;
             let dir = nexa.parent().map(Path::to_path_buf).unwrap_or_default();
             slurm::run(jobs, pilots, &dir, cli.json)
         }
     }
+}
+
+/// The cargo `target/` directory this binary was built in (scratch space on the same
+/// disk as the build, not a /tmp that may have just had many files deleted), else the
+/// system temp dir.
+fn target_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    Ok(exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(std::env::temp_dir))
 }
 
 fn nexa_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {

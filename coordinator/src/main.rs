@@ -44,6 +44,16 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum StoreCmd {
+    /// Records per tree and their bytes against the store's size on disk (its space
+    /// amplification). The coordinator must be stopped (sled locks its store).
+    Stats {
+        /// The coordinator's data directory [default: ./nexa-data].
+        #[arg(long, env = "NEXA_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Rebuild a store that cannot be opened: step and run records from the pipelines'
     /// state mirrors, lineage from the sealed artifacts, models from the registry
     /// mirror. The old store is moved aside; what could not be recovered is listed.
@@ -204,7 +214,46 @@ pub(crate) fn main() -> anyhow::Result<()> {
             force,
             json,
         ),
+        Cmd::Store {
+            command: StoreCmd::Stats { data_dir, json },
+        } => store_stats(
+            &data_dir.unwrap_or_else(|| PathBuf::from("nexa-data")),
+            json,
+        ),
     }
+}
+
+fn store_stats(data_dir: &Path, json: bool) -> anyhow::Result<()> {
+    let path = data_dir.join("store");
+    anyhow::ensure!(path.is_dir(), "{}: no store here", path.display());
+    let store = nexa_coordinator::store::SledStore::open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let s = store.stats()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    let size = nexa_shared::units::format_size;
+    println!(
+        "{:<16} {:>10} {:>12} {:>12}",
+        "tree", "records", "keys", "values"
+    );
+    for t in &s.trees {
+        println!(
+            "{:<16} {:>10} {:>12} {:>12}",
+            t.name,
+            t.records,
+            size(t.key_bytes),
+            size(t.value_bytes)
+        );
+    }
+    println!(
+        "live {} on {} of disk: space amplification {:.1}x",
+        size(s.live_bytes),
+        size(s.disk_bytes),
+        s.amplification
+    );
+    Ok(())
 }
 
 fn recover(data_dir: &Path, force: bool, json: bool) -> anyhow::Result<()> {
