@@ -10,10 +10,13 @@
 //!   coordinator process: heartbeats handled per second, its CPU and RSS.
 //! - `store`: the run-state store at a million records: write rate, space
 //!   amplification after writing and rewriting, reopen and read-back time.
+//! - `recover`: a coordinator SIGKILLed with a large run in its store, restarted:
+//!   seconds until a worker holds a lease again.
 //! - `seal`: sealing a large checkpoint (the worker's hash and signature, the
 //!   coordinator's check, fsync, rename and `COMPLETE`), phase by phase.
 
 mod mesh;
+mod recover;
 mod runner;
 mod seal;
 mod slurm;
@@ -146,6 +149,13 @@ enum Cmd {
         #[arg(long, default_value_t = 1_000_000)]
         records: usize,
     },
+    /// A coordinator SIGKILLed with a run of many jobs in its store and restarted:
+    /// seconds until a freshly enrolled worker holds a lease.
+    Recover {
+        /// Independent no-op steps in the run.
+        #[arg(long, default_value_t = 100_000)]
+        jobs: usize,
+    },
     /// Hashing throughput.
     Hash {
         /// Bytes to hash (e.g. 1GiB).
@@ -196,6 +206,7 @@ fn main() -> anyhow::Result<()> {
             jobs,
             scratch,
         } => mesh::run(workers, slots, jobs, scratch, cli.json),
+        Cmd::Recover { jobs } => recover::run(jobs, &target_dir()?, cli.json),
         Cmd::Store { records } => store::run(records, &target_dir()?, cli.json),
         Cmd::Workers {
             workers,

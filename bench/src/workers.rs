@@ -28,7 +28,7 @@ pub struct Args {
 
 /// The coordinator's CPU time so far (user + system), in seconds, and its RSS and
 /// peak RSS in MB, from /proc.
-fn usage(pid: u32) -> anyhow::Result<(f64, f64, f64)> {
+pub(crate) fn usage(pid: u32) -> anyhow::Result<(f64, f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The fields after the command name (which may hold spaces) in parentheses.
     let rest = stat
@@ -71,12 +71,13 @@ fn authed<T>(msg: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
 }
 
 /// One simulated worker: its own connection and session.
-struct Sim {
-    client: WorkerServiceClient<Channel>,
-    session: String,
+pub(crate) struct Sim {
+    pub(crate) client: WorkerServiceClient<Channel>,
+    pub(crate) session: String,
 }
 
-async fn enrol(url: String, n: usize) -> anyhow::Result<Sim> {
+/// Enrols simulated worker `n` on its own connection with a fresh key.
+pub(crate) async fn enrol(url: String, n: usize) -> anyhow::Result<Sim> {
     let channel = tonic::transport::Endpoint::from_shared(url)?
         .connect()
         .await?;
@@ -114,7 +115,7 @@ async fn enrol(url: String, n: usize) -> anyhow::Result<Sim> {
 
 /// Starts the coordinator binary beside this one on a free port; returns it and its URL
 /// once it accepts connections.
-fn start_coordinator(
+pub(crate) fn start_coordinator(
     bin: Option<&Path>,
     data: &Path,
     heartbeat_ms: u64,
@@ -143,9 +144,15 @@ fn start_coordinator(
             "0",
         ])
         .arg(format!("--heartbeat-ms={heartbeat_ms}"))
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        // Its log beside its data dir, appended to across restarts.
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(data.with_extension("log"))?,
+        )
         .spawn()?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(&listen).is_err() {
