@@ -29,7 +29,10 @@ fn outs(step: &Step) -> String {
 fn label(step: &Step) -> String {
     let mut l = format!("{} ({})", step.id.value, step.uses.value);
     if let Some(s) = &step.shards {
-        let _ = write!(l, " x{} shards over {}", s.count, s.over.value);
+        let _ = match s.cut {
+            nexa_shared::shard::Cut::Count(n) => write!(l, " x{n} shards over {}", s.over.value),
+            cut => write!(l, " {cut} over {}", s.over.value),
+        };
     }
     l
 }

@@ -305,6 +305,86 @@ pipeline:
     assert_eq!(p.executions()[5..], ["shard 2"]);
 }
 
+/// `shards: {records: N}` and `{size: …}` cut the input at record boundaries into
+/// parts of N records or at most that many bytes; each shard is cached on its own, and
+/// a record added at the end re-runs only the last part.
+#[test]
+fn shards_by_records_or_size_cut_at_record_boundaries_and_rerun_only_what_changed() {
+    let p = Project::new();
+    let log = p.path().join("executions.log");
+    // Lines of 2, 4, 6, ... 20 bytes with their newlines.
+    let lines: String = (1..=10).map(|i| format!("{}\n", "x".repeat(2 * i - 1))).collect();
+    p.write("lines.txt", &lines);
+    p.write(
+        "cut.yaml",
+        &format!(
+            r#"
+pipeline:
+  name: cut
+  steps:
+    - id: by_records
+      uses: exec
+      in: {{d: lines.txt}}
+      shards: {{over: d, records: 3}}
+      params: {{run: 'echo "records $NEXA_SHARD_INDEX" >> {log}; cp "$NEXA_IN_D" "$NEXA_OUT/part.txt"'}}
+      out: artifacts/by_records
+    - id: by_size
+      uses: exec
+      after: []
+      in: {{d: lines.txt}}
+      shards: {{over: d, size: 30}}
+      params: {{run: 'echo "size $NEXA_SHARD_INDEX" >> {log}; cp "$NEXA_IN_D" "$NEXA_OUT/part.txt"'}}
+      out: artifacts/by_size
+"#,
+            log = log.display()
+        ),
+    );
+    let out = p.nexa(&["pipeline", "run", "cut.yaml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let parts = |step: &str| -> Vec<Vec<usize>> {
+        let mut dirs: Vec<_> = std::fs::read_dir(p.path().join("artifacts").join(step))
+            .expect("artifact")
+            .flatten()
+            .map(|e| e.path())
+            .filter(|d| d.is_dir())
+            .collect();
+        dirs.sort();
+        dirs.iter()
+            .map(|d| {
+                std::fs::read_to_string(d.join("part.txt"))
+                    .expect("part")
+                    .lines()
+                    .map(str::len)
+                    .collect()
+            })
+            .collect()
+    };
+    // Lengths without newlines: 1, 3, 5, ... 19.
+    assert_eq!(
+        parts("by_records"),
+        [vec![1, 3, 5], vec![7, 9, 11], vec![13, 15, 17], vec![19]]
+    );
+    // At most 30 bytes with newlines: 2+4+6+8=20 (+10 is 30: fits), then 12+14, ...
+    assert_eq!(
+        parts("by_size"),
+        [vec![1, 3, 5, 7, 9], vec![11, 13], vec![15], vec![17], vec![19]]
+    );
+    let ran = p.executions().len();
+    assert_eq!(ran, 4 + 5);
+
+    // One record more at the end: only the last part of each changes.
+    p.write("lines.txt", &format!("{lines}yy\n"));
+    let out = p.nexa(&["pipeline", "run", "cut.yaml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut again = p.executions()[ran..].to_vec();
+    again.sort();
+    assert_eq!(again, ["records 3", "size 4"], "only the last parts re-ran");
+    assert_eq!(parts("by_records")[3], [19, 2]);
+    assert_eq!(parts("by_size")[4], [19, 2]);
+    let v = p.status_json("cut.yaml");
+    assert_eq!(v["steps"][1]["shards"].as_array().map(Vec::len), Some(5));
+}
+
 #[test]
 fn sigkill_mid_run_then_resume_reruns_no_complete_step_and_leaves_no_half_artifact() {
     let p = Project::new();

@@ -63,7 +63,9 @@ pub fn domain_code(e: &nexa_shared::Error) -> tonic::Code {
     use nexa_shared::Error as D;
     use tonic::Code;
     match e {
-        D::Invalid(_) | D::Parse(_) | D::UnsafePath(..) | D::Json { .. } => Code::InvalidArgument,
+        D::Invalid(_) | D::Parse(_) | D::UnsafePath(..) | D::Json { .. } | D::Shards(_) => {
+            Code::InvalidArgument
+        }
         D::Signature(_) => Code::PermissionDenied,
         D::Artifact { .. } => Code::FailedPrecondition,
         D::ManifestMismatch { .. } => Code::DataLoss,

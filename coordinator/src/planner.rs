@@ -255,7 +255,7 @@ pub fn plan_step(
     };
     let shards = match &step.shards {
         None => None,
-        Some(sh) => match plan_shards(ctx, step, &inputs, &sh.over.value, sh.count) {
+        Some(sh) => match plan_shards(ctx, step, &inputs, &sh.over.value, sh.cut) {
             Ok(units) => Some(units),
             Err(e) => return fail(Some(cache_key), e),
         },
@@ -289,10 +289,14 @@ fn key_for(
                 _ => (r.name.as_str(), r.digest.as_str()),
             })
             .collect(),
-        shards: step
-            .shards
-            .as_ref()
-            .map(|s| (s.over.value.as_str(), s.count)),
+        shards: step.shards.as_ref().map(|s| match s.cut {
+            shard::Cut::Count(n) => (s.over.value.as_str(), n),
+            _ => (s.over.value.as_str(), 0),
+        }),
+        cut: step.shards.as_ref().and_then(|s| match s.cut {
+            shard::Cut::Count(_) => None,
+            cut => Some(cut.label()),
+        }),
         shard,
     };
     material.key()
@@ -410,19 +414,25 @@ fn plan_shards(
     step: &Step,
     inputs: &[ResolvedInput],
     over: &str,
-    count: u32,
+    cut: shard::Cut,
 ) -> Result<Vec<ShardUnit>, String> {
     let input = inputs
         .iter()
         .find(|r| r.name == over)
         .ok_or_else(|| format!("shards.over names unknown input '{over}'"))?;
     let hex = input.digest.trim_start_matches(digest::PREFIX);
-    let dest = ctx
-        .state_dir
-        .join("splits")
-        .join(format!("{}-{count}", &hex[..hex.len().min(32)]));
-    let split = shard::split(&input.path, count, &dest)
+    let dest =
+        ctx.state_dir
+            .join("splits")
+            .join(format!("{}-{}", &hex[..hex.len().min(32)], cut.label()));
+    let split = shard::split(&input.path, cut, &dest)
         .map_err(|e| format!("splitting input '{over}': {e}"))?;
+    // Each shard's cache key names its index among `count` (for `count`, the number
+    // asked, so keys stay what they were when a short input drops empty parts).
+    let count = match cut {
+        shard::Cut::Count(n) => n,
+        _ => split.parts.len() as u32,
+    };
     let shard_root = ctx.state_dir.join("shards").join(&step.id.value);
     let mut units = Vec::with_capacity(split.parts.len());
     for part in split.parts {

@@ -26,8 +26,13 @@ pub struct KeyMaterial<'a> {
     pub cache_hint: Option<&'a str>,
     /// Input name → content digest.
     pub inputs: BTreeMap<&'a str, &'a str>,
-    /// `(over, count)` for sharded steps.
+    /// `(over, count)` for sharded steps (count 0 when the step cuts by records or
+    /// size: then `cut` says how).
     pub shards: Option<(&'a str, u32)>,
+    /// How a step cut by records or size is cut (`r200`, `b67108864`); absent for
+    /// `count`, so that those keys are what they always were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cut: Option<String>,
     /// `(index, count)` when this key is for one shard.
     pub shard: Option<(u32, u32)>,
 }
@@ -62,6 +67,7 @@ mod tests {
             cache_hint: None,
             inputs: [("data", digest)].into_iter().collect(),
             shards: None,
+            cut: None,
             shard: None,
         }
     }
@@ -78,5 +84,25 @@ mod tests {
         hinted.cache_hint = Some("v2");
         assert_ne!(hinted.key(), base(&p1, "blake3:aa").key());
         assert_eq!(base(&p1, "blake3:aa").key().len(), 64);
+    }
+
+    #[test]
+    fn a_cut_by_records_or_size_is_in_the_key_and_a_count_keeps_its_old_key() {
+        let p = serde_json::json!({});
+        let mut count = base(&p, "blake3:aa");
+        count.shards = Some(("data", 4));
+        // The encoding of a `count` shard spec, as before `cut` existed.
+        let canon = String::from_utf8(count.canonical()).expect("utf8");
+        assert!(
+            canon.contains(r#""shards":["data",4]"#) && !canon.contains("cut"),
+            "{canon}"
+        );
+        let mut records = base(&p, "blake3:aa");
+        records.shards = Some(("data", 0));
+        records.cut = Some("r200".into());
+        let mut size = records.clone();
+        size.cut = Some("b1024".into());
+        assert_ne!(records.key(), size.key());
+        assert_ne!(records.key(), count.key());
     }
 }

@@ -52,6 +52,9 @@ pub enum Error {
     /// A signature or key was rejected.
     #[error("signature: {0}")]
     Signature(String),
+    /// An input cannot be cut into shards as the step asks (too many of them).
+    #[error("{0}")]
+    Shards(String),
     /// A name or path from outside would escape its directory.
     #[error("unsafe path {0:?}: {1}")]
     UnsafePath(String, &'static str),

@@ -1,4 +1,6 @@
-//! Fan-out: split one input into N parts by records.
+//! Fan-out: split one input into parts by records: N even parts (`count`), parts of
+//! N records (`records`), or parts of at most N bytes, cut at record boundaries
+//! (`size`; a record larger than that is a part of its own).
 //!
 //! Formats, chosen by the input: a directory (its files, sorted, dealt in contiguous
 //! runs), CSV/TSV (`.csv`, `.tsv`: the header is repeated in every part), FASTA (`.fa`,
@@ -69,6 +71,74 @@ pub struct Split {
     pub parts: Vec<Part>,
 }
 
+/// How a step's input is cut into shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// This many parts, as even as possible by records.
+    Count(u32),
+    /// Parts of this many records (the last one the rest).
+    Records(u64),
+    /// Parts of at most this many bytes of records (header excluded), cut between
+    /// records; a record larger than that is a part of its own.
+    Bytes(u64),
+}
+
+/// The most shards one step may have.
+pub const MAX_SHARDS: u64 = 100_000;
+
+impl Cut {
+    /// The records (or files) in each part, given each one's size in bytes.
+    pub fn sizes(self, weights: &[u64]) -> Vec<u64> {
+        let total = weights.len() as u64;
+        match self {
+            Cut::Count(n) => part_sizes(total, n),
+            Cut::Records(n) => {
+                let n = n.max(1);
+                let mut v = vec![n; (total / n) as usize];
+                if !total.is_multiple_of(n) || v.is_empty() {
+                    v.push(total % n);
+                }
+                v
+            }
+            Cut::Bytes(limit) => {
+                let mut v = Vec::new();
+                let (mut records, mut bytes) = (0u64, 0u64);
+                for &w in weights {
+                    if records > 0 && bytes + w > limit {
+                        v.push(records);
+                        (records, bytes) = (0, 0);
+                    }
+                    records += 1;
+                    bytes += w;
+                }
+                if records > 0 || v.is_empty() {
+                    v.push(records);
+                }
+                v
+            }
+        }
+    }
+
+    /// A short name of the cut, for the split's directory (`4`, `r200`, `b67108864`).
+    pub fn label(self) -> String {
+        match self {
+            Cut::Count(n) => n.to_string(),
+            Cut::Records(n) => format!("r{n}"),
+            Cut::Bytes(n) => format!("b{n}"),
+        }
+    }
+}
+
+impl std::fmt::Display for Cut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cut::Count(n) => write!(f, "{n} shards"),
+            Cut::Records(n) => write!(f, "shards of {n} records"),
+            Cut::Bytes(n) => write!(f, "shards of {}", crate::units::format_size(*n)),
+        }
+    }
+}
+
 /// Sizes of `count` contiguous parts of `total` records, as even as possible.
 pub fn part_sizes(total: u64, count: u32) -> Vec<u64> {
     let count = u64::from(count.max(1));
@@ -77,9 +147,10 @@ pub fn part_sizes(total: u64, count: u32) -> Vec<u64> {
         .collect()
 }
 
-/// Splits `input` into `count` parts under `dest` (created atomically; when `dest`
-/// already holds a finished split it is reused, since `dest` is named by content).
-pub fn split(input: &Path, count: u32, dest: &Path) -> Result<Split> {
+/// Splits `input` into parts as `cut` says under `dest` (created atomically; when
+/// `dest` already holds a finished split it is reused, since `dest` is named by
+/// content and cut). More than [`MAX_SHARDS`] parts is an error.
+pub fn split(input: &Path, cut: Cut, dest: &Path) -> Result<Split> {
     let index = dest.join("parts.json");
     if let Ok(bytes) = fs::read(&index)
         && let Ok(s) = serde_json::from_slice::<Split>(&bytes)
@@ -96,8 +167,8 @@ pub fn split(input: &Path, count: u32, dest: &Path) -> Result<Split> {
         .map(|e| format!(".{e}"))
         .unwrap_or_default();
     let mut parts = match format {
-        Format::Dir => split_dir(input, count, &tmp)?,
-        _ => split_records(input, format, count, &tmp, &ext)?,
+        Format::Dir => split_dir(input, cut, &tmp)?,
+        _ => split_records(input, format, cut, &tmp, &ext)?,
     };
     // A shard is never empty: with fewer records than shards, the empty parts (always
     // the last ones) are dropped. An empty input keeps one empty part, so the step
@@ -159,15 +230,29 @@ fn read_records(input: &Path, format: Format) -> Result<(Option<String>, Vec<Str
     Ok((header, records))
 }
 
+/// The parts' sizes, refused when there would be too many.
+fn sizes_within_bounds(cut: Cut, weights: &[u64], input: &Path) -> Result<Vec<u64>> {
+    let sizes = cut.sizes(weights);
+    if sizes.len() as u64 > MAX_SHARDS {
+        return Err(Error::Shards(format!(
+            "{}: {cut} would make {} shards, more than {MAX_SHARDS}",
+            input.display(),
+            sizes.len()
+        )));
+    }
+    Ok(sizes)
+}
+
 fn split_records(
     input: &Path,
     format: Format,
-    count: u32,
+    cut: Cut,
     tmp: &Path,
     ext: &str,
 ) -> Result<Vec<Part>> {
     let (header, records) = read_records(input, format)?;
-    let sizes = part_sizes(records.len() as u64, count);
+    let weights: Vec<u64> = records.iter().map(|r| r.len() as u64 + 1).collect();
+    let sizes = sizes_within_bounds(cut, &weights, input)?;
     let mut it = records.into_iter();
     let mut parts = Vec::new();
     for (i, size) in sizes.into_iter().enumerate() {
@@ -191,14 +276,14 @@ fn split_records(
     Ok(parts)
 }
 
-fn split_dir(input: &Path, count: u32, tmp: &Path) -> Result<Vec<Part>> {
+fn split_dir(input: &Path, cut: Cut, tmp: &Path) -> Result<Vec<Part>> {
     // A sealed artifact's content is its payload: never its meta.json or COMPLETE.
     let files = crate::artifact::input_files(input)?;
     // A directory holding one record file (an upstream artifact's payload, typically)
     // splits that file's records: each part is a directory with the same file name
     // holding a slice of them.
     if let [(rel, src, _)] = files.as_slice()
-        && count > 1
+        && cut != Cut::Count(1)
     {
         let format = Format::detect(src);
         let inner = tmp.join(".records");
@@ -208,7 +293,7 @@ fn split_dir(input: &Path, count: u32, tmp: &Path) -> Result<Vec<Part>> {
             .and_then(|e| e.to_str())
             .map(|e| format!(".{e}"))
             .unwrap_or_default();
-        let mut parts = split_records(src, format, count, &inner, &ext)?;
+        let mut parts = split_records(src, format, cut, &inner, &ext)?;
         for p in &mut parts {
             let dir = tmp.join(part_name(p.index));
             let to = dir.join(rel);
@@ -221,7 +306,11 @@ fn split_dir(input: &Path, count: u32, tmp: &Path) -> Result<Vec<Part>> {
         fs::remove_dir_all(&inner).ctx("remove", &inner)?;
         return Ok(parts);
     }
-    let sizes = part_sizes(files.len() as u64, count);
+    let weights: Vec<u64> = files
+        .iter()
+        .map(|(_, src, _)| fs::metadata(src).map(|m| m.len()).unwrap_or(0))
+        .collect();
+    let sizes = sizes_within_bounds(cut, &weights, input)?;
     let mut it = files.into_iter();
     let mut parts = Vec::new();
     for (i, size) in sizes.into_iter().enumerate() {
@@ -250,6 +339,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn cuts_by_records_and_bytes_keep_record_boundaries() {
+        let w = [10, 10, 10, 10, 10, 10, 10];
+        assert_eq!(Cut::Records(3).sizes(&w), vec![3, 3, 1]);
+        assert_eq!(Cut::Records(7).sizes(&w), vec![7]);
+        assert_eq!(Cut::Records(100).sizes(&w), vec![7]);
+        assert_eq!(Cut::Count(3).sizes(&w), vec![3, 2, 2]);
+        assert_eq!(Cut::Bytes(25).sizes(&w), vec![2, 2, 2, 1]);
+        assert_eq!(Cut::Bytes(30).sizes(&w), vec![3, 3, 1]);
+        // A record bigger than the limit is a part of its own; none is ever empty.
+        assert_eq!(Cut::Bytes(15).sizes(&[5, 40, 5, 5]), vec![1, 1, 2]);
+        assert_eq!(Cut::Bytes(15).sizes(&[]), vec![0]);
+        assert_eq!(Cut::Records(2).sizes(&[]), vec![0]);
+    }
+
+    #[test]
+    fn an_input_cut_into_more_than_the_most_shards_is_refused_with_its_name() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let many = d.path().join("many.txt");
+        let lines: String = (0..MAX_SHARDS + 1).map(|i| format!("{i}\n")).collect();
+        std::fs::write(&many, lines).expect("write");
+        let e = split(&many, Cut::Records(1), &d.path().join("s")).expect_err("too many");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("many.txt") && msg.contains("100001 shards"),
+            "{msg}"
+        );
+        assert!(!d.path().join("s").exists(), "nothing left behind");
+    }
+
+    #[test]
     fn sizes_are_even_and_complete() {
         assert_eq!(part_sizes(10, 4), vec![3, 3, 2, 2]);
         assert_eq!(part_sizes(2, 4), vec![1, 1, 0, 0]);
@@ -261,7 +380,7 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         let fa = d.path().join("x.fasta");
         fs::write(&fa, ">a\nMK\nLL\n>b\nQQ\n>c\nWW\n").expect("write");
-        let s = split(&fa, 2, &d.path().join("s1")).expect("split");
+        let s = split(&fa, Cut::Count(2), &d.path().join("s1")).expect("split");
         assert_eq!(s.format, Format::Fasta);
         assert_eq!(s.parts.len(), 2);
         assert_eq!(
@@ -275,7 +394,7 @@ mod tests {
 
         let csv = d.path().join("t.csv");
         fs::write(&csv, "h1,h2\n1,2\n3,4\n5,6\n").expect("write");
-        let s = split(&csv, 3, &d.path().join("s2")).expect("split");
+        let s = split(&csv, Cut::Count(3), &d.path().join("s2")).expect("split");
         assert_eq!(
             fs::read_to_string(&s.parts[2].path).expect("read"),
             "h1,h2\n5,6\n"
@@ -283,13 +402,13 @@ mod tests {
 
         let jl = d.path().join("r.jsonl");
         fs::write(&jl, "{}\n{}\n{}\n").expect("write");
-        let s = split(&jl, 2, &d.path().join("s3")).expect("split");
+        let s = split(&jl, Cut::Count(2), &d.path().join("s3")).expect("split");
         assert_eq!(
             s.parts.iter().map(|p| p.records).collect::<Vec<_>>(),
             vec![2, 1]
         );
         // A second call reuses the finished split.
-        let again = split(&jl, 2, &d.path().join("s3")).expect("split");
+        let again = split(&jl, Cut::Count(2), &d.path().join("s3")).expect("split");
         assert_eq!(again, s);
     }
 
@@ -301,7 +420,7 @@ mod tests {
         for n in ["a", "b", "c"] {
             fs::write(input.join(n), n).expect("write");
         }
-        let s = split(&input, 2, &d.path().join("s")).expect("split");
+        let s = split(&input, Cut::Count(2), &d.path().join("s")).expect("split");
         assert_eq!(s.format, Format::Dir);
         assert!(s.parts[0].path.join("a").is_file() && s.parts[0].path.join("b").is_file());
         assert!(s.parts[1].path.join("c").is_file());
@@ -317,7 +436,7 @@ mod tests {
         // records.
         fs::write(input.join("meta.json"), "{}").expect("write");
         fs::write(input.join("COMPLETE"), "").expect("write");
-        let s = split(&input, 2, &d.path().join("s")).expect("split");
+        let s = split(&input, Cut::Count(2), &d.path().join("s")).expect("split");
         assert_eq!(s.format, Format::Dir);
         assert_eq!(
             s.parts.iter().map(|p| p.records).collect::<Vec<_>>(),
@@ -332,18 +451,18 @@ mod tests {
             ">c\nQQ\n"
         );
         // More shards than records: only as many shards as records.
-        let s = split(&input, 8, &d.path().join("s8")).expect("split");
+        let s = split(&input, Cut::Count(8), &d.path().join("s8")).expect("split");
         assert_eq!(s.parts.len(), 3);
         assert!(s.parts.iter().all(|p| p.records == 1));
         let lines = d.path().join("two.txt");
         fs::write(&lines, "x\ny\n").expect("write");
-        let s = split(&lines, 4, &d.path().join("l4")).expect("split");
+        let s = split(&lines, Cut::Count(4), &d.path().join("l4")).expect("split");
         assert_eq!(s.parts.len(), 2);
         assert!(!d.path().join("l4/part-00002.txt").exists());
         // An empty input still has one (empty) part.
         let empty = d.path().join("empty.txt");
         fs::write(&empty, "").expect("write");
-        let s = split(&empty, 4, &d.path().join("e")).expect("split");
+        let s = split(&empty, Cut::Count(4), &d.path().join("e")).expect("split");
         assert_eq!(s.parts.len(), 1);
     }
 }

@@ -112,13 +112,14 @@ pub struct Resources {
     pub compute_capability: Option<(u32, u32)>,
 }
 
-/// Fan-out: split the input `over` into `count` parts, one job each.
+/// Fan-out: split the input `over` into parts, one job each: `count` even parts,
+/// parts of `records` records, or parts of at most `size` bytes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Shards {
     /// The input name to split.
     pub over: Spanned<String>,
-    /// How many parts.
-    pub count: u32,
+    /// How it is cut.
+    pub cut: crate::shard::Cut,
 }
 
 /// How results from untrusted workers are compared.

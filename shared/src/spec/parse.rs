@@ -632,15 +632,55 @@ pub(super) fn parse_resources(v: &Node, label: &str, d: &mut Diagnostics) -> Res
 }
 
 pub(super) fn parse_shards(v: &Node, label: &str, d: &mut Diagnostics) -> Option<Shards> {
+    use crate::shard::{Cut, MAX_SHARDS};
+    const CUTS: [&str; 3] = ["count", "records", "size"];
     let es = map_entries(v, "shards", d)?;
     check_duplicate_keys(es, "shards", d);
     let mut over = None;
-    let mut count = None;
+    let mut cuts: Vec<(&str, Option<Cut>)> = Vec::new();
     for (k, val) in es {
         match k.as_str() {
             Some("over") => over = string_of(val, "shards.over", d),
-            Some("count") => count = parse_u32(val, "shards.count", label, d),
-            _ => unknown_field(d, k, "shards", &["over", "count"]),
+            Some("count") => {
+                let n = parse_u32(val, "shards.count", label, d);
+                if n.is_some_and(|c| c == 0 || u64::from(c) > MAX_SHARDS) {
+                    d.push(
+                        val.pos,
+                        format!("{label}: 'shards.count' must be between 1 and {MAX_SHARDS}"),
+                    );
+                    return None;
+                }
+                cuts.push(("count", n.map(Cut::Count)));
+            }
+            Some("records") => {
+                let n = parse_u32(val, "shards.records", label, d);
+                if n == Some(0) {
+                    d.push(
+                        val.pos,
+                        format!("{label}: 'shards.records' must be at least 1"),
+                    );
+                    return None;
+                }
+                cuts.push(("records", n.map(|n| Cut::Records(u64::from(n)))));
+            }
+            Some("size") => {
+                let n = match val.as_str().map(crate::units::parse_size) {
+                    Some(Ok(0)) | None => {
+                        d.push(
+                            val.pos,
+                            format!("{label}: 'shards.size' must be a size above zero, e.g. 64MiB"),
+                        );
+                        return None;
+                    }
+                    Some(Err(e)) => {
+                        d.push(val.pos, format!("{label}: 'shards.size': {e}"));
+                        return None;
+                    }
+                    Some(Ok(n)) => n,
+                };
+                cuts.push(("size", Some(Cut::Bytes(n))));
+            }
+            _ => unknown_field(d, k, "shards", &["over", "count", "records", "size"]),
         }
     }
     if over.is_none() && !es.iter().any(|(k, _)| k.as_str() == Some("over")) {
@@ -649,20 +689,27 @@ pub(super) fn parse_shards(v: &Node, label: &str, d: &mut Diagnostics) -> Option
             format!("{label}: 'shards' needs 'over' (an input name)"),
         );
     }
-    if count.is_none() && !es.iter().any(|(k, _)| k.as_str() == Some("count")) {
-        d.push(v.pos, format!("{label}: 'shards' needs 'count'"));
-    }
-    if count == Some(0) || count.is_some_and(|c| c > 100_000) {
-        d.push(
-            v.pos,
-            format!("{label}: 'shards.count' must be between 1 and 100000"),
-        );
-        return None;
-    }
-    Some(Shards {
-        over: over?,
-        count: count?,
-    })
+    let cut = match cuts.as_slice() {
+        [] => {
+            d.push(
+                v.pos,
+                format!(
+                    "{label}: 'shards' needs one of {} (how to cut the input)",
+                    CUTS.map(|c| format!("'{c}'")).join(", ")
+                ),
+            );
+            return None;
+        }
+        [(_, cut)] => (*cut)?,
+        [(a, _), (b, _), ..] => {
+            d.push(
+                v.pos,
+                format!("{label}: 'shards' takes one of 'count', 'records' and 'size', not both '{a}' and '{b}'"),
+            );
+            return None;
+        }
+    };
+    Some(Shards { over: over?, cut })
 }
 
 impl std::str::FromStr for Validation {

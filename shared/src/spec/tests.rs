@@ -49,7 +49,10 @@ pipeline:
     assert_eq!(c.timeout, Some(Duration::from_secs(5400)));
     assert_eq!(c.resources.gpu_memory, Some(40 << 30));
     assert_eq!(c.resources.compute_capability, Some((8, 0)));
-    assert_eq!(c.shards.as_ref().map(|s| s.count), Some(4));
+    assert_eq!(
+        c.shards.as_ref().map(|s| s.cut),
+        Some(crate::shard::Cut::Count(4))
+    );
     let up = &l.dag.upstream[2]["second"];
     assert_eq!((up.step, up.output.as_str()), (1, "y"));
     assert_eq!(up.subpath.as_deref(), Some(Path::new("file.txt")));
@@ -161,6 +164,59 @@ fn shards_must_name_an_input_and_steps_may_not_read_their_own_output() {
             &d,
             "p.yaml:7:30: step 'a': input 'own' reads the step's own output"
         ),
+        "{d:?}"
+    );
+}
+
+#[test]
+fn shards_cut_by_count_records_or_size_and_exactly_one_of_them() {
+    use crate::shard::Cut;
+    let with = |cut: &str| {
+        format!(
+            "pipeline:\n  name: x\n  steps:\n    - id: a\n      uses: exec\n      params: {{cmd: [x]}}\n      in: {{d: data.txt}}\n      shards: {{over: d, {cut}}}\n      out: artifacts/a\n"
+        )
+    };
+    for (cut, want) in [
+        ("count: 8", Cut::Count(8)),
+        ("records: 200", Cut::Records(200)),
+        ("size: 64MiB", Cut::Bytes(64 << 20)),
+        ("size: 4096", Cut::Bytes(4096)),
+    ] {
+        let l = load_str("p.yaml", &with(cut), Path::new("/proj")).expect(cut);
+        assert_eq!(
+            l.pipeline.steps[0].shards.as_ref().map(|s| s.cut),
+            Some(want)
+        );
+    }
+    for (cut, says) in [
+        (
+            "count: 2, records: 5",
+            "p.yaml:8:15: step 'a': 'shards' takes one of 'count', 'records' and 'size', not both 'count' and 'records'",
+        ),
+        (
+            "records: 0",
+            "p.yaml:8:34: step 'a': 'shards.records' must be at least 1",
+        ),
+        (
+            "size: 0",
+            "p.yaml:8:31: step 'a': 'shards.size' must be a size above zero",
+        ),
+        ("size: lots", "p.yaml:8:31: step 'a': 'shards.size': "),
+        (
+            "count: 100001",
+            "p.yaml:8:32: step 'a': 'shards.count' must be between 1 and 100000",
+        ),
+        (
+            "bytes: 5",
+            "p.yaml:8:25: unknown field 'bytes' in shards (expected one of: over, count, records, size)",
+        ),
+    ] {
+        let d = diags(&with(cut));
+        assert!(has(&d, says), "{cut}: {d:?}");
+    }
+    let d = diags(&with("").replace(", }", "}"));
+    assert!(
+        has(&d, "'shards' needs one of 'count', 'records', 'size'"),
         "{d:?}"
     );
 }
