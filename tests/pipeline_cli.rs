@@ -313,7 +313,9 @@ fn shards_by_records_or_size_cut_at_record_boundaries_and_rerun_only_what_change
     let p = Project::new();
     let log = p.path().join("executions.log");
     // Lines of 2, 4, 6, ... 20 bytes with their newlines.
-    let lines: String = (1..=10).map(|i| format!("{}\n", "x".repeat(2 * i - 1))).collect();
+    let lines: String = (1..=10)
+        .map(|i| format!("{}\n", "x".repeat(2 * i - 1)))
+        .collect();
     p.write("lines.txt", &lines);
     p.write(
         "cut.yaml",
@@ -367,7 +369,13 @@ pipeline:
     // At most 30 bytes with newlines: 2+4+6+8=20 (+10 is 30: fits), then 12+14, ...
     assert_eq!(
         parts("by_size"),
-        [vec![1, 3, 5, 7, 9], vec![11, 13], vec![15], vec![17], vec![19]]
+        [
+            vec![1, 3, 5, 7, 9],
+            vec![11, 13],
+            vec![15],
+            vec![17],
+            vec![19]
+        ]
     );
     let ran = p.executions().len();
     assert_eq!(ran, 4 + 5);

@@ -151,6 +151,11 @@ pub fn part_sizes(total: u64, count: u32) -> Vec<u64> {
 /// `dest` already holds a finished split it is reused, since `dest` is named by
 /// content and cut). More than [`MAX_SHARDS`] parts is an error.
 pub fn split(input: &Path, cut: Cut, dest: &Path) -> Result<Split> {
+    split_bounded(input, cut, dest, MAX_SHARDS)
+}
+
+/// [`split`] with at most `max` parts.
+fn split_bounded(input: &Path, cut: Cut, dest: &Path, max: u64) -> Result<Split> {
     let index = dest.join("parts.json");
     if let Ok(bytes) = fs::read(&index)
         && let Ok(s) = serde_json::from_slice::<Split>(&bytes)
@@ -166,9 +171,17 @@ pub fn split(input: &Path, cut: Cut, dest: &Path) -> Result<Split> {
         .and_then(|e| e.to_str())
         .map(|e| format!(".{e}"))
         .unwrap_or_default();
-    let mut parts = match format {
-        Format::Dir => split_dir(input, cut, &tmp)?,
-        _ => split_records(input, format, cut, &tmp, &ext)?,
+    let parts = match format {
+        Format::Dir => split_dir(input, cut, &tmp, max),
+        _ => split_records(input, format, (cut, max), &tmp, &ext),
+    };
+    let mut parts = match parts {
+        Ok(p) => p,
+        Err(e) => {
+            // Half a split is never kept: the next try starts afresh anyway.
+            let _ = crate::artifact::remove_tree(&tmp);
+            return Err(e);
+        }
     };
     // A shard is never empty: with fewer records than shards, the empty parts (always
     // the last ones) are dropped. An empty input keeps one empty part, so the step
@@ -202,81 +215,223 @@ fn part_name(i: u32) -> String {
     format!("part-{i:05}")
 }
 
-fn read_records(input: &Path, format: Format) -> Result<(Option<String>, Vec<String>)> {
-    let f = fs::File::open(input).ctx("open", input)?;
-    let mut header = None;
-    let mut records: Vec<String> = Vec::new();
-    for (n, line) in BufReader::new(f).lines().enumerate() {
-        let line = line.ctx("read", input)?;
-        match format {
-            Format::Csv if n == 0 => header = Some(line),
-            Format::Fasta => {
-                if line.starts_with('>') || records.is_empty() {
-                    records.push(line);
-                } else if let Some(last) = records.last_mut() {
-                    last.push('\n');
-                    last.push_str(&line);
+/// An input's records, read one at a time in constant memory: a record is written out
+/// as its lines, each without its line end (`\n` or `\r\n`) and followed by `\n`.
+/// Lines and CSV: one line each, trailing empty lines dropped (a CSV's first line is
+/// its header, not a record); FASTA: a line and those up to the next `>` line.
+struct Records {
+    r: BufReader<fs::File>,
+    path: PathBuf,
+    format: Format,
+    /// A line read ahead: the next FASTA record's first, or the non-empty line that
+    /// ends a run of empty ones.
+    stash: Option<Vec<u8>>,
+    /// Empty lines seen and not yet given out as records.
+    empties: u64,
+}
+
+impl Records {
+    /// Opens `input`; returns its CSV header (if any) and its records.
+    fn open(input: &Path, format: Format) -> Result<(Option<Vec<u8>>, Records)> {
+        let f = fs::File::open(input).ctx("open", input)?;
+        let mut r = Records {
+            r: BufReader::with_capacity(1 << 20, f),
+            path: input.to_path_buf(),
+            format,
+            stash: None,
+            empties: 0,
+        };
+        let header = match format {
+            Format::Csv => r.line()?,
+            _ => None,
+        };
+        Ok((header, r))
+    }
+
+    fn line(&mut self) -> Result<Option<Vec<u8>>> {
+        let mut l = Vec::new();
+        if self.r.read_until(b'\n', &mut l).ctx("read", &self.path)? == 0 {
+            return Ok(None);
+        }
+        if l.last() == Some(&b'\n') {
+            l.pop();
+            if l.last() == Some(&b'\r') {
+                l.pop();
+            }
+        }
+        Ok(Some(l))
+    }
+
+    /// Appends the next record to `out`; false at the end.
+    fn next(&mut self, out: &mut Vec<u8>) -> Result<bool> {
+        if self.format == Format::Fasta {
+            let first = match self.stash.take() {
+                Some(l) => l,
+                None => match self.line()? {
+                    Some(l) => l,
+                    None => return Ok(false),
+                },
+            };
+            out.extend_from_slice(&first);
+            out.push(b'\n');
+            loop {
+                match self.line()? {
+                    None => return Ok(true),
+                    Some(l) if l.starts_with(b">") => {
+                        self.stash = Some(l);
+                        return Ok(true);
+                    }
+                    Some(l) => {
+                        out.extend_from_slice(&l);
+                        out.push(b'\n');
+                    }
                 }
             }
-            _ => records.push(line),
+        }
+        if self.stash.is_some() && self.empties > 0 {
+            self.empties -= 1;
+            out.push(b'\n');
+            return Ok(true);
+        }
+        if let Some(l) = self.stash.take() {
+            out.extend_from_slice(&l);
+            out.push(b'\n');
+            return Ok(true);
+        }
+        loop {
+            match self.line()? {
+                // Trailing empty lines are not records.
+                None => return Ok(false),
+                Some(l) if l.is_empty() => self.empties += 1,
+                Some(l) if self.empties > 0 => {
+                    self.stash = Some(l);
+                    self.empties -= 1;
+                    out.push(b'\n');
+                    return Ok(true);
+                }
+                Some(l) => {
+                    out.extend_from_slice(&l);
+                    out.push(b'\n');
+                    return Ok(true);
+                }
+            }
         }
     }
-    if matches!(format, Format::Lines | Format::Csv) {
-        // A trailing empty line is not a record.
-        while records.last().is_some_and(|r| r.is_empty()) {
-            records.pop();
-        }
-    }
-    Ok((header, records))
 }
 
 /// The parts' sizes, refused when there would be too many.
-fn sizes_within_bounds(cut: Cut, weights: &[u64], input: &Path) -> Result<Vec<u64>> {
+fn sizes_within_bounds(cut: Cut, weights: &[u64], input: &Path, max: u64) -> Result<Vec<u64>> {
     let sizes = cut.sizes(weights);
-    if sizes.len() as u64 > MAX_SHARDS {
-        return Err(Error::Shards(format!(
-            "{}: {cut} would make {} shards, more than {MAX_SHARDS}",
-            input.display(),
-            sizes.len()
-        )));
+    if sizes.len() as u64 > max {
+        return Err(too_many(cut, input, max));
     }
     Ok(sizes)
 }
 
+fn too_many(cut: Cut, input: &Path, max: u64) -> Error {
+    Error::Shards(format!(
+        "{}: {cut} would make more than {max} shards",
+        input.display()
+    ))
+}
+
+/// One part being written.
+struct Open {
+    w: std::io::BufWriter<fs::File>,
+    path: PathBuf,
+    records: u64,
+    bytes: u64,
+}
+
+/// Splits a record file in one streaming pass (two for `count`, which first counts
+/// the records): memory stays that of one record and the parts' list, whatever the
+/// input's size. The parts' bytes are the same as reading every record first.
 fn split_records(
     input: &Path,
     format: Format,
-    cut: Cut,
+    (cut, max): (Cut, u64),
     tmp: &Path,
     ext: &str,
 ) -> Result<Vec<Part>> {
-    let (header, records) = read_records(input, format)?;
-    let weights: Vec<u64> = records.iter().map(|r| r.len() as u64 + 1).collect();
-    let sizes = sizes_within_bounds(cut, &weights, input)?;
-    let mut it = records.into_iter();
-    let mut parts = Vec::new();
-    for (i, size) in sizes.into_iter().enumerate() {
-        let i = i as u32;
-        let path = tmp.join(format!("{}{ext}", part_name(i)));
-        let mut w = std::io::BufWriter::new(fs::File::create(&path).ctx("create", &path)?);
+    let sizes = match cut {
+        Cut::Count(n) => {
+            let (_, mut recs) = Records::open(input, format)?;
+            let (mut total, mut rec) = (0u64, Vec::new());
+            while recs.next(&mut rec)? {
+                total += 1;
+                rec.clear();
+            }
+            part_sizes(total, n)
+        }
+        _ => Vec::new(),
+    };
+    let (header, mut recs) = Records::open(input, format)?;
+    let mut parts: Vec<Part> = Vec::new();
+    let mut open: Option<Open> = None;
+    let start = |i: usize| -> Result<Open> {
+        let path = tmp.join(format!("{}{ext}", part_name(i as u32)));
+        let mut w = std::io::BufWriter::with_capacity(
+            1 << 20,
+            fs::File::create(&path).ctx("create", &path)?,
+        );
         if let Some(h) = &header {
-            writeln!(w, "{h}").ctx("write", &path)?;
+            w.write_all(h).ctx("write", &path)?;
+            w.write_all(b"\n").ctx("write", &path)?;
         }
-        for r in it.by_ref().take(size as usize) {
-            writeln!(w, "{r}").ctx("write", &path)?;
-        }
-        w.flush().ctx("write", &path)?;
-        parts.push(Part {
-            index: i,
+        Ok(Open {
+            w,
             path,
-            records: size,
+            records: 0,
+            bytes: 0,
+        })
+    };
+    let finish = |o: Open, parts: &mut Vec<Part>| -> Result<()> {
+        let mut w = o.w;
+        w.flush().ctx("write", &o.path)?;
+        parts.push(Part {
+            index: parts.len() as u32,
+            path: o.path,
+            records: o.records,
             digest: String::new(),
         });
+        Ok(())
+    };
+    let mut rec = Vec::new();
+    loop {
+        rec.clear();
+        if !recs.next(&mut rec)? {
+            break;
+        }
+        let weight = rec.len() as u64;
+        let full = open.as_ref().is_none_or(|o| match cut {
+            Cut::Count(_) => o.records >= sizes.get(parts.len()).copied().unwrap_or(u64::MAX),
+            Cut::Records(n) => o.records >= n.max(1),
+            Cut::Bytes(limit) => o.bytes + weight > limit,
+        });
+        if full {
+            if let Some(o) = open.take() {
+                finish(o, &mut parts)?;
+            }
+            if parts.len() as u64 >= max {
+                return Err(too_many(cut, input, max));
+            }
+            open = Some(start(parts.len())?);
+        }
+        if let Some(o) = open.as_mut() {
+            o.w.write_all(&rec).ctx("write", &o.path)?;
+            o.records += 1;
+            o.bytes += weight;
+        }
+    }
+    match open.take() {
+        Some(o) => finish(o, &mut parts)?,
+        // An empty input: one empty part, so the step still runs once.
+        None => finish(start(0)?, &mut parts)?,
     }
     Ok(parts)
 }
 
-fn split_dir(input: &Path, cut: Cut, tmp: &Path) -> Result<Vec<Part>> {
+fn split_dir(input: &Path, cut: Cut, tmp: &Path, max: u64) -> Result<Vec<Part>> {
     // A sealed artifact's content is its payload: never its meta.json or COMPLETE.
     let files = crate::artifact::input_files(input)?;
     // A directory holding one record file (an upstream artifact's payload, typically)
@@ -293,7 +448,7 @@ fn split_dir(input: &Path, cut: Cut, tmp: &Path) -> Result<Vec<Part>> {
             .and_then(|e| e.to_str())
             .map(|e| format!(".{e}"))
             .unwrap_or_default();
-        let mut parts = split_records(src, format, cut, &inner, &ext)?;
+        let mut parts = split_records(src, format, (cut, max), &inner, &ext)?;
         for p in &mut parts {
             let dir = tmp.join(part_name(p.index));
             let to = dir.join(rel);
@@ -310,7 +465,7 @@ fn split_dir(input: &Path, cut: Cut, tmp: &Path) -> Result<Vec<Part>> {
         .iter()
         .map(|(_, src, _)| fs::metadata(src).map(|m| m.len()).unwrap_or(0))
         .collect();
-    let sizes = sizes_within_bounds(cut, &weights, input)?;
+    let sizes = sizes_within_bounds(cut, &weights, input, max)?;
     let mut it = files.into_iter();
     let mut parts = Vec::new();
     for (i, size) in sizes.into_iter().enumerate() {
@@ -338,6 +493,102 @@ fn split_dir(input: &Path, cut: Cut, tmp: &Path) -> Result<Vec<Part>> {
 mod tests {
     use super::*;
 
+    /// The split as it was before it streamed: every record read into memory first
+    /// (as text lines), then written out part by part.
+    fn in_memory(input: &str, format: Format, cut: Cut) -> Vec<String> {
+        let mut header = None;
+        let mut records: Vec<String> = Vec::new();
+        for (n, line) in std::io::BufRead::lines(input.as_bytes()).enumerate() {
+            let line = line.expect("utf8");
+            match format {
+                Format::Csv if n == 0 => header = Some(line),
+                Format::Fasta => {
+                    if line.starts_with('>') || records.is_empty() {
+                        records.push(line);
+                    } else if let Some(last) = records.last_mut() {
+                        last.push('\n');
+                        last.push_str(&line);
+                    }
+                }
+                _ => records.push(line),
+            }
+        }
+        if matches!(format, Format::Lines | Format::Csv) {
+            while records.last().is_some_and(|r| r.is_empty()) {
+                records.pop();
+            }
+        }
+        let weights: Vec<u64> = records.iter().map(|r| r.len() as u64 + 1).collect();
+        let mut sizes = cut.sizes(&weights);
+        while sizes.len() > 1 && sizes.last() == Some(&0) {
+            sizes.pop();
+        }
+        let mut it = records.into_iter();
+        sizes
+            .into_iter()
+            .map(|n| {
+                let mut part = header
+                    .as_ref()
+                    .map(|h| format!("{h}\n"))
+                    .unwrap_or_default();
+                for r in it.by_ref().take(n as usize) {
+                    part.push_str(&r);
+                    part.push('\n');
+                }
+                part
+            })
+            .collect()
+    }
+
+    use proptest::strategy::Strategy as _;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+        /// Streaming gives the very bytes the in-memory split gave (so cache keys, which
+        /// cover each part's digest, do not change), for every format and cut, with
+        /// empty lines, CRLF line ends and no final newline.
+        #[test]
+        fn streaming_splits_are_byte_identical_to_reading_everything_first(
+            lines in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::strategy::Just(String::new()),
+                    proptest::strategy::Just(">h".to_string()),
+                    "[a-z,]{1,12}",
+                ],
+                0..40,
+            ),
+            crlf in proptest::bool::ANY,
+            final_newline in proptest::bool::ANY,
+            which in 0usize..3,
+            cut in proptest::prop_oneof![
+                (1u32..9).prop_map(Cut::Count),
+                (1u64..9).prop_map(Cut::Records),
+                (1u64..60).prop_map(Cut::Bytes),
+            ],
+        ) {
+            let (format, ext) = [(Format::Lines, "txt"), (Format::Csv, "csv"), (Format::Fasta, "fa")][which];
+            let end = if crlf { "\r\n" } else { "\n" };
+            let mut text = lines.join(end);
+            if final_newline && !lines.is_empty() {
+                text.push_str(end);
+            }
+            let d = tempfile::tempdir().expect("tempdir");
+            let input = d.path().join(format!("in.{ext}"));
+            fs::write(&input, &text).expect("write");
+            let s = split(&input, cut, &d.path().join("s")).expect("split");
+            let got: Vec<String> = s
+                .parts
+                .iter()
+                .map(|p| fs::read_to_string(&p.path).expect("part"))
+                .collect();
+            let want = in_memory(&text, format, cut);
+            proptest::prop_assert_eq!(got, want);
+            for (i, p) in s.parts.iter().enumerate() {
+                proptest::prop_assert_eq!(p.index as usize, i);
+            }
+        }
+    }
+
     #[test]
     fn cuts_by_records_and_bytes_keep_record_boundaries() {
         let w = [10, 10, 10, 10, 10, 10, 10];
@@ -357,15 +608,30 @@ mod tests {
     fn an_input_cut_into_more_than_the_most_shards_is_refused_with_its_name() {
         let d = tempfile::tempdir().expect("tempdir");
         let many = d.path().join("many.txt");
-        let lines: String = (0..MAX_SHARDS + 1).map(|i| format!("{i}\n")).collect();
+        let lines: String = (0..11).map(|i| format!("{i}\n")).collect();
         std::fs::write(&many, lines).expect("write");
-        let e = split(&many, Cut::Records(1), &d.path().join("s")).expect_err("too many");
+        // As `split` with MAX_SHARDS, on a smaller scale.
+        let e =
+            split_bounded(&many, Cut::Records(1), &d.path().join("s"), 10).expect_err("too many");
         let msg = e.to_string();
         assert!(
-            msg.contains("many.txt") && msg.contains("100001 shards"),
+            msg.contains("many.txt")
+                && msg.contains("shards of 1 records would make more than 10 shards"),
             "{msg}"
         );
-        assert!(!d.path().join("s").exists(), "nothing left behind");
+        let dest = d.path().join("s");
+        assert!(
+            !dest.exists() && !crate::artifact::tmp_path(&dest).exists(),
+            "nothing left behind"
+        );
+        let dir = d.path().join("files");
+        fs::create_dir_all(&dir).expect("mkdir");
+        for i in 0..11 {
+            fs::write(dir.join(format!("f{i}")), "x").expect("write");
+        }
+        let e = split_bounded(&dir, Cut::Bytes(1), &d.path().join("sd"), 10).expect_err("too many");
+        assert!(e.to_string().contains("more than 10 shards"), "{e}");
+        assert!(split(&dir, Cut::Bytes(1), &d.path().join("ok")).is_ok());
     }
 
     #[test]
