@@ -10,11 +10,14 @@
 //!   coordinator process: heartbeats handled per second, its CPU and RSS.
 //! - `store`: the run-state store at a million records: write rate, space
 //!   amplification after writing and rewriting, reopen and read-back time.
+//! - `fanout`: one step over a generated record file cut into many shards, on a
+//!   coordinator process: time to the first lease, peak RSS, shard jobs/s, disk.
 //! - `recover`: a coordinator SIGKILLed with a large run in its store, restarted:
 //!   seconds until a worker holds a lease again.
 //! - `seal`: sealing a large checkpoint (the worker's hash and signature, the
 //!   coordinator's check, fsync, rename and `COMPLETE`), phase by phase.
 
+mod fanout;
 mod mesh;
 mod recover;
 mod runner;
@@ -149,6 +152,25 @@ enum Cmd {
         #[arg(long, default_value_t = 1_000_000)]
         records: usize,
     },
+    /// One step fanned out over a generated record file on a coordinator process:
+    /// time to the first lease, peak RSS, shard jobs/s, what the data dir holds.
+    Fanout {
+        /// Records generated (one JSON line each).
+        #[arg(long, default_value_t = 1_000_000)]
+        records: u64,
+        /// Shards the step is cut into (`shards: {count: N}`).
+        #[arg(long, default_value_t = 10_000)]
+        shards: u32,
+        /// Simulated workers.
+        #[arg(long, default_value_t = 16)]
+        workers: usize,
+        /// Slots per worker.
+        #[arg(long, default_value_t = 4)]
+        slots: usize,
+        /// The coordinator binary (default: next to this one).
+        #[arg(long)]
+        coordinator: Option<PathBuf>,
+    },
     /// A coordinator SIGKILLed with a run of many jobs in its store and restarted:
     /// seconds until a freshly enrolled worker holds a lease.
     Recover {
@@ -206,6 +228,23 @@ fn main() -> anyhow::Result<()> {
             jobs,
             scratch,
         } => mesh::run(workers, slots, jobs, scratch, cli.json),
+        Cmd::Fanout {
+            records,
+            shards,
+            workers,
+            slots,
+            coordinator,
+        } => fanout::run(
+            fanout::Args {
+                records,
+                shards,
+                workers,
+                slots,
+                coordinator,
+            },
+            &target_dir()?,
+            cli.json,
+        ),
         Cmd::Recover { jobs } => recover::run(jobs, &target_dir()?, cli.json),
         Cmd::Store { records } => store::run(records, &target_dir()?, cli.json),
         Cmd::Workers {

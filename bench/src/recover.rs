@@ -60,8 +60,7 @@ pub fn run(jobs: usize, scratch: &Path, json: bool) -> anyhow::Result<()> {
     // Planned and queued: its jobs are in memory and its records in the store.
     std::thread::sleep(Duration::from_secs(1));
     let (_, rss_before, _) = usage(first.id())?;
-    first.kill()?;
-    let _ = first.wait();
+    first.kill();
 
     let restarted = Instant::now();
     let (mut second, url) = start_coordinator(None, &data, 2000)?;
@@ -84,8 +83,7 @@ pub fn run(jobs: usize, scratch: &Path, json: bool) -> anyhow::Result<()> {
         }
     })?;
     let (_, rss_after, _) = usage(second.id())?;
-    let _ = second.kill();
-    let _ = second.wait();
+    second.kill();
     let store = nexa_coordinator::SledStore::open(&data.join("store"))?.size_on_disk();
     if std::env::var_os("NEXA_BENCH_KEEP").is_some() {
         eprintln!("kept {}", dir.keep().display());

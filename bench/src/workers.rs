@@ -113,13 +113,35 @@ pub(crate) async fn enrol(url: String, n: usize) -> anyhow::Result<Sim> {
     Ok(Sim { client, session })
 }
 
+/// A coordinator process, killed when dropped (a failed bench leaves none running).
+pub(crate) struct Coordinator(pub(crate) std::process::Child);
+
+impl Coordinator {
+    /// Its process id.
+    pub(crate) fn id(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// SIGKILLs it and reaps it.
+    pub(crate) fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// Starts the coordinator binary beside this one on a free port; returns it and its URL
 /// once it accepts connections.
 pub(crate) fn start_coordinator(
     bin: Option<&Path>,
     data: &Path,
     heartbeat_ms: u64,
-) -> anyhow::Result<(std::process::Child, String)> {
+) -> anyhow::Result<(Coordinator, String)> {
     let bin = match bin {
         Some(b) => b.to_path_buf(),
         None => std::env::current_exe()?.with_file_name("nexa-coordinator"),
@@ -133,30 +155,35 @@ pub(crate) fn start_coordinator(
         .local_addr()?
         .port();
     let listen = format!("127.0.0.1:{port}");
-    let child = std::process::Command::new(&bin)
-        .args(["serve", "--listen", &listen, "--data-dir"])
-        .arg(data)
-        .args([
-            "--open-enrolment",
-            "--operator-token",
-            "bench",
-            "--min-free",
-            "0",
-        ])
-        .arg(format!("--heartbeat-ms={heartbeat_ms}"))
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        // Its log beside its data dir, appended to across restarts.
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(data.with_extension("log"))?,
-        )
-        .spawn()?;
+    let mut child = Coordinator(
+        std::process::Command::new(&bin)
+            .args(["serve", "--listen", &listen, "--data-dir"])
+            .arg(data)
+            .args([
+                "--open-enrolment",
+                "--operator-token",
+                "bench",
+                "--min-free",
+                "0",
+            ])
+            .arg(format!("--heartbeat-ms={heartbeat_ms}"))
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            // Its log beside its data dir, appended to across restarts.
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(data.with_extension("log"))?,
+            )
+            .spawn()?,
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(&listen).is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "the coordinator did not listen");
+        if Instant::now() >= deadline {
+            child.kill();
+            anyhow::bail!("the coordinator did not listen");
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok((child, format!("http://{listen}")))
@@ -176,8 +203,7 @@ pub fn run(args: Args, scratch: &Path, json: bool) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let result = rt.block_on(bench(&args, &url, child.id(), json));
-    let _ = child.kill();
-    let _ = child.wait();
+    child.kill();
     result
 }
 

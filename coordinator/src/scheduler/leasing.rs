@@ -394,7 +394,7 @@ impl Engine {
     }
 
     /// Sets the reminder to see whether `worker` fell silent, one ttl after it was last
-    /// heard from (on the mesh; never for a resident worker).
+    /// heard from (on the mesh; never for a resident worker, never a second one).
     pub(super) fn watch_silence(&mut self, worker: &WorkerId) {
         let Some(ttl) = self.config.lease_ttl else {
             return;
@@ -402,7 +402,10 @@ impl Engine {
         if self.is_resident(worker.as_str()) {
             return;
         }
-        if let Some(w) = self.workers.get(worker) {
+        if let Some(w) = self.workers.get_mut(worker)
+            && !w.reminded
+        {
+            w.reminded = true;
             self.deadlines.silence(w.last_seen + ttl, worker.clone());
         }
     }
@@ -429,12 +432,14 @@ impl Engine {
             let Some(w) = self.workers.get_mut(&id) else {
                 continue;
             };
+            w.reminded = false;
             if w.lost || resident {
                 continue;
             }
             let due = w.last_seen + ttl;
             if now <= due {
                 // Heard from since the reminder was set: remind again at the new time.
+                w.reminded = true;
                 self.deadlines.silence(due, id);
                 continue;
             }

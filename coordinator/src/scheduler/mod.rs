@@ -117,6 +117,8 @@ struct Worker {
     credit: Credit,
     last_seen: Instant,
     lost: bool,
+    /// A silence reminder for it is in `Engine::deadlines` (one at most).
+    reminded: bool,
     admin: AdminState,
     succeeded: u64,
     failed: u64,

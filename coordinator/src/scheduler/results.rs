@@ -313,10 +313,10 @@ impl Engine {
         let Some(run) = self.runs.get(run_id) else {
             return;
         };
-        let shards = &run.records[i].shards;
-        if !shards.iter().all(|s| s.status.is_final()) {
+        if run.shards_open[i] > 0 {
             return;
         }
+        let shards = &run.records[i].shards;
         let failed: Vec<String> = shards
             .iter()
             .filter(|s| s.status == StepStatus::Failed)

@@ -70,6 +70,10 @@ pub(super) struct Run {
     pub(super) reset_shards: Vec<usize>,
     /// Steps not yet in a final state (kept by `set_status`, so finishing is O(1)).
     pub(super) unfinished: usize,
+    /// Per step, its shards not yet in a final state (kept by `set_shard_status`, so
+    /// telling whether a fan-out has settled is O(1), not a scan of every shard at
+    /// every shard's end: 10^10 checks for 100,000 shards).
+    pub(super) shards_open: Vec<usize>,
 }
 
 impl Run {
@@ -87,6 +91,7 @@ impl Run {
             records,
             plans: vec![None; n],
             shard_results: vec![BTreeMap::new(); n],
+            shards_open: vec![0; n],
             busy: vec![false; n],
             progress,
             done: Some(done),

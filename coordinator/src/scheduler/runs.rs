@@ -168,6 +168,11 @@ impl Engine {
             return;
         };
         let s = &mut run.records[i].shards[k];
+        match (s.status.is_final(), status.is_final()) {
+            (false, true) => run.shards_open[i] = run.shards_open[i].saturating_sub(1),
+            (true, false) => run.shards_open[i] += 1,
+            _ => {}
+        }
         s.status = status;
         let index = s.index;
         run.emit(Progress::Shard {
@@ -590,6 +595,7 @@ impl Engine {
         let had_shards = !rec.shards.is_empty();
         match &plan.shards {
             None => {
+                run.shards_open[i] = 0;
                 rec.shards.clear();
                 let mut spec = base;
                 spec.job_id = JobId::for_step(run_id, &step.id.value);
@@ -631,6 +637,7 @@ impl Engine {
                     spec.inputs = Self::job_inputs(&plan, Some(&u.part));
                     new_jobs.push((Some(k), spec));
                 }
+                run.shards_open[i] = rec.shards.iter().filter(|s| !s.status.is_final()).count();
                 run.emit(Progress::Shards {
                     step: step.id.value.clone(),
                     count,

@@ -136,6 +136,15 @@ impl Harness {
             }
         }
         assert_eq!(self.engine.held_by_run, held, "jobs held per run");
+        // And the open shards a fan-out's end is told by.
+        for run in self.engine.runs.values() {
+            let open: Vec<usize> = run
+                .records
+                .iter()
+                .map(|r| r.shards.iter().filter(|s| !s.status.is_final()).count())
+                .collect();
+            assert_eq!(run.shards_open, open, "open shards per step");
+        }
     }
 
     /// Moves the paused clock on by `d`, fires the timers that are due (in order), then
@@ -423,6 +432,15 @@ async fn silent_workers_are_lost_each_time_and_renewed_leases_outlive_their_firs
     h.advance(Duration::from_secs(25)).await;
     assert!(lost(&h, "w2"), "silent again");
     assert_eq!(h.engine.deadlines.len().0, 1, "one reminder per live lease");
+    // Enrolling again (a restarted worker process) sets no second reminder.
+    for _ in 0..3 {
+        h.enrol("w1", 1);
+    }
+    assert_eq!(
+        h.engine.deadlines.len().1,
+        1,
+        "w1's one reminder (w2 is lost)"
+    );
 
     // w1 stops: its lease expires; the job's next lease (w2, back) is not expired by
     // the first lease's reminders.
@@ -441,6 +459,56 @@ async fn silent_workers_are_lost_each_time_and_renewed_leases_outlive_their_firs
     }
     assert_eq!(h.live("w2", &l2), LeaseCheck::Live);
     assert_eq!(h.engine.refusals.lease_expiries, 1, "only w1's");
+}
+
+/// A fan-out settles when its last shard does, not before (the harness checks the
+/// open-shard count against a recount after every event); a failed shard's retry
+/// reopens nothing it should not.
+#[tokio::test(start_paused = true)]
+async fn a_fan_out_settles_at_its_last_shard_and_only_then_assembles() {
+    let mut h = Harness::mesh(Duration::from_secs(600));
+    std::fs::write(h.project.path().join("data.txt"), "a\nb\nc\n").expect("write");
+    let mut run = h.submit(&steps(
+        "fan",
+        1,
+        "      in: {d: data.txt}\n      shards: {over: d, count: 3}\n      retries: {count: 1, backoff: 1s}\n",
+    ));
+    h.enrol("w1", 3);
+    let leases: Vec<Lease> = (0..3).map(|_| h.lease("w1")).collect();
+    let open = |h: &Harness| {
+        h.engine
+            .runs
+            .values()
+            .map(|r| r.shards_open[0])
+            .sum::<usize>()
+    };
+    assert_eq!(open(&h), 3);
+    h.report("w1", failed(&leases[0], "exit 1"))
+        .expect("admitted");
+    assert_eq!(open(&h), 3, "a shard that will be retried is still open");
+    let ok = h.succeeded(&leases[1], b"b");
+    h.report("w1", ok).expect("admitted");
+    let ok = h.succeeded(&leases[2], b"c");
+    h.report("w1", ok).expect("admitted");
+    assert_eq!(open(&h), 1);
+    let busy = |h: &Harness| h.engine.runs.values().map(|r| r.in_flight).sum::<usize>();
+    assert_eq!(busy(&h), 0, "no assembly while a shard is open");
+    let step = |h: &Harness| h.engine.runs.values().map(|r| r.records[0].status).next();
+    assert_eq!(
+        step(&h),
+        Some(StepStatus::Running),
+        "not assembled with a shard open"
+    );
+    let (_, end) = drain(&mut run);
+    assert!(end.is_none(), "not settled while a shard is open");
+    let mut next = h.ask("w1");
+    h.advance(Duration::from_secs(2)).await;
+    let retry = next.try_recv().expect("leased").expect("a lease");
+    let ok = h.succeeded(&retry, b"a");
+    h.report("w1", ok).expect("admitted");
+    assert_eq!(open(&h), 0);
+    let (_, end) = drain(&mut run);
+    assert_eq!(end.expect("finished").outcome, RunOutcome::Succeeded);
 }
 
 #[tokio::test(start_paused = true)]

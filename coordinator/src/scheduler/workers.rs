@@ -95,6 +95,7 @@ impl Worker {
             credit: Credit::default(),
             last_seen: Instant::now(),
             lost: false,
+            reminded: false,
             admin: AdminState::Active,
             succeeded: 0,
             failed: 0,

@@ -373,11 +373,13 @@ pub fn assemble(
         };
         sealed.insert(name.clone(), seal_output(ctx, out, req)?);
     }
-    // Keep only the shard results this artifact was built from.
+    // Keep only the shard results this artifact was built from (a set: a step of
+    // 100,000 shards compared every entry with every unit, 10^10 path comparisons).
     let root = ctx.state_dir.join("shards").join(&step.id.value);
+    let built: std::collections::HashSet<&Path> = units.iter().map(|u| u.dir.as_path()).collect();
     if let Ok(entries) = fs::read_dir(&root) {
         for e in entries.flatten() {
-            let keep = units.iter().any(|u| u.dir == e.path());
+            let keep = built.contains(e.path().as_path());
             if !keep {
                 let _ = artifact::remove_tree(&e.path());
             }
