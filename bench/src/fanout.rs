@@ -6,10 +6,7 @@
 //! jobs per second to completion, and what the data dir holds after (the store's size,
 //! all bytes, files).
 
-use nexa_shared::hardware::Profile;
-use nexa_shared::signing::Identity;
 use nexa_worker::CoordinatorLink;
-use nexa_worker::remote::{Enrolment, GrpcLink};
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
@@ -126,27 +123,7 @@ async fn bench(args: &Args, url: &str, proj: &Path) -> anyhow::Result<(f64, f64)
     let first: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
     let mut tasks = Vec::new();
     for w in 0..args.workers {
-        let identity = Arc::new(Identity::generate());
-        let link = GrpcLink::new(
-            url,
-            identity.clone(),
-            Enrolment {
-                name: format!("sim-{w}"),
-                slots: args.slots as u32,
-                profile: Profile {
-                    hostname: format!("sim-{w}"),
-                    cores: args.slots as u32,
-                    memory_total: 16 << 30,
-                    ..Profile::default()
-                },
-                token: None,
-            },
-            None,
-        )
-        .map_err(anyhow::Error::msg)?;
-        link.enrol_until_done()
-            .await
-            .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        let (link, identity) = crate::mesh::sim_worker(url, w, args.slots).await?;
         tasks.push(link.spawn_heartbeats());
         for _ in 0..args.slots {
             let (link, identity, first) = (link.clone(), identity.clone(), first.clone());

@@ -34,6 +34,50 @@ pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// A simulated worker `w` with `slots` slots: a real key, enrolled on `url` through the
+/// same `GrpcLink` a real worker uses (its heartbeats not started).
+pub(crate) async fn sim_worker(
+    url: &str,
+    w: usize,
+    slots: usize,
+) -> anyhow::Result<(Arc<GrpcLink>, Arc<Identity>)> {
+    let identity = Arc::new(Identity::generate());
+    let profile = Profile {
+        hostname: format!("sim-{w}"),
+        cores: slots as u32,
+        memory_total: 16 << 30,
+        ..Profile::default()
+    };
+    let link = GrpcLink::new(
+        url,
+        identity.clone(),
+        Enrolment {
+            name: format!("sim-{w}"),
+            slots: slots as u32,
+            profile,
+            token: None,
+        },
+        None,
+    )
+    .map_err(anyhow::Error::msg)?;
+    link.enrol_until_done()
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    Ok((link, identity))
+}
+
+/// A pipeline `name` of `jobs` independent no-op steps.
+pub(crate) fn noop_pipeline(name: &str, jobs: usize) -> String {
+    let mut y = String::with_capacity(jobs * 96);
+    y.push_str(&format!("pipeline:\n  name: {name}\n  steps:\n"));
+    for i in 0..jobs {
+        y.push_str(&format!(
+            "    - {{id: j{i}, uses: exec, after: [], params: {{cmd: [\"true\"]}}, out: artifacts/j{i}}}\n"
+        ));
+    }
+    y
+}
+
 /// Runs the benchmark and prints its figures.
 pub fn run(
     workers: usize,
@@ -87,28 +131,7 @@ async fn bench(
     let dispatch: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::with_capacity(jobs)));
     let mut tasks = Vec::new();
     for w in 0..workers {
-        let identity = Arc::new(Identity::generate());
-        let profile = Profile {
-            hostname: format!("sim-{w}"),
-            cores: slots as u32,
-            memory_total: 16 << 30,
-            ..Profile::default()
-        };
-        let link = GrpcLink::new(
-            &url,
-            identity.clone(),
-            Enrolment {
-                name: format!("sim-{w}"),
-                slots: slots as u32,
-                profile,
-                token: None,
-            },
-            None,
-        )
-        .map_err(anyhow::Error::msg)?;
-        link.enrol_until_done()
-            .await
-            .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        let (link, identity) = sim_worker(&url, w, slots).await?;
         let _heartbeats = link.spawn_heartbeats();
         for _ in 0..slots {
             let link = link.clone();
@@ -145,11 +168,7 @@ async fn bench(
         }
     }
 
-    let mut y = String::with_capacity(jobs * 96);
-    y.push_str("pipeline:\n  name: bench\n  steps:\n");
-    for i in 0..jobs {
-        y.push_str(&format!("    - {{id: j{i}, uses: exec, after: [], params: {{cmd: [\"true\"]}}, out: artifacts/j{i}}}\n"));
-    }
+    let y = noop_pipeline("bench", jobs);
     let channel = tonic::transport::Endpoint::from_shared(url.clone())?
         .connect()
         .await?;

@@ -4,17 +4,10 @@
 //! SIGKILLed before any worker ran one, and is started again on the same data dir; the
 //! clock runs from the restart to a freshly enrolled worker holding its first lease.
 
-use crate::workers::{enrol, start_coordinator, usage};
+use crate::workers::{authed, enrol, start_coordinator, usage};
 use nexa_proto::v1;
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-fn authed<T>(msg: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse()?);
-    Ok(r)
-}
 
 /// Runs the benchmark and prints its figures.
 pub fn run(jobs: usize, scratch: &Path, json: bool) -> anyhow::Result<()> {
@@ -26,13 +19,7 @@ pub fn run(jobs: usize, scratch: &Path, json: bool) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
 
-    let mut y = String::with_capacity(jobs * 96);
-    y.push_str("pipeline:\n  name: recover\n  steps:\n");
-    for i in 0..jobs {
-        y.push_str(&format!(
-            "    - {{id: j{i}, uses: exec, after: [], params: {{cmd: [\"true\"]}}, out: artifacts/j{i}}}\n"
-        ));
-    }
+    let y = crate::mesh::noop_pipeline("recover", jobs);
     let (mut first, url) = start_coordinator(None, &data, 2000)?;
     let submitted = Instant::now();
     let run_id = rt.block_on(async {

@@ -63,7 +63,8 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
-fn authed<T>(msg: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
+/// `msg` with `Bearer token`.
+pub(crate) fn authed<T>(msg: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
     let mut r = tonic::Request::new(msg);
     r.metadata_mut()
         .insert("authorization", format!("Bearer {token}").parse()?);
