@@ -18,9 +18,10 @@ use std::time::Duration;
 
 pub mod graph;
 mod parse;
+mod sections;
 mod validate;
 use parse::parse;
-pub use parse::{SLURM_FIELDS, check_slurm_value};
+pub use sections::{SLURM_FIELDS, check_slurm_value};
 pub use validate::output_paths;
 use validate::validate;
 
