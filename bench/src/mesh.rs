@@ -13,19 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_stream::StreamExt;
 
-fn rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|k| k.parse::<f64>().ok())
-            })
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 /// The `p` quantile of sorted values (0 when there are none).
 pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -89,12 +76,10 @@ pub fn run(
     // The data dir sits in the build's target/ by default: on a machine whose /tmp has
     // just had many files deleted, ext4 without a journal scans those inodes on every
     // create, and the bench would measure that instead of the coordinator.
-    let scratch = scratch
-        .or_else(|| {
-            let exe = std::env::current_exe().ok()?;
-            exe.parent()?.parent().map(Path::to_path_buf)
-        })
-        .unwrap_or_else(std::env::temp_dir);
+    let scratch = match scratch {
+        Some(s) => s,
+        None => crate::target_dir()?,
+    };
     let dir = tempfile::Builder::new()
         .prefix("nexa-bench-mesh-")
         .tempdir_in(&scratch)?;
@@ -206,7 +191,8 @@ async fn bench(
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let rss = rss_mb();
+    // This process: the coordinator and the simulated workers together.
+    let rss = crate::workers::usage(std::process::id()).map_or(0.0, |u| u.1);
     let _ = stop_tx.send(());
     for t in tasks {
         t.abort();
