@@ -43,9 +43,14 @@ impl CoordinatorLink for LocalLink {
 
     async fn fetch_input(&self, input: &JobInput, dest: &Path) -> Result<(), String> {
         let (src, dest) = (input.source.clone(), dest.to_path_buf());
-        tokio::task::spawn_blocking(move || nexa_worker::cas::copy_local(&src, &dest))
-            .await
-            .map_err(|e| e.to_string())?
+        let range = input.range.clone();
+        tokio::task::spawn_blocking(move || match range {
+            // A range shard: its spans of the input, read straight from it.
+            Some(r) => r.write_to(&dest).map_err(|e| e.to_string()),
+            None => nexa_worker::cas::copy_local(&src, &dest),
+        })
+        .await
+        .map_err(|e| e.to_string())?
     }
 }
 

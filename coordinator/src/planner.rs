@@ -105,6 +105,8 @@ pub struct ResolvedInput {
     pub path: PathBuf,
     /// Directory or file.
     pub is_dir: bool,
+    /// A range shard's spans of its input (`path` is then the part's name only).
+    pub range: Option<Arc<shard::Range>>,
 }
 
 /// One shard of a fanned-out step.
@@ -328,6 +330,7 @@ fn resolve_input(
                 digest: art.hash.clone(),
                 path: base,
                 is_dir: true,
+                range: None,
             }),
             Some(sub) => {
                 let path = base.join(sub);
@@ -342,6 +345,7 @@ fn resolve_input(
                     digest,
                     path,
                     is_dir,
+                    range: None,
                 })
             }
         };
@@ -369,6 +373,7 @@ fn resolve_input(
         digest,
         path,
         is_dir,
+        range: None,
     })
 }
 
@@ -388,6 +393,7 @@ fn runner_input(
         digest,
         path: dir,
         is_dir,
+        range: None,
     })
 }
 
@@ -421,11 +427,17 @@ fn plan_shards(
         .find(|r| r.name == over)
         .ok_or_else(|| format!("shards.over names unknown input '{over}'"))?;
     let hex = input.digest.trim_start_matches(digest::PREFIX);
-    let dest =
-        ctx.state_dir
-            .join("splits")
-            .join(format!("{}-{}", &hex[..hex.len().min(32)], cut.label()));
-    let split = shard::split(&input.path, cut, &dest)
+    // Range shards unless the operator asked for copies (the split before them).
+    let (staging, suffix) = match std::env::var_os("NEXA_SHARDS_COPY") {
+        Some(v) if v == "1" => (shard::Staging::Copies, "-copies"),
+        _ => (shard::Staging::Ranges, ""),
+    };
+    let dest = ctx.state_dir.join("splits").join(format!(
+        "{}-{}{suffix}",
+        &hex[..hex.len().min(32)],
+        cut.label()
+    ));
+    let split = shard::split(&input.path, cut, &dest, staging)
         .map_err(|e| format!("splitting input '{over}': {e}"))?;
     // Each shard's cache key names its index among `count` (for `count`, the number
     // asked, so keys stay what they were when a short input drops empty parts).
@@ -453,9 +465,10 @@ fn plan_shards(
             part: ResolvedInput {
                 name: over.to_string(),
                 uri: format!("{}#part-{}", input.uri, part.index),
+                is_dir: part.is_dir(),
                 digest: part.digest,
-                is_dir: part.path.is_dir(),
                 path: part.path,
+                range: part.range.map(Arc::new),
             },
             records: part.records,
             dir,

@@ -11,21 +11,30 @@ pub const CHUNK_BYTES: usize = 1 << 20;
 /// its offset; an empty file is one empty chunk, so that it arrives too. Returns
 /// `Ok(false)` as soon as `send` does (the receiver is gone), `Ok(true)` when all of it
 /// was sent. An error names the path.
-pub fn send_file(path: &Path, mut send: impl FnMut(u64, &[u8]) -> bool) -> std::io::Result<bool> {
+pub fn send_file(path: &Path, send: impl FnMut(u64, &[u8]) -> bool) -> std::io::Result<bool> {
     let named = |op: &str, e: std::io::Error| {
         std::io::Error::new(e.kind(), format!("{op} {}: {e}", path.display()))
     };
-    let mut f = std::fs::File::open(path).map_err(|e| named("open", e))?;
+    let f = std::fs::File::open(path).map_err(|e| named("open", e))?;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(CHUNK_BYTES as u64);
+    send_reader(f, len, send).map_err(|e| named("read", e))
+}
+
+/// [`send_file`] for any reader of about `len` bytes (a range shard's spans).
+pub fn send_reader(
+    mut f: impl Read,
+    len: u64,
+    mut send: impl FnMut(u64, &[u8]) -> bool,
+) -> std::io::Result<bool> {
     // A buffer no larger than the file (most outputs and inputs are small): a zeroed
     // 1 MiB allocation per file showed in profiles of many small jobs.
-    let len = f.metadata().map(|m| m.len()).unwrap_or(CHUNK_BYTES as u64);
     let mut buf = vec![0u8; (len.saturating_add(1)).min(CHUNK_BYTES as u64) as usize];
     let mut offset = 0u64;
     loop {
         let n = match f.read(&mut buf) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(named("read", e)),
+            Err(e) => return Err(e),
         };
         if n == 0 && offset > 0 {
             return Ok(true);

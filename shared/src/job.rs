@@ -14,8 +14,12 @@ pub struct JobInput {
     pub digest: crate::ids::Digest,
     /// Whether it is a directory tree.
     pub is_dir: bool,
-    /// Where the coordinator holds it (the worker fetches by digest from here).
+    /// Where the coordinator holds it (the worker fetches by digest from here); for a
+    /// range shard, only its name (the part is never written out on the coordinator).
     pub source: PathBuf,
+    /// A range shard: the spans of the input it is staged from (not on the wire: a
+    /// mesh worker fetches it by digest and the coordinator streams the spans).
+    pub range: Option<std::sync::Arc<crate::shard::Range>>,
 }
 
 /// What to run.

@@ -16,6 +16,9 @@ use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
+mod range;
+pub use range::{Range, Spans};
+
 /// How an input is cut into records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -60,6 +63,58 @@ pub struct Part {
     pub records: u64,
     /// Content digest of the part.
     pub digest: String,
+    /// When the part is a view of its input (a range shard), its spans; its `path`
+    /// is then only its name inside the split directory, never written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range: Option<Range>,
+}
+
+impl Part {
+    /// Whether the part is a directory.
+    pub fn is_dir(&self) -> bool {
+        match &self.range {
+            Some(r) => r.inner.is_some(),
+            None => self.path.is_dir(),
+        }
+    }
+
+    /// Writes the part's bytes at `dest` (a test's or a tool's look at a part).
+    pub fn write_to(&self, dest: &Path) -> Result<()> {
+        match &self.range {
+            Some(r) => r.write_to(dest),
+            None => {
+                crate::artifact::remove_tree(dest)?;
+                copy_tree(&self.path, dest)
+            }
+        }
+    }
+}
+
+/// Copies a file, or a directory's files, from `src` to `dest`.
+fn copy_tree(src: &Path, dest: &Path) -> Result<()> {
+    if !src.is_dir() {
+        fs::copy(src, dest).ctx("copy", src)?;
+        return Ok(());
+    }
+    for (rel, p, _) in digest::list_files(src, &[])? {
+        let to = dest.join(rel);
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent).ctx("create", parent)?;
+        }
+        fs::copy(&p, &to).ctx("copy", &p)?;
+    }
+    Ok(())
+}
+
+/// How a split stages its parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Staging {
+    /// As byte ranges of the input where the parts are exactly such ranges (see
+    /// [`Range`]), copies where they are not.
+    Ranges,
+    /// Every part copied into the split directory (the split before range shards;
+    /// `NEXA_SHARDS_COPY=1`).
+    Copies,
 }
 
 /// The result of a split, recorded as `parts.json` in the split directory.
@@ -150,30 +205,48 @@ pub fn part_sizes(total: u64, count: u32) -> Vec<u64> {
 /// Splits `input` into parts as `cut` says under `dest` (created atomically; when
 /// `dest` already holds a finished split it is reused, since `dest` is named by
 /// content and cut). More than [`MAX_SHARDS`] parts is an error.
-pub fn split(input: &Path, cut: Cut, dest: &Path) -> Result<Split> {
-    split_bounded(input, cut, dest, MAX_SHARDS)
+pub fn split(input: &Path, cut: Cut, dest: &Path, staging: Staging) -> Result<Split> {
+    split_bounded(input, (cut, staging), dest, MAX_SHARDS)
 }
 
 /// [`split`] with at most `max` parts.
-fn split_bounded(input: &Path, cut: Cut, dest: &Path, max: u64) -> Result<Split> {
+fn split_bounded(
+    input: &Path,
+    (cut, staging): (Cut, Staging),
+    dest: &Path,
+    max: u64,
+) -> Result<Split> {
     let index = dest.join("parts.json");
     if let Ok(bytes) = fs::read(&index)
-        && let Ok(s) = serde_json::from_slice::<Split>(&bytes)
+        && let Ok(mut s) = serde_json::from_slice::<Split>(&bytes)
     {
+        for p in &mut s.parts {
+            p.path = dest.join(&p.path);
+            if let Some(r) = &mut p.range {
+                r.source = match &r.inner {
+                    Some(rel) => input.join(rel),
+                    None => input.to_path_buf(),
+                };
+            }
+        }
         return Ok(s);
     }
     let tmp = crate::artifact::tmp_path(dest);
     crate::artifact::remove_tree(&tmp)?;
     fs::create_dir_all(&tmp).ctx("create", &tmp)?;
     let format = Format::detect(input);
-    let ext = input
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(|e| format!(".{e}"))
-        .unwrap_or_default();
-    let parts = match format {
-        Format::Dir => split_dir(input, cut, &tmp, max),
-        _ => split_records(input, format, (cut, max), &tmp, &ext),
+    let ext = extension(input);
+    let ranged = match staging {
+        Staging::Ranges => find_ranges(input, format, (cut, max)),
+        Staging::Copies => Ok(None),
+    };
+    let parts = match ranged {
+        Ok(Some(parts)) => Ok(parts),
+        Err(e) => Err(e),
+        Ok(None) => match format {
+            Format::Dir => split_dir(input, cut, &tmp, max),
+            _ => split_records(input, format, (cut, max), &tmp, &ext),
+        },
     };
     let mut parts = match parts {
         Ok(p) => p,
@@ -187,18 +260,23 @@ fn split_bounded(input: &Path, cut: Cut, dest: &Path, max: u64) -> Result<Split>
     // the last ones) are dropped. An empty input keeps one empty part, so the step
     // still runs once.
     while parts.len() > 1 && parts.last().is_some_and(|p| p.records == 0) {
-        if let Some(p) = parts.pop() {
+        if let Some(p) = parts.pop()
+            && p.range.is_none()
+        {
             let _ = fs::remove_dir_all(&p.path).or_else(|_| fs::remove_file(&p.path));
         }
     }
     for p in &mut parts {
-        let (d, _, _) = digest::hash_path(&p.path)?;
-        p.digest = d;
-        let name = p.path.file_name().map(PathBuf::from).unwrap_or_default();
-        p.path = dest.join(name);
+        if p.range.is_none() {
+            let (d, _, _) = digest::hash_path(&p.path)?;
+            p.digest = d;
+        }
+        // The index names each part by its name in the split directory.
+        p.path = p.path.file_name().map(PathBuf::from).unwrap_or_default();
     }
-    let split = Split { format, parts };
-    let bytes = serde_json::to_vec_pretty(&split).map_err(|source| Error::Json {
+    let mut split = Split { format, parts };
+    // Compact: a million-part index is read back whole at every plan.
+    let bytes = serde_json::to_vec(&split).map_err(|source| Error::Json {
         context: "parts.json".into(),
         source,
     })?;
@@ -208,7 +286,32 @@ fn split_bounded(input: &Path, cut: Cut, dest: &Path, max: u64) -> Result<Split>
         fs::create_dir_all(parent).ctx("create", parent)?;
     }
     fs::rename(&tmp, dest).ctx("rename", &tmp)?;
+    for p in &mut split.parts {
+        p.path = dest.join(&p.path);
+    }
     Ok(split)
+}
+
+fn extension(path: &Path) -> String {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .map(|e| format!(".{e}"))
+        .unwrap_or_default()
+}
+
+/// The parts as ranges of the input's one record file, where they are exactly that
+/// (a record file, or a directory holding one; see [`Range`]); `None` otherwise.
+fn find_ranges(input: &Path, format: Format, bounds: (Cut, u64)) -> Result<Option<Vec<Part>>> {
+    if format != Format::Dir {
+        return range::find(input, format, bounds, None, &extension(input));
+    }
+    let files = crate::artifact::input_files(input)?;
+    match files.as_slice() {
+        [(rel, src, _)] if bounds.0 != Cut::Count(1) => {
+            range::find(src, Format::detect(src), bounds, Some(rel), &extension(src))
+        }
+        _ => Ok(None),
+    }
 }
 
 fn part_name(i: u32) -> String {
@@ -228,6 +331,9 @@ struct Records {
     stash: Option<Vec<u8>>,
     /// Empty lines seen and not yet given out as records.
     empties: u64,
+    /// Whether a record's bytes differ from the input's (a `\r\n` line end, a last
+    /// line without its newline): then a part is not a range of the input.
+    altered: bool,
 }
 
 impl Records {
@@ -240,6 +346,7 @@ impl Records {
             format,
             stash: None,
             empties: 0,
+            altered: false,
         };
         let header = match format {
             Format::Csv => r.line()?,
@@ -257,7 +364,10 @@ impl Records {
             l.pop();
             if l.last() == Some(&b'\r') {
                 l.pop();
+                self.altered = true;
             }
+        } else {
+            self.altered = true;
         }
         Ok(Some(l))
     }
@@ -393,6 +503,7 @@ fn split_records(
             path: o.path,
             records: o.records,
             digest: String::new(),
+            range: None,
         });
         Ok(())
     };
@@ -443,12 +554,7 @@ fn split_dir(input: &Path, cut: Cut, tmp: &Path, max: u64) -> Result<Vec<Part>> 
         let format = Format::detect(src);
         let inner = tmp.join(".records");
         fs::create_dir_all(&inner).ctx("create", &inner)?;
-        let ext = src
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(|e| format!(".{e}"))
-            .unwrap_or_default();
-        let mut parts = split_records(src, format, (cut, max), &inner, &ext)?;
+        let mut parts = split_records(src, format, (cut, max), &inner, &extension(src))?;
         for p in &mut parts {
             let dir = tmp.join(part_name(p.index));
             let to = dir.join(rel);
@@ -484,251 +590,11 @@ fn split_dir(input: &Path, cut: Cut, tmp: &Path, max: u64) -> Result<Vec<Part>> 
             path: dir,
             records: size,
             digest: String::new(),
+            range: None,
         });
     }
     Ok(parts)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The split as it was before it streamed: every record read into memory first
-    /// (as text lines), then written out part by part.
-    fn in_memory(input: &str, format: Format, cut: Cut) -> Vec<String> {
-        let mut header = None;
-        let mut records: Vec<String> = Vec::new();
-        for (n, line) in std::io::BufRead::lines(input.as_bytes()).enumerate() {
-            let line = line.expect("utf8");
-            match format {
-                Format::Csv if n == 0 => header = Some(line),
-                Format::Fasta => {
-                    if line.starts_with('>') || records.is_empty() {
-                        records.push(line);
-                    } else if let Some(last) = records.last_mut() {
-                        last.push('\n');
-                        last.push_str(&line);
-                    }
-                }
-                _ => records.push(line),
-            }
-        }
-        if matches!(format, Format::Lines | Format::Csv) {
-            while records.last().is_some_and(|r| r.is_empty()) {
-                records.pop();
-            }
-        }
-        let weights: Vec<u64> = records.iter().map(|r| r.len() as u64 + 1).collect();
-        let mut sizes = cut.sizes(&weights);
-        while sizes.len() > 1 && sizes.last() == Some(&0) {
-            sizes.pop();
-        }
-        let mut it = records.into_iter();
-        sizes
-            .into_iter()
-            .map(|n| {
-                let mut part = header
-                    .as_ref()
-                    .map(|h| format!("{h}\n"))
-                    .unwrap_or_default();
-                for r in it.by_ref().take(n as usize) {
-                    part.push_str(&r);
-                    part.push('\n');
-                }
-                part
-            })
-            .collect()
-    }
-
-    use proptest::strategy::Strategy as _;
-
-    proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
-        /// Streaming gives the very bytes the in-memory split gave (so cache keys, which
-        /// cover each part's digest, do not change), for every format and cut, with
-        /// empty lines, CRLF line ends and no final newline.
-        #[test]
-        fn streaming_splits_are_byte_identical_to_reading_everything_first(
-            lines in proptest::collection::vec(
-                proptest::prop_oneof![
-                    proptest::strategy::Just(String::new()),
-                    proptest::strategy::Just(">h".to_string()),
-                    "[a-z,]{1,12}",
-                ],
-                0..40,
-            ),
-            crlf in proptest::bool::ANY,
-            final_newline in proptest::bool::ANY,
-            which in 0usize..3,
-            cut in proptest::prop_oneof![
-                (1u32..9).prop_map(Cut::Count),
-                (1u64..9).prop_map(Cut::Records),
-                (1u64..60).prop_map(Cut::Bytes),
-            ],
-        ) {
-            let (format, ext) = [(Format::Lines, "txt"), (Format::Csv, "csv"), (Format::Fasta, "fa")][which];
-            let end = if crlf { "\r\n" } else { "\n" };
-            let mut text = lines.join(end);
-            if final_newline && !lines.is_empty() {
-                text.push_str(end);
-            }
-            let d = tempfile::tempdir().expect("tempdir");
-            let input = d.path().join(format!("in.{ext}"));
-            fs::write(&input, &text).expect("write");
-            let s = split(&input, cut, &d.path().join("s")).expect("split");
-            let got: Vec<String> = s
-                .parts
-                .iter()
-                .map(|p| fs::read_to_string(&p.path).expect("part"))
-                .collect();
-            let want = in_memory(&text, format, cut);
-            proptest::prop_assert_eq!(got, want);
-            for (i, p) in s.parts.iter().enumerate() {
-                proptest::prop_assert_eq!(p.index as usize, i);
-            }
-        }
-    }
-
-    #[test]
-    fn cuts_by_records_and_bytes_keep_record_boundaries() {
-        let w = [10, 10, 10, 10, 10, 10, 10];
-        assert_eq!(Cut::Records(3).sizes(&w), vec![3, 3, 1]);
-        assert_eq!(Cut::Records(7).sizes(&w), vec![7]);
-        assert_eq!(Cut::Records(100).sizes(&w), vec![7]);
-        assert_eq!(Cut::Count(3).sizes(&w), vec![3, 2, 2]);
-        assert_eq!(Cut::Bytes(25).sizes(&w), vec![2, 2, 2, 1]);
-        assert_eq!(Cut::Bytes(30).sizes(&w), vec![3, 3, 1]);
-        // A record bigger than the limit is a part of its own; none is ever empty.
-        assert_eq!(Cut::Bytes(15).sizes(&[5, 40, 5, 5]), vec![1, 1, 2]);
-        assert_eq!(Cut::Bytes(15).sizes(&[]), vec![0]);
-        assert_eq!(Cut::Records(2).sizes(&[]), vec![0]);
-    }
-
-    #[test]
-    fn an_input_cut_into_more_than_the_most_shards_is_refused_with_its_name() {
-        let d = tempfile::tempdir().expect("tempdir");
-        let many = d.path().join("many.txt");
-        let lines: String = (0..11).map(|i| format!("{i}\n")).collect();
-        std::fs::write(&many, lines).expect("write");
-        // As `split` with MAX_SHARDS, on a smaller scale.
-        let e =
-            split_bounded(&many, Cut::Records(1), &d.path().join("s"), 10).expect_err("too many");
-        let msg = e.to_string();
-        assert!(
-            msg.contains("many.txt")
-                && msg.contains("shards of 1 records would make more than 10 shards"),
-            "{msg}"
-        );
-        let dest = d.path().join("s");
-        assert!(
-            !dest.exists() && !crate::artifact::tmp_path(&dest).exists(),
-            "nothing left behind"
-        );
-        let dir = d.path().join("files");
-        fs::create_dir_all(&dir).expect("mkdir");
-        for i in 0..11 {
-            fs::write(dir.join(format!("f{i}")), "x").expect("write");
-        }
-        let e = split_bounded(&dir, Cut::Bytes(1), &d.path().join("sd"), 10).expect_err("too many");
-        assert!(e.to_string().contains("more than 10 shards"), "{e}");
-        assert!(split(&dir, Cut::Bytes(1), &d.path().join("ok")).is_ok());
-    }
-
-    #[test]
-    fn sizes_are_even_and_complete() {
-        assert_eq!(part_sizes(10, 4), vec![3, 3, 2, 2]);
-        assert_eq!(part_sizes(2, 4), vec![1, 1, 0, 0]);
-        assert_eq!(part_sizes(0, 1), vec![0]);
-    }
-
-    #[test]
-    fn fasta_csv_and_lines_split_by_record() {
-        let d = tempfile::tempdir().expect("tempdir");
-        let fa = d.path().join("x.fasta");
-        fs::write(&fa, ">a\nMK\nLL\n>b\nQQ\n>c\nWW\n").expect("write");
-        let s = split(&fa, Cut::Count(2), &d.path().join("s1")).expect("split");
-        assert_eq!(s.format, Format::Fasta);
-        assert_eq!(s.parts.len(), 2);
-        assert_eq!(
-            fs::read_to_string(&s.parts[0].path).expect("read"),
-            ">a\nMK\nLL\n>b\nQQ\n"
-        );
-        assert_eq!(
-            fs::read_to_string(&s.parts[1].path).expect("read"),
-            ">c\nWW\n"
-        );
-
-        let csv = d.path().join("t.csv");
-        fs::write(&csv, "h1,h2\n1,2\n3,4\n5,6\n").expect("write");
-        let s = split(&csv, Cut::Count(3), &d.path().join("s2")).expect("split");
-        assert_eq!(
-            fs::read_to_string(&s.parts[2].path).expect("read"),
-            "h1,h2\n5,6\n"
-        );
-
-        let jl = d.path().join("r.jsonl");
-        fs::write(&jl, "{}\n{}\n{}\n").expect("write");
-        let s = split(&jl, Cut::Count(2), &d.path().join("s3")).expect("split");
-        assert_eq!(
-            s.parts.iter().map(|p| p.records).collect::<Vec<_>>(),
-            vec![2, 1]
-        );
-        // A second call reuses the finished split.
-        let again = split(&jl, Cut::Count(2), &d.path().join("s3")).expect("split");
-        assert_eq!(again, s);
-    }
-
-    #[test]
-    fn directories_split_by_file() {
-        let d = tempfile::tempdir().expect("tempdir");
-        let input = d.path().join("in");
-        fs::create_dir_all(&input).expect("mkdir");
-        for n in ["a", "b", "c"] {
-            fs::write(input.join(n), n).expect("write");
-        }
-        let s = split(&input, Cut::Count(2), &d.path().join("s")).expect("split");
-        assert_eq!(s.format, Format::Dir);
-        assert!(s.parts[0].path.join("a").is_file() && s.parts[0].path.join("b").is_file());
-        assert!(s.parts[1].path.join("c").is_file());
-    }
-
-    #[test]
-    fn a_directory_of_one_record_file_splits_its_records_and_no_shard_is_empty() {
-        let d = tempfile::tempdir().expect("tempdir");
-        let input = d.path().join("artifact");
-        fs::create_dir_all(&input).expect("mkdir");
-        fs::write(input.join("seqs.fasta"), ">a\nMK\n>b\nLL\n>c\nQQ\n").expect("write");
-        // Sealed, as an upstream step's artifact is: its meta.json and COMPLETE are not
-        // records.
-        fs::write(input.join("meta.json"), "{}").expect("write");
-        fs::write(input.join("COMPLETE"), "").expect("write");
-        let s = split(&input, Cut::Count(2), &d.path().join("s")).expect("split");
-        assert_eq!(s.format, Format::Dir);
-        assert_eq!(
-            s.parts.iter().map(|p| p.records).collect::<Vec<_>>(),
-            vec![2, 1]
-        );
-        assert_eq!(
-            fs::read_to_string(s.parts[0].path.join("seqs.fasta")).expect("read"),
-            ">a\nMK\n>b\nLL\n"
-        );
-        assert_eq!(
-            fs::read_to_string(s.parts[1].path.join("seqs.fasta")).expect("read"),
-            ">c\nQQ\n"
-        );
-        // More shards than records: only as many shards as records.
-        let s = split(&input, Cut::Count(8), &d.path().join("s8")).expect("split");
-        assert_eq!(s.parts.len(), 3);
-        assert!(s.parts.iter().all(|p| p.records == 1));
-        let lines = d.path().join("two.txt");
-        fs::write(&lines, "x\ny\n").expect("write");
-        let s = split(&lines, Cut::Count(4), &d.path().join("l4")).expect("split");
-        assert_eq!(s.parts.len(), 2);
-        assert!(!d.path().join("l4/part-00002.txt").exists());
-        // An empty input still has one (empty) part.
-        let empty = d.path().join("empty.txt");
-        fs::write(&empty, "").expect("write");
-        let s = split(&empty, Cut::Count(4), &d.path().join("e")).expect("split");
-        assert_eq!(s.parts.len(), 1);
-    }
-}
+mod tests;

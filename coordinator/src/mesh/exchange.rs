@@ -71,6 +71,7 @@ impl WorkerApi {
                     Served {
                         path: i.source.clone(),
                         is_dir: i.is_dir,
+                        range: i.range.clone(),
                         at: now,
                     },
                 );

@@ -60,6 +60,8 @@ pub(super) const MAX_ATTEMPTS_PER_INPUT: usize = 64;
 pub(super) struct Served {
     pub(super) path: PathBuf,
     pub(super) is_dir: bool,
+    /// A range shard: streamed from these spans of its input.
+    pub(super) range: Option<std::sync::Arc<nexa_shared::shard::Range>>,
     /// When a lease last named it.
     pub(super) at: Instant,
 }
@@ -515,7 +517,12 @@ impl WorkerService for WorkerApi {
                 "no live lease of this worker names input {digest}"
             )));
         }
-        let Served { path, is_dir, .. } = lock(&self.served)
+        let Served {
+            path,
+            is_dir,
+            range,
+            ..
+        } = lock(&self.served)
             .get(&digest)
             .cloned()
             .ok_or_else(|| Status::not_found(format!("no input {digest} is being served")))?;
@@ -523,6 +530,12 @@ impl WorkerService for WorkerApi {
         let metrics = self.cfg.metrics.clone();
         self.coord.tasks().spawn_blocking("input fetch", move || {
             let send = |c: Result<v1::FetchChunk, Status>| tx.blocking_send(c).is_ok();
+            if let Some(r) = range {
+                if stream_range(&r, &send) {
+                    crate::metrics::count_bytes(metrics.as_ref(), "out", r.len());
+                }
+                return;
+            }
             let files: Vec<(String, PathBuf)> = if is_dir {
                 match nexa_shared::artifact::input_files(&path) {
                     Ok(f) => f.into_iter().map(|(rel, p, _)| (rel, p)).collect(),
@@ -573,6 +586,36 @@ pub(super) fn stream_file(
     }
 }
 
+/// Streams a range shard as `FetchChunk`s, as the part would be streamed were it
+/// written out: one file, or a directory holding its one file.
+fn stream_range(
+    r: &nexa_shared::shard::Range,
+    send: &dyn Fn(Result<v1::FetchChunk, Status>) -> bool,
+) -> bool {
+    let rel = r.inner.clone().unwrap_or_default();
+    let is_dir = r.inner.is_some();
+    let sent = r
+        .reader()
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .and_then(|reader| {
+            nexa_proto::chunks::send_reader(reader, r.len(), |offset, data| {
+                send(Ok(v1::FetchChunk {
+                    path: rel.clone(),
+                    offset,
+                    data: data.to_vec(),
+                    is_dir,
+                }))
+            })
+        });
+    match sent {
+        Ok(all) => all,
+        Err(e) => {
+            send(Err(Status::internal(e.to_string())));
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -587,6 +630,7 @@ mod tests {
                 Served {
                     path: PathBuf::from(format!("/in/{i}")),
                     is_dir: false,
+                    range: None,
                     at: t0 + Duration::from_millis(i),
                 },
             );

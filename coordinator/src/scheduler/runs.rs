@@ -525,6 +525,7 @@ impl Engine {
                     digest: r.digest.clone().into(),
                     is_dir: r.is_dir,
                     source: r.path.clone(),
+                    range: r.range.clone(),
                 }
             })
             .collect()

@@ -192,6 +192,7 @@ impl TryFrom<v1::JobSpec> for JobSpec {
                 digest: i.digest.into(),
                 is_dir: i.is_dir,
                 source: PathBuf::from(file_name),
+                range: None,
             });
         }
         Ok(Self {
@@ -384,6 +385,7 @@ mod tests {
                 digest: format!("blake3:{}", "0".repeat(64)).into(),
                 is_dir: false,
                 source: PathBuf::from("x.csv"),
+                range: None,
             }],
             outputs: vec!["out".into()],
             timeout: Some(Duration::from_secs(5)),
