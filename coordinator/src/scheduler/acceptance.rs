@@ -107,7 +107,12 @@ mod tests {
             job_id: "r/s".into(),
             ..Default::default()
         };
-        let mut j = Job::queued("r", 0, None, spec, None);
+        let mut j = Job::queued(
+            ("r/s".into(), "r"),
+            (0, None),
+            (std::sync::Arc::new(spec), None),
+            None,
+        );
         j.set_state(JobState::Leased);
         j.generation = generation;
         j.worker = Some(worker.into());

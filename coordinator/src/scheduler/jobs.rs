@@ -2,8 +2,10 @@
 //! changes between them).
 
 use super::Credit;
-use nexa_shared::ids::WorkerId;
+use crate::planner::StepPlan;
+use nexa_shared::ids::{JobId, WorkerId};
 use nexa_shared::job::JobSpec;
+use std::sync::Arc;
 use tokio::time::Instant;
 
 /// Where a job is in its life. Changed only through [`Job::set_state`], which refuses
@@ -42,12 +44,22 @@ impl JobState {
     }
 }
 
+/// A job in the scheduler's memory: its own id and state, and what it runs by
+/// reference. A fan-out's shard jobs share one spec (the step's) and the step's plan,
+/// from which a shard's own spec (its id, its part as input) is made when it is leased:
+/// a shard job costs its id and its state, not a copy of the step's params and inputs.
 #[derive(Debug)]
 pub(super) struct Job {
+    pub(super) id: JobId,
     pub(super) run_id: String,
     pub(super) step: usize,
+    /// The shard's position among the plan's units.
     pub(super) shard: Option<usize>,
-    pub(super) spec: JobSpec,
+    /// What the step runs: shared by its shard jobs (its `job_id`, `shard` and the
+    /// sharded input are the step's, not this job's: see [`Job::lease_spec`]).
+    pub(super) spec: Arc<JobSpec>,
+    /// A shard job's plan (its unit gives the part and the index).
+    pub(super) plan: Option<Arc<StepPlan>>,
     pub(super) attempt: u32,
     pub(super) generation: u64,
     pub(super) worker: Option<WorkerId>,
@@ -70,25 +82,48 @@ impl Job {
             self.state = to;
             return true;
         }
-        tracing::error!(job = %self.spec.job_id, from = ?self.state, ?to, "refused an illegal job state change");
+        tracing::error!(job = %self.id, from = ?self.state, ?to, "refused an illegal job state change");
         false
+    }
+
+    /// The shard's `(index, count)`, for a shard job.
+    pub(super) fn shard_of(&self) -> Option<(u32, u32)> {
+        let units = self.plan.as_ref()?.shards.as_ref()?;
+        let u = units.get(self.shard?)?;
+        Some((u.index, units.len() as u32))
+    }
+
+    /// The spec a worker is leased: the shared one with this job's id, and for a shard
+    /// its index and its part in place of the sharded input (made now, not kept).
+    pub(super) fn lease_spec(&self) -> JobSpec {
+        let mut spec = JobSpec::clone(&self.spec);
+        spec.job_id = self.id.clone();
+        if let Some(plan) = &self.plan
+            && let Some(k) = self.shard
+            && let Some(u) = plan.shards.as_ref().and_then(|s| s.get(k))
+        {
+            spec.shard = self.shard_of();
+            spec.inputs = super::Engine::job_inputs(plan, Some(&u.part));
+        }
+        spec
     }
 }
 
 impl Job {
     /// A job waiting in the queue for its first attempt.
     pub(super) fn queued(
-        run_id: &str,
-        step: usize,
-        shard: Option<usize>,
-        spec: JobSpec,
+        (id, run_id): (JobId, &str),
+        (step, shard): (usize, Option<usize>),
+        (spec, plan): (Arc<JobSpec>, Option<Arc<StepPlan>>),
         unit: Option<String>,
     ) -> Self {
         Self {
+            id,
             run_id: run_id.to_string(),
             step,
             shard,
             spec,
+            plan,
             attempt: 1,
             generation: 0,
             worker: None,

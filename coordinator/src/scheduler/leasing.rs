@@ -163,7 +163,7 @@ impl Engine {
             })
             .unwrap_or_default();
         let lease = Lease {
-            job: job.spec.clone(),
+            job: job.lease_spec(),
             generation: job.generation,
             attempt: job.attempt,
             gpus,
@@ -368,7 +368,7 @@ impl Engine {
         let Some(j) = self.jobs.get(job_id) else {
             return;
         };
-        let (run_id, step, shard) = (j.run_id.clone(), j.step, j.spec.shard);
+        let (run_id, step, shard) = (j.run_id.clone(), j.step, j.shard_of());
         let Some(run) = self.runs.get_mut(&run_id) else {
             return;
         };

@@ -191,16 +191,13 @@ impl Engine {
         let Some(first) = self.jobs.get(&JobId::replica(unit, 0)) else {
             return;
         };
-        let mut spec = first.spec.clone();
-        spec.job_id = JobId::replica(unit, k);
         let job = Job::queued(
-            &first.run_id,
-            first.step,
-            first.shard,
-            spec,
+            (JobId::replica(unit, k), &first.run_id),
+            (first.step, first.shard),
+            (first.spec.clone(), first.plan.clone()),
             Some(unit.to_string()),
         );
-        let id = job.spec.job_id.clone();
+        let id = job.id.clone();
         self.jobs.insert(id.clone(), job);
         self.queue.push_back(id);
     }
@@ -337,7 +334,7 @@ impl Engine {
         &mut self,
         unit: &str,
         worker: &str,
-        spec: Option<JobSpec>,
+        spec: Option<std::sync::Arc<JobSpec>>,
         result: JobResult,
     ) {
         let Some(d) = self.decided.get_mut(unit) else {

@@ -592,16 +592,19 @@ impl Engine {
             timeout: step.timeout,
             requirements,
         };
-        let mut new_jobs = Vec::new();
+        // One spec for the step, shared by its shard jobs (each one's own spec is made
+        // from it and the plan when it is leased).
+        let mut base = base;
+        base.job_id = JobId::for_step(run_id, &step.id.value);
+        base.inputs = Self::job_inputs(&plan, None);
+        let base = Arc::new(base);
+        let mut new_jobs: Vec<(Option<usize>, JobId)> = Vec::new();
         let had_shards = !rec.shards.is_empty();
         match &plan.shards {
             None => {
                 run.shards_open[i] = 0;
                 rec.shards.clear();
-                let mut spec = base;
-                spec.job_id = JobId::for_step(run_id, &step.id.value);
-                spec.inputs = Self::job_inputs(&plan, None);
-                new_jobs.push((None, spec));
+                new_jobs.push((None, base.job_id.clone()));
             }
             Some(units) => {
                 let count = units.len() as u32;
@@ -632,11 +635,7 @@ impl Engine {
                         run.shard_results[i].insert(k, stage::shard_from_meta(u, meta));
                         continue;
                     }
-                    let mut spec = base.clone();
-                    spec.job_id = JobId::for_shard(run_id, &step.id.value, u.index);
-                    spec.shard = Some((u.index, count));
-                    spec.inputs = Self::job_inputs(&plan, Some(&u.part));
-                    new_jobs.push((Some(k), spec));
+                    new_jobs.push((Some(k), JobId::for_shard(run_id, &step.id.value, u.index)));
                 }
                 run.shards_open[i] = rec.shards.iter().filter(|s| !s.status.is_final()).count();
                 run.emit(Progress::Shards {
@@ -649,6 +648,7 @@ impl Engine {
         // Shards made (or an earlier plan's cleared): the step is written whole once;
         // later rounds write the shards that change.
         let planned_shards = plan.shards.is_some() || had_shards;
+        let shard_plan = plan.shards.is_some().then(|| plan.clone());
         run.plans[i] = Some(plan);
         if planned_shards {
             self.persist_all_shards(run_id, i);
@@ -664,22 +664,28 @@ impl Engine {
             .get(run_id)
             .and_then(|r| r.ctx.pipeline.steps[i].validation)
             .or(self.config.default_validation);
-        for (shard, mut spec) in new_jobs {
+        self.wake_provider(&base.requirements);
+        self.jobs.reserve(new_jobs.len());
+        self.queue.reserve(new_jobs.len());
+        for (shard, mut id) in new_jobs {
             let unit = validation.map(|v| {
                 // Replicas are jobs `<unit>~r<k>`; the first is made now, the others
                 // when the first is leased to a worker that is not trusted.
-                let unit = spec.job_id.to_string();
-                spec.job_id = JobId::replica(&unit, 0);
+                let unit = id.to_string();
+                id = JobId::replica(&unit, 0);
                 self.votes
-                    .insert(unit.clone(), replication::Vote::new(v, spec.uses.clone()));
+                    .insert(unit.clone(), replication::Vote::new(v, base.uses.clone()));
                 self.replication.units += 1;
                 self.replication.replicas += 1;
                 unit
             });
-            let id = spec.job_id.clone();
-            self.wake_provider(&spec.requirements);
-            self.jobs
-                .insert(id.clone(), Job::queued(run_id, i, shard, spec, unit));
+            let job = Job::queued(
+                (id.clone(), run_id),
+                (i, shard),
+                (base.clone(), shard.and(shard_plan.clone())),
+                unit,
+            );
+            self.jobs.insert(id.clone(), job);
             self.queue.push_back(id);
         }
         self.dispatch();

@@ -511,6 +511,54 @@ async fn a_fan_out_settles_at_its_last_shard_and_only_then_assembles() {
     assert_eq!(end.expect("finished").outcome, RunOutcome::Succeeded);
 }
 
+/// A fan-out's shard jobs hold one spec between them (the step's), not a copy each;
+/// each lease is still made whole: the shard's own id, index and count, and its part
+/// (here a range of the input) in place of the sharded input, the other input as is.
+#[tokio::test(start_paused = true)]
+async fn shard_jobs_share_their_steps_spec_and_each_lease_carries_its_own_part() {
+    let mut h = Harness::mesh(Duration::from_secs(600));
+    std::fs::write(h.project.path().join("data.txt"), "a\nb\nc\nd\n").expect("write");
+    std::fs::write(h.project.path().join("model.bin"), "m").expect("write");
+    let _run = h.submit(&steps(
+        "share",
+        1,
+        "      in: {d: data.txt, m: model.bin}\n      shards: {over: d, records: 1}\n",
+    ));
+    let jobs: Vec<&Job> = h.engine.jobs.values().collect();
+    assert_eq!(jobs.len(), 4);
+    assert!(
+        jobs.iter().all(|j| Arc::ptr_eq(&j.spec, &jobs[0].spec)),
+        "one spec for the step's four shard jobs"
+    );
+    assert_eq!(Arc::strong_count(&jobs[0].spec), 4);
+    h.enrol("w1", 4);
+    let mut leases: Vec<Lease> = (0..4).map(|_| h.lease("w1")).collect();
+    leases.sort_by_key(|l| l.job.shard);
+    for (i, l) in leases.iter().enumerate() {
+        assert_eq!(l.job.shard, Some((i as u32, 4)));
+        assert_eq!(l.job.job_id.to_string(), format!("{}/s0/{i}", l.job.run_id));
+        let d = l.job.inputs.iter().find(|x| x.name == "d").expect("d");
+        let range = d.range.as_ref().expect("a range shard");
+        assert_eq!(
+            range.spans,
+            vec![(2 * i as u64, 2)],
+            "record {i} of the input"
+        );
+        assert_eq!(
+            d.source.file_name().and_then(|n| n.to_str()),
+            Some(format!("part-{i:05}.txt").as_str())
+        );
+        let m = l.job.inputs.iter().find(|x| x.name == "m").expect("m");
+        assert!(m.range.is_none() && m.source.ends_with("model.bin"));
+    }
+    let digests: std::collections::BTreeSet<_> = leases
+        .iter()
+        .flat_map(|l| l.job.inputs.iter().filter(|x| x.name == "d"))
+        .map(|x| x.digest.to_string())
+        .collect();
+    assert_eq!(digests.len(), 4, "each part its own digest");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_failed_attempt_is_retried_after_its_backoff_and_not_before() {
     let mut h = Harness::mesh(Duration::from_secs(600));
