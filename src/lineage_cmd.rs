@@ -199,6 +199,51 @@ pub async fn lineage_remote(
     render(Path::new(&project), &g, !down, format)
 }
 
+/// What an input holds now, in the form it was recorded: a whole file or tree, or for a
+/// shard's input (`<uri>#part-N`) its part N, found among the project's splits of the
+/// input's current content and re-hashed (a range re-read from the input itself).
+fn input_now(project: &Path, uri: &str, was: &str) -> anyhow::Result<String> {
+    let path = lineage::input_path(project, uri);
+    let (whole, _, _) = nexa_shared::artifact::input_digest(&path)?;
+    let Some(index) = uri
+        .rsplit_once("#part-")
+        .and_then(|(_, n)| n.parse::<usize>().ok())
+    else {
+        return Ok(whole);
+    };
+    let hex = whole.trim_start_matches(nexa_shared::digest::PREFIX);
+    let named = format!("{}-", &hex[..hex.len().min(32)]);
+    let mut found = None;
+    let states = std::fs::read_dir(project.join(".nexa_state"))
+        .into_iter()
+        .flatten();
+    for state in states.flatten() {
+        let splits = std::fs::read_dir(state.path().join("splits"))
+            .into_iter()
+            .flatten();
+        for split in splits.flatten() {
+            if !split.file_name().to_string_lossy().starts_with(&named) {
+                continue;
+            }
+            let part = nexa_shared::shard::finished(&path, &split.path())
+                .and_then(|s| s.parts.into_iter().nth(index));
+            if let Some(part) = part {
+                let now = part.digest_now()?;
+                if now == was {
+                    return Ok(now);
+                }
+                found.get_or_insert(now);
+            }
+        }
+    }
+    found.ok_or_else(|| {
+        anyhow::anyhow!(
+            "no split of its content now ({}) has a part {index}: it changed since the shard read it",
+            short(&whole)
+        )
+    })
+}
+
 /// `nexa verify ARTIFACT --deep`: the artifact and its whole ancestry. Every artifact is
 /// re-hashed and its signatures checked; every input must still have the digest it had
 /// when it was consumed. Names the failing link nearest the source.
@@ -216,10 +261,9 @@ pub fn verify_deep(project: &Path, artifact: &Path) -> anyhow::Result<ExitCode> 
             failures.push((level, true, format!("{}: {e}", show(project, &n.uri))));
         }
         for i in &n.inputs {
-            let p = lineage::input_path(project, &i.uri);
-            match nexa_shared::artifact::input_digest(&p) {
-                Ok((d, _, _)) if d == i.digest => {}
-                Ok((d, _, _)) => failures.push((
+            match input_now(project, &i.uri, &i.digest) {
+                Ok(d) if d == i.digest => {}
+                Ok(d) => failures.push((
                     level + 1,
                     false,
                     format!(

@@ -90,6 +90,19 @@ fn split_files(state: &Path) -> Vec<String> {
     out
 }
 
+/// A step's sealed shard results, relative to the project.
+fn shard_results(p: &Project, step: &str) -> Vec<String> {
+    let root = format!(".nexa_state/rs/shards/{step}");
+    let mut dirs: Vec<String> = std::fs::read_dir(p.path().join(&root))
+        .expect("shard results")
+        .flatten()
+        .filter(|e| e.path().join("COMPLETE").exists())
+        .map(|e| format!("{root}/{}", e.file_name().to_string_lossy()))
+        .collect();
+    dirs.sort();
+    dirs
+}
+
 fn shard_statuses(p: &Project, step: &str) -> Vec<String> {
     let v = p.status_json("rs.yaml");
     let s = common::mesh::step(&v, step);
@@ -168,9 +181,31 @@ fn range_shards_seal_what_copied_shards_sealed_and_one_changed_record_reruns_its
         "every CSV part has the header: {head}"
     );
 
+    // `nexa verify --deep` holds every shard result's input to its part as it is now:
+    // re-read from the input's range, or re-hashed from the copy.
+    for p in [&ranged, &copied] {
+        for step in steps {
+            for dir in shard_results(p, step) {
+                let out = p.nexa(&["verify", &dir, "--deep"]);
+                assert!(out.status.success(), "{dir}: {}", text(&out));
+            }
+        }
+    }
+
     // Record 30 changes: 30 / 7 = shard 4 of by_records, 30 / 10 = shard 3 of
     // by_artifact; by_size reads the table and re-runs nothing.
     data(&ranged, Some(30));
+    let stale: Vec<String> = shard_results(&ranged, "by_records")
+        .into_iter()
+        .filter(|dir| {
+            let meta = ranged.read(&format!("{dir}/meta.json"));
+            meta.contains("reads.jsonl#part-4\"")
+        })
+        .collect();
+    assert_eq!(stale.len(), 1, "{stale:?}");
+    let out = ranged.nexa(&["verify", &stale[0], "--deep"]);
+    assert!(!out.status.success(), "a changed part is found out");
+    assert!(text(&out).contains("reads.jsonl#part-4"), "{}", text(&out));
     let out = ranged.nexa(&["pipeline", "run", "rs.yaml"]);
     assert!(out.status.success(), "{}", text(&out));
     let ran = |step: &str| -> Vec<usize> {

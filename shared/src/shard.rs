@@ -216,19 +216,7 @@ fn split_bounded(
     dest: &Path,
     max: u64,
 ) -> Result<Split> {
-    let index = dest.join("parts.json");
-    if let Ok(bytes) = fs::read(&index)
-        && let Ok(mut s) = serde_json::from_slice::<Split>(&bytes)
-    {
-        for p in &mut s.parts {
-            p.path = dest.join(&p.path);
-            if let Some(r) = &mut p.range {
-                r.source = match &r.inner {
-                    Some(rel) => input.join(rel),
-                    None => input.to_path_buf(),
-                };
-            }
-        }
+    if let Some(s) = finished(input, dest) {
         return Ok(s);
     }
     let tmp = crate::artifact::tmp_path(dest);
@@ -290,6 +278,47 @@ fn split_bounded(
         p.path = dest.join(&p.path);
     }
     Ok(split)
+}
+
+/// The finished split of `input` at `dest`, if there is one: its parts' paths under
+/// `dest`, its ranges read from `input` as it is now.
+pub fn finished(input: &Path, dest: &Path) -> Option<Split> {
+    let bytes = fs::read(dest.join("parts.json")).ok()?;
+    let mut s = serde_json::from_slice::<Split>(&bytes).ok()?;
+    for p in &mut s.parts {
+        p.path = dest.join(&p.path);
+        if let Some(r) = &mut p.range {
+            r.source = match &r.inner {
+                Some(rel) => input.join(rel),
+                None => input.to_path_buf(),
+            };
+        }
+    }
+    Some(s)
+}
+
+impl Part {
+    /// The part's digest as its bytes are now (re-read from the input for a range, from
+    /// the copy otherwise): what `nexa verify --deep` holds a shard's input to.
+    pub fn digest_now(&self) -> Result<String> {
+        let Some(r) = &self.range else {
+            return Ok(digest::hash_path(&self.path)?.0);
+        };
+        let mut h = blake3::Hasher::new();
+        let copied = std::io::copy(&mut r.reader()?, &mut h).ctx("read", &r.source)?;
+        let file = digest::format(&h.finalize());
+        Ok(match &r.inner {
+            None => file,
+            Some(rel) => {
+                digest::tree_of(vec![digest::FileEntry {
+                    path: rel.clone(),
+                    size: copied,
+                    digest: file,
+                }])
+                .digest
+            }
+        })
+    }
 }
 
 fn extension(path: &Path) -> String {
