@@ -99,10 +99,10 @@ impl Job {
         let mut spec = JobSpec::clone(&self.spec);
         spec.job_id = self.id.clone();
         if let Some(plan) = &self.plan
-            && let Some(k) = self.shard
-            && let Some(u) = plan.shards.as_ref().and_then(|s| s.get(k))
+            && let Some(units) = &plan.shards
+            && let Some(u) = self.shard.and_then(|k| units.get(k))
         {
-            spec.shard = self.shard_of();
+            spec.shard = Some((u.index, units.len() as u32));
             spec.inputs = super::Engine::job_inputs(plan, Some(&u.part));
         }
         spec

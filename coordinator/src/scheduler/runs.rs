@@ -572,8 +572,10 @@ impl Engine {
         rec.worker = None;
         rec.log = None;
         rec.progress = None;
-        let base = JobSpec {
-            job_id: JobId::default(),
+        // One spec for the step, shared by its shard jobs (each one's own spec is made
+        // from it and the plan when it is leased).
+        let base = Arc::new(JobSpec {
+            job_id: JobId::for_step(run_id, &step.id.value),
             run_id: RunId::from(run_id),
             step_id: step.id.value.clone(),
             shard: None,
@@ -587,17 +589,11 @@ impl Engine {
             } else {
                 step.params.clone()
             },
-            inputs: Vec::new(),
+            inputs: Self::job_inputs(&plan, None),
             outputs: plan.outputs.keys().cloned().collect(),
             timeout: step.timeout,
             requirements,
-        };
-        // One spec for the step, shared by its shard jobs (each one's own spec is made
-        // from it and the plan when it is leased).
-        let mut base = base;
-        base.job_id = JobId::for_step(run_id, &step.id.value);
-        base.inputs = Self::job_inputs(&plan, None);
-        let base = Arc::new(base);
+        });
         let mut new_jobs: Vec<(Option<usize>, JobId)> = Vec::new();
         let had_shards = !rec.shards.is_empty();
         match &plan.shards {

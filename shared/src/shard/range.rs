@@ -106,6 +106,9 @@ pub struct Spans {
 
 impl Read for Spans {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
         while self.left == 0 {
             let Some((offset, len)) = self.spans.pop() else {
                 return Ok(0);
