@@ -474,6 +474,36 @@ fn too_many(cut: Cut, input: &Path, max: u64) -> Error {
     ))
 }
 
+/// The records in `input` and whether reading them changed their bytes (see
+/// `Records::altered`): the first pass of a `count` cut.
+fn count_records(input: &Path, format: Format) -> Result<(u64, bool)> {
+    let (_, mut recs) = Records::open(input, format)?;
+    let (mut total, mut rec) = (0u64, Vec::new());
+    while recs.next(&mut rec)? {
+        total += 1;
+        rec.clear();
+    }
+    Ok((total, recs.altered))
+}
+
+impl Cut {
+    /// Whether the open part (the `index`th, holding `records` records of `bytes`
+    /// bytes) is full before a record of `weight` bytes; `sizes` are a `count` cut's
+    /// part sizes. The one rule of both splits, so they cut the same parts.
+    fn is_full(
+        self,
+        (sizes, index): (&[u64], usize),
+        (records, bytes): (u64, u64),
+        weight: u64,
+    ) -> bool {
+        match self {
+            Cut::Count(_) => records >= sizes.get(index).copied().unwrap_or(u64::MAX),
+            Cut::Records(n) => records >= n.max(1),
+            Cut::Bytes(limit) => bytes + weight > limit,
+        }
+    }
+}
+
 /// One part being written.
 struct Open {
     w: std::io::BufWriter<fs::File>,
@@ -493,15 +523,7 @@ fn split_records(
     ext: &str,
 ) -> Result<Vec<Part>> {
     let sizes = match cut {
-        Cut::Count(n) => {
-            let (_, mut recs) = Records::open(input, format)?;
-            let (mut total, mut rec) = (0u64, Vec::new());
-            while recs.next(&mut rec)? {
-                total += 1;
-                rec.clear();
-            }
-            part_sizes(total, n)
-        }
+        Cut::Count(n) => part_sizes(count_records(input, format)?.0, n),
         _ => Vec::new(),
     };
     let (header, mut recs) = Records::open(input, format)?;
@@ -543,11 +565,9 @@ fn split_records(
             break;
         }
         let weight = rec.len() as u64;
-        let full = open.as_ref().is_none_or(|o| match cut {
-            Cut::Count(_) => o.records >= sizes.get(parts.len()).copied().unwrap_or(u64::MAX),
-            Cut::Records(n) => o.records >= n.max(1),
-            Cut::Bytes(limit) => o.bytes + weight > limit,
-        });
+        let full = open
+            .as_ref()
+            .is_none_or(|o| cut.is_full((&sizes, parts.len()), (o.records, o.bytes), weight));
         if full {
             if let Some(o) = open.take() {
                 finish(o, &mut parts)?;

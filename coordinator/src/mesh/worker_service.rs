@@ -569,21 +569,9 @@ pub(super) fn stream_file(
     is_dir: bool,
     send: &dyn Fn(Result<v1::FetchChunk, Status>) -> bool,
 ) -> bool {
-    let sent = nexa_proto::chunks::send_file(p, |offset, data| {
-        send(Ok(v1::FetchChunk {
-            path: rel.to_string(),
-            offset,
-            data: data.to_vec(),
-            is_dir,
-        }))
-    });
-    match sent {
-        Ok(all) => all,
-        Err(e) => {
-            send(Err(Status::internal(e.to_string())));
-            false
-        }
-    }
+    stream(rel, is_dir, send, |emit| {
+        nexa_proto::chunks::send_file(p, emit)
+    })
 }
 
 /// Streams a range shard as `FetchChunk`s, as the part would be streamed were it
@@ -592,22 +580,31 @@ fn stream_range(
     r: &nexa_shared::shard::Range,
     send: &dyn Fn(Result<v1::FetchChunk, Status>) -> bool,
 ) -> bool {
-    let rel = r.inner.clone().unwrap_or_default();
-    let is_dir = r.inner.is_some();
-    let sent = r
-        .reader()
-        .map_err(|e| std::io::Error::other(e.to_string()))
-        .and_then(|reader| {
-            nexa_proto::chunks::send_reader(reader, r.len(), |offset, data| {
-                send(Ok(v1::FetchChunk {
-                    path: rel.clone(),
-                    offset,
-                    data: data.to_vec(),
-                    is_dir,
-                }))
-            })
-        });
-    match sent {
+    let rel = r.inner.as_deref().unwrap_or_default();
+    stream(rel, r.inner.is_some(), send, |emit| {
+        let reader = r
+            .reader()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        nexa_proto::chunks::send_reader(reader, r.len(), emit)
+    })
+}
+
+/// Sends what `read` hands out as `FetchChunk`s of `rel`; an error is sent as one.
+fn stream(
+    rel: &str,
+    is_dir: bool,
+    send: &dyn Fn(Result<v1::FetchChunk, Status>) -> bool,
+    read: impl FnOnce(&mut dyn FnMut(u64, &[u8]) -> bool) -> std::io::Result<bool>,
+) -> bool {
+    let mut emit = |offset: u64, data: &[u8]| {
+        send(Ok(v1::FetchChunk {
+            path: rel.to_string(),
+            offset,
+            data: data.to_vec(),
+            is_dir,
+        }))
+    };
+    match read(&mut emit) {
         Ok(all) => all,
         Err(e) => {
             send(Err(Status::internal(e.to_string())));

@@ -154,18 +154,10 @@ pub(super) fn find(
     ext: &str,
 ) -> Result<Option<Vec<Part>>> {
     let sizes = match cut {
-        Cut::Count(n) => {
-            let (_, mut recs) = Records::open(input, format)?;
-            let (mut total, mut rec) = (0u64, Vec::new());
-            while recs.next(&mut rec)? {
-                total += 1;
-                rec.clear();
-            }
-            if recs.altered {
-                return Ok(None);
-            }
-            super::part_sizes(total, n)
-        }
+        Cut::Count(n) => match super::count_records(input, format)? {
+            (_, true) => return Ok(None),
+            (total, false) => super::part_sizes(total, n),
+        },
         _ => Vec::new(),
     };
     let (header, mut recs) = Records::open(input, format)?;
@@ -195,12 +187,9 @@ pub(super) fn find(
             break;
         }
         let weight = rec.len() as u64;
-        // The same rule as the copying split, so the parts are the same.
-        let full = found.last().is_none_or(|o| match cut {
-            Cut::Count(_) => o.records >= sizes.get(found.len() - 1).copied().unwrap_or(u64::MAX),
-            Cut::Records(n) => o.records >= n.max(1),
-            Cut::Bytes(limit) => o.bytes + weight > limit,
-        });
+        let full = found
+            .last()
+            .is_none_or(|o| cut.is_full((&sizes, found.len() - 1), (o.records, o.bytes), weight));
         if full {
             if found.len() as u64 >= max {
                 return Err(too_many(cut, input, max));

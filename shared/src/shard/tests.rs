@@ -51,6 +51,37 @@ fn in_memory(input: &str, format: Format, cut: Cut) -> Vec<String> {
 
 use proptest::strategy::Strategy as _;
 
+/// Lines of a record file: empty ones, FASTA headers, and text.
+fn lines() -> impl proptest::strategy::Strategy<Value = Vec<String>> {
+    proptest::collection::vec(
+        proptest::prop_oneof![
+            proptest::strategy::Just(String::new()),
+            proptest::strategy::Just(">h".to_string()),
+            "[a-z,]{1,12}",
+        ],
+        0..40,
+    )
+}
+
+/// Every kind of cut, small.
+fn cuts() -> impl proptest::strategy::Strategy<Value = Cut> {
+    proptest::prop_oneof![
+        (1u32..9).prop_map(Cut::Count),
+        (1u64..9).prop_map(Cut::Records),
+        (1u64..60).prop_map(Cut::Bytes),
+    ]
+}
+
+/// `lines` as a file: `\r\n` or `\n` line ends, a final one or not.
+fn text_of(lines: &[String], crlf: bool, final_newline: bool) -> String {
+    let end = if crlf { "\r\n" } else { "\n" };
+    let mut text = lines.join(end);
+    if final_newline && !lines.is_empty() {
+        text.push_str(end);
+    }
+    text
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
     /// Streaming gives the very bytes the in-memory split gave (so cache keys, which
@@ -58,29 +89,14 @@ proptest::proptest! {
     /// empty lines, CRLF line ends and no final newline.
     #[test]
     fn streaming_splits_are_byte_identical_to_reading_everything_first(
-        lines in proptest::collection::vec(
-            proptest::prop_oneof![
-                proptest::strategy::Just(String::new()),
-                proptest::strategy::Just(">h".to_string()),
-                "[a-z,]{1,12}",
-            ],
-            0..40,
-        ),
+        lines in lines(),
         crlf in proptest::bool::ANY,
         final_newline in proptest::bool::ANY,
         which in 0usize..3,
-        cut in proptest::prop_oneof![
-            (1u32..9).prop_map(Cut::Count),
-            (1u64..9).prop_map(Cut::Records),
-            (1u64..60).prop_map(Cut::Bytes),
-        ],
+        cut in cuts(),
     ) {
         let (format, ext) = [(Format::Lines, "txt"), (Format::Csv, "csv"), (Format::Fasta, "fa")][which];
-        let end = if crlf { "\r\n" } else { "\n" };
-        let mut text = lines.join(end);
-        if final_newline && !lines.is_empty() {
-            text.push_str(end);
-        }
+        let text = text_of(&lines, crlf, final_newline);
         let d = tempfile::tempdir().expect("tempdir");
         let input = d.path().join(format!("in.{ext}"));
         fs::write(&input, &text).expect("write");
@@ -104,30 +120,15 @@ proptest::proptest! {
     /// and for a directory holding one (an upstream artifact's payload).
     #[test]
     fn range_shards_are_byte_identical_to_copied_shards(
-        lines in proptest::collection::vec(
-            proptest::prop_oneof![
-                proptest::strategy::Just(String::new()),
-                proptest::strategy::Just(">h".to_string()),
-                "[a-z,]{1,12}",
-            ],
-            0..40,
-        ),
+        lines in lines(),
         crlf in proptest::bool::ANY,
         final_newline in proptest::bool::ANY,
         which in 0usize..3,
         wrapped in proptest::bool::ANY,
-        cut in proptest::prop_oneof![
-            (1u32..9).prop_map(Cut::Count),
-            (1u64..9).prop_map(Cut::Records),
-            (1u64..60).prop_map(Cut::Bytes),
-        ],
+        cut in cuts(),
     ) {
         let ext = ["txt", "csv", "fa"][which];
-        let end = if crlf { "\r\n" } else { "\n" };
-        let mut text = lines.join(end);
-        if final_newline && !lines.is_empty() {
-            text.push_str(end);
-        }
+        let text = text_of(&lines, crlf, final_newline);
         let d = tempfile::tempdir().expect("tempdir");
         let file = format!("in.{ext}");
         let input = if wrapped { d.path().join("artifact") } else { d.path().to_path_buf() };
