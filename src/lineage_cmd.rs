@@ -199,12 +199,27 @@ pub async fn lineage_remote(
     render(Path::new(&project), &g, !down, format)
 }
 
+/// What one `verify --deep` has read already: each input's digest now and each split
+/// index, so that many shards of one input hash it and read its splits once.
+#[derive(Default)]
+struct Seen {
+    digests: std::collections::HashMap<PathBuf, String>,
+    splits: std::collections::HashMap<PathBuf, Option<nexa_shared::shard::Split>>,
+}
+
 /// What an input holds now, in the form it was recorded: a whole file or tree, or for a
 /// shard's input (`<uri>#part-N`) its part N, found among the project's splits of the
 /// input's current content and re-hashed (a range re-read from the input itself).
-fn input_now(project: &Path, uri: &str, was: &str) -> anyhow::Result<String> {
+fn input_now(project: &Path, uri: &str, was: &str, seen: &mut Seen) -> anyhow::Result<String> {
     let path = lineage::input_path(project, uri);
-    let (whole, _, _) = nexa_shared::artifact::input_digest(&path)?;
+    let whole = match seen.digests.get(&path) {
+        Some(d) => d.clone(),
+        None => {
+            let (d, _, _) = nexa_shared::artifact::input_digest(&path)?;
+            seen.digests.insert(path.clone(), d.clone());
+            d
+        }
+    };
     let Some(index) = uri
         .rsplit_once("#part-")
         .and_then(|(_, n)| n.parse::<usize>().ok())
@@ -225,8 +240,12 @@ fn input_now(project: &Path, uri: &str, was: &str) -> anyhow::Result<String> {
             if !split.file_name().to_string_lossy().starts_with(&named) {
                 continue;
             }
-            let part = nexa_shared::shard::finished(&path, &split.path())
-                .and_then(|s| s.parts.into_iter().nth(index));
+            let part = seen
+                .splits
+                .entry(split.path())
+                .or_insert_with(|| nexa_shared::shard::finished(&path, &split.path()))
+                .as_ref()
+                .and_then(|s| s.parts.get(index));
             if let Some(part) = part {
                 let now = part.digest_now()?;
                 if now == was {
@@ -253,6 +272,7 @@ pub fn verify_deep(project: &Path, artifact: &Path) -> anyhow::Result<ExitCode> 
     // (level, an artifact's own failure rather than a changed input, message)
     let mut failures: Vec<(usize, bool, String)> = Vec::new();
     let mut checked = 0;
+    let mut seen = Seen::default();
     for n in &g.nodes {
         let level = g.levels.get(&n.uri).copied().unwrap_or(0);
         let path = lineage::uri_path(&n.uri);
@@ -261,7 +281,7 @@ pub fn verify_deep(project: &Path, artifact: &Path) -> anyhow::Result<ExitCode> 
             failures.push((level, true, format!("{}: {e}", show(project, &n.uri))));
         }
         for i in &n.inputs {
-            match input_now(project, &i.uri, &i.digest) {
+            match input_now(project, &i.uri, &i.digest, &mut seen) {
                 Ok(d) if d == i.digest => {}
                 Ok(d) => failures.push((
                     level + 1,

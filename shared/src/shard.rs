@@ -307,17 +307,7 @@ impl Part {
         let mut h = blake3::Hasher::new();
         let copied = std::io::copy(&mut r.reader()?, &mut h).ctx("read", &r.source)?;
         let file = digest::format(&h.finalize());
-        Ok(match &r.inner {
-            None => file,
-            Some(rel) => {
-                digest::tree_of(vec![digest::FileEntry {
-                    path: rel.clone(),
-                    size: copied,
-                    digest: file,
-                }])
-                .digest
-            }
-        })
+        Ok(range::part_digest(file, copied, r.inner.as_deref()))
     }
 }
 

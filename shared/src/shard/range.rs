@@ -86,6 +86,22 @@ impl Range {
     }
 }
 
+/// A range part's digest from its bytes' digest and size: that of the file, or of a
+/// directory holding it as `inner`.
+pub(super) fn part_digest(file: String, size: u64, inner: Option<&str>) -> String {
+    match inner {
+        None => file,
+        Some(rel) => {
+            digest::tree_of(vec![digest::FileEntry {
+                path: rel.to_string(),
+                size,
+                digest: file,
+            }])
+            .digest
+        }
+    }
+}
+
 fn short(source: &Path, offset: u64, len: u64) -> Error {
     Error::Shards(format!(
         "{}: shorter than the {len} bytes at {offset} its shard was cut from (did it change during the run?)",
@@ -219,18 +235,10 @@ pub(super) fn find(
             }
             spans.push((o.start, o.bytes));
             let file = digest::format(&o.hasher.finalize());
-            let size = head + o.bytes;
-            let (digest, path) = match inner {
-                Some(rel) => (
-                    digest::tree_of(vec![digest::FileEntry {
-                        path: rel.to_string(),
-                        size,
-                        digest: file,
-                    }])
-                    .digest,
-                    PathBuf::from(part_name(i as u32)),
-                ),
-                None => (file, PathBuf::from(format!("{}{ext}", part_name(i as u32)))),
+            let digest = part_digest(file, head + o.bytes, inner);
+            let path = match inner {
+                Some(_) => PathBuf::from(part_name(i as u32)),
+                None => PathBuf::from(format!("{}{ext}", part_name(i as u32))),
             };
             Part {
                 index: i as u32,
