@@ -2,7 +2,7 @@
 //! records: write throughput in the write-behind's groups, its size on disk against
 //! the live bytes (space amplification) after the first write and after every record
 //! is rewritten (a state change each), and how long opening and reading it all back
-//! takes (what a restarted coordinator pays).
+//! takes (what a restarted coordinator pays), and the process's RSS at each stage.
 
 use nexa_coordinator::{SledStore, Store};
 use std::path::Path;
@@ -47,10 +47,13 @@ pub fn run(records: usize, scratch: &Path, json: bool) -> anyhow::Result<()> {
         .tempdir_in(scratch)?;
     let path = dir.path().join("store");
     let s = SledStore::open(&path)?;
+    let me = std::process::id();
     let first = write_all(&s, records, "RUNNING")?;
     let a = s.stats()?;
+    let rss_written = crate::workers::usage(me)?.1;
     let second = write_all(&s, records, "COMPLETE")?;
     let b = s.stats()?;
+    let rss_rewritten = crate::workers::usage(me)?.1;
     drop(s);
     let t = Instant::now();
     let s = SledStore::open(&path)?;
@@ -59,6 +62,7 @@ pub fn run(records: usize, scratch: &Path, json: bool) -> anyhow::Result<()> {
     let back = s.scan_prefix("steps", "bench/")?.len();
     let scan_ms = t.elapsed().as_secs_f64() * 1000.0;
     anyhow::ensure!(back == records, "read back {back} of {records}");
+    let (_, rss_read, peak) = crate::workers::usage(me)?;
     let mb = |b: u64| b as f64 / 1e6;
     if json {
         println!(
@@ -70,6 +74,8 @@ pub fn run(records: usize, scratch: &Path, json: bool) -> anyhow::Result<()> {
                 "amplification_written": a.amplification,
                 "disk_mb_rewritten": mb(b.disk_bytes), "amplification_rewritten": b.amplification,
                 "open_ms": open_ms, "scan_all_ms": scan_ms,
+                "rss_mb_written": rss_written, "rss_mb_rewritten": rss_rewritten,
+                "rss_mb_read_back": rss_read, "peak_rss_mb": peak,
             })
         );
     } else {
@@ -89,6 +95,9 @@ pub fn run(records: usize, scratch: &Path, json: bool) -> anyhow::Result<()> {
             b.amplification
         );
         println!("  reopened in {open_ms:.0} ms, every record read back in {scan_ms:.0} ms");
+        println!(
+            "  RSS {rss_written:.0} MB written, {rss_rewritten:.0} MB rewritten, {rss_read:.0} MB read back (peak {peak:.0} MB)"
+        );
     }
     Ok(())
 }

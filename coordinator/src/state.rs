@@ -36,19 +36,31 @@ fn shard_key(pipeline: &str, step: &str, index: u32) -> String {
     format!("{pipeline}/{step}/{index:010}")
 }
 
-/// Writes step records whole, with all their shards, in one batch each (a run's
-/// start and end, `store recover`); shard keys beyond a step's shards are removed.
+/// Shard records per store batch when a step is written whole. One sled batch holds
+/// every entry in memory, and sled grows its nodes as the batch goes in: a 100,000-shard
+/// step written as one batch peaked at 550 MB of the coordinator's heap (heaptrack), a
+/// million would not fit at all. Batches of this size keep it to a few MB.
+pub const SHARD_BATCH: usize = 2048;
+
+/// Writes step records whole, with all their shards (a run's start and end, `store
+/// recover`): the shards in batches of [`SHARD_BATCH`], each serialized only when it is
+/// written, then the step records; shard keys beyond a step's shards are removed. A
+/// crash between two batches leaves some shards as they were before: what a status
+/// query shows until the next round, never what decides a run (a restarted run plans
+/// again).
 pub fn save_steps(store: &dyn Store, pipeline: &str, records: &[&StepRecord]) -> Result<()> {
-    let mut shards = Vec::new();
     let mut steps = Vec::new();
     for r in records {
-        for s in &r.shards {
-            shards.push((shard_key(pipeline, &r.id, s.index), serde_json::to_vec(s)?));
+        for chunk in r.shards.chunks(SHARD_BATCH) {
+            let batch = chunk
+                .iter()
+                .map(|s| Ok((shard_key(pipeline, &r.id, s.index), serde_json::to_vec(s)?)))
+                .collect::<Result<Vec<_>>>()?;
+            store.put_batch(SHARDS_TREE, &batch)?;
         }
         remove_shards_from(store, pipeline, &r.id, r.shards.len())?;
         steps.push((format!("{pipeline}/{}", r.id), step_bytes(r)?));
     }
-    store.put_batch(SHARDS_TREE, &shards)?;
     store.put_batch(STEPS_TREE, &steps)
 }
 
@@ -60,11 +72,13 @@ pub fn save_progress(
     steps: &[StepRecord],
     shards: &[(String, ShardRecord)],
 ) -> Result<()> {
-    let shards = shards
-        .iter()
-        .map(|(step, s)| Ok((shard_key(pipeline, step, s.index), serde_json::to_vec(s)?)))
-        .collect::<Result<Vec<_>>>()?;
-    store.put_batch(SHARDS_TREE, &shards)?;
+    for chunk in shards.chunks(SHARD_BATCH) {
+        let batch = chunk
+            .iter()
+            .map(|(step, s)| Ok((shard_key(pipeline, step, s.index), serde_json::to_vec(s)?)))
+            .collect::<Result<Vec<_>>>()?;
+        store.put_batch(SHARDS_TREE, &batch)?;
+    }
     let steps = steps
         .iter()
         .map(|r| Ok((format!("{pipeline}/{}", r.id), step_bytes(r)?)))
@@ -188,6 +202,7 @@ pub fn load_workers(store: &dyn Store) -> Result<Vec<WorkerRecord>> {
 mod tests {
     use super::*;
     use crate::MemStore;
+    use std::sync::Mutex;
 
     fn shard(index: u32, status: StepStatus) -> ShardRecord {
         ShardRecord {
@@ -239,6 +254,64 @@ mod tests {
         assert_eq!(
             load_steps(&store, "p").expect("load")["fan"].shards.len(),
             2
+        );
+    }
+
+    /// Counts the entries of the largest batch put into each tree.
+    #[derive(Default)]
+    struct Batches {
+        inner: MemStore,
+        largest: Mutex<BTreeMap<String, usize>>,
+    }
+
+    impl Store for Batches {
+        fn get(&self, tree: &str, key: &str) -> Result<Option<Vec<u8>>> {
+            self.inner.get(tree, key)
+        }
+        fn put_batch(&self, tree: &str, entries: &[(String, Vec<u8>)]) -> Result<()> {
+            let mut g = self.largest.lock().expect("lock");
+            let n = g.entry(tree.to_string()).or_default();
+            *n = (*n).max(entries.len());
+            self.inner.put_batch(tree, entries)
+        }
+        fn remove(&self, tree: &str, key: &str) -> Result<()> {
+            self.inner.remove(tree, key)
+        }
+        fn scan_prefix(&self, tree: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+            self.inner.scan_prefix(tree, prefix)
+        }
+        fn flush(&self) -> Result<()> {
+            self.inner.flush()
+        }
+        fn compare_and_swap(
+            &self,
+            tree: &str,
+            key: &str,
+            old: Option<&[u8]>,
+            new: Option<&[u8]>,
+        ) -> Result<bool> {
+            self.inner.compare_and_swap(tree, key, old, new)
+        }
+    }
+
+    #[test]
+    fn a_big_fan_out_is_written_in_bounded_batches_and_reads_back_whole() {
+        let store = Batches::default();
+        let n = 10_007;
+        save_steps(&store, "p", &[&step("fan", n)]).expect("save");
+        let largest = store.largest.lock().expect("lock")[SHARDS_TREE];
+        assert!(
+            largest <= 4096,
+            "{n} shards went into the store in a batch of {largest}"
+        );
+        let back = load_steps(&store, "p").expect("load");
+        assert_eq!(back["fan"].shards.len(), n);
+        assert!(
+            back["fan"]
+                .shards
+                .iter()
+                .enumerate()
+                .all(|(k, s)| s.index as usize == k)
         );
     }
 
