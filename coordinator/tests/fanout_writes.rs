@@ -78,3 +78,46 @@ async fn a_fan_out_writes_each_shard_a_few_times_not_every_shard_at_every_change
     );
     coord.shutdown();
 }
+
+/// A step written whole (a run's start and end) goes into the store in bounded batches:
+/// one sled batch of every shard of a 100,000-shard step held ~550 MB of heap.
+#[test]
+fn a_big_fan_out_is_written_in_bounded_batches_and_reads_back_whole() {
+    const SHARDS: u32 = 10_007;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let largest = Arc::new(AtomicU64::new(0));
+    let store = Watched {
+        inner: SledStore::open(&dir.path().join("store")).expect("store"),
+        watch: {
+            let largest = largest.clone();
+            move |tree: &str, bytes: usize| {
+                if tree == state::SHARDS_TREE {
+                    largest.fetch_max(bytes as u64, Ordering::SeqCst);
+                }
+                Ok(())
+            }
+        },
+    };
+    let shard = |index| state::ShardRecord {
+        index,
+        status: StepStatus::Pending,
+        cache_key: None,
+        hash: None,
+        worker: None,
+        attempts: 0,
+        error: None,
+    };
+    let step = state::StepRecord {
+        shards: (0..SHARDS).map(shard).collect(),
+        ..state::StepRecord::pending("fan", "r1")
+    };
+    let whole = serde_json::to_vec(&step.shards).expect("json").len() as u64;
+    state::save_steps(&store, "p", &[&step]).expect("save");
+    let largest = largest.load(Ordering::SeqCst);
+    assert!(
+        largest * 4 < whole,
+        "{SHARDS} shards ({whole} bytes) went into the store in a batch of {largest} bytes"
+    );
+    let back = state::load_steps(&store, "p").expect("load");
+    assert_eq!(back["fan"].shards, step.shards);
+}
