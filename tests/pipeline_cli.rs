@@ -911,6 +911,33 @@ fn verify_checks_hashes_and_the_workers_signatures_offline() {
             text(&out)
         );
     }
+    // The sharded step's signatures are in its provenance file (one line a shard),
+    // pinned by meta.json, not in a meta.json label; a forged line is caught.
+    let meta = p.read("artifacts/sh/meta.json");
+    assert!(
+        meta.contains("\"shard_provenance_file\": \"blake3:")
+            && !meta.contains("\"shard_provenance\""),
+        "{meta}"
+    );
+    let prov_path = p.path().join("artifacts/sh/.nexa-provenance.jsonl");
+    let prov = p.read("artifacts/sh/.nexa-provenance.jsonl");
+    assert_eq!(prov.lines().count(), 3, "{prov}");
+    let mut perm = std::fs::metadata(&prov_path).expect("stat").permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&perm) & 0o222,
+        0,
+        "sealed read-only"
+    );
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o644);
+    std::fs::set_permissions(&prov_path, perm).expect("chmod");
+    std::fs::write(&prov_path, prov.replace("\"attempt\":1", "\"attempt\":2")).expect("write");
+    let out = p.nexa(&["verify", "artifacts/sh"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("provenance"),
+        "{}",
+        text(&out)
+    );
     // A forged signature in meta.json is caught, though the payload hash still matches.
     let meta_path = p.path().join("artifacts/c/meta.json");
     let mut perm = std::fs::metadata(&meta_path).expect("stat").permissions();

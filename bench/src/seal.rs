@@ -73,6 +73,7 @@ pub fn run(
             inputs: Vec::new(),
             labels: Default::default(),
             expected: Some(entries),
+            provenance: None,
         };
         artifact::seal(&out, req)?;
         let seal = t.elapsed().as_secs_f64();

@@ -24,8 +24,12 @@ use std::path::{Path, PathBuf};
 pub const COMPLETE: &str = "COMPLETE";
 /// The metadata file's name.
 pub const META: &str = "meta.json";
+/// The provenance file of an assembled (sharded) artifact: one JSON line per shard,
+/// `[index, signed fields]`, its BLAKE3 digest pinned in `meta.json` (a label of a
+/// million shards' signatures would be a ~600 MB `meta.json`, built in memory).
+pub const PROVENANCE: &str = ".nexa-provenance.jsonl";
 /// Names inside an artifact that are not payload.
-pub const NOT_PAYLOAD: &[&str] = &[META, COMPLETE];
+pub const NOT_PAYLOAD: &[&str] = &[META, COMPLETE, PROVENANCE];
 
 /// One input recorded in `meta.json`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -125,6 +129,9 @@ pub struct SealRequest {
     /// When given, the payload must be exactly these files (what a worker reported);
     /// anything else refuses the seal and removes the staged payload.
     pub expected: Option<Vec<digest::FileEntry>>,
+    /// A provenance file to copy in as [`PROVENANCE`] once the payload is checked and
+    /// hashed (not payload; its digest belongs in `labels`).
+    pub provenance: Option<PathBuf>,
 }
 
 /// Seals the payload already written in `<out>.tmp` as the artifact at `out`.
@@ -292,6 +299,10 @@ fn prepare(out: &Path, req: SealRequest, mode: Durability) -> Result<(Meta, Tree
         context: "meta.json".into(),
         source,
     })?;
+    if let Some(src) = &req.provenance {
+        let dst = tmp.join(PROVENANCE);
+        fs::copy(src, &dst).ctx("copy", src)?;
+    }
     let meta_path = tmp.join(META);
     fs::write(&meta_path, meta_bytes).ctx("write", &meta_path)?;
     crate::fail_point!(

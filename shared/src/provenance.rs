@@ -8,8 +8,9 @@ use crate::artifact::{self, Meta};
 use crate::digest::{self, FileEntry};
 use crate::job::{JobResult, Outcome, OutputFile};
 use crate::{Error, Result, signing};
-use std::collections::BTreeMap;
-use std::path::Path;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
 
 /// The signed fields of one job result, as stored.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -94,8 +95,12 @@ impl Signed {
 
 /// The label holding one result's signed fields.
 pub const SIGNED_LABEL: &str = "signed";
-/// The label holding the signed fields of every shard of an assembled artifact.
+/// The label that held the signed fields of every shard of an assembled artifact, in
+/// artifacts sealed before [`SHARDS_FILE_LABEL`] (still verified).
 pub const SHARDS_LABEL: &str = "shard_provenance";
+/// The label pinning an assembled artifact's provenance file
+/// ([`artifact::PROVENANCE`]) by its BLAKE3 digest.
+pub const SHARDS_FILE_LABEL: &str = "shard_provenance_file";
 /// The label naming which output of the job this artifact is.
 pub const OUTPUT_LABEL: &str = "output";
 
@@ -132,12 +137,112 @@ fn same_files(mut want: Vec<FileEntry>, got: &[FileEntry], what: &str) -> Result
     Ok(())
 }
 
+/// Writes an assembled artifact's provenance file, one line a shard
+/// (`[index, signed fields]`), hashing what it writes: memory is one line, whatever the
+/// number of shards.
+pub struct ProvenanceWriter {
+    path: PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+    hasher: blake3::Hasher,
+}
+
+impl ProvenanceWriter {
+    /// Creates (or truncates) the file at `path`.
+    pub fn create(path: &Path) -> Result<Self> {
+        let file = std::fs::File::create(path).map_err(|e| Error::io("create", path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file: std::io::BufWriter::with_capacity(1 << 16, file),
+            hasher: blake3::Hasher::new(),
+        })
+    }
+
+    /// Adds shard `index`, given the JSON text of its signed fields as a sealed shard's
+    /// [`SIGNED_LABEL`] holds it (checked to be one JSON value on one line).
+    pub fn push(&mut self, index: u32, signed_json: &str) -> Result<()> {
+        let raw: &serde_json::value::RawValue = serde_json::from_str(signed_json)
+            .map_err(|e| Error::Signature(format!("shard {index}: label '{SIGNED_LABEL}': {e}")))?;
+        let line = format!("[{index},{}]\n", raw.get());
+        if line.matches('\n').count() != 1 {
+            return Err(Error::Signature(format!(
+                "shard {index}: label '{SIGNED_LABEL}' spans lines"
+            )));
+        }
+        self.hasher.update(line.as_bytes());
+        self.file
+            .write_all(line.as_bytes())
+            .map_err(|e| Error::io("write", &self.path, e))
+    }
+
+    /// Flushes the file; its digest (`blake3:<hex>`), for [`SHARDS_FILE_LABEL`].
+    pub fn finish(mut self) -> Result<String> {
+        self.file
+            .flush()
+            .map_err(|e| Error::io("write", &self.path, e))?;
+        Ok(digest::format(&self.hasher.finalize()))
+    }
+}
+
+/// Checks one shard's signature and adds its signed files of output `name` to `want`.
+fn check_shard(
+    (index, s): (u32, &Signed),
+    name: &str,
+    want: &mut Vec<FileEntry>,
+    workers: &mut BTreeSet<String>,
+) -> Result<()> {
+    s.verify()
+        .map_err(|e| Error::Signature(format!("shard {index}: {e}")))?;
+    want.extend(s.files_of(name, &format!("shard-{index:05}/")));
+    if !workers.contains(&s.worker) {
+        workers.insert(s.worker.clone());
+    }
+    Ok(())
+}
+
+/// Reads an assembled artifact's provenance file a line at a time, checking each shard
+/// (see [`check_shard`]) and, at its end, that the file is the one `pinned` names.
+fn check_provenance_file(
+    out: &Path,
+    pinned: &str,
+    name: &str,
+    want: &mut Vec<FileEntry>,
+    workers: &mut BTreeSet<String>,
+) -> Result<()> {
+    let path = out.join(artifact::PROVENANCE);
+    let file = std::fs::File::open(&path).map_err(|e| Error::io("open", &path, e))?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
+    let mut hasher = blake3::Hasher::new();
+    let mut line = String::new();
+    for n in 1.. {
+        line.clear();
+        if reader
+            .read_line(&mut line)
+            .map_err(|e| Error::io("read", &path, e))?
+            == 0
+        {
+            break;
+        }
+        hasher.update(line.as_bytes());
+        let (index, s): (u32, Signed) = serde_json::from_str(line.trim_end())
+            .map_err(|e| Error::Signature(format!("{}:{n}: {e}", path.display())))?;
+        check_shard((index, &s), name, want, workers)
+            .map_err(|e| Error::Signature(format!("{}:{n}: {e}", path.display())))?;
+    }
+    if digest::format(&hasher.finalize()) != pinned {
+        return Err(Error::Signature(format!(
+            "{}: not the provenance file meta.json pins (label '{SHARDS_FILE_LABEL}')",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Re-hashes an artifact against its `meta.json`, then checks every recorded signature
 /// and that the payload's files are exactly the signed ones.
 pub fn verify_artifact(out: &Path) -> Result<Verified> {
     let meta = artifact::verify(out)?;
     let tree = digest::hash_tree(out, artifact::NOT_PAYLOAD)?;
-    let mut workers = Vec::new();
+    let mut workers = BTreeSet::new();
     if let Some(text) = meta.labels.get(SIGNED_LABEL) {
         let s: Signed = serde_json::from_str(text)
             .map_err(|e| Error::Signature(format!("label '{SIGNED_LABEL}': {e}")))?;
@@ -162,18 +267,22 @@ pub fn verify_artifact(out: &Path) -> Result<Verified> {
             s.files_of(&name, &prefix)
         };
         same_files(want, &tree.files, &out.display().to_string())?;
-        workers.push(s.worker);
+        workers.insert(s.worker);
     }
-    if let Some(text) = meta.labels.get(SHARDS_LABEL) {
-        let shards: Vec<(u32, Signed)> = serde_json::from_str(text)
-            .map_err(|e| Error::Signature(format!("label '{SHARDS_LABEL}': {e}")))?;
+    let pinned = meta.labels.get(SHARDS_FILE_LABEL);
+    let inline = meta.labels.get(SHARDS_LABEL);
+    if pinned.is_some() || inline.is_some() {
         let name = meta.labels.get(OUTPUT_LABEL).cloned().unwrap_or_default();
         let mut want = Vec::new();
-        for (index, s) in &shards {
-            s.verify()
-                .map_err(|e| Error::Signature(format!("shard {index}: {e}")))?;
-            want.extend(s.files_of(&name, &format!("shard-{index:05}/")));
-            workers.push(s.worker.clone());
+        if let Some(pinned) = pinned {
+            check_provenance_file(out, pinned, &name, &mut want, &mut workers)?;
+        }
+        if let Some(text) = inline {
+            let shards: Vec<(u32, Signed)> = serde_json::from_str(text)
+                .map_err(|e| Error::Signature(format!("label '{SHARDS_LABEL}': {e}")))?;
+            for (index, s) in &shards {
+                check_shard((*index, s), &name, &mut want, &mut workers)?;
+            }
         }
         let got: Vec<FileEntry> = tree
             .files
@@ -182,8 +291,17 @@ pub fn verify_artifact(out: &Path) -> Result<Verified> {
             .cloned()
             .collect();
         same_files(want, &got, &out.display().to_string())?;
+    } else if out.join(artifact::PROVENANCE).exists() {
+        return Err(Error::Signature(format!(
+            "{}: a provenance file that meta.json does not pin",
+            out.display()
+        )));
     }
-    workers.sort();
-    workers.dedup();
-    Ok(Verified { meta, workers })
+    Ok(Verified {
+        meta,
+        workers: workers.into_iter().collect(),
+    })
 }
+
+#[cfg(test)]
+mod tests;

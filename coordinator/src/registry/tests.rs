@@ -18,6 +18,7 @@ fn sealed(dir: &Path, name: &str, content: &str, labels: &[(&str, &str)]) -> Pat
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             expected: None,
+            provenance: None,
         },
     )
     .expect("seal");

@@ -36,7 +36,6 @@ mod tasks;
 #[cfg(test)]
 mod tests;
 mod workers;
-use crate::sealing::stage::{self, ShardSealed};
 use crate::state::{self, ArtifactInfo, RunRecord, ShardRecord, StepRecord, StepStatus};
 use crate::{Error, Result, Store, mirror};
 use finish::{cleanup_failed, requirements_of, write_mirror};

@@ -295,13 +295,12 @@ impl Engine {
                 };
                 let k = shard.unwrap_or(0);
                 let s = &mut run.records[i].shards[k];
-                s.hash = Some(sealed.hash.clone());
+                s.hash = Some(sealed);
                 s.error = None;
                 if s.worker.is_none() {
                     s.worker =
                         worker.and_then(|w| self.workers.get(&w).map(|i| hex::encode(i.info.key)));
                 }
-                run.shard_results[i].insert(k, *sealed);
                 self.set_shard_status(&run_id, i, k, StepStatus::Complete);
             }
         }
@@ -349,18 +348,13 @@ impl Engine {
         let Some(plan) = run.plans[i].clone() else {
             return;
         };
-        // Moved, not copied (a copy of 100,000 shards' results was ~90 MB at assembly): the
-        // step's shards are all settled, and a step that plans again fills them anew.
-        let shards: Vec<ShardSealed> = std::mem::take(&mut run.shard_results[i])
-            .into_values()
-            .collect();
         run.in_flight += 1;
         let ctx = run.ctx.clone();
         let rid = run_id.to_string();
         let store = self.store.clone();
         tasks::blocking(
             self.fx.as_ref(),
-            move || crate::sealing::group::assemble(store.as_ref(), &ctx, &plan, &shards),
+            move || crate::sealing::group::assemble(store.as_ref(), &ctx, &plan),
             move |res| {
                 let res = res.unwrap_or_else(|why| Err(format!("assembling the step {why}")));
                 Event::Assembled(rid, i, res)

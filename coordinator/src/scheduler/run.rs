@@ -3,7 +3,6 @@
 
 use super::{ArtifactInfo, Progress, RunOutcome, RunSummary, StepRecord};
 use crate::planner::{RunContext, StepPlan};
-use crate::sealing::stage::ShardSealed;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
@@ -49,7 +48,6 @@ pub(super) struct Run {
     pub(super) ctx: Arc<RunContext>,
     pub(super) records: Vec<StepRecord>,
     pub(super) plans: Vec<Option<Arc<StepPlan>>>,
-    pub(super) shard_results: Vec<BTreeMap<usize, ShardSealed>>,
     pub(super) busy: Vec<bool>,
     /// Progress lines for its caller (bounded: see [`Run::emit`]).
     progress: mpsc::Sender<Progress>,
@@ -90,7 +88,6 @@ impl Run {
             ctx: Arc::new(ctx),
             records,
             plans: vec![None; n],
-            shard_results: vec![BTreeMap::new(); n],
             shards_open: vec![0; n],
             busy: vec![false; n],
             progress,

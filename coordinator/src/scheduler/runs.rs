@@ -624,11 +624,9 @@ impl Engine {
                         error: None,
                     })
                     .collect();
-                run.shard_results[i].clear();
                 for (k, u) in units.iter().enumerate() {
-                    if let Some(meta) = &u.cached {
+                    if u.cached.is_some() {
                         cached += 1;
-                        run.shard_results[i].insert(k, stage::shard_from_meta(u, meta));
                         continue;
                     }
                     new_jobs.push((Some(k), JobId::for_shard(run_id, &step.id.value, u.index)));

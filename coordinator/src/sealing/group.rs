@@ -21,8 +21,9 @@ use std::sync::mpsc;
 pub enum SealedJob {
     /// An unsharded step's artifacts.
     Step(BTreeMap<String, ArtifactInfo>),
-    /// One shard.
-    Shard(Box<stage::ShardSealed>),
+    /// One shard: its payload hash (the rest is in its sealed `meta.json`, which
+    /// assembly reads back).
+    Shard(String),
 }
 
 /// The most results sealed in one group.
@@ -244,19 +245,12 @@ fn finish(t: &SealTask, metas: Vec<(Staged, artifact::Meta)>) -> Result<SealedJo
                 })
                 .collect::<BTreeMap<_, _>>(),
         )),
-        Some(k) => {
-            let unit = t
-                .plan
-                .shards
-                .as_ref()
-                .and_then(|u| u.get(k))
-                .ok_or_else(|| SealFailure::ours(format!("no shard {k} in plan")))?;
+        Some(_) => {
             let (_, meta) = metas
-                .first()
+                .into_iter()
+                .next()
                 .ok_or_else(|| SealFailure::ours("the shard sealed nothing"))?;
-            Ok(SealedJob::Shard(Box::new(stage::shard_sealed(
-                unit, meta, &t.result,
-            ))))
+            Ok(SealedJob::Shard(meta.hash))
         }
     }
 }
@@ -281,9 +275,8 @@ pub fn assemble(
     store: &dyn crate::Store,
     ctx: &RunContext,
     plan: &StepPlan,
-    shards: &[stage::ShardSealed],
 ) -> Result<BTreeMap<String, ArtifactInfo>, String> {
-    let outputs = stage::assemble(ctx, plan, shards)?;
+    let outputs = stage::assemble(ctx, plan)?;
     let nodes: Vec<_> = outputs
         .values()
         .filter_map(|a| lineage::node_from_disk(&ctx.project, &ctx.project.join(&a.path)))

@@ -8,7 +8,7 @@ use crate::state::ArtifactInfo;
 use nexa_shared::artifact::{self, MetaInput, SealRequest};
 use nexa_shared::digest::FileEntry;
 use nexa_shared::job::JobResult;
-use nexa_shared::{paths, provenance};
+use nexa_shared::{digest, paths, provenance};
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
@@ -69,27 +69,6 @@ impl From<nexa_shared::Error> for SealFailure {
             wrong,
         }
     }
-}
-
-/// A sealed shard, as the assembly needs it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ShardSealed {
-    /// 0-based index.
-    pub index: u32,
-    /// Its cache key.
-    pub cache_key: nexa_shared::ids::CacheKey,
-    /// Its payload hash.
-    pub hash: String,
-    /// Records in its input part.
-    pub records: u64,
-    /// Digest of its input part.
-    pub input_digest: String,
-    /// Producing worker's public key (hex).
-    pub worker: String,
-    /// The worker's signature (hex).
-    pub signature: String,
-    /// Everything the signature covers, for offline verification.
-    pub signed: Option<provenance::Signed>,
 }
 
 fn meta_inputs(plan: &StepPlan) -> Vec<MetaInput> {
@@ -220,6 +199,7 @@ pub fn stage_step(
                 inputs: meta_inputs(plan),
                 labels,
                 expected: Some(expected_files(result, name, "")?),
+                provenance: None,
             },
         });
     }
@@ -272,39 +252,9 @@ pub fn stage_shard(
             inputs,
             labels,
             expected: Some(expected),
+            provenance: None,
         },
     })
-}
-
-/// What a sealed shard records, once its artifact is sealed.
-pub fn shard_sealed(unit: &ShardUnit, meta: &artifact::Meta, result: &JobResult) -> ShardSealed {
-    ShardSealed {
-        index: unit.index,
-        cache_key: unit.cache_key.clone(),
-        hash: meta.hash.clone(),
-        records: unit.records,
-        input_digest: unit.part.digest.clone(),
-        worker: hex::encode(result.worker_key),
-        signature: hex::encode(&result.signature),
-        signed: Some(provenance::Signed::of(result)),
-    }
-}
-
-/// What a sealed shard directory says about itself (for shards reused from cache).
-pub fn shard_from_meta(unit: &ShardUnit, meta: &artifact::Meta) -> ShardSealed {
-    ShardSealed {
-        index: unit.index,
-        cache_key: unit.cache_key.clone(),
-        hash: meta.hash.clone(),
-        records: unit.records,
-        input_digest: unit.part.digest.clone(),
-        worker: meta.labels.get("worker").cloned().unwrap_or_default(),
-        signature: meta.labels.get("signature").cloned().unwrap_or_default(),
-        signed: meta
-            .labels
-            .get(provenance::SIGNED_LABEL)
-            .and_then(|t| serde_json::from_str(t).ok()),
-    }
 }
 
 /// A sharded step's `manifest.json`, written as it is serialized (a `serde_json::Value`
@@ -319,14 +269,15 @@ struct Manifest<'a> {
     step: &'a str,
 }
 
-/// The shards' entries of a manifest: content only (no worker, no signature).
-struct ManifestShards<'a>(&'a [ShardSealed]);
+/// The shards' entries of a manifest: content only (no worker, no signature), from
+/// the plan's units and each sealed shard's payload hash, in index order.
+struct ManifestShards<'a>(&'a [ShardUnit], &'a [blake3::Hash]);
 
 /// One shard's manifest entry.
 #[derive(serde::Serialize)]
 struct ManifestShard<'a> {
     cache_key: &'a nexa_shared::ids::CacheKey,
-    hash: &'a str,
+    hash: String,
     index: u32,
     input_digest: &'a str,
     records: u64,
@@ -334,14 +285,45 @@ struct ManifestShard<'a> {
 
 impl serde::Serialize for ManifestShards<'_> {
     fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
-        ser.collect_seq(self.0.iter().map(|s| ManifestShard {
-            cache_key: &s.cache_key,
-            hash: &s.hash,
-            index: s.index,
-            input_digest: &s.input_digest,
-            records: s.records,
+        ser.collect_seq(self.0.iter().zip(self.1).map(|(u, h)| ManifestShard {
+            cache_key: &u.cache_key,
+            hash: digest::format(h),
+            index: u.index,
+            input_digest: &u.part.digest,
+            records: u.records,
         }))
     }
+}
+
+/// Reads back every sealed shard of a step (its `meta.json`, which must be sealed
+/// under the unit's cache key): its payload hash for the manifest, and its signed
+/// fields, written straight to the provenance file at `provenance`. Nothing is held
+/// per shard but its 32-byte hash.
+fn read_shards(
+    units: &[ShardUnit],
+    provenance: &Path,
+) -> Result<(Vec<blake3::Hash>, String), String> {
+    let mut writer = provenance::ProvenanceWriter::create(provenance).map_err(|e| e.to_string())?;
+    let mut hashes = Vec::with_capacity(units.len());
+    for u in units {
+        let meta = artifact::check_cached(&u.dir, u.cache_key.as_str(), false)
+            .map_err(|m| format!("shard {}: its sealed result is gone ({m:?})", u.index))?;
+        let hash = digest::parse(&meta.hash)
+            .ok()
+            .filter(|h| digest::format(h) == meta.hash)
+            .ok_or_else(|| {
+                format!(
+                    "shard {}: meta.json hash {:?} is not a BLAKE3 digest",
+                    u.index, meta.hash
+                )
+            })?;
+        hashes.push(hash);
+        if let Some(signed) = meta.labels.get(provenance::SIGNED_LABEL) {
+            writer.push(u.index, signed).map_err(|e| e.to_string())?;
+        }
+    }
+    let pinned = writer.finish().map_err(|e| e.to_string())?;
+    Ok((hashes, pinned))
 }
 
 fn write_manifest(path: &Path, manifest: &Manifest) -> Result<(), String> {
@@ -353,16 +335,26 @@ fn write_manifest(path: &Path, manifest: &Manifest) -> Result<(), String> {
 }
 
 /// Assembles a sharded step's artifacts: for each output, `shard-NNNNN/` per shard plus
-/// `manifest.json`, then seals. `shards` in index order. Stale shard results of the step
-/// are removed afterwards.
+/// `manifest.json`, then seals, each sealed shard's signed fields in the artifact's
+/// provenance file. Stale shard results of the step are removed afterwards.
 pub fn assemble(
     ctx: &RunContext,
     plan: &StepPlan,
-    shards: &[ShardSealed],
 ) -> Result<BTreeMap<String, ArtifactInfo>, String> {
     nexa_shared::fail_point!("sealer.assemble");
     let step = &ctx.pipeline.steps[plan.step];
     let units = plan.shards.as_deref().unwrap_or_default();
+    let root = ctx.state_dir.join("shards").join(&step.id.value);
+    fs::create_dir_all(&root).map_err(|e| format!("create {}: {e}", root.display()))?;
+    let provenance_tmp = root.join(format!(".{}", artifact::PROVENANCE));
+    let read = read_shards(units, &provenance_tmp);
+    let (hashes, pinned) = match read {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = fs::remove_file(&provenance_tmp);
+            return Err(e);
+        }
+    };
     let mut sealed = BTreeMap::new();
     for (name, out) in &plan.outputs {
         let tmp = artifact::tmp_path(out);
@@ -378,37 +370,36 @@ pub fn assemble(
             }
         }
         // Only content goes into the payload, so the same inputs give the same hash on
-        // any machine; who ran each shard (and their signatures) goes into meta.json.
+        // any machine; who ran each shard (and their signatures) goes into the
+        // provenance file, which meta.json pins.
         let manifest = Manifest {
             count: units.len(),
             output: name,
             over: step.shards.as_ref().map(|s| s.over.value.as_str()),
-            shards: ManifestShards(shards),
+            shards: ManifestShards(units, &hashes),
             step: &step.id.value,
         };
         write_manifest(&tmp.join("manifest.json"), &manifest)?;
         let mut labels = ctx.labels(step, &plan.cache_key, &plan.inputs);
         labels.insert("shards".into(), units.len().to_string());
-        let signed: Vec<(u32, &provenance::Signed)> = shards
-            .iter()
-            .filter_map(|s| s.signed.as_ref().map(|x| (s.index, x)))
-            .collect();
-        labels.insert(
-            provenance::SHARDS_LABEL.into(),
-            serde_json::to_string(&signed).map_err(|e| e.to_string())?,
-        );
+        labels.insert(provenance::SHARDS_FILE_LABEL.into(), pinned.clone());
         labels.insert(provenance::OUTPUT_LABEL.into(), name.clone());
         let req = SealRequest {
             kind: plan.kind.clone(),
             inputs: meta_inputs(plan),
             labels,
             expected: None,
+            provenance: Some(provenance_tmp.clone()),
         };
-        sealed.insert(name.clone(), seal_output(ctx, out, req)?);
+        let done = seal_output(ctx, out, req);
+        if done.is_err() {
+            let _ = fs::remove_file(&provenance_tmp);
+        }
+        sealed.insert(name.clone(), done?);
     }
+    let _ = fs::remove_file(&provenance_tmp);
     // Keep only the shard results this artifact was built from (a set: a step of
     // 100,000 shards compared every entry with every unit, 10^10 path comparisons).
-    let root = ctx.state_dir.join("shards").join(&step.id.value);
     let built: std::collections::HashSet<&Path> = units.iter().map(|u| u.dir.as_path()).collect();
     if let Ok(entries) = fs::read_dir(&root) {
         for e in entries.flatten() {
@@ -425,16 +416,21 @@ pub fn assemble(
 mod tests {
     use super::*;
 
-    fn sealed(index: u32) -> ShardSealed {
-        ShardSealed {
+    fn unit(index: u32) -> ShardUnit {
+        ShardUnit {
             index,
             cache_key: nexa_shared::ids::CacheKey::from(format!("{index:064x}")),
-            hash: format!("blake3:{:064x}", index * 3),
+            part: crate::planner::ResolvedInput {
+                name: "data".into(),
+                uri: format!("data.jsonl#part-{index}"),
+                digest: format!("blake3:{:064x}", index * 7),
+                path: format!("part-{index}").into(),
+                is_dir: false,
+                range: None,
+            },
             records: 10 + u64::from(index),
-            input_digest: format!("blake3:{:064x}", index * 7),
-            worker: "ab".repeat(32),
-            signature: "cd".repeat(64),
-            signed: None,
+            dir: format!("/shards/{index}").into(),
+            cached: None,
         }
     }
 
@@ -442,17 +438,19 @@ mod tests {
     /// gave, so a step artifact's hash (and every cache key downstream) stays the same.
     #[test]
     fn the_streamed_manifest_has_the_bytes_the_value_gave() {
-        let shards: Vec<ShardSealed> = (0..3).map(sealed).collect();
+        let units: Vec<ShardUnit> = (0..3).map(unit).collect();
+        let hashes: Vec<blake3::Hash> = (0..3u8).map(|i| blake3::hash(&[i])).collect();
         for over in [Some("data"), None] {
-            let parts: Vec<serde_json::Value> = shards
+            let parts: Vec<serde_json::Value> = units
                 .iter()
-                .map(|s| {
+                .zip(&hashes)
+                .map(|(u, h)| {
                     serde_json::json!({
-                        "index": s.index,
-                        "records": s.records,
-                        "input_digest": s.input_digest,
-                        "cache_key": s.cache_key,
-                        "hash": s.hash,
+                        "index": u.index,
+                        "records": u.records,
+                        "input_digest": u.part.digest,
+                        "cache_key": u.cache_key,
+                        "hash": digest::format(h),
                     })
                 })
                 .collect();
@@ -470,7 +468,7 @@ mod tests {
                 count: 4,
                 output: "out",
                 over,
-                shards: ManifestShards(&shards),
+                shards: ManifestShards(&units, &hashes),
                 step: "fan",
             };
             write_manifest(&path, &manifest).expect("write");

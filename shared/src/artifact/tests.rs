@@ -20,6 +20,7 @@ fn req(key: &str) -> SealRequest {
             .into_iter()
             .collect(),
         expected: None,
+        provenance: None,
     }
 }
 
