@@ -174,9 +174,12 @@ enum Cmd {
     /// A coordinator SIGKILLed with a run of many jobs in its store and restarted:
     /// seconds until a freshly enrolled worker holds a lease.
     Recover {
-        /// Independent no-op steps in the run.
+        /// Independent no-op steps in the run (with `--shards`, shards of one step).
         #[arg(long, default_value_t = 100_000)]
         jobs: usize,
+        /// The run is one step fanned out into `jobs` shards.
+        #[arg(long)]
+        shards: bool,
     },
     /// Hashing throughput.
     Hash {
@@ -245,7 +248,7 @@ fn main() -> anyhow::Result<()> {
             &target_dir()?,
             cli.json,
         ),
-        Cmd::Recover { jobs } => recover::run(jobs, &target_dir()?, cli.json),
+        Cmd::Recover { jobs, shards } => recover::run(jobs, shards, &target_dir()?, cli.json),
         Cmd::Store { records } => store::run(records, &target_dir()?, cli.json),
         Cmd::Workers {
             workers,

@@ -143,6 +143,16 @@ pub(crate) fn start_coordinator(
     data: &Path,
     heartbeat_ms: u64,
 ) -> anyhow::Result<(Coordinator, String)> {
+    start_coordinator_with(bin, data, heartbeat_ms, &[])
+}
+
+/// As [`start_coordinator`], with more `serve` flags.
+pub(crate) fn start_coordinator_with(
+    bin: Option<&Path>,
+    data: &Path,
+    heartbeat_ms: u64,
+    extra: &[&str],
+) -> anyhow::Result<(Coordinator, String)> {
     let bin = match bin {
         Some(b) => b.to_path_buf(),
         None => std::env::current_exe()?.with_file_name("nexa-coordinator"),
@@ -168,6 +178,7 @@ pub(crate) fn start_coordinator(
                 "0",
             ])
             .arg(format!("--heartbeat-ms={heartbeat_ms}"))
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::null())
             // Its log beside its data dir, appended to across restarts.

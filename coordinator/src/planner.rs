@@ -109,21 +109,86 @@ pub struct ResolvedInput {
     pub range: Option<Arc<shard::Range>>,
 }
 
-/// One shard of a fanned-out step.
+/// One shard of a fanned-out step, compact: a million-shard plan is held whole, so
+/// what every shard shares (the input's name, uri and file, where results go) is in
+/// its [`ShardSet`] once.
 #[derive(Debug, Clone)]
 pub struct ShardUnit {
     /// 0-based index.
     pub index: u32,
     /// Its own cache key.
     pub cache_key: CacheKey,
-    /// The part, standing in for the `over` input.
-    pub part: ResolvedInput,
     /// Records in the part.
     pub records: u64,
-    /// Where the shard's sealed result lives.
-    pub dir: PathBuf,
-    /// Its meta when already sealed under `cache_key`.
-    pub cached: Option<artifact::Meta>,
+    /// The part's content digest.
+    pub digest: String,
+    /// A copied part's path; a range part's name only.
+    pub path: PathBuf,
+    /// Whether the part is a directory.
+    pub is_dir: bool,
+    /// A range part's spans (its `source` left empty: it is the set's).
+    pub range: Option<Box<shard::Range>>,
+    /// Set when already sealed under `cache_key`.
+    pub cached: Option<Box<CachedShard>>,
+}
+
+/// What the planner read of a shard result already sealed under its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedShard {
+    /// Its payload hash.
+    pub hash: String,
+    /// The worker that produced it (hex public key), when recorded.
+    pub worker: Option<String>,
+}
+
+/// A fanned-out step's shards and what they share.
+#[derive(Debug, Clone)]
+pub struct ShardSet {
+    /// The sharded input's name (`shards.over`).
+    pub over: String,
+    /// Its uri as written; a shard's is `<uri>#part-<index>`.
+    pub uri: String,
+    /// The file the range parts are spans of.
+    pub source: PathBuf,
+    /// Where shard results are sealed, each at `<root>/<cache key>`.
+    pub root: PathBuf,
+    /// The shards, in index order.
+    pub units: Vec<ShardUnit>,
+}
+
+impl ShardSet {
+    /// Where shard `u`'s result is sealed.
+    pub fn dir(&self, u: &ShardUnit) -> PathBuf {
+        self.root.join(u.cache_key.as_str())
+    }
+
+    /// Shard `u`'s part as the input it stands in for (made when needed, not kept).
+    pub fn input(&self, u: &ShardUnit) -> ResolvedInput {
+        ResolvedInput {
+            name: self.over.clone(),
+            uri: format!("{}#part-{}", self.uri, u.index),
+            digest: u.digest.clone(),
+            path: u.path.clone(),
+            is_dir: u.is_dir,
+            range: u.range.as_ref().map(|r| {
+                Arc::new(shard::Range {
+                    source: self.source.clone(),
+                    spans: r.spans.clone(),
+                    inner: r.inner.clone(),
+                })
+            }),
+        }
+    }
+
+    /// The number of shards.
+    pub fn len(&self) -> usize {
+        self.units.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.units.is_empty()
+    }
 }
 
 /// A step that must run.
@@ -138,7 +203,7 @@ pub struct StepPlan {
     /// Output name → absolute artifact path.
     pub outputs: BTreeMap<String, PathBuf>,
     /// Shards, for fanned-out steps.
-    pub shards: Option<Vec<ShardUnit>>,
+    pub shards: Option<ShardSet>,
     /// `kind` for meta.json.
     pub kind: String,
 }
@@ -258,7 +323,7 @@ pub fn plan_step(
     let shards = match &step.shards {
         None => None,
         Some(sh) => match plan_shards(ctx, step, &inputs, &sh.over.value, sh.cut) {
-            Ok(units) => Some(units),
+            Ok(set) => Some(set),
             Err(e) => return fail(Some(cache_key), e),
         },
     };
@@ -421,7 +486,7 @@ fn plan_shards(
     inputs: &[ResolvedInput],
     over: &str,
     cut: shard::Cut,
-) -> Result<Vec<ShardUnit>, String> {
+) -> Result<ShardSet, String> {
     let input = inputs
         .iter()
         .find(|r| r.name == over)
@@ -445,8 +510,13 @@ fn plan_shards(
         shard::Cut::Count(n) => n,
         _ => split.parts.len() as u32,
     };
-    let shard_root = ctx.state_dir.join("shards").join(&step.id.value);
-    let mut units = Vec::with_capacity(split.parts.len());
+    let mut set = ShardSet {
+        over: over.to_string(),
+        uri: input.uri.clone(),
+        source: PathBuf::new(),
+        root: ctx.state_dir.join("shards").join(&step.id.value),
+        units: Vec::with_capacity(split.parts.len()),
+    };
     for part in split.parts {
         let key = key_for(
             step,
@@ -454,26 +524,49 @@ fn plan_shards(
             Some((over, &part.digest)),
             Some((part.index, count)),
         );
-        let dir = shard_root.join(key.as_str());
+        let dir = set.root.join(key.as_str());
         if let Err(e) = artifact::recover(&dir) {
             return Err(format!("recovering shard {}: {e}", part.index));
         }
-        let cached = artifact::check_cached(&dir, &key, ctx.verify).ok();
-        units.push(ShardUnit {
+        let cached = artifact::check_cached(&dir, &key, ctx.verify)
+            .ok()
+            .map(|m| {
+                Box::new(CachedShard {
+                    worker: m.labels.get("worker").cloned(),
+                    hash: m.hash,
+                })
+            });
+        let is_dir = part.is_dir();
+        let (path, range) = match part.range {
+            // A range part is its spans of the one source every part shares, and its
+            // name (what a worker stages it as).
+            Some(mut r) => {
+                let source = std::mem::take(&mut r.source);
+                if set.source.as_os_str().is_empty() {
+                    set.source = source;
+                } else if source != set.source {
+                    return Err(format!(
+                        "splitting input '{over}': part {} is a range of {}, not {}",
+                        part.index,
+                        source.display(),
+                        set.source.display()
+                    ));
+                }
+                let name = part.path.file_name().map(PathBuf::from).unwrap_or_default();
+                (name, Some(Box::new(r)))
+            }
+            None => (part.path, None),
+        };
+        set.units.push(ShardUnit {
             index: part.index,
             cache_key: key,
-            part: ResolvedInput {
-                name: over.to_string(),
-                uri: format!("{}#part-{}", input.uri, part.index),
-                is_dir: part.is_dir(),
-                digest: part.digest,
-                path: part.path,
-                range: part.range.map(Arc::new),
-            },
             records: part.records,
-            dir,
+            digest: part.digest,
+            path,
+            is_dir,
+            range,
             cached,
         });
     }
-    Ok(units)
+    Ok(set)
 }

@@ -4,7 +4,7 @@ use crate::{Result, Store};
 use std::collections::BTreeMap;
 
 pub use nexa_shared::record::{
-    AdminState, ArtifactInfo, RunState, ShardRecord, StepRecord, StepStatus,
+    AdminState, ArtifactInfo, RunState, ShardList, ShardRecord, StepRecord, StepStatus,
 };
 
 /// The store tree holding step records, keyed `<pipeline>/<step>`.
@@ -105,16 +105,20 @@ fn step_bytes(r: &StepRecord) -> Result<Vec<u8>> {
         return Ok(serde_json::to_vec(r)?);
     }
     let bare = StepRecord {
-        shards: Vec::new(),
+        shards: ShardList::new(),
         ..r.clone()
     };
     Ok(serde_json::to_vec(&bare)?)
 }
 
-/// Removes a step's shard records from index `from` on (left by a run with more).
+/// Removes a step's shard records from index `from` on (left by a run with more):
+/// keys are zero-padded indices, so those are the keys from `from`'s on, found without
+/// reading the step's other records (a whole write of a million shards read them all
+/// back each time).
 fn remove_shards_from(store: &dyn Store, pipeline: &str, step: &str, from: usize) -> Result<()> {
     let prefix = format!("{pipeline}/{step}/");
-    for (k, _) in store.scan_prefix(SHARDS_TREE, &prefix)? {
+    let start = shard_key(pipeline, step, u32::try_from(from).unwrap_or(u32::MAX));
+    for k in store.keys_from(SHARDS_TREE, &prefix, &start)? {
         let index = k[prefix.len()..].parse::<usize>().unwrap_or(usize::MAX);
         if index >= from {
             store.remove(SHARDS_TREE, &k)?;
@@ -138,11 +142,12 @@ pub fn load_steps(store: &dyn Store, pipeline: &str) -> Result<BTreeMap<String, 
             // Written before shards had their own tree: inline, as they were.
             continue;
         }
-        r.shards = stored
+        let mut shards: Vec<ShardRecord> = stored
             .iter()
             .filter_map(|(_, v)| serde_json::from_slice::<ShardRecord>(v).ok())
             .collect();
-        r.shards.sort_by_key(|s| s.index);
+        shards.sort_by_key(|s| s.index);
+        r.shards = shards.into();
     }
     Ok(out)
 }

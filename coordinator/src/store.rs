@@ -17,6 +17,9 @@ pub trait Store: Send + Sync + 'static {
     fn remove(&self, tree: &str, key: &str) -> Result<()>;
     /// Every `(key, value)` whose key starts with `prefix`, in key order.
     fn scan_prefix(&self, tree: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>>;
+    /// The keys that start with `prefix` and sort at or after `from`, in key order,
+    /// without their values (what to remove past a point, not a read of everything).
+    fn keys_from(&self, tree: &str, prefix: &str, from: &str) -> Result<Vec<String>>;
     /// Makes every write so far durable.
     fn flush(&self) -> Result<()>;
     /// Atomically replaces `key`'s value with `new` (`None` removes it) only if it is
@@ -273,6 +276,21 @@ impl Store for SledStore {
         })
     }
 
+    fn keys_from(&self, tree: &str, prefix: &str, from: &str) -> Result<Vec<String>> {
+        self.with(|db| {
+            let t = db.open_tree(tree)?;
+            let mut keys = Vec::new();
+            for r in t.range(from.as_bytes()..) {
+                let (k, _) = r?;
+                if !k.starts_with(prefix.as_bytes()) {
+                    break;
+                }
+                keys.push(String::from_utf8_lossy(&k).into_owned());
+            }
+            Ok(keys)
+        })
+    }
+
     fn flush(&self) -> Result<()> {
         nexa_shared::fail_point!("store.flush", injected("store.flush"));
         self.with(|db| db.flush().map(|_| ()))
@@ -334,6 +352,19 @@ impl Store for MemStore {
                     m.range(prefix.to_string()..)
                         .take_while(|(k, _)| k.starts_with(prefix))
                         .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default()
+        }))
+    }
+
+    fn keys_from(&self, tree: &str, prefix: &str, from: &str) -> Result<Vec<String>> {
+        Ok(self.with(|t| {
+            t.get(tree)
+                .map(|m| {
+                    m.range(from.to_string()..)
+                        .take_while(|(k, _)| k.starts_with(prefix))
+                        .map(|(k, _)| k.clone())
                         .collect()
                 })
                 .unwrap_or_default()

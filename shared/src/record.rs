@@ -5,6 +5,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+mod shard_list;
+pub use shard_list::ShardList;
+
 /// A step's (or shard's) status, as the seeds name them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -108,7 +111,7 @@ pub struct StepRecord {
     /// Where its log is, relative to the project.
     pub log: Option<String>,
     /// Shards, for fanned-out steps.
-    pub shards: Vec<ShardRecord>,
+    pub shards: ShardList,
     /// Wall time in ms of the last execution.
     pub duration_ms: Option<u64>,
     /// What its running job last said of its progress (unsharded steps).
@@ -129,7 +132,7 @@ impl StepRecord {
             error: None,
             worker: None,
             log: None,
-            shards: Vec::new(),
+            shards: ShardList::new(),
             duration_ms: None,
             progress: None,
         }

@@ -139,7 +139,7 @@ pub enum Cut {
 }
 
 /// The most shards one step may have.
-pub const MAX_SHARDS: u64 = 100_000;
+pub const MAX_SHARDS: u64 = 1_000_000;
 
 impl Cut {
     /// The records (or files) in each part, given each one's size in bytes.

@@ -116,6 +116,7 @@ pub async fn serve_opened(
                 .map(|_| crate::slurm::provider::SCHEDULER.to_string())
                 .collect(),
             resident_workers: Vec::new(),
+            shard_window: crate::scheduler::SHARD_WINDOW,
         },
     );
     let operator_token = cfg.operator_token.clone();

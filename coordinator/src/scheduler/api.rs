@@ -287,7 +287,17 @@ pub struct EngineConfig {
     /// engine): they send no heartbeats, so their leases never expire and they are
     /// never lost.
     pub resident_workers: Vec<String>,
+    /// The most live jobs of one fan-out step; the rest are made as these end
+    /// ([`SHARD_WINDOW`] unless a test wants fewer).
+    pub shard_window: usize,
 }
+
+/// The most live jobs of one fan-out step (queued, leased, sealing or backing off):
+/// a job costs ~700 bytes of engine memory, so a million-shard step made whole would
+/// hold ~700 MB of jobs no worker could take for hours. Well above the slots of any
+/// mesh one coordinator serves (10,000 workers of one slot each), so a worker asking
+/// never finds a fan-out's queue empty while it has shards left.
+pub const SHARD_WINDOW: usize = 16_384;
 
 impl std::fmt::Debug for EngineConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -303,6 +313,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("progress_lines", &self.progress_lines)
             .field("provided_schedulers", &self.provided_schedulers)
             .field("resident_workers", &self.resident_workers)
+            .field("shard_window", &self.shard_window)
             .finish()
     }
 }
@@ -321,6 +332,7 @@ impl EngineConfig {
             progress_lines: PROGRESS,
             provided_schedulers: Vec::new(),
             resident_workers: Vec::new(),
+            shard_window: SHARD_WINDOW,
         }
     }
 }

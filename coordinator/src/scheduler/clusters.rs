@@ -102,6 +102,7 @@ impl Engine {
         for id in mine {
             self.jobs.remove(&id);
         }
+        self.forget_unmade(run_id, i);
         self.step_failed(run_id, i, why);
         self.maybe_finish(run_id);
         true

@@ -118,6 +118,7 @@ impl Engine {
         for id in dropped {
             self.job_failed(&id, "cancelled".into(), false);
         }
+        self.cancel_unmade(run_id);
         self.cancel_pending(run_id);
         self.maybe_finish(run_id);
     }

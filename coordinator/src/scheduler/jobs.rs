@@ -88,9 +88,9 @@ impl Job {
 
     /// The shard's `(index, count)`, for a shard job.
     pub(super) fn shard_of(&self) -> Option<(u32, u32)> {
-        let units = self.plan.as_ref()?.shards.as_ref()?;
-        let u = units.get(self.shard?)?;
-        Some((u.index, units.len() as u32))
+        let set = self.plan.as_ref()?.shards.as_ref()?;
+        let u = set.units.get(self.shard?)?;
+        Some((u.index, set.len() as u32))
     }
 
     /// The spec a worker is leased: the shared one with this job's id, and for a shard
@@ -99,11 +99,11 @@ impl Job {
         let mut spec = JobSpec::clone(&self.spec);
         spec.job_id = self.id.clone();
         if let Some(plan) = &self.plan
-            && let Some(units) = &plan.shards
-            && let Some(u) = self.shard.and_then(|k| units.get(k))
+            && let Some(set) = &plan.shards
+            && let Some(u) = self.shard.and_then(|k| set.units.get(k))
         {
-            spec.shard = Some((u.index, units.len() as u32));
-            spec.inputs = super::Engine::job_inputs(plan, Some(&u.part));
+            spec.shard = Some((u.index, set.len() as u32));
+            spec.inputs = super::Engine::job_inputs(plan, Some(&set.input(u)));
         }
         spec
     }

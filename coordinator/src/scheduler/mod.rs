@@ -35,6 +35,9 @@ mod services;
 mod tasks;
 #[cfg(test)]
 mod tests;
+mod window;
+#[cfg(test)]
+mod window_tests;
 mod workers;
 use crate::state::{self, ArtifactInfo, RunRecord, ShardRecord, StepRecord, StepStatus};
 use crate::{Error, Result, Store, mirror};

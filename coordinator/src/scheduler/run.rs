@@ -72,6 +72,21 @@ pub(super) struct Run {
     /// telling whether a fan-out has settled is O(1), not a scan of every shard at
     /// every shard's end: 10^10 checks for 100,000 shards).
     pub(super) shards_open: Vec<usize>,
+    /// Per step, its shards that have no job yet (see [`Unmade`]).
+    pub(super) unmade: Vec<Unmade>,
+}
+
+/// A fan-out's shards that have no job yet. A step's shard jobs are made a window at
+/// a time ([`super::SHARD_WINDOW`] live at most), as earlier ones end, so a
+/// million-shard step holds a few thousand jobs, not a million.
+#[derive(Debug, Default, Clone)]
+pub(super) struct Unmade {
+    /// Units before this position have a job or need none (cached).
+    pub(super) next: usize,
+    /// Shards from `next` on still waiting for a job.
+    pub(super) left: usize,
+    /// The step's spec, shared by the jobs still to be made.
+    pub(super) spec: Option<Arc<nexa_shared::job::JobSpec>>,
 }
 
 impl Run {
@@ -89,6 +104,7 @@ impl Run {
             records,
             plans: vec![None; n],
             shards_open: vec![0; n],
+            unmade: vec![Unmade::default(); n],
             busy: vec![false; n],
             progress,
             done: Some(done),

@@ -2,6 +2,7 @@
 //! results, and turning a ready step into jobs.
 
 use super::*;
+use run::Unmade;
 
 impl Engine {
     /// Takes a submitted run: its records are written on the write-behind thread, and
@@ -183,6 +184,10 @@ impl Engine {
         self.persist_shard(run_id, i, k);
         if status.is_final() {
             self.persist(run_id, i);
+            if self.runs.get(run_id).is_some_and(|r| r.unmade[i].left > 0) {
+                self.make_shard_jobs(run_id, i);
+                self.dispatch();
+            }
             self.shard_settled(run_id, i);
         }
     }
@@ -254,6 +259,7 @@ impl Engine {
             };
             *n += 1;
         }
+        s.jobs.queued += self.unmade_jobs() as i64;
         s.runs_active = self.runs.len() as i64;
         s
     }
@@ -594,17 +600,16 @@ impl Engine {
             timeout: step.timeout,
             requirements,
         });
-        let mut new_jobs: Vec<(Option<usize>, JobId)> = Vec::new();
         let had_shards = !rec.shards.is_empty();
+        let mut unmade = 0;
         match &plan.shards {
             None => {
                 run.shards_open[i] = 0;
                 rec.shards.clear();
-                new_jobs.push((None, base.job_id.clone()));
             }
-            Some(units) => {
+            Some(set) => {
+                let units = &set.units;
                 let count = units.len() as u32;
-                let mut cached = 0;
                 rec.shards = units
                     .iter()
                     .map(|u| ShardRecord {
@@ -615,74 +620,80 @@ impl Engine {
                             StepStatus::Pending
                         },
                         cache_key: Some(u.cache_key.clone()),
-                        hash: u.cached.as_ref().map(|m| m.hash.clone()),
-                        worker: u
-                            .cached
-                            .as_ref()
-                            .and_then(|m| m.labels.get("worker").cloned()),
+                        hash: u.cached.as_ref().map(|c| c.hash.clone()),
+                        worker: u.cached.as_ref().and_then(|c| c.worker.clone()),
                         attempts: 0,
                         error: None,
                     })
                     .collect();
-                for (k, u) in units.iter().enumerate() {
-                    if u.cached.is_some() {
-                        cached += 1;
-                        continue;
-                    }
-                    new_jobs.push((Some(k), JobId::for_shard(run_id, &step.id.value, u.index)));
-                }
-                run.shards_open[i] = rec.shards.iter().filter(|s| !s.status.is_final()).count();
+                unmade = units.iter().filter(|u| u.cached.is_none()).count();
+                run.shards_open[i] = unmade;
                 run.emit(Progress::Shards {
                     step: step.id.value.clone(),
                     count,
-                    cached,
+                    cached: (units.len() - unmade) as u32,
                 });
             }
         }
         // Shards made (or an earlier plan's cleared): the step is written whole once;
         // later rounds write the shards that change.
         let planned_shards = plan.shards.is_some() || had_shards;
-        let shard_plan = plan.shards.is_some().then(|| plan.clone());
+        let sharded = plan.shards.is_some();
         run.plans[i] = Some(plan);
+        run.unmade[i] = Unmade {
+            next: 0,
+            left: unmade,
+            spec: sharded.then(|| base.clone()),
+        };
         if planned_shards {
             self.persist_all_shards(run_id, i);
         }
         self.set_status(run_id, i, StepStatus::Running, None);
-        if new_jobs.is_empty() {
+        if sharded && unmade == 0 {
             // Every shard came from cache: assemble straight away.
             self.start_assembly(run_id, i);
             return;
         }
-        let validation = self
-            .runs
-            .get(run_id)
-            .and_then(|r| r.ctx.pipeline.steps[i].validation)
-            .or(self.config.default_validation);
         self.wake_provider(&base.requirements);
-        self.jobs.reserve(new_jobs.len());
-        self.queue.reserve(new_jobs.len());
-        for (shard, mut id) in new_jobs {
-            let unit = validation.map(|v| {
-                // Replicas are jobs `<unit>~r<k>`; the first is made now, the others
-                // when the first is leased to a worker that is not trusted.
-                let unit = id.to_string();
-                id = JobId::replica(&unit, 0);
-                self.votes
-                    .insert(unit.clone(), replication::Vote::new(v, base.uses.clone()));
-                self.replication.units += 1;
-                self.replication.replicas += 1;
-                unit
-            });
-            let job = Job::queued(
-                (id.clone(), run_id),
-                (i, shard),
-                (base.clone(), shard.and(shard_plan.clone())),
-                unit,
-            );
-            self.jobs.insert(id.clone(), job);
-            self.queue.push_back(id);
+        if sharded {
+            // The first window of shard jobs; the rest as these end.
+            self.make_shard_jobs(run_id, i);
+        } else {
+            let id = base.job_id.clone();
+            self.queue_job(run_id, (i, None), id, base);
         }
         self.dispatch();
+    }
+
+    /// Makes job `id` (step `i`, shard `k` of the plan's units) and queues it: with
+    /// the step's `validation`, as the first replica of its unit (the other replicas are
+    /// made when it is leased to a worker that is not trusted).
+    pub(super) fn queue_job(
+        &mut self,
+        run_id: &str,
+        (i, shard): (usize, Option<usize>),
+        mut id: JobId,
+        spec: Arc<JobSpec>,
+    ) {
+        let Some(run) = self.runs.get(run_id) else {
+            return;
+        };
+        let plan = shard.and(run.plans[i].clone());
+        let validation = run.ctx.pipeline.steps[i]
+            .validation
+            .or(self.config.default_validation);
+        let unit = validation.map(|v| {
+            let unit = id.to_string();
+            id = JobId::replica(&unit, 0);
+            self.votes
+                .insert(unit.clone(), replication::Vote::new(v, spec.uses.clone()));
+            self.replication.units += 1;
+            self.replication.replicas += 1;
+            unit
+        });
+        let job = Job::queued((id.clone(), run_id), (i, shard), (spec, plan), unit);
+        self.jobs.insert(id.clone(), job);
+        self.queue.push_back(id);
     }
 }
 

@@ -83,7 +83,7 @@ pub(super) struct Harness {
     timers: Timers,
     backlog: Arc<std::sync::atomic::AtomicUsize>,
     store: Arc<dyn Store>,
-    project: tempfile::TempDir,
+    pub(super) project: tempfile::TempDir,
 }
 
 impl Harness {
@@ -311,7 +311,7 @@ fn failed(lease: &Lease, error: &str) -> JobResult {
 }
 
 /// `n` independent exec steps (`after: []`), each with output `out`.
-fn steps(name: &str, n: usize, extra: &str) -> String {
+pub(super) fn steps(name: &str, n: usize, extra: &str) -> String {
     let mut y = format!("pipeline:\n  name: {name}\n  steps:\n");
     for i in 0..n {
         y.push_str(&format!(

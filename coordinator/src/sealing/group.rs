@@ -58,8 +58,7 @@ impl SealTask {
                 .plan
                 .shards
                 .as_ref()
-                .and_then(|u| u.get(k))
-                .map(|u| vec![u.dir.clone()])
+                .and_then(|set| set.units.get(k).map(|u| vec![set.dir(u)]))
                 .unwrap_or_default(),
         }
     }
@@ -167,7 +166,7 @@ fn seal_tasks(group: Vec<SealTask>, store: &dyn crate::Store, done: &Done) {
         keep_log(t.log_copy.clone());
         let s = match t.shard {
             None => stage::stage_step(&t.ctx, &t.plan, &t.result),
-            Some(k) => match t.plan.shards.as_ref().and_then(|u| u.get(k)) {
+            Some(k) => match t.plan.shards.as_ref().and_then(|s| s.units.get(k)) {
                 Some(unit) => stage::stage_shard(&t.ctx, &t.plan, unit, &t.result).map(|s| vec![s]),
                 None => Err(SealFailure::ours(format!("no shard {k} in plan"))),
             },

@@ -3,7 +3,7 @@
 //! (so each is cached on its own) and then assemble the step's artifact from the parts
 //! plus a `manifest.json`. Runs on the blocking pool.
 
-use crate::planner::{RunContext, ShardUnit, StepPlan};
+use crate::planner::{RunContext, ShardSet, ShardUnit, StepPlan};
 use crate::state::ArtifactInfo;
 use nexa_shared::artifact::{self, MetaInput, SealRequest};
 use nexa_shared::digest::FileEntry;
@@ -219,7 +219,12 @@ pub fn stage_shard(
         .as_deref()
         .ok_or("result carries no staged outputs")?;
     let step = &ctx.pipeline.steps[plan.step];
-    let tmp = artifact::tmp_path(&unit.dir);
+    let set = plan
+        .shards
+        .as_ref()
+        .ok_or("a shard of a step with no shards")?;
+    let dir = set.dir(unit);
+    let tmp = artifact::tmp_path(&dir);
     artifact::remove_tree(&tmp).map_err(|e| e.to_string())?;
     fs::create_dir_all(&tmp).map_err(|e| format!("create {}: {e}", tmp.display()))?;
     let mut expected = Vec::new();
@@ -229,24 +234,17 @@ pub fn stage_shard(
     }
     let mut labels = ctx.labels(step, &unit.cache_key, &plan.inputs);
     worker_labels(&mut labels, result, "");
-    labels.insert(
-        "shard".into(),
-        format!(
-            "{}/{}",
-            unit.index,
-            plan.shards.as_ref().map_or(0, Vec::len)
-        ),
-    );
+    labels.insert("shard".into(), format!("{}/{}", unit.index, set.len()));
     let mut inputs = meta_inputs(plan);
     for i in &mut inputs {
-        if i.name == unit.part.name {
-            i.uri = unit.part.uri.clone();
-            i.digest = unit.part.digest.clone();
+        if i.name == set.over {
+            i.uri = set.input(unit).uri;
+            i.digest = unit.digest.clone();
         }
     }
     Ok(Staged {
         output: String::new(),
-        out: unit.dir.clone(),
+        out: dir,
         req: SealRequest {
             kind: "shard".into(),
             inputs,
@@ -289,7 +287,7 @@ impl serde::Serialize for ManifestShards<'_> {
             cache_key: &u.cache_key,
             hash: digest::format(h),
             index: u.index,
-            input_digest: &u.part.digest,
+            input_digest: &u.digest,
             records: u.records,
         }))
     }
@@ -299,14 +297,11 @@ impl serde::Serialize for ManifestShards<'_> {
 /// under the unit's cache key): its payload hash for the manifest, and its signed
 /// fields, written straight to the provenance file at `provenance`. Nothing is held
 /// per shard but its 32-byte hash.
-fn read_shards(
-    units: &[ShardUnit],
-    provenance: &Path,
-) -> Result<(Vec<blake3::Hash>, String), String> {
+fn read_shards(set: &ShardSet, provenance: &Path) -> Result<(Vec<blake3::Hash>, String), String> {
     let mut writer = provenance::ProvenanceWriter::create(provenance).map_err(|e| e.to_string())?;
-    let mut hashes = Vec::with_capacity(units.len());
-    for u in units {
-        let meta = artifact::check_cached(&u.dir, u.cache_key.as_str(), false)
+    let mut hashes = Vec::with_capacity(set.len());
+    for u in &set.units {
+        let meta = artifact::check_cached(&set.dir(u), u.cache_key.as_str(), false)
             .map_err(|m| format!("shard {}: its sealed result is gone ({m:?})", u.index))?;
         let hash = digest::parse(&meta.hash)
             .ok()
@@ -343,11 +338,15 @@ pub fn assemble(
 ) -> Result<BTreeMap<String, ArtifactInfo>, String> {
     nexa_shared::fail_point!("sealer.assemble");
     let step = &ctx.pipeline.steps[plan.step];
-    let units = plan.shards.as_deref().unwrap_or_default();
-    let root = ctx.state_dir.join("shards").join(&step.id.value);
-    fs::create_dir_all(&root).map_err(|e| format!("create {}: {e}", root.display()))?;
+    let set = plan
+        .shards
+        .as_ref()
+        .ok_or("assembling a step with no shards")?;
+    let units = &set.units;
+    let root = &set.root;
+    fs::create_dir_all(root).map_err(|e| format!("create {}: {e}", root.display()))?;
     let provenance_tmp = root.join(format!(".{}", artifact::PROVENANCE));
-    let read = read_shards(units, &provenance_tmp);
+    let read = read_shards(set, &provenance_tmp);
     let (hashes, pinned) = match read {
         Ok(r) => r,
         Err(e) => {
@@ -361,7 +360,7 @@ pub fn assemble(
         artifact::remove_tree(&tmp).map_err(|e| e.to_string())?;
         fs::create_dir_all(&tmp).map_err(|e| format!("create {}: {e}", tmp.display()))?;
         for unit in units {
-            let src = unit.dir.join(name);
+            let src = set.dir(unit).join(name);
             let dst = tmp.join(format!("shard-{:05}", unit.index));
             if src.exists() {
                 copy_tree(&src, &dst, true)?;
@@ -400,10 +399,11 @@ pub fn assemble(
     let _ = fs::remove_file(&provenance_tmp);
     // Keep only the shard results this artifact was built from (a set: a step of
     // 100,000 shards compared every entry with every unit, 10^10 path comparisons).
-    let built: std::collections::HashSet<&Path> = units.iter().map(|u| u.dir.as_path()).collect();
-    if let Ok(entries) = fs::read_dir(&root) {
+    let built: std::collections::HashSet<&str> =
+        units.iter().map(|u| u.cache_key.as_str()).collect();
+    if let Ok(entries) = fs::read_dir(root) {
         for e in entries.flatten() {
-            let keep = built.contains(e.path().as_path());
+            let keep = e.file_name().to_str().is_some_and(|n| built.contains(n));
             if !keep {
                 let _ = artifact::remove_tree(&e.path());
             }
@@ -420,16 +420,11 @@ mod tests {
         ShardUnit {
             index,
             cache_key: nexa_shared::ids::CacheKey::from(format!("{index:064x}")),
-            part: crate::planner::ResolvedInput {
-                name: "data".into(),
-                uri: format!("data.jsonl#part-{index}"),
-                digest: format!("blake3:{:064x}", index * 7),
-                path: format!("part-{index}").into(),
-                is_dir: false,
-                range: None,
-            },
+            digest: format!("blake3:{:064x}", index * 7),
+            path: format!("part-{index}").into(),
+            is_dir: false,
+            range: None,
             records: 10 + u64::from(index),
-            dir: format!("/shards/{index}").into(),
             cached: None,
         }
     }
@@ -448,7 +443,7 @@ mod tests {
                     serde_json::json!({
                         "index": u.index,
                         "records": u.records,
-                        "input_digest": u.part.digest,
+                        "input_digest": u.digest,
                         "cache_key": u.cache_key,
                         "hash": digest::format(h),
                     })

@@ -114,6 +114,9 @@ impl<F: Fn(&str, usize) -> Result<()> + Send + Sync + 'static> Store for Watched
     fn scan_prefix(&self, tree: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
         self.inner.scan_prefix(tree, prefix)
     }
+    fn keys_from(&self, tree: &str, prefix: &str, from: &str) -> Result<Vec<String>> {
+        self.inner.keys_from(tree, prefix, from)
+    }
     fn flush(&self) -> Result<()> {
         self.inner.flush()
     }

@@ -203,8 +203,8 @@ fn shards_cut_by_count_records_or_size_and_exactly_one_of_them() {
         ),
         ("size: lots", "p.yaml:8:31: step 'a': 'shards.size': "),
         (
-            "count: 100001",
-            "p.yaml:8:32: step 'a': 'shards.count' must be between 1 and 100000",
+            "count: 1000001",
+            "p.yaml:8:32: step 'a': 'shards.count' must be between 1 and 1000000",
         ),
         (
             "bytes: 5",
