@@ -48,9 +48,10 @@ impl Control {
             .await
             .with_context(|| format!("connecting to {}", r.url))?;
         Ok(Self {
+            // The coordinator enforces its own submission limit (`--max-submit`).
             client: ControlServiceClient::new(channel)
-                .max_decoding_message_size(64 << 20)
-                .max_encoding_message_size(64 << 20),
+                .max_decoding_message_size(1 << 30)
+                .max_encoding_message_size(1 << 30),
             token: r.token.clone(),
         })
     }

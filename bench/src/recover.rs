@@ -55,7 +55,15 @@ fn submit_fan_out(
     )?;
     let cli = std::process::Command::new(crate::nexa_binary(None)?)
         .current_dir(&proj)
-        .args(["pipeline", "run", "fan.yaml", "--coordinator", url, "--token", "bench"])
+        .args([
+            "pipeline",
+            "run",
+            "fan.yaml",
+            "--coordinator",
+            url,
+            "--token",
+            "bench",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?;
@@ -82,10 +90,12 @@ pub fn run(jobs: usize, shards: bool, scratch: &Path, json: bool) -> anyhow::Res
 
     let metrics = format!(
         "127.0.0.1:{}",
-        std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()
+        std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
     );
     // A pipeline of a million steps is ~92 MB of YAML: over the default 64 MiB.
-    let flags = ["--metrics-listen", &metrics, "--max-submit-mb", "1024"];
+    let flags = ["--metrics-listen", &metrics, "--max-submit", "1GiB"];
     let (mut first, url) = start_coordinator_with(None, &data, 2000, &flags)?;
     let submitted = Instant::now();
     let mut cli = None;

@@ -119,6 +119,10 @@ struct ServeArgs {
     /// The most one job may upload in all, e.g. `100GiB` [default: 256GiB].
     #[arg(long, env = "NEXA_MAX_JOB_OUTPUT")]
     max_job_output: Option<String>,
+    /// The largest submission (the pipeline and its file list), e.g. `256MiB`
+    /// [default: 64MiB]; a pipeline of a million steps is ~92 MB.
+    #[arg(long, env = "NEXA_MAX_SUBMIT")]
+    max_submit: Option<String>,
     /// Start pilot workers in Slurm allocations for `scheduler: slurm` steps (also on
     /// with any --slurm-* flag or a `[slurm]` section in the file).
     #[arg(long)]
@@ -160,7 +164,8 @@ impl ServeArgs {
             unfit_grace_s,
             validate,
             min_free,
-            max_job_output
+            max_job_output,
+            max_submit
         );
         if file.slurm_file.is_some() {
             self.slurm = true;
@@ -306,6 +311,11 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     if let Some(m) = &a.max_job_output {
         mesh.max_upload_job =
             nexa_shared::units::parse_size(m).with_context(|| format!("--max-job-output {m:?}"))?;
+    }
+    if let Some(m) = &a.max_submit {
+        let bytes =
+            nexa_shared::units::parse_size(m).with_context(|| format!("--max-submit {m:?}"))?;
+        mesh.max_submit_bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
     }
     if let Some(m) = &a.min_free {
         mesh.min_free =
