@@ -110,7 +110,7 @@ pub struct ResolvedInput {
 }
 
 /// One shard of a fanned-out step, compact: a million-shard plan is held whole, so
-/// what every shard shares (the input's name, uri and file, where results go) is in
+/// what every shard shares (the input's name and uri, where results go) is in
 /// its [`ShardSet`] once.
 #[derive(Debug, Clone)]
 pub struct ShardUnit {
@@ -126,8 +126,8 @@ pub struct ShardUnit {
     pub path: PathBuf,
     /// Whether the part is a directory.
     pub is_dir: bool,
-    /// A range part's spans (its `source` left empty: it is the set's).
-    pub range: Option<Box<shard::Range>>,
+    /// A range part's spans (of a source path all the set's ranges share).
+    pub range: Option<Arc<shard::Range>>,
     /// Set when already sealed under `cache_key`.
     pub cached: Option<Box<CachedShard>>,
 }
@@ -148,8 +148,6 @@ pub struct ShardSet {
     pub over: String,
     /// Its uri as written; a shard's is `<uri>#part-<index>`.
     pub uri: String,
-    /// The file the range parts are spans of.
-    pub source: PathBuf,
     /// Where shard results are sealed, each at `<root>/<cache key>`.
     pub root: PathBuf,
     /// The shards, in index order.
@@ -170,13 +168,7 @@ impl ShardSet {
             digest: u.digest.clone(),
             path: u.path.clone(),
             is_dir: u.is_dir,
-            range: u.range.as_ref().map(|r| {
-                Arc::new(shard::Range {
-                    source: self.source.clone(),
-                    spans: r.spans.clone(),
-                    inner: r.inner.clone(),
-                })
-            }),
+            range: u.range.clone(),
         }
     }
 
@@ -513,7 +505,6 @@ fn plan_shards(
     let mut set = ShardSet {
         over: over.to_string(),
         uri: input.uri.clone(),
-        source: PathBuf::new(),
         root: ctx.state_dir.join("shards").join(&step.id.value),
         units: Vec::with_capacity(split.parts.len()),
     };
@@ -538,22 +529,11 @@ fn plan_shards(
             });
         let is_dir = part.is_dir();
         let (path, range) = match part.range {
-            // A range part is its spans of the one source every part shares, and its
-            // name (what a worker stages it as).
-            Some(mut r) => {
-                let source = std::mem::take(&mut r.source);
-                if set.source.as_os_str().is_empty() {
-                    set.source = source;
-                } else if source != set.source {
-                    return Err(format!(
-                        "splitting input '{over}': part {} is a range of {}, not {}",
-                        part.index,
-                        source.display(),
-                        set.source.display()
-                    ));
-                }
+            // A range part is its spans of the source every part shares (one path),
+            // and its name (what a worker stages it as).
+            Some(r) => {
                 let name = part.path.file_name().map(PathBuf::from).unwrap_or_default();
-                (name, Some(Box::new(r)))
+                (name, Some(Arc::new(r)))
             }
             None => (part.path, None),
         };

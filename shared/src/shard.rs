@@ -263,12 +263,16 @@ fn split_bounded(
         p.path = p.path.file_name().map(PathBuf::from).unwrap_or_default();
     }
     let mut split = Split { format, parts };
-    // Compact: a million-part index is read back whole at every plan.
-    let bytes = serde_json::to_vec(&split).map_err(|source| Error::Json {
+    // Compact (a million-part index is read back at every plan), and written as it is
+    // serialized, never held whole.
+    let index = tmp.join("parts.json");
+    let file = fs::File::create(&index).ctx("create", &index)?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 16, file);
+    serde_json::to_writer(&mut w, &split).map_err(|source| Error::Json {
         context: "parts.json".into(),
         source,
     })?;
-    fs::write(tmp.join("parts.json"), bytes).ctx("write", &tmp)?;
+    std::io::Write::flush(&mut w).ctx("write", &index)?;
     crate::artifact::remove_tree(dest)?;
     if let Some(parent) = dest.parent() {
         fs::create_dir_all(parent).ctx("create", parent)?;
@@ -283,14 +287,25 @@ fn split_bounded(
 /// The finished split of `input` at `dest`, if there is one: its parts' paths under
 /// `dest`, its ranges read from `input` as it is now.
 pub fn finished(input: &Path, dest: &Path) -> Option<Split> {
-    let bytes = fs::read(dest.join("parts.json")).ok()?;
-    let mut s = serde_json::from_slice::<Split>(&bytes).ok()?;
+    // Read as it is parsed: a million parts' index is ~150 MB of JSON.
+    let file = fs::File::open(dest.join("parts.json")).ok()?;
+    let mut s: Split =
+        serde_json::from_reader(std::io::BufReader::with_capacity(1 << 16, file)).ok()?;
+    // Every range of a split is of the same file: one path for all of them.
+    let mut source: Option<(Option<String>, std::sync::Arc<Path>)> = None;
     for p in &mut s.parts {
         p.path = dest.join(&p.path);
         if let Some(r) = &mut p.range {
-            r.source = match &r.inner {
-                Some(rel) => input.join(rel),
-                None => input.to_path_buf(),
+            r.source = match &source {
+                Some((inner, path)) if *inner == r.inner => path.clone(),
+                _ => {
+                    let path: std::sync::Arc<Path> = match &r.inner {
+                        Some(rel) => input.join(rel).into(),
+                        None => input.into(),
+                    };
+                    source = Some((r.inner.clone(), path.clone()));
+                    path
+                }
             };
         }
     }

@@ -17,21 +17,27 @@ use crate::{Error, Result};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A part as byte spans of one input file.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Range {
-    /// The file the spans are of (for a directory input, its one record file). Not
-    /// stored: a split is named by its input's content, so it is filled in from the
-    /// input as planned now.
-    #[serde(skip)]
-    pub source: PathBuf,
+    /// The file the spans are of (for a directory input, its one record file), one
+    /// path shared by every part of a split. Not stored: a split is named by its
+    /// input's content, so it is filled in from the input as planned now.
+    #[serde(skip, default = "no_source")]
+    pub source: Arc<Path>,
     /// `(offset, length)` of each span, in order: a CSV's header, then the records.
     pub spans: Vec<(u64, u64)>,
     /// When the part is a directory holding the one file (an artifact's payload split
     /// by records): that file's path inside it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inner: Option<String>,
+}
+
+/// A range's source before it is filled in.
+fn no_source() -> Arc<Path> {
+    Arc::from(Path::new(""))
 }
 
 impl Range {
@@ -50,7 +56,7 @@ impl Range {
         let f = fs::File::open(&self.source).ctx("open", &self.source)?;
         Ok(Spans {
             f,
-            path: self.source.clone(),
+            path: self.source.to_path_buf(),
             spans: self.spans.iter().rev().copied().collect(),
             left: 0,
         })
@@ -150,12 +156,14 @@ impl Read for Spans {
     }
 }
 
-/// One part being found: where it starts, its records and bytes so far, its hash.
+/// One part found: where it starts, its records and bytes, and its hash (finished
+/// when the next part starts: a hasher is ~1.9 KB, and a million of them open at once
+/// were ~2 GB).
 struct Found {
     start: u64,
     records: u64,
     bytes: u64,
-    hasher: blake3::Hasher,
+    hash: blake3::Hash,
 }
 
 /// Finds the parts of the record file `input` as byte ranges, in one streaming pass
@@ -189,13 +197,20 @@ pub(super) fn find(
         if let Some(h) = &header {
             hasher.update(h);
         }
-        Found {
+        let part = Found {
             start: at,
             records: 0,
             bytes: 0,
-            hasher,
-        }
+            hash: blake3::Hash::from_bytes([0; 32]),
+        };
+        (part, hasher)
     };
+    let close = |(mut part, hasher): (Found, blake3::Hasher)| {
+        part.hash = hasher.finalize();
+        part
+    };
+    // The part being filled, apart from the finished ones.
+    let mut open: Option<(Found, blake3::Hasher)> = None;
     let mut rec = Vec::new();
     loop {
         rec.clear();
@@ -203,17 +218,20 @@ pub(super) fn find(
             break;
         }
         let weight = rec.len() as u64;
-        let full = found
-            .last()
-            .is_none_or(|o| cut.is_full((&sizes, found.len() - 1), (o.records, o.bytes), weight));
+        let full = open.as_ref().is_none_or(|(o, _)| {
+            cut.is_full((&sizes, found.len()), (o.records, o.bytes), weight)
+        });
         if full {
+            if let Some(done) = open.take() {
+                found.push(close(done));
+            }
             if found.len() as u64 >= max {
                 return Err(too_many(cut, input, max));
             }
-            found.push(start(pos));
+            open = Some(start(pos));
         }
-        if let Some(o) = found.last_mut() {
-            o.hasher.update(&rec);
+        if let Some((o, hasher)) = open.as_mut() {
+            hasher.update(&rec);
             o.records += 1;
             o.bytes += weight;
         }
@@ -222,9 +240,13 @@ pub(super) fn find(
     if recs.altered {
         return Ok(None);
     }
-    if found.is_empty() {
-        found.push(start(head));
+    if let Some(done) = open.take() {
+        found.push(close(done));
     }
+    if found.is_empty() {
+        found.push(close(start(head)));
+    }
+    let source: Arc<Path> = Arc::from(input);
     let parts = found
         .into_iter()
         .enumerate()
@@ -234,7 +256,7 @@ pub(super) fn find(
                 spans.push((0, head));
             }
             spans.push((o.start, o.bytes));
-            let file = digest::format(&o.hasher.finalize());
+            let file = digest::format(&o.hash);
             let digest = part_digest(file, head + o.bytes, inner);
             let path = match inner {
                 Some(_) => PathBuf::from(part_name(i as u32)),
@@ -246,7 +268,7 @@ pub(super) fn find(
                 records: o.records,
                 digest,
                 range: Some(Range {
-                    source: input.to_path_buf(),
+                    source: source.clone(),
                     spans,
                     inner: inner.map(str::to_string),
                 }),
