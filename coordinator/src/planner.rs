@@ -9,10 +9,14 @@ use nexa_shared::dag::Dag;
 use nexa_shared::handlers::{self, Availability};
 use nexa_shared::ids::CacheKey;
 use nexa_shared::spec::{ExecParams, Pipeline, Step};
-use nexa_shared::{digest, paths, runners, shard};
+use nexa_shared::{paths, runners, shard};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+mod shard_set;
+use shard_set::plan_shards;
+pub use shard_set::{CachedShard, ShardSet, ShardUnit};
 
 /// Everything about a run that planning and sealing need; shared read-only.
 #[derive(Debug)]
@@ -107,80 +111,6 @@ pub struct ResolvedInput {
     pub is_dir: bool,
     /// A range shard's spans of its input (`path` is then the part's name only).
     pub range: Option<Arc<shard::Range>>,
-}
-
-/// One shard of a fanned-out step, compact: a million-shard plan is held whole, so
-/// what every shard shares (the input's name and uri, where results go) is in
-/// its [`ShardSet`] once.
-#[derive(Debug, Clone)]
-pub struct ShardUnit {
-    /// 0-based index.
-    pub index: u32,
-    /// Its own cache key.
-    pub cache_key: CacheKey,
-    /// Records in the part.
-    pub records: u64,
-    /// The part's content digest.
-    pub digest: String,
-    /// A copied part's path; a range part's name only.
-    pub path: PathBuf,
-    /// Whether the part is a directory.
-    pub is_dir: bool,
-    /// A range part's spans (of a source path all the set's ranges share).
-    pub range: Option<Arc<shard::Range>>,
-    /// Set when already sealed under `cache_key`.
-    pub cached: Option<Box<CachedShard>>,
-}
-
-/// What the planner read of a shard result already sealed under its key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CachedShard {
-    /// Its payload hash.
-    pub hash: String,
-    /// The worker that produced it (hex public key), when recorded.
-    pub worker: Option<String>,
-}
-
-/// A fanned-out step's shards and what they share.
-#[derive(Debug, Clone)]
-pub struct ShardSet {
-    /// The sharded input's name (`shards.over`).
-    pub over: String,
-    /// Its uri as written; a shard's is `<uri>#part-<index>`.
-    pub uri: String,
-    /// Where shard results are sealed, each at `<root>/<cache key>`.
-    pub root: PathBuf,
-    /// The shards, in index order.
-    pub units: Vec<ShardUnit>,
-}
-
-impl ShardSet {
-    /// Where shard `u`'s result is sealed.
-    pub fn dir(&self, u: &ShardUnit) -> PathBuf {
-        self.root.join(u.cache_key.as_str())
-    }
-
-    /// Shard `u`'s part as the input it stands in for (made when needed, not kept).
-    pub fn input(&self, u: &ShardUnit) -> ResolvedInput {
-        ResolvedInput {
-            name: self.over.clone(),
-            uri: format!("{}#part-{}", self.uri, u.index),
-            digest: u.digest.clone(),
-            path: u.path.clone(),
-            is_dir: u.is_dir,
-            range: u.range.clone(),
-        }
-    }
-
-    /// The number of shards.
-    pub fn len(&self) -> usize {
-        self.units.len()
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.units.is_empty()
-    }
 }
 
 /// A step that must run.
@@ -329,7 +259,7 @@ pub fn plan_step(
     }))
 }
 
-fn key_for(
+pub(crate) fn key_for(
     step: &Step,
     inputs: &[ResolvedInput],
     replace: Option<(&str, &str)>,
@@ -470,83 +400,4 @@ fn confine(project: &Path, path: &Path) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-fn plan_shards(
-    ctx: &RunContext,
-    step: &Step,
-    inputs: &[ResolvedInput],
-    over: &str,
-    cut: shard::Cut,
-) -> Result<ShardSet, String> {
-    let input = inputs
-        .iter()
-        .find(|r| r.name == over)
-        .ok_or_else(|| format!("shards.over names unknown input '{over}'"))?;
-    let hex = input.digest.trim_start_matches(digest::PREFIX);
-    // Range shards unless the operator asked for copies (the split before them).
-    let (staging, suffix) = match std::env::var_os("NEXA_SHARDS_COPY") {
-        Some(v) if v == "1" => (shard::Staging::Copies, "-copies"),
-        _ => (shard::Staging::Ranges, ""),
-    };
-    let dest = ctx.state_dir.join("splits").join(format!(
-        "{}-{}{suffix}",
-        &hex[..hex.len().min(32)],
-        cut.label()
-    ));
-    let split = shard::split(&input.path, cut, &dest, staging)
-        .map_err(|e| format!("splitting input '{over}': {e}"))?;
-    // Each shard's cache key names its index among `count` (for `count`, the number
-    // asked, so keys stay what they were when a short input drops empty parts).
-    let count = match cut {
-        shard::Cut::Count(n) => n,
-        _ => split.parts.len() as u32,
-    };
-    let mut set = ShardSet {
-        over: over.to_string(),
-        uri: input.uri.clone(),
-        root: ctx.state_dir.join("shards").join(&step.id.value),
-        units: Vec::with_capacity(split.parts.len()),
-    };
-    for part in split.parts {
-        let key = key_for(
-            step,
-            inputs,
-            Some((over, &part.digest)),
-            Some((part.index, count)),
-        );
-        let dir = set.root.join(key.as_str());
-        if let Err(e) = artifact::recover(&dir) {
-            return Err(format!("recovering shard {}: {e}", part.index));
-        }
-        let cached = artifact::check_cached(&dir, &key, ctx.verify)
-            .ok()
-            .map(|m| {
-                Box::new(CachedShard {
-                    worker: m.labels.get("worker").cloned(),
-                    hash: m.hash,
-                })
-            });
-        let is_dir = part.is_dir();
-        let (path, range) = match part.range {
-            // A range part is its spans of the source every part shares (one path),
-            // and its name (what a worker stages it as).
-            Some(r) => {
-                let name = part.path.file_name().map(PathBuf::from).unwrap_or_default();
-                (name, Some(Arc::new(r)))
-            }
-            None => (part.path, None),
-        };
-        set.units.push(ShardUnit {
-            index: part.index,
-            cache_key: key,
-            records: part.records,
-            digest: part.digest,
-            path,
-            is_dir,
-            range,
-            cached,
-        });
-    }
-    Ok(set)
 }

@@ -46,8 +46,10 @@ pub struct Submission {
 /// How long a finished run's events stay for watchers that come late (after that its
 /// step records answer them).
 const FEED_KEEP: std::time::Duration = std::time::Duration::from_secs(600);
-/// The most events a run's feed keeps for late watchers (the oldest half go first).
-const FEED_HISTORY: usize = 100_000;
+/// The most events a run's feed keeps for late watchers (the oldest half go first):
+/// ~1 KB each as held (heaptrack: 100,000 of them were ~110 MB of a fan-out's heap);
+/// a watcher that needs more reads the step records.
+const FEED_HISTORY: usize = 20_000;
 
 #[derive(Debug)]
 struct RunFeed {

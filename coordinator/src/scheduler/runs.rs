@@ -619,7 +619,7 @@ impl Engine {
                         } else {
                             StepStatus::Pending
                         },
-                        cache_key: Some(u.cache_key.clone()),
+                        cache_key: Some(u.cache_key()),
                         hash: u.cached.as_ref().map(|c| c.hash.clone()),
                         worker: u.cached.as_ref().and_then(|c| c.worker.clone()),
                         attempts: 0,

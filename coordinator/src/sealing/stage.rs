@@ -232,14 +232,14 @@ pub fn stage_shard(
         move_dir(&staging.join(name), &tmp.join(name))?;
         expected.extend(expected_files(result, name, &format!("{name}/"))?);
     }
-    let mut labels = ctx.labels(step, &unit.cache_key, &plan.inputs);
+    let mut labels = ctx.labels(step, &unit.cache_key(), &plan.inputs);
     worker_labels(&mut labels, result, "");
     labels.insert("shard".into(), format!("{}/{}", unit.index, set.len()));
     let mut inputs = meta_inputs(plan);
     for i in &mut inputs {
         if i.name == set.over {
             i.uri = set.input(unit).uri;
-            i.digest = unit.digest.clone();
+            i.digest = unit.digest();
         }
     }
     Ok(Staged {
@@ -273,21 +273,21 @@ struct ManifestShards<'a>(&'a [ShardUnit], &'a [blake3::Hash]);
 
 /// One shard's manifest entry.
 #[derive(serde::Serialize)]
-struct ManifestShard<'a> {
-    cache_key: &'a nexa_shared::ids::CacheKey,
+struct ManifestShard {
+    cache_key: nexa_shared::ids::CacheKey,
     hash: String,
     index: u32,
-    input_digest: &'a str,
+    input_digest: String,
     records: u64,
 }
 
 impl serde::Serialize for ManifestShards<'_> {
     fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
         ser.collect_seq(self.0.iter().zip(self.1).map(|(u, h)| ManifestShard {
-            cache_key: &u.cache_key,
+            cache_key: u.cache_key(),
             hash: digest::format(h),
             index: u.index,
-            input_digest: &u.digest,
+            input_digest: u.digest(),
             records: u.records,
         }))
     }
@@ -301,7 +301,7 @@ fn read_shards(set: &ShardSet, provenance: &Path) -> Result<(Vec<blake3::Hash>, 
     let mut writer = provenance::ProvenanceWriter::create(provenance).map_err(|e| e.to_string())?;
     let mut hashes = Vec::with_capacity(set.len());
     for u in &set.units {
-        let meta = artifact::check_cached(&set.dir(u), u.cache_key.as_str(), false)
+        let meta = artifact::check_cached(&set.dir(u), u.cache_key().as_str(), false)
             .map_err(|m| format!("shard {}: its sealed result is gone ({m:?})", u.index))?;
         let hash = digest::parse(&meta.hash)
             .ok()
@@ -399,8 +399,8 @@ pub fn assemble(
     let _ = fs::remove_file(&provenance_tmp);
     // Keep only the shard results this artifact was built from (a set: a step of
     // 100,000 shards compared every entry with every unit, 10^10 path comparisons).
-    let built: std::collections::HashSet<&str> =
-        units.iter().map(|u| u.cache_key.as_str()).collect();
+    let built: std::collections::HashSet<String> =
+        units.iter().map(|u| u.cache_key().into_string()).collect();
     if let Ok(entries) = fs::read_dir(root) {
         for e in entries.flatten() {
             let keep = e.file_name().to_str().is_some_and(|n| built.contains(n));
@@ -417,13 +417,15 @@ mod tests {
     use super::*;
 
     fn unit(index: u32) -> ShardUnit {
+        let mut key = [0u8; 32];
+        key[31] = index as u8;
         ShardUnit {
             index,
-            cache_key: nexa_shared::ids::CacheKey::from(format!("{index:064x}")),
-            digest: format!("blake3:{:064x}", index * 7),
+            key,
+            digest: blake3::hash(&index.to_le_bytes()),
             path: format!("part-{index}").into(),
             is_dir: false,
-            range: None,
+            spans: None,
             records: 10 + u64::from(index),
             cached: None,
         }
@@ -443,8 +445,8 @@ mod tests {
                     serde_json::json!({
                         "index": u.index,
                         "records": u.records,
-                        "input_digest": u.digest,
-                        "cache_key": u.cache_key,
+                        "input_digest": u.digest(),
+                        "cache_key": u.cache_key(),
                         "hash": digest::format(h),
                     })
                 })

@@ -104,7 +104,18 @@ impl TryFrom<v1::ShardRecord> for ShardRecord {
 
 impl From<&StepRecord> for v1::StepRecord {
     fn from(r: &StepRecord) -> Self {
-        Self {
+        let mut s = step_without_shards(r);
+        s.shards = r.shards.iter().map(v1::ShardRecord::from).collect();
+        s
+    }
+}
+
+/// A step record on the wire without its shards: what a run's end carries (a
+/// million shards' records were ~1 GB as messages; each was streamed as it changed,
+/// and the step records `Status` answers with hold them).
+fn step_without_shards(r: &StepRecord) -> v1::StepRecord {
+    {
+        v1::StepRecord {
             id: r.id.clone(),
             status: v1::StepState::from(r.status) as i32,
             cache_key: r.cache_key.as_ref().map(|k| k.to_string()),
@@ -125,7 +136,7 @@ impl From<&StepRecord> for v1::StepRecord {
             error: r.error.clone(),
             worker: r.worker.clone(),
             log: r.log.clone(),
-            shards: r.shards.iter().map(v1::ShardRecord::from).collect(),
+            shards: Vec::new(),
             duration_ms: r.duration_ms,
             progress: r.progress.as_ref().map(v1::JobProgress::from),
         }
@@ -227,7 +238,7 @@ impl From<&Progress> for v1::RunEvent {
                 run_id: s.run_id.to_string(),
                 pipeline: s.pipeline.clone(),
                 outcome: v1::RunOutcome::from(s.outcome) as i32,
-                steps: s.steps.iter().map(v1::StepRecord::from).collect(),
+                steps: s.steps.iter().map(step_without_shards).collect(),
                 elapsed_s: s.elapsed.as_secs_f64(),
             }),
         };
@@ -357,7 +368,19 @@ mod tests {
         ];
         for p in events {
             let back = Progress::try_from(v1::RunEvent::from(&p)).expect("round trip");
-            assert_eq!(format!("{back:?}"), format!("{p:?}"));
+            // A run's end carries its step records without their shards (each shard was
+            // an event of its own; `Status` has them all).
+            let want = match p {
+                Progress::Finished(mut s) => {
+                    assert!(s.steps.iter().any(|r| !r.shards.is_empty()));
+                    for r in &mut s.steps {
+                        r.shards.clear();
+                    }
+                    Progress::Finished(s)
+                }
+                p => p,
+            };
+            assert_eq!(format!("{back:?}"), format!("{want:?}"));
         }
     }
 

@@ -218,9 +218,9 @@ pub(super) fn find(
             break;
         }
         let weight = rec.len() as u64;
-        let full = open.as_ref().is_none_or(|(o, _)| {
-            cut.is_full((&sizes, found.len()), (o.records, o.bytes), weight)
-        });
+        let full = open
+            .as_ref()
+            .is_none_or(|(o, _)| cut.is_full((&sizes, found.len()), (o.records, o.bytes), weight));
         if full {
             if let Some(done) = open.take() {
                 found.push(close(done));

@@ -184,7 +184,10 @@ fn a_range_split_writes_only_its_index_and_is_reused_for_the_same_content_anywhe
     let moved = d.path().join("moved.jsonl");
     fs::rename(&input, &moved).expect("move");
     let again = split(&moved, Cut::Records(100), &dest, Staging::Ranges).expect("again");
-    assert_eq!(&*again.parts[3].range.as_ref().expect("range").source, moved.as_path());
+    assert_eq!(
+        &*again.parts[3].range.as_ref().expect("range").source,
+        moved.as_path()
+    );
     assert_eq!(again.parts[3].digest, s.parts[3].digest);
     // A CSV's header is the first span of every part.
     let csv = d.path().join("t.csv");
