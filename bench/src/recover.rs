@@ -78,6 +78,15 @@ fn submit_fan_out(
     Ok(cli)
 }
 
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Runs the benchmark and prints its figures.
 pub fn run(jobs: usize, shards: bool, scratch: &Path, json: bool) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new()
@@ -141,6 +150,18 @@ pub fn run(jobs: usize, shards: bool, scratch: &Path, json: bool) -> anyhow::Res
     let listen_s = restarted.elapsed().as_secs_f64();
     let lease_s = rt.block_on(async {
         let mut w = enrol(url.clone(), 0).await?;
+        // It beats while it waits, as a real worker does: a restart that takes longer
+        // than the lease ttl must not lose it.
+        let (mut beat, session) = (w.client.clone(), w.session.clone());
+        let beats = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+                if let Ok(req) = authed(v1::HeartbeatRequest::default(), &session) {
+                    let _ = beat.heartbeat(req).await;
+                }
+            }
+        });
+        let _stop = AbortOnDrop(beats);
         loop {
             let r = w
                 .client
